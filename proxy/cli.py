@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from proxy import auth, serve
 from proxy.pricing import commands as prices_commands
 
 
@@ -13,7 +14,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m proxy",
         description="Metering proxy for the DeepSeek API: exact, dated prices for every call.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve.register(commands)
     prices_commands.register(commands)
+    auth.register(commands)
     return parser
 
 

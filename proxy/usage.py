@@ -42,3 +42,105 @@ class TokenUsage:
     def prompt(self) -> int:
         """Prompt tokens as DeepSeek counts them: cache hits plus cache misses."""
         return self.cache_hit + self.cache_miss
+
+
+MAX_TOKENS_PER_FIELD = 100_000_000
+"""Larger counts are not believable for one call (DeepSeek's context is 1M tokens): such a usage
+object is rejected as malformed rather than priced into an absurd cost."""
+
+DEFAULT_TOOL_FIELDS: Mapping[str, str] = MappingProxyType({
+    # `usage.server_tool_use` field -> tool name in the price book. DeepSeek's inner field names
+    # are unverified (Anthropic's style is the likely one), so the config can extend this.
+    "web_search_requests": "search",
+    "search_requests": "search",
+    "web_fetch_requests": "fetch",
+    "fetch_requests": "fetch",
+    "read_url_requests": "fetch",
+})
+
+FLAG_PROMPT_MISMATCH = "prompt_tokens_mismatch"
+"""hit + miss != prompt_tokens: recorded as reported, never silently "fixed"."""
+FLAG_CACHE_FIELDS_MISSING = "cache_fields_missing"
+"""No DeepSeek cache fields: hit taken from `cached_tokens` (else 0), miss = prompt - hit."""
+FLAG_UNKNOWN_TOOL_FIELD = "unknown_tool_field:"
+"""Prefix: a `server_tool_use` field with no known tool name; counted under the field name."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReportedUsage:
+    """A usage object read from a DeepSeek response, with what was odd about it."""
+
+    tokens: TokenUsage
+    prompt_tokens: int
+    flags: tuple[str, ...]
+
+
+class MalformedUsage(ValueError):
+    """The usage object cannot be trusted (wrong types, negative or absurd counts)."""
+
+
+def _count(obj: Mapping[str, object], key: str, *, required: bool = False) -> int | None:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise MalformedUsage(f"usage has no {key}")
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MalformedUsage(f"usage {key} is not an integer: {value!r}")
+    if not 0 <= value <= MAX_TOKENS_PER_FIELD:
+        raise MalformedUsage(f"usage {key} out of range: {value}")
+    return value
+
+
+def parse_usage(obj: object, tool_fields: Mapping[str, str] = DEFAULT_TOOL_FIELDS
+                ) -> ReportedUsage:
+    """Read DeepSeek's usage object (chat or FIM, streamed or not).
+
+    DeepSeek's own `prompt_cache_hit_tokens` / `prompt_cache_miss_tokens` are the billing
+    truth; OpenAI's `prompt_tokens_details.cached_tokens` is only a fallback. Reasoning tokens
+    are already inside `completion_tokens`.
+    """
+    if not isinstance(obj, Mapping):
+        raise MalformedUsage(f"usage is not an object: {type(obj).__name__}")
+    flags: list[str] = []
+    prompt = _count(obj, "prompt_tokens", required=True)
+    output = _count(obj, "completion_tokens", required=True)
+    assert prompt is not None and output is not None
+    hit = _count(obj, "prompt_cache_hit_tokens")
+    miss = _count(obj, "prompt_cache_miss_tokens")
+    if hit is None and miss is None:
+        details = obj.get("prompt_tokens_details")
+        cached = _count(details, "cached_tokens") if isinstance(details, Mapping) else None
+        hit = cached or 0
+        miss = max(prompt - hit, 0)
+        flags.append(FLAG_CACHE_FIELDS_MISSING)
+    hit = hit or 0
+    miss = miss or 0
+    if hit + miss != prompt:
+        flags.append(FLAG_PROMPT_MISMATCH)
+    completion_details = obj.get("completion_tokens_details")
+    reasoning = 0
+    if isinstance(completion_details, Mapping):
+        reasoning = _count(completion_details, "reasoning_tokens") or 0
+    tools: dict[str, int] = {}
+    server_tools = obj.get("server_tool_use")
+    if isinstance(server_tools, Mapping):
+        for field_name, _ in server_tools.items():
+            count = _count(server_tools, str(field_name)) or 0
+            tool = tool_fields.get(str(field_name))
+            if tool is None:
+                tool = str(field_name)
+                flags.append(FLAG_UNKNOWN_TOOL_FIELD + tool)
+            if count:
+                tools[tool] = tools.get(tool, 0) + count
+    tool_calls = MappingProxyType(tools) if tools else _NO_TOOLS
+    usage = TokenUsage(hit, miss, output, reasoning, tool_calls)
+    return ReportedUsage(usage, prompt, tuple(flags))
+
+
+def estimate_tokens(text: str) -> int:
+    """Rough token count of text, by DeepSeek's published rule of thumb: about 0.3 token per
+    ASCII character and 0.6 per other character (CJK). Used only when usage never arrived."""
+    ascii_chars = sum(1 for ch in text if ch < "\x80")
+    other = len(text) - ascii_chars
+    return (3 * ascii_chars + 6 * other + 9) // 10

@@ -1,0 +1,112 @@
+"""The aiohttp application: routes, authentication, and error shaping.
+
+Routes (the OpenAI SDK works with ``base_url`` ``http://host:port``, ``.../v1`` and ``.../beta``):
+
+    POST /chat/completions, /v1/chat/completions   -> DeepSeek /chat/completions
+    POST /beta/chat/completions                   -> DeepSeek /beta/chat/completions
+    POST /beta/completions                        -> DeepSeek /beta/completions (FIM)
+    GET  /models, /v1/models                      -> DeepSeek /models
+    GET  /healthz                                 no upstream call, no key needed
+
+Every other path is a 404 in OpenAI's error shape, without touching DeepSeek. All routes but
+``/healthz`` need a client key; the middleware turns every error into OpenAI's shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+
+import aiohttp
+from aiohttp import web
+
+from proxy.auth import ClientKey, authenticate
+from proxy.config import ProxyConfig
+from proxy.errors import NotFound, ProxyError, Unauthorized, error_response
+from proxy.forward import Endpoint, ProxyState, proxy_completion
+from proxy.pricing import PriceBook
+from proxy.records import RecordSink
+from proxy.upstream import Upstream, response_headers
+
+STATE = web.AppKey("state", ProxyState)
+CLIENT = web.RequestKey("client", ClientKey)
+
+_PUBLIC = frozenset({"/healthz"})
+_CHAT = Endpoint("chat", "/chat/completions")
+_BETA_CHAT = Endpoint("chat", "/beta/chat/completions")
+_FIM = Endpoint("fim", "/beta/completions")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@web.middleware
+async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Authenticate API routes and render every failure as an OpenAI-shaped error."""
+    try:
+        if request.match_info.http_exception is None and request.path not in _PUBLIC:
+            client = authenticate(request.headers.get("Authorization"),
+                                  request.app[STATE].config.keys)
+            if client is None:
+                raise Unauthorized("missing or unknown API key; pass your proxy key as "
+                                   "'Authorization: Bearer <key>'")
+            request[CLIENT] = client
+        return await handler(request)
+    except ProxyError as exc:
+        return error_response(exc)
+    except web.HTTPNotFound:
+        return error_response(NotFound(f"no route {request.method} {request.path}"))
+    except web.HTTPMethodNotAllowed as exc:
+        error = NotFound(f"{request.method} is not allowed on {request.path}")
+        error.status = exc.status
+        return error_response(error)
+
+
+def _completion(endpoint: Endpoint) -> Handler:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        client: ClientKey = request[CLIENT]
+        return await proxy_completion(request, request.app[STATE], client, endpoint)
+    return handle
+
+
+async def _models(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    async with await state.upstream.request("GET", "/models", request.headers) as upstream:
+        body = await upstream.read()
+        return web.Response(status=upstream.status, body=body,
+                            headers=response_headers(upstream.headers))
+
+
+async def _healthz(request: web.Request) -> web.StreamResponse:
+    return web.json_response({"status": "ok"})
+
+
+def create_app(config: ProxyConfig, book: PriceBook, api_key: str, sink: RecordSink,
+               clock: Callable[[], datetime] = _utc_now,
+               session_factory: Callable[[], aiohttp.ClientSession] | None = None,
+               ) -> web.Application:
+    """Build the application; the upstream session opens and closes with it."""
+    app = web.Application(middlewares=[errors_and_auth], client_max_size=config.max_request_bytes)
+
+    async def upstream_session(app: web.Application) -> AsyncIterator[None]:
+        session = session_factory() if session_factory else aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+            skip_auto_headers=("User-Agent",))
+        upstream = Upstream(session, config.upstream_base_url, api_key, config.timeouts)
+        app[STATE] = ProxyState(config=config, book=book, upstream=upstream, sink=sink,
+                                clock=clock)
+        yield
+        await session.close()
+
+    app.cleanup_ctx.append(upstream_session)
+    app.router.add_post("/chat/completions", _completion(_CHAT))
+    app.router.add_post("/v1/chat/completions", _completion(_CHAT))
+    app.router.add_post("/beta/chat/completions", _completion(_BETA_CHAT))
+    app.router.add_post("/beta/completions", _completion(_FIM))
+    app.router.add_get("/models", _models)
+    app.router.add_get("/v1/models", _models)
+    app.router.add_get("/healthz", _healthz)
+    return app

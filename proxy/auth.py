@@ -1,0 +1,67 @@
+"""Client keys: how they are made, stored (SHA-256 only) and recognised.
+
+The proxy never stores or logs a client key, nor its full hash: a request is identified by the
+team and a short key id (the first 8 hex digits of the hash), enough to tell a team's keys apart
+in logs and records while useless for guessing the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+KEY_PREFIX = "sk-proxy-"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientKey:
+    team: str
+    key_id: str
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def key_id_of(digest: str) -> str:
+    return f"k_{digest[:8]}"
+
+
+def new_key() -> str:
+    """A fresh random client key: 256 bits from the OS's CSPRNG."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def authenticate(authorization: str | None, keys: Mapping[str, ClientKey]) -> ClientKey | None:
+    """The key behind an ``Authorization: Bearer <key>`` header, or None.
+
+    The header is only hashed and looked up; it is never parsed further, logged or echoed.
+    """
+    if not authorization or len(authorization) > 1024:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return keys.get(hash_key(token.strip()))
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    keys = commands.add_parser("keys", help="client keys")
+    sub = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
+    new = sub.add_parser("new", help="print a new client key once, and its config line")
+    new.add_argument("--team", required=True)
+    new.set_defaults(handler=_new)
+
+
+def _new(args: argparse.Namespace) -> int:
+    key = new_key()
+    digest = hash_key(key)
+    print(f"New key for team {args.team!r} (shown once; give it to the team, store it nowhere"
+          " else):")
+    print(f"  {key}")
+    print("Add this line under the team's keys in the proxy config:")
+    print(f"teams:\n  {args.team}:\n    keys:\n      - sha256:{digest}   # {key_id_of(digest)}")
+    return 0

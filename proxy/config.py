@@ -1,0 +1,232 @@
+"""The proxy's configuration file, read once at start-up into frozen dataclasses.
+
+Every defect fails start-up with the file, the key and the reason (`ConfigError`). Relative paths
+in the file are relative to the file's own folder, so the proxy behaves the same whatever the
+working directory. Secrets never sit in the file: it names the environment variable that holds
+the DeepSeek key, and client keys appear only as SHA-256 hashes. Only the entry point reads the
+environment (`proxy.serve`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from proxy.auth import ClientKey, key_id_of
+from proxy.usage import DEFAULT_TOOL_FIELDS
+from proxy.yamlfile import YamlError, load_yaml
+
+DEFAULT_CONFIG = Path("config/proxy.yaml")
+_HASH = re.compile(r"^sha256:([0-9a-f]{64})$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_TEAM_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+
+PriceAt = Literal["request_start", "response_end"]
+
+
+class ConfigError(Exception):
+    """A configuration defect: which file, which key, and why."""
+
+    def __init__(self, file: Path | str, key: str, reason: str) -> None:
+        super().__init__(f"{file}: {key}: {reason}")
+        self.file = str(file)
+        self.key = key
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Seconds allowed for each stage of an upstream call.
+
+    `first_byte` bounds the wait for the first real data (DeepSeek's keep-alive blank lines and
+    ``: keep-alive`` comments do not count, since they can go on for minutes); `idle` bounds the
+    silence between any two reads; `total` is an absolute cap that nothing extends;
+    `client_disconnect_grace` is how long the proxy keeps reading a stream whose client left, to
+    learn the real usage that DeepSeek bills anyway.
+    """
+
+    connect: float = 10.0
+    first_byte: float = 660.0
+    idle: float = 120.0
+    total: float = 1800.0
+    client_disconnect_grace: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    path: Path
+    host: str
+    port: int
+    upstream_base_url: str
+    upstream_key_env: str
+    price_book: tuple[Path, ...]
+    price_at: PriceAt
+    keys: Mapping[str, ClientKey]
+    """SHA-256 hex of a client key -> the key's team and id."""
+    teams: tuple[str, ...]
+    timeouts: Timeouts
+    max_request_bytes: int
+    tool_fields: Mapping[str, str]
+
+
+def load_config(path: Path) -> ProxyConfig:
+    """Read and validate the configuration file; raise `ConfigError` on the first defect."""
+    try:
+        raw = load_yaml(path)
+    except YamlError as exc:
+        raise ConfigError(path, "(file)", exc.reason) from exc
+    reader = _Reader(path)
+    reader.keys(raw, "(file)", {"listen", "upstream", "pricing", "teams", "timeouts", "limits",
+                                "usage"})
+    listen = reader.section(raw, "listen")
+    upstream = reader.section(raw, "upstream")
+    pricing = reader.section(raw, "pricing")
+    timeouts = reader.section(raw, "timeouts")
+    limits = reader.section(raw, "limits")
+    usage = reader.section(raw, "usage")
+    reader.keys(listen, "listen", {"host", "port"})
+    reader.keys(upstream, "upstream", {"base_url", "api_key_env"})
+    reader.keys(pricing, "pricing", {"book", "price_at"})
+    reader.keys(timeouts, "timeouts", set(Timeouts.__dataclass_fields__))
+    reader.keys(limits, "limits", {"max_request_bytes"})
+    reader.keys(usage, "usage", {"server_tool_fields"})
+
+    port = listen.get("port", 8080)
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigError(path, "listen.port", f"expected a port number, got {port!r}")
+    key_env = upstream.get("api_key_env", "DEEPSEEK_API_KEY")
+    if not isinstance(key_env, str) or not _ENV_NAME.match(key_env):
+        raise ConfigError(path, "upstream.api_key_env",
+                          f"expected an environment variable name, got {key_env!r}")
+    price_at = pricing.get("price_at", "request_start")
+    if price_at not in ("request_start", "response_end"):
+        raise ConfigError(path, "pricing.price_at",
+                          f"expected request_start or response_end, got {price_at!r}")
+    keys, teams = _teams(reader, raw.get("teams"))
+    return ProxyConfig(
+        path=path,
+        host=reader.text(listen.get("host", "127.0.0.1"), "listen.host"),
+        port=port,
+        upstream_base_url=_base_url(reader, upstream.get("base_url", "https://api.deepseek.com")),
+        upstream_key_env=key_env,
+        price_book=_book_paths(reader, pricing.get("book", ["pricing"])),
+        price_at=price_at,
+        keys=MappingProxyType(keys),
+        teams=teams,
+        timeouts=Timeouts(**{name: reader.seconds(value, f"timeouts.{name}")
+                             for name, value in timeouts.items()}),
+        max_request_bytes=reader.positive_int(limits.get("max_request_bytes", 16 * 2**20),
+                                              "limits.max_request_bytes"),
+        tool_fields=MappingProxyType({**DEFAULT_TOOL_FIELDS, **_tool_fields(reader, usage)}),
+    )
+
+
+class _Reader:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, key: str, reason: str) -> ConfigError:
+        return ConfigError(self.path, key, reason)
+
+    def section(self, raw: Any, key: str) -> Mapping[str, Any]:
+        value = raw.get(key) if isinstance(raw, Mapping) else None
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise self.fail(key, f"expected a mapping, got {type(value).__name__}")
+        return value
+
+    def keys(self, raw: Any, key: str, allowed: set[str]) -> None:
+        if raw is None:
+            return
+        if not isinstance(raw, Mapping):
+            raise self.fail(key, f"expected a mapping, got {type(raw).__name__}")
+        for name in raw:
+            if name not in allowed:
+                raise self.fail(f"{key}.{name}" if key != "(file)" else str(name),
+                                f"unknown key (allowed: {', '.join(sorted(allowed))})")
+
+    def text(self, value: Any, key: str) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(key, f"expected text, got {value!r}")
+        return value.strip()
+
+    def seconds(self, value: Any, key: str) -> float:
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            raise self.fail(key, f"expected seconds, got {value!r}") from None
+        if isinstance(value, bool) or not seconds > 0:
+            raise self.fail(key, f"expected a positive number of seconds, got {value!r}")
+        return seconds
+
+    def positive_int(self, value: Any, key: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise self.fail(key, f"expected a positive whole number, got {value!r}")
+        return value
+
+
+def _base_url(reader: _Reader, value: Any) -> str:
+    text = reader.text(value, "upstream.base_url")
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise reader.fail("upstream.base_url", f"expected an http(s) URL, got {text!r}")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise reader.fail("upstream.base_url", "must not carry a query, fragment or credentials")
+    return text.rstrip("/")
+
+
+def _book_paths(reader: _Reader, value: Any) -> tuple[Path, ...]:
+    items = value if isinstance(value, list) else [value]
+    paths: list[Path] = []
+    for item in items:
+        path = reader.path.parent / reader.text(item, "pricing.book")
+        if path.is_dir():
+            found = sorted(path.glob("*.yaml"))
+            if not found:
+                raise reader.fail("pricing.book", f"folder {path} holds no *.yaml files")
+            paths.extend(found)
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise reader.fail("pricing.book", f"{path} does not exist")
+    return tuple(paths)
+
+
+def _teams(reader: _Reader, raw: Any) -> tuple[dict[str, ClientKey], tuple[str, ...]]:
+    if not isinstance(raw, Mapping) or not raw:
+        raise reader.fail("teams", "expected at least one team with client keys "
+                                   "(create one with: python -m proxy keys new --team NAME)")
+    keys: dict[str, ClientKey] = {}
+    for team, spec in raw.items():
+        where = f"teams.{team}"
+        if not isinstance(team, str) or not _TEAM_NAME.match(team):
+            raise reader.fail(where, "team names are lower-case letters, digits, '_', '.', '-'")
+        reader.keys(spec, where, {"keys"})
+        entries = spec.get("keys") if isinstance(spec, Mapping) else None
+        if not isinstance(entries, list) or not entries:
+            raise reader.fail(f"{where}.keys", "expected a list of 'sha256:<hex>' key hashes")
+        for index, entry in enumerate(entries):
+            match = _HASH.match(entry.strip()) if isinstance(entry, str) else None
+            if match is None:
+                raise reader.fail(f"{where}.keys[{index}]",
+                                  "expected 'sha256:' and 64 lower-case hex digits")
+            digest = match.group(1)
+            if digest in keys:
+                raise reader.fail(f"{where}.keys[{index}]",
+                                  f"the same key is already listed for team {keys[digest].team!r}")
+            keys[digest] = ClientKey(team=team, key_id=key_id_of(digest))
+    return keys, tuple(raw)
+
+
+def _tool_fields(reader: _Reader, usage: Mapping[str, Any]) -> dict[str, str]:
+    fields = usage.get("server_tool_fields", {})
+    if not isinstance(fields, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in fields.items()):
+        raise reader.fail("usage.server_tool_fields", "expected a mapping of field -> tool name")
+    return dict(fields)

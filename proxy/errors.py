@@ -1,0 +1,80 @@
+"""Errors the proxy itself answers with, and the one place that shapes them like OpenAI's.
+
+    ProxyError                  status, OpenAI `type` and `code`, whether an SDK may retry
+    ├── BadRequest              400  the body is not a JSON object, or lacks what we need
+    ├── Unauthorized            401  missing or unknown client key
+    ├── NotFound                404  no such route (upstream is never asked)
+    ├── PayloadTooLarge         413  request body over the configured limit
+    ├── UpstreamUnavailable     502  could not connect to DeepSeek (nothing was sent)
+    └── UpstreamTimeout         504  DeepSeek did not answer in time (it may have billed)
+
+SDKs retry 5xx by default; `x-should-retry: false` is set where a retry could be billed twice.
+"""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+
+class ProxyError(Exception):
+    status = 500
+    error_type = "server_error"
+    code: str | None = None
+    retry: bool | None = None  # None: let the SDK decide by status
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(ProxyError):
+    status = 400
+    error_type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class Unauthorized(ProxyError):
+    status = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class NotFound(ProxyError):
+    status = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
+
+
+class PayloadTooLarge(ProxyError):
+    status = 413
+    error_type = "invalid_request_error"
+    code = "payload_too_large"
+    retry = False
+
+
+class UpstreamUnavailable(ProxyError):
+    status = 502
+    error_type = "upstream_error"
+    code = "upstream_unavailable"
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+    error_type = "upstream_error"
+    code = "upstream_timeout"
+    retry = False
+
+
+def error_body(message: str, error_type: str, code: str | None) -> bytes:
+    return json.dumps({"error": {"message": message, "type": error_type, "param": None,
+                                 "code": code}}, separators=(",", ":")).encode()
+
+
+def error_response(error: ProxyError) -> web.Response:
+    headers = {}
+    if error.retry is not None:
+        headers["x-should-retry"] = "true" if error.retry else "false"
+    return web.Response(status=error.status, headers=headers, content_type="application/json",
+                        body=error_body(error.message, error.error_type, error.code))

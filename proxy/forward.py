@@ -1,0 +1,314 @@
+"""Forwarding one completion request to DeepSeek and relaying the answer, metering it on the way.
+
+The body goes upstream byte for byte, except that a streaming request gets
+``stream_options.include_usage = true`` (DeepSeek then reports usage on every stream shape we
+know). The answer comes back as it arrives: blank keep-alive lines before a JSON body and
+``: keep-alive`` comments before a stream are relayed at once, since they are what keeps the
+client's connection open while DeepSeek queues the request; stream events are relayed one read
+at a time, never buffered whole.
+
+How each ending is handled (and recorded, always exactly once):
+
+- DeepSeek answers 4xx/5xx: status and body pass through, any echo of the upstream key redacted.
+- The client leaves: DeepSeek bills the call anyway, so the proxy keeps reading (for at most
+  `client_disconnect_grace` seconds) to record the real usage.
+- DeepSeek cuts the stream: the client gets an error event and no ``[DONE]``; a cut JSON body
+  closes the client connection, so the client never mistakes a truncated body for a whole one.
+  The usage is then estimated (`proxy.metering`).
+- Timeouts: before anything reached the client, 504 with ``x-should-retry: false`` (DeepSeek may
+  be working and billing); after, as a cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import uuid4
+
+import aiohttp
+from aiohttp import web
+
+from proxy.auth import ClientKey
+from proxy.config import ProxyConfig
+from proxy.errors import (
+    BadRequest,
+    PayloadTooLarge,
+    ProxyError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    error_body,
+    error_response,
+)
+from proxy.metering import CallMeter, StreamMeter, build_record
+from proxy.pricing import PriceBook
+from proxy.records import RecordSink
+from proxy.sse import SSESplitter
+from proxy.upstream import Upstream, response_headers
+
+log = logging.getLogger("proxy.forward")
+
+MAX_ERROR_BODY = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    name: str
+    """``chat`` or ``fim``: the label records and metrics use."""
+    upstream_path: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyState:
+    """Everything a request handler needs, built once at start-up (see `proxy.app`)."""
+
+    config: ProxyConfig
+    book: PriceBook
+    upstream: Upstream
+    sink: RecordSink
+    clock: Callable[[], datetime]
+
+
+async def read_json_body(request: web.Request, limit: int) -> tuple[bytes, dict[str, Any]]:
+    """The raw body and its JSON object; OpenAI-shaped 400/413 errors otherwise."""
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"request body exceeds {limit} bytes") from None
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("request body is not valid JSON") from None
+    if not isinstance(payload, dict):
+        raise BadRequest("request body must be a JSON object")
+    if not isinstance(payload.get("model"), str) or not payload["model"]:
+        raise BadRequest("'model' is required and must be a string")
+    return body, payload
+
+
+def wants_usage(payload: dict[str, Any]) -> bool:
+    options = payload.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def upstream_body(body: bytes, payload: dict[str, Any]) -> bytes:
+    """The body to send: unchanged, unless a stream must be told to include usage."""
+    if payload.get("stream") is not True or wants_usage(payload):
+        return body
+    options = payload.get("stream_options")
+    merged = dict(options) if isinstance(options, dict) else {}
+    merged["include_usage"] = True
+    return json.dumps({**payload, "stream_options": merged}, ensure_ascii=False,
+                      separators=(",", ":")).encode()
+
+
+def redact(body: bytes, api_key: str) -> bytes:
+    """Remove the upstream key and DeepSeek's echo of its last characters (``****abcd``)."""
+    secret = api_key.encode()
+    body = body.replace(secret, b"[redacted]")
+    if len(secret) >= 4:
+        body = re.sub(rb"\*+" + re.escape(secret[-4:]), b"****", body)
+    return body
+
+
+async def proxy_completion(request: web.Request, state: ProxyState, client: ClientKey,
+                           endpoint: Endpoint) -> web.StreamResponse:
+    started_at = state.clock()
+    body, payload = await read_json_body(request, state.config.max_request_bytes)
+    meter = CallMeter(request_id=uuid4().hex, team=client.team, key_id=client.key_id,
+                      endpoint=endpoint.name, stream=payload.get("stream") is True,
+                      model_requested=payload["model"], payload=payload, started_at=started_at)
+    exchange = _Exchange(request, state, meter, wants_usage(payload))
+    try:
+        return await exchange.run(endpoint, upstream_body(body, payload))
+    except asyncio.CancelledError:
+        meter.outcome = "aborted"
+        raise
+    finally:
+        _submit(state, meter)
+
+
+def _submit(state: ProxyState, meter: CallMeter) -> None:
+    try:
+        record = build_record(meter, state.clock(), state.book, state.config.price_at)
+        state.sink.submit(record)
+    except Exception:  # a metering failure is logged loudly but never breaks the response
+        log.exception("could not record usage of request %s", meter.request_id)
+
+
+class _UpstreamCut(Exception):
+    """DeepSeek's stream or body ended before it was complete."""
+
+
+class _Exchange:
+    """One upstream exchange and its relay; holds what the error paths need to know."""
+
+    def __init__(self, request: web.Request, state: ProxyState, meter: CallMeter,
+                 client_wants_usage: bool) -> None:
+        self.request = request
+        self.state = state
+        self.meter = meter
+        self.client_wants_usage = client_wants_usage
+        self.response: web.StreamResponse | None = None
+        self.client_alive = True
+        self._deadline: asyncio.Timeout | None = None
+        self._loop = asyncio.get_running_loop()
+        self._total_deadline = 0.0
+
+    async def run(self, endpoint: Endpoint, body: bytes) -> web.StreamResponse:
+        timeouts = self.state.config.timeouts
+        start = self._loop.time()
+        self._total_deadline = start + timeouts.total
+        first = min(self._total_deadline, start + timeouts.first_byte)
+        try:
+            async with asyncio.timeout_at(first) as deadline:
+                self._deadline = deadline
+                upstream = await self.state.upstream.request(
+                    "POST", endpoint.upstream_path, self.request.headers, body)
+                async with upstream:
+                    return await self._relay(upstream)
+        except ProxyError as exc:
+            self.meter.outcome = "timeout" if isinstance(exc, UpstreamTimeout) else "connect_error"
+            return error_response(exc)
+        except TimeoutError:
+            if not self.client_alive:
+                self.meter.outcome = "client_disconnected"
+                return self._finished_response()
+            self.meter.outcome = "timeout"
+            return await self._fail("DeepSeek did not finish in time", UpstreamTimeout(
+                "DeepSeek did not answer in time; the call may still be billed"))
+        except (_UpstreamCut, aiohttp.ClientError, OSError):
+            if not self.client_alive:
+                self.meter.outcome = "client_disconnected"
+                return self._finished_response()
+            self.meter.outcome = "upstream_cut"
+            return await self._fail("DeepSeek closed the connection before the response was "
+                                    "complete", UpstreamUnavailable(
+                                        "DeepSeek closed the connection before answering"))
+
+    async def _relay(self, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+        meter = self.meter
+        meter.upstream_status = upstream.status
+        meter.trace_id = upstream.headers.get("x-ds-trace-id")
+        if upstream.status >= 400:
+            meter.outcome = "upstream_error"
+            return await self._relay_error(upstream)
+        meter.outcome = "upstream_cut"  # until the answer is seen whole
+        headers = response_headers(upstream.headers)
+        headers["x-request-id"] = meter.request_id
+        response = web.StreamResponse(status=upstream.status, headers=headers)
+        is_stream = upstream.content_type == "text/event-stream"
+        if not is_stream and upstream.content_length is not None:
+            response.content_length = upstream.content_length
+        self.response = response
+        await response.prepare(self.request)
+        if is_stream:
+            await self._relay_stream(upstream)
+        else:
+            await self._relay_body(upstream)
+        if meter.outcome == "upstream_cut":  # nothing went wrong on the way
+            meter.outcome = "complete" if self.client_alive else "client_disconnected"
+        return self._finished_response()
+
+    async def _relay_error(self, upstream: aiohttp.ClientResponse) -> web.Response:
+        body = await upstream.content.read(MAX_ERROR_BODY)
+        headers = response_headers(upstream.headers)
+        headers["x-request-id"] = self.meter.request_id
+        if upstream.status == 402:
+            headers["x-should-retry"] = "false"  # balance refusals: a retry cannot succeed
+        if upstream.status in (401, 402):
+            log.error("DeepSeek refused the proxy's key or account: HTTP %s (request %s)",
+                      upstream.status, self.meter.request_id)
+        return web.Response(status=upstream.status, headers=headers,
+                            body=redact(body, self.state.upstream.api_key))
+
+    def _first_data(self) -> None:
+        """Real data arrived: stamp it and lift the first-byte deadline to the total one."""
+        self.meter.first_byte_at = self.state.clock()
+        if self._deadline is not None and self.client_alive:
+            self._deadline.reschedule(self._total_deadline)
+
+    async def _write(self, data: bytes) -> None:
+        assert self.response is not None
+        if not self.client_alive:
+            return
+        try:
+            await self.response.write(data)
+        except ConnectionError:
+            self._client_left()
+
+    def _client_left(self) -> None:
+        """Keep reading upstream for the real usage, but only for the grace time."""
+        self.client_alive = False
+        grace = self._loop.time() + self.state.config.timeouts.client_disconnect_grace
+        if self._deadline is not None:
+            current = self._deadline.when()
+            self._deadline.reschedule(grace if current is None else min(current, grace))
+
+    async def _relay_body(self, upstream: aiohttp.ClientResponse) -> None:
+        parts: list[bytes] = []
+        async for chunk in upstream.content.iter_any():
+            if self.meter.first_byte_at is None and chunk.strip():
+                self._first_data()
+            parts.append(chunk)
+            await self._write(chunk)
+        body = b"".join(parts)
+        try:
+            answer = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            answer = None
+        if not isinstance(answer, dict):
+            if not body.strip():
+                raise _UpstreamCut
+            self.meter.outcome = "bad_response"
+            self.meter.flags.append("unparseable_body")
+            return
+        if isinstance(answer.get("model"), str):
+            self.meter.model_served = answer["model"]
+        if "usage" in answer and answer["usage"] is not None:
+            self.meter.take_usage(answer["usage"], self.state.config.tool_fields)
+
+    async def _relay_stream(self, upstream: aiohttp.ClientResponse) -> None:
+        splitter = SSESplitter()
+        inspector = StreamMeter(self.meter, self.client_wants_usage,
+                                self.state.config.tool_fields)
+        async for chunk in upstream.content.iter_any():
+            out = []
+            for event in splitter.feed(chunk):
+                if event.data is not None and self.meter.first_byte_at is None:
+                    self._first_data()
+                if inspector.inspect(event):
+                    out.append(event.raw)
+            if out:
+                await self._write(b"".join(out))
+        out = [event.raw for event in splitter.finish() if inspector.inspect(event)]
+        if out:
+            await self._write(b"".join(out))
+        if not inspector.done:
+            raise _UpstreamCut
+
+    async def _fail(self, message: str, before_start: ProxyError) -> web.StreamResponse:
+        """Signal a failure: an error response if nothing was sent yet, else in-band."""
+        response = self.response
+        if response is None or not response.prepared:
+            return error_response(before_start)
+        if self.meter.stream:
+            # The OpenAI SDKs raise on an `error` event; no [DONE] follows.
+            event = b"data: " + error_body(message, "upstream_error", "upstream_cut") + b"\n\n"
+            await self._write(event)
+            return self._finished_response()
+        # A JSON body cut short cannot be marked in-band: drop the connection so the client
+        # sees an incomplete response rather than a shorter, valid-looking one.
+        transport = self.request.transport
+        if transport is not None:
+            transport.abort()
+        return response
+
+    def _finished_response(self) -> web.StreamResponse:
+        assert self.response is not None
+        return self.response

@@ -1,0 +1,193 @@
+"""What the proxy learns about a call while relaying it, and the priced record it becomes.
+
+`CallMeter` is filled in by the forwarding code (instants, status, usage as it is seen) and turned
+into exactly one `UsageRecord` by `build_record`, whatever way the call ended.
+
+`StreamMeter` looks at each SSE event of a streamed completion: it keeps the last non-null
+usage (DeepSeek has put usage on the last content chunk, on a separate usage-only chunk, and on
+null or zero placeholders along the way), notes ``[DONE]``, and says whether the event goes to
+the client: a usage-only chunk exists only because the proxy set ``include_usage``, so a client
+that did not ask for usage does not get it.
+
+Estimation, used only when DeepSeek's usage never arrived (stream cut, timeout, client gone past
+the grace time): the prompt is estimated from the request text with DeepSeek's rule of thumb
+(0.3 token per ASCII character, 0.6 per other character) and counted as cache *miss*, the dearer
+input price, so an estimate never undercounts cache savings into spend; the output is the number
+of content chunks relayed, since DeepSeek streams about one token per chunk.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from proxy.pricing import PriceBook, price
+from proxy.records import Outcome, UsageRecord, UsageSource
+from proxy.sse import Event
+from proxy.usage import MalformedUsage, ReportedUsage, TokenUsage, estimate_tokens, parse_usage
+
+FLAG_USAGE_TWICE = "usage_reported_twice"
+FLAG_MALFORMED_USAGE = "malformed_usage"
+FLAG_ESTIMATED = "usage_estimated"
+FLAG_MALFORMED_CHUNK = "malformed_chunk"
+
+
+@dataclass(slots=True)
+class CallMeter:
+    request_id: str
+    team: str
+    key_id: str
+    endpoint: str
+    stream: bool
+    model_requested: str
+    payload: Mapping[str, Any]
+    started_at: datetime
+    first_byte_at: datetime | None = None
+    model_served: str | None = None
+    upstream_status: int | None = None
+    trace_id: str | None = None
+    outcome: Outcome = "connect_error"
+    reported: ReportedUsage | None = None
+    output_chunks: int = 0
+    flags: list[str] = field(default_factory=list)
+
+    def take_usage(self, raw: object, tool_fields: Mapping[str, str]) -> None:
+        """Record a usage object; the last one wins, and a second differing one is flagged."""
+        try:
+            usage = parse_usage(raw, tool_fields)
+        except MalformedUsage:
+            if FLAG_MALFORMED_USAGE not in self.flags:
+                self.flags.append(FLAG_MALFORMED_USAGE)
+            return
+        twice = self.reported is not None and self.reported != usage
+        if twice and FLAG_USAGE_TWICE not in self.flags:
+            self.flags.append(FLAG_USAGE_TWICE)
+        self.reported = usage
+
+
+class StreamMeter:
+    """Per-event inspection of a streamed completion (see the module docstring)."""
+
+    __slots__ = ("done", "meter", "tool_fields", "wants_usage")
+
+    def __init__(self, meter: CallMeter, wants_usage: bool, tool_fields: Mapping[str, str]) -> None:
+        self.meter = meter
+        self.wants_usage = wants_usage
+        self.tool_fields = tool_fields
+        self.done = False
+
+    def inspect(self, event: Event) -> bool:
+        """Update the meter from one event; True if the event is forwarded to the client."""
+        data = event.data
+        if data is None:
+            return True  # comments (": keep-alive") and other non-data events pass as they are
+        if data == b"[DONE]":
+            self.done = True
+            return True
+        meter = self.meter
+        # Parsing every chunk would cost more than relaying it: only chunks that mention usage
+        # (a key, so the quote marks are unescaped) and the first one (for the served model)
+        # are decoded. Text inside JSON strings has its quotes escaped and cannot match.
+        if b'"usage"' not in data and meter.model_served is not None:
+            meter.output_chunks += 1
+            return True
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            if FLAG_MALFORMED_CHUNK not in meter.flags:
+                meter.flags.append(FLAG_MALFORMED_CHUNK)
+            return True
+        if not isinstance(chunk, dict):
+            return True
+        if meter.model_served is None and isinstance(chunk.get("model"), str):
+            meter.model_served = chunk["model"]
+        usage = chunk.get("usage")
+        if usage is not None:
+            meter.take_usage(usage, self.tool_fields)
+        if chunk.get("choices") == [] and usage is not None:
+            return self.wants_usage
+        meter.output_chunks += 1
+        return True
+
+
+def request_text(payload: Mapping[str, Any]) -> str:
+    """The text of a chat or FIM request, for estimating its prompt when usage is missing."""
+    parts: list[str] = []
+    messages = payload.get("messages")
+    if isinstance(messages, list):
+        for message in messages:
+            if not isinstance(message, dict):
+                continue
+            content = message.get("content")
+            if isinstance(content, str):
+                parts.append(content)
+            elif isinstance(content, list):
+                parts.extend(p["text"] for p in content
+                             if isinstance(p, dict) and isinstance(p.get("text"), str))
+    for key in ("prompt", "suffix"):
+        if isinstance(payload.get(key), str):
+            parts.append(payload[key])
+    return "\n".join(parts)
+
+
+def _usage_of(meter: CallMeter) -> tuple[TokenUsage | None, int | None, UsageSource]:
+    if meter.reported is not None:
+        return meter.reported.tokens, meter.reported.prompt_tokens, "reported"
+    if meter.outcome in ("connect_error", "upstream_error"):
+        return None, None, "none"
+    text = request_text(meter.payload)
+    if not text and not meter.output_chunks:
+        return None, None, "unknown"
+    prompt = estimate_tokens(text)
+    return TokenUsage(cache_miss=prompt, output=meter.output_chunks), prompt, "estimated"
+
+
+def _no_price_reason(source: UsageSource, outcome: Outcome) -> str:
+    if source == "none":
+        return f"nothing billable: {outcome}"
+    return "usage unknown: DeepSeek sent none and there was nothing to estimate from"
+
+
+def build_record(meter: CallMeter, ended_at: datetime, book: PriceBook, price_at: str
+                 ) -> UsageRecord:
+    """The one usage record of a call, priced at the configured instant."""
+    tokens, prompt, source = _usage_of(meter)
+    flags = list(meter.flags)
+    if meter.reported is not None:
+        flags.extend(meter.reported.flags)
+    if source == "estimated":
+        flags.append(FLAG_ESTIMATED)
+    priced_at = meter.started_at if price_at == "request_start" else ended_at
+    pricing = None
+    if tokens is not None:
+        pricing = price(book, meter.model_requested, tokens, priced_at)
+        flags.extend(pricing.flags)
+    priced = pricing is not None and pricing.priced
+    return UsageRecord(
+        request_id=meter.request_id, team=meter.team, key_id=meter.key_id,
+        endpoint=meter.endpoint, stream=meter.stream, model_requested=meter.model_requested,
+        model_served=meter.model_served, started_at=meter.started_at,
+        first_byte_at=meter.first_byte_at, ended_at=ended_at,
+        cache_hit_tokens=tokens.cache_hit if tokens else None,
+        cache_miss_tokens=tokens.cache_miss if tokens else None,
+        output_tokens=tokens.output if tokens else None,
+        reasoning_tokens=tokens.reasoning if tokens else None,
+        prompt_tokens=prompt,
+        tool_calls=dict(tokens.tool_calls) if tokens else {},
+        upstream_status=meter.upstream_status, upstream_trace_id=meter.trace_id,
+        outcome=meter.outcome, usage_source=source,
+        priced=priced,
+        unpriced_reason=None if priced else (
+            pricing.reason if pricing is not None else _no_price_reason(source, meter.outcome)),
+        billed_model=pricing.billed_model if pricing else None,
+        price_version=pricing.version if pricing else None,
+        schedule_version=pricing.schedule_version if pricing else None,
+        tier=pricing.tier if pricing else None,
+        priced_at=priced_at if pricing else None,
+        costs={c: cost.total for c, cost in pricing.costs.items()} if pricing else {},
+        price_book=book.digest,
+        flags=tuple(flags),
+    )

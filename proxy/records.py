@@ -1,0 +1,100 @@
+"""The usage record: one per upstream dispatch, the unit the ledger stores and reports sum.
+
+Until the ledger lands, records go to `LogSink`: one JSON line each on the ``proxy.usage``
+logger. The record is complete on its own (tokens, where they came from, the price and which
+book version produced it), so a later re-pricing needs nothing else.
+
+Outcomes: ``complete``; ``client_disconnected`` (the client left; usage read on, bounded by the
+grace time); ``upstream_error`` (DeepSeek answered 4xx/5xx); ``upstream_cut`` (the stream or body
+ended early); ``timeout``; ``connect_error`` (nothing reached DeepSeek); ``bad_response``
+(a 200 whose body could not be read as DeepSeek's JSON); ``aborted`` (the proxy itself was
+stopping and cancelled the call).
+
+Usage sources: ``reported`` (DeepSeek's usage object), ``estimated`` (it never arrived; see
+`proxy.metering`), ``unknown`` (no usage and nothing to estimate from; never a zero cost),
+``none`` (DeepSeek refused or never received the call, so there is nothing to bill).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Literal, Protocol
+
+Outcome = Literal["complete", "client_disconnected", "upstream_error", "upstream_cut", "timeout",
+                  "connect_error", "bad_response", "aborted"]
+UsageSource = Literal["reported", "estimated", "unknown", "none"]
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    request_id: str
+    team: str
+    key_id: str
+    endpoint: str
+    """``chat`` or ``fim``."""
+    stream: bool
+    model_requested: str
+    model_served: str | None
+    started_at: datetime
+    first_byte_at: datetime | None
+    ended_at: datetime
+    cache_hit_tokens: int | None
+    cache_miss_tokens: int | None
+    output_tokens: int | None
+    reasoning_tokens: int | None
+    prompt_tokens: int | None
+    """As DeepSeek reported it; may differ from hit + miss (then flagged)."""
+    tool_calls: Mapping[str, int]
+    upstream_status: int | None
+    upstream_trace_id: str | None
+    outcome: Outcome
+    usage_source: UsageSource
+    priced: bool
+    unpriced_reason: str | None
+    billed_model: str | None
+    price_version: str | None
+    schedule_version: str | None
+    tier: str | None
+    priced_at: datetime | None
+    costs: Mapping[str, Decimal]
+    """Currency -> exact total. Empty when not priced (never zero for unknown usage)."""
+    price_book: str
+    """SHA-256 of the price-book files that priced the record."""
+    flags: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict; instants as ISO 8601 UTC, money as decimal strings."""
+        out: dict[str, Any] = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if isinstance(value, datetime):
+                value = value.isoformat().replace("+00:00", "Z")
+            elif name == "costs":
+                value = {c: format(v, "f") for c, v in value.items()}
+            elif name == "tool_calls":
+                value = dict(value)
+            elif name == "flags":
+                value = list(value)
+            out[name] = value
+        return out
+
+
+class RecordSink(Protocol):
+    """Where finished records go. `submit` must not block the request path."""
+
+    def submit(self, record: UsageRecord) -> None: ...
+
+
+class LogSink:
+    """One structured log line per record (the ledger replaces this in step 3)."""
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self._logger = logger or logging.getLogger("proxy.usage")
+
+    def submit(self, record: UsageRecord) -> None:
+        self._logger.info("%s", json.dumps(record.to_json(), separators=(",", ":")))

@@ -1,0 +1,94 @@
+"""The one seam to DeepSeek: every upstream request goes through `Upstream`.
+
+The destination is fixed at start-up (configured base URL + one of a few known paths); nothing in
+a client's request can change it, redirects are never followed, and the DeepSeek key is added
+here and only here. Bodies are asked for uncompressed (``Accept-Encoding: identity``) so the
+bytes relayed to the client are exactly the bytes DeepSeek sent. aiohttp's client is used on this
+path because it forwards an order of magnitude faster than httpx (measured in issue 3).
+
+Foreign exceptions are translated once, here: a failure before DeepSeek answered becomes
+`UpstreamUnavailable` (connection) or `UpstreamTimeout`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import aiohttp
+
+from proxy.config import Timeouts
+from proxy.errors import UpstreamTimeout, UpstreamUnavailable
+
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+    "te", "trailer", "trailers", "transfer-encoding", "upgrade",
+})
+"""RFC 9110 7.6.1, plus the non-standard Proxy-Connection; `hop_by_hop` adds what Connection
+names."""
+
+_REQUEST_DROP = HOP_BY_HOP | {
+    # set by the proxy, or must not travel on: the client's credentials, its view of the host,
+    # forwarding hints (never used to route), and encodings we want raw.
+    "host", "authorization", "x-api-key", "cookie", "content-length", "accept-encoding",
+    "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip",
+    "expect",
+}
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length", "content-encoding", "set-cookie", "server",
+                               "date"}
+
+
+def hop_by_hop(headers: Mapping[str, str]) -> frozenset[str]:
+    """Hop-by-hop names for one message: the fixed set and any named in ``Connection``."""
+    named = {token.strip().lower() for value in [headers.get("Connection", "")]
+             for token in value.split(",") if token.strip()}
+    return HOP_BY_HOP | named
+
+
+def request_headers(client: Mapping[str, str], api_key: str) -> dict[str, str]:
+    """Client headers that may go upstream, with the proxy's own key and no compression."""
+    drop = _REQUEST_DROP | hop_by_hop(client)
+    headers = {name: value for name, value in client.items() if name.lower() not in drop}
+    headers["Authorization"] = f"Bearer {api_key}"
+    headers["Accept-Encoding"] = "identity"
+    return headers
+
+
+def response_headers(upstream: Mapping[str, str]) -> dict[str, str]:
+    """DeepSeek's headers that go back to the client (``x-ds-trace-id``, content type, ...)."""
+    drop = _RESPONSE_DROP | hop_by_hop(upstream)
+    return {name: value for name, value in upstream.items() if name.lower() not in drop}
+
+
+class Upstream:
+    """Requests to the configured DeepSeek origin on one shared `aiohttp.ClientSession`."""
+
+    def __init__(self, session: aiohttp.ClientSession, base_url: str, api_key: str,
+                 timeouts: Timeouts) -> None:
+        self._session = session
+        self._base_url = base_url
+        self._api_key = api_key
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=timeouts.connect,
+                                              sock_connect=timeouts.connect,
+                                              sock_read=timeouts.idle)
+
+    @property
+    def api_key(self) -> str:
+        return self._api_key
+
+    async def request(self, method: str, path: str, client_headers: Mapping[str, str],
+                      body: bytes | None = None) -> aiohttp.ClientResponse:
+        """Send one request; the caller reads and releases the response.
+
+        `path` is one of the proxy's fixed upstream paths, never text from the client.
+        """
+        headers = request_headers(client_headers, self._api_key)
+        try:
+            return await self._session.request(
+                method, self._base_url + path, data=body, headers=headers,
+                allow_redirects=False, timeout=self._timeout, auto_decompress=False)
+        except TimeoutError as exc:
+            raise UpstreamTimeout("DeepSeek did not answer in time") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnavailable(f"cannot reach DeepSeek: {type(exc).__name__}") from exc
+        except OSError as exc:
+            raise UpstreamUnavailable(f"cannot reach DeepSeek: {exc.strerror or exc}") from exc

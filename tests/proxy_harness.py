@@ -1,0 +1,82 @@
+"""Running the real proxy app on loopback against the fake DeepSeek, for integration tests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from types import MappingProxyType
+
+from aiohttp import web
+
+from proxy.app import create_app
+from proxy.auth import ClientKey, hash_key, key_id_of
+from proxy.config import ProxyConfig, Timeouts
+from proxy.pricing import PriceBook
+from proxy.records import UsageRecord
+from proxy.usage import DEFAULT_TOOL_FIELDS
+from tests.fake_deepseek import FAKE_UPSTREAM_KEY
+
+TEAM_KEYS = {"alpha": "sk-proxy-test-alpha-0001", "beta": "sk-proxy-test-beta-0002"}
+PEAK = datetime(2026, 11, 2, 1, 30, tzinfo=UTC)  # Monday 09:30 Beijing: deepseek-flash peak
+OFF_PEAK = datetime(2026, 11, 1, 1, 30, tzinfo=UTC)  # Sunday 09:30 Beijing
+
+
+class RecordingSink:
+    """Collects records; tests wait on it with a deadline instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.records: list[UsageRecord] = []
+        self._changed = asyncio.Event()
+
+    def submit(self, record: UsageRecord) -> None:
+        self.records.append(record)
+        self._changed.set()
+
+    async def wait_for(self, count: int, timeout: float = 10.0) -> list[UsageRecord]:
+        async with asyncio.timeout(timeout):
+            while len(self.records) < count:
+                self._changed.clear()
+                await self._changed.wait()
+        return self.records
+
+
+def make_config(upstream_url: str, book_files: tuple[Path, ...], **timeouts: float
+                ) -> ProxyConfig:
+    keys = {hash_key(key): ClientKey(team, key_id_of(hash_key(key)))
+            for team, key in TEAM_KEYS.items()}
+    return ProxyConfig(
+        path=Path("test-config.yaml"), host="127.0.0.1", port=0,
+        upstream_base_url=upstream_url, upstream_key_env="UNUSED", price_book=book_files,
+        price_at="request_start", keys=MappingProxyType(keys), teams=tuple(TEAM_KEYS),
+        timeouts=replace(Timeouts(), **timeouts), max_request_bytes=1 << 20,
+        tool_fields=DEFAULT_TOOL_FIELDS)
+
+
+@dataclass
+class RunningProxy:
+    url: str
+    sink: RecordingSink
+    config: ProxyConfig
+
+
+@asynccontextmanager
+async def running_proxy(upstream_url: str, book: PriceBook, *,
+                        clock: Callable[[], datetime] = lambda: PEAK,
+                        api_key: str = FAKE_UPSTREAM_KEY, **timeouts: float
+                        ) -> AsyncIterator[RunningProxy]:
+    config = make_config(upstream_url, tuple(Path(f) for f in book.files), **timeouts)
+    sink = RecordingSink()
+    app = create_app(config, book, api_key, sink, clock=clock)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield RunningProxy(f"http://127.0.0.1:{port}", sink, config)
+    finally:
+        await runner.cleanup()
