@@ -22,8 +22,8 @@ from aiohttp import web
 
 from proxy.auth import ClientKey, authenticate
 from proxy.config import ProxyConfig
-from proxy.errors import NotFound, ProxyError, Unauthorized, error_response
-from proxy.forward import Endpoint, ProxyState, proxy_completion
+from proxy.errors import NotFound, ProxyError, Unauthorized, UpstreamRedirect, error_response
+from proxy.forward import MAX_ERROR_BODY, Endpoint, ProxyState, proxy_completion, redact
 from proxy.pricing import PriceBook
 from proxy.records import RecordSink
 from proxy.upstream import Upstream, response_headers
@@ -75,7 +75,10 @@ def _completion(endpoint: Endpoint) -> Handler:
 async def _models(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     async with await state.upstream.request("GET", "/models", request.headers) as upstream:
-        body = await upstream.read()
+        if 300 <= upstream.status < 400:
+            raise UpstreamRedirect(f"DeepSeek answered HTTP {upstream.status} (a redirect); "
+                                   "the proxy does not follow redirects")
+        body = redact(await upstream.content.read(MAX_ERROR_BODY), state.upstream.api_key)
         return web.Response(status=upstream.status, body=body,
                             headers=response_headers(upstream.headers))
 

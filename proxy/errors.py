@@ -6,6 +6,7 @@
     ├── NotFound                404  no such route (upstream is never asked)
     ├── PayloadTooLarge         413  request body over the configured limit
     ├── UpstreamUnavailable     502  could not connect to DeepSeek (nothing was sent)
+    ├── UpstreamRedirect        502  DeepSeek answered with a redirect (never followed)
     └── UpstreamTimeout         504  DeepSeek did not answer in time (it may have billed)
 
 SDKs retry 5xx by default; `x-should-retry: false` is set where a retry could be billed twice.
@@ -58,6 +59,12 @@ class UpstreamUnavailable(ProxyError):
     status = 502
     error_type = "upstream_error"
     code = "upstream_unavailable"
+
+
+class UpstreamRedirect(ProxyError):
+    status = 502
+    error_type = "upstream_error"
+    code = "upstream_redirect"
 
 
 class UpstreamTimeout(ProxyError):

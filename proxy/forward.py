@@ -40,6 +40,7 @@ from proxy.errors import (
     BadRequest,
     PayloadTooLarge,
     ProxyError,
+    UpstreamRedirect,
     UpstreamTimeout,
     UpstreamUnavailable,
     error_body,
@@ -198,6 +199,12 @@ class _Exchange:
         if upstream.status >= 400:
             meter.outcome = "upstream_error"
             return await self._relay_error(upstream)
+        if 300 <= upstream.status < 400:
+            # Neither followed nor passed on: a client SDK would follow it with its own key.
+            meter.outcome = "upstream_error"
+            return error_response(UpstreamRedirect(
+                f"DeepSeek answered HTTP {upstream.status} (a redirect); the proxy does not "
+                "follow redirects"))
         meter.outcome = "upstream_cut"  # until the answer is seen whole
         headers = response_headers(upstream.headers)
         headers["x-request-id"] = meter.request_id

@@ -18,7 +18,7 @@ from proxy.config import ProxyConfig, Timeouts
 from proxy.pricing import PriceBook
 from proxy.records import UsageRecord
 from proxy.usage import DEFAULT_TOOL_FIELDS
-from tests.fake_deepseek import FAKE_UPSTREAM_KEY
+from tests.fake_deepseek_shapes import FAKE_UPSTREAM_KEY
 
 TEAM_KEYS = {"alpha": "sk-proxy-test-alpha-0001", "beta": "sk-proxy-test-beta-0002"}
 PEAK = datetime(2026, 11, 2, 1, 30, tzinfo=UTC)  # Monday 09:30 Beijing: deepseek-flash peak

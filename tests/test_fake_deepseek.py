@@ -17,18 +17,17 @@ import httpx
 import openai
 import pytest
 
-from tests.fake_deepseek import (
+from tests.fake_deepseek import FakeDeepSeek, running_fake
+from tests.fake_deepseek_shapes import (
     BALANCE,
     FAKE_UPSTREAM_KEY,
     MODELS,
     SYSTEM_FINGERPRINT,
-    FakeDeepSeek,
     Reply,
     UsagePlacement,
     conflicting_usage,
     default_usage,
     error_body,
-    running_fake,
 )
 
 AUTH = {"Authorization": f"Bearer {FAKE_UPSTREAM_KEY}"}

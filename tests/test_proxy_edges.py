@@ -12,7 +12,9 @@ import openai
 import pytest
 
 from proxy.pricing import PriceBook
-from tests.fake_deepseek import FAKE_UPSTREAM_KEY, FakeDeepSeek, Reply, running_fake
+from proxy.records import LogSink
+from tests.fake_deepseek import FakeDeepSeek, running_fake
+from tests.fake_deepseek_shapes import FAKE_UPSTREAM_KEY, Reply
 from tests.proxy_harness import TEAM_KEYS, RunningProxy, running_proxy
 
 AUTH = {"Authorization": f"Bearer {TEAM_KEYS['alpha']}"}
@@ -374,3 +376,50 @@ async def test_server_tool_calls_are_billed(fake: FakeDeepSeek, proxy: RunningPr
     [record] = await proxy.sink.wait_for(1)
     assert dict(record.tool_calls) == {"search": 2}
     assert record.costs["CNY"] == Decimal("0.00013056") + Decimal("0.010")
+
+
+async def test_upstream_redirect_is_never_followed(fake: FakeDeepSeek, proxy: RunningProxy,
+                                                   http: httpx.AsyncClient) -> None:
+    trap = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    trap_url = f"http://127.0.0.1:{trap.sockets[0].getsockname()[1]}/steal"
+    fake.enqueue(Reply(redirect_to=trap_url))
+    try:
+        response = await http.post("/chat/completions", json=CHAT)
+    finally:
+        trap.close()
+        await trap.wait_closed()
+    assert response.status_code == 502
+    assert "location" not in response.headers
+    assert response.json()["error"]["code"] == "upstream_redirect"
+    [record] = await proxy.sink.wait_for(1)
+    assert (record.outcome, record.upstream_status) == ("upstream_error", 307)
+
+
+async def test_rewritten_body_has_a_correct_content_length(fake: FakeDeepSeek,
+                                                           proxy: RunningProxy,
+                                                           http: httpx.AsyncClient) -> None:
+    fake.enqueue(Reply(usage=USAGE))
+    await http.post("/chat/completions", json={**STREAM, "messages": [
+        {"role": "user", "content": "héllo ☃"}]})
+    sent = fake.requests[0]
+    assert int(sent.headers["Content-Length"]) == len(sent.body)
+    assert sent.json["messages"][0]["content"] == "héllo ☃"
+    assert sent.json["stream_options"] == {"include_usage": True}
+
+
+async def test_usage_records_are_one_json_log_line_each(
+        fake: FakeDeepSeek, proxy: RunningProxy, http: httpx.AsyncClient,
+        caplog: pytest.LogCaptureFixture) -> None:
+    fake.enqueue(Reply(usage=USAGE))
+    await http.post("/chat/completions", json=CHAT)
+    [record] = await proxy.sink.wait_for(1)
+    caplog.set_level("INFO", logger="proxy.usage")
+    LogSink().submit(record)
+    [line] = [r.getMessage() for r in caplog.records if r.name == "proxy.usage"]
+    assert "\n" not in line
+    logged = json.loads(line)
+    assert logged["team"] == "alpha"
+    assert logged["costs"] == {"CNY": "0.00013056", "USD": "0.000019584"}
+    assert logged["started_at"] == "2026-11-02T01:30:00Z"
+    assert logged["request_id"] == record.request_id
+    assert TEAM_KEYS["alpha"] not in line and FAKE_UPSTREAM_KEY not in line

@@ -12,7 +12,8 @@ import openai
 import pytest
 
 from proxy.pricing import PriceBook
-from tests.fake_deepseek import FAKE_UPSTREAM_KEY, FakeDeepSeek, Reply, running_fake
+from tests.fake_deepseek import FakeDeepSeek, running_fake
+from tests.fake_deepseek_shapes import FAKE_UPSTREAM_KEY, Reply
 from tests.proxy_harness import TEAM_KEYS, RunningProxy, running_proxy
 
 # 640 cache hits, 360 misses, 50 output tokens of which 20 reasoning, on deepseek-flash at peak:
