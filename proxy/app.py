@@ -7,9 +7,12 @@ Routes (the OpenAI SDK works with ``base_url`` ``http://host:port``, ``.../v1`` 
     POST /beta/completions                        -> DeepSeek /beta/completions (FIM)
     GET  /models, /v1/models                      -> DeepSeek /models
     GET  /healthz                                 no upstream call, no key needed
+    GET  /metrics                                 Prometheus text format, no key needed
 
 Every other path is a 404 in OpenAI's error shape, without touching DeepSeek. All routes but
-``/healthz`` need a client key; the middleware turns every error into OpenAI's shape.
+``/healthz`` and ``/metrics`` need a client key (Prometheus scrapes without one: bind the proxy
+to a private interface or put the scrape path behind the network's own access control); the
+middleware turns every error into OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ from datetime import UTC, datetime
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from proxy.auth import ClientKey, authenticate
 from proxy.config import ProxyConfig
 from proxy.errors import NotFound, ProxyError, Unauthorized, UpstreamRedirect, error_response
 from proxy.forward import MAX_ERROR_BODY, Endpoint, ProxyState, proxy_completion, redact
+from proxy.metrics import ProxyMetrics, SpendReader
 from proxy.pricing import PriceBook
 from proxy.records import RecordSink
 from proxy.upstream import Upstream, response_headers
@@ -31,7 +36,7 @@ from proxy.upstream import Upstream, response_headers
 STATE = web.AppKey("state", ProxyState)
 CLIENT = web.RequestKey("client", ClientKey)
 
-_PUBLIC = frozenset({"/healthz"})
+_PUBLIC = frozenset({"/healthz", "/metrics"})
 _CHAT = Endpoint("chat", "/chat/completions")
 _BETA_CHAT = Endpoint("chat", "/beta/chat/completions")
 _FIM = Endpoint("fim", "/beta/completions")
@@ -87,20 +92,27 @@ async def _healthz(request: web.Request) -> web.StreamResponse:
     return web.json_response({"status": "ok"})
 
 
-def create_app(config: ProxyConfig, book: PriceBook, api_key: str, sink: RecordSink,
-               clock: Callable[[], datetime] = _utc_now,
-               session_factory: Callable[[], aiohttp.ClientSession] | None = None,
-               ) -> web.Application:
-    """Build the application; the upstream session opens and closes with it."""
+def create_app(config: ProxyConfig, book: PriceBook, api_key: str, sink: RecordSink, *,
+               registry: CollectorRegistry | None = None, spend: SpendReader | None = None,
+               clock: Callable[[], datetime] = _utc_now) -> web.Application:
+    """Build the application; the upstream session opens and closes with it.
+
+    `registry` receives every metric (a fresh one by default); `spend` reads daily spend from
+    the ledger for `llm_team_spend` (omitted when there is no ledger).
+    """
     app = web.Application(middlewares=[errors_and_auth], client_max_size=config.max_request_bytes)
+    registry = registry if registry is not None else CollectorRegistry()
+    metrics = ProxyMetrics(registry, teams=config.teams, models=book.models,
+                           tools=book.tool_fees, currencies=book.currencies, spend=spend,
+                           billing_timezone=config.billing_timezone, clock=clock)
 
     async def upstream_session(app: web.Application) -> AsyncIterator[None]:
-        session = session_factory() if session_factory else aiohttp.ClientSession(
+        session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
             skip_auto_headers=("User-Agent",))
         upstream = Upstream(session, config.upstream_base_url, api_key, config.timeouts)
         app[STATE] = ProxyState(config=config, book=book, upstream=upstream, sink=sink,
-                                clock=clock)
+                                metrics=metrics, clock=clock)
         yield
         await session.close()
 
@@ -112,4 +124,12 @@ def create_app(config: ProxyConfig, book: PriceBook, api_key: str, sink: RecordS
     app.router.add_get("/models", _models)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/metrics", _metrics_handler(registry))
     return app
+
+
+def _metrics_handler(registry: CollectorRegistry) -> Handler:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=generate_latest(registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return handle

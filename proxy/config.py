@@ -16,12 +16,16 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from proxy.auth import ClientKey, key_id_of
+from proxy.ledger.writer import DEFAULT_FLUSH_INTERVAL
 from proxy.usage import DEFAULT_TOOL_FIELDS
 from proxy.yamlfile import YamlError, load_yaml
 
 DEFAULT_CONFIG = Path("config/proxy.yaml")
+DEFAULT_LEDGER = "../data/ledger.sqlite3"
+"""Relative to the config file: ``config/proxy.yaml`` -> ``data/ledger.sqlite3``."""
 _HASH = re.compile(r"^sha256:([0-9a-f]{64})$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TEAM_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
@@ -72,6 +76,9 @@ class ProxyConfig:
     timeouts: Timeouts
     max_request_bytes: int
     tool_fields: Mapping[str, str]
+    ledger_path: Path
+    flush_interval: float
+    billing_timezone: ZoneInfo
 
 
 def load_config(path: Path) -> ProxyConfig:
@@ -82,13 +89,15 @@ def load_config(path: Path) -> ProxyConfig:
         raise ConfigError(path, "(file)", exc.reason) from exc
     reader = _Reader(path)
     reader.keys(raw, "(file)", {"listen", "upstream", "pricing", "teams", "timeouts", "limits",
-                                "usage"})
+                                "usage", "ledger"})
     listen = reader.section(raw, "listen")
     upstream = reader.section(raw, "upstream")
     pricing = reader.section(raw, "pricing")
     timeouts = reader.section(raw, "timeouts")
     limits = reader.section(raw, "limits")
     usage = reader.section(raw, "usage")
+    ledger = reader.section(raw, "ledger")
+    reader.keys(ledger, "ledger", {"path", "flush_interval", "billing_timezone"})
     reader.keys(listen, "listen", {"host", "port"})
     reader.keys(upstream, "upstream", {"base_url", "api_key_env"})
     reader.keys(pricing, "pricing", {"book", "price_at"})
@@ -123,6 +132,10 @@ def load_config(path: Path) -> ProxyConfig:
         max_request_bytes=reader.positive_int(limits.get("max_request_bytes", 16 * 2**20),
                                               "limits.max_request_bytes"),
         tool_fields=MappingProxyType({**DEFAULT_TOOL_FIELDS, **_tool_fields(reader, usage)}),
+        ledger_path=path.parent / reader.text(ledger.get("path", DEFAULT_LEDGER), "ledger.path"),
+        flush_interval=reader.seconds(ledger.get("flush_interval", DEFAULT_FLUSH_INTERVAL),
+                                      "ledger.flush_interval"),
+        billing_timezone=_timezone(reader, ledger.get("billing_timezone", "Asia/Shanghai")),
     )
 
 
@@ -222,6 +235,14 @@ def _teams(reader: _Reader, raw: Any) -> tuple[dict[str, ClientKey], tuple[str, 
                                   f"the same key is already listed for team {keys[digest].team!r}")
             keys[digest] = ClientKey(team=team, key_id=key_id_of(digest))
     return keys, tuple(raw)
+
+
+def _timezone(reader: _Reader, value: Any) -> ZoneInfo:
+    name = reader.text(value, "ledger.billing_timezone")
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise reader.fail("ledger.billing_timezone", f"unknown timezone {name!r}") from None
 
 
 def _tool_fields(reader: _Reader, usage: Mapping[str, Any]) -> dict[str, str]:

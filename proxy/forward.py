@@ -25,6 +25,7 @@ import asyncio
 import json
 import logging
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -46,7 +47,8 @@ from proxy.errors import (
     error_body,
     error_response,
 )
-from proxy.metering import CallMeter, StreamMeter, build_record
+from proxy.metering import CallMeter, StreamMeter, build_record, in_flight_record
+from proxy.metrics import ProxyMetrics
 from proxy.pricing import PriceBook
 from proxy.records import RecordSink
 from proxy.sse import SSESplitter
@@ -72,15 +74,19 @@ class ProxyState:
     book: PriceBook
     upstream: Upstream
     sink: RecordSink
+    metrics: ProxyMetrics
     clock: Callable[[], datetime]
 
 
-async def read_json_body(request: web.Request, limit: int) -> tuple[bytes, dict[str, Any]]:
-    """The raw body and its JSON object; OpenAI-shaped 400/413 errors otherwise."""
+async def read_body(request: web.Request, limit: int) -> bytes:
     try:
-        body = await request.read()
+        return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"request body exceeds {limit} bytes") from None
+
+
+def parse_payload(body: bytes) -> dict[str, Any]:
+    """The request's JSON object; an OpenAI-shaped 400 otherwise."""
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError):
@@ -89,7 +95,7 @@ async def read_json_body(request: web.Request, limit: int) -> tuple[bytes, dict[
         raise BadRequest("request body must be a JSON object")
     if not isinstance(payload.get("model"), str) or not payload["model"]:
         raise BadRequest("'model' is required and must be a string")
-    return body, payload
+    return payload
 
 
 def wants_usage(payload: dict[str, Any]) -> bool:
@@ -120,24 +126,34 @@ def redact(body: bytes, api_key: str) -> bytes:
 async def proxy_completion(request: web.Request, state: ProxyState, client: ClientKey,
                            endpoint: Endpoint) -> web.StreamResponse:
     started_at = state.clock()
-    body, payload = await read_json_body(request, state.config.max_request_bytes)
+    body = await read_body(request, state.config.max_request_bytes)
+    tick = time.perf_counter()
+    payload = parse_payload(body)
     meter = CallMeter(request_id=uuid4().hex, team=client.team, key_id=client.key_id,
                       endpoint=endpoint.name, stream=payload.get("stream") is True,
                       model_requested=payload["model"], payload=payload, started_at=started_at)
     exchange = _Exchange(request, state, meter, wants_usage(payload))
+    state.sink.dispatched(in_flight_record(meter, state.book))
+    inflight = state.metrics.inflight.labels(client.team)
+    inflight.inc()
+    body = upstream_body(body, payload)
+    meter.proxy_seconds += time.perf_counter() - tick
     try:
-        return await exchange.run(endpoint, upstream_body(body, payload))
+        return await exchange.run(endpoint, body)
     except asyncio.CancelledError:
         meter.outcome = "aborted"
         raise
     finally:
+        inflight.dec()
         _submit(state, meter)
 
 
 def _submit(state: ProxyState, meter: CallMeter) -> None:
+    tick = time.perf_counter()
     try:
         record = build_record(meter, state.clock(), state.book, state.config.price_at)
         state.sink.submit(record)
+        state.metrics.observe(record, meter.proxy_seconds + time.perf_counter() - tick)
     except Exception:  # a metering failure is logged loudly but never breaks the response
         log.exception("could not record usage of request %s", meter.request_id)
 
@@ -264,7 +280,14 @@ class _Exchange:
                 self._first_data()
             parts.append(chunk)
             await self._write(chunk)
-        body = b"".join(parts)
+        tick = time.perf_counter()
+        try:
+            self._read_answer(b"".join(parts))
+        finally:
+            self.meter.proxy_seconds += time.perf_counter() - tick
+
+    def _read_answer(self, body: bytes) -> None:
+        """Usage and served model from a whole JSON body."""
         try:
             answer = json.loads(body)
         except (ValueError, UnicodeDecodeError):
@@ -284,13 +307,16 @@ class _Exchange:
         splitter = SSESplitter()
         inspector = StreamMeter(self.meter, self.client_wants_usage,
                                 self.state.config.tool_fields)
+        meter = self.meter
         async for chunk in upstream.content.iter_any():
+            tick = time.perf_counter()
             out = []
             for event in splitter.feed(chunk):
-                if event.data is not None and self.meter.first_byte_at is None:
+                if event.data is not None and meter.first_byte_at is None:
                     self._first_data()
                 if inspector.inspect(event):
                     out.append(event.raw)
+            meter.proxy_seconds += time.perf_counter() - tick
             if out:
                 await self._write(b"".join(out))
         out = [event.raw for event in splitter.finish() if inspector.inspect(event)]

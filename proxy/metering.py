@@ -53,6 +53,8 @@ class CallMeter:
     reported: ReportedUsage | None = None
     output_chunks: int = 0
     flags: list[str] = field(default_factory=list)
+    proxy_seconds: float = 0.0
+    """Time spent in the proxy's own code for this call (the overhead metric)."""
 
     def take_usage(self, raw: object, tool_fields: Mapping[str, str]) -> None:
         """Record a usage object; the last one wins, and a second differing one is flagged."""
@@ -188,6 +190,24 @@ def build_record(meter: CallMeter, ended_at: datetime, book: PriceBook, price_at
         tier=pricing.tier if pricing else None,
         priced_at=priced_at if pricing else None,
         costs={c: cost.total for c, cost in pricing.costs.items()} if pricing else {},
+        cache_savings={c: cost.cache_savings for c, cost in pricing.costs.items()}
+        if pricing else {},
         price_book=book.digest,
         flags=tuple(flags),
     )
+
+
+def in_flight_record(meter: CallMeter, book: PriceBook) -> UsageRecord:
+    """The placeholder row written at dispatch: if the proxy dies before the call ends, the
+    ledger still shows that DeepSeek saw it (usage unknown, never priced as zero)."""
+    return UsageRecord(
+        request_id=meter.request_id, team=meter.team, key_id=meter.key_id,
+        endpoint=meter.endpoint, stream=meter.stream, model_requested=meter.model_requested,
+        model_served=None, started_at=meter.started_at, first_byte_at=None,
+        ended_at=meter.started_at, cache_hit_tokens=None, cache_miss_tokens=None,
+        output_tokens=None, reasoning_tokens=None, prompt_tokens=None, tool_calls={},
+        upstream_status=None, upstream_trace_id=None, outcome="in_flight",
+        usage_source="unknown", priced=False,
+        unpriced_reason="in flight: the call had not ended", billed_model=None,
+        price_version=None, schedule_version=None, tier=None, priced_at=None, costs={},
+        cache_savings={}, price_book=book.digest, flags=())

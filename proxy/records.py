@@ -8,7 +8,9 @@ Outcomes: ``complete``; ``client_disconnected`` (the client left; usage read on,
 grace time); ``upstream_error`` (DeepSeek answered 4xx/5xx); ``upstream_cut`` (the stream or body
 ended early); ``timeout``; ``connect_error`` (nothing reached DeepSeek); ``bad_response``
 (a 200 whose body could not be read as DeepSeek's JSON); ``aborted`` (the proxy itself was
-stopping and cancelled the call).
+stopping and cancelled the call); ``in_flight`` (written when the call is dispatched, replaced
+by the final record when it ends); ``interrupted`` (an ``in_flight`` row found when the ledger
+opens: the proxy died during the call, whose usage is therefore unknown).
 
 Usage sources: ``reported`` (DeepSeek's usage object), ``estimated`` (it never arrived; see
 `proxy.metering`), ``unknown`` (no usage and nothing to estimate from; never a zero cost),
@@ -26,7 +28,7 @@ from decimal import Decimal
 from typing import Any, Literal, Protocol
 
 Outcome = Literal["complete", "client_disconnected", "upstream_error", "upstream_cut", "timeout",
-                  "connect_error", "bad_response", "aborted"]
+                  "connect_error", "bad_response", "aborted", "in_flight", "interrupted"]
 UsageSource = Literal["reported", "estimated", "unknown", "none"]
 
 
@@ -63,6 +65,8 @@ class UsageRecord:
     priced_at: datetime | None
     costs: Mapping[str, Decimal]
     """Currency -> exact total. Empty when not priced (never zero for unknown usage)."""
+    cache_savings: Mapping[str, Decimal]
+    """Currency -> what the cache hits saved against the cache-miss price."""
     price_book: str
     """SHA-256 of the price-book files that priced the record."""
     flags: tuple[str, ...]
@@ -74,7 +78,7 @@ class UsageRecord:
             value = getattr(self, name)
             if isinstance(value, datetime):
                 value = value.isoformat().replace("+00:00", "Z")
-            elif name == "costs":
+            elif name in ("costs", "cache_savings"):
                 value = {c: format(v, "f") for c, v in value.items()}
             elif name == "tool_calls":
                 value = dict(value)
@@ -85,7 +89,13 @@ class UsageRecord:
 
 
 class RecordSink(Protocol):
-    """Where finished records go. `submit` must not block the request path."""
+    """Where records go. Neither method may block the request path.
+
+    `dispatched` receives a call's ``in_flight`` record as it goes upstream, so a crash during
+    the call still leaves a row; `submit` receives its final record, which replaces it.
+    """
+
+    def dispatched(self, record: UsageRecord) -> None: ...
 
     def submit(self, record: UsageRecord) -> None: ...
 
@@ -95,6 +105,9 @@ class LogSink:
 
     def __init__(self, logger: logging.Logger | None = None) -> None:
         self._logger = logger or logging.getLogger("proxy.usage")
+
+    def dispatched(self, record: UsageRecord) -> None:
+        """Only final records are logged: a log line cannot be replaced."""
 
     def submit(self, record: UsageRecord) -> None:
         self._logger.info("%s", json.dumps(record.to_json(), separators=(",", ":")))

@@ -9,14 +9,17 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
+from zoneinfo import ZoneInfo
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from proxy.app import create_app
 from proxy.auth import ClientKey, hash_key, key_id_of
 from proxy.config import ProxyConfig, Timeouts
+from proxy.metrics import SpendReader
 from proxy.pricing import PriceBook
-from proxy.records import UsageRecord
+from proxy.records import RecordSink, UsageRecord
 from proxy.usage import DEFAULT_TOOL_FIELDS
 from tests.fake_deepseek_shapes import FAKE_UPSTREAM_KEY
 
@@ -30,7 +33,11 @@ class RecordingSink:
 
     def __init__(self) -> None:
         self.records: list[UsageRecord] = []
+        self.in_flight: list[UsageRecord] = []
         self._changed = asyncio.Event()
+
+    def dispatched(self, record: UsageRecord) -> None:
+        self.in_flight.append(record)
 
     def submit(self, record: UsageRecord) -> None:
         self.records.append(record)
@@ -44,6 +51,21 @@ class RecordingSink:
         return self.records
 
 
+class _Tee:
+    """Records go to the test's `RecordingSink` and to a real sink (the ledger writer)."""
+
+    def __init__(self, *sinks: RecordSink) -> None:
+        self._sinks = sinks
+
+    def dispatched(self, record: UsageRecord) -> None:
+        for sink in self._sinks:
+            sink.dispatched(record)
+
+    def submit(self, record: UsageRecord) -> None:
+        for sink in self._sinks:
+            sink.submit(record)
+
+
 def make_config(upstream_url: str, book_files: tuple[Path, ...], **timeouts: float
                 ) -> ProxyConfig:
     keys = {hash_key(key): ClientKey(team, key_id_of(hash_key(key)))
@@ -53,7 +75,8 @@ def make_config(upstream_url: str, book_files: tuple[Path, ...], **timeouts: flo
         upstream_base_url=upstream_url, upstream_key_env="UNUSED", price_book=book_files,
         price_at="request_start", keys=MappingProxyType(keys), teams=tuple(TEAM_KEYS),
         timeouts=replace(Timeouts(), **timeouts), max_request_bytes=1 << 20,
-        tool_fields=DEFAULT_TOOL_FIELDS)
+        tool_fields=DEFAULT_TOOL_FIELDS, ledger_path=Path("unused.sqlite3"), flush_interval=0.1,
+        billing_timezone=ZoneInfo("Asia/Shanghai"))
 
 
 @dataclass
@@ -61,22 +84,26 @@ class RunningProxy:
     url: str
     sink: RecordingSink
     config: ProxyConfig
+    registry: CollectorRegistry
 
 
 @asynccontextmanager
 async def running_proxy(upstream_url: str, book: PriceBook, *,
                         clock: Callable[[], datetime] = lambda: PEAK,
-                        api_key: str = FAKE_UPSTREAM_KEY, **timeouts: float
+                        api_key: str = FAKE_UPSTREAM_KEY, sink: RecordSink | None = None,
+                        spend: SpendReader | None = None, **timeouts: float
                         ) -> AsyncIterator[RunningProxy]:
     config = make_config(upstream_url, tuple(Path(f) for f in book.files), **timeouts)
-    sink = RecordingSink()
-    app = create_app(config, book, api_key, sink, clock=clock)
+    recording = RecordingSink()
+    registry = CollectorRegistry()
+    target: RecordSink = recording if sink is None else _Tee(recording, sink)
+    app = create_app(config, book, api_key, target, clock=clock, registry=registry, spend=spend)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
     try:
-        yield RunningProxy(f"http://127.0.0.1:{port}", sink, config)
+        yield RunningProxy(f"http://127.0.0.1:{port}", recording, config, registry)
     finally:
         await runner.cleanup()

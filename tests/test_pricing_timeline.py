@@ -317,3 +317,10 @@ def test_confidence_and_source_travel_with_the_price(book: PriceBook) -> None:
     assert promo.costs["CNY"].confidence.value == "verified"
     assert promo.costs["USD"].confidence.value == "unverified"
     assert promo.source == "https://api-docs.deepseek.com/news/news1226"
+
+
+def test_cache_savings(book: PriceBook) -> None:
+    pricing = price(book, "deepseek-flash", TokenUsage(cache_hit=640, cache_miss=360),
+                    at("2026-11-02T01:30:00Z"))
+    assert pricing.costs["CNY"].cache_savings == Decimal("0.0012544")  # 640 x (2 - 0.04) / 1M
+    assert pricing.costs["USD"].cache_savings == Decimal("0.00018816")  # 640 x 0.294 / 1M

@@ -59,6 +59,8 @@ class Cost:
     tool_calls: Decimal
     total: Decimal
     confidence: Confidence
+    cache_savings: Decimal
+    """What the cache-hit tokens would have cost at the cache-miss rate, minus what they cost."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,8 +197,9 @@ def price(book: PriceBook, model: str, usage: TokenUsage, at: datetime) -> Prici
         miss = (rates.cache_miss * usage.cache_miss).scaleb(-6)
         out = (rates.output * usage.output).scaleb(-6)
         tools = tool_fees.get(currency, _ZERO)
+        savings = ((rates.cache_miss - rates.cache_hit) * usage.cache_hit).scaleb(-6)
         costs[currency] = Cost(currency, hit, miss, out, tools, hit + miss + out + tools,
-                               version.provenance.for_currency(currency))
+                               version.provenance.for_currency(currency), savings)
     return Pricing(model, at_utc, True, None, resolution.chain[-1], version.id, rule_id, tier,
                    MappingProxyType(costs), tuple(flags), version.provenance.source)
 

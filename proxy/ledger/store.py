@@ -1,0 +1,280 @@
+"""The ledger store: usage records on disk, exactly, behind a small interface.
+
+`LedgerStore` is what the rest of the proxy uses; `SQLiteLedger` is the embedded default (a
+server database can implement the same interface later). Money is stored as decimal text and
+summed with an exact `Decimal` aggregate (`decimal_sum`), never as floats.
+
+Tables:
+
+- ``usage``: one row per upstream dispatch (primary key: the request id). A row starts as
+  ``in_flight`` when the call is dispatched and is replaced by the final record when it ends; a
+  final row is never overwritten, so writes are idempotent.
+- ``usage_cost``: cost and cache savings per row and currency, with the price-book digest and
+  version that priced it.
+- ``cost_history``: costs replaced by a re-pricing, so every past figure stays auditable.
+- ``spend_daily``: spend per team, billing day and currency, kept in the same transaction as the
+  rows, so spend gauges and budgets read a handful of rows instead of scanning the ledger.
+- ``meta``: schema version and the billing timezone ``spend_daily`` was built with.
+
+SQLite runs in WAL mode with ``synchronous=NORMAL``: a committed transaction survives the
+process being killed (``kill -9``); only an operating-system crash or power loss can lose the
+last commits.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Protocol
+from zoneinfo import ZoneInfo
+
+from proxy.records import UsageRecord
+
+SCHEMA_VERSION = "1"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS usage (
+    request_id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,                       -- 'in_flight' or 'final'
+    team TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    stream INTEGER NOT NULL,
+    model_requested TEXT NOT NULL,
+    model_served TEXT,
+    started_at TEXT NOT NULL,                  -- ISO 8601 UTC, microseconds: sorts as time
+    billing_day TEXT NOT NULL,                 -- started_at's date in the billing timezone
+    first_byte_at TEXT,
+    ended_at TEXT NOT NULL,
+    cache_hit_tokens INTEGER,
+    cache_miss_tokens INTEGER,
+    output_tokens INTEGER,
+    reasoning_tokens INTEGER,
+    prompt_tokens INTEGER,
+    tool_calls TEXT NOT NULL,                  -- JSON object
+    upstream_status INTEGER,
+    upstream_trace_id TEXT,
+    outcome TEXT NOT NULL,
+    usage_source TEXT NOT NULL,
+    priced INTEGER NOT NULL,
+    unpriced_reason TEXT,
+    billed_model TEXT,
+    price_version TEXT,
+    schedule_version TEXT,
+    tier TEXT,
+    priced_at TEXT,
+    price_book TEXT NOT NULL,
+    flags TEXT NOT NULL                        -- JSON list
+);
+CREATE INDEX IF NOT EXISTS usage_started ON usage (started_at);
+CREATE INDEX IF NOT EXISTS usage_team_day ON usage (team, billing_day);
+CREATE TABLE IF NOT EXISTS usage_cost (
+    request_id TEXT NOT NULL REFERENCES usage (request_id),
+    currency TEXT NOT NULL,
+    amount TEXT NOT NULL,                      -- exact decimal text
+    cache_savings TEXT NOT NULL,
+    PRIMARY KEY (request_id, currency)
+);
+CREATE TABLE IF NOT EXISTS cost_history (
+    request_id TEXT NOT NULL,
+    currency TEXT NOT NULL,
+    amount TEXT,                               -- NULL: the row was not priced
+    price_book TEXT NOT NULL,
+    price_version TEXT,
+    replaced_at TEXT NOT NULL,
+    replaced_by_book TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS spend_daily (
+    team TEXT NOT NULL,
+    day TEXT NOT NULL,
+    currency TEXT NOT NULL,
+    amount TEXT NOT NULL,
+    PRIMARY KEY (team, day, currency)
+);
+"""
+
+_COLUMNS = ("request_id", "state", "team", "key_id", "endpoint", "stream", "model_requested",
+            "model_served", "started_at", "billing_day", "first_byte_at", "ended_at",
+            "cache_hit_tokens", "cache_miss_tokens", "output_tokens", "reasoning_tokens",
+            "prompt_tokens", "tool_calls", "upstream_status", "upstream_trace_id", "outcome",
+            "usage_source", "priced", "unpriced_reason", "billed_model", "price_version",
+            "schedule_version", "tier", "priced_at", "price_book", "flags")
+# Built from the constant column names above, never from input; values are parameters.
+_UPSERT = "".join((
+    f"INSERT INTO usage ({', '.join(_COLUMNS)}) ",
+    f"VALUES ({', '.join('?' * len(_COLUMNS))}) ON CONFLICT (request_id) DO UPDATE SET ",
+    ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS[1:]),
+    " WHERE usage.state = 'in_flight' AND excluded.state = 'final'"))
+
+
+class DecimalSum:
+    """SQLite aggregate summing decimal text exactly (SQLite's SUM would use floats)."""
+
+    def __init__(self) -> None:
+        self.total: Decimal | None = None
+
+    def step(self, value: str | None) -> None:
+        if value is not None:
+            self.total = (self.total or Decimal(0)) + Decimal(value)
+
+    def finalize(self) -> str | None:
+        return None if self.total is None else str(self.total)
+
+
+def iso(instant: datetime | None) -> str | None:
+    """Fixed-width UTC text (microseconds always present), so text order is time order."""
+    if instant is None:
+        return None
+    return instant.astimezone(ZoneInfo("UTC")).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection with the ledger's settings and the `decimal_sum` aggregate."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute("PRAGMA busy_timeout = 10000")
+    conn.execute("PRAGMA foreign_keys = ON")
+    # typeshed types aggregate steps as taking ints; ours takes the stored decimal text.
+    conn.create_aggregate("decimal_sum", 1, DecimalSum)  # type: ignore[arg-type]
+    return conn
+
+
+@dataclass(frozen=True, slots=True)
+class SpendRow:
+    team: str
+    day: date
+    currency: str
+    amount: Decimal
+
+
+class LedgerStore(Protocol):
+    """What the proxy needs from a ledger (the SQLite one below is the default)."""
+
+    def write(self, pending: Sequence[UsageRecord], final: Sequence[UsageRecord]) -> None: ...
+
+    def spend(self, since: date, until: date) -> list[SpendRow]: ...
+
+    def close(self) -> None: ...
+
+
+class SQLiteLedger:
+    """The embedded ledger. One writer (the `LedgerWriter` thread); readers open their own."""
+
+    def __init__(self, path: Path, billing_timezone: ZoneInfo) -> None:
+        self.path = path
+        self.billing_timezone = billing_timezone
+        self._conn = connect(path)  # the writer thread's
+        self._conn.executescript(_SCHEMA)
+        self._reader = connect(path)  # the event loop's (spend gauges, budgets)
+        self._check_meta()
+        self.interrupted = self._recover()
+
+    def _check_meta(self) -> None:
+        meta = dict(self._conn.execute("SELECT key, value FROM meta").fetchall())
+        tz = str(self.billing_timezone.key)
+        with self._transaction():
+            self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
+                               (SCHEMA_VERSION,))
+            if meta.get("billing_timezone") not in (None, tz):
+                self._rebuild_billing_days()
+            self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('billing_timezone', ?)",
+                               (tz,))
+
+    def _rebuild_billing_days(self) -> None:
+        """The billing timezone changed: re-derive every row's billing day and the daily sums."""
+        rows = self._conn.execute("SELECT request_id, started_at FROM usage").fetchall()
+        self._conn.executemany("UPDATE usage SET billing_day = ? WHERE request_id = ?",
+                               [(self._day(datetime.fromisoformat(s)), r) for r, s in rows])
+        self._conn.execute("DELETE FROM spend_daily")
+        self._conn.execute(
+            "INSERT INTO spend_daily SELECT u.team, u.billing_day, c.currency, "
+            "decimal_sum(c.amount) FROM usage u JOIN usage_cost c USING (request_id) "
+            "GROUP BY u.team, u.billing_day, c.currency")
+
+    def _recover(self) -> int:
+        """Rows still in flight when the ledger opens belong to a proxy that died mid-call."""
+        with self._transaction():
+            cursor = self._conn.execute(
+                "UPDATE usage SET state = 'final', outcome = 'interrupted', "
+                "unpriced_reason = 'the proxy stopped before the call ended; usage unknown' "
+                "WHERE state = 'in_flight'")
+        return cursor.rowcount
+
+    def _transaction(self) -> Transaction:
+        return Transaction(self._conn)
+
+    def _day(self, instant: datetime) -> str:
+        return instant.astimezone(self.billing_timezone).date().isoformat()
+
+    def _row(self, record: UsageRecord, state: str) -> tuple[Any, ...]:
+        return (
+            record.request_id, state, record.team, record.key_id, record.endpoint,
+            int(record.stream), record.model_requested, record.model_served,
+            iso(record.started_at), self._day(record.started_at), iso(record.first_byte_at),
+            iso(record.ended_at), record.cache_hit_tokens, record.cache_miss_tokens,
+            record.output_tokens, record.reasoning_tokens, record.prompt_tokens,
+            json.dumps(dict(record.tool_calls), sort_keys=True), record.upstream_status,
+            record.upstream_trace_id, record.outcome, record.usage_source, int(record.priced),
+            record.unpriced_reason, record.billed_model, record.price_version,
+            record.schedule_version, record.tier, iso(record.priced_at), record.price_book,
+            json.dumps(list(record.flags)))
+
+    def write(self, pending: Sequence[UsageRecord], final: Sequence[UsageRecord]) -> None:
+        """Store a batch in one transaction. Idempotent: a final row is never written twice."""
+        with self._transaction():
+            for record in pending:
+                self._conn.execute(_UPSERT, self._row(record, "in_flight"))
+            for record in final:
+                cursor = self._conn.execute(_UPSERT, self._row(record, "final"))
+                if cursor.rowcount == 1:
+                    self._store_costs(record)
+
+    def _store_costs(self, record: UsageRecord) -> None:
+        day = self._day(record.started_at)
+        for currency, amount in record.costs.items():
+            savings = record.cache_savings.get(currency, Decimal(0))
+            self._conn.execute("INSERT OR REPLACE INTO usage_cost VALUES (?, ?, ?, ?)",
+                               (record.request_id, currency, str(amount), str(savings)))
+            self.add_spend(record.team, day, currency, amount)
+
+    def add_spend(self, team: str, day: str, currency: str, delta: Decimal) -> None:
+        """Adjust a daily sum (the caller holds the transaction)."""
+        row = self._conn.execute(
+            "SELECT amount FROM spend_daily WHERE team = ? AND day = ? AND currency = ?",
+            (team, day, currency)).fetchone()
+        total = Decimal(row[0]) + delta if row else delta
+        self._conn.execute("INSERT OR REPLACE INTO spend_daily VALUES (?, ?, ?, ?)",
+                           (team, day, currency, str(total)))
+
+    def spend(self, since: date, until: date) -> list[SpendRow]:
+        """Daily spend rows with ``since <= day <= until`` (billing days)."""
+        rows = self._reader.execute(
+            "SELECT team, day, currency, amount FROM spend_daily WHERE day BETWEEN ? AND ?",
+            (since.isoformat(), until.isoformat())).fetchall()
+        return [SpendRow(t, date.fromisoformat(d), c, Decimal(a)) for t, d, c, a in rows]
+
+    def close(self) -> None:
+        self._conn.close()
+        self._reader.close()
+
+
+class Transaction:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on error) on an autocommit connection."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self._conn.execute("BEGIN IMMEDIATE")
+        return self._conn
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._conn.execute("ROLLBACK" if exc_type is not None else "COMMIT")

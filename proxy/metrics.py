@@ -1,0 +1,186 @@
+"""Every Prometheus metric the proxy exports, built in one place on an injected registry.
+
+This is the public contract dashboards and alerts rely on (documented in ``docs/metrics.md``).
+Label values come only from bounded, server-side sets: teams from the config, models and tools
+from the price book (anything else is ``other``), tiers as the price book names them, statuses
+as numbers. A client sending random model names cannot grow the number of series.
+
+Money is exact until the scrape: costs and savings are summed as `Decimal` and converted to a
+float once, when Prometheus reads them (`_MoneyCollector`), so the exported value is the float
+nearest the exact total rather than the drift of many float additions. `llm_team_spend` is read
+from the ledger at scrape time, so it is right after a restart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterator, Sequence
+from datetime import date, datetime
+from decimal import Decimal
+from zoneinfo import ZoneInfo
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from proxy.ledger.store import SpendRow
+from proxy.records import UsageRecord
+
+OTHER = "other"
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 600)
+OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05)
+
+SpendReader = Callable[[date, date], Sequence[SpendRow]]
+
+
+class ProxyMetrics:
+    """The proxy's metrics; `observe` takes one finished record."""
+
+    def __init__(self, registry: CollectorRegistry, *, teams: Sequence[str],
+                 models: Collection[str], tools: Collection[str], currencies: Sequence[str],
+                 spend: SpendReader | None, billing_timezone: ZoneInfo,
+                 clock: Callable[[], datetime]) -> None:
+        self._models = frozenset(models)
+        self._tools = frozenset(tools)
+        self.requests = Counter(
+            "llm_requests_total", "Calls dispatched to DeepSeek, by the HTTP status returned",
+            ["team", "model", "endpoint", "status"], registry=registry)
+        self.tokens = Counter(
+            "llm_tokens_total", "Tokens billed (reported, or estimated when usage was lost)",
+            ["team", "model", "type"], registry=registry)
+        self.reasoning = Counter(
+            "llm_reasoning_tokens_total", "Reasoning tokens (already inside output tokens)",
+            ["team", "model"], registry=registry)
+        self.tool_calls = Counter(
+            "llm_tool_calls_total", "Server-side tool calls billed (web search, fetch)",
+            ["team", "model", "tool"], registry=registry)
+        self.duration = Histogram(
+            "llm_request_duration_seconds", "From request received to response finished",
+            ["team", "model", "stream"], buckets=DURATION_BUCKETS, registry=registry)
+        self.ttft = Histogram(
+            "llm_time_to_first_token_seconds", "From request received to DeepSeek's first data "
+            "(keep-alives excluded)", ["team", "model"], buckets=TTFT_BUCKETS, registry=registry)
+        self.overhead = Histogram(
+            "llm_proxy_overhead_seconds", "Time spent in the proxy itself per call, waiting on "
+            "DeepSeek and on the client excluded", buckets=OVERHEAD_BUCKETS, registry=registry)
+        self.usage_missing = Counter(
+            "llm_usage_missing_total", "Calls without reported usage (estimated or unknown)",
+            ["team", "model", "reason"], registry=registry)
+        self.unpriced = Counter(
+            "llm_unpriced_requests_total", "Calls the price book could not price",
+            ["model"], registry=registry)
+        self.upstream_errors = Counter(
+            "llm_upstream_errors_total", "DeepSeek errors, cuts, timeouts and connect failures",
+            ["reason"], registry=registry)
+        self.inflight = Gauge(
+            "llm_inflight_requests", "Calls in progress", ["team"], registry=registry)
+        self.money = _MoneyCollector()
+        registry.register(self.money)
+        if spend is not None:
+            registry.register(_SpendCollector(spend, teams, currencies, billing_timezone,
+                                              clock))
+        for team in teams:
+            self.inflight.labels(team).set(0)
+
+    def model(self, name: str) -> str:
+        return name if name in self._models else OTHER
+
+    def observe(self, record: UsageRecord, overhead: float) -> None:
+        team, model = record.team, self.model(record.model_requested)
+        self.requests.labels(team, model, record.endpoint, str(_status(record))).inc()
+        if record.cache_hit_tokens is not None:
+            self.tokens.labels(team, model, "input_cache_hit").inc(record.cache_hit_tokens)
+            self.tokens.labels(team, model, "input_cache_miss").inc(record.cache_miss_tokens or 0)
+            self.tokens.labels(team, model, "output").inc(record.output_tokens or 0)
+            self.reasoning.labels(team, model).inc(record.reasoning_tokens or 0)
+        for tool, count in record.tool_calls.items():
+            self.tool_calls.labels(team, model, tool if tool in self._tools else OTHER).inc(count)
+        self.money.add(team, model, record)
+        self.duration.labels(team, model, "true" if record.stream else "false").observe(
+            (record.ended_at - record.started_at).total_seconds())
+        if record.first_byte_at is not None:
+            self.ttft.labels(team, model).observe(
+                (record.first_byte_at - record.started_at).total_seconds())
+        self.overhead.observe(overhead)
+        if record.usage_source in ("estimated", "unknown"):
+            reason = "malformed_usage" if "malformed_usage" in record.flags else record.outcome
+            self.usage_missing.labels(team, model, reason).inc()
+        if not record.priced and record.usage_source != "none":
+            self.unpriced.labels(model).inc()
+        error = _upstream_error(record)
+        if error is not None:
+            self.upstream_errors.labels(error).inc()
+
+
+def _status(record: UsageRecord) -> int:
+    """The status the client received: DeepSeek's, or the proxy's 502/504 when it had none."""
+    if record.upstream_status is not None and not 300 <= record.upstream_status < 400:
+        return record.upstream_status
+    return 504 if record.outcome == "timeout" else 502
+
+
+def _upstream_error(record: UsageRecord) -> str | None:
+    if record.outcome == "upstream_error":
+        return f"http_{record.upstream_status}"
+    if record.outcome in ("upstream_cut", "timeout", "connect_error", "bad_response"):
+        return record.outcome
+    return None
+
+
+class _MoneyCollector(Collector):
+    """`llm_cost_total` and `llm_cache_savings_total`, summed exactly, exported as floats."""
+
+    def __init__(self) -> None:
+        self.cost: dict[tuple[str, str, str, str], Decimal] = {}
+        self.savings: dict[tuple[str, str, str], Decimal] = {}
+
+    def add(self, team: str, model: str, record: UsageRecord) -> None:
+        tier = record.tier or OTHER
+        for currency, amount in record.costs.items():
+            key = (team, model, currency, tier)
+            self.cost[key] = self.cost.get(key, Decimal(0)) + amount
+        for currency, amount in record.cache_savings.items():
+            skey = (team, model, currency)
+            self.savings[skey] = self.savings.get(skey, Decimal(0)) + amount
+
+    def collect(self) -> Iterator[Metric]:
+        cost = CounterMetricFamily("llm_cost_total", "Spend as priced by the price book",
+                                   labels=["team", "model", "currency", "tier"])
+        for key, amount in sorted(self.cost.items()):
+            cost.add_metric(list(key), float(amount))
+        savings = CounterMetricFamily(
+            "llm_cache_savings_total", "What cache-hit tokens would have cost at the cache-miss "
+            "price, minus what they cost", labels=["team", "model", "currency"])
+        for skey, amount in sorted(self.savings.items()):
+            savings.add_metric(list(skey), float(amount))
+        yield cost
+        yield savings
+
+
+class _SpendCollector(Collector):
+    """`llm_team_spend`: today's and this month's spend per team, from the ledger."""
+
+    def __init__(self, spend: SpendReader, teams: Sequence[str], currencies: Sequence[str],
+                 billing_timezone: ZoneInfo, clock: Callable[[], datetime]) -> None:
+        self._spend = spend
+        self._teams = teams
+        self._currencies = currencies
+        self._tz = billing_timezone
+        self._clock = clock
+
+    def collect(self) -> Iterator[Metric]:
+        today = self._clock().astimezone(self._tz).date()
+        month_start = today.replace(day=1)
+        totals = {(team, period, currency): Decimal(0) for team in self._teams
+                  for period in ("day", "month") for currency in self._currencies}
+        for row in self._spend(month_start, today):
+            if (row.team, "month", row.currency) in totals:
+                totals[(row.team, "month", row.currency)] += row.amount
+                if row.day == today:
+                    totals[(row.team, "day", row.currency)] += row.amount
+        gauge = GaugeMetricFamily(
+            "llm_team_spend", "Spend in the current billing day or month, read from the ledger",
+            labels=["team", "period", "currency"])
+        for key, amount in totals.items():
+            gauge.add_metric(list(key), float(amount))
+        yield gauge
