@@ -124,7 +124,15 @@ class DecimalSum:
             self.total = (self.total or Decimal(0)) + Decimal(value)
 
     def finalize(self) -> str | None:
-        return None if self.total is None else str(self.total)
+        return None if self.total is None else money(self.total)
+
+
+def money(amount: Decimal) -> str:
+    """Exact decimal text without exponent or trailing zeros (``0.00114560`` -> ``0.0011456``)."""
+    text = format(amount, "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text if text not in ("", "-0") else "0"
 
 
 def iso(instant: datetime | None) -> str | None:
@@ -242,7 +250,7 @@ class SQLiteLedger:
         for currency, amount in record.costs.items():
             savings = record.cache_savings.get(currency, Decimal(0))
             self._conn.execute("INSERT OR REPLACE INTO usage_cost VALUES (?, ?, ?, ?)",
-                               (record.request_id, currency, str(amount), str(savings)))
+                               (record.request_id, currency, money(amount), money(savings)))
             self.add_spend(record.team, day, currency, amount)
 
     def add_spend(self, team: str, day: str, currency: str, delta: Decimal) -> None:
@@ -252,7 +260,7 @@ class SQLiteLedger:
             (team, day, currency)).fetchone()
         total = Decimal(row[0]) + delta if row else delta
         self._conn.execute("INSERT OR REPLACE INTO spend_daily VALUES (?, ?, ?, ?)",
-                           (team, day, currency, str(total)))
+                           (team, day, currency, money(total)))
 
     def spend(self, since: date, until: date) -> list[SpendRow]:
         """Daily spend rows with ``since <= day <= until`` (billing days)."""

@@ -1,0 +1,223 @@
+"""Spend and tokens from the ledger, grouped and summed exactly (``python -m proxy report``).
+
+The ledger is read with plain queries on a connection from `connect`, never through
+`SQLiteLedger`: opening that one recovers ``in_flight`` rows, which would mark a running proxy's
+live calls ``interrupted``. Costs are summed as decimal text with the ledger's `decimal_sum`
+aggregate, then as `Decimal`, never as floats, so the total is exactly the sum of the lines in
+every format.
+
+A line counts every row dispatched in the range, ``in_flight`` ones included (DeepSeek saw those
+calls); rows with no token counts add 0 tokens and show up in `unpriced` instead.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sqlite3
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, time
+from decimal import Decimal
+from types import MappingProxyType
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from proxy.ledger.store import iso
+from proxy.pricing.render import decimal_text, iso_utc
+
+GROUP_COLUMNS: Mapping[str, str] = MappingProxyType({
+    "team": "team",
+    "model": "model_requested",
+    "day": "billing_day",
+})
+"""``--by`` key -> usage column. The only names ever put into report SQL."""
+DEFAULT_GROUPS = ("team", "model")
+TOKEN_FIELDS = ("cache_hit", "cache_miss", "output", "reasoning")
+COUNT_FIELDS = ("requests", *TOKEN_FIELDS, "unpriced", "estimated")
+_ZERO = Decimal(0)
+
+# One SQL expression per COUNT_FIELDS entry, in the same order. NULL token counts (unknown usage,
+# calls still in flight) add nothing; such rows are counted by `unpriced`.
+_COUNT_SQL = (
+    "COUNT(*)",
+    "SUM(COALESCE(cache_hit_tokens, 0))",
+    "SUM(COALESCE(cache_miss_tokens, 0))",
+    "SUM(COALESCE(output_tokens, 0))",
+    "SUM(COALESCE(reasoning_tokens, 0))",
+    "SUM(priced = 0 AND usage_source != 'none')",
+    "SUM(usage_source = 'estimated')",
+)
+
+
+def parse_bound(text: str) -> date:
+    """An ISO date (a billing day) or an ISO instant with offset, for ``--since``/``--until``.
+
+    A date stays a `date` until the billing timezone is known (`bound_instant`), because the
+    config that names the timezone is read after the arguments.
+    """
+    if len(text) == 10:
+        return date.fromisoformat(text)
+    instant = datetime.fromisoformat(text)
+    if instant.tzinfo is None:
+        raise ValueError(f"{text!r} has no timezone offset; add Z (UTC) or e.g. +08:00 (Beijing)")
+    return instant
+
+
+def bound_instant(value: date, timezone: ZoneInfo) -> datetime:
+    """The instant a bound stands for: a date means 00:00 of that day in the billing timezone."""
+    if isinstance(value, datetime):
+        return value
+    return datetime.combine(value, time(), tzinfo=timezone)
+
+
+@dataclass(frozen=True, slots=True)
+class TimeRange:
+    """Rows whose `started_at` is in ``[since, until)``; a missing bound is open."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def where(self) -> tuple[str, list[str]]:
+        """A SQL condition on ``started_at`` and its parameters.
+
+        Stored instants are fixed-width UTC text (`iso`), so comparing text compares time.
+        """
+        clauses = ["1"]
+        params: list[str] = []
+        if self.since is not None:
+            clauses.append("started_at >= ?")
+            params.append(str(iso(self.since)))
+        if self.until is not None:
+            clauses.append("started_at < ?")
+            params.append(str(iso(self.until)))
+        return " AND ".join(clauses), params
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    """One group of rows (or the total, whose `keys` are empty)."""
+
+    keys: tuple[str, ...]
+    counts: Mapping[str, int]
+    """`COUNT_FIELDS` -> sum."""
+    costs: Mapping[str, Decimal]
+    """Currency -> exact sum; 0 for a currency the group never spent in."""
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    time_range: TimeRange
+    by: tuple[str, ...]
+    currencies: tuple[str, ...]
+    lines: tuple[Line, ...]
+    total: Line
+
+
+def ledger_currencies(conn: sqlite3.Connection) -> tuple[str, ...]:
+    """Every currency the ledger holds a cost in, sorted."""
+    rows = conn.execute("SELECT DISTINCT currency FROM usage_cost ORDER BY currency").fetchall()
+    return tuple(str(r[0]) for r in rows)
+
+
+def build_report(conn: sqlite3.Connection, time_range: TimeRange, by: Sequence[str],
+                 currencies: Sequence[str]) -> Report:
+    """Sum the ledger's rows in `time_range`, grouped by the `by` keys (sorted by them)."""
+    keys = ", ".join(GROUP_COLUMNS[k] for k in by)  # KeyError on any name not in the table
+    where, params = time_range.where()
+    # The interpolated names come from GROUP_COLUMNS and _COUNT_SQL only; values are parameters.
+    count_rows = conn.execute(
+        f"SELECT {keys}, {', '.join(_COUNT_SQL)} FROM usage WHERE {where} "  # noqa: S608
+        f"GROUP BY {keys} ORDER BY {keys}", params).fetchall()
+    cost_rows = conn.execute(
+        f"SELECT {keys}, currency, decimal_sum(amount) FROM usage "  # noqa: S608
+        f"JOIN usage_cost USING (request_id) WHERE {where} GROUP BY {keys}, currency",
+        params).fetchall()
+    width = len(by)
+    costs: dict[tuple[str, ...], dict[str, Decimal]] = {}
+    for row in cost_rows:
+        costs.setdefault(tuple(row[:width]), {})[row[width]] = Decimal(row[width + 1])
+    lines = []
+    for row in count_rows:
+        group = tuple(str(k) for k in row[:width])
+        spent = costs.get(group, {})
+        lines.append(Line(group, dict(zip(COUNT_FIELDS, (int(v) for v in row[width:]),
+                                          strict=True)),
+                          {c: spent.get(c, _ZERO) for c in currencies}))
+    return Report(time_range, tuple(by), tuple(currencies), tuple(lines),
+                  _total(lines, currencies))
+
+
+def _total(lines: Sequence[Line], currencies: Sequence[str]) -> Line:
+    counts = {f: sum(line.counts[f] for line in lines) for f in COUNT_FIELDS}
+    costs = {c: sum((line.costs[c] for line in lines), _ZERO) for c in currencies}
+    return Line((), counts, costs)
+
+
+def render(report: Report, fmt: str) -> str:
+    """The report as ``table``, ``csv`` or ``json`` text."""
+    if fmt == "json":
+        return json.dumps(_json(report), indent=2)
+    if fmt == "csv":
+        return _csv(report)
+    return _table(report)
+
+
+def _cells(report: Report, line: Line) -> list[str]:
+    keys = list(line.keys) or ["TOTAL", *([""] * (len(report.by) - 1))]
+    return [*keys, *(str(line.counts[f]) for f in COUNT_FIELDS),
+            *(decimal_text(line.costs[c]) for c in report.currencies)]
+
+
+def _header(report: Report) -> list[str]:
+    return [*report.by, *COUNT_FIELDS, *report.currencies]
+
+
+def _csv(report: Report) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(_header(report))
+    writer.writerows(_cells(report, line) for line in (*report.lines, report.total))
+    return out.getvalue().rstrip("\n")
+
+
+def _table(report: Report) -> str:
+    span = report.time_range
+    caption = (f"Calls started from {_bound_text(span.since, 'the first row')} "
+               f"until {_bound_text(span.until, 'the last row')} (exclusive)")
+    rows = [_cells(report, line) for line in (*report.lines, report.total)]
+    return caption + "\n" + table(_header(report), rows, text_columns=len(report.by))
+
+
+def _bound_text(instant: datetime | None, open_end: str) -> str:
+    return open_end if instant is None else iso_utc(instant)
+
+
+def _json(report: Report) -> dict[str, Any]:
+    span = report.time_range
+    return {
+        "since": None if span.since is None else iso_utc(span.since),
+        "until": None if span.until is None else iso_utc(span.until),
+        "by": list(report.by),
+        "currencies": list(report.currencies),
+        "rows": [{**dict(zip(report.by, line.keys, strict=True)), **_json_numbers(line)}
+                 for line in report.lines],
+        "total": _json_numbers(report.total),
+    }
+
+
+def _json_numbers(line: Line) -> dict[str, Any]:
+    return {**line.counts, "cost": {c: decimal_text(v) for c, v in line.costs.items()}}
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: int) -> str:
+    """Aligned plain-text columns: the first `text_columns` left-aligned, numbers right-aligned."""
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        parts = [c.ljust(w) if i < text_columns else c.rjust(w)
+                 for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+        return "  ".join(parts).rstrip()
+
+    return "\n".join(line(r) for r in (header, *rows))

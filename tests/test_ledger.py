@@ -1,0 +1,118 @@
+"""The ledger: exact, idempotent, durable within the stated window, nothing lost on SIGTERM."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+from proxy.ledger.store import SQLiteLedger
+from proxy.ledger.writer import LedgerWriter
+from proxy.metering import CallMeter, build_record, in_flight_record
+from proxy.pricing import PriceBook
+from proxy.records import UsageRecord
+from proxy.usage import parse_usage
+
+SHANGHAI = ZoneInfo("Asia/Shanghai")
+USAGE = {"prompt_tokens": 1000, "completion_tokens": 50, "prompt_cache_hit_tokens": 640,
+         "prompt_cache_miss_tokens": 360, "total_tokens": 1050}
+
+
+def meter(request_id: str, instant: datetime, team: str = "alpha") -> CallMeter:
+    return CallMeter(request_id=request_id, team=team, key_id="k_00000000", endpoint="chat",
+                     stream=False, model_requested="deepseek-flash", payload={},
+                     started_at=instant, outcome="complete")
+
+
+def final(book: PriceBook, request_id: str, instant: datetime, team: str = "alpha"
+          ) -> UsageRecord:
+    m = meter(request_id, instant, team)
+    m.reported = parse_usage(USAGE)
+    return build_record(m, instant + timedelta(seconds=2), book, "request_start")
+
+
+def rows(path: Path, sql: str) -> list[tuple[object, ...]]:
+    with sqlite3.connect(path) as conn:
+        return conn.execute(sql).fetchall()
+
+
+PEAK = datetime(2026, 11, 2, 1, 30, tzinfo=UTC)
+
+
+def test_rows_and_costs_are_exact_and_survive_reopening(tmp_path: Path, book: PriceBook
+                                                        ) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    store = SQLiteLedger(path, SHANGHAI)
+    store.write([], [final(book, "r1", PEAK), final(book, "r2", PEAK, "beta")])
+    store.close()
+    store = SQLiteLedger(path, SHANGHAI)
+    assert store.interrupted == 0
+    assert rows(path, "SELECT request_id, currency, amount, cache_savings FROM usage_cost "
+                      "ORDER BY 1, 2") == [
+        ("r1", "CNY", "0.0011456", "0.0012544"), ("r1", "USD", "0.00017184", "0.00018816"),
+        ("r2", "CNY", "0.0011456", "0.0012544"), ("r2", "USD", "0.00017184", "0.00018816")]
+    [(state, outcome, hit, miss, out, started, day)] = rows(
+        path, "SELECT state, outcome, cache_hit_tokens, cache_miss_tokens, output_tokens, "
+              "started_at, billing_day FROM usage WHERE request_id = 'r1'")
+    assert (state, outcome, hit, miss, out) == ("final", "complete", 640, 360, 50)
+    assert (started, day) == ("2026-11-02T01:30:00.000000Z", "2026-11-02")
+    spend = {(r.team, r.currency): r.amount for r in store.spend(PEAK.date(), PEAK.date())}
+    assert spend[("alpha", "CNY")] == Decimal("0.0011456")
+    store.close()
+
+
+def test_final_rows_are_idempotent(tmp_path: Path, book: PriceBook) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    store = SQLiteLedger(path, SHANGHAI)
+    record = final(book, "r1", PEAK)
+    store.write([], [record])
+    store.write([], [record])
+    store.write([in_flight_record(meter("r1", PEAK), book)], [])  # late placeholder: ignored
+    assert rows(path, "SELECT count(*), state FROM usage") == [(1, "final")]
+    [(amount,)] = rows(path, "SELECT amount FROM spend_daily WHERE currency = 'CNY'")
+    assert amount == "0.0011456"
+    store.close()
+
+
+def test_in_flight_rows_become_interrupted_on_restart(tmp_path: Path, book: PriceBook) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    store = SQLiteLedger(path, SHANGHAI)
+    store.write([in_flight_record(meter("crashed", PEAK), book),
+                 in_flight_record(meter("finished", PEAK), book)], [])
+    store.write([], [final(book, "finished", PEAK)])
+    store.close()
+    store = SQLiteLedger(path, SHANGHAI)
+    assert store.interrupted == 1
+    assert rows(path, "SELECT request_id, state, outcome, usage_source, priced FROM usage "
+                      "ORDER BY 1") == [("crashed", "final", "interrupted", "unknown", 0),
+                                        ("finished", "final", "complete", "reported", 1)]
+    store.close()
+
+
+def test_writer_batches_and_close_drains_everything(tmp_path: Path, book: PriceBook) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    writer = LedgerWriter(SQLiteLedger(path, SHANGHAI), flush_interval=30)
+    records = [final(book, f"r{i}", PEAK + timedelta(seconds=i)) for i in range(500)]
+    for record in records:
+        writer.dispatched(in_flight_record(meter(record.request_id, record.started_at), book))
+        writer.submit(record)
+    writer.close()  # long before the 30 s flush interval: close must write everything
+    assert rows(path, "SELECT count(*), min(state), max(state) FROM usage") == [
+        (500, "final", "final")]
+    [(total,)] = rows(path, "SELECT amount FROM spend_daily WHERE currency = 'USD'")
+    assert Decimal(total) == 500 * Decimal("0.00017184")
+
+
+def test_billing_timezone_change_rebuilds_days(tmp_path: Path, book: PriceBook) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    instant = datetime(2026, 11, 1, 20, 0, tzinfo=UTC)  # 2026-11-02 04:00 in Beijing
+    store = SQLiteLedger(path, SHANGHAI)
+    store.write([], [final(book, "r1", instant)])
+    store.close()
+    store = SQLiteLedger(path, ZoneInfo("UTC"))
+    assert rows(path, "SELECT billing_day FROM usage") == [("2026-11-01",)]
+    assert rows(path, "SELECT day, amount FROM spend_daily WHERE currency = 'CNY'") == [
+        ("2026-11-01", "0.0005728")]  # off-peak: 04:00 in Beijing
+    store.close()

@@ -1,0 +1,131 @@
+"""The real `serve` process: SIGTERM loses nothing, kill -9 loses at most the stated window,
+and a restarted proxy reports the same spend as the ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sqlite3
+import time
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.ledger.writer import DEFAULT_FLUSH_INTERVAL
+from proxy.pricing import PriceBook, price
+from proxy.usage import parse_usage
+from tests.fake_deepseek import running_fake
+from tests.fake_deepseek_shapes import Reply
+from tests.proxy_harness import TEAM_KEYS
+from tests.serve_process import serve_process
+
+AUTH = {"Authorization": f"Bearer {TEAM_KEYS['alpha']}"}
+USAGE = {"prompt_tokens": 1000, "completion_tokens": 50, "prompt_cache_hit_tokens": 640,
+         "prompt_cache_miss_tokens": 360, "total_tokens": 1050}
+STREAM = {"model": "deepseek-flash", "messages": [{"role": "user", "content": "hi"}],
+          "stream": True}
+# The stated window (README, proxy/ledger/writer.py) is the flush interval plus the commit in
+# progress; the commit allowance here is generous for a loaded CI machine.
+WINDOW = DEFAULT_FLUSH_INTERVAL + 1.0
+
+
+def ledger_rows(path: Path) -> list[tuple[str, str, str]]:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return conn.execute("SELECT request_id, state, outcome FROM usage").fetchall()
+
+
+def spend(path: Path, currency: str) -> Decimal:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        amounts = conn.execute("SELECT amount FROM usage_cost WHERE currency = ?",
+                               (currency,)).fetchall()
+    return sum((Decimal(a) for (a,) in amounts), Decimal(0))
+
+
+def expected_spend(path: Path, book: PriceBook, currency: str) -> Decimal:
+    """What the price book says the ledger's rows cost, at the instants they were priced."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        priced = conn.execute("SELECT model_requested, priced_at FROM usage").fetchall()
+    usage = parse_usage(USAGE).tokens
+    return sum((price(book, model, usage, datetime.fromisoformat(at)).costs[currency].total
+                for model, at in priced), Decimal(0))
+
+
+def scraped_spend(text: str, team: str, period: str, currency: str) -> float:
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "llm_team_spend" and s.labels == {"team": team, "period": period,
+                                                           "currency": currency}:
+                return s.value
+    raise AssertionError("llm_team_spend not exported")
+
+
+async def test_sigterm_drains_streams_and_restart_keeps_spend(tmp_path: Path, book: PriceBook
+                                                              ) -> None:
+    async with running_fake() as fake:
+        fake.enqueue(*[Reply(content=[f"w{i}" for i in range(10)], usage=USAGE,
+                             chunk_interval=0.05) for _ in range(6)])
+        async with serve_process(tmp_path, fake.base_url) as serve, \
+                httpx.AsyncClient(base_url=serve.url, headers=AUTH, timeout=30) as http:
+            calls = [asyncio.create_task(http.post("/chat/completions", json=STREAM))
+                     for _ in range(6)]
+            await fake.wait_for(lambda: len(fake.requests) == 6)
+            serve.process.send_signal(signal.SIGTERM)  # while all six streams are running
+            responses = await asyncio.gather(*calls)
+            assert await serve.process.wait() == 0
+        assert [r.status_code for r in responses] == [200] * 6
+        assert all(r.text.endswith("data: [DONE]\n\n") for r in responses)
+        rows = ledger_rows(serve.ledger)
+        assert sorted(r[0] for r in rows) == sorted(r.headers["x-request-id"] for r in responses)
+        assert {(state, outcome) for _, state, outcome in rows} == {("final", "complete")}
+        usd = spend(serve.ledger, "USD")
+        assert usd == expected_spend(serve.ledger, book, "USD")  # serve priced at its real clock
+
+        async with serve_process(tmp_path, fake.base_url) as again, \
+                httpx.AsyncClient(base_url=again.url) as http:
+            text = (await http.get("/metrics")).text
+        assert scraped_spend(text, "alpha", "month", "USD") == float(usd)
+
+
+async def test_kill_9_loses_at_most_the_stated_window(tmp_path: Path) -> None:
+    async with running_fake() as fake:
+        fake.enqueue(*[Reply(content=["a", "b", "c"], usage=USAGE, chunk_interval=0.01)
+                       for _ in range(10_000)])
+        async with serve_process(tmp_path, fake.base_url) as serve, \
+                httpx.AsyncClient(base_url=serve.url, headers=AUTH, timeout=30) as http:
+            completed: list[str] = []
+            stop = asyncio.Event()
+
+            async def traffic() -> None:
+                while not stop.is_set():
+                    with contextlib.suppress(httpx.HTTPError):
+                        response = await http.post("/chat/completions", json=STREAM)
+                        if response.text.endswith("[DONE]\n\n"):
+                            completed.append(response.headers["x-request-id"])
+
+            workers = [asyncio.create_task(traffic()) for _ in range(8)]
+            await fake.wait_for(lambda: len(completed) >= 40, timeout=30)
+            seen, done = len(fake.requests), set(completed)
+            # Within the stated window, every call DeepSeek has seen is on disk ...
+            deadline = time.monotonic() + WINDOW
+            while True:
+                rows = ledger_rows(serve.ledger)
+                finals = {r[0] for r in rows if r[1] == "final"}
+                if len(rows) >= seen and done <= finals:
+                    break
+                assert time.monotonic() < deadline, (len(rows), seen)
+                await asyncio.sleep(0.01)  # polling the ledger file, bounded by the window
+            os.kill(serve.process.pid, signal.SIGKILL)  # ... so a crash now loses none of it
+            stop.set()
+            await asyncio.gather(*workers)
+        rows = ledger_rows(serve.ledger)
+        ids = [r[0] for r in rows]
+        assert len(ids) == len(set(ids))
+        assert len(rows) >= seen
+        assert len(rows) <= len(fake.requests)
+        finals = {r[0] for r in rows if r[1] == "final" and r[2] == "complete"}
+        assert done <= finals
