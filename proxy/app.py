@@ -27,7 +27,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from proxy.auth import ClientKey, authenticate
 from proxy.config import ProxyConfig
 from proxy.errors import NotFound, ProxyError, Unauthorized, UpstreamRedirect, error_response
-from proxy.forward import MAX_ERROR_BODY, Endpoint, ProxyState, proxy_completion, redact
+from proxy.forward import (
+    MAX_ERROR_BODY,
+    Endpoint,
+    ProxyState,
+    proxy_completion,
+    read_limited,
+    redact,
+)
 from proxy.metrics import ProxyMetrics, SpendReader
 from proxy.pricing import PriceBook
 from proxy.records import RecordSink
@@ -83,7 +90,7 @@ async def _models(request: web.Request) -> web.StreamResponse:
         if 300 <= upstream.status < 400:
             raise UpstreamRedirect(f"DeepSeek answered HTTP {upstream.status} (a redirect); "
                                    "the proxy does not follow redirects")
-        body = redact(await upstream.content.read(MAX_ERROR_BODY), state.upstream.api_key)
+        body = redact(await read_limited(upstream, MAX_ERROR_BODY), state.upstream.api_key)
         return web.Response(status=upstream.status, body=body,
                             headers=response_headers(upstream.headers))
 

@@ -114,6 +114,19 @@ def upstream_body(body: bytes, payload: dict[str, Any]) -> bytes:
                       separators=(",", ":")).encode()
 
 
+async def read_limited(upstream: aiohttp.ClientResponse, limit: int) -> bytes:
+    """A whole (small) upstream body, cut at `limit` bytes: error bodies are short, and one
+    that is not must not exhaust memory."""
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in upstream.content.iter_any():
+        parts.append(chunk[:limit - size])
+        size += len(parts[-1])
+        if size >= limit:
+            break
+    return b"".join(parts)
+
+
 def redact(body: bytes, api_key: str) -> bytes:
     """Remove the upstream key and DeepSeek's echo of its last characters (``****abcd``)."""
     secret = api_key.encode()
@@ -239,7 +252,7 @@ class _Exchange:
         return self._finished_response()
 
     async def _relay_error(self, upstream: aiohttp.ClientResponse) -> web.Response:
-        body = await upstream.content.read(MAX_ERROR_BODY)
+        body = await read_limited(upstream, MAX_ERROR_BODY)
         headers = response_headers(upstream.headers)
         headers["x-request-id"] = self.meter.request_id
         if upstream.status == 402:
