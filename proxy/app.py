@@ -25,6 +25,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from proxy.auth import ClientKey, authenticate
+from proxy.budgets import BudgetGuard
 from proxy.config import ProxyConfig
 from proxy.errors import NotFound, ProxyError, Unauthorized, UpstreamRedirect, error_response
 from proxy.forward import (
@@ -111,7 +112,10 @@ def create_app(config: ProxyConfig, book: PriceBook, api_key: str, sink: RecordS
     registry = registry if registry is not None else CollectorRegistry()
     metrics = ProxyMetrics(registry, teams=config.teams, models=book.models,
                            tools=book.tool_fees, currencies=book.currencies, spend=spend,
-                           billing_timezone=config.billing_timezone, clock=clock)
+                           billing_timezone=config.billing_timezone, clock=clock,
+                           budgets=config.budgets, book=book)
+    budgets = BudgetGuard(config.budgets, book, spend, config.billing_timezone,
+                          config.max_output_tokens)
 
     async def upstream_session(app: web.Application) -> AsyncIterator[None]:
         session = aiohttp.ClientSession(
@@ -119,7 +123,7 @@ def create_app(config: ProxyConfig, book: PriceBook, api_key: str, sink: RecordS
             skip_auto_headers=("User-Agent",))
         upstream = Upstream(session, config.upstream_base_url, api_key, config.timeouts)
         app[STATE] = ProxyState(config=config, book=book, upstream=upstream, sink=sink,
-                                metrics=metrics, clock=clock)
+                                metrics=metrics, budgets=budgets, clock=clock)
         yield
         await session.close()
 

@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Sequence
 
 from proxy import auth, serve
+from proxy.demo import run as demo
 from proxy.pricing import commands as prices_commands
 
 
@@ -17,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.register(commands)
     prices_commands.register(commands)
     auth.register(commands)
+    demo.register(commands)
     return parser
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
@@ -24,6 +25,8 @@ from proxy.usage import DEFAULT_TOOL_FIELDS
 from proxy.yamlfile import YamlError, load_yaml
 
 DEFAULT_CONFIG = Path("config/proxy.yaml")
+DEFAULT_MAX_OUTPUT_TOKENS = 393_216
+"""DeepSeek V4's maximum output (384K tokens): the bound for calls that set no max_tokens."""
 DEFAULT_LEDGER = "../data/ledger.sqlite3"
 """Relative to the config file: ``config/proxy.yaml`` -> ``data/ledger.sqlite3``."""
 _HASH = re.compile(r"^sha256:([0-9a-f]{64})$")
@@ -61,6 +64,25 @@ class Timeouts:
     client_disconnect_grace: float = 60.0
 
 
+Period = Literal["day", "week", "month"]
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """A team's spending limit for a calendar period in the billing timezone.
+
+    `soft` thresholds (percentages) only feed alerts; a `hard` budget also refuses calls
+    (HTTP 402) once what is spent plus what running calls may still cost would pass `amount`.
+    """
+
+    team: str
+    period: Period
+    amount: Decimal
+    currency: str
+    soft: tuple[Decimal, ...]
+    hard: bool
+
+
 @dataclass(frozen=True, slots=True)
 class ProxyConfig:
     path: Path
@@ -79,6 +101,9 @@ class ProxyConfig:
     ledger_path: Path
     flush_interval: float
     billing_timezone: ZoneInfo
+    budgets: tuple[Budget, ...] = ()
+    max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS
+    """Output bound reserved for a call without ``max_tokens`` (hard budgets)."""
 
 
 def load_config(path: Path) -> ProxyConfig:
@@ -89,7 +114,7 @@ def load_config(path: Path) -> ProxyConfig:
         raise ConfigError(path, "(file)", exc.reason) from exc
     reader = _Reader(path)
     reader.keys(raw, "(file)", {"listen", "upstream", "pricing", "teams", "timeouts", "limits",
-                                "usage", "ledger"})
+                                "usage", "ledger", "budgets"})
     listen = reader.section(raw, "listen")
     upstream = reader.section(raw, "upstream")
     pricing = reader.section(raw, "pricing")
@@ -102,7 +127,7 @@ def load_config(path: Path) -> ProxyConfig:
     reader.keys(upstream, "upstream", {"base_url", "api_key_env"})
     reader.keys(pricing, "pricing", {"book", "price_at"})
     reader.keys(timeouts, "timeouts", set(Timeouts.__dataclass_fields__))
-    reader.keys(limits, "limits", {"max_request_bytes"})
+    reader.keys(limits, "limits", {"max_request_bytes", "max_output_tokens"})
     reader.keys(usage, "usage", {"server_tool_fields"})
 
     port = listen.get("port", 8080)
@@ -136,6 +161,9 @@ def load_config(path: Path) -> ProxyConfig:
         flush_interval=reader.seconds(ledger.get("flush_interval", DEFAULT_FLUSH_INTERVAL),
                                       "ledger.flush_interval"),
         billing_timezone=_timezone(reader, ledger.get("billing_timezone", "Asia/Shanghai")),
+        budgets=_budgets(reader, raw.get("budgets"), teams),
+        max_output_tokens=reader.positive_int(
+            limits.get("max_output_tokens", DEFAULT_MAX_OUTPUT_TOKENS), "limits.max_output_tokens"),
     )
 
 
@@ -235,6 +263,62 @@ def _teams(reader: _Reader, raw: Any) -> tuple[dict[str, ClientKey], tuple[str, 
                                   f"the same key is already listed for team {keys[digest].team!r}")
             keys[digest] = ClientKey(team=team, key_id=key_id_of(digest))
     return keys, tuple(raw)
+
+
+def _budgets(reader: _Reader, raw: Any, teams: tuple[str, ...]) -> tuple[Budget, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, Mapping):
+        raise reader.fail("budgets", "expected a mapping of team -> list of budgets")
+    budgets: list[Budget] = []
+    for team, entries in raw.items():
+        if team not in teams:
+            raise reader.fail(f"budgets.{team}", "not a team defined under 'teams'")
+        if not isinstance(entries, list) or not entries:
+            raise reader.fail(f"budgets.{team}", "expected a list of budgets")
+        periods: set[str] = set()
+        for index, entry in enumerate(entries):
+            budgets.append(_budget(reader, str(team), entry, f"budgets.{team}[{index}]"))
+            if budgets[-1].period in periods:
+                raise reader.fail(f"budgets.{team}[{index}].period",
+                                  f"team {team!r} already has a {budgets[-1].period} budget")
+            periods.add(budgets[-1].period)
+    return tuple(budgets)
+
+
+def _budget(reader: _Reader, team: str, entry: Any, where: str) -> Budget:
+    reader.keys(entry, where, {"period", "amount", "currency", "soft", "hard"})
+    if not isinstance(entry, Mapping):
+        raise reader.fail(where, "expected a mapping")
+    period = entry.get("period")
+    if period not in ("day", "week", "month"):
+        raise reader.fail(f"{where}.period", f"expected day, week or month, got {period!r}")
+    amount = _decimal(reader, entry.get("amount"), f"{where}.amount")
+    if amount <= 0:
+        raise reader.fail(f"{where}.amount", "must be positive")
+    currency = reader.text(entry.get("currency"), f"{where}.currency").upper()
+    soft_raw = entry.get("soft", [])
+    if not isinstance(soft_raw, list):
+        raise reader.fail(f"{where}.soft", "expected a list of percentages such as [50, 80]")
+    soft = tuple(sorted(_decimal(reader, s, f"{where}.soft") for s in soft_raw))
+    if any(not 0 < s < 100 for s in soft):
+        raise reader.fail(f"{where}.soft", "percentages must lie between 0 and 100")
+    hard = entry.get("hard", False)
+    if not isinstance(hard, bool):
+        raise reader.fail(f"{where}.hard", f"expected true or false, got {hard!r}")
+    return Budget(team, period, amount, currency, soft, hard)
+
+
+def _decimal(reader: _Reader, value: Any, key: str) -> Decimal:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise reader.fail(key, f"expected a number, got {value!r}")
+    try:
+        number = Decimal(str(value))
+    except InvalidOperation:
+        raise reader.fail(key, f"not a number: {value!r}") from None
+    if not number.is_finite():
+        raise reader.fail(key, f"not a finite number: {value!r}")
+    return number
 
 
 def _timezone(reader: _Reader, value: Any) -> ZoneInfo:

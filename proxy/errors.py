@@ -5,6 +5,8 @@
     ├── Unauthorized            401  missing or unknown client key
     ├── NotFound                404  no such route (upstream is never asked)
     ├── PayloadTooLarge         413  request body over the configured limit
+    ├── BudgetExceeded          402  a hard budget would be passed (proxy.budgets)
+    ├── BudgetUnavailable       503  budget state unreadable: fail closed (proxy.budgets)
     ├── UpstreamUnavailable     502  could not connect to DeepSeek (nothing was sent)
     ├── UpstreamRedirect        502  DeepSeek answered with a redirect (never followed)
     └── UpstreamTimeout         504  DeepSeek did not answer in time (it may have billed)
@@ -15,6 +17,7 @@ SDKs retry 5xx by default; `x-should-retry: false` is set where a retry could be
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 
 from aiohttp import web
 
@@ -24,6 +27,7 @@ class ProxyError(Exception):
     error_type = "server_error"
     code: str | None = None
     retry: bool | None = None  # None: let the SDK decide by status
+    details: Mapping[str, object] | None = None  # extra fields inside "error"
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -74,9 +78,13 @@ class UpstreamTimeout(ProxyError):
     retry = False
 
 
-def error_body(message: str, error_type: str, code: str | None) -> bytes:
-    return json.dumps({"error": {"message": message, "type": error_type, "param": None,
-                                 "code": code}}, separators=(",", ":")).encode()
+def error_body(message: str, error_type: str, code: str | None,
+               details: Mapping[str, object] | None = None) -> bytes:
+    error: dict[str, object] = {"message": message, "type": error_type, "param": None,
+                                "code": code}
+    if details:
+        error.update(details)
+    return json.dumps({"error": error}, separators=(",", ":")).encode()
 
 
 def error_response(error: ProxyError) -> web.Response:
@@ -84,4 +92,5 @@ def error_response(error: ProxyError) -> web.Response:
     if error.retry is not None:
         headers["x-should-retry"] = "true" if error.retry else "false"
     return web.Response(status=error.status, headers=headers, content_type="application/json",
-                        body=error_body(error.message, error.error_type, error.code))
+                        body=error_body(error.message, error.error_type, error.code,
+                                        error.details))

@@ -36,6 +36,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.auth import ClientKey
+from proxy.budgets import BudgetGuard
 from proxy.config import ProxyConfig
 from proxy.errors import (
     BadRequest,
@@ -50,7 +51,7 @@ from proxy.errors import (
 from proxy.metering import CallMeter, StreamMeter, build_record, in_flight_record
 from proxy.metrics import ProxyMetrics
 from proxy.pricing import PriceBook
-from proxy.records import RecordSink
+from proxy.records import RecordSink, UsageRecord
 from proxy.sse import SSESplitter
 from proxy.upstream import Upstream, response_headers
 
@@ -75,6 +76,7 @@ class ProxyState:
     upstream: Upstream
     sink: RecordSink
     metrics: ProxyMetrics
+    budgets: BudgetGuard
     clock: Callable[[], datetime]
 
 
@@ -145,6 +147,11 @@ async def proxy_completion(request: web.Request, state: ProxyState, client: Clie
     meter = CallMeter(request_id=uuid4().hex, team=client.team, key_id=client.key_id,
                       endpoint=endpoint.name, stream=payload.get("stream") is True,
                       model_requested=payload["model"], payload=payload, started_at=started_at)
+    try:
+        reservation = state.budgets.reserve(client.team, payload, started_at)
+    except ProxyError:
+        state.metrics.budget_refusals.labels(client.team).inc()
+        raise
     exchange = _Exchange(request, state, meter, wants_usage(payload))
     state.sink.dispatched(in_flight_record(meter, state.book))
     inflight = state.metrics.inflight.labels(client.team)
@@ -158,10 +165,12 @@ async def proxy_completion(request: web.Request, state: ProxyState, client: Clie
         raise
     finally:
         inflight.dec()
-        _submit(state, meter)
+        record = _submit(state, meter)
+        billable = record is None or record.usage_source != "none"
+        state.budgets.settle(reservation, (record.costs if record else {}) if billable else None)
 
 
-def _submit(state: ProxyState, meter: CallMeter) -> None:
+def _submit(state: ProxyState, meter: CallMeter) -> UsageRecord | None:
     tick = time.perf_counter()
     try:
         record = build_record(meter, state.clock(), state.book, state.config.price_at)
@@ -169,6 +178,8 @@ def _submit(state: ProxyState, meter: CallMeter) -> None:
         state.metrics.observe(record, meter.proxy_seconds + time.perf_counter() - tick)
     except Exception:  # a metering failure is logged loudly but never breaks the response
         log.exception("could not record usage of request %s", meter.request_id)
+        return None
+    return record
 
 
 class _UpstreamCut(Exception):

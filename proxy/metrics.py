@@ -22,7 +22,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from proxy.config import Budget
 from proxy.ledger.store import SpendRow
+from proxy.periods import PERIODS, period_start
+from proxy.pricing import PriceBook
+from proxy.pricing.engine import schedule_version_at, to_micros
 from proxy.records import UsageRecord
 
 OTHER = "other"
@@ -39,7 +43,8 @@ class ProxyMetrics:
     def __init__(self, registry: CollectorRegistry, *, teams: Sequence[str],
                  models: Collection[str], tools: Collection[str], currencies: Sequence[str],
                  spend: SpendReader | None, billing_timezone: ZoneInfo,
-                 clock: Callable[[], datetime]) -> None:
+                 clock: Callable[[], datetime], budgets: Sequence[Budget] = (),
+                 book: PriceBook | None = None) -> None:
         self._models = frozenset(models)
         self._tools = frozenset(tools)
         self.requests = Counter(
@@ -74,8 +79,27 @@ class ProxyMetrics:
             ["reason"], registry=registry)
         self.inflight = Gauge(
             "llm_inflight_requests", "Calls in progress", ["team"], registry=registry)
+        self.budget_refusals = Counter(
+            "llm_budget_refusals_total", "Calls refused (HTTP 402) because of a hard budget",
+            ["team"], registry=registry)
+        budget = Gauge("llm_team_budget", "A team's budget for a billing period",
+                       ["team", "period", "currency"], registry=registry)
+        threshold = Gauge(
+            "llm_team_budget_threshold", "Spend at which a soft budget threshold is crossed; "
+            "`threshold` is the percentage", ["team", "period", "currency", "threshold"],
+            registry=registry)
+        for entry in budgets:
+            budget.labels(entry.team, entry.period, entry.currency).set(float(entry.amount))
+            for percent in entry.soft:
+                threshold.labels(entry.team, entry.period, entry.currency,
+                                 format(percent.normalize(), "f")).set(
+                    float(entry.amount * percent / 100))
+        for team in teams:
+            self.budget_refusals.labels(team)
         self.money = _MoneyCollector()
         registry.register(self.money)
+        if book is not None:
+            registry.register(_CalendarCollector(book, clock))
         if spend is not None:
             registry.register(_SpendCollector(spend, teams, currencies, billing_timezone,
                                               clock))
@@ -170,17 +194,42 @@ class _SpendCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         today = self._clock().astimezone(self._tz).date()
-        month_start = today.replace(day=1)
+        starts = {period: period_start(today, period) for period in PERIODS}
         totals = {(team, period, currency): Decimal(0) for team in self._teams
-                  for period in ("day", "month") for currency in self._currencies}
-        for row in self._spend(month_start, today):
-            if (row.team, "month", row.currency) in totals:
-                totals[(row.team, "month", row.currency)] += row.amount
-                if row.day == today:
-                    totals[(row.team, "day", row.currency)] += row.amount
+                  for period in PERIODS for currency in self._currencies}
+        for row in self._spend(min(starts.values()), today):
+            for period, start in starts.items():
+                key = (row.team, period, row.currency)
+                if row.day >= start and key in totals:
+                    totals[key] += row.amount
         gauge = GaugeMetricFamily(
-            "llm_team_spend", "Spend in the current billing day or month, read from the ledger",
+            "llm_team_spend", "Spend in the current billing day, week (from Monday) or month, "
+            "read from the ledger",
             labels=["team", "period", "currency"])
         for key, amount in totals.items():
             gauge.add_metric(list(key), float(amount))
+        yield gauge
+
+
+class _CalendarCollector(Collector):
+    """`llm_holiday_calendar_missing`: 1 while a schedule's rule in force uses a holiday
+    calendar that does not cover the current local year (its prices then follow the weekday
+    rule and are flagged), so someone adds the new year's holidays before it matters."""
+
+    def __init__(self, book: PriceBook, clock: Callable[[], datetime]) -> None:
+        self._book = book
+        self._clock = clock
+
+    def collect(self) -> Iterator[Metric]:
+        now = self._clock()
+        gauge = GaugeMetricFamily(
+            "llm_holiday_calendar_missing", "1 if the schedule's rule in force lacks a holiday "
+            "calendar for the current year", labels=["schedule"])
+        for name in sorted(self._book.schedules):
+            rule = schedule_version_at(self._book, name, to_micros(now))
+            missing = 0.0
+            if rule is not None and rule.holiday_calendar is not None:
+                year = now.astimezone(rule.timezone).year
+                missing = float(year not in self._book.calendars[rule.holiday_calendar].years)
+            gauge.add_metric([name], missing)
         yield gauge

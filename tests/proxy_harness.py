@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy.app import create_app
 from proxy.auth import ClientKey, hash_key, key_id_of
-from proxy.config import ProxyConfig, Timeouts
+from proxy.config import Budget, ProxyConfig, Timeouts
 from proxy.metrics import SpendReader
 from proxy.pricing import PriceBook
 from proxy.records import RecordSink, UsageRecord
@@ -91,9 +91,10 @@ class RunningProxy:
 async def running_proxy(upstream_url: str, book: PriceBook, *,
                         clock: Callable[[], datetime] = lambda: PEAK,
                         api_key: str = FAKE_UPSTREAM_KEY, sink: RecordSink | None = None,
-                        spend: SpendReader | None = None, **timeouts: float
-                        ) -> AsyncIterator[RunningProxy]:
-    config = make_config(upstream_url, tuple(Path(f) for f in book.files), **timeouts)
+                        spend: SpendReader | None = None, budgets: tuple[Budget, ...] = (),
+                        **timeouts: float) -> AsyncIterator[RunningProxy]:
+    config = replace(make_config(upstream_url, tuple(Path(f) for f in book.files), **timeouts),
+                     budgets=budgets)
     recording = RecordingSink()
     registry = CollectorRegistry()
     target: RecordSink = recording if sink is None else _Tee(recording, sink)
