@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from proxy import auth, serve
 from proxy.demo import run as demo
+from proxy.ledger import commands as ledger_commands
 from proxy.pricing import commands as prices_commands
 
 
@@ -19,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     prices_commands.register(commands)
     auth.register(commands)
     demo.register(commands)
+    ledger_commands.register(commands)
     return parser
 
 

@@ -24,8 +24,8 @@ from types import MappingProxyType
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from proxy.ledger.store import iso
-from proxy.pricing.render import decimal_text, iso_utc
+from proxy.ledger.store import iso, money
+from proxy.pricing.render import iso_utc
 
 GROUP_COLUMNS: Mapping[str, str] = MappingProxyType({
     "team": "team",
@@ -86,12 +86,11 @@ class TimeRange:
         """
         clauses = ["1"]
         params: list[str] = []
-        if self.since is not None:
-            clauses.append("started_at >= ?")
-            params.append(str(iso(self.since)))
-        if self.until is not None:
-            clauses.append("started_at < ?")
-            params.append(str(iso(self.until)))
+        for condition, bound in (("started_at >= ?", self.since), ("started_at < ?", self.until)):
+            text = iso(bound)
+            if text is not None:
+                clauses.append(condition)
+                params.append(text)
         return " AND ".join(clauses), params
 
 
@@ -167,7 +166,7 @@ def render(report: Report, fmt: str) -> str:
 def _cells(report: Report, line: Line) -> list[str]:
     keys = list(line.keys) or ["TOTAL", *([""] * (len(report.by) - 1))]
     return [*keys, *(str(line.counts[f]) for f in COUNT_FIELDS),
-            *(decimal_text(line.costs[c]) for c in report.currencies)]
+            *(money(line.costs[c]) for c in report.currencies)]
 
 
 def _header(report: Report) -> list[str]:
@@ -208,7 +207,7 @@ def _json(report: Report) -> dict[str, Any]:
 
 
 def _json_numbers(line: Line) -> dict[str, Any]:
-    return {**line.counts, "cost": {c: decimal_text(v) for c, v in line.costs.items()}}
+    return {**line.counts, "cost": {c: money(v) for c, v in line.costs.items()}}
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: int) -> str:

@@ -17,21 +17,20 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 from proxy.ledger.report import TimeRange, table
-from proxy.ledger.store import iso
+from proxy.ledger.store import add_spend, iso, money
 from proxy.pricing import PriceBook, Pricing, price
 from proxy.pricing.engine import (
     FLAG_NO_HOLIDAY_CALENDAR,
     FLAG_REASONING_EXCEEDS_OUTPUT,
     FLAG_UNKNOWN_TOOL,
 )
-from proxy.pricing.render import decimal_text
 from proxy.usage import TokenUsage
 
 _ZERO = Decimal(0)
@@ -47,7 +46,7 @@ _REPRICEABLE = ("state = 'final' AND usage_source IN ('reported', 'estimated') "
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
+class StoredPrice:
     """How a row is priced: what the ledger says now, or what the current book says."""
 
     priced: bool
@@ -73,13 +72,13 @@ class Row:
     """The instant that priced it (`priced_at`, else `started_at`): re-pricing keeps it."""
     tokens: TokenUsage
     price_book: str
-    outcome: Outcome
+    stored: StoredPrice
 
 
 @dataclass(frozen=True, slots=True)
 class Change:
     row: Row
-    new: Outcome
+    new: StoredPrice
 
 
 @dataclass(slots=True)
@@ -119,12 +118,12 @@ def plan_reprice(conn: sqlite3.Connection, book: PriceBook, time_range: TimeRang
     changes = []
     groups: dict[tuple[str, str], GroupDiff] = {}
     for row in rows:
-        new = _outcome_of(price(book, row.model, row.tokens, row.at), row.outcome.flags)
-        changed = new != row.outcome
+        new = _stored_form(price(book, row.model, row.tokens, row.at), row.stored.flags)
+        changed = new != row.stored
         if changed:
             changes.append(Change(row, new))
         key = (row.team, row.model)
-        _tally(groups.setdefault(key, GroupDiff(*key)), row.outcome, new, changed)
+        _tally(groups.setdefault(key, GroupDiff(*key)), row.stored, new, changed)
     currencies = _currencies(book, groups.values())
     return Plan(book.digest, currencies, len(rows), tuple(changes),
                 tuple(groups[k] for k in sorted(groups)))
@@ -151,7 +150,7 @@ def _row(values: Mapping[str, Any], costs: Mapping[str, tuple[Decimal, Decimal]]
     tokens = TokenUsage(values["cache_hit_tokens"], values["cache_miss_tokens"],
                         values["output_tokens"], values["reasoning_tokens"],
                         json.loads(values["tool_calls"]))
-    outcome = Outcome(
+    stored = StoredPrice(
         bool(values["priced"]), values["unpriced_reason"], values["billed_model"],
         values["price_version"], values["schedule_version"], values["tier"],
         {c: amount for c, (amount, _) in costs.items()},
@@ -159,13 +158,13 @@ def _row(values: Mapping[str, Any], costs: Mapping[str, tuple[Decimal, Decimal]]
         tuple(json.loads(values["flags"])))
     return Row(values["request_id"], values["team"], values["model_requested"],
                values["billing_day"], datetime.fromisoformat(at), tokens, values["price_book"],
-               outcome)
+               stored)
 
 
-def _outcome_of(pricing: Pricing, old_flags: Sequence[str]) -> Outcome:
+def _stored_form(pricing: Pricing, old_flags: Sequence[str]) -> StoredPrice:
     """The stored form of a pricing, as `proxy.metering.build_record` stores it."""
     flags = (*(f for f in old_flags if not is_price_flag(f)), *pricing.flags)
-    return Outcome(
+    return StoredPrice(
         pricing.priced, pricing.reason, pricing.billed_model, pricing.version,
         pricing.schedule_version, pricing.tier,
         {c: cost.total for c, cost in pricing.costs.items()},
@@ -173,17 +172,17 @@ def _outcome_of(pricing: Pricing, old_flags: Sequence[str]) -> Outcome:
         flags)
 
 
-def _tally(group: GroupDiff, old: Outcome, new: Outcome, changed: bool) -> None:
+def _tally(group: GroupDiff, old: StoredPrice, new: StoredPrice, changed: bool) -> None:
     group.rows += 1
-    group.changed += changed
-    group.now_priced += new.priced and not old.priced
-    group.now_unpriced += old.priced and not new.priced
-    for totals, outcome in ((group.old, old), (group.new, new)):
-        for currency, amount in outcome.costs.items():
+    group.changed += int(changed)
+    group.now_priced += int(new.priced and not old.priced)
+    group.now_unpriced += int(old.priced and not new.priced)
+    for totals, price_of in ((group.old, old), (group.new, new)):
+        for currency, amount in price_of.costs.items():
             totals[currency] = totals.get(currency, _ZERO) + amount
 
 
-def _currencies(book: PriceBook, groups: Sequence[GroupDiff] | Any) -> tuple[str, ...]:
+def _currencies(book: PriceBook, groups: Iterable[GroupDiff]) -> tuple[str, ...]:
     """The book's currencies, then any other currency the old rows were priced in."""
     extra = {c for g in groups for c in g.old if c not in book.currencies}
     return (*book.currencies, *sorted(extra))
@@ -193,29 +192,30 @@ def apply_plan(conn: sqlite3.Connection, plan: Plan, replaced_at: datetime) -> N
     """Write a plan: history first, then costs, rows and daily spend (caller holds the
     transaction, the same one `plan_reprice` read in)."""
     stamp = iso(replaced_at)
+    assert stamp is not None
     spend: dict[tuple[str, str, str], Decimal] = {}
     for change in plan.changes:
         _keep_history(conn, change, stamp, plan.book_digest)
         _replace_costs(conn, change)
         _update_row(conn, change, plan.book_digest)
-        old, new = change.row.outcome.costs, change.new.costs
+        old, new = change.row.stored.costs, change.new.costs
         for currency in {*old, *new}:
             key = (change.row.team, change.row.day, currency)
             delta = new.get(currency, _ZERO) - old.get(currency, _ZERO)
             spend[key] = spend.get(key, _ZERO) + delta
     for (team, day, currency), delta in sorted(spend.items()):
         if delta != 0:
-            _add_spend(conn, team, day, currency, delta)
+            add_spend(conn, team, day, currency, delta)
 
 
-def _keep_history(conn: sqlite3.Connection, change: Change, stamp: str | None,
+def _keep_history(conn: sqlite3.Connection, change: Change, stamp: str,
                   new_book: str) -> None:
     """One history row per currency the row had or gets (NULL: it had no price in it)."""
-    row, old = change.row, change.row.outcome
+    row, old = change.row, change.row.stored
     for currency in sorted({*old.costs, *change.new.costs}):
         amount = old.costs.get(currency)
         conn.execute("INSERT INTO cost_history VALUES (?, ?, ?, ?, ?, ?, ?)",
-                     (row.request_id, currency, None if amount is None else str(amount),
+                     (row.request_id, currency, None if amount is None else money(amount),
                       row.price_book, old.price_version, stamp, new_book))
 
 
@@ -223,7 +223,7 @@ def _replace_costs(conn: sqlite3.Connection, change: Change) -> None:
     request_id, new = change.row.request_id, change.new
     conn.execute("DELETE FROM usage_cost WHERE request_id = ?", (request_id,))
     conn.executemany("INSERT INTO usage_cost VALUES (?, ?, ?, ?)",
-                     [(request_id, c, str(amount), str(new.savings.get(c, _ZERO)))
+                     [(request_id, c, money(amount), money(new.savings.get(c, _ZERO)))
                       for c, amount in new.costs.items()])
 
 
@@ -238,18 +238,6 @@ def _update_row(conn: sqlite3.Connection, change: Change, new_book: str) -> None
          change.row.request_id))
 
 
-def _add_spend(conn: sqlite3.Connection, team: str, day: str, currency: str,
-               delta: Decimal) -> None:
-    """`SQLiteLedger.add_spend` on a plain connection: opening a `SQLiteLedger` here would
-    recover (and so end) a running proxy's in-flight rows."""
-    row = conn.execute(
-        "SELECT amount FROM spend_daily WHERE team = ? AND day = ? AND currency = ?",
-        (team, day, currency)).fetchone()
-    total = Decimal(row[0]) + delta if row else delta
-    conn.execute("INSERT OR REPLACE INTO spend_daily VALUES (?, ?, ?, ?)",
-                 (team, day, currency, str(total)))
-
-
 def render_plan(plan: Plan) -> str:
     """Per (team, model): rows, rows changed, rows newly (un)priced, and per currency the old
     total, the new total and the delta; then the same over everything."""
@@ -260,8 +248,8 @@ def render_plan(plan: Plan) -> str:
     for group in plan.groups:
         _add_group(total, group)
     cells = [_group_cells(g, plan.currencies) for g in (*plan.groups, total)]
-    summary = (f"{plan.rows} row(s) with usage re-priced with book {plan.book_digest[:12]}: "
-               f"{len(plan.changes)} change")
+    summary = (f"{plan.rows} row(s) with usage in range; {len(plan.changes)} priced differently "
+               f"by book {plan.book_digest[:12]}")
     return summary + "\n" + table(header, cells, text_columns=2)
 
 
@@ -280,10 +268,10 @@ def _group_cells(group: GroupDiff, currencies: Sequence[str]) -> list[str]:
              str(group.now_priced), str(group.now_unpriced)]
     for currency in currencies:
         old, new = group.old.get(currency, _ZERO), group.new.get(currency, _ZERO)
-        cells += [decimal_text(old), decimal_text(new), signed(new - old)]
+        cells += [money(old), money(new), signed(new - old)]
     return cells
 
 
 def signed(delta: Decimal) -> str:
     """A delta with its sign: ``+0.5``, ``-0.5``, ``0``."""
-    return ("+" if delta > 0 else "") + decimal_text(delta)
+    return ("+" if delta > 0 else "") + money(delta)

@@ -155,6 +155,17 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def add_spend(conn: sqlite3.Connection, team: str, day: str, currency: str,
+              delta: Decimal) -> None:
+    """Adjust a daily spend sum exactly (the caller holds the transaction)."""
+    row = conn.execute(
+        "SELECT amount FROM spend_daily WHERE team = ? AND day = ? AND currency = ?",
+        (team, day, currency)).fetchone()
+    total = Decimal(row[0]) + delta if row else delta
+    conn.execute("INSERT OR REPLACE INTO spend_daily VALUES (?, ?, ?, ?)",
+                 (team, day, currency, money(total)))
+
+
 @dataclass(frozen=True, slots=True)
 class SpendRow:
     team: str
@@ -251,16 +262,7 @@ class SQLiteLedger:
             savings = record.cache_savings.get(currency, Decimal(0))
             self._conn.execute("INSERT OR REPLACE INTO usage_cost VALUES (?, ?, ?, ?)",
                                (record.request_id, currency, money(amount), money(savings)))
-            self.add_spend(record.team, day, currency, amount)
-
-    def add_spend(self, team: str, day: str, currency: str, delta: Decimal) -> None:
-        """Adjust a daily sum (the caller holds the transaction)."""
-        row = self._conn.execute(
-            "SELECT amount FROM spend_daily WHERE team = ? AND day = ? AND currency = ?",
-            (team, day, currency)).fetchone()
-        total = Decimal(row[0]) + delta if row else delta
-        self._conn.execute("INSERT OR REPLACE INTO spend_daily VALUES (?, ?, ?, ?)",
-                           (team, day, currency, money(total)))
+            add_spend(self._conn, record.team, day, currency, amount)
 
     def spend(self, since: date, until: date) -> list[SpendRow]:
         """Daily spend rows with ``since <= day <= until`` (billing days)."""

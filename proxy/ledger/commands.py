@@ -1,0 +1,201 @@
+"""``python -m proxy report|reprice``: the ledger from the command line.
+
+Both read the proxy's configuration for the ledger's path, the billing timezone (a date bound
+such as ``2026-11-01`` means 00:00 of that day there) and, for ``reprice``, the current price
+book. They may run while the proxy is serving: ``report`` only reads, and ``reprice --apply``
+writes in one transaction that the proxy's writer waits for.
+
+Exit codes: 0 success; 1 no ledger at the configured path, an unreadable ledger, or a price book
+with problems (each printed as ``file: entry: reason``); 2 bad arguments or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import sys
+from collections.abc import Callable, Sequence
+from contextlib import closing
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+from proxy.config import DEFAULT_CONFIG, ConfigError, ProxyConfig, load_config
+from proxy.ledger.report import (
+    DEFAULT_GROUPS,
+    GROUP_COLUMNS,
+    TimeRange,
+    bound_instant,
+    build_report,
+    ledger_currencies,
+    parse_bound,
+    render,
+)
+from proxy.ledger.reprice import apply_plan, plan_reprice, render_plan
+from proxy.ledger.store import Transaction, connect
+from proxy.pricing import PriceBook, PriceBookError, load_price_book
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class CommandFailed(Exception):
+    """Ends a command with a message on stderr and an exit code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``report`` and ``reprice`` to the top-level parser."""
+    report = commands.add_parser("report", help="spend and tokens from the ledger")
+    _common_arguments(report)
+    report.add_argument("--by", type=_groups, default=DEFAULT_GROUPS, metavar="KEYS",
+                        help="comma list of team, model, day (default: team,model)")
+    report.add_argument("--currency", help="one currency (default: all in the ledger)")
+    report.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    report.set_defaults(handler=_guarded(_report))
+
+    reprice = commands.add_parser(
+        "reprice", help="price stored rows again with the current price book")
+    _common_arguments(reprice)
+    reprice.add_argument("--apply", action="store_true",
+                         help="write the new prices (default: only show the difference)")
+    reprice.set_defaults(handler=_guarded(_reprice))
+
+
+def _common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                        help=f"configuration file (default: {DEFAULT_CONFIG})")
+    parser.add_argument("--since", type=_bound, metavar="T",
+                        help="calls started at or after T: an ISO date (00:00 in the billing "
+                             "timezone) or an ISO instant with offset")
+    parser.add_argument("--until", type=_bound, metavar="T",
+                        help="calls started before T (same forms as --since)")
+
+
+def _bound(text: str) -> date:
+    try:
+        return parse_bound(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"expected an ISO date or an ISO instant with offset, got {text!r}: {exc}") from None
+
+
+def _groups(text: str) -> tuple[str, ...]:
+    keys = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = [k for k in keys if k not in GROUP_COLUMNS]
+    if not keys or unknown or len(set(keys)) != len(keys):
+        raise argparse.ArgumentTypeError(
+            f"expected distinct keys among {', '.join(GROUP_COLUMNS)}, got {text!r}")
+    return keys
+
+
+def _guarded(run: Handler) -> Handler:
+    """Turn `CommandFailed` into its message on stderr and its exit code."""
+
+    def handler(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except CommandFailed as exc:
+            print(exc, file=sys.stderr)
+            return exc.code
+
+    return handler
+
+
+def _config(args: argparse.Namespace) -> ProxyConfig:
+    try:
+        return load_config(args.config)
+    except ConfigError as exc:
+        raise CommandFailed(str(exc), EXIT_USAGE) from exc
+
+
+def _time_range(args: argparse.Namespace, config: ProxyConfig) -> TimeRange:
+    tz = config.billing_timezone
+    since = None if args.since is None else bound_instant(args.since, tz)
+    until = None if args.until is None else bound_instant(args.until, tz)
+    if since is not None and until is not None and since >= until:
+        raise CommandFailed(f"--since ({since.isoformat()}) must be before --until "
+                            f"({until.isoformat()})", EXIT_USAGE)
+    return TimeRange(since, until)
+
+
+def _open_ledger(config: ProxyConfig) -> sqlite3.Connection:
+    """A connection to an existing ledger (`connect` would create a missing one)."""
+    if not config.ledger_path.is_file():
+        raise CommandFailed(f"no ledger at {config.ledger_path}", EXIT_FAILED)
+    try:
+        return connect(config.ledger_path)
+    except sqlite3.Error as exc:
+        raise _unreadable(config, exc) from exc
+
+
+def _unreadable(config: ProxyConfig, exc: sqlite3.Error) -> CommandFailed:
+    return CommandFailed(f"cannot use the ledger at {config.ledger_path}: {exc}", EXIT_FAILED)
+
+
+def _report(args: argparse.Namespace) -> int:
+    config = _config(args)
+    time_range = _time_range(args, config)
+    with closing(_open_ledger(config)) as conn:
+        try:
+            _warn_on_timezone(conn, config)
+            currencies = _report_currencies(ledger_currencies(conn), args.currency)
+            report = build_report(conn, time_range, args.by, currencies)
+        except sqlite3.Error as exc:
+            raise _unreadable(config, exc) from exc
+    print(render(report, args.format))
+    return 0
+
+
+def _report_currencies(known: Sequence[str], asked: str | None) -> tuple[str, ...]:
+    if asked is None:
+        return tuple(known)
+    if asked.upper() not in known:
+        held = ", ".join(known) if known else "no costs yet"
+        raise CommandFailed(f"unknown currency {asked!r}; the ledger has {held}", EXIT_USAGE)
+    return (asked.upper(),)
+
+
+def _warn_on_timezone(conn: sqlite3.Connection, config: ProxyConfig) -> None:
+    """Billing days are stored; if the config's timezone changed since, say they are stale."""
+    row = conn.execute("SELECT value FROM meta WHERE key = 'billing_timezone'").fetchone()
+    configured = str(config.billing_timezone.key)
+    if row is not None and row[0] != configured:
+        print(f"warning: the ledger's billing days are in {row[0]}, the config says "
+              f"{configured}; they are re-derived when the proxy next starts", file=sys.stderr)
+
+
+def _book(config: ProxyConfig) -> PriceBook:
+    try:
+        return load_price_book(config.price_book)
+    except PriceBookError as exc:
+        raise CommandFailed("\n".join(str(p) for p in exc.problems), EXIT_FAILED) from exc
+
+
+def _reprice(args: argparse.Namespace) -> int:
+    config = _config(args)
+    time_range = _time_range(args, config)
+    with closing(_open_ledger(config)) as conn:
+        book = _book(config)
+        try:
+            if args.apply:
+                with Transaction(conn):
+                    plan = plan_reprice(conn, book, time_range)
+                    apply_plan(conn, plan, datetime.now(UTC))
+            else:
+                plan = plan_reprice(conn, book, time_range)
+        except sqlite3.Error as exc:
+            raise _unreadable(config, exc) from exc
+    print(render_plan(plan))
+    if not args.apply:
+        print("dry run; nothing changed")
+    elif plan.changes:
+        print(f"applied: {len(plan.changes)} row(s) re-priced; previous amounts kept in "
+              "cost_history")
+    else:
+        print("nothing to change")
+    return 0
