@@ -1,8 +1,9 @@
 """The usage record: one per upstream dispatch, the unit the ledger stores and reports sum.
 
-Until the ledger lands, records go to `LogSink`: one JSON line each on the ``proxy.usage``
-logger. The record is complete on its own (tokens, where they came from, the price and which
-book version produced it), so a later re-pricing needs nothing else.
+Records go to the ledger (`proxy.ledger.writer.LedgerWriter`) and, at DEBUG level, to the
+``proxy.usage`` logger as one JSON line each (`LogSink`). The record is complete on its own
+(tokens, where they came from, the price and which book version produced it), so a later
+re-pricing needs nothing else.
 
 Outcomes: ``complete``; ``client_disconnected`` (the client left; usage read on, bounded by the
 grace time); ``upstream_error`` (DeepSeek answered 4xx/5xx); ``upstream_cut`` (the stream or body
@@ -101,7 +102,8 @@ class RecordSink(Protocol):
 
 
 class LogSink:
-    """One structured log line per record (the ledger replaces this in step 3)."""
+    """One structured log line per final record, at DEBUG level: a stream for log pipelines
+    when asked for (``serve --log-level DEBUG``), free when not."""
 
     def __init__(self, logger: logging.Logger | None = None) -> None:
         self._logger = logger or logging.getLogger("proxy.usage")
@@ -110,4 +112,20 @@ class LogSink:
         """Only final records are logged: a log line cannot be replaced."""
 
     def submit(self, record: UsageRecord) -> None:
-        self._logger.info("%s", json.dumps(record.to_json(), separators=(",", ":")))
+        if self._logger.isEnabledFor(logging.DEBUG):
+            self._logger.debug("%s", json.dumps(record.to_json(), separators=(",", ":")))
+
+
+class FanOut:
+    """Hands every record to several sinks, in order."""
+
+    def __init__(self, *sinks: RecordSink) -> None:
+        self._sinks = sinks
+
+    def dispatched(self, record: UsageRecord) -> None:
+        for sink in self._sinks:
+            sink.dispatched(record)
+
+    def submit(self, record: UsageRecord) -> None:
+        for sink in self._sinks:
+            sink.submit(record)

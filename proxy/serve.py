@@ -26,6 +26,7 @@ from proxy.config import DEFAULT_CONFIG, ConfigError, load_config
 from proxy.ledger.store import SQLiteLedger
 from proxy.ledger.writer import LedgerWriter
 from proxy.pricing import PriceBookError, load_price_book
+from proxy.records import FanOut, LogSink
 
 log = logging.getLogger("proxy")
 
@@ -67,7 +68,7 @@ def _serve(args: argparse.Namespace) -> int:
         log.warning("%d call(s) were still in flight when the proxy last stopped; they are "
                     "recorded as 'interrupted' with unknown usage", store.interrupted)
     writer = LedgerWriter(store, config.flush_interval)
-    app = create_app(config, book, api_key, writer, spend=store.spend)
+    app = create_app(config, book, api_key, FanOut(writer, LogSink()), spend=store.spend)
 
     async def close_ledger(app: web.Application) -> AsyncIterator[None]:
         yield

@@ -19,7 +19,7 @@ from proxy.auth import ClientKey, hash_key, key_id_of
 from proxy.config import Budget, ProxyConfig, Timeouts
 from proxy.metrics import SpendReader
 from proxy.pricing import PriceBook
-from proxy.records import RecordSink, UsageRecord
+from proxy.records import FanOut, RecordSink, UsageRecord
 from proxy.usage import DEFAULT_TOOL_FIELDS
 from tests.fake_deepseek_shapes import FAKE_UPSTREAM_KEY
 
@@ -49,21 +49,6 @@ class RecordingSink:
                 self._changed.clear()
                 await self._changed.wait()
         return self.records
-
-
-class _Tee:
-    """Records go to the test's `RecordingSink` and to a real sink (the ledger writer)."""
-
-    def __init__(self, *sinks: RecordSink) -> None:
-        self._sinks = sinks
-
-    def dispatched(self, record: UsageRecord) -> None:
-        for sink in self._sinks:
-            sink.dispatched(record)
-
-    def submit(self, record: UsageRecord) -> None:
-        for sink in self._sinks:
-            sink.submit(record)
 
 
 def make_config(upstream_url: str, book_files: tuple[Path, ...], **timeouts: float
@@ -97,7 +82,7 @@ async def running_proxy(upstream_url: str, book: PriceBook, *,
                      budgets=budgets)
     recording = RecordingSink()
     registry = CollectorRegistry()
-    target: RecordSink = recording if sink is None else _Tee(recording, sink)
+    target: RecordSink = recording if sink is None else FanOut(recording, sink)
     app = create_app(config, book, api_key, target, clock=clock, registry=registry, spend=spend)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

@@ -413,7 +413,7 @@ async def test_usage_records_are_one_json_log_line_each(
     fake.enqueue(Reply(usage=USAGE))
     await http.post("/chat/completions", json=CHAT)
     [record] = await proxy.sink.wait_for(1)
-    caplog.set_level("INFO", logger="proxy.usage")
+    caplog.set_level("DEBUG", logger="proxy.usage")
     LogSink().submit(record)
     [line] = [r.getMessage() for r in caplog.records if r.name == "proxy.usage"]
     assert "\n" not in line
