@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from datetime import datetime
 from decimal import Decimal
@@ -89,6 +92,12 @@ async def test_sigterm_drains_streams_and_restart_keeps_spend(tmp_path: Path, bo
                 httpx.AsyncClient(base_url=again.url) as http:
             text = (await http.get("/metrics")).text
         assert scraped_spend(text, "alpha", "month", "USD") == float(usd)
+        # ... and the report agrees with the ledger to the last digit.
+        report = subprocess.run(
+            [sys.executable, "-m", "proxy", "report", "--config", str(tmp_path / "proxy.yaml"),
+             "--format", "json", "--by", "team"], capture_output=True, text=True, check=True)
+        total = json.loads(report.stdout)["total"]
+        assert (total["requests"], Decimal(total["cost"]["USD"])) == (6, usd)
 
 
 async def test_kill_9_loses_at_most_the_stated_window(tmp_path: Path) -> None:
