@@ -6,7 +6,7 @@ Routes (the OpenAI SDK works with ``base_url`` ``http://host:port``, ``.../v1`` 
     POST /beta/chat/completions                   -> DeepSeek /beta/chat/completions
     POST /beta/completions                        -> DeepSeek /beta/completions (FIM)
     GET  /models, /v1/models                      -> DeepSeek /models
-    GET  /healthz                                 no upstream call, no key needed
+    GET  /healthz, /readyz                        liveness, readiness (no key, no upstream)
     GET  /metrics                                 Prometheus text format, no key needed
 
 Every other path is a 404 in OpenAI's error shape, without touching DeepSeek. All routes but
@@ -24,10 +24,18 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from proxy.admission import Admission
 from proxy.auth import ClientKey, authenticate
 from proxy.budgets import BudgetGuard
 from proxy.config import ProxyConfig
-from proxy.errors import NotFound, ProxyError, Unauthorized, UpstreamRedirect, error_response
+from proxy.errors import (
+    HeadersTooLarge,
+    NotFound,
+    ProxyError,
+    Unauthorized,
+    UpstreamRedirect,
+    error_response,
+)
 from proxy.forward import (
     MAX_ERROR_BODY,
     Endpoint,
@@ -42,9 +50,11 @@ from proxy.records import RecordSink
 from proxy.upstream import Upstream, response_headers
 
 STATE = web.AppKey("state", ProxyState)
+ADMISSION = web.AppKey("admission", Admission)
+"""Also reachable before start-up completes, so `serve` can start draining on SIGTERM."""
 CLIENT = web.RequestKey("client", ClientKey)
 
-_PUBLIC = frozenset({"/healthz", "/metrics"})
+_PUBLIC = frozenset({"/healthz", "/readyz", "/metrics"})
 _CHAT = Endpoint("chat", "/chat/completions")
 _BETA_CHAT = Endpoint("chat", "/beta/chat/completions")
 _FIM = Endpoint("fim", "/beta/completions")
@@ -60,6 +70,9 @@ def _utc_now() -> datetime:
 async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Authenticate API routes and render every failure as an OpenAI-shaped error."""
     try:
+        limit = request.app[STATE].config.limits.max_header_bytes
+        if sum(len(name) + len(value) + 4 for name, value in request.raw_headers) > limit:
+            raise HeadersTooLarge(f"request headers exceed {limit} bytes")
         if request.match_info.http_exception is None and request.path not in _PUBLIC:
             client = authenticate(request.headers.get("Authorization"),
                                   request.app[STATE].config.keys)
@@ -97,7 +110,15 @@ async def _models(request: web.Request) -> web.StreamResponse:
 
 
 async def _healthz(request: web.Request) -> web.StreamResponse:
+    """Liveness: the process answers."""
     return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.StreamResponse:
+    """Readiness: false while draining for a shutdown, so load balancers stop sending calls."""
+    if request.app[ADMISSION].draining:
+        return web.json_response({"status": "draining"}, status=503)
+    return web.json_response({"status": "ready"})
 
 
 def create_app(config: ProxyConfig, book: PriceBook, api_key: str, sink: RecordSink, *,
@@ -108,14 +129,17 @@ def create_app(config: ProxyConfig, book: PriceBook, api_key: str, sink: RecordS
     `registry` receives every metric (a fresh one by default); `spend` reads daily spend from
     the ledger for `llm_team_spend` (omitted when there is no ledger).
     """
-    app = web.Application(middlewares=[errors_and_auth], client_max_size=config.max_request_bytes)
+    app = web.Application(middlewares=[errors_and_auth],
+                          client_max_size=config.limits.max_request_bytes)
     registry = registry if registry is not None else CollectorRegistry()
     metrics = ProxyMetrics(registry, teams=config.teams, models=book.models,
                            tools=book.tool_fees, currencies=book.currencies, spend=spend,
                            billing_timezone=config.billing_timezone, clock=clock,
                            budgets=config.budgets, book=book)
     budgets = BudgetGuard(config.budgets, book, spend, config.billing_timezone,
-                          config.max_output_tokens)
+                          config.limits.max_output_tokens)
+    admission = Admission(config.limits)
+    app[ADMISSION] = admission
 
     async def upstream_session(app: web.Application) -> AsyncIterator[None]:
         session = aiohttp.ClientSession(
@@ -123,7 +147,8 @@ def create_app(config: ProxyConfig, book: PriceBook, api_key: str, sink: RecordS
             skip_auto_headers=("User-Agent",))
         upstream = Upstream(session, config.upstream_base_url, api_key, config.timeouts)
         app[STATE] = ProxyState(config=config, book=book, upstream=upstream, sink=sink,
-                                metrics=metrics, budgets=budgets, clock=clock)
+                                metrics=metrics, budgets=budgets, admission=admission,
+                                clock=clock)
         yield
         await session.close()
 
@@ -135,6 +160,7 @@ def create_app(config: ProxyConfig, book: PriceBook, api_key: str, sink: RecordS
     app.router.add_get("/models", _models)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics_handler(registry))
     return app
 

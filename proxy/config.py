@@ -25,8 +25,6 @@ from proxy.usage import DEFAULT_TOOL_FIELDS
 from proxy.yamlfile import YamlError, load_yaml
 
 DEFAULT_CONFIG = Path("config/proxy.yaml")
-DEFAULT_MAX_OUTPUT_TOKENS = 393_216
-"""DeepSeek V4's maximum output (384K tokens): the bound for calls that set no max_tokens."""
 DEFAULT_LEDGER = "../data/ledger.sqlite3"
 """Relative to the config file: ``config/proxy.yaml`` -> ``data/ledger.sqlite3``."""
 _HASH = re.compile(r"^sha256:([0-9a-f]{64})$")
@@ -62,6 +60,29 @@ class Timeouts:
     idle: float = 120.0
     total: float = 1800.0
     client_disconnect_grace: float = 60.0
+    client_header: float = 15.0
+    """A client must send a request's headers within this many seconds of connecting (or of
+    its previous response): the defence against slowloris."""
+    client_body: float = 60.0
+    """... and its body within this many seconds once the headers are in (else 408)."""
+    drain: float = 30.0
+    """On SIGTERM, how long running calls may take to finish before they are cancelled."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Sizes and concurrency the proxy accepts; past them it refuses at once, without asking
+    DeepSeek (413, 431, 503 with Retry-After)."""
+
+    max_request_bytes: int = 16 * 2**20
+    max_header_bytes: int = 16 * 2**10
+    max_output_tokens: int = 393_216
+    """DeepSeek V4's maximum output (384K tokens): what a hard budget reserves for a call
+    without ``max_tokens``."""
+    max_inflight: int = 1000
+    """Calls in progress across all teams (DeepSeek limits concurrency per account)."""
+    max_inflight_per_team: int = 250
+    """... and per team, so one team cannot starve the others."""
 
 
 Period = Literal["day", "week", "month"]
@@ -96,14 +117,12 @@ class ProxyConfig:
     """SHA-256 hex of a client key -> the key's team and id."""
     teams: tuple[str, ...]
     timeouts: Timeouts
-    max_request_bytes: int
+    limits: Limits
     tool_fields: Mapping[str, str]
     ledger_path: Path
     flush_interval: float
     billing_timezone: ZoneInfo
     budgets: tuple[Budget, ...] = ()
-    max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS
-    """Output bound reserved for a call without ``max_tokens`` (hard budgets)."""
 
 
 def load_config(path: Path) -> ProxyConfig:
@@ -127,7 +146,7 @@ def load_config(path: Path) -> ProxyConfig:
     reader.keys(upstream, "upstream", {"base_url", "api_key_env"})
     reader.keys(pricing, "pricing", {"book", "price_at"})
     reader.keys(timeouts, "timeouts", set(Timeouts.__dataclass_fields__))
-    reader.keys(limits, "limits", {"max_request_bytes", "max_output_tokens"})
+    reader.keys(limits, "limits", set(Limits.__dataclass_fields__))
     reader.keys(usage, "usage", {"server_tool_fields"})
 
     port = listen.get("port", 8080)
@@ -154,16 +173,14 @@ def load_config(path: Path) -> ProxyConfig:
         teams=teams,
         timeouts=Timeouts(**{name: reader.seconds(value, f"timeouts.{name}")
                              for name, value in timeouts.items()}),
-        max_request_bytes=reader.positive_int(limits.get("max_request_bytes", 16 * 2**20),
-                                              "limits.max_request_bytes"),
+        limits=Limits(**{name: reader.positive_int(value, f"limits.{name}")
+                         for name, value in limits.items()}),
         tool_fields=MappingProxyType({**DEFAULT_TOOL_FIELDS, **_tool_fields(reader, usage)}),
         ledger_path=path.parent / reader.text(ledger.get("path", DEFAULT_LEDGER), "ledger.path"),
         flush_interval=reader.seconds(ledger.get("flush_interval", DEFAULT_FLUSH_INTERVAL),
                                       "ledger.flush_interval"),
         billing_timezone=_timezone(reader, ledger.get("billing_timezone", "Asia/Shanghai")),
         budgets=_budgets(reader, raw.get("budgets"), teams),
-        max_output_tokens=reader.positive_int(
-            limits.get("max_output_tokens", DEFAULT_MAX_OUTPUT_TOKENS), "limits.max_output_tokens"),
     )
 
 

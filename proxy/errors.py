@@ -4,7 +4,10 @@
     ├── BadRequest              400  the body is not a JSON object, or lacks what we need
     ├── Unauthorized            401  missing or unknown client key
     ├── NotFound                404  no such route (upstream is never asked)
+    ├── RequestTimeout          408  the request body did not arrive in time
     ├── PayloadTooLarge         413  request body over the configured limit
+    ├── HeadersTooLarge         431  request headers over the configured limit
+    ├── Overloaded              503  too many calls in progress, or shutting down
     ├── BudgetExceeded          402  a hard budget would be passed (proxy.budgets)
     ├── BudgetUnavailable       503  budget state unreadable: fail closed (proxy.budgets)
     ├── UpstreamUnavailable     502  could not connect to DeepSeek (nothing was sent)
@@ -28,6 +31,7 @@ class ProxyError(Exception):
     code: str | None = None
     retry: bool | None = None  # None: let the SDK decide by status
     details: Mapping[str, object] | None = None  # extra fields inside "error"
+    retry_after: int | None = None  # seconds, sent as Retry-After
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -57,6 +61,29 @@ class PayloadTooLarge(ProxyError):
     error_type = "invalid_request_error"
     code = "payload_too_large"
     retry = False
+
+
+class RequestTimeout(ProxyError):
+    status = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
+
+
+class HeadersTooLarge(ProxyError):
+    status = 431
+    error_type = "invalid_request_error"
+    code = "headers_too_large"
+    retry = False
+
+
+class Overloaded(ProxyError):
+    """Too many calls in progress (globally or for the team), or the proxy is shutting down:
+    refused at once rather than queued, with a hint when to come back."""
+
+    status = 503
+    error_type = "server_error"
+    code = "overloaded"
+    retry_after = 1
 
 
 class UpstreamUnavailable(ProxyError):
@@ -91,6 +118,8 @@ def error_response(error: ProxyError) -> web.Response:
     headers = {}
     if error.retry is not None:
         headers["x-should-retry"] = "true" if error.retry else "false"
+    if error.retry_after is not None:
+        headers["Retry-After"] = str(error.retry_after)
     return web.Response(status=error.status, headers=headers, content_type="application/json",
                         body=error_body(error.message, error.error_type, error.code,
                                         error.details))

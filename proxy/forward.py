@@ -35,13 +35,15 @@ from uuid import uuid4
 import aiohttp
 from aiohttp import web
 
+from proxy.admission import Admission
 from proxy.auth import ClientKey
-from proxy.budgets import BudgetGuard
+from proxy.budgets import BudgetExceeded, BudgetGuard
 from proxy.config import ProxyConfig
 from proxy.errors import (
     BadRequest,
     PayloadTooLarge,
     ProxyError,
+    RequestTimeout,
     UpstreamRedirect,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -77,14 +79,18 @@ class ProxyState:
     sink: RecordSink
     metrics: ProxyMetrics
     budgets: BudgetGuard
+    admission: Admission
     clock: Callable[[], datetime]
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.Request, limit: int, within: float) -> bytes:
     try:
-        return await request.read()
+        async with asyncio.timeout(within):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"request body exceeds {limit} bytes") from None
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {within:g} s") from None
 
 
 def parse_payload(body: bytes) -> dict[str, Any]:
@@ -141,16 +147,20 @@ def redact(body: bytes, api_key: str) -> bytes:
 async def proxy_completion(request: web.Request, state: ProxyState, client: ClientKey,
                            endpoint: Endpoint) -> web.StreamResponse:
     started_at = state.clock()
-    body = await read_body(request, state.config.max_request_bytes)
+    body = await read_body(request, state.config.limits.max_request_bytes,
+                           state.config.timeouts.client_body)
     tick = time.perf_counter()
     payload = parse_payload(body)
     meter = CallMeter(request_id=uuid4().hex, team=client.team, key_id=client.key_id,
                       endpoint=endpoint.name, stream=payload.get("stream") is True,
                       model_requested=payload["model"], payload=payload, started_at=started_at)
+    state.admission.enter(client.team)
     try:
         reservation = state.budgets.reserve(client.team, payload, started_at)
-    except ProxyError:
-        state.metrics.budget_refusals.labels(client.team).inc()
+    except ProxyError as exc:
+        state.admission.leave(client.team)
+        if isinstance(exc, BudgetExceeded):
+            state.metrics.budget_refusals.labels(client.team).inc()
         raise
     exchange = _Exchange(request, state, meter, wants_usage(payload))
     state.sink.dispatched(in_flight_record(meter, state.book))
@@ -165,6 +175,7 @@ async def proxy_completion(request: web.Request, state: ProxyState, client: Clie
         raise
     finally:
         inflight.dec()
+        state.admission.leave(client.team)
         record = _submit(state, meter)
         billable = record is None or record.usage_source != "none"
         state.budgets.settle(reservation, (record.costs if record else {}) if billable else None)

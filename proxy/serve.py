@@ -3,9 +3,8 @@
 This is the only module that reads the environment (for the DeepSeek key, under the name the
 config gives). Start-up fails with a one-line reason naming the file and key at fault.
 
-SIGTERM and SIGINT stop the server gracefully (aiohttp stops accepting, lets running calls
-finish, then runs the cleanups): the ledger writer is closed last, after every call's record was
-submitted, so a graceful stop loses nothing.
+SIGTERM and SIGINT stop the server gracefully (`_run`): the ledger writer is closed last, after
+every call's record was submitted, so a graceful stop loses nothing.
 """
 
 from __future__ import annotations
@@ -14,15 +13,15 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sqlite3
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
 
-from proxy.app import create_app
-from proxy.config import DEFAULT_CONFIG, ConfigError, load_config
+from proxy.app import ADMISSION, create_app
+from proxy.config import DEFAULT_CONFIG, ConfigError, ProxyConfig, load_config
 from proxy.ledger.store import SQLiteLedger
 from proxy.ledger.writer import LedgerWriter
 from proxy.pricing import PriceBookError, load_price_book
@@ -69,17 +68,31 @@ def _serve(args: argparse.Namespace) -> int:
                     "recorded as 'interrupted' with unknown usage", store.interrupted)
     writer = LedgerWriter(store, config.flush_interval)
     app = create_app(config, book, api_key, FanOut(writer, LogSink()), spend=store.spend)
-
-    async def close_ledger(app: web.Application) -> AsyncIterator[None]:
-        yield
-        await asyncio.to_thread(writer.close)  # after in-flight calls finished: nothing lost
-
-    app.cleanup_ctx.insert(0, close_ledger)
     log.info("proxy for %s on http://%s:%d, %d team(s), price book %s, ledger %s",
              config.upstream_base_url, config.host, config.port, len(config.teams),
              book.digest[:12], config.ledger_path)
     try:
-        web.run_app(app, host=config.host, port=config.port, print=None, access_log=None)
+        asyncio.run(_run(app, config))
     finally:
-        writer.close()
+        writer.close()  # after every running call ended and was submitted: nothing lost
     return 0
+
+
+async def _run(app: web.Application, config: ProxyConfig) -> None:
+    """Serve until SIGTERM or SIGINT, then drain: readiness goes false and new calls get 503,
+    the listening socket closes, running calls have `timeouts.drain` seconds to finish (then
+    they are cancelled and recorded as ``aborted``)."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.timeouts.drain,
+                           keepalive_timeout=config.timeouts.client_header)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, config.host, config.port).start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        app[ADMISSION].draining = True
+        log.info("draining: waiting up to %g s for running calls", config.timeouts.drain)
+    finally:
+        await runner.cleanup()

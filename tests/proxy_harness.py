@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy.app import create_app
 from proxy.auth import ClientKey, hash_key, key_id_of
-from proxy.config import Budget, ProxyConfig, Timeouts
+from proxy.config import Budget, Limits, ProxyConfig, Timeouts
 from proxy.metrics import SpendReader
 from proxy.pricing import PriceBook
 from proxy.records import FanOut, RecordSink, UsageRecord
@@ -59,7 +59,7 @@ def make_config(upstream_url: str, book_files: tuple[Path, ...], **timeouts: flo
         path=Path("test-config.yaml"), host="127.0.0.1", port=0,
         upstream_base_url=upstream_url, upstream_key_env="UNUSED", price_book=book_files,
         price_at="request_start", keys=MappingProxyType(keys), teams=tuple(TEAM_KEYS),
-        timeouts=replace(Timeouts(), **timeouts), max_request_bytes=1 << 20,
+        timeouts=replace(Timeouts(), **timeouts), limits=Limits(max_request_bytes=1 << 20),
         tool_fields=DEFAULT_TOOL_FIELDS, ledger_path=Path("unused.sqlite3"), flush_interval=0.1,
         billing_timezone=ZoneInfo("Asia/Shanghai"))
 
@@ -70,6 +70,7 @@ class RunningProxy:
     sink: RecordingSink
     config: ProxyConfig
     registry: CollectorRegistry
+    app: web.Application
 
 
 @asynccontextmanager
@@ -77,19 +78,20 @@ async def running_proxy(upstream_url: str, book: PriceBook, *,
                         clock: Callable[[], datetime] = lambda: PEAK,
                         api_key: str = FAKE_UPSTREAM_KEY, sink: RecordSink | None = None,
                         spend: SpendReader | None = None, budgets: tuple[Budget, ...] = (),
-                        **timeouts: float) -> AsyncIterator[RunningProxy]:
-    config = replace(make_config(upstream_url, tuple(Path(f) for f in book.files), **timeouts),
-                     budgets=budgets)
+                        limits: Limits | None = None, **timeouts: float
+                        ) -> AsyncIterator[RunningProxy]:
+    config = make_config(upstream_url, tuple(Path(f) for f in book.files), **timeouts)
+    config = replace(config, budgets=budgets, limits=limits or config.limits)
     recording = RecordingSink()
     registry = CollectorRegistry()
     target: RecordSink = recording if sink is None else FanOut(recording, sink)
     app = create_app(config, book, api_key, target, clock=clock, registry=registry, spend=spend)
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, keepalive_timeout=config.timeouts.client_header)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
     try:
-        yield RunningProxy(f"http://127.0.0.1:{port}", recording, config, registry)
+        yield RunningProxy(f"http://127.0.0.1:{port}", recording, config, registry, app)
     finally:
         await runner.cleanup()

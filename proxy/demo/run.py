@@ -45,7 +45,7 @@ from aiohttp import web
 
 from proxy.app import create_app
 from proxy.auth import ClientKey, hash_key, key_id_of, new_key
-from proxy.config import ProxyConfig, Timeouts
+from proxy.config import Limits, ProxyConfig, Timeouts
 from proxy.demo.simulated_deepseek import SimulatedDeepSeek
 from proxy.ledger.store import SQLiteLedger, connect
 from proxy.ledger.writer import DEFAULT_FLUSH_INTERVAL, LedgerWriter
@@ -288,7 +288,7 @@ def _config(upstream_url: str, ledger: Path, port: int, team_keys: dict[str, str
         path=Path("(demo: built in code)"), host="127.0.0.1", port=port,
         upstream_base_url=upstream_url, upstream_key_env="(demo: generated key)",
         price_book=(PRICE_BOOK,), price_at="request_start", keys=MappingProxyType(keys),
-        teams=TEAMS, timeouts=Timeouts(), max_request_bytes=16 * 2**20,
+        teams=TEAMS, timeouts=Timeouts(), limits=Limits(),
         tool_fields=DEFAULT_TOOL_FIELDS, ledger_path=ledger,
         flush_interval=DEFAULT_FLUSH_INTERVAL, billing_timezone=BEIJING)
 
