@@ -93,7 +93,8 @@ async def test_sigterm_drains_streams_and_restart_keeps_spend(tmp_path: Path, bo
             text = (await http.get("/metrics")).text
         assert scraped_spend(text, "alpha", "month", "USD") == float(usd)
         # ... and the report agrees with the ledger to the last digit.
-        report = subprocess.run(
+        report = await asyncio.to_thread(
+            subprocess.run,
             [sys.executable, "-m", "proxy", "report", "--config", str(tmp_path / "proxy.yaml"),
              "--format", "json", "--by", "team"], capture_output=True, text=True, check=True)
         total = json.loads(report.stdout)["total"]
