@@ -17,8 +17,11 @@ middleware turns every error into OpenAI's shape.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
@@ -26,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from proxy.admission import Admission
 from proxy.auth import ClientKey, authenticate
-from proxy.budgets import BudgetGuard
+from proxy.budgets import BudgetGuard, SharedBudgetGuard
 from proxy.config import ProxyConfig
 from proxy.errors import (
     HeadersTooLarge,
@@ -123,11 +126,15 @@ async def _readyz(request: web.Request) -> web.StreamResponse:
 
 def create_app(config: ProxyConfig, book: PriceBook, api_key: str, sink: RecordSink, *,
                registry: CollectorRegistry | None = None, spend: SpendReader | None = None,
-               clock: Callable[[], datetime] = _utc_now) -> web.Application:
+               clock: Callable[[], datetime] = _utc_now,
+               shared_metrics_dir: Path | None = None,
+               shared_ledger: Path | None = None) -> web.Application:
     """Build the application; the upstream session opens and closes with it.
 
     `registry` receives every metric (a fresh one by default); `spend` reads daily spend from
-    the ledger for `llm_team_spend` (omitted when there is no ledger).
+    the ledger for `llm_team_spend` (omitted when there is no ledger). With several workers
+    (``serve --workers N``), `shared_metrics_dir` is the folder they share metrics through and
+    `shared_ledger` the ledger that holds their hard-budget reservations.
     """
     app = web.Application(middlewares=[errors_and_auth],
                           client_max_size=config.limits.max_request_bytes)
@@ -135,9 +142,21 @@ def create_app(config: ProxyConfig, book: PriceBook, api_key: str, sink: RecordS
     metrics = ProxyMetrics(registry, teams=config.teams, models=book.models,
                            tools=book.tool_fees, currencies=book.currencies, spend=spend,
                            billing_timezone=config.billing_timezone, clock=clock,
-                           budgets=config.budgets, book=book)
-    budgets = BudgetGuard(config.budgets, book, spend, config.billing_timezone,
-                          config.limits.max_output_tokens)
+                           budgets=config.budgets, book=book, shared_dir=shared_metrics_dir)
+    budgets: BudgetGuard
+    if shared_ledger is not None:
+        shared = SharedBudgetGuard(config.budgets, book, shared_ledger, config.billing_timezone,
+                                   config.limits.max_output_tokens)
+        budgets = shared
+
+        async def close_budgets(app: web.Application) -> AsyncIterator[None]:
+            yield
+            shared.close()
+
+        app.cleanup_ctx.append(close_budgets)
+    else:
+        budgets = BudgetGuard(config.budgets, book, spend, config.billing_timezone,
+                              config.limits.max_output_tokens)
     admission = Admission(config.limits)
     app[ADMISSION] = admission
 
@@ -153,6 +172,8 @@ def create_app(config: ProxyConfig, book: PriceBook, api_key: str, sink: RecordS
         await session.close()
 
     app.cleanup_ctx.append(upstream_session)
+    if shared_metrics_dir is not None:
+        app.cleanup_ctx.append(_share_money(metrics))
     app.router.add_post("/chat/completions", _completion(_CHAT))
     app.router.add_post("/v1/chat/completions", _completion(_CHAT))
     app.router.add_post("/beta/chat/completions", _completion(_BETA_CHAT))
@@ -163,6 +184,26 @@ def create_app(config: ProxyConfig, book: PriceBook, api_key: str, sink: RecordS
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics_handler(registry))
     return app
+
+
+def _share_money(metrics: ProxyMetrics) -> Callable[[web.Application],
+                                                   AsyncIterator[None]]:
+    """Every second, publish this worker's exact cost totals for the other workers' scrapes."""
+
+    async def publish() -> None:
+        while True:
+            await asyncio.sleep(1.0)  # a period, not a wait for a condition
+            metrics.money.dump()
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(publish(), name="share-cost-totals")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        metrics.money.dump()
+
+    return context
 
 
 def _metrics_handler(registry: CollectorRegistry) -> Handler:

@@ -22,17 +22,21 @@ the ledger cannot be read, calls of teams with hard budgets are refused (fail cl
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import sqlite3
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from proxy.config import Budget
 from proxy.errors import ProxyError
-from proxy.ledger.store import SpendRow
+from proxy.ledger.store import SpendRow, Transaction, connect, money
 from proxy.metering import request_text
 from proxy.periods import period_end, period_start
 from proxy.pricing import PriceBook
@@ -76,6 +80,7 @@ class Reservation:
     """Amounts held for one call, per hard budget of its team."""
 
     team: str
+    request_id: str
     holds: list[tuple[_State, date, Decimal]] = field(default_factory=list)
 
 
@@ -93,9 +98,10 @@ class BudgetGuard:
             if budget.hard:
                 self._hard.setdefault(budget.team, []).append(_State(budget))
 
-    def reserve(self, team: str, payload: Mapping[str, Any], now: datetime) -> Reservation:
+    async def reserve(self, team: str, request_id: str, payload: Mapping[str, Any],
+                      now: datetime) -> Reservation:
         """Admit the call (returning its reservation) or raise `BudgetExceeded` (402)."""
-        reservation = Reservation(team)
+        reservation = Reservation(team, request_id)
         states = self._hard.get(team)
         if not states:
             return reservation
@@ -107,7 +113,9 @@ class BudgetGuard:
             if currency not in worst:
                 worst[currency] = self.worst_case(payload, currency, now)
             if state.spent + state.reserved + worst[currency] > state.budget.amount:
-                raise self._refusal(state, worst[currency])
+                assert state.start is not None
+                raise self._refusal(state.budget, state.start, state.spent, state.reserved,
+                                    worst[currency])
         for state in states:  # no await since the checks: the reservation is atomic
             amount = worst[state.budget.currency]
             state.reserved += amount
@@ -115,7 +123,8 @@ class BudgetGuard:
             reservation.holds.append((state, state.start, amount))
         return reservation
 
-    def settle(self, reservation: Reservation, costs: Mapping[str, Decimal] | None) -> None:
+    async def settle(self, reservation: Reservation, costs: Mapping[str, Decimal] | None
+                     ) -> None:
         """Replace the held amounts by the call's real cost (None: nothing billable)."""
         for state, start, held in reservation.holds:
             state.reserved -= held
@@ -142,16 +151,6 @@ class BudgetGuard:
         return max((rates[currency].cache_miss * prompt + rates[currency].output * output
                     ).scaleb(-6) for rates in resolution.version.tiers.values())
 
-    def snapshot(self, now: datetime) -> list[tuple[Budget, Decimal, Decimal]]:
-        """(budget, spent, reserved) of every hard budget, for metrics and tests."""
-        day = now.astimezone(self._tz).date()
-        result = []
-        for states in self._hard.values():
-            for state in states:
-                self._roll(state, day)
-                result.append((state.budget, state.spent, state.reserved))
-        return result
-
     def _roll(self, state: _State, day: date) -> None:
         """At start-up and when a new period begins, read the period's spend from the ledger."""
         start = period_start(day, state.budget.period)
@@ -167,17 +166,103 @@ class BudgetGuard:
                            and r.currency == state.budget.currency), _ZERO)
         state.start = start
 
-    def _refusal(self, state: _State, worst: Decimal) -> BudgetExceeded:
-        budget = state.budget
-        assert state.start is not None
-        resets = datetime.combine(period_end(state.start, budget.period), datetime.min.time(),
+    def _refusal(self, budget: Budget, start: date, spent: Decimal, reserved: Decimal,
+                 worst: Decimal) -> BudgetExceeded:
+        resets = datetime.combine(period_end(start, budget.period), datetime.min.time(),
                                   self._tz)
         details = {"team": budget.team, "period": budget.period, "currency": budget.currency,
-                   "budget": str(budget.amount), "spent": str(state.spent),
-                   "reserved": str(state.reserved), "call_worst_case": str(worst),
+                   "budget": str(budget.amount), "spent": str(spent),
+                   "reserved": str(reserved), "call_worst_case": str(worst),
                    "resets_at": resets.isoformat()}
         return BudgetExceeded(
-            f"team {budget.team!r} has spent {state.spent} {budget.currency} of its "
+            f"team {budget.team!r} has spent {spent} {budget.currency} of its "
             f"{budget.amount} {budget.currency} {budget.period} budget "
-            f"({state.reserved} {budget.currency} held by running calls; this call could cost "
+            f"({reserved} {budget.currency} held by running calls; this call could cost "
             f"up to {worst}); the budget resets at {resets.isoformat()}", details)
+
+
+class SharedBudgetGuard(BudgetGuard):
+    """Hard budgets across worker processes (``serve --workers N``).
+
+    Holds live in the ledger's ``budget_holds`` table: the check (ledger spend plus every
+    worker's holds plus this call's worst case) and the new hold are one ``BEGIN IMMEDIATE``
+    transaction, so workers cannot race past a budget either. A settled hold keeps the call's
+    real cost until the ledger writer stores the call's record and drops the hold in the same
+    transaction that adds the cost to the spend, so spend is never counted twice or not at
+    all. SQLite work runs on one dedicated thread, off the event loop.
+    """
+
+    def __init__(self, budgets: Sequence[Budget], book: PriceBook, ledger: Path,
+                 timezone: ZoneInfo, max_output_tokens: int) -> None:
+        super().__init__(budgets, book, None, timezone, max_output_tokens)
+        self._conn = connect(ledger)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="budgets")
+
+    def close(self) -> None:
+        self._executor.shutdown()
+        self._conn.close()
+
+    async def reserve(self, team: str, request_id: str, payload: Mapping[str, Any],
+                      now: datetime) -> Reservation:
+        reservation = Reservation(team, request_id)
+        states = self._hard.get(team)
+        if not states:
+            return reservation
+        worst: dict[str, Decimal] = {}
+        for state in states:
+            if state.budget.currency not in worst:
+                worst[state.budget.currency] = self.worst_case(payload, state.budget.currency,
+                                                               now)
+        day = now.astimezone(self._tz).date()
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self._hold, team, request_id, day,
+                                       [s.budget for s in states], worst)
+        except sqlite3.Error as exc:
+            log.exception("cannot read or write budget holds")
+            raise BudgetUnavailable("budget state cannot be read; calls of teams with hard "
+                                    "budgets are refused until it can") from exc
+        return reservation
+
+    def _hold(self, team: str, request_id: str, day: date, budgets: Sequence[Budget],
+              worst: Mapping[str, Decimal]) -> None:
+        with Transaction(self._conn) as conn:
+            for budget in budgets:
+                start = period_start(day, budget.period)
+                spent = _decimal(conn.execute(
+                    "SELECT decimal_sum(amount) FROM spend_daily WHERE team = ? AND "
+                    "currency = ? AND day BETWEEN ? AND ?",
+                    (team, budget.currency, start.isoformat(), day.isoformat())).fetchone())
+                held = _decimal(conn.execute(
+                    "SELECT decimal_sum(amount) FROM budget_holds WHERE team = ? AND "
+                    "currency = ? AND day >= ?",
+                    (team, budget.currency, start.isoformat())).fetchone())
+                if spent + held + worst[budget.currency] > budget.amount:
+                    raise self._refusal(budget, start, spent, held, worst[budget.currency])
+            conn.executemany("INSERT INTO budget_holds VALUES (?, ?, ?, ?, ?)",
+                             [(request_id, team, currency, day.isoformat(), money(amount))
+                              for currency, amount in worst.items()])
+
+    async def settle(self, reservation: Reservation, costs: Mapping[str, Decimal] | None
+                     ) -> None:
+        if reservation.team not in self._hard:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self._settle, reservation.request_id,
+                                       costs)
+        except sqlite3.Error:
+            log.exception("cannot settle budget hold of %s", reservation.request_id)
+
+    def _settle(self, request_id: str, costs: Mapping[str, Decimal] | None) -> None:
+        with Transaction(self._conn) as conn:
+            if costs is None:
+                conn.execute("DELETE FROM budget_holds WHERE request_id = ?", (request_id,))
+                return
+            conn.executemany(
+                "UPDATE budget_holds SET amount = ? WHERE request_id = ? AND currency = ?",
+                [(money(amount), request_id, currency) for currency, amount in costs.items()])
+
+
+def _decimal(row: tuple[str | None] | None) -> Decimal:
+    return Decimal(row[0]) if row and row[0] is not None else _ZERO

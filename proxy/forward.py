@@ -156,7 +156,8 @@ async def proxy_completion(request: web.Request, state: ProxyState, client: Clie
                       model_requested=payload["model"], payload=payload, started_at=started_at)
     state.admission.enter(client.team)
     try:
-        reservation = state.budgets.reserve(client.team, payload, started_at)
+        reservation = await state.budgets.reserve(client.team, meter.request_id, payload,
+                                                  started_at)
     except ProxyError as exc:
         state.admission.leave(client.team)
         if isinstance(exc, BudgetExceeded):
@@ -178,7 +179,8 @@ async def proxy_completion(request: web.Request, state: ProxyState, client: Clie
         state.admission.leave(client.team)
         record = _submit(state, meter)
         billable = record is None or record.usage_source != "none"
-        state.budgets.settle(reservation, (record.costs if record else {}) if billable else None)
+        await state.budgets.settle(reservation,
+                                   (record.costs if record else {}) if billable else None)
 
 
 def _submit(state: ProxyState, meter: CallMeter) -> UsageRecord | None:

@@ -13,13 +13,17 @@ from the ledger at scrape time, so it is right after a restart.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable, Collection, Iterator, Sequence
 from datetime import date, datetime
 from decimal import Decimal
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from proxy.config import Budget
@@ -44,9 +48,16 @@ class ProxyMetrics:
                  models: Collection[str], tools: Collection[str], currencies: Sequence[str],
                  spend: SpendReader | None, billing_timezone: ZoneInfo,
                  clock: Callable[[], datetime], budgets: Sequence[Budget] = (),
-                 book: PriceBook | None = None) -> None:
+                 book: PriceBook | None = None, shared_dir: Path | None = None) -> None:
+        """`registry` is what ``/metrics`` exports. With `shared_dir` (``serve --workers N``,
+        prometheus_client's multiprocess mode), the standard metrics live in files there and
+        `registry` exports the sum over all workers."""
         self._models = frozenset(models)
         self._tools = frozenset(tools)
+        exported = registry
+        if shared_dir is not None:
+            MultiProcessCollector(exported, path=str(shared_dir))  # type: ignore[no-untyped-call]
+            registry = CollectorRegistry()  # the metric objects; their values are in the files
         self.requests = Counter(
             "llm_requests_total", "Calls dispatched to DeepSeek, by the HTTP status returned",
             ["team", "model", "endpoint", "status"], registry=registry)
@@ -78,16 +89,18 @@ class ProxyMetrics:
             "llm_upstream_errors_total", "DeepSeek errors, cuts, timeouts and connect failures",
             ["reason"], registry=registry)
         self.inflight = Gauge(
-            "llm_inflight_requests", "Calls in progress", ["team"], registry=registry)
+            "llm_inflight_requests", "Calls in progress", ["team"], registry=registry,
+            multiprocess_mode="livesum")
         self.budget_refusals = Counter(
             "llm_budget_refusals_total", "Calls refused (HTTP 402) because of a hard budget",
             ["team"], registry=registry)
         budget = Gauge("llm_team_budget", "A team's budget for a billing period",
-                       ["team", "period", "currency"], registry=registry)
+                       ["team", "period", "currency"], registry=registry,
+                       multiprocess_mode="max")
         threshold = Gauge(
             "llm_team_budget_threshold", "Spend at which a soft budget threshold is crossed; "
             "`threshold` is the percentage", ["team", "period", "currency", "threshold"],
-            registry=registry)
+            registry=registry, multiprocess_mode="max")
         for entry in budgets:
             budget.labels(entry.team, entry.period, entry.currency).set(float(entry.amount))
             for percent in entry.soft:
@@ -96,12 +109,12 @@ class ProxyMetrics:
                     float(entry.amount * percent / 100))
         for team in teams:
             self.budget_refusals.labels(team)
-        self.money = _MoneyCollector()
-        registry.register(self.money)
+        self.money = _MoneyCollector(shared_dir)
+        exported.register(self.money)
         if book is not None:
-            registry.register(_CalendarCollector(book, clock))
+            exported.register(_CalendarCollector(book, clock))
         if spend is not None:
-            registry.register(_SpendCollector(spend, teams, currencies, billing_timezone,
+            exported.register(_SpendCollector(spend, teams, currencies, billing_timezone,
                                               clock))
         for team in teams:
             self.inflight.labels(team).set(0)
@@ -152,11 +165,43 @@ def _upstream_error(record: UsageRecord) -> str | None:
 
 
 class _MoneyCollector(Collector):
-    """`llm_cost_total` and `llm_cache_savings_total`, summed exactly, exported as floats."""
+    """`llm_cost_total` and `llm_cache_savings_total`, summed exactly, exported as floats.
 
-    def __init__(self) -> None:
-        self.cost: dict[tuple[str, str, str, str], Decimal] = {}
-        self.savings: dict[tuple[str, str, str], Decimal] = {}
+    With several workers each one writes its exact totals to ``money-<pid>.json`` in the shared
+    folder (`dump`, every second and at exit), and a scrape adds the other workers' files to its
+    own live totals, so the sum stays exact; other workers' figures lag by up to a second.
+    """
+
+    def __init__(self, shared_dir: Path | None = None) -> None:
+        self.cost: dict[tuple[str, ...], Decimal] = {}
+        self.savings: dict[tuple[str, ...], Decimal] = {}
+        self._shared_dir = shared_dir
+        self._own = f"money-{os.getpid()}.json"
+
+    def dump(self) -> None:
+        if self._shared_dir is None:
+            return
+        data = {"cost": [[*k, str(v)] for k, v in self.cost.items()],
+                "savings": [[*k, str(v)] for k, v in self.savings.items()]}
+        temporary = self._shared_dir / f".{self._own}.tmp"
+        temporary.write_text(json.dumps(data), encoding="utf-8")
+        temporary.replace(self._shared_dir / self._own)
+
+    def _totals(self) -> tuple[dict[tuple[str, ...], Decimal], dict[tuple[str, ...], Decimal]]:
+        cost, savings = dict(self.cost), dict(self.savings)
+        if self._shared_dir is None:
+            return cost, savings
+        for path in self._shared_dir.glob("money-*.json"):
+            if path.name == self._own:
+                continue
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue  # a worker is replacing its file right now; next scrape has it
+            for target, rows in ((cost, data["cost"]), (savings, data["savings"])):
+                for *key, amount in rows:
+                    target[tuple(key)] = target.get(tuple(key), Decimal(0)) + Decimal(amount)
+        return cost, savings
 
     def add(self, team: str, model: str, record: UsageRecord) -> None:
         tier = record.tier or OTHER
@@ -168,14 +213,15 @@ class _MoneyCollector(Collector):
             self.savings[skey] = self.savings.get(skey, Decimal(0)) + amount
 
     def collect(self) -> Iterator[Metric]:
+        costs, savings_totals = self._totals()
         cost = CounterMetricFamily("llm_cost_total", "Spend as priced by the price book",
                                    labels=["team", "model", "currency", "tier"])
-        for key, amount in sorted(self.cost.items()):
+        for key, amount in sorted(costs.items()):
             cost.add_metric(list(key), float(amount))
         savings = CounterMetricFamily(
             "llm_cache_savings_total", "What cache-hit tokens would have cost at the cache-miss "
             "price, minus what they cost", labels=["team", "model", "currency"])
-        for skey, amount in sorted(self.savings.items()):
+        for skey, amount in sorted(savings_totals.items()):
             savings.add_metric(list(skey), float(amount))
         yield cost
         yield savings

@@ -26,6 +26,7 @@ from proxy.ledger.store import SQLiteLedger
 from proxy.ledger.writer import LedgerWriter
 from proxy.pricing import PriceBookError, load_price_book
 from proxy.records import FanOut, LogSink
+from proxy.workers import MULTIPROC_ENV, supervise
 
 log = logging.getLogger("proxy")
 
@@ -36,7 +37,16 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                        help=f"configuration file (default: {DEFAULT_CONFIG})")
     serve.add_argument("--log-level", default="INFO",
                        choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    serve.add_argument("--workers", type=_positive, default=1,
+                       help="worker processes sharing the port (default 1; up to the cores)")
+    serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     serve.set_defaults(handler=_serve)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -58,7 +68,8 @@ def _serve(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     try:
-        store = SQLiteLedger(config.ledger_path, config.billing_timezone)
+        # A worker joins running siblings: recovering would end their calls.
+        store = SQLiteLedger(config.ledger_path, config.billing_timezone, recover=not args.worker)
     except (OSError, sqlite3.Error) as exc:
         print(f"cannot start: {config.path}: ledger.path: cannot open {config.ledger_path}: "
               f"{exc}", file=sys.stderr)
@@ -66,19 +77,25 @@ def _serve(args: argparse.Namespace) -> int:
     if store.interrupted:
         log.warning("%d call(s) were still in flight when the proxy last stopped; they are "
                     "recorded as 'interrupted' with unknown usage", store.interrupted)
-    writer = LedgerWriter(store, config.flush_interval)
-    app = create_app(config, book, api_key, FanOut(writer, LogSink()), spend=store.spend)
     log.info("proxy for %s on http://%s:%d, %d team(s), price book %s, ledger %s",
              config.upstream_base_url, config.host, config.port, len(config.teams),
              book.digest[:12], config.ledger_path)
+    if args.workers > 1 and not args.worker:
+        store.close()
+        return supervise(args.config, args.log_level, args.workers)
+    shared = Path(os.environ[MULTIPROC_ENV]) if args.worker else None
+    writer = LedgerWriter(store, config.flush_interval)
+    app = create_app(config, book, api_key, FanOut(writer, LogSink()), spend=store.spend,
+                     shared_metrics_dir=shared,
+                     shared_ledger=config.ledger_path if args.worker else None)
     try:
-        asyncio.run(_run(app, config))
+        asyncio.run(_run(app, config, reuse_port=args.worker))
     finally:
         writer.close()  # after every running call ended and was submitted: nothing lost
     return 0
 
 
-async def _run(app: web.Application, config: ProxyConfig) -> None:
+async def _run(app: web.Application, config: ProxyConfig, *, reuse_port: bool) -> None:
     """Serve until SIGTERM or SIGINT, then drain: readiness goes false and new calls get 503,
     the listening socket closes, running calls have `timeouts.drain` seconds to finish (then
     they are cancelled and recorded as ``aborted``)."""
@@ -86,7 +103,7 @@ async def _run(app: web.Application, config: ProxyConfig) -> None:
                            keepalive_timeout=config.timeouts.client_header)
     await runner.setup()
     try:
-        await web.TCPSite(runner, config.host, config.port).start()
+        await web.TCPSite(runner, config.host, config.port, reuse_port=reuse_port).start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):

@@ -25,8 +25,8 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def write_config(directory: Path, upstream_url: str, port: int, flush_interval: float = 0.1
-                 ) -> Path:
+def write_config(directory: Path, upstream_url: str, port: int, flush_interval: float = 0.1,
+                 extra: str = "") -> Path:
     teams = "".join(f"  {team}:\n    keys: ['sha256:{hash_key(key)}']\n"
                     for team, key in TEAM_KEYS.items())
     path = directory / "proxy.yaml"
@@ -35,7 +35,7 @@ def write_config(directory: Path, upstream_url: str, port: int, flush_interval: 
         f"upstream: {{base_url: '{upstream_url}', api_key_env: TEST_DEEPSEEK_KEY}}\n"
         f"pricing: {{book: ['{SHIPPED_BOOK}']}}\n"
         f"teams:\n{teams}"
-        f"ledger: {{path: ledger.sqlite3, flush_interval: {flush_interval}}}\n",
+        f"ledger: {{path: ledger.sqlite3, flush_interval: {flush_interval}}}\n{extra}",
         encoding="utf-8")
     return path
 
@@ -48,12 +48,14 @@ class ServeProcess:
 
 
 @asynccontextmanager
-async def serve_process(directory: Path, upstream_url: str) -> AsyncIterator[ServeProcess]:
+async def serve_process(directory: Path, upstream_url: str, *, workers: int = 1,
+                        extra_config: str = "") -> AsyncIterator[ServeProcess]:
     port = free_port()
-    config = write_config(directory, upstream_url, port)
+    config = write_config(directory, upstream_url, port, extra=extra_config)
     env = {**os.environ, "TEST_DEEPSEEK_KEY": FAKE_UPSTREAM_KEY}
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "serve", "--config", str(config), cwd=ROOT, env=env,
+        sys.executable, "-m", "proxy", "serve", "--config", str(config),
+        "--workers", str(workers), cwd=ROOT, env=env,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:

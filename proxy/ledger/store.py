@@ -14,6 +14,9 @@ Tables:
 - ``cost_history``: costs replaced by a re-pricing, so every past figure stays auditable.
 - ``spend_daily``: spend per team, billing day and currency, kept in the same transaction as the
   rows, so spend gauges and budgets read a handful of rows instead of scanning the ledger.
+- ``budget_holds``: what running calls may still cost, for hard budgets shared by several
+  workers (`proxy.budgets.SharedBudgetGuard`); a call's hold is dropped in the transaction that
+  stores its final record and adds its cost to ``spend_daily``.
 - ``meta``: schema version and the billing timezone ``spend_daily`` was built with.
 
 SQLite runs in WAL mode with ``synchronous=NORMAL``: a committed transaction survives the
@@ -90,6 +93,15 @@ CREATE TABLE IF NOT EXISTS cost_history (
     replaced_at TEXT NOT NULL,
     replaced_by_book TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS budget_holds (   -- hard-budget reservations across workers
+    request_id TEXT NOT NULL,
+    team TEXT NOT NULL,
+    currency TEXT NOT NULL,
+    day TEXT NOT NULL,
+    amount TEXT NOT NULL,
+    PRIMARY KEY (request_id, currency)
+);
+CREATE INDEX IF NOT EXISTS budget_holds_team ON budget_holds (team, currency, day);
 CREATE TABLE IF NOT EXISTS spend_daily (
     team TEXT NOT NULL,
     day TEXT NOT NULL,
@@ -187,14 +199,17 @@ class LedgerStore(Protocol):
 class SQLiteLedger:
     """The embedded ledger. One writer (the `LedgerWriter` thread); readers open their own."""
 
-    def __init__(self, path: Path, billing_timezone: ZoneInfo) -> None:
+    def __init__(self, path: Path, billing_timezone: ZoneInfo, *, recover: bool = True) -> None:
+        """Open (creating if needed) the ledger. `recover` ends rows left in flight and drops
+        budget holds: only for the one process that starts first, never for a worker that
+        joins running siblings (it would end their calls)."""
         self.path = path
         self.billing_timezone = billing_timezone
         self._conn = connect(path)  # the writer thread's
         self._conn.executescript(_SCHEMA)
         self._reader = connect(path)  # the event loop's (spend gauges, budgets)
         self._check_meta()
-        self.interrupted = self._recover()
+        self.interrupted = self._recover() if recover else 0
 
     def _check_meta(self) -> None:
         meta = dict(self._conn.execute("SELECT key, value FROM meta").fetchall())
@@ -225,6 +240,7 @@ class SQLiteLedger:
                 "UPDATE usage SET state = 'final', outcome = 'interrupted', "
                 "unpriced_reason = 'the proxy stopped before the call ended; usage unknown' "
                 "WHERE state = 'in_flight'")
+            self._conn.execute("DELETE FROM budget_holds")
         return cursor.rowcount
 
     def _transaction(self) -> Transaction:
@@ -255,6 +271,8 @@ class SQLiteLedger:
                 cursor = self._conn.execute(_UPSERT, self._row(record, "final"))
                 if cursor.rowcount == 1:
                     self._store_costs(record)
+            self._conn.executemany("DELETE FROM budget_holds WHERE request_id = ?",
+                                   [(record.request_id,) for record in final])
 
     def _store_costs(self, record: UsageRecord) -> None:
         day = self._day(record.started_at)
