@@ -423,3 +423,16 @@ async def test_usage_records_are_one_json_log_line_each(
     assert logged["started_at"] == "2026-11-02T01:30:00Z"
     assert logged["request_id"] == record.request_id
     assert TEAM_KEYS["alpha"] not in line and FAKE_UPSTREAM_KEY not in line
+
+
+async def test_hop_by_hop_headers_from_upstream_are_dropped(fake: FakeDeepSeek,
+                                                            http: httpx.AsyncClient) -> None:
+    fake.enqueue(Reply(usage=USAGE, headers={
+        "Connection": "X-Upstream-Hop", "X-Upstream-Hop": "1", "Keep-Alive": "timeout=5",
+        "Proxy-Authenticate": "Basic", "Upgrade": "h2c", "X-Kept": "yes"}))
+    response = await http.post("/chat/completions", json=CHAT)
+    assert response.status_code == 200
+    for name in ("x-upstream-hop", "keep-alive", "proxy-authenticate", "upgrade"):
+        assert name not in response.headers
+    assert response.headers["x-kept"] == "yes"
+    assert "x-ds-trace-id" in response.headers
