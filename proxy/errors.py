@@ -11,6 +11,7 @@
     ├── BudgetExceeded          402  a hard budget would be passed (proxy.budgets)
     ├── BudgetUnavailable       503  budget state unreadable: fail closed (proxy.budgets)
     ├── UpstreamUnavailable     502  could not connect to DeepSeek (nothing was sent)
+    ├── UpstreamCut             502  the connection broke after the request was sent
     ├── UpstreamRedirect        502  DeepSeek answered with a redirect (never followed)
     └── UpstreamTimeout         504  DeepSeek did not answer in time (it may have billed)
 
@@ -90,6 +91,16 @@ class UpstreamUnavailable(ProxyError):
     status = 502
     error_type = "upstream_error"
     code = "upstream_unavailable"
+
+
+class UpstreamCut(ProxyError):
+    """The connection broke after the request was sent, before DeepSeek's answer began: it may
+    be working on (and billing) the call, so an SDK must not send it again."""
+
+    status = 502
+    error_type = "upstream_error"
+    code = "upstream_cut"
+    retry = False
 
 
 class UpstreamRedirect(ProxyError):

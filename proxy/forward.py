@@ -44,6 +44,7 @@ from proxy.errors import (
     PayloadTooLarge,
     ProxyError,
     RequestTimeout,
+    UpstreamCut,
     UpstreamRedirect,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -227,7 +228,9 @@ class _Exchange:
                 async with upstream:
                     return await self._relay(upstream)
         except ProxyError as exc:
-            self.meter.outcome = "timeout" if isinstance(exc, UpstreamTimeout) else "connect_error"
+            self.meter.outcome = ("timeout" if isinstance(exc, UpstreamTimeout) else
+                                  "upstream_cut" if isinstance(exc, UpstreamCut) else
+                                  "connect_error")
             return error_response(exc)
         except TimeoutError:
             if not self.client_alive:
@@ -242,8 +245,9 @@ class _Exchange:
                 return self._finished_response()
             self.meter.outcome = "upstream_cut"
             return await self._fail("DeepSeek closed the connection before the response was "
-                                    "complete", UpstreamUnavailable(
-                                        "DeepSeek closed the connection before answering"))
+                                    "complete", UpstreamCut(
+                                        "DeepSeek closed the connection before answering; "
+                                        "the call may still be billed"))
 
     async def _relay(self, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
         meter = self.meter

@@ -7,7 +7,9 @@ bytes relayed to the client are exactly the bytes DeepSeek sent. aiohttp's clien
 path because it forwards an order of magnitude faster than httpx (measured in issue 3).
 
 Foreign exceptions are translated once, here: a failure before DeepSeek answered becomes
-`UpstreamUnavailable` (connection) or `UpstreamTimeout`.
+`UpstreamUnavailable` when nothing was sent (the connection could not be made),
+`UpstreamTimeout` when DeepSeek was silent too long, and `UpstreamCut` when the connection broke
+after the request went out (DeepSeek may have received, and may bill, the call).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Mapping
 import aiohttp
 
 from proxy.config import Timeouts
-from proxy.errors import UpstreamTimeout, UpstreamUnavailable
+from proxy.errors import UpstreamCut, UpstreamTimeout, UpstreamUnavailable
 
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
@@ -86,9 +88,11 @@ class Upstream:
             return await self._session.request(
                 method, self._base_url + path, data=body, headers=headers,
                 allow_redirects=False, timeout=self._timeout, auto_decompress=False)
-        except TimeoutError as exc:
-            raise UpstreamTimeout("DeepSeek did not answer in time") from exc
-        except aiohttp.ClientError as exc:
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             raise UpstreamUnavailable(f"cannot reach DeepSeek: {type(exc).__name__}") from exc
-        except OSError as exc:
-            raise UpstreamUnavailable(f"cannot reach DeepSeek: {exc.strerror or exc}") from exc
+        except TimeoutError as exc:
+            raise UpstreamTimeout("DeepSeek did not answer in time; the call may still be "
+                                  "billed") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamCut(f"the connection to DeepSeek broke before it answered "
+                              f"({type(exc).__name__}); the call may still be billed") from exc
