@@ -47,7 +47,6 @@ from proxy.errors import (
     UpstreamCut,
     UpstreamRedirect,
     UpstreamTimeout,
-    UpstreamUnavailable,
     error_body,
     error_response,
 )
