@@ -106,12 +106,10 @@ class BudgetGuard:
         if not states:
             return reservation
         day = now.astimezone(self._tz).date()
-        worst: dict[str, Decimal] = {}
+        worst = self._worst_cases(states, payload, now)
         for state in states:
             self._roll(state, day)
             currency = state.budget.currency
-            if currency not in worst:
-                worst[currency] = self.worst_case(payload, currency, now)
             if state.spent + state.reserved + worst[currency] > state.budget.amount:
                 assert state.start is not None
                 raise self._refusal(state.budget, state.start, state.spent, state.reserved,
@@ -132,6 +130,12 @@ class BudgetGuard:
                 # A call without a known cost (usage lost) keeps what was held for it.
                 state.spent += costs.get(state.budget.currency, held)
         reservation.holds.clear()
+
+    def _worst_cases(self, states: Sequence[_State], payload: Mapping[str, Any],
+                     now: datetime) -> dict[str, Decimal]:
+        """The call's worst case in each currency its team's hard budgets are kept in."""
+        return {state.budget.currency: self.worst_case(payload, state.budget.currency, now)
+                for state in states}
 
     def worst_case(self, payload: Mapping[str, Any], currency: str, now: datetime) -> Decimal:
         model = payload.get("model")
@@ -208,11 +212,7 @@ class SharedBudgetGuard(BudgetGuard):
         states = self._hard.get(team)
         if not states:
             return reservation
-        worst: dict[str, Decimal] = {}
-        for state in states:
-            if state.budget.currency not in worst:
-                worst[state.budget.currency] = self.worst_case(payload, state.budget.currency,
-                                                               now)
+        worst = self._worst_cases(states, payload, now)
         day = now.astimezone(self._tz).date()
         loop = asyncio.get_running_loop()
         try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -16,7 +15,7 @@ from proxy.budgets import BudgetGuard
 from proxy.config import Budget, ConfigError, load_config
 from proxy.ledger.store import SpendRow
 from proxy.pricing import PriceBook
-from tests.fake_deepseek import FakeDeepSeek, running_fake
+from tests.fake_deepseek import FakeDeepSeek
 from tests.fake_deepseek_shapes import Reply
 from tests.proxy_harness import PEAK, TEAM_KEYS, running_proxy
 
@@ -37,12 +36,6 @@ def spent_before(amount: str) -> object:
     def read(since: date, until: date) -> list[SpendRow]:
         return [SpendRow("alpha", date(2026, 11, 1), "CNY", Decimal(amount))]
     return read
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeDeepSeek]:
-    async with running_fake() as server:
-        yield server
 
 
 def test_worst_case_is_an_upper_bound(book: PriceBook) -> None:

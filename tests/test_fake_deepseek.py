@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from tests.fake_deepseek import FakeDeepSeek, running_fake
+from tests.fake_deepseek import FakeDeepSeek
 from tests.fake_deepseek_shapes import (
     BALANCE,
     FAKE_UPSTREAM_KEY,
@@ -61,12 +61,6 @@ def stream_chunks_of(raw: bytes, ending: bytes = b"\n") -> list[dict[str, Any]]:
     events = data_events(raw, ending)
     assert events[-1] == b"[DONE]"
     return [json.loads(event) for event in events[:-1]]
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeDeepSeek]:
-    async with running_fake() as server:
-        yield server
 
 
 @pytest.fixture

@@ -5,15 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
 
 import httpx
-import pytest
 
 from proxy.app import ADMISSION
 from proxy.config import Limits
 from proxy.pricing import PriceBook
-from tests.fake_deepseek import FakeDeepSeek, running_fake
+from tests.fake_deepseek import FakeDeepSeek
 from tests.fake_deepseek_shapes import Reply
 from tests.proxy_harness import TEAM_KEYS, running_proxy
 
@@ -21,12 +19,6 @@ AUTH = {"Authorization": f"Bearer {TEAM_KEYS['alpha']}"}
 BETA = {"Authorization": f"Bearer {TEAM_KEYS['beta']}"}
 CHAT = {"model": "deepseek-flash", "messages": [{"role": "user", "content": "hi"}],
         "stream": True}
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeDeepSeek]:
-    async with running_fake() as server:
-        yield server
 
 
 async def test_oversized_headers_get_431(fake: FakeDeepSeek, book: PriceBook) -> None:

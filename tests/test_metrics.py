@@ -6,14 +6,12 @@ from __future__ import annotations
 import asyncio
 import random
 import string
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import httpx
-import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -32,12 +30,6 @@ CHAT = {"model": "deepseek-flash", "messages": [{"role": "user", "content": "Say
 
 def auth(team: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {TEAM_KEYS[team]}"}
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeDeepSeek]:
-    async with running_fake() as server:
-        yield server
 
 
 def sample(registry: CollectorRegistry, name: str, **labels: str) -> float | None:

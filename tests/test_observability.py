@@ -38,7 +38,7 @@ from proxy.config import Budget
 from proxy.ledger.store import SQLiteLedger
 from proxy.ledger.writer import LedgerWriter
 from proxy.pricing import PriceBook
-from tests.fake_deepseek import FakeDeepSeek, running_fake
+from tests.fake_deepseek import FakeDeepSeek
 from tests.fake_deepseek_shapes import Reply
 from tests.proxy_harness import OFF_PEAK, PEAK, TEAM_KEYS, RunningProxy, running_proxy
 
@@ -231,12 +231,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeDeepSeek]:
-    async with running_fake() as server:
-        yield server
 
 
 @pytest.fixture

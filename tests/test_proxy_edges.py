@@ -13,7 +13,7 @@ import pytest
 
 from proxy.pricing import PriceBook
 from proxy.records import LogSink
-from tests.fake_deepseek import FakeDeepSeek, running_fake
+from tests.fake_deepseek import FakeDeepSeek
 from tests.fake_deepseek_shapes import FAKE_UPSTREAM_KEY, Reply
 from tests.proxy_harness import TEAM_KEYS, RunningProxy, running_proxy
 
@@ -36,12 +36,6 @@ def chunk(content: str | None, finish: str | None = None, usage: object = None,
     if usage is not None or with_usage_key:
         body["usage"] = usage
     return body
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeDeepSeek]:
-    async with running_fake() as server:
-        yield server
 
 
 @pytest.fixture

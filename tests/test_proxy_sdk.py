@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from proxy.pricing import PriceBook
-from tests.fake_deepseek import FakeDeepSeek, running_fake
+from tests.fake_deepseek import FakeDeepSeek
 from tests.fake_deepseek_shapes import FAKE_UPSTREAM_KEY, Reply
 from tests.proxy_harness import TEAM_KEYS, RunningProxy, running_proxy
 
@@ -23,12 +23,6 @@ USAGE = {"prompt_tokens": 1000, "completion_tokens": 50, "total_tokens": 1050,
          "prompt_cache_miss_tokens": 360, "completion_tokens_details": {"reasoning_tokens": 20}}
 COST = {"CNY": Decimal("0.0011456"), "USD": Decimal("0.00017184")}
 MESSAGES: list[Any] = [{"role": "user", "content": "Say hello"}]
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeDeepSeek]:
-    async with running_fake() as server:
-        yield server
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from proxy.ledger.writer import LedgerWriter
 from proxy.pricing import PriceBook
 from proxy.records import FanOut, LogSink
 from tests.conftest import ROOT
-from tests.fake_deepseek import FakeDeepSeek, running_fake
+from tests.fake_deepseek import FakeDeepSeek
 from tests.fake_deepseek_shapes import FAKE_UPSTREAM_KEY, Reply
 from tests.proxy_harness import TEAM_KEYS, running_proxy
 
@@ -32,12 +32,6 @@ STREAM = {**CHAT, "stream": True}
 USAGE = {"prompt_tokens": 10, "completion_tokens": 2, "prompt_cache_hit_tokens": 0,
          "prompt_cache_miss_tokens": 10, "total_tokens": 12}
 CANARY = FAKE_UPSTREAM_KEY  # the proxy's upstream key in these tests: it must never surface
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeDeepSeek]:
-    async with running_fake() as server:
-        yield server
 
 
 def leaks(text: str) -> list[str]:
