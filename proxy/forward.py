@@ -165,7 +165,7 @@ async def proxy_completion(request: web.Request, state: ProxyState, client: Clie
         raise
     exchange = _Exchange(request, state, meter, wants_usage(payload))
     state.sink.dispatched(in_flight_record(meter, state.book))
-    inflight = state.metrics.inflight.labels(client.team)
+    inflight = state.metrics.child(state.metrics.inflight, client.team)
     inflight.inc()
     body = upstream_body(body, payload)
     meter.proxy_seconds += time.perf_counter() - tick

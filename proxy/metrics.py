@@ -19,6 +19,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -34,6 +35,7 @@ from proxy.pricing.engine import schedule_version_at, to_micros
 from proxy.records import UsageRecord
 
 OTHER = "other"
+_Labelled = Counter | Gauge | Histogram
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 600)
 OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05)
@@ -54,6 +56,7 @@ class ProxyMetrics:
         `registry` exports the sum over all workers."""
         self._models = frozenset(models)
         self._tools = frozenset(tools)
+        self._children: dict[tuple[object, ...], Any] = {}
         exported = registry
         if shared_dir is not None:
             MultiProcessCollector(exported, path=str(shared_dir))  # type: ignore[no-untyped-call]
@@ -122,31 +125,43 @@ class ProxyMetrics:
     def model(self, name: str) -> str:
         return name if name in self._models else OTHER
 
+    def child(self, metric: _Labelled, *labels: str) -> Any:
+        """`metric.labels(*labels)`, cached: prometheus_client validates and locks on every
+        `labels()` call, and every request makes about ten of them. Label values come from
+        bounded sets, so the cache is bounded too."""
+        key = (id(metric), *labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
     def observe(self, record: UsageRecord, overhead: float) -> None:
+        child = self.child
         team, model = record.team, self.model(record.model_requested)
-        self.requests.labels(team, model, record.endpoint, str(_status(record))).inc()
+        child(self.requests, team, model, record.endpoint, str(_status(record))).inc()
         if record.cache_hit_tokens is not None:
-            self.tokens.labels(team, model, "input_cache_hit").inc(record.cache_hit_tokens)
-            self.tokens.labels(team, model, "input_cache_miss").inc(record.cache_miss_tokens or 0)
-            self.tokens.labels(team, model, "output").inc(record.output_tokens or 0)
-            self.reasoning.labels(team, model).inc(record.reasoning_tokens or 0)
+            child(self.tokens, team, model, "input_cache_hit").inc(record.cache_hit_tokens)
+            child(self.tokens, team, model, "input_cache_miss").inc(
+                record.cache_miss_tokens or 0)
+            child(self.tokens, team, model, "output").inc(record.output_tokens or 0)
+            child(self.reasoning, team, model).inc(record.reasoning_tokens or 0)
         for tool, count in record.tool_calls.items():
-            self.tool_calls.labels(team, model, tool if tool in self._tools else OTHER).inc(count)
+            child(self.tool_calls, team, model, tool if tool in self._tools else OTHER).inc(count)
         self.money.add(team, model, record)
-        self.duration.labels(team, model, "true" if record.stream else "false").observe(
+        child(self.duration, team, model, "true" if record.stream else "false").observe(
             (record.ended_at - record.started_at).total_seconds())
         if record.first_byte_at is not None:
-            self.ttft.labels(team, model).observe(
+            child(self.ttft, team, model).observe(
                 (record.first_byte_at - record.started_at).total_seconds())
         self.overhead.observe(overhead)
         if record.usage_source in ("estimated", "unknown"):
             reason = "malformed_usage" if "malformed_usage" in record.flags else record.outcome
-            self.usage_missing.labels(team, model, reason).inc()
+            child(self.usage_missing, team, model, reason).inc()
         if not record.priced and record.usage_source != "none":
-            self.unpriced.labels(model).inc()
+            child(self.unpriced, model).inc()
         error = _upstream_error(record)
         if error is not None:
-            self.upstream_errors.labels(error).inc()
+            child(self.upstream_errors, error).inc()
 
 
 def _status(record: UsageRecord) -> int:

@@ -30,7 +30,7 @@ import json
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,6 +39,7 @@ from zoneinfo import ZoneInfo
 from proxy.records import UsageRecord
 
 SCHEMA_VERSION = "1"
+_ZERO = Decimal(0)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -151,7 +152,7 @@ def iso(instant: datetime | None) -> str | None:
     """Fixed-width UTC text (microseconds always present), so text order is time order."""
     if instant is None:
         return None
-    return instant.astimezone(ZoneInfo("UTC")).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return instant.astimezone(UTC).isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -256,31 +257,55 @@ class SQLiteLedger:
             iso(record.started_at), self._day(record.started_at), iso(record.first_byte_at),
             iso(record.ended_at), record.cache_hit_tokens, record.cache_miss_tokens,
             record.output_tokens, record.reasoning_tokens, record.prompt_tokens,
-            json.dumps(dict(record.tool_calls), sort_keys=True), record.upstream_status,
+            json.dumps(dict(record.tool_calls), sort_keys=True) if record.tool_calls else "{}",
+            record.upstream_status,
             record.upstream_trace_id, record.outcome, record.usage_source, int(record.priced),
             record.unpriced_reason, record.billed_model, record.price_version,
             record.schedule_version, record.tier, iso(record.priced_at), record.price_book,
-            json.dumps(list(record.flags)))
+            json.dumps(list(record.flags)) if record.flags else "[]")
 
     def write(self, pending: Sequence[UsageRecord], final: Sequence[UsageRecord]) -> None:
-        """Store a batch in one transaction. Idempotent: a final row is never written twice."""
-        with self._transaction():
-            for record in pending:
-                self._conn.execute(_UPSERT, self._row(record, "in_flight"))
-            for record in final:
-                cursor = self._conn.execute(_UPSERT, self._row(record, "final"))
-                if cursor.rowcount == 1:
-                    self._store_costs(record)
-            self._conn.executemany("DELETE FROM budget_holds WHERE request_id = ?",
-                                   [(record.request_id,) for record in final])
+        """Store a batch in one transaction. Idempotent: a final row is never written twice.
 
-    def _store_costs(self, record: UsageRecord) -> None:
-        day = self._day(record.started_at)
-        for currency, amount in record.costs.items():
-            savings = record.cache_savings.get(currency, Decimal(0))
-            self._conn.execute("INSERT OR REPLACE INTO usage_cost VALUES (?, ?, ?, ?)",
-                               (record.request_id, currency, money(amount), money(savings)))
-            add_spend(self._conn, record.team, day, currency, amount)
+        The writer thread shares the interpreter with the event loop, so the batch is written
+        with few statements (``executemany``) and the daily sums are adjusted once per team,
+        day and currency rather than once per row.
+        """
+        conn = self._conn
+        with self._transaction():
+            if pending:
+                conn.executemany(_UPSERT, [self._row(r, "in_flight") for r in pending])
+            if not final:
+                return
+            done = self._already_final([r.request_id for r in final])
+            fresh = [r for r in final if r.request_id not in done]
+            conn.executemany(_UPSERT, [self._row(r, "final") for r in fresh])
+            costs = []
+            spend: dict[tuple[str, str, str], Decimal] = {}
+            for record in fresh:
+                day = self._day(record.started_at)
+                for currency, amount in record.costs.items():
+                    savings = record.cache_savings.get(currency, _ZERO)
+                    costs.append((record.request_id, currency, money(amount), money(savings)))
+                    key = (record.team, day, currency)
+                    spend[key] = spend.get(key, _ZERO) + amount
+            conn.executemany("INSERT OR REPLACE INTO usage_cost VALUES (?, ?, ?, ?)", costs)
+            for (team, day, currency), delta in spend.items():
+                add_spend(conn, team, day, currency, delta)
+            if conn.execute("SELECT EXISTS (SELECT 1 FROM budget_holds)").fetchone()[0]:
+                conn.executemany("DELETE FROM budget_holds WHERE request_id = ?",
+                                 [(record.request_id,) for record in final])
+
+    def _already_final(self, request_ids: list[str]) -> set[str]:
+        """Which of these requests already have their final row (a record submitted twice)."""
+        found: set[str] = set()
+        for start in range(0, len(request_ids), 500):
+            chunk = request_ids[start:start + 500]
+            marks = ", ".join("?" * len(chunk))
+            found.update(r for (r,) in self._conn.execute(
+                f"SELECT request_id FROM usage WHERE state = 'final' "  # noqa: S608
+                f"AND request_id IN ({marks})", chunk))
+        return found
 
     def spend(self, since: date, until: date) -> list[SpendRow]:
         """Daily spend rows with ``since <= day <= until`` (billing days)."""
