@@ -18,11 +18,12 @@ of content chunks relayed, since DeepSeek streams about one token per chunk.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+
+import orjson
 
 from proxy.pricing import PriceBook, price
 from proxy.records import Outcome, UsageRecord, UsageSource
@@ -97,7 +98,7 @@ class StreamMeter:
             meter.output_chunks += 1
             return True
         try:
-            chunk = json.loads(data)
+            chunk = orjson.loads(data)
         except ValueError:
             if FLAG_MALFORMED_CHUNK not in meter.flags:
                 meter.flags.append(FLAG_MALFORMED_CHUNK)
