@@ -98,6 +98,10 @@ class BudgetGuard:
             if budget.hard:
                 self._hard.setdefault(budget.team, []).append(_State(budget))
 
+    def applies(self, team: str) -> bool:
+        """Whether the team has a hard budget (the request path skips the guard otherwise)."""
+        return team in self._hard
+
     async def reserve(self, team: str, request_id: str, payload: Mapping[str, Any],
                       now: datetime) -> Reservation:
         """Admit the call (returning its reservation) or raise `BudgetExceeded` (402)."""

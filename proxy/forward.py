@@ -155,14 +155,16 @@ async def proxy_completion(request: web.Request, state: ProxyState, client: Clie
                       endpoint=endpoint.name, stream=payload.get("stream") is True,
                       model_requested=payload["model"], payload=payload, started_at=started_at)
     state.admission.enter(client.team)
-    try:
-        reservation = await state.budgets.reserve(client.team, meter.request_id, payload,
-                                                  started_at)
-    except ProxyError as exc:
-        state.admission.leave(client.team)
-        if isinstance(exc, BudgetExceeded):
-            state.metrics.budget_refusals.labels(client.team).inc()
-        raise
+    reservation = None
+    if state.budgets.applies(client.team):
+        try:
+            reservation = await state.budgets.reserve(client.team, meter.request_id, payload,
+                                                      started_at)
+        except ProxyError as exc:
+            state.admission.leave(client.team)
+            if isinstance(exc, BudgetExceeded):
+                state.metrics.budget_refusals.labels(client.team).inc()
+            raise
     exchange = _Exchange(request, state, meter, wants_usage(payload))
     state.sink.dispatched(in_flight_record(meter, state.book))
     inflight = state.metrics.child(state.metrics.inflight, client.team)
@@ -178,9 +180,10 @@ async def proxy_completion(request: web.Request, state: ProxyState, client: Clie
         inflight.dec()
         state.admission.leave(client.team)
         record = _submit(state, meter)
-        billable = record is None or record.usage_source != "none"
-        await state.budgets.settle(reservation,
-                                   (record.costs if record else {}) if billable else None)
+        if reservation is not None:
+            billable = record is None or record.usage_source != "none"
+            await state.budgets.settle(reservation,
+                                       (record.costs if record else {}) if billable else None)
 
 
 def _submit(state: ProxyState, meter: CallMeter) -> UsageRecord | None:

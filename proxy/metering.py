@@ -91,10 +91,12 @@ class StreamMeter:
             self.done = True
             return True
         meter = self.meter
-        # Parsing every chunk would cost more than relaying it: only chunks that mention usage
-        # (a key, so the quote marks are unescaped) and the first one (for the served model)
-        # are decoded. Text inside JSON strings has its quotes escaped and cannot match.
-        if b'"usage"' not in data and meter.model_served is not None:
+        # Parsing every chunk would cost more than relaying it: only chunks that carry a usage
+        # object and the first one (for the served model) are decoded. ``"usage"`` is a key
+        # (text inside JSON strings has its quotes escaped, so it cannot match); with
+        # include_usage DeepSeek puts ``"usage":null`` on every other chunk.
+        if meter.model_served is not None and (
+                b'"usage"' not in data or b'"usage":null' in data or b'"usage": null' in data):
             meter.output_chunks += 1
             return True
         try:
