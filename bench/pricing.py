@@ -6,6 +6,7 @@ Run: ``python -m bench.pricing`` (prints one line per case and the mix).
 
 from __future__ import annotations
 
+import functools
 import platform
 import statistics
 import sys
@@ -37,7 +38,7 @@ def main() -> int:
     worst = 0.0
     for label, model, instant in CASES:
         when = datetime.fromisoformat(instant)
-        timer = timeit.Timer(lambda m=model, w=when: price(book, m, usage, w))
+        timer = timeit.Timer(functools.partial(price, book, model, usage, when))
         loops, _ = timer.autorange()
         runs = timer.repeat(repeat=7, number=loops)
         best = min(runs) / loops * 1e6
