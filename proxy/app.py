@@ -47,7 +47,8 @@ from proxy.forward import (
     read_limited,
     redact,
 )
-from proxy.metrics import ProxyMetrics, SpendReader
+from proxy.ledger.store import SpendReader
+from proxy.metrics import ProxyMetrics
 from proxy.pricing import PriceBook
 from proxy.records import RecordSink
 from proxy.upstream import Upstream, response_headers

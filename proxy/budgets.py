@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -36,7 +36,7 @@ from zoneinfo import ZoneInfo
 
 from proxy.config import Budget
 from proxy.errors import ProxyError
-from proxy.ledger.store import SpendRow, Transaction, connect, money
+from proxy.ledger.store import SpendReader, Transaction, connect, money
 from proxy.metering import request_text
 from proxy.periods import period_end, period_start
 from proxy.pricing import PriceBook
@@ -44,7 +44,6 @@ from proxy.pricing.engine import resolve, to_micros
 
 log = logging.getLogger("proxy.budgets")
 
-SpendReader = Callable[[date, date], Sequence[SpendRow]]
 _PER_MESSAGE_TOKENS = 8
 _ZERO = Decimal(0)
 

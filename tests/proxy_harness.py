@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from proxy.app import create_app
 from proxy.auth import ClientKey, hash_key, key_id_of
 from proxy.config import Budget, Limits, ProxyConfig, Timeouts
-from proxy.metrics import SpendReader
+from proxy.ledger.store import SpendReader
 from proxy.pricing import PriceBook
 from proxy.records import FanOut, RecordSink, UsageRecord
 from proxy.usage import DEFAULT_TOOL_FIELDS

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -185,6 +185,10 @@ class SpendRow:
     day: date
     currency: str
     amount: Decimal
+
+
+SpendReader = Callable[[date, date], Sequence[SpendRow]]
+"""Daily spend rows between two billing days (inclusive): `SQLiteLedger.spend`."""
 
 
 class LedgerStore(Protocol):

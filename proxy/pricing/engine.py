@@ -34,6 +34,7 @@ from proxy.pricing.model import (
     PriceVersion,
     Retirement,
     ScheduleVersion,
+    ToolFeeVersion,
 )
 from proxy.usage import TokenUsage
 
@@ -166,6 +167,15 @@ def tier_at(book: PriceBook, rule: ScheduleVersion, at: datetime) -> tuple[str, 
     return rule.tiers[index], flags
 
 
+def tool_fee_at(book: PriceBook, tool: str, at_micros: int) -> ToolFeeVersion | None:
+    """The fee of `tool` in force at the instant (None: unknown tool, or not billed yet)."""
+    starts = book.tool_fee_starts.get(tool)
+    if starts is None:
+        return None
+    index = bisect_right(starts, at_micros) - 1
+    return book.tool_fees[tool][index] if index >= 0 else None
+
+
 def price(book: PriceBook, model: str, usage: TokenUsage, at: datetime) -> Pricing:
     """Price one call of `model` with `usage` at the aware instant `at`."""
     at_micros = to_micros(at)
@@ -212,14 +222,12 @@ def _tool_fees(book: PriceBook, usage: TokenUsage, at_micros: int,
     for tool, count in usage.tool_calls.items():
         if count == 0:
             continue
-        starts = book.tool_fee_starts.get(tool)
-        if starts is None:
+        if tool not in book.tool_fees:
             flags.append(FLAG_UNKNOWN_TOOL + tool)
             continue
-        index = bisect_right(starts, at_micros) - 1
-        if index < 0:
+        fee = tool_fee_at(book, tool, at_micros)
+        if fee is None:
             continue
-        fee = book.tool_fees[tool][index]
         for currency, amount in fee.fees.items():
             totals[currency] = totals.get(currency, _ZERO) + amount * count / fee.per_calls
     return totals

@@ -6,7 +6,14 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from proxy.pricing.engine import Pricing, resolve, schedule_version_at, tier_at, to_micros
+from proxy.pricing.engine import (
+    Pricing,
+    resolve,
+    schedule_version_at,
+    tier_at,
+    to_micros,
+    tool_fee_at,
+)
 from proxy.pricing.model import FLAT_TIER, PriceBook, TokenRates
 
 
@@ -101,12 +108,10 @@ def table_in_force(book: PriceBook, at: datetime, currencies: list[str]) -> str:
             lines.append(f"{name:<30}{billed:<20}{tier + mark:<17}{cells}"
                          f"{version.id if i == 0 else ''}")
     for tool in sorted(book.tool_fees):
-        starts = book.tool_fee_starts[tool]
-        index = max((i for i, s in enumerate(starts) if s <= at_micros), default=None)
-        if index is None:
+        fee = tool_fee_at(book, tool, at_micros)
+        if fee is None:
             lines.append(f"tool {tool}: not billed yet")
             continue
-        fee = book.tool_fees[tool][index]
         amounts = ", ".join(f"{decimal_text(fee.fees[c])} {c}" for c in currencies)
         lines.append(f"tool {tool}: {amounts} per {fee.per_calls} calls ({fee.id})")
     return "\n".join(lines)
