@@ -84,6 +84,18 @@ class ProxyState:
     clock: Callable[[], datetime]
 
 
+def new_request_id() -> str:
+    """32 hex digits: Unix time in milliseconds (12 digits), then 80 random bits.
+
+    Time-ordered on purpose (the layout idea of UUIDv7): the request id is the ledger's
+    primary key, and random keys scatter each batch of inserts over the whole index, every row
+    dirtying its own page and every page rewritten into the WAL. Measured in bench/, random ids
+    cost the ledger thread about 65 us of CPU per call, ordered ones 34 us. The random part
+    keeps ids unique across workers and within a millisecond.
+    """
+    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
+
+
 async def read_body(request: web.Request, limit: int, within: float) -> bytes:
     try:
         async with asyncio.timeout(within):
@@ -151,7 +163,7 @@ async def proxy_completion(request: web.Request, state: ProxyState, client: Clie
                            state.config.timeouts.client_body)
     tick = time.perf_counter()
     payload = parse_payload(body)
-    meter = CallMeter(request_id=os.urandom(16).hex(), team=client.team, key_id=client.key_id,
+    meter = CallMeter(request_id=new_request_id(), team=client.team, key_id=client.key_id,
                       endpoint=endpoint.name, stream=payload.get("stream") is True,
                       model_requested=payload["model"], payload=payload, started_at=started_at)
     state.admission.enter(client.team)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+from proxy.forward import new_request_id
 from proxy.ledger.store import SQLiteLedger
 from proxy.ledger.writer import LedgerWriter
 from proxy.metering import CallMeter, build_record, in_flight_record
@@ -105,6 +107,27 @@ def test_writer_batches_and_close_drains_everything(tmp_path: Path, book: PriceB
     assert Decimal(total) == 500 * Decimal("0.00017184")
 
 
+def test_batches_of_every_size_store_every_row_once(tmp_path: Path, book: PriceBook) -> None:
+    """Multi-row statements are cut into power-of-two sizes: sizes around those cuts, with
+    placeholders of calls still running and of calls finishing in the same batch."""
+    path = tmp_path / "ledger.sqlite3"
+    store = SQLiteLedger(path, SHANGHAI)
+    written = 0
+    for size in (1, 2, 3, 63, 64, 65, 127, 129, 200):
+        ids = [f"s{size}-{i:03d}" for i in range(size)]
+        running = [in_flight_record(meter(f"{r}-running", PEAK), book) for r in ids]
+        ending = [in_flight_record(meter(r, PEAK), book) for r in ids]
+        store.write(running + ending, [final(book, r, PEAK) for r in ids])
+        written += size
+    assert rows(path, "SELECT state, count(*) FROM usage GROUP BY state ORDER BY 1") == [
+        ("final", written), ("in_flight", written)]
+    assert rows(path, "SELECT count(*), count(DISTINCT request_id) FROM usage_cost "
+                      "WHERE currency = 'CNY'") == [(written, written)]
+    [(total,)] = rows(path, "SELECT amount FROM spend_daily WHERE currency = 'CNY'")
+    assert Decimal(total) == written * Decimal("0.0011456")
+    store.close()
+
+
 def test_billing_timezone_change_rebuilds_days(tmp_path: Path, book: PriceBook) -> None:
     path = tmp_path / "ledger.sqlite3"
     instant = datetime(2026, 11, 1, 20, 0, tzinfo=UTC)  # 2026-11-02 04:00 in Beijing
@@ -116,3 +139,17 @@ def test_billing_timezone_change_rebuilds_days(tmp_path: Path, book: PriceBook) 
     assert rows(path, "SELECT day, amount FROM spend_daily WHERE currency = 'CNY'") == [
         ("2026-11-01", "0.0005728")]  # off-peak: 04:00 in Beijing
     store.close()
+
+
+def test_request_ids_are_unique_and_ordered_by_time() -> None:
+    """Ids are the ledger's primary key: in time order, a batch's inserts land on the last
+    pages of the index instead of all over it (see `new_request_id`)."""
+    first = [new_request_id() for _ in range(1000)]
+    deadline = time.monotonic() + 5
+    while time.time_ns() // 1_000_000 == int(first[-1][:12], 16):  # the next millisecond
+        assert time.monotonic() < deadline
+    later = new_request_id()
+    assert all(len(r) == 32 and int(r, 16) >= 0 for r in first)
+    assert len(set(first)) == 1000
+    assert all(r < later for r in first)
+    assert abs(int(later[:12], 16) - time.time_ns() // 1_000_000) < 5000

@@ -86,11 +86,9 @@ class LedgerWriter:
             closing = self._closing
             with self._progress:
                 ticket = self._requested
-            while self._items:  # everything queued before the tickets read above
-                batch: list[tuple[UsageRecord, bool]] = []
-                while self._items and len(batch) < MAX_BATCH:
-                    batch.append(self._items.popleft())
-                self._write(batch)
+            pending, final = self._drain()  # everything queued before the tickets read above
+            for start in range(0, max(len(pending), len(final)), MAX_BATCH):
+                self._write(pending[start:start + MAX_BATCH], final[start:start + MAX_BATCH])
                 time.sleep(0)  # hand the interpreter back to the event loop between batches
             with self._progress:
                 self._completed = ticket
@@ -98,17 +96,28 @@ class LedgerWriter:
             if closing:
                 return
 
-    def _write(self, batch: list[tuple[UsageRecord, bool]]) -> None:
-        final = {record.request_id: record for record, is_final in batch if is_final}
-        pending = [record for record, is_final in batch
-                   if not is_final and record.request_id not in final]
+    def _drain(self) -> tuple[list[UsageRecord], list[UsageRecord]]:
+        """Everything queued, as (in-flight, final) records. A call that ended since the last
+        drain has both; only its final record is written (one row write instead of two)."""
+        items = self._items
+        final: dict[str, UsageRecord] = {}
+        dispatched: list[UsageRecord] = []
+        while items:
+            record, is_final = items.popleft()
+            if is_final:
+                final[record.request_id] = record
+            else:
+                dispatched.append(record)
+        return [r for r in dispatched if r.request_id not in final], list(final.values())
+
+    def _write(self, pending: list[UsageRecord], final: list[UsageRecord]) -> None:
         delay = 0.05
         while True:
             try:
-                self.store.write(pending, list(final.values()))
+                self.store.write(pending, final)
                 return
             except Exception:  # keep the records and retry: spend must not be dropped
                 log.exception("ledger write of %d records failed; retrying in %.2fs",
-                              len(final) + len(pending), delay)
+                              len(pending) + len(final), delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
