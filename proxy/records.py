@@ -33,8 +33,12 @@ Outcome = Literal["complete", "client_disconnected", "upstream_error", "upstream
 UsageSource = Literal["reported", "estimated", "unknown", "none"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class UsageRecord:
+    """One call's record. Never changed once built, though not declared frozen: two are built
+    per call on the request path, and a frozen dataclass's ``__init__`` (``object.__setattr__``
+    per field) costs three times a plain one's (about 3 us against 1 us for these 33 fields)."""
+
     request_id: str
     team: str
     key_id: str

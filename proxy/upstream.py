@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import aiohttp
+from yarl import URL
 
 from proxy.config import Timeouts
 from proxy.errors import UpstreamCut, UpstreamTimeout, UpstreamUnavailable
@@ -46,9 +47,17 @@ def hop_by_hop(headers: Mapping[str, str]) -> frozenset[str]:
     return HOP_BY_HOP | named
 
 
+def _drop_set(headers: Mapping[str, str], fixed: frozenset[str]) -> frozenset[str]:
+    """`fixed` plus what ``Connection`` names; most messages have no ``Connection`` header (it
+    is implied by HTTP/1.1), so the common case builds no set."""
+    if "Connection" not in headers:
+        return fixed
+    return fixed | hop_by_hop(headers)
+
+
 def request_headers(client: Mapping[str, str], api_key: str) -> dict[str, str]:
     """Client headers that may go upstream, with the proxy's own key and no compression."""
-    drop = _REQUEST_DROP | hop_by_hop(client)
+    drop = _drop_set(client, _REQUEST_DROP)
     headers = {name: value for name, value in client.items() if name.lower() not in drop}
     headers["Authorization"] = f"Bearer {api_key}"
     headers["Accept-Encoding"] = "identity"
@@ -57,7 +66,7 @@ def request_headers(client: Mapping[str, str], api_key: str) -> dict[str, str]:
 
 def response_headers(upstream: Mapping[str, str]) -> dict[str, str]:
     """DeepSeek's headers that go back to the client (``x-ds-trace-id``, content type, ...)."""
-    drop = _RESPONSE_DROP | hop_by_hop(upstream)
+    drop = _drop_set(upstream, _RESPONSE_DROP)
     return {name: value for name, value in upstream.items() if name.lower() not in drop}
 
 
@@ -68,6 +77,8 @@ class Upstream:
                  timeouts: Timeouts) -> None:
         self._session = session
         self._base_url = base_url
+        self._urls: dict[str, URL] = {}
+        """Parsed URL per upstream path: aiohttp parses a string URL on every request."""
         self._api_key = api_key
         self._timeout = aiohttp.ClientTimeout(total=None, connect=timeouts.connect,
                                               sock_connect=timeouts.connect,
@@ -84,9 +95,12 @@ class Upstream:
         `path` is one of the proxy's fixed upstream paths, never text from the client.
         """
         headers = request_headers(client_headers, self._api_key)
+        url = self._urls.get(path)
+        if url is None:  # a handful of fixed paths, so the cache stays tiny
+            url = self._urls[path] = URL(self._base_url + path)
         try:
             return await self._session.request(
-                method, self._base_url + path, data=body, headers=headers,
+                method, url, data=body, headers=headers,
                 allow_redirects=False, timeout=self._timeout, auto_decompress=False)
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             raise UpstreamUnavailable(f"cannot reach DeepSeek: {type(exc).__name__}") from exc

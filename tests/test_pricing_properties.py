@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.pricing import load_price_book, price
+from proxy.pricing import Pricing, load_price_book, price
 from proxy.pricing.engine import to_micros
 from proxy.pricing.model import AliasEra, PriceVersion, Retirement
 from proxy.usage import TokenUsage
@@ -85,3 +87,109 @@ def test_every_instant_resolves_to_exactly_one_era(model: str, at: datetime,
         assert pricing.tier is not None
         starts = BOOK.model_starts[model]
         assert bisect_right(starts, t) >= 1
+
+
+def _fresh(model: str, usage: TokenUsage, at: datetime) -> Pricing:
+    BOOK.memo.clear()
+    return price(BOOK, model, usage, at)
+
+
+def _near_changes() -> list[datetime]:
+    """Every start in the book, and instants around it down to the microsecond and across the
+    minute that holds it; plus every tier boundary hour of one Beijing week."""
+    found = []
+    for micros in BOOK.change_instants:
+        start = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=micros)
+        minute = start.replace(second=0, microsecond=0)
+        for instant in (start, minute, minute + timedelta(seconds=59, microseconds=999_999)):
+            found += [instant + timedelta(microseconds=d) for d in (-1, 0, 1)]
+    week = datetime(2026, 9, 27, 16, tzinfo=UTC)  # Monday 00:00 in Beijing
+    found += [week + timedelta(minutes=30 * i, microseconds=d)
+              for i in range(7 * 48) for d in (-1, 0)]
+    return found
+
+
+def test_memo_gives_the_same_prices_as_fresh_lookups() -> None:
+    """The per-minute memo (`proxy.pricing.engine._context`) never changes a result: prices at
+    every start (one microsecond either side, and at both ends of its minute) and at every
+    half hour of a week, warm and in shuffled order, equal prices from an empty memo."""
+    usage = TokenUsage(cache_hit=123_457, cache_miss=98_765, output=4_321,
+                       tool_calls={"search": 3})
+    instants = _near_changes()
+    expected = {(m, at): _fresh(m, usage, at) for m in MODELS for at in instants}
+    for at in [*reversed(instants), *instants]:
+        for model in MODELS:
+            assert price(BOOK, model, usage, at) == expected[(model, at)], (model, at)
+    assert BOOK.memo  # the memo was used
+
+
+@settings(max_examples=500)
+@given(model=st.sampled_from(MODELS), at=instants, usage=usages)
+def test_memo_agrees_with_fresh_lookups_anywhere(model: str, at: datetime,
+                                                 usage: TokenUsage) -> None:
+    warm = price(BOOK, model, usage, at)
+    assert price(BOOK, model, usage, at) == warm == _fresh(model, usage, at)
+
+
+MID_MINUTE_BOOK = """
+currencies: [CNY]
+schedules:
+  hours:
+    timezone: Asia/Shanghai
+    versions:
+      - from: 2026-03-01T00:00:00Z
+        windows: [{tier: peak, days: daily, hours: ["09:00-12:00"]}]
+        otherwise: off_peak
+        source: https://example.com/prices
+        confidence: verified
+      - from: 2026-03-02T01:30:20.250000Z
+        windows: [{tier: peak, days: daily, hours: ["08:00-12:00"]}]
+        otherwise: off_peak
+        source: https://example.com/prices
+        confidence: verified
+models:
+  alpha:
+    - from: 2026-03-01T00:00:00Z
+      schedule: hours
+      tiers:
+        peak: {CNY: 1 / 2 / 3}
+        off_peak: {CNY: 0.5 / 1 / 1.5}
+      source: https://example.com/prices
+      confidence: verified
+    - from: 2026-03-02T01:30:40.000001Z
+      rates: {CNY: 7 / 8 / 9}
+      source: https://example.com/prices
+      confidence: verified
+  beta:
+    - from: 2026-03-02T01:30:10Z
+      alias: alpha
+      source: https://example.com/prices
+      confidence: verified
+"""
+
+
+def test_memo_skips_minutes_in_which_a_price_changes(tmp_path: Path) -> None:
+    """Starts in the middle of a minute (a rule at :20.25, an alias at :10, a new version at
+    :40.000001): every instant of that minute is looked up afresh, on both sides of each."""
+    path = tmp_path / "book.yaml"
+    path.write_text(MID_MINUTE_BOOK, encoding="utf-8")
+    book = load_price_book([path])
+    usage = TokenUsage(cache_hit=1_000_000, cache_miss=1_000_000, output=1_000_000)
+    minute = datetime(2026, 3, 2, 1, 30, tzinfo=UTC)  # 09:30 in Beijing: peak either way
+    seen = []
+    for step in range(0, 60_000_000, 250_000):  # every quarter second, twice over
+        at = minute + timedelta(microseconds=step)
+        for model in ("alpha", "beta"):
+            first, again = price(book, model, usage, at), price(book, model, usage, at)
+            assert first == again
+            seen.append((model, step, first.priced, first.version,
+                         first.costs["CNY"].total if first.priced else None))
+    alpha = {step: total for model, step, _, _, total in seen if model == "alpha"}
+    assert alpha[0] == alpha[40_000_000] == Decimal(6)  # peak, either rule
+    assert alpha[40_250_000] == Decimal(24)  # the flat version from :40.000001
+    beta = {step: priced for model, step, priced, _, _ in seen if model == "beta"}
+    assert not beta[9_750_000] and beta[10_000_000]
+    assert not book.memo  # nothing of that minute was cached
+    early = datetime(2026, 3, 2, 0, 30, tzinfo=UTC)  # 08:30 Beijing: off-peak under rule 1
+    assert price(book, "alpha", usage, early).costs["CNY"].total == Decimal(3)
+    assert book.memo

@@ -326,9 +326,9 @@ class SQLiteLedger:
             for (team, day, currency), delta in spend.items():
                 add_spend(conn, team, day, currency, delta)
             if conn.execute("SELECT EXISTS (SELECT 1 FROM budget_holds)").fetchone()[0]:
-                conn.execute(
-                    f"DELETE FROM budget_holds WHERE request_id IN "  # noqa: S608
-                    f"({', '.join('?' * len(final))})", [record.request_id for record in final])
+                marks = ", ".join("?" * len(final))
+                conn.execute(f"DELETE FROM budget_holds WHERE request_id IN ({marks})",  # noqa: S608
+                             [record.request_id for record in final])
 
     def _already_final(self, request_ids: list[str]) -> set[str]:
         """Which of these requests already have their final row (a record submitted twice)."""

@@ -40,6 +40,7 @@ from proxy.usage import TokenUsage
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ZERO = Decimal(0)
+_NO_COSTS: Mapping[str, Cost] = MappingProxyType({})
 
 FLAG_NO_HOLIDAY_CALENDAR = "holiday_calendar_missing"
 """The instant's local year has no holiday calendar: the weekday rule was applied."""
@@ -49,9 +50,12 @@ FLAG_UNKNOWN_TOOL = "unknown_tool:"
 """Prefix: the usage names a tool the book has no fee for; those calls are not in the total."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Cost:
-    """The cost of one call in one currency, by component. `total` is their exact sum."""
+    """The cost of one call in one currency, by component. `total` is their exact sum.
+
+    `Cost` and `Pricing` are never changed once built, but not declared frozen: they are built
+    for every call, and a frozen dataclass's ``__init__`` costs several times a plain one's."""
 
     currency: str
     cache_hit: Decimal
@@ -64,7 +68,7 @@ class Cost:
     """What the cache-hit tokens would have cost at the cache-miss rate, minus what they cost."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Pricing:
     """How a call was (or could not be) priced.
 
@@ -176,30 +180,93 @@ def tool_fee_at(book: PriceBook, tool: str, at_micros: int) -> ToolFeeVersion | 
     return book.tool_fees[tool][index] if index >= 0 else None
 
 
+@dataclass(frozen=True, slots=True)
+class _Context:
+    """What `price` looks up for a model at an instant before counting any token: the
+    version (or why there is none), the schedule rule and the tier."""
+
+    resolution: Resolution | None
+    reason: str | None
+    rule: ScheduleVersion | None
+    tier: str
+    flags: tuple[str, ...]
+
+
+_MINUTE = 60_000_000
+_MEMO_LIMIT = 4096
+"""Cached (model, minute) lookups before the memo starts over: model names come from clients."""
+
+
+def _context(book: PriceBook, model: str, at_micros: int, at: datetime) -> _Context:
+    """The lookups for `model` at the instant, memoized per UTC minute where that is exact.
+
+    The lookups change only when an era or a schedule rule starts (any instant) or when the
+    local minute or day changes. A minute that contains no start, in a timezone whose offset
+    is a whole number of minutes throughout it, has one answer for all its instants; only such
+    minutes are cached, so the memo never changes a result (tests compare it with fresh
+    lookups at every start, one microsecond either side).
+    """
+    minute = at_micros // _MINUTE
+    memo = book.memo
+    key = (model, minute)
+    found = memo.get(key)
+    if found is not None:
+        return found  # type: ignore[return-value]
+    context = _look_up(book, model, at_micros, at)
+    if _uniform(book, minute, context.rule):
+        if len(memo) >= _MEMO_LIMIT:
+            memo.clear()
+        memo[key] = context
+    return context
+
+
+def _uniform(book: PriceBook, minute: int, rule: ScheduleVersion | None) -> bool:
+    start, end = minute * _MINUTE, (minute + 1) * _MINUTE
+    index = bisect_right(book.change_instants, start)
+    if index < len(book.change_instants) and book.change_instants[index] < end:
+        return False
+    if rule is None:
+        return True
+    first = rule.timezone.utcoffset(_EPOCH + timedelta(microseconds=start))
+    last = rule.timezone.utcoffset(_EPOCH + timedelta(microseconds=end - 1))
+    return first == last and first is not None and first.microseconds == 0 \
+        and first.seconds % 60 == 0
+
+
+def _look_up(book: PriceBook, model: str, at_micros: int, at: datetime) -> _Context:
+    resolution = resolve(book, model, at_micros)
+    if isinstance(resolution, str):
+        return _Context(None, resolution, None, FLAT_TIER, ())
+    version = resolution.version
+    if version.schedule is None:
+        return _Context(resolution, None, None, FLAT_TIER, ())
+    rule = schedule_version_at(book, version.schedule, at_micros)
+    if rule is None:
+        at_utc = _EPOCH + timedelta(microseconds=at_micros)
+        return _Context(resolution, f"schedule {version.schedule!r} has no rule in force at "
+                                    f"{_iso(at_utc)}", None, FLAT_TIER, ())
+    tier, flags = tier_at(book, rule, at)
+    return _Context(resolution, None, rule, tier, flags)
+
+
 def price(book: PriceBook, model: str, usage: TokenUsage, at: datetime) -> Pricing:
     """Price one call of `model` with `usage` at the aware instant `at`."""
     at_micros = to_micros(at)
     at_utc = _EPOCH + timedelta(microseconds=at_micros)
-    resolution = resolve(book, model, at_micros)
-    if isinstance(resolution, str):
-        return Pricing(model, at_utc, False, resolution, None, None, None, None,
-                       MappingProxyType({}), (), None)
+    context = _context(book, model, at_micros, at)
+    resolution = context.resolution
+    if resolution is None:
+        return Pricing(model, at_utc, False, context.reason, None, None, None, None,
+                       _NO_COSTS, (), None)
     version = resolution.version
-    flags: list[str] = []
-    rule_id = None
-    tier = FLAT_TIER
-    if version.schedule is not None:
-        rule = schedule_version_at(book, version.schedule, at_micros)
-        if rule is None:
-            reason = f"schedule {version.schedule!r} has no rule in force at {_iso(at_utc)}"
-            return Pricing(model, at_utc, False, reason, resolution.chain[-1], version.id, None,
-                           None, MappingProxyType({}), (), version.provenance.source)
-        tier, tier_flags = tier_at(book, rule, at)
-        flags.extend(tier_flags)
-        rule_id = rule.id
+    if context.reason is not None:
+        return Pricing(model, at_utc, False, context.reason, resolution.chain[-1], version.id,
+                       None, None, _NO_COSTS, (), version.provenance.source)
+    flags = list(context.flags)
     if usage.reasoning > usage.output:
         flags.append(FLAG_REASONING_EXCEEDS_OUTPUT)
-    tool_fees = _tool_fees(book, usage, at_micros, flags)
+    tool_fees = _tool_fees(book, usage, at_micros, flags) if usage.tool_calls else {}
+    tier = context.tier
     card = version.tiers[tier]
     costs = {}
     for currency, rates in card.items():
@@ -210,7 +277,8 @@ def price(book: PriceBook, model: str, usage: TokenUsage, at: datetime) -> Prici
         savings = ((rates.cache_miss - rates.cache_hit) * usage.cache_hit).scaleb(-6)
         costs[currency] = Cost(currency, hit, miss, out, tools, hit + miss + out + tools,
                                version.provenance.for_currency(currency), savings)
-    return Pricing(model, at_utc, True, None, resolution.chain[-1], version.id, rule_id, tier,
+    return Pricing(model, at_utc, True, None, resolution.chain[-1], version.id,
+                   context.rule.id if context.rule is not None else None, tier,
                    MappingProxyType(costs), tuple(flags), version.provenance.source)
 
 

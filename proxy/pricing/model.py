@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
 from zoneinfo import ZoneInfo
@@ -199,3 +199,16 @@ class PriceBook:
     files: tuple[str, ...]
     digest: str
     """SHA-256 of the files' bytes: identifies which book priced a stored row."""
+    change_instants: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    """Every instant (POSIX microseconds) at which a model's era or a schedule's rule starts:
+    between two of them, only the time of day and the calendar day can change a price."""
+    memo: dict[tuple[str, int], object] = field(init=False, repr=False, compare=False)
+    """The engine's cache of lookups per model and minute (`proxy.pricing.engine`); derived
+    from the fields above, so it never changes a result."""
+
+    def __post_init__(self) -> None:
+        starts = {instant for timeline in (*self.model_starts.values(),
+                                           *self.schedule_starts.values())
+                  for instant in timeline}
+        object.__setattr__(self, "change_instants", tuple(sorted(starts)))
+        object.__setattr__(self, "memo", {})
