@@ -174,7 +174,7 @@ def create_app(config: ProxyConfig, book: PriceBook, api_key: str, sink: RecordS
 
     app.cleanup_ctx.append(upstream_session)
     if shared_metrics_dir is not None:
-        app.cleanup_ctx.append(_share_money(metrics))
+        app.cleanup_ctx.append(_share_totals(metrics))
     app.router.add_post("/chat/completions", _completion(_CHAT))
     app.router.add_post("/v1/chat/completions", _completion(_CHAT))
     app.router.add_post("/beta/chat/completions", _completion(_BETA_CHAT))
@@ -187,14 +187,14 @@ def create_app(config: ProxyConfig, book: PriceBook, api_key: str, sink: RecordS
     return app
 
 
-def _share_money(metrics: ProxyMetrics) -> Callable[[web.Application],
+def _share_totals(metrics: ProxyMetrics) -> Callable[[web.Application],
                                                    AsyncIterator[None]]:
     """Every second, publish this worker's exact cost totals for the other workers' scrapes."""
 
     async def publish() -> None:
         while True:
             await asyncio.sleep(1.0)  # a period, not a wait for a condition
-            metrics.money.dump()
+            metrics.calls.dump()
 
     async def context(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(publish(), name="share-cost-totals")
@@ -202,7 +202,7 @@ def _share_money(metrics: ProxyMetrics) -> Callable[[web.Application],
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        metrics.money.dump()
+        metrics.calls.dump()
 
     return context
 

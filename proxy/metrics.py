@@ -6,26 +6,35 @@ from the price book (anything else is ``other``), tiers as the price book names 
 as numbers. A client sending random model names cannot grow the number of series.
 
 Money is exact until the scrape: costs and savings are summed as `Decimal` and converted to a
-float once, when Prometheus reads them (`_MoneyCollector`), so the exported value is the float
+float once, when Prometheus reads them (`CallTotals`), so the exported value is the float
 nearest the exact total rather than the drift of many float additions. `llm_team_spend` is read
 from the ledger at scrape time, so it is right after a restart.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+from bisect import bisect_left
 from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from proxy.config import Budget
 from proxy.ledger.store import SpendReader
@@ -35,10 +44,13 @@ from proxy.pricing.engine import schedule_version_at, to_micros
 from proxy.records import UsageRecord
 
 OTHER = "other"
-_Labelled = Counter | Gauge | Histogram
-DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
-TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 600)
-OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05)
+_ZERO = Decimal(0)
+_Labelled = Counter | Gauge
+Bounds = tuple[float, ...]
+DURATION_BUCKETS: Bounds = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+TTFT_BUCKETS: Bounds = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 600)
+OVERHEAD_BUCKETS: Bounds = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+                            0.05)
 
 
 
@@ -50,9 +62,10 @@ class ProxyMetrics:
                  spend: SpendReader | None, billing_timezone: ZoneInfo,
                  clock: Callable[[], datetime], budgets: Sequence[Budget] = (),
                  book: PriceBook | None = None, shared_dir: Path | None = None) -> None:
-        """`registry` is what ``/metrics`` exports. With `shared_dir` (``serve --workers N``,
-        prometheus_client's multiprocess mode), the standard metrics live in files there and
-        `registry` exports the sum over all workers."""
+        """`registry` is what ``/metrics`` exports. With `shared_dir` (``serve --workers N``),
+        every worker's figures are shared through that folder and `registry` exports the sum
+        over all workers: per-call totals as files this module writes (`CallTotals`), gauges
+        and rare counters through prometheus_client's multiprocess mode."""
         self._models = frozenset(models)
         self._tools = frozenset(tools)
         self._children: dict[tuple[object, ...], Any] = {}
@@ -60,36 +73,6 @@ class ProxyMetrics:
         if shared_dir is not None:
             MultiProcessCollector(exported, path=str(shared_dir))  # type: ignore[no-untyped-call]
             registry = CollectorRegistry()  # the metric objects; their values are in the files
-        self.requests = Counter(
-            "llm_requests_total", "Calls dispatched to DeepSeek, by the HTTP status returned",
-            ["team", "model", "endpoint", "status"], registry=registry)
-        self.tokens = Counter(
-            "llm_tokens_total", "Tokens billed (reported, or estimated when usage was lost)",
-            ["team", "model", "type"], registry=registry)
-        self.reasoning = Counter(
-            "llm_reasoning_tokens_total", "Reasoning tokens (already inside output tokens)",
-            ["team", "model"], registry=registry)
-        self.tool_calls = Counter(
-            "llm_tool_calls_total", "Server-side tool calls billed (web search, fetch)",
-            ["team", "model", "tool"], registry=registry)
-        self.duration = Histogram(
-            "llm_request_duration_seconds", "From request received to response finished",
-            ["team", "model", "stream"], buckets=DURATION_BUCKETS, registry=registry)
-        self.ttft = Histogram(
-            "llm_time_to_first_token_seconds", "From request received to DeepSeek's first data "
-            "(keep-alives excluded)", ["team", "model"], buckets=TTFT_BUCKETS, registry=registry)
-        self.overhead = Histogram(
-            "llm_proxy_overhead_seconds", "Time spent in the proxy itself per call, waiting on "
-            "DeepSeek and on the client excluded", buckets=OVERHEAD_BUCKETS, registry=registry)
-        self.usage_missing = Counter(
-            "llm_usage_missing_total", "Calls without reported usage (estimated or unknown)",
-            ["team", "model", "reason"], registry=registry)
-        self.unpriced = Counter(
-            "llm_unpriced_requests_total", "Calls the price book could not price",
-            ["model"], registry=registry)
-        self.upstream_errors = Counter(
-            "llm_upstream_errors_total", "DeepSeek errors, cuts, timeouts and connect failures",
-            ["reason"], registry=registry)
         self.inflight = Gauge(
             "llm_inflight_requests", "Calls in progress", ["team"], registry=registry,
             multiprocess_mode="livesum")
@@ -111,8 +94,8 @@ class ProxyMetrics:
                     float(entry.amount * percent / 100))
         for team in teams:
             self.budget_refusals.labels(team)
-        self.money = _MoneyCollector(shared_dir)
-        exported.register(self.money)
+        self.calls = CallTotals(shared_dir)
+        exported.register(self.calls)
         if book is not None:
             exported.register(_CalendarCollector(book, clock))
         if spend is not None:
@@ -126,8 +109,7 @@ class ProxyMetrics:
 
     def child(self, metric: _Labelled, *labels: str) -> Any:
         """`metric.labels(*labels)`, cached: prometheus_client validates and locks on every
-        `labels()` call, and every request makes about ten of them. Label values come from
-        bounded sets, so the cache is bounded too."""
+        `labels()` call. Label values come from bounded sets, so the cache is bounded too."""
         key = (id(metric), *labels)
         found = self._children.get(key)
         if found is None:
@@ -135,32 +117,10 @@ class ProxyMetrics:
         return found
 
     def observe(self, record: UsageRecord, overhead: float) -> None:
-        child = self.child
-        team, model = record.team, self.model(record.model_requested)
-        child(self.requests, team, model, record.endpoint, str(_status(record))).inc()
-        if record.cache_hit_tokens is not None:
-            child(self.tokens, team, model, "input_cache_hit").inc(record.cache_hit_tokens)
-            child(self.tokens, team, model, "input_cache_miss").inc(
-                record.cache_miss_tokens or 0)
-            child(self.tokens, team, model, "output").inc(record.output_tokens or 0)
-            child(self.reasoning, team, model).inc(record.reasoning_tokens or 0)
-        for tool, count in record.tool_calls.items():
-            child(self.tool_calls, team, model, tool if tool in self._tools else OTHER).inc(count)
-        self.money.add(team, model, record)
-        child(self.duration, team, model, "true" if record.stream else "false").observe(
-            (record.ended_at - record.started_at).total_seconds())
-        if record.first_byte_at is not None:
-            child(self.ttft, team, model).observe(
-                (record.first_byte_at - record.started_at).total_seconds())
-        self.overhead.observe(overhead)
-        if record.usage_source in ("estimated", "unknown"):
-            reason = "malformed_usage" if "malformed_usage" in record.flags else record.outcome
-            child(self.usage_missing, team, model, reason).inc()
-        if not record.priced and record.usage_source != "none":
-            child(self.unpriced, model).inc()
-        error = _upstream_error(record)
-        if error is not None:
-            child(self.upstream_errors, error).inc()
+        model = self.model(record.model_requested)
+        tools = {tool if tool in self._tools else OTHER: count
+                 for tool, count in record.tool_calls.items()} if record.tool_calls else None
+        self.calls.observe(record, model, tools, overhead)
 
 
 def _status(record: UsageRecord) -> int:
@@ -178,67 +138,260 @@ def _upstream_error(record: UsageRecord) -> str | None:
     return None
 
 
-class _MoneyCollector(Collector):
-    """`llm_cost_total` and `llm_cache_savings_total`, summed exactly, exported as floats.
+class _Buckets:
+    """One histogram series: a count per bucket (not cumulative) and the sum."""
 
-    With several workers each one writes its exact totals to ``money-<pid>.json`` in the shared
-    folder (`dump`, every second and at exit), and a scrape adds the other workers' files to its
-    own live totals, so the sum stays exact; other workers' figures lag by up to a second.
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # a bucket's bound is inclusive
+        self.total += value
+
+
+class _Slot:
+    """What `CallTotals.observe` adds for one (team, model, endpoint, status, stream): the
+    counters and histograms every call touches, behind one dictionary lookup."""
+
+    __slots__ = ("duration", "hit", "miss", "output", "reasoning", "requests", "ttft",
+                 "with_tokens")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.with_tokens = 0  # calls with token counts: their series exist from the first one
+        self.hit = self.miss = self.output = self.reasoning = 0
+        self.duration = _Buckets(DURATION_BUCKETS)
+        self.ttft = _Buckets(TTFT_BUCKETS)
+
+
+@dataclass(frozen=True, slots=True)
+class _Family:
+    name: str
+    """Without ``_total`` for counters (the exposition adds it)."""
+    kind: str
+    """``counter``, ``histogram`` or ``money`` (a counter summed as `Decimal`)."""
+    help: str
+    labels: tuple[str, ...]
+    bounds: tuple[float, ...] = ()
+
+
+_FAMILIES = (
+    _Family("llm_requests", "counter", "Calls dispatched to DeepSeek, by the HTTP status "
+            "returned", ("team", "model", "endpoint", "status")),
+    _Family("llm_tokens", "counter", "Tokens billed (reported, or estimated when usage was "
+            "lost)", ("team", "model", "type")),
+    _Family("llm_reasoning_tokens", "counter", "Reasoning tokens (already inside output "
+            "tokens)", ("team", "model")),
+    _Family("llm_tool_calls", "counter", "Server-side tool calls billed (web search, fetch)",
+            ("team", "model", "tool")),
+    _Family("llm_request_duration_seconds", "histogram", "From request received to response "
+            "finished", ("team", "model", "stream"), DURATION_BUCKETS),
+    _Family("llm_time_to_first_token_seconds", "histogram", "From request received to "
+            "DeepSeek's first data (keep-alives excluded)", ("team", "model"), TTFT_BUCKETS),
+    _Family("llm_proxy_overhead_seconds", "histogram", "Time spent in the proxy itself per "
+            "call, waiting on DeepSeek and on the client excluded", (), OVERHEAD_BUCKETS),
+    _Family("llm_usage_missing", "counter", "Calls without reported usage (estimated or "
+            "unknown)", ("team", "model", "reason")),
+    _Family("llm_unpriced_requests", "counter", "Calls the price book could not price",
+            ("model",)),
+    _Family("llm_upstream_errors", "counter", "DeepSeek errors, cuts, timeouts and connect "
+            "failures", ("reason",)),
+    _Family("llm_cost", "money", "Spend as priced by the price book",
+            ("team", "model", "currency", "tier")),
+    _Family("llm_cache_savings", "money", "What cache-hit tokens would have cost at the "
+            "cache-miss price, minus what they cost", ("team", "model", "currency")),
+)
+_LE = {bounds: [*(floatToGoString(b) for b in bounds), "+Inf"]  # type: ignore[no-untyped-call]
+       for bounds in (DURATION_BUCKETS, TTFT_BUCKETS, OVERHEAD_BUCKETS)}
+
+Labels = tuple[str, ...]
+Histogram = tuple[list[int], float]
+Tables = dict[str, dict[Labels, Any]]
+"""Family name -> label values -> an int (counter), a `Decimal` (money) or a `Histogram`."""
+
+
+class CallTotals(Collector):
+    """Every per-call metric, summed in plain Python and exported at scrape time.
+
+    Why not prometheus_client's `Counter` and `Histogram`: each of their updates takes a lock
+    and goes through several calls, and a call made about fifteen of them, which measured
+    more than a tenth of the proxy's own CPU per call (bench/RESULTS.md). Here a call costs
+    one dictionary lookup for its slot (`_Slot`) and a few additions. Only the event loop's
+    thread calls `observe` and `collect`, so nothing needs a lock.
+
+    Money is exact until the scrape: costs and savings are summed as `Decimal` and converted
+    to a float once, when Prometheus reads them, so the exported value is the float nearest
+    the exact total rather than the drift of many float additions.
+
+    With several workers each one writes its totals to ``calls-<pid>.json`` in the shared
+    folder (`dump`, every second and at exit), and a scrape adds the other workers' files to
+    its own live totals: sums stay exact, other workers' figures lag by up to a second, and
+    the totals of a worker that exited stay in (counters never go down).
     """
 
-    def __init__(self, shared_dir: Path | None = None) -> None:
-        self.cost: dict[tuple[str, ...], Decimal] = {}
-        self.savings: dict[tuple[str, ...], Decimal] = {}
+    def __init__(self, shared_dir: Path | None = None, worker: str | None = None) -> None:
+        """`worker` names this process's file in `shared_dir` (default: the process id)."""
+        self._slots: dict[tuple[str, str, str, int, bool], _Slot] = {}
+        self._counters: dict[str, dict[Labels, int]] = {
+            "llm_tool_calls": {}, "llm_usage_missing": {}, "llm_unpriced_requests": {},
+            "llm_upstream_errors": {}}
+        self._cost: dict[Labels, Decimal] = {}
+        self._savings: dict[Labels, Decimal] = {}
+        self._overhead = _Buckets(OVERHEAD_BUCKETS)
         self._shared_dir = shared_dir
-        self._own = f"money-{os.getpid()}.json"
+        self._own = f"calls-{worker or os.getpid()}.json"
+
+    def observe(self, record: UsageRecord, model: str, tools: dict[str, int] | None,
+                overhead: float) -> None:
+        team = record.team
+        key = (team, model, record.endpoint, _status(record), record.stream)
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._slots[key] = _Slot()
+        slot.requests += 1
+        if record.cache_hit_tokens is not None:
+            slot.with_tokens += 1
+            slot.hit += record.cache_hit_tokens
+            slot.miss += record.cache_miss_tokens or 0
+            slot.output += record.output_tokens or 0
+            slot.reasoning += record.reasoning_tokens or 0
+        started = record.started_at
+        slot.duration.observe((record.ended_at - started).total_seconds())
+        if record.first_byte_at is not None:
+            slot.ttft.observe((record.first_byte_at - started).total_seconds())
+        self._overhead.observe(overhead)
+        if record.costs:
+            tier = record.tier or OTHER
+            cost, savings = self._cost, self._savings
+            for currency, amount in record.costs.items():
+                ckey = (team, model, currency, tier)
+                cost[ckey] = cost.get(ckey, _ZERO) + amount
+            for currency, amount in record.cache_savings.items():
+                skey = (team, model, currency)
+                savings[skey] = savings.get(skey, _ZERO) + amount
+        if tools:
+            for tool, count in tools.items():
+                self._count("llm_tool_calls", (team, model, tool), count)
+        if record.usage_source in ("estimated", "unknown"):
+            reason = "malformed_usage" if "malformed_usage" in record.flags else record.outcome
+            self._count("llm_usage_missing", (team, model, reason))
+        if not record.priced and record.usage_source != "none":
+            self._count("llm_unpriced_requests", (model,))
+        error = _upstream_error(record)
+        if error is not None:
+            self._count("llm_upstream_errors", (error,))
+
+    def _count(self, family: str, labels: Labels, amount: int = 1) -> None:
+        table = self._counters[family]
+        table[labels] = table.get(labels, 0) + amount
+
+    def tables(self) -> Tables:
+        """This process's totals, by family and label values."""
+        tables: Tables = {f.name: {} for f in _FAMILIES}
+        for (team, model, endpoint, status, stream), slot in self._slots.items():
+            _add(tables["llm_requests"], (team, model, endpoint, str(status)), slot.requests)
+            if slot.with_tokens:
+                for kind, amount in (("input_cache_hit", slot.hit),
+                                     ("input_cache_miss", slot.miss), ("output", slot.output)):
+                    _add(tables["llm_tokens"], (team, model, kind), amount)
+                _add(tables["llm_reasoning_tokens"], (team, model), slot.reasoning)
+            _add(tables["llm_request_duration_seconds"],
+                 (team, model, "true" if stream else "false"),
+                 (slot.duration.counts, slot.duration.total))
+            if any(slot.ttft.counts):
+                _add(tables["llm_time_to_first_token_seconds"], (team, model),
+                     (slot.ttft.counts, slot.ttft.total))
+        if any(self._overhead.counts):
+            tables["llm_proxy_overhead_seconds"][()] = (list(self._overhead.counts),
+                                                        self._overhead.total)
+        for family, counts in self._counters.items():
+            tables[family].update(counts)
+        tables["llm_cost"].update(self._cost)
+        tables["llm_cache_savings"].update(self._savings)
+        return tables
 
     def dump(self) -> None:
+        """Publish this worker's totals for the other workers' scrapes."""
         if self._shared_dir is None:
             return
-        data = {"cost": [[*k, str(v)] for k, v in self.cost.items()],
-                "savings": [[*k, str(v)] for k, v in self.savings.items()]}
+        data = {name: [[*labels, _encode(value)] for labels, value in table.items()]
+                for name, table in self.tables().items()}
         temporary = self._shared_dir / f".{self._own}.tmp"
         temporary.write_text(json.dumps(data), encoding="utf-8")
         temporary.replace(self._shared_dir / self._own)
 
-    def _totals(self) -> tuple[dict[tuple[str, ...], Decimal], dict[tuple[str, ...], Decimal]]:
-        cost, savings = dict(self.cost), dict(self.savings)
+    def _all_tables(self) -> Tables:
+        tables = self.tables()
         if self._shared_dir is None:
-            return cost, savings
-        for path in self._shared_dir.glob("money-*.json"):
+            return tables
+        kinds = {f.name: f.kind for f in _FAMILIES}
+        for path in self._shared_dir.glob("calls-*.json"):
             if path.name == self._own:
                 continue
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 continue  # a worker is replacing its file right now; next scrape has it
-            for target, rows in ((cost, data["cost"]), (savings, data["savings"])):
-                for *key, amount in rows:
-                    target[tuple(key)] = target.get(tuple(key), Decimal(0)) + Decimal(amount)
-        return cost, savings
-
-    def add(self, team: str, model: str, record: UsageRecord) -> None:
-        tier = record.tier or OTHER
-        for currency, amount in record.costs.items():
-            key = (team, model, currency, tier)
-            self.cost[key] = self.cost.get(key, Decimal(0)) + amount
-        for currency, amount in record.cache_savings.items():
-            skey = (team, model, currency)
-            self.savings[skey] = self.savings.get(skey, Decimal(0)) + amount
+            for name, rows in data.items():
+                if name not in tables:
+                    continue
+                for *labels, value in rows:
+                    _add(tables[name], tuple(labels), _decode(kinds[name], value))
+        return tables
 
     def collect(self) -> Iterator[Metric]:
-        costs, savings_totals = self._totals()
-        cost = CounterMetricFamily("llm_cost_total", "Spend as priced by the price book",
-                                   labels=["team", "model", "currency", "tier"])
-        for key, amount in sorted(costs.items()):
-            cost.add_metric(list(key), float(amount))
-        savings = CounterMetricFamily(
-            "llm_cache_savings_total", "What cache-hit tokens would have cost at the cache-miss "
-            "price, minus what they cost", labels=["team", "model", "currency"])
-        for skey, amount in sorted(savings_totals.items()):
-            savings.add_metric(list(skey), float(amount))
-        yield cost
-        yield savings
+        tables = self._all_tables()
+        for family in _FAMILIES:
+            table = tables[family.name]
+            metric: Metric
+            if family.kind == "histogram":
+                histogram = HistogramMetricFamily(family.name, family.help,
+                                                  labels=list(family.labels))
+                for labels, (counts, total) in sorted(table.items()):
+                    cumulative = list(itertools.accumulate(counts))
+                    histogram.add_metric(list(labels), list(zip(_LE[family.bounds], cumulative,
+                                                                strict=True)), total)
+                metric = histogram
+            else:
+                counter = CounterMetricFamily(family.name, family.help,
+                                              labels=list(family.labels))
+                for labels, value in sorted(table.items()):
+                    counter.add_metric(list(labels), float(value))
+                metric = counter
+            yield metric
+
+
+def _add(table: dict[Labels, Any], labels: Labels, value: Any) -> None:
+    """Add a counter, money or histogram value into a table (histograms are copied)."""
+    found = table.get(labels)
+    if found is None:
+        table[labels] = (list(value[0]), value[1]) if isinstance(value, tuple) else value
+    elif isinstance(value, tuple):
+        counts, total = found
+        table[labels] = ([a + b for a, b in zip(counts, value[0], strict=True)],
+                         total + value[1])
+    else:
+        table[labels] = found + value
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, tuple):
+        return [value[0], value[1]]
+    return value
+
+
+def _decode(kind: str, value: Any) -> Any:
+    if kind == "money":
+        return Decimal(value)
+    if kind == "histogram":
+        return (value[0], float(value[1]))
+    return value
 
 
 class _SpendCollector(Collector):

@@ -19,10 +19,13 @@ _BOUNDARY = re.compile(rb"(?>\r\n|\n|\r)(?>\r\n|\n|\r)")
 _LINE = re.compile(rb"\r\n|\n|\r")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Event:
     """One SSE event. `data` joins its ``data:`` lines with LF (None when it has none, as for
-    the ``: keep-alive`` comments DeepSeek sends while a request is queued)."""
+    the ``: keep-alive`` comments DeepSeek sends while a request is queued).
+
+    Not declared frozen (it is never changed): one is built per event relayed, and a frozen
+    dataclass's ``__init__`` costs several times a plain one's."""
 
     raw: bytes
     data: bytes | None

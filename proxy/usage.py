@@ -14,13 +14,16 @@ from types import MappingProxyType
 _NO_TOOLS: Mapping[str, int] = MappingProxyType({})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TokenUsage:
     """Token and tool-call counts of one call.
 
     `reasoning` is informational: DeepSeek counts reasoning tokens inside `output`
     (`completion_tokens`) and bills them at the output price, so pricing never adds them again.
     `tool_calls` maps a server-side tool name (``search``, ``fetch``) to the calls it billed.
+
+    Never changed once built, though not declared frozen, like the other per-call values
+    (`proxy.records.UsageRecord`): a frozen dataclass's ``__init__`` costs several times more.
     """
 
     cache_hit: int = 0
@@ -30,9 +33,9 @@ class TokenUsage:
     tool_calls: Mapping[str, int] = field(default_factory=lambda: _NO_TOOLS)
 
     def __post_init__(self) -> None:
-        for name in ("cache_hit", "cache_miss", "output", "reasoning"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        for name, value in (("cache_hit", self.cache_hit), ("cache_miss", self.cache_miss),
+                            ("output", self.output), ("reasoning", self.reasoning)):
+            if type(value) is not int or value < 0:  # bool (an int subclass) is refused too
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         for tool, count in self.tool_calls.items():
             if isinstance(count, bool) or not isinstance(count, int) or count < 0:
@@ -66,7 +69,7 @@ FLAG_UNKNOWN_TOOL_FIELD = "unknown_tool_field:"
 """Prefix: a `server_tool_use` field with no known tool name; counted under the field name."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ReportedUsage:
     """A usage object read from a DeepSeek response, with what was odd about it."""
 

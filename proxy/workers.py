@@ -5,9 +5,10 @@ so the kernel spreads connections over the cores. What must agree across workers
 
 - the ledger: one SQLite file, each worker writing its own batches (WAL serialises commits);
   in-flight rows and stale budget holds are recovered once, here, before any worker starts;
-- metrics: prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, a fresh folder
-  per run), so whichever worker a scrape lands on exports the sum over all of them; exact cost
-  totals are shared through the same folder (`proxy.metrics`);
+- metrics: one fresh folder per run (``PROMETHEUS_MULTIPROC_DIR``), so whichever worker a
+  scrape lands on exports the sum over all of them: gauges through prometheus_client's
+  multiprocess mode, per-call totals as files each worker rewrites every second
+  (`proxy.metrics.CallTotals`);
 - hard budgets: reservations live in the ledger (`proxy.budgets.SharedBudgetGuard`).
 
 The supervisor forwards SIGTERM/SIGINT to the workers, which drain as a single process does,

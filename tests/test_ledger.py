@@ -9,8 +9,11 @@ from decimal import Decimal
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from proxy.forward import new_request_id
-from proxy.ledger.store import SQLiteLedger
+from proxy.ledger.store import SQLiteLedger, iso
 from proxy.ledger.writer import LedgerWriter
 from proxy.metering import CallMeter, build_record, in_flight_record
 from proxy.pricing import PriceBook
@@ -153,3 +156,9 @@ def test_request_ids_are_unique_and_ordered_by_time() -> None:
     assert len(set(first)) == 1000
     assert all(r < later for r in first)
     assert abs(int(later[:12], 16) - time.time_ns() // 1_000_000) < 5000
+
+
+@given(st.datetimes(timezones=st.sampled_from([UTC, SHANGHAI, ZoneInfo("America/St_Johns")])))
+def test_iso_text_is_utc_isoformat_with_microseconds(instant: datetime) -> None:
+    expected = instant.astimezone(UTC).isoformat(timespec="microseconds")
+    assert iso(instant) == expected.removesuffix("+00:00") + "Z"
