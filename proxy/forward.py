@@ -50,7 +50,7 @@ from proxy.errors import (
     error_body,
     error_response,
 )
-from proxy.metering import CallMeter, StreamMeter, build_record, in_flight_record
+from proxy.metering import CallMeter, StreamMeter, build_record
 from proxy.metrics import ProxyMetrics
 from proxy.pricing import PriceBook
 from proxy.records import RecordSink, UsageRecord
@@ -97,7 +97,10 @@ def new_request_id() -> str:
 
 
 async def read_body(request: web.Request, limit: int, within: float) -> bytes:
+    """The request body, within `within` seconds (408) and `limit` bytes (413)."""
     try:
+        if request.content.is_eof():  # it came with the headers: nothing to wait for
+            return await request.read()
         async with asyncio.timeout(within):
             return await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -165,7 +168,8 @@ async def proxy_completion(request: web.Request, state: ProxyState, client: Clie
     payload = parse_payload(body)
     meter = CallMeter(request_id=new_request_id(), team=client.team, key_id=client.key_id,
                       endpoint=endpoint.name, stream=payload.get("stream") is True,
-                      model_requested=payload["model"], payload=payload, started_at=started_at)
+                      model_requested=payload["model"], payload=payload, started_at=started_at,
+                      price_book=state.book.digest)
     state.admission.enter(client.team)
     reservation = None
     if state.budgets.applies(client.team):
@@ -178,7 +182,7 @@ async def proxy_completion(request: web.Request, state: ProxyState, client: Clie
                 state.metrics.budget_refusals.labels(client.team).inc()
             raise
     exchange = _Exchange(request, state, meter, wants_usage(payload))
-    state.sink.dispatched(in_flight_record(meter, state.book))
+    state.sink.dispatched(meter)
     inflight = state.metrics.child(state.metrics.inflight, client.team)
     inflight.inc()
     body = upstream_body(body, payload)
@@ -285,7 +289,7 @@ class _Exchange:
             # A small body of known length comes whole (no keep-alive lines precede it: those
             # come chunked): answer it in one write, which costs the event loop far less.
             body = await upstream.read()
-            self._first_data()
+            self.meter.first_byte_at = self.state.clock()  # and the last: no deadline to lift
             self._read_answer(body)
             if meter.outcome == "upstream_cut":
                 meter.outcome = "complete"

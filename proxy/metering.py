@@ -56,6 +56,14 @@ class CallMeter:
     flags: list[str] = field(default_factory=list)
     proxy_seconds: float = 0.0
     """Time spent in the proxy's own code for this call (the overhead metric)."""
+    price_book: str = ""
+    """Digest of the price book in use, named by the call's ``in_flight`` row."""
+
+    def placeholder(self) -> UsageRecord:
+        """The call's ``in_flight`` record (`proxy.records.Dispatched`). The ledger's thread
+        calls this while the call goes on, so it reads only the fields set at construction,
+        which nothing changes afterwards."""
+        return in_flight_record(self, self.price_book)
 
     def take_usage(self, raw: object, tool_fields: Mapping[str, str]) -> None:
         """Record a usage object; the last one wins, and a second differing one is flagged."""
@@ -200,9 +208,10 @@ def build_record(meter: CallMeter, ended_at: datetime, book: PriceBook, price_at
     )
 
 
-def in_flight_record(meter: CallMeter, book: PriceBook) -> UsageRecord:
+def in_flight_record(meter: CallMeter, book: PriceBook | str) -> UsageRecord:
     """The placeholder row written at dispatch: if the proxy dies before the call ends, the
-    ledger still shows that DeepSeek saw it (usage unknown, never priced as zero)."""
+    ledger still shows that DeepSeek saw it (usage unknown, never priced as zero). `book` is
+    the price book in use, or its digest."""
     return UsageRecord(
         request_id=meter.request_id, team=meter.team, key_id=meter.key_id,
         endpoint=meter.endpoint, stream=meter.stream, model_requested=meter.model_requested,
@@ -213,4 +222,4 @@ def in_flight_record(meter: CallMeter, book: PriceBook) -> UsageRecord:
         usage_source="unknown", priced=False,
         unpriced_reason="in flight: the call had not ended", billed_model=None,
         price_version=None, schedule_version=None, tier=None, priced_at=None, costs={},
-        cache_savings={}, price_book=book.digest, flags=())
+        cache_savings={}, price_book=book if isinstance(book, str) else book.digest, flags=())

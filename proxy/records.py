@@ -76,6 +76,9 @@ class UsageRecord:
     """SHA-256 of the price-book files that priced the record."""
     flags: tuple[str, ...]
 
+    def placeholder(self) -> UsageRecord:
+        return self
+
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict; instants as ISO 8601 UTC, money as decimal strings."""
         out: dict[str, Any] = {}
@@ -93,14 +96,28 @@ class UsageRecord:
         return out
 
 
+class Dispatched(Protocol):
+    """A call that has gone upstream: its id, and its ``in_flight`` record when asked for.
+
+    The record is built only if the ledger writes it (a call that ends before the next batch
+    needs none), and then by the ledger's thread, off the request path. A `UsageRecord` is
+    its own placeholder.
+    """
+
+    @property
+    def request_id(self) -> str: ...
+
+    def placeholder(self) -> UsageRecord: ...
+
+
 class RecordSink(Protocol):
     """Where records go. Neither method may block the request path.
 
-    `dispatched` receives a call's ``in_flight`` record as it goes upstream, so a crash during
-    the call still leaves a row; `submit` receives its final record, which replaces it.
+    `dispatched` learns of each call as it goes upstream, so a crash during the call still
+    leaves an ``in_flight`` row; `submit` receives its final record, which replaces it.
     """
 
-    def dispatched(self, record: UsageRecord) -> None: ...
+    def dispatched(self, call: Dispatched) -> None: ...
 
     def submit(self, record: UsageRecord) -> None: ...
 
@@ -112,7 +129,7 @@ class LogSink:
     def __init__(self, logger: logging.Logger | None = None) -> None:
         self._logger = logger or logging.getLogger("proxy.usage")
 
-    def dispatched(self, record: UsageRecord) -> None:
+    def dispatched(self, call: Dispatched) -> None:
         """Only final records are logged: a log line cannot be replaced."""
 
     def submit(self, record: UsageRecord) -> None:
@@ -126,9 +143,9 @@ class FanOut:
     def __init__(self, *sinks: RecordSink) -> None:
         self._sinks = sinks
 
-    def dispatched(self, record: UsageRecord) -> None:
+    def dispatched(self, call: Dispatched) -> None:
         for sink in self._sinks:
-            sink.dispatched(record)
+            sink.dispatched(call)
 
     def submit(self, record: UsageRecord) -> None:
         for sink in self._sinks:

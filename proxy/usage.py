@@ -33,10 +33,14 @@ class TokenUsage:
     tool_calls: Mapping[str, int] = field(default_factory=lambda: _NO_TOOLS)
 
     def __post_init__(self) -> None:
-        for name, value in (("cache_hit", self.cache_hit), ("cache_miss", self.cache_miss),
-                            ("output", self.output), ("reasoning", self.reasoning)):
-            if type(value) is not int or value < 0:  # bool (an int subclass) is refused too
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        hit, miss, output, reasoning = self.cache_hit, self.cache_miss, self.output, self.reasoning
+        if not (type(hit) is int and type(miss) is int and type(output) is int  # bool (an int
+                and type(reasoning) is int and hit >= 0 and miss >= 0  # subclass) is refused
+                and output >= 0 and reasoning >= 0):
+            for name in ("cache_hit", "cache_miss", "output", "reasoning"):
+                value = getattr(self, name)
+                if type(value) is not int or value < 0:
+                    raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         for tool, count in self.tool_calls.items():
             if isinstance(count, bool) or not isinstance(count, int) or count < 0:
                 raise ValueError(f"tool call count for {tool!r} must be a non-negative integer")
@@ -106,11 +110,17 @@ def parse_usage(obj: object, tool_fields: Mapping[str, str] = DEFAULT_TOOL_FIELD
     if not isinstance(obj, Mapping):
         raise MalformedUsage(f"usage is not an object: {type(obj).__name__}")
     flags: list[str] = []
-    prompt = _count(obj, "prompt_tokens", required=True)
-    output = _count(obj, "completion_tokens", required=True)
+    prompt, output = obj.get("prompt_tokens"), obj.get("completion_tokens")
+    hit, miss = obj.get("prompt_cache_hit_tokens"), obj.get("prompt_cache_miss_tokens")
+    if not (type(prompt) is int and type(output) is int and type(hit) is int  # the usual
+            and type(miss) is int and 0 <= prompt <= MAX_TOKENS_PER_FIELD  # case, checked in
+            and 0 <= output <= MAX_TOKENS_PER_FIELD and 0 <= hit <= MAX_TOKENS_PER_FIELD  # one
+            and 0 <= miss <= MAX_TOKENS_PER_FIELD):  # go; `_count` says what is wrong
+        prompt = _count(obj, "prompt_tokens", required=True)
+        output = _count(obj, "completion_tokens", required=True)
+        hit = _count(obj, "prompt_cache_hit_tokens")
+        miss = _count(obj, "prompt_cache_miss_tokens")
     assert prompt is not None and output is not None
-    hit = _count(obj, "prompt_cache_hit_tokens")
-    miss = _count(obj, "prompt_cache_miss_tokens")
     if hit is None and miss is None:
         details = obj.get("prompt_tokens_details")
         cached = _count(details, "cached_tokens") if isinstance(details, Mapping) else None

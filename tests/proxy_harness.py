@@ -19,7 +19,7 @@ from proxy.auth import ClientKey, hash_key, key_id_of
 from proxy.config import Budget, Limits, ProxyConfig, Timeouts
 from proxy.ledger.store import SpendReader
 from proxy.pricing import PriceBook
-from proxy.records import FanOut, RecordSink, UsageRecord
+from proxy.records import Dispatched, FanOut, RecordSink, UsageRecord
 from proxy.usage import DEFAULT_TOOL_FIELDS
 from tests.fake_deepseek_shapes import FAKE_UPSTREAM_KEY
 
@@ -36,8 +36,8 @@ class RecordingSink:
         self.in_flight: list[UsageRecord] = []
         self._changed = asyncio.Event()
 
-    def dispatched(self, record: UsageRecord) -> None:
-        self.in_flight.append(record)
+    def dispatched(self, call: Dispatched) -> None:
+        self.in_flight.append(call.placeholder())
 
     def submit(self, record: UsageRecord) -> None:
         self.records.append(record)

@@ -131,6 +131,34 @@ def test_batches_of_every_size_store_every_row_once(tmp_path: Path, book: PriceB
     store.close()
 
 
+def test_in_flight_rows_are_built_from_the_call_only_when_written(tmp_path: Path,
+                                                                  book: PriceBook) -> None:
+    """The request path hands the writer the call itself; its in-flight record is built in
+    the writer's thread, and not at all when the final record is in the same batch."""
+    built: list[str] = []
+
+    class Call(CallMeter):
+        __slots__ = ()
+
+        def placeholder(self) -> UsageRecord:
+            built.append(self.request_id)
+            return super().placeholder()
+
+    path = tmp_path / "ledger.sqlite3"
+    writer = LedgerWriter(SQLiteLedger(path, SHANGHAI), flush_interval=30)
+    calls = [Call(request_id=f"c{i}", team="alpha", key_id="k_00000000", endpoint="chat",
+                  stream=True, model_requested="deepseek-flash", payload={}, started_at=PEAK,
+                  price_book=book.digest) for i in range(3)]
+    for call in calls:
+        writer.dispatched(call)
+    writer.submit(final(book, "c0", PEAK))
+    writer.close()
+    assert built == ["c1", "c2"]
+    assert rows(path, "SELECT request_id, state, outcome, price_book FROM usage ORDER BY 1") == [
+        ("c0", "final", "complete", book.digest), ("c1", "in_flight", "in_flight", book.digest),
+        ("c2", "in_flight", "in_flight", book.digest)]
+
+
 def test_billing_timezone_change_rebuilds_days(tmp_path: Path, book: PriceBook) -> None:
     path = tmp_path / "ledger.sqlite3"
     instant = datetime(2026, 11, 1, 20, 0, tzinfo=UTC)  # 2026-11-02 04:00 in Beijing

@@ -71,3 +71,10 @@ def test_estimate_tokens() -> None:
     assert estimate_tokens("") == 0
     assert estimate_tokens("a" * 10) == 3
     assert estimate_tokens("你好世界你好世界你好") == 6
+
+
+@pytest.mark.parametrize("fields", [{"cache_hit": -1}, {"cache_miss": 1.0}, {"output": True},
+                                    {"reasoning": "3"}, {"tool_calls": {"search": -2}}])
+def test_token_usage_refuses_what_is_not_a_count(fields: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match="non-negative integer"):
+        TokenUsage(**fields)  # type: ignore[arg-type]

@@ -24,9 +24,10 @@ import logging
 import threading
 import time
 from collections import deque
+from typing import cast
 
 from proxy.ledger.store import LedgerStore
-from proxy.records import UsageRecord
+from proxy.records import Dispatched, UsageRecord
 
 log = logging.getLogger("proxy.ledger")
 
@@ -44,7 +45,7 @@ class LedgerWriter:
                  ) -> None:
         self.store = store
         self.flush_interval = flush_interval
-        self._items: deque[tuple[UsageRecord, bool]] = deque()
+        self._items: deque[tuple[Dispatched, bool]] = deque()
         self._wake = threading.Event()
         self._progress = threading.Condition()
         self._requested = 0  # flush requests made ...
@@ -54,8 +55,8 @@ class LedgerWriter:
         self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
         self._thread.start()
 
-    def dispatched(self, record: UsageRecord) -> None:
-        self._items.append((record, False))
+    def dispatched(self, call: Dispatched) -> None:
+        self._items.append((call, False))
 
     def submit(self, record: UsageRecord) -> None:
         self._items.append((record, True))
@@ -98,17 +99,20 @@ class LedgerWriter:
 
     def _drain(self) -> tuple[list[UsageRecord], list[UsageRecord]]:
         """Everything queued, as (in-flight, final) records. A call that ended since the last
-        drain has both; only its final record is written (one row write instead of two)."""
+        drain has both; only its final record is written (one row write instead of two), and
+        its in-flight record is never even built."""
         items = self._items
         final: dict[str, UsageRecord] = {}
-        dispatched: list[UsageRecord] = []
+        dispatched: list[Dispatched] = []
         while items:
-            record, is_final = items.popleft()
+            item, is_final = items.popleft()
             if is_final:
+                record = cast(UsageRecord, item)  # `submit` queued it
                 final[record.request_id] = record
             else:
-                dispatched.append(record)
-        return [r for r in dispatched if r.request_id not in final], list(final.values())
+                dispatched.append(item)
+        pending = [call.placeholder() for call in dispatched if call.request_id not in final]
+        return pending, list(final.values())
 
     def _write(self, pending: list[UsageRecord], final: list[UsageRecord]) -> None:
         delay = 0.05

@@ -181,15 +181,38 @@ def tool_fee_at(book: PriceBook, tool: str, at_micros: int) -> ToolFeeVersion | 
 
 
 @dataclass(frozen=True, slots=True)
+class _PerToken:
+    """One currency's rates per single token (the per-million rates scaled exactly), so a
+    cost is one multiplication."""
+
+    currency: str
+    cache_hit: Decimal
+    cache_miss: Decimal
+    output: Decimal
+    saving: Decimal
+    """What a cache hit saves against a miss."""
+    confidence: Confidence
+
+
+@dataclass(frozen=True, slots=True)
 class _Context:
     """What `price` looks up for a model at an instant before counting any token: the
-    version (or why there is none), the schedule rule and the tier."""
+    version (or why there is none), the schedule rule, the tier and its rates."""
 
     resolution: Resolution | None
     reason: str | None
     rule: ScheduleVersion | None
     tier: str
     flags: tuple[str, ...]
+    rates: tuple[_PerToken, ...] = ()
+
+
+def _per_token(version: PriceVersion, tier: str) -> tuple[_PerToken, ...]:
+    return tuple(
+        _PerToken(currency, rates.cache_hit.scaleb(-6), rates.cache_miss.scaleb(-6),
+                  rates.output.scaleb(-6), (rates.cache_miss - rates.cache_hit).scaleb(-6),
+                  version.provenance.for_currency(currency))
+        for currency, rates in version.tiers[tier].items())
 
 
 _MINUTE = 60_000_000
@@ -239,20 +262,20 @@ def _look_up(book: PriceBook, model: str, at_micros: int, at: datetime) -> _Cont
         return _Context(None, resolution, None, FLAT_TIER, ())
     version = resolution.version
     if version.schedule is None:
-        return _Context(resolution, None, None, FLAT_TIER, ())
+        return _Context(resolution, None, None, FLAT_TIER, (), _per_token(version, FLAT_TIER))
     rule = schedule_version_at(book, version.schedule, at_micros)
     if rule is None:
         at_utc = _EPOCH + timedelta(microseconds=at_micros)
         return _Context(resolution, f"schedule {version.schedule!r} has no rule in force at "
                                     f"{_iso(at_utc)}", None, FLAT_TIER, ())
     tier, flags = tier_at(book, rule, at)
-    return _Context(resolution, None, rule, tier, flags)
+    return _Context(resolution, None, rule, tier, flags, _per_token(version, tier))
 
 
 def price(book: PriceBook, model: str, usage: TokenUsage, at: datetime) -> Pricing:
     """Price one call of `model` with `usage` at the aware instant `at`."""
     at_micros = to_micros(at)
-    at_utc = _EPOCH + timedelta(microseconds=at_micros)
+    at_utc = at if at.tzinfo is UTC else _EPOCH + timedelta(microseconds=at_micros)
     context = _context(book, model, at_micros, at)
     resolution = context.resolution
     if resolution is None:
@@ -262,24 +285,27 @@ def price(book: PriceBook, model: str, usage: TokenUsage, at: datetime) -> Prici
     if context.reason is not None:
         return Pricing(model, at_utc, False, context.reason, resolution.chain[-1], version.id,
                        None, None, _NO_COSTS, (), version.provenance.source)
-    flags = list(context.flags)
+    flags = context.flags
     if usage.reasoning > usage.output:
-        flags.append(FLAG_REASONING_EXCEEDS_OUTPUT)
-    tool_fees = _tool_fees(book, usage, at_micros, flags) if usage.tool_calls else {}
-    tier = context.tier
-    card = version.tiers[tier]
+        flags = (*flags, FLAG_REASONING_EXCEEDS_OUTPUT)
+    tool_fees: dict[str, Decimal] = {}
+    if usage.tool_calls:
+        found: list[str] = []
+        tool_fees = _tool_fees(book, usage, at_micros, found)
+        flags = (*flags, *found)
+    hit_tokens, miss_tokens, output_tokens = usage.cache_hit, usage.cache_miss, usage.output
     costs = {}
-    for currency, rates in card.items():
-        hit = (rates.cache_hit * usage.cache_hit).scaleb(-6)
-        miss = (rates.cache_miss * usage.cache_miss).scaleb(-6)
-        out = (rates.output * usage.output).scaleb(-6)
-        tools = tool_fees.get(currency, _ZERO)
-        savings = ((rates.cache_miss - rates.cache_hit) * usage.cache_hit).scaleb(-6)
-        costs[currency] = Cost(currency, hit, miss, out, tools, hit + miss + out + tools,
-                               version.provenance.for_currency(currency), savings)
+    for rates in context.rates:
+        hit = rates.cache_hit * hit_tokens
+        miss = rates.cache_miss * miss_tokens
+        out = rates.output * output_tokens
+        tools = tool_fees.get(rates.currency, _ZERO)
+        costs[rates.currency] = Cost(rates.currency, hit, miss, out, tools,
+                                     hit + miss + out + tools, rates.confidence,
+                                     rates.saving * hit_tokens)
     return Pricing(model, at_utc, True, None, resolution.chain[-1], version.id,
-                   context.rule.id if context.rule is not None else None, tier,
-                   MappingProxyType(costs), tuple(flags), version.provenance.source)
+                   context.rule.id if context.rule is not None else None, context.tier,
+                   MappingProxyType(costs), flags, version.provenance.source)
 
 
 def _tool_fees(book: PriceBook, usage: TokenUsage, at_micros: int,
