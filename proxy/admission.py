@@ -34,6 +34,10 @@ class Admission:
         self._total += 1
         self._by_team[team] = in_team + 1
 
+    def in_flight(self) -> dict[str, int]:
+        """Calls in progress per team (the ``llm_inflight_requests`` gauge reads this)."""
+        return dict(self._by_team)
+
     def leave(self, team: str) -> None:
         self._total -= 1
         self._by_team[team] -= 1

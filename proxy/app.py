@@ -9,17 +9,18 @@ Routes (the OpenAI SDK works with ``base_url`` ``http://host:port``, ``.../v1`` 
     GET  /healthz, /readyz                        liveness, readiness (no key, no upstream)
     GET  /metrics                                 Prometheus text format, no key needed
 
-Every other path is a 404 in OpenAI's error shape, without touching DeepSeek. All routes but
-``/healthz`` and ``/metrics`` need a client key (Prometheus scrapes without one: bind the proxy
-to a private interface or put the scrape path behind the network's own access control); the
-middleware turns every error into OpenAI's shape.
+Every other path is a 404 (another method on a known path, a 405) in OpenAI's error shape,
+without touching DeepSeek. All routes but ``/healthz``, ``/readyz`` and ``/metrics`` need a
+client key (Prometheus scrapes without one: bind the proxy to a private interface or put the
+scrape path behind the network's own access control); every error is in OpenAI's shape
+(`_route`, `_unrouted`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -58,7 +59,6 @@ ADMISSION = web.AppKey("admission", Admission)
 """Also reachable before start-up completes, so `serve` can start draining on SIGTERM."""
 CLIENT = web.RequestKey("client", ClientKey)
 
-_PUBLIC = frozenset({"/healthz", "/readyz", "/metrics"})
 _CHAT = Endpoint("chat", "/chat/completions")
 _BETA_CHAT = Endpoint("chat", "/beta/chat/completions")
 _FIM = Endpoint("fim", "/beta/completions")
@@ -70,40 +70,79 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-@web.middleware
-async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Authenticate API routes and render every failure as an OpenAI-shaped error."""
-    try:
-        limit = request.app[STATE].config.limits.max_header_bytes
-        if sum(len(name) + len(value) + 4 for name, value in request.raw_headers) > limit:
-            raise HeadersTooLarge(f"request headers exceed {limit} bytes")
-        if request.match_info.http_exception is None and request.path not in _PUBLIC:
-            client = authenticate(request.headers.get("Authorization"),
-                                  request.app[STATE].config.keys)
-            if client is None:
-                raise Unauthorized("missing or unknown API key; pass your proxy key as "
-                                   "'Authorization: Bearer <key>'")
-            request[CLIENT] = client
-        return await handler(request)
-    except ProxyError as exc:
-        return error_response(exc)
-    except web.HTTPNotFound:
-        return error_response(NotFound(f"no route {request.method} {request.path}"))
-    except web.HTTPMethodNotAllowed as exc:
-        error = NotFound(f"{request.method} is not allowed on {request.path}")
-        error.status = exc.status
-        return error_response(error)
+def _header_bytes(raw: tuple[tuple[bytes, bytes], ...]) -> int:
+    """Size of the headers as sent (``name: value`` and CRLF each)."""
+    total = 4 * len(raw)
+    for name, value in raw:
+        total += len(name) + len(value)
+    return total
+
+
+def _check_headers(request: web.Request, state: ProxyState) -> None:
+    limit = state.config.limits.max_header_bytes
+    if _header_bytes(request.raw_headers) > limit:
+        raise HeadersTooLarge(f"request headers exceed {limit} bytes")
+
+
+def _client(request: web.Request, state: ProxyState) -> ClientKey:
+    client = authenticate(request.headers.get("Authorization"), state.config.keys)
+    if client is None:
+        raise Unauthorized("missing or unknown API key; pass your proxy key as "
+                           "'Authorization: Bearer <key>'")
+    return client
+
+
+def _route(handler: Callable[[web.Request, ProxyState], Awaitable[web.StreamResponse]], *,
+           public: bool = False) -> Handler:
+    """A route's handler with the checks every request gets: header size (431), the client
+    key unless the route is public (401), and OpenAI-shaped errors.
+
+    Not an aiohttp middleware: a middleware adds two coroutine frames to every request (its
+    own and aiohttp's ``_fix_request_current_app``), which the benchmark showed on the
+    request path; unknown paths and methods get the same treatment from `_unrouted`.
+    """
+    async def handle(request: web.Request) -> web.StreamResponse:
+        state = request.app[STATE]
+        try:
+            _check_headers(request, state)
+            if not public:
+                request[CLIENT] = _client(request, state)
+            return await handler(request, state)
+        except ProxyError as exc:
+            return error_response(exc)
+    return handle
 
 
 def _completion(endpoint: Endpoint) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
-        client: ClientKey = request[CLIENT]
-        return await proxy_completion(request, request.app[STATE], client, endpoint)
+        state = request.app[STATE]
+        try:
+            _check_headers(request, state)
+            client = _client(request, state)
+            return await proxy_completion(request, state, client, endpoint)
+        except ProxyError as exc:
+            return error_response(exc)
     return handle
 
 
-async def _models(request: web.Request) -> web.StreamResponse:
-    state = request.app[STATE]
+def _unrouted(routes: Mapping[str, frozenset[str]]) -> Handler:
+    """Every request no route takes: 405 on a known path, else 404, in OpenAI's shape."""
+    async def handle(request: web.Request) -> web.StreamResponse:
+        try:
+            _check_headers(request, request.app[STATE])
+        except ProxyError as exc:
+            return error_response(exc)
+        if request.path in routes:
+            error = NotFound(f"{request.method} is not allowed on {request.path}")
+            error.status = 405
+            response = error_response(error)
+            response.headers["Allow"] = ", ".join(sorted(routes[request.path]))
+            return response
+        return error_response(NotFound(f"no route {request.method} {request.path}"))
+    return handle
+
+
+async def _models(request: web.Request, state: ProxyState) -> web.StreamResponse:
     async with await state.upstream.request("GET", "/models", request.headers) as upstream:
         if 300 <= upstream.status < 400:
             raise UpstreamRedirect(f"DeepSeek answered HTTP {upstream.status} (a redirect); "
@@ -113,12 +152,12 @@ async def _models(request: web.Request) -> web.StreamResponse:
                             headers=response_headers(upstream.headers))
 
 
-async def _healthz(request: web.Request) -> web.StreamResponse:
+async def _healthz(request: web.Request, state: ProxyState) -> web.StreamResponse:
     """Liveness: the process answers."""
     return web.json_response({"status": "ok"})
 
 
-async def _readyz(request: web.Request) -> web.StreamResponse:
+async def _readyz(request: web.Request, state: ProxyState) -> web.StreamResponse:
     """Readiness: false while draining for a shutdown, so load balancers stop sending calls."""
     if request.app[ADMISSION].draining:
         return web.json_response({"status": "draining"}, status=503)
@@ -137,13 +176,15 @@ def create_app(config: ProxyConfig, book: PriceBook, api_key: str, sink: RecordS
     (``serve --workers N``), `shared_metrics_dir` is the folder they share metrics through and
     `shared_ledger` the ledger that holds their hard-budget reservations.
     """
-    app = web.Application(middlewares=[errors_and_auth],
-                          client_max_size=config.limits.max_request_bytes)
+    app = web.Application(client_max_size=config.limits.max_request_bytes)
     registry = registry if registry is not None else CollectorRegistry()
+    admission = Admission(config.limits)
+    app[ADMISSION] = admission
     metrics = ProxyMetrics(registry, teams=config.teams, models=book.models,
                            tools=book.tool_fees, currencies=book.currencies, spend=spend,
                            billing_timezone=config.billing_timezone, clock=clock,
-                           budgets=config.budgets, book=book, shared_dir=shared_metrics_dir)
+                           budgets=config.budgets, book=book, shared_dir=shared_metrics_dir,
+                           in_flight=admission.in_flight)
     budgets: BudgetGuard
     if shared_ledger is not None:
         shared = SharedBudgetGuard(config.budgets, book, shared_ledger, config.billing_timezone,
@@ -158,8 +199,6 @@ def create_app(config: ProxyConfig, book: PriceBook, api_key: str, sink: RecordS
     else:
         budgets = BudgetGuard(config.budgets, book, spend, config.billing_timezone,
                               config.limits.max_output_tokens)
-    admission = Admission(config.limits)
-    app[ADMISSION] = admission
 
     async def upstream_session(app: web.Application) -> AsyncIterator[None]:
         session = aiohttp.ClientSession(
@@ -179,36 +218,43 @@ def create_app(config: ProxyConfig, book: PriceBook, api_key: str, sink: RecordS
     app.router.add_post("/v1/chat/completions", _completion(_CHAT))
     app.router.add_post("/beta/chat/completions", _completion(_BETA_CHAT))
     app.router.add_post("/beta/completions", _completion(_FIM))
-    app.router.add_get("/models", _models)
-    app.router.add_get("/v1/models", _models)
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/readyz", _readyz)
-    app.router.add_get("/metrics", _metrics_handler(registry))
+    app.router.add_get("/models", _route(_models))
+    app.router.add_get("/v1/models", _route(_models))
+    app.router.add_get("/healthz", _route(_healthz, public=True))
+    app.router.add_get("/readyz", _route(_readyz, public=True))
+    app.router.add_get("/metrics", _route(_metrics_handler(registry, metrics), public=True))
+    routes: dict[str, set[str]] = {}
+    for route in app.router.routes():
+        routes.setdefault(route.resource.canonical, set()).add(route.method)  # type: ignore[union-attr]
+    app.router.add_route("*", "/{path:.*}", _unrouted(
+        {path: frozenset(methods) for path, methods in routes.items()}))
     return app
 
 
 def _share_totals(metrics: ProxyMetrics) -> Callable[[web.Application],
                                                    AsyncIterator[None]]:
-    """Every second, publish this worker's exact cost totals for the other workers' scrapes."""
+    """Every second, publish this worker's figures for the other workers' scrapes."""
 
     async def publish() -> None:
         while True:
             await asyncio.sleep(1.0)  # a period, not a wait for a condition
-            metrics.calls.dump()
+            metrics.publish()
 
     async def context(app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.create_task(publish(), name="share-cost-totals")
+        task = asyncio.create_task(publish(), name="share-metrics")
         yield
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        metrics.calls.dump()
+        metrics.publish()
 
     return context
 
 
-def _metrics_handler(registry: CollectorRegistry) -> Handler:
-    async def handle(request: web.Request) -> web.StreamResponse:
+def _metrics_handler(registry: CollectorRegistry, metrics: ProxyMetrics
+                     ) -> Callable[[web.Request, ProxyState], Awaitable[web.StreamResponse]]:
+    async def handle(request: web.Request, state: ProxyState) -> web.StreamResponse:
+        metrics.publish()  # this worker's own figures are current in its scrape
         return web.Response(body=generate_latest(registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
     return handle

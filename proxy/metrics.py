@@ -17,7 +17,7 @@ import itertools
 import json
 import os
 from bisect import bisect_left
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -45,7 +45,6 @@ from proxy.records import UsageRecord
 
 OTHER = "other"
 _ZERO = Decimal(0)
-_Labelled = Counter | Gauge
 Bounds = tuple[float, ...]
 DURATION_BUCKETS: Bounds = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 TTFT_BUCKETS: Bounds = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 600)
@@ -61,21 +60,28 @@ class ProxyMetrics:
                  models: Collection[str], tools: Collection[str], currencies: Sequence[str],
                  spend: SpendReader | None, billing_timezone: ZoneInfo,
                  clock: Callable[[], datetime], budgets: Sequence[Budget] = (),
-                 book: PriceBook | None = None, shared_dir: Path | None = None) -> None:
+                 book: PriceBook | None = None, shared_dir: Path | None = None,
+                 in_flight: Callable[[], Mapping[str, int]] = dict) -> None:
         """`registry` is what ``/metrics`` exports. With `shared_dir` (``serve --workers N``),
         every worker's figures are shared through that folder and `registry` exports the sum
         over all workers: per-call totals as files this module writes (`CallTotals`), gauges
-        and rare counters through prometheus_client's multiprocess mode."""
+        and rare counters through prometheus_client's multiprocess mode. `in_flight` gives
+        the calls in progress per team (`proxy.admission.Admission.in_flight`)."""
         self._models = frozenset(models)
         self._tools = frozenset(tools)
-        self._children: dict[tuple[object, ...], Any] = {}
         exported = registry
         if shared_dir is not None:
             MultiProcessCollector(exported, path=str(shared_dir))  # type: ignore[no-untyped-call]
             registry = CollectorRegistry()  # the metric objects; their values are in the files
-        self.inflight = Gauge(
-            "llm_inflight_requests", "Calls in progress", ["team"], registry=registry,
-            multiprocess_mode="livesum")
+        self._teams = tuple(teams)
+        self._in_flight = in_flight
+        self._shared = shared_dir is not None
+        if self._shared:  # each worker sets its own (`publish`); the scrape sums live workers
+            self._inflight_gauge = Gauge(
+                "llm_inflight_requests", _INFLIGHT_HELP, ["team"], registry=registry,
+                multiprocess_mode="livesum")
+        else:  # read at scrape time: the request path does no gauge updates
+            exported.register(_InflightCollector(self._teams, in_flight))
         self.budget_refusals = Counter(
             "llm_budget_refusals_total", "Calls refused (HTTP 402) because of a hard budget",
             ["team"], registry=registry)
@@ -101,26 +107,46 @@ class ProxyMetrics:
         if spend is not None:
             exported.register(_SpendCollector(spend, teams, currencies, billing_timezone,
                                               clock))
-        for team in teams:
-            self.inflight.labels(team).set(0)
+        self.publish()
+
+    def publish(self) -> None:
+        """Share this worker's figures with the others (with ``serve --workers N``; a no-op
+        otherwise): its calls in progress and its per-call totals. Called every second, before
+        each scrape this worker answers, and at exit."""
+        if not self._shared:
+            return
+        counts = self._in_flight()
+        for team in self._teams:
+            self._inflight_gauge.labels(team).set(counts.get(team, 0))
+        self.calls.dump()
 
     def model(self, name: str) -> str:
         return name if name in self._models else OTHER
-
-    def child(self, metric: _Labelled, *labels: str) -> Any:
-        """`metric.labels(*labels)`, cached: prometheus_client validates and locks on every
-        `labels()` call. Label values come from bounded sets, so the cache is bounded too."""
-        key = (id(metric), *labels)
-        found = self._children.get(key)
-        if found is None:
-            found = self._children[key] = metric.labels(*labels)
-        return found
 
     def observe(self, record: UsageRecord, overhead: float) -> None:
         model = self.model(record.model_requested)
         tools = {tool if tool in self._tools else OTHER: count
                  for tool, count in record.tool_calls.items()} if record.tool_calls else None
         self.calls.observe(record, model, tools, overhead)
+
+
+_INFLIGHT_HELP = "Calls in progress"
+
+
+class _InflightCollector(Collector):
+    """`llm_inflight_requests` read from the admission counts when Prometheus scrapes."""
+
+    def __init__(self, teams: Sequence[str], in_flight: Callable[[], Mapping[str, int]]
+                 ) -> None:
+        self._teams = teams
+        self._in_flight = in_flight
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self._in_flight()
+        gauge = GaugeMetricFamily("llm_inflight_requests", _INFLIGHT_HELP, labels=["team"])
+        for team in self._teams:
+            gauge.add_metric([team], float(counts.get(team, 0)))
+        yield gauge
 
 
 def _status(record: UsageRecord) -> int:

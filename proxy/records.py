@@ -132,6 +132,10 @@ class LogSink:
     def dispatched(self, call: Dispatched) -> None:
         """Only final records are logged: a log line cannot be replaced."""
 
+    def enabled(self) -> bool:
+        """Whether records are logged at the logger's current level."""
+        return self._logger.isEnabledFor(logging.DEBUG)
+
     def submit(self, record: UsageRecord) -> None:
         if self._logger.isEnabledFor(logging.DEBUG):
             self._logger.debug("%s", json.dumps(record.to_json(), separators=(",", ":")))

@@ -25,7 +25,7 @@ from proxy.config import DEFAULT_CONFIG, ConfigError, ProxyConfig, load_config
 from proxy.ledger.store import SQLiteLedger
 from proxy.ledger.writer import LedgerWriter
 from proxy.pricing import PriceBookError, load_price_book
-from proxy.records import FanOut, LogSink
+from proxy.records import FanOut, LogSink, RecordSink
 from proxy.workers import MULTIPROC_ENV, supervise
 
 log = logging.getLogger("proxy")
@@ -85,7 +85,11 @@ def _serve(args: argparse.Namespace) -> int:
         return supervise(args.config, args.log_level, args.workers)
     shared = Path(os.environ[MULTIPROC_ENV]) if args.worker else None
     writer = LedgerWriter(store, config.flush_interval)
-    app = create_app(config, book, api_key, FanOut(writer, LogSink()), spend=store.spend,
+    log_sink = LogSink()
+    # The log level is fixed at start-up: without DEBUG the log sink would only be skipped,
+    # call after call.
+    sink: RecordSink = FanOut(writer, log_sink) if log_sink.enabled() else writer
+    app = create_app(config, book, api_key, sink, spend=store.spend,
                      shared_metrics_dir=shared,
                      shared_ledger=config.ledger_path if args.worker else None)
     try:

@@ -190,3 +190,17 @@ def test_request_ids_are_unique_and_ordered_by_time() -> None:
 def test_iso_text_is_utc_isoformat_with_microseconds(instant: datetime) -> None:
     expected = instant.astimezone(UTC).isoformat(timespec="microseconds")
     assert iso(instant) == expected.removesuffix("+00:00") + "Z"
+
+
+def test_iso_text_is_right_when_instants_share_or_cross_a_second() -> None:
+    """`iso` reuses the text of the last second it formatted: instants on both sides of
+    second boundaries, alternating, in several offsets and years far apart."""
+    base = datetime(2026, 11, 28, 23, 59, 59, tzinfo=UTC)
+    instants = [base + timedelta(microseconds=d) for d in
+                (0, 999_999, 1_000_000, 999_998, 1_000_001, 0, 60_000_000, 59_999_999)]
+    instants += [datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
+                 datetime(1969, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
+                 datetime(1970, 1, 1, tzinfo=UTC), base.astimezone(SHANGHAI)]
+    for instant in [*instants, *reversed(instants), *instants]:
+        expected = instant.astimezone(UTC).isoformat(timespec="microseconds")
+        assert iso(instant) == expected.removesuffix("+00:00") + "Z"

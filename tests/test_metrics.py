@@ -339,3 +339,28 @@ def test_workers_totals_add_up(book: PriceBook, tmp_path: Path) -> None:
 def _samples(collector: CallTotals) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for f in collector.collect() for s in f.samples}
+
+
+async def test_inflight_gauge_counts_calls_in_progress(fake: FakeDeepSeek, book: PriceBook
+                                                       ) -> None:
+    """Read from the admission counts at scrape time: 1 while a stream is open, 0 after."""
+    fake.enqueue(Reply(usage=USAGE, content=["a", "b", "c"], chunk_interval=0.3))
+    async with running_proxy(fake.base_url, book) as proxy, \
+            httpx.AsyncClient(base_url=proxy.url) as http:
+
+        async def gauge() -> dict[str, float]:
+            text = (await http.get("/metrics")).text
+            return {s.labels["team"]: s.value
+                    for family in text_string_to_metric_families(text)
+                    for s in family.samples if s.name == "llm_inflight_requests"}
+
+        assert await gauge() == {"alpha": 0, "beta": 0}
+        async with http.stream("POST", "/chat/completions", json={**CHAT, "stream": True},
+                               headers=auth("alpha")) as response:
+            chunks = response.aiter_bytes()
+            await anext(chunks)
+            assert await gauge() == {"alpha": 1, "beta": 0}
+            async for _ in chunks:
+                pass
+        await proxy.sink.wait_for(1)
+        assert await gauge() == {"alpha": 0, "beta": 0}

@@ -60,6 +60,8 @@ async def test_two_workers_share_ledger_and_metrics(tmp_path: Path) -> None:
                         ledger, serve.ledger,
                         "SELECT amount FROM usage_cost WHERE currency = 'CNY'")
                     exact = sum((Decimal(str(a)) for (a,) in costs), Decimal(0))
+            assert samples(text, "llm_inflight_requests") == {
+                (("team", "alpha"),): 0, (("team", "beta"),): 0}
             serve.process.send_signal(signal.SIGTERM)
             assert await serve.process.wait() == 0
     assert ledger(serve.ledger, "SELECT count(*), min(state) FROM usage") == [(40, "final")]
