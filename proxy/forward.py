@@ -189,7 +189,9 @@ async def proxy_completion(request: web.Request, state: ProxyState, client: Clie
     body = upstream_body(body, payload)
     meter.proxy_seconds += time.perf_counter() - tick
     try:
-        return await exchange.run(endpoint, body)
+        response = await exchange.run(endpoint, body)
+        await _send_now(request, response)
+        return response
     except asyncio.CancelledError:
         meter.outcome = "aborted"
         raise
@@ -202,6 +204,18 @@ async def proxy_completion(request: web.Request, state: ProxyState, client: Clie
                                        (record.costs if record else {}) if billable else None)
 
 
+async def _send_now(request: web.Request, response: web.StreamResponse) -> None:
+    """Finish sending the response before the call is metered: the client need not wait while
+    its record is built, priced and counted. aiohttp then finds the response already sent,
+    and, as aiohttp does, a client that has gone is no error."""
+    try:
+        if not response.prepared:
+            await response.prepare(request)
+        await response.write_eof()
+    except ConnectionError:
+        pass
+
+
 def _submit(state: ProxyState, meter: CallMeter) -> UsageRecord | None:
     tick = time.perf_counter()
     try:
@@ -212,6 +226,63 @@ def _submit(state: ProxyState, meter: CallMeter) -> UsageRecord | None:
         log.exception("could not record usage of request %s", meter.request_id)
         return None
     return record
+
+
+class Deadline:
+    """When the exchange must end: at `when`, the task running it is cancelled, and
+    `took_effect` then tells that cancellation from any other.
+
+    What ``asyncio.timeout_at`` does for this one use, minus its state machine and its
+    lookups of the running loop and task: it was a fifth of the exchange's own instructions
+    (measured with callgrind; one timer handle is all it needs). Same rule for telling
+    cancellations apart: the deadline's is the one when no other cancel request is pending
+    (`asyncio.Task.uncancel`).
+    """
+
+    __slots__ = ("_cancelling", "_handle", "_loop", "_task", "_uncancelled", "expired",
+                 "when")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        task = asyncio.current_task(loop)
+        assert task is not None, "a deadline runs inside a task"
+        self._loop = loop
+        self._task = task
+        self._cancelling = task.cancelling()
+        self.expired = False
+        self._uncancelled = False
+        self.when = when
+        self._handle: asyncio.TimerHandle | None = loop.call_at(when, self._expire)
+
+    def _expire(self) -> None:
+        self.expired = True
+        self._handle = None
+        self._task.cancel()
+
+    def reschedule(self, when: float) -> None:
+        """Move the deadline (a no-op once it has expired: the cancellation is on its way)."""
+        if self.expired:
+            return
+        if self._handle is not None:
+            self._handle.cancel()
+        self.when = when
+        self._handle = self._loop.call_at(when, self._expire)
+
+    def took_effect(self) -> bool:
+        """Whether the CancelledError being handled is this deadline's."""
+        if not self.expired or self._uncancelled:
+            return False
+        self._uncancelled = True
+        return self._task.uncancel() <= self._cancelling
+
+    def close(self) -> None:
+        """The exchange is over: drop the timer, and withdraw the deadline's cancel request
+        if it fired but its CancelledError never surfaced here."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if self.expired and not self._uncancelled:
+            self._uncancelled = True
+            self._task.uncancel()
 
 
 class _UpstreamCut(Exception):
@@ -229,7 +300,7 @@ class _Exchange:
         self.client_wants_usage = client_wants_usage
         self.response: web.StreamResponse | None = None
         self.client_alive = True
-        self._deadline: asyncio.Timeout | None = None
+        self._deadline: Deadline | None = None
         self._loop = asyncio.get_running_loop()
         self._total_deadline = 0.0
 
@@ -239,12 +310,18 @@ class _Exchange:
         self._total_deadline = start + timeouts.total
         first = min(self._total_deadline, start + timeouts.first_byte)
         try:
-            async with asyncio.timeout_at(first) as deadline:
-                self._deadline = deadline
+            self._deadline = deadline = Deadline(self._loop, first)
+            try:
                 upstream = await self.state.upstream.request(
                     "POST", endpoint.upstream_path, self.request.headers, body)
                 async with upstream:
                     return await self._relay(upstream)
+            except asyncio.CancelledError:
+                if deadline.took_effect():
+                    raise TimeoutError from None
+                raise
+            finally:
+                deadline.close()
         except ProxyError as exc:
             self.meter.outcome = ("timeout" if isinstance(exc, UpstreamTimeout) else
                                   "upstream_cut" if isinstance(exc, UpstreamCut) else
@@ -339,8 +416,7 @@ class _Exchange:
         self.client_alive = False
         grace = self._loop.time() + self.state.config.timeouts.client_disconnect_grace
         if self._deadline is not None:
-            current = self._deadline.when()
-            self._deadline.reschedule(grace if current is None else min(current, grace))
+            self._deadline.reschedule(min(self._deadline.when, grace))
 
     async def _relay_body(self, upstream: aiohttp.ClientResponse) -> None:
         parts: list[bytes] = []

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -178,7 +179,15 @@ def build_record(meter: CallMeter, ended_at: datetime, book: PriceBook, price_at
     if tokens is not None:
         pricing = price(book, meter.model_requested, tokens, priced_at)
         flags.extend(pricing.flags)
-    priced = pricing is not None and pricing.priced
+    costs: dict[str, Decimal] = {}
+    savings: dict[str, Decimal] = {}
+    if pricing is not None:
+        for currency, cost in pricing.costs.items():
+            costs[currency] = cost.total
+            savings[currency] = cost.cache_savings
+        priced, reason = pricing.priced, pricing.reason
+    else:
+        priced, reason = False, _no_price_reason(source, meter.outcome)
     return UsageRecord(
         request_id=meter.request_id, team=meter.team, key_id=meter.key_id,
         endpoint=meter.endpoint, stream=meter.stream, model_requested=meter.model_requested,
@@ -189,22 +198,16 @@ def build_record(meter: CallMeter, ended_at: datetime, book: PriceBook, price_at
         output_tokens=tokens.output if tokens else None,
         reasoning_tokens=tokens.reasoning if tokens else None,
         prompt_tokens=prompt,
-        tool_calls=dict(tokens.tool_calls) if tokens else {},
+        tool_calls=dict(tokens.tool_calls) if tokens and tokens.tool_calls else {},
         upstream_status=meter.upstream_status, upstream_trace_id=meter.trace_id,
-        outcome=meter.outcome, usage_source=source,
-        priced=priced,
-        unpriced_reason=None if priced else (
-            pricing.reason if pricing is not None else _no_price_reason(source, meter.outcome)),
+        outcome=meter.outcome, usage_source=source, priced=priced,
+        unpriced_reason=None if priced else reason,
         billed_model=pricing.billed_model if pricing else None,
         price_version=pricing.version if pricing else None,
         schedule_version=pricing.schedule_version if pricing else None,
         tier=pricing.tier if pricing else None,
         priced_at=priced_at if pricing else None,
-        costs={c: cost.total for c, cost in pricing.costs.items()} if pricing else {},
-        cache_savings={c: cost.cache_savings for c, cost in pricing.costs.items()}
-        if pricing else {},
-        price_book=book.digest,
-        flags=tuple(flags),
+        costs=costs, cache_savings=savings, price_book=book.digest, flags=tuple(flags),
     )
 
 

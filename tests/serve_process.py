@@ -49,13 +49,15 @@ class ServeProcess:
 
 @asynccontextmanager
 async def serve_process(directory: Path, upstream_url: str, *, workers: int = 1,
-                        extra_config: str = "") -> AsyncIterator[ServeProcess]:
+                        extra_config: str = "", loop: str | None = None
+                        ) -> AsyncIterator[ServeProcess]:
+    """``python -m proxy serve`` on a free port (`loop`: its ``--loop``, else the default)."""
     port = free_port()
     config = write_config(directory, upstream_url, port, extra=extra_config)
     env = {**os.environ, "TEST_DEEPSEEK_KEY": FAKE_UPSTREAM_KEY}
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy", "serve", "--config", str(config),
-        "--workers", str(workers), cwd=ROOT, env=env,
+        "--workers", str(workers), *(["--loop", loop] if loop else []), cwd=ROOT, env=env,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 
+from proxy.forward import Deadline
 from proxy.pricing import PriceBook
 from proxy.records import LogSink
 from tests.fake_deepseek import FakeDeepSeek
@@ -430,3 +431,53 @@ async def test_hop_by_hop_headers_from_upstream_are_dropped(fake: FakeDeepSeek,
         assert name not in response.headers
     assert response.headers["x-kept"] == "yes"
     assert "x-ds-trace-id" in response.headers
+
+
+async def test_deadline_tells_its_cancellation_from_others() -> None:
+    """`Deadline` (the exchange's first-byte and total deadline) follows asyncio.timeout's
+    rules: its own expiry is a timeout, a cancel from elsewhere stays a cancellation, and
+    it leaves the task's cancel count as it found it."""
+    loop = asyncio.get_running_loop()
+
+    async def expires() -> str:
+        deadline = Deadline(loop, loop.time() - 1)  # already due: fires on the next turn
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            return "timeout" if deadline.took_effect() else "cancelled"
+        finally:
+            deadline.close()
+        return "finished"
+
+    assert await asyncio.create_task(expires()) == "timeout"
+
+    started = asyncio.Event()
+
+    async def cancelled_elsewhere() -> str:
+        deadline = Deadline(loop, loop.time() + 3600)
+        try:
+            started.set()
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            assert not deadline.took_effect()
+            raise
+        finally:
+            deadline.close()
+        return "finished"
+
+    task = asyncio.create_task(cancelled_elsewhere())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    async def moved_then_finished() -> int:
+        deadline = Deadline(loop, loop.time() - 1)
+        deadline.reschedule(loop.time() + 3600)  # lifted before it could fire
+        await asyncio.sleep(0)  # one turn of the loop: the old timer would have fired here
+        deadline.close()
+        current = asyncio.current_task()
+        assert current is not None
+        return current.cancelling()
+
+    assert await asyncio.create_task(moved_then_finished()) == 0

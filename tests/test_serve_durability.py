@@ -17,6 +17,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.ledger.writer import DEFAULT_FLUSH_INTERVAL
@@ -67,12 +68,13 @@ def scraped_spend(text: str, team: str, period: str, currency: str) -> float:
     raise AssertionError("llm_team_spend not exported")
 
 
-async def test_sigterm_drains_streams_and_restart_keeps_spend(tmp_path: Path, book: PriceBook
-                                                              ) -> None:
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+async def test_sigterm_drains_streams_and_restart_keeps_spend(tmp_path: Path, book: PriceBook,
+                                                              loop: str) -> None:
     async with running_fake() as fake:
         fake.enqueue(*[Reply(content=[f"w{i}" for i in range(10)], usage=USAGE,
                              chunk_interval=0.05) for _ in range(6)])
-        async with serve_process(tmp_path, fake.base_url) as serve, \
+        async with serve_process(tmp_path, fake.base_url, loop=loop) as serve, \
                 httpx.AsyncClient(base_url=serve.url, headers=AUTH, timeout=30) as http:
             calls = [asyncio.create_task(http.post("/chat/completions", json=STREAM))
                      for _ in range(6)]
