@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.forward import new_request_id
-from proxy.ledger.store import SQLiteLedger, iso
+from proxy.ledger.store import SQLiteLedger, iso, money
 from proxy.ledger.writer import LedgerWriter
 from proxy.metering import CallMeter, build_record, in_flight_record
 from proxy.pricing import PriceBook
@@ -204,3 +204,13 @@ def test_iso_text_is_right_when_instants_share_or_cross_a_second() -> None:
     for instant in [*instants, *reversed(instants), *instants]:
         expected = instant.astimezone(UTC).isoformat(timespec="microseconds")
         assert iso(instant) == expected.removesuffix("+00:00") + "Z"
+
+
+@given(st.decimals(allow_nan=False, allow_infinity=False, places=None))
+def test_money_text_is_exact_plain_decimal(amount: Decimal) -> None:
+    """No exponent, no trailing zeros, and the same number back."""
+    text = money(amount)
+    assert "E" not in text and "e" not in text
+    assert Decimal(text) == amount
+    if "." in text:
+        assert not text.endswith(("0", "."))
