@@ -11,6 +11,7 @@ decompression, no redirects) so that the two differ only in what the proxy adds.
 from __future__ import annotations
 
 import argparse
+import gc
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -74,9 +75,28 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="base URL, e.g. http://127.0.0.1:9000")
+    parser.add_argument("--like-proxy", action="store_true",
+                        help="run on uvloop with the proxy's garbage-collector settings (not "
+                             "what bench.run measures: for telling those two gains apart)")
     args = parser.parse_args()
-    web.run_app(create_app(args.upstream), host=args.host, port=args.port, print=None,
-                access_log=None)
+    loop = None
+    if args.like_proxy:
+        import uvloop  # noqa: PLC0415 - only for this option
+
+        from proxy.serve import GC_THRESHOLDS  # noqa: PLC0415
+
+        loop = uvloop.new_event_loop()
+
+        async def tuned(app: web.Application) -> None:
+            gc.collect()
+            gc.freeze()
+            gc.set_threshold(*GC_THRESHOLDS)
+
+        app = create_app(args.upstream)
+        app.on_startup.append(tuned)
+    else:
+        app = create_app(args.upstream)
+    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None, loop=loop)
 
 
 if __name__ == "__main__":
