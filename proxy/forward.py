@@ -189,12 +189,13 @@ async def proxy_completion(request: web.Request, state: ProxyState, client: Clie
     body = upstream_body(body, payload)
     meter.proxy_seconds += time.perf_counter() - tick
     try:
-        response = await exchange.run(endpoint, body)
-        await _send_now(request, response)
+        try:
+            response = await exchange.run(endpoint, body)
+        except asyncio.CancelledError:
+            meter.outcome = "aborted"
+            raise
+        await _send_now(request, response)  # a cancel here finds the call already over
         return response
-    except asyncio.CancelledError:
-        meter.outcome = "aborted"
-        raise
     finally:
         state.admission.leave(client.team)
         record = _submit(state, meter)
