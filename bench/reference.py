@@ -11,7 +11,6 @@ decompression, no redirects) so that the two differ only in what the proxy adds.
 from __future__ import annotations
 
 import argparse
-import gc
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -79,23 +78,19 @@ def main() -> None:
                         help="run on uvloop with the proxy's garbage-collector settings (not "
                              "what bench.run measures: for telling those two gains apart)")
     args = parser.parse_args()
+    app = create_app(args.upstream)
     loop = None
     if args.like_proxy:
         import uvloop  # noqa: PLC0415 - only for this option
 
-        from proxy.serve import GC_THRESHOLDS  # noqa: PLC0415
+        from proxy.serve import tune_garbage_collection  # noqa: PLC0415
 
         loop = uvloop.new_event_loop()
 
         async def tuned(app: web.Application) -> None:
-            gc.collect()
-            gc.freeze()
-            gc.set_threshold(*GC_THRESHOLDS)
+            tune_garbage_collection()
 
-        app = create_app(args.upstream)
         app.on_startup.append(tuned)
-    else:
-        app = create_app(args.upstream)
     web.run_app(app, host=args.host, port=args.port, print=None, access_log=None, loop=loop)
 
 

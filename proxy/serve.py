@@ -123,7 +123,7 @@ GC_THRESHOLDS = (50_000, 20, 10)
 """Collect the youngest generation every 50,000 allocations rather than every 700."""
 
 
-def _tune_garbage_collection() -> None:
+def tune_garbage_collection() -> None:
     """Set the cyclic garbage collector up for serving, once everything long-lived exists.
 
     A call allocates a few hundred objects that reference counting frees at once; with the
@@ -149,7 +149,7 @@ async def _run(app: web.Application, config: ProxyConfig, *, reuse_port: bool) -
     await runner.setup()
     try:
         await web.TCPSite(runner, config.host, config.port, reuse_port=reuse_port).start()
-        _tune_garbage_collection()
+        tune_garbage_collection()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
