@@ -30,6 +30,7 @@ from pathlib import Path
 from uuid import uuid4
 from zoneinfo import ZoneInfo
 
+from proxy.config import Limits
 from proxy.ledger.store import SQLiteLedger
 from proxy.ledger.writer import LedgerWriter
 from proxy.metering import CallMeter, build_record, in_flight_record
@@ -38,6 +39,8 @@ from proxy.records import UsageRecord
 from proxy.usage import DEFAULT_TOOL_FIELDS
 
 _TZ = ZoneInfo("Asia/Shanghai")
+
+LIMITS = Limits()
 
 
 def load_book(directory: Path) -> PriceBook:
@@ -64,13 +67,14 @@ def synthetic_calls(book: PriceBook, count: int) -> Synthetic:
         tick = time.perf_counter()
         meter = CallMeter(request_id=uuid4().hex, team="bench", key_id="k_00000000",
                           endpoint="chat", stream=False, model_requested="deepseek-flash",
-                          payload={}, started_at=at, first_byte_at=at,
+                          payload={}, started_at=at, prompt_bound=LIMITS.max_context_tokens,
+                          output_bound=LIMITS.max_output_tokens, first_byte_at=at,
                           model_served="deepseek-flash", upstream_status=200,
                           trace_id="bench-trace", outcome="complete")
         meter.take_usage({"prompt_tokens": 100, "completion_tokens": 2,
                           "prompt_cache_hit_tokens": 64, "prompt_cache_miss_tokens": 36},
                          DEFAULT_TOOL_FIELDS)
-        final.append(build_record(meter, at, book, "request_start"))
+        final.append(build_record(meter, at, book, "request_start", LIMITS))
         elapsed += time.perf_counter() - tick
         in_flight.append(in_flight_record(meter, book))
     return Synthetic(in_flight, final, elapsed / max(count, 1))

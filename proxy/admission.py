@@ -9,8 +9,10 @@ shutdown. Counting is synchronous on the event loop, so the limits are exact.
 
 from __future__ import annotations
 
+import asyncio
+
 from proxy.config import Limits
-from proxy.errors import Overloaded
+from proxy.errors import Draining, Overloaded
 
 
 class Admission:
@@ -19,11 +21,12 @@ class Admission:
         self._total = 0
         self._by_team: dict[str, int] = {}
         self.draining = False
+        self._idle: asyncio.Event | None = None
 
     def enter(self, team: str) -> None:
         """Count a call in, or raise `Overloaded` (503)."""
         if self.draining:
-            raise Overloaded("the proxy is shutting down; retry on another instance")
+            raise Draining("the proxy is shutting down; retry on another instance")
         in_team = self._by_team.get(team, 0)
         if self._total >= self._limits.max_inflight:
             raise Overloaded(f"the proxy has {self._total} calls in progress, its limit; "
@@ -41,3 +44,18 @@ class Admission:
     def leave(self, team: str) -> None:
         self._total -= 1
         self._by_team[team] -= 1
+        if self._idle is not None and not self._total:
+            self._idle.set()
+
+    async def drain(self, within: float) -> bool:
+        """Refuse new calls from now on and wait (at most `within` seconds) for the running
+        ones to end; True if they all did."""
+        self.draining = True
+        if self._total:
+            self._idle = asyncio.Event()
+            try:
+                async with asyncio.timeout(within):
+                    await self._idle.wait()
+            except TimeoutError:
+                return False
+        return True

@@ -31,7 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from proxy.admission import Admission
 from proxy.auth import ClientKey, authenticate
 from proxy.budgets import BudgetGuard, SharedBudgetGuard
-from proxy.config import ProxyConfig
+from proxy.config import ProxyConfig, check_references
 from proxy.errors import (
     HeadersTooLarge,
     NotFound,
@@ -40,19 +40,12 @@ from proxy.errors import (
     UpstreamRedirect,
     error_response,
 )
-from proxy.forward import (
-    MAX_ERROR_BODY,
-    Endpoint,
-    ProxyState,
-    proxy_completion,
-    read_limited,
-    redact,
-)
+from proxy.forward import MAX_ERROR_BODY, Endpoint, ProxyState, proxy_completion
 from proxy.ledger.store import SpendReader
 from proxy.metrics import ProxyMetrics
 from proxy.pricing import PriceBook
 from proxy.records import RecordSink
-from proxy.upstream import Upstream, response_headers
+from proxy.upstream import Upstream, read_limited, redact, response_headers
 
 STATE = web.AppKey("state", ProxyState)
 ADMISSION = web.AppKey("admission", Admission)
@@ -150,8 +143,8 @@ async def _models(request: web.Request, state: ProxyState) -> web.StreamResponse
             raise UpstreamRedirect(f"DeepSeek answered HTTP {upstream.status} (a redirect); "
                                    "the proxy does not follow redirects")
         body = redact(await read_limited(upstream, MAX_ERROR_BODY), state.upstream.api_key)
-        return web.Response(status=upstream.status, body=body,
-                            headers=response_headers(upstream.headers))
+        headers = state.upstream.mask.headers(response_headers(upstream.headers))
+        return web.Response(status=upstream.status, body=body, headers=headers)
 
 
 async def _healthz(request: web.Request, state: ProxyState) -> web.StreamResponse:
@@ -178,6 +171,7 @@ def create_app(config: ProxyConfig, book: PriceBook, api_key: str, sink: RecordS
     (``serve --workers N``), `shared_metrics_dir` is the folder they share metrics through and
     `shared_ledger` the ledger that holds their hard-budget reservations.
     """
+    check_references(config, currencies=book.currencies, tools=book.tool_fees)
     app = web.Application(client_max_size=config.limits.max_request_bytes)
     registry = registry if registry is not None else CollectorRegistry()
     admission = Admission(config.limits)
@@ -190,7 +184,7 @@ def create_app(config: ProxyConfig, book: PriceBook, api_key: str, sink: RecordS
     budgets: BudgetGuard
     if shared_ledger is not None:
         shared = SharedBudgetGuard(config.budgets, book, shared_ledger, config.billing_timezone,
-                                   config.limits.max_output_tokens)
+                                   config.policies)
         budgets = shared
 
         async def close_budgets(app: web.Application) -> AsyncIterator[None]:
@@ -200,7 +194,7 @@ def create_app(config: ProxyConfig, book: PriceBook, api_key: str, sink: RecordS
         app.cleanup_ctx.append(close_budgets)
     else:
         budgets = BudgetGuard(config.budgets, book, spend, config.billing_timezone,
-                              config.limits.max_output_tokens)
+                              config.policies)
 
     async def upstream_session(app: web.Application) -> AsyncIterator[None]:
         session = aiohttp.ClientSession(

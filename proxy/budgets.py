@@ -1,23 +1,37 @@
 """Hard budgets, enforced before a call is dispatched.
 
 A call is admitted only if what its team has spent in the period, plus what the calls already
-running may still cost (their reservations), plus this call's worst-case cost stays within the
-budget. Check and reserve happen in one synchronous step on the event loop, so no concurrent
-request can slip between them (the race that lets other gateways' budgets be overrun). When the
-call ends its reservation is settled to the real cost; a call that never reached DeepSeek, or
-that DeepSeek refused, releases it.
+running may still cost (their holds), plus this call's worst case stays within every hard
+budget of the team. Check and hold happen in one step (synchronously on the event loop here; in
+one ledger transaction across worker processes), so no concurrent request can slip between
+them, the race that lets other gateways' budgets be overrun. When the call ends its hold is
+settled to the real cost; a call that never reached DeepSeek, or that DeepSeek refused,
+releases it.
 
-Worst case of a call: every prompt token a cache miss, with the prompt bounded by its UTF-8
-bytes (a byte-level tokenizer never makes more tokens than bytes) plus 8 tokens per message,
-and the output at `max_tokens` (else `limits.max_output_tokens`), at the dearest tier of the
-price version in force. So a hard budget is never overshot by token costs. The overshoot bound
-is what the reservation cannot see: server-side tool fees of the calls running at the moment
-the budget runs out (0.005 CNY per search or fetch), plus, only in the rare case of a price
-change during a call, the difference to the new price. Calls to a model without a price cannot
-be bounded and are refused for teams with a hard budget.
+Worst case of a call (`CallSize`, from `proxy.bounds`): its prompt bound, all of it at the
+cache-miss price, plus its output bound (``max_tokens``, else DeepSeek's maximum output) at the
+output price, at the dearest tier of the price version in force. So token costs never pass a
+hard budget. The overshoot bound is what the worst case cannot see: server-side tool fees of
+the calls running when the budget runs out (0.005 CNY per search or fetch), and, only if a
+price change takes effect during a call, the difference to the new price.
 
-Spend comes from the ledger when a period starts (and at start-up), then from settled calls; if
-the ledger cannot be read, calls of teams with hard budgets are refused (fail closed).
+A call without ``max_tokens`` reserves DeepSeek's maximum output (393,216 tokens; 10.6 CNY at
+deepseek-v4-pro's peak price), so a budget refuses calls long before it is spent when many run
+at once. Two team settings keep the promise and the throughput (`proxy.config.TeamPolicy`):
+
+- ``default_max_tokens`` is written into requests that set none, so the worst case is what the
+  call can really cost;
+- ``over_budget: lower_max_tokens`` admits a call that no longer fits with ``max_tokens``
+  lowered to what every budget can still pay for (the reply then ends with
+  ``finish_reason: length`` where DeepSeek stops), as long as that leaves at least
+  `MIN_LOWERED_OUTPUT` tokens (or the call's own smaller limit); below that it is refused.
+
+Either way the bound above holds: the lowered limit is part of the worst case reserved.
+
+Calls to a model the price book cannot price cannot be bounded: for a team with a hard budget
+they are refused with 403 (`ModelNotPriced`). Spend comes from the ledger when a period starts
+(and at start-up), then from settled calls; if the ledger cannot be read, calls of teams with
+hard budgets are refused (fail closed, 503).
 """
 
 from __future__ import annotations
@@ -29,23 +43,25 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from decimal import Decimal
+from decimal import ROUND_FLOOR, Decimal
 from pathlib import Path
-from typing import Any
 from zoneinfo import ZoneInfo
 
-from proxy.config import Budget
-from proxy.errors import ProxyError
+from proxy.config import DEFAULT_POLICY, Budget, TeamPolicy
+from proxy.errors import ModelNotPriced, ProxyError
 from proxy.ledger.store import SpendReader, Transaction, connect, money
-from proxy.metering import request_text
 from proxy.periods import period_end, period_start
 from proxy.pricing import PriceBook
 from proxy.pricing.engine import resolve, to_micros
+from proxy.pricing.model import RateCard
 
 log = logging.getLogger("proxy.budgets")
 
-_PER_MESSAGE_TOKENS = 8
+MIN_LOWERED_OUTPUT = 256
+"""The fewest output tokens worth lowering a call to: below this a reply is mostly cut off
+(a thinking model spends hundreds on reasoning alone), so the call is refused instead."""
 _ZERO = Decimal(0)
+_MILLION = Decimal(1_000_000)
 
 
 class BudgetExceeded(ProxyError):
@@ -66,6 +82,24 @@ class BudgetUnavailable(ProxyError):
     retry = False
 
 
+@dataclass(frozen=True, slots=True)
+class CallSize:
+    """The most a call can be billed, in tokens (`proxy.bounds`)."""
+
+    prompt: int
+    output: int
+
+
+@dataclass(frozen=True, slots=True)
+class Standing:
+    """One hard budget at the moment of a check."""
+
+    budget: Budget
+    start: date
+    spent: Decimal
+    held: Decimal
+
+
 @dataclass(slots=True)
 class _State:
     budget: Budget
@@ -81,17 +115,93 @@ class Reservation:
     team: str
     request_id: str
     holds: list[tuple[_State, date, Decimal]] = field(default_factory=list)
+    max_tokens: int | None = None
+    """The lowered ``max_tokens`` the call must be sent with (``lower_max_tokens``), or None."""
+
+
+def worst_cost(prompt: int, output: int, tiers: Sequence[RateCard], currency: str) -> Decimal:
+    """Every prompt token a cache miss and every output token billed, at the dearest tier."""
+    return max((rates[currency].cache_miss * prompt + rates[currency].output * output
+                ).scaleb(-6) for rates in tiers)
+
+
+def affordable_output(left: Decimal, prompt: int, tiers: Sequence[RateCard], currency: str,
+                      wanted: int) -> int:
+    """The most output tokens (at most `wanted`) a call with this prompt can have while its
+    worst case stays within `left`; -1 if even its prompt does not fit."""
+    most = wanted
+    for rates in tiers:
+        room = left * _MILLION - rates[currency].cache_miss * prompt
+        if room < 0:
+            return -1
+        output_rate = rates[currency].output
+        if output_rate > 0:
+            most = min(most, int((room / output_rate).to_integral_value(ROUND_FLOOR)))
+    return most
+
+
+def decide(standings: Sequence[Standing], size: CallSize, tiers: Sequence[RateCard],
+           policy: TeamPolicy, refusal: _Refusal) -> tuple[dict[str, Decimal], int | None]:
+    """Admit a call against its team's hard budgets, or raise `BudgetExceeded`.
+
+    Returns the amount to hold per currency and, when the call fits only with fewer output
+    tokens (``lower_max_tokens``), the lowered ``max_tokens``. Pure: both guards call it
+    with the standings they read, inside their atomic step.
+    """
+    currencies = {s.budget.currency for s in standings}
+    worst = {c: worst_cost(size.prompt, size.output, tiers, c) for c in currencies}
+    over = [s for s in standings
+            if s.spent + s.held + worst[s.budget.currency] > s.budget.amount]
+    if not over:
+        return worst, None
+    if policy.over_budget != "lower_max_tokens":
+        raise refusal(over[0], worst[over[0].budget.currency], None)
+    output = min(affordable_output(s.budget.amount - s.spent - s.held, size.prompt, tiers,
+                                   s.budget.currency, size.output) for s in standings)
+    if output < min(size.output, MIN_LOWERED_OUTPUT):
+        raise refusal(over[0], worst[over[0].budget.currency], output)
+    return {c: worst_cost(size.prompt, output, tiers, c) for c in currencies}, output
+
+
+class _Refusal:
+    """Builds the 402 for a budget that a call does not fit in (every amount with its
+    currency, and when the budget resets)."""
+
+    def __init__(self, timezone: ZoneInfo) -> None:
+        self._tz = timezone
+
+    def __call__(self, standing: Standing, worst: Decimal, lowest: int | None
+                 ) -> BudgetExceeded:
+        budget = standing.budget
+        currency = budget.currency
+        resets = datetime.combine(period_end(standing.start, budget.period),
+                                  datetime.min.time(), self._tz)
+        details = {"team": budget.team, "period": budget.period, "currency": currency,
+                   "budget": str(budget.amount), "spent": str(standing.spent),
+                   "reserved": str(standing.held), "call_worst_case": str(worst),
+                   "resets_at": resets.isoformat()}
+        lowered = ""
+        if lowest is not None:
+            lowered = (f"; lowering max_tokens would leave it "
+                       f"{max(lowest, 0)} output tokens, fewer than the "
+                       f"{MIN_LOWERED_OUTPUT} worth sending")
+        return BudgetExceeded(
+            f"team {budget.team!r} has spent {standing.spent} {currency} of its "
+            f"{budget.amount} {currency} {budget.period} budget ({standing.held} {currency} "
+            f"held by running calls; this call could cost up to {worst} {currency}{lowered}); "
+            f"the budget resets at {resets.isoformat()}", details)
 
 
 class BudgetGuard:
-    """Reserve-before-dispatch for hard budgets; spend tracking for all budgets."""
+    """Hold-before-dispatch for the hard budgets of one process."""
 
     def __init__(self, budgets: Sequence[Budget], book: PriceBook, spend: SpendReader | None,
-                 timezone: ZoneInfo, max_output_tokens: int) -> None:
+                 timezone: ZoneInfo, policies: Mapping[str, TeamPolicy] | None = None) -> None:
         self._book = book
         self._spend = spend
         self._tz = timezone
-        self._max_output = max_output_tokens
+        self._policies = dict(policies or {})
+        self._refusal = _Refusal(timezone)
         self._hard: dict[str, list[_State]] = {}
         for budget in budgets:
             if budget.hard:
@@ -101,27 +211,33 @@ class BudgetGuard:
         """Whether the team has a hard budget (the request path skips the guard otherwise)."""
         return team in self._hard
 
-    async def reserve(self, team: str, request_id: str, payload: Mapping[str, Any],
+    def tiers(self, model: str, now: datetime) -> list[RateCard]:
+        """The rate cards a call of `model` may be billed at now; 403 if it has no price."""
+        resolution = resolve(self._book, model, to_micros(now))
+        if isinstance(resolution, str):
+            raise ModelNotPriced(
+                f"model {model!r} has no price ({resolution}); a team with a hard budget can "
+                "only call models the price book prices")
+        return list(resolution.version.tiers.values())
+
+    async def reserve(self, team: str, request_id: str, model: str, size: CallSize,
                       now: datetime) -> Reservation:
-        """Admit the call (returning its reservation) or raise `BudgetExceeded` (402)."""
+        """Admit the call (returning its reservation) or raise (402, 403, 503)."""
         reservation = Reservation(team, request_id)
         states = self._hard.get(team)
         if not states:
             return reservation
+        tiers = self.tiers(model, now)
         day = now.astimezone(self._tz).date()
-        worst = self._worst_cases(states, payload, now)
-        for state in states:
-            self._roll(state, day)
-            currency = state.budget.currency
-            if state.spent + state.reserved + worst[currency] > state.budget.amount:
-                assert state.start is not None
-                raise self._refusal(state.budget, state.start, state.spent, state.reserved,
-                                    worst[currency])
+        standings = [self._standing(state, day) for state in states]
+        holds, lowered = decide(standings, size, tiers, self._policies.get(team, DEFAULT_POLICY),
+                                self._refusal)
         for state in states:  # no await since the checks: the reservation is atomic
-            amount = worst[state.budget.currency]
+            amount = holds[state.budget.currency]
             state.reserved += amount
             assert state.start is not None
             reservation.holds.append((state, state.start, amount))
+        reservation.max_tokens = lowered
         return reservation
 
     async def settle(self, reservation: Reservation, costs: Mapping[str, Decimal] | None
@@ -134,35 +250,15 @@ class BudgetGuard:
                 state.spent += costs.get(state.budget.currency, held)
         reservation.holds.clear()
 
-    def _worst_cases(self, states: Sequence[_State], payload: Mapping[str, Any],
-                     now: datetime) -> dict[str, Decimal]:
-        """The call's worst case in each currency its team's hard budgets are kept in."""
-        return {state.budget.currency: self.worst_case(payload, state.budget.currency, now)
-                for state in states}
-
-    def worst_case(self, payload: Mapping[str, Any], currency: str, now: datetime) -> Decimal:
-        model = payload.get("model")
-        resolution = resolve(self._book, str(model), to_micros(now))
-        if isinstance(resolution, str):
-            raise BudgetExceeded(
-                f"model {model!r} has no price ({resolution}); a team with a hard budget can "
-                "only call priced models", {"model": str(model)})
-        messages = payload.get("messages")
-        count = len(messages) if isinstance(messages, list) else 1
-        prompt = len(request_text(payload).encode("utf-8")) + _PER_MESSAGE_TOKENS * count
-        max_tokens = payload.get("max_tokens")
-        if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > 0:
-            output = min(max_tokens, self._max_output)
-        else:
-            output = self._max_output
-        return max((rates[currency].cache_miss * prompt + rates[currency].output * output
-                    ).scaleb(-6) for rates in resolution.version.tiers.values())
-
-    def _roll(self, state: _State, day: date) -> None:
-        """At start-up and when a new period begins, read the period's spend from the ledger."""
+    def _standing(self, state: _State, day: date) -> Standing:
+        """The budget's standing on `day`, its spend read from the ledger when a new period
+        begins (and at start-up)."""
         start = period_start(day, state.budget.period)
-        if state.start == start:
-            return
+        if state.start != start:
+            self._roll(state, start, day)
+        return Standing(state.budget, start, state.spent, state.reserved)
+
+    def _roll(self, state: _State, start: date, day: date) -> None:
         try:
             rows = self._spend(start, day) if self._spend is not None else []
         except Exception as exc:
@@ -172,20 +268,6 @@ class BudgetGuard:
         state.spent = sum((r.amount for r in rows if r.team == state.budget.team
                            and r.currency == state.budget.currency), _ZERO)
         state.start = start
-
-    def _refusal(self, budget: Budget, start: date, spent: Decimal, reserved: Decimal,
-                 worst: Decimal) -> BudgetExceeded:
-        resets = datetime.combine(period_end(start, budget.period), datetime.min.time(),
-                                  self._tz)
-        details = {"team": budget.team, "period": budget.period, "currency": budget.currency,
-                   "budget": str(budget.amount), "spent": str(spent),
-                   "reserved": str(reserved), "call_worst_case": str(worst),
-                   "resets_at": resets.isoformat()}
-        return BudgetExceeded(
-            f"team {budget.team!r} has spent {spent} {budget.currency} of its "
-            f"{budget.amount} {budget.currency} {budget.period} budget "
-            f"({reserved} {budget.currency} held by running calls; this call could cost "
-            f"up to {worst}); the budget resets at {resets.isoformat()}", details)
 
 
 class SharedBudgetGuard(BudgetGuard):
@@ -200,8 +282,8 @@ class SharedBudgetGuard(BudgetGuard):
     """
 
     def __init__(self, budgets: Sequence[Budget], book: PriceBook, ledger: Path,
-                 timezone: ZoneInfo, max_output_tokens: int) -> None:
-        super().__init__(budgets, book, None, timezone, max_output_tokens)
+                 timezone: ZoneInfo, policies: Mapping[str, TeamPolicy] | None = None) -> None:
+        super().__init__(budgets, book, None, timezone, policies)
         self._conn = connect(ledger)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="budgets")
 
@@ -209,18 +291,20 @@ class SharedBudgetGuard(BudgetGuard):
         self._executor.shutdown()
         self._conn.close()
 
-    async def reserve(self, team: str, request_id: str, payload: Mapping[str, Any],
+    async def reserve(self, team: str, request_id: str, model: str, size: CallSize,
                       now: datetime) -> Reservation:
         reservation = Reservation(team, request_id)
         states = self._hard.get(team)
         if not states:
             return reservation
-        worst = self._worst_cases(states, payload, now)
+        tiers = self.tiers(model, now)
         day = now.astimezone(self._tz).date()
+        policy = self._policies.get(team, DEFAULT_POLICY)
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._executor, self._hold, team, request_id, day,
-                                       [s.budget for s in states], worst)
+            reservation.max_tokens = await loop.run_in_executor(
+                self._executor, self._hold, team, request_id, day,
+                [s.budget for s in states], size, tiers, policy)
         except sqlite3.Error as exc:
             log.exception("cannot read or write budget holds")
             raise BudgetUnavailable("budget state cannot be read; calls of teams with hard "
@@ -228,8 +312,9 @@ class SharedBudgetGuard(BudgetGuard):
         return reservation
 
     def _hold(self, team: str, request_id: str, day: date, budgets: Sequence[Budget],
-              worst: Mapping[str, Decimal]) -> None:
+              size: CallSize, tiers: Sequence[RateCard], policy: TeamPolicy) -> int | None:
         with Transaction(self._conn) as conn:
+            standings = []
             for budget in budgets:
                 start = period_start(day, budget.period)
                 spent = _decimal(conn.execute(
@@ -240,11 +325,12 @@ class SharedBudgetGuard(BudgetGuard):
                     "SELECT decimal_sum(amount) FROM budget_holds WHERE team = ? AND "
                     "currency = ? AND day >= ?",
                     (team, budget.currency, start.isoformat())).fetchone())
-                if spent + held + worst[budget.currency] > budget.amount:
-                    raise self._refusal(budget, start, spent, held, worst[budget.currency])
+                standings.append(Standing(budget, start, spent, held))
+            holds, lowered = decide(standings, size, tiers, policy, self._refusal)
             conn.executemany("INSERT INTO budget_holds VALUES (?, ?, ?, ?, ?)",
                              [(request_id, team, currency, day.isoformat(), money(amount))
-                              for currency, amount in worst.items()])
+                              for currency, amount in holds.items()])
+        return lowered
 
     async def settle(self, reservation: Reservation, costs: Mapping[str, Decimal] | None
                      ) -> None:

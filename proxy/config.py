@@ -10,8 +10,8 @@ environment (`proxy.serve`).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from types import MappingProxyType
@@ -83,6 +83,35 @@ class Limits:
     """Calls in progress across all teams (DeepSeek limits concurrency per account)."""
     max_inflight_per_team: int = 250
     """... and per team, so one team cannot starve the others."""
+    max_context_tokens: int = 1_048_576
+    """DeepSeek V4's context window (1M tokens): no call's prompt can be billed beyond it, so
+    it caps what a hard budget reserves and what reported usage the proxy trusts."""
+    image_prompt_tokens: int = 8192
+    """Prompt tokens counted for each image part (`proxy.bounds` says why this figure)."""
+    max_server_tool_calls: int = 128
+    """Server-side tool calls (search, fetch) one call is believed to make, per tool; more
+    reported by DeepSeek are recorded at this figure and flagged."""
+
+
+OverBudget = Literal["refuse", "lower_max_tokens"]
+
+
+@dataclass(frozen=True, slots=True)
+class TeamPolicy:
+    """How the proxy treats a team's requests beyond authenticating them.
+
+    `default_max_tokens` is written into the team's requests that set no ``max_tokens``: a
+    hard budget then reserves that many output tokens instead of DeepSeek's maximum (393,216),
+    so many more calls run side by side. `over_budget` says what a hard budget does with a
+    call whose worst case no longer fits: ``refuse`` it (402), or ``lower_max_tokens`` to what
+    the budget can still pay for and admit it (`proxy.budgets`).
+    """
+
+    default_max_tokens: int | None = None
+    over_budget: OverBudget = "refuse"
+
+
+DEFAULT_POLICY = TeamPolicy()
 
 
 Period = Literal["day", "week", "month"]
@@ -123,6 +152,11 @@ class ProxyConfig:
     flush_interval: float
     billing_timezone: ZoneInfo
     budgets: tuple[Budget, ...] = ()
+    policies: Mapping[str, TeamPolicy] = field(default_factory=lambda: MappingProxyType({}))
+    """Team -> its policy; a team not listed has `DEFAULT_POLICY`."""
+
+    def policy(self, team: str) -> TeamPolicy:
+        return self.policies.get(team, DEFAULT_POLICY)
 
 
 def load_config(path: Path) -> ProxyConfig:
@@ -154,13 +188,16 @@ def load_config(path: Path) -> ProxyConfig:
         raise ConfigError(path, "listen.port", f"expected a port number, got {port!r}")
     key_env = upstream.get("api_key_env", "DEEPSEEK_API_KEY")
     if not isinstance(key_env, str) or not _ENV_NAME.match(key_env):
+        # Never echoed: the likeliest mistake is pasting the key itself here.
         raise ConfigError(path, "upstream.api_key_env",
-                          f"expected an environment variable name, got {key_env!r}")
+                          "expected the name of an environment variable (letters, digits and "
+                          "'_'), such as DEEPSEEK_API_KEY; the value is not shown in case it is "
+                          "a key: never put the key itself in the config")
     price_at = pricing.get("price_at", "request_start")
     if price_at not in ("request_start", "response_end"):
         raise ConfigError(path, "pricing.price_at",
                           f"expected request_start or response_end, got {price_at!r}")
-    keys, teams = _teams(reader, raw.get("teams"))
+    keys, teams, policies = _teams(reader, raw.get("teams"))
     return ProxyConfig(
         path=path,
         host=reader.text(listen.get("host", "127.0.0.1"), "listen.host"),
@@ -181,7 +218,30 @@ def load_config(path: Path) -> ProxyConfig:
                                       "ledger.flush_interval"),
         billing_timezone=_timezone(reader, ledger.get("billing_timezone", "Asia/Shanghai")),
         budgets=_budgets(reader, raw.get("budgets"), teams),
+        policies=MappingProxyType(policies),
     )
+
+
+def check_references(config: ProxyConfig, *, currencies: Collection[str],
+                     tools: Collection[str]) -> None:
+    """Check what the configuration names against the price book it will run with.
+
+    Run before the proxy listens: a budget in a currency the book has no prices in (``EUR``,
+    ``RMB``) would otherwise fail every call of its team, and a tool name the book has no fee
+    for would leave those calls unpriced. Raises `ConfigError` naming the file, key and reason.
+    """
+    known = ", ".join(currencies)
+    for team in config.teams:
+        for index, budget in enumerate(b for b in config.budgets if b.team == team):
+            if budget.currency not in currencies:
+                raise ConfigError(config.path, f"budgets.{team}[{index}].currency",
+                                  f"{budget.currency!r} is not a currency of the price book "
+                                  f"(it has {known})")
+    for field_name, tool in config.tool_fields.items():
+        if tool not in tools:
+            raise ConfigError(config.path, f"usage.server_tool_fields.{field_name}",
+                              f"{tool!r} is not a tool of the price book (it has "
+                              f"{', '.join(sorted(tools)) or 'none'})")
 
 
 class _Reader:
@@ -256,16 +316,21 @@ def _book_paths(reader: _Reader, value: Any) -> tuple[Path, ...]:
     return tuple(paths)
 
 
-def _teams(reader: _Reader, raw: Any) -> tuple[dict[str, ClientKey], tuple[str, ...]]:
+def _teams(reader: _Reader, raw: Any
+           ) -> tuple[dict[str, ClientKey], tuple[str, ...], dict[str, TeamPolicy]]:
     if not isinstance(raw, Mapping) or not raw:
         raise reader.fail("teams", "expected at least one team with client keys "
                                    "(create one with: python -m proxy keys new --team NAME)")
     keys: dict[str, ClientKey] = {}
+    policies: dict[str, TeamPolicy] = {}
     for team, spec in raw.items():
         where = f"teams.{team}"
         if not isinstance(team, str) or not _TEAM_NAME.match(team):
             raise reader.fail(where, "team names are lower-case letters, digits, '_', '.', '-'")
-        reader.keys(spec, where, {"keys"})
+        reader.keys(spec, where, {"keys", "default_max_tokens", "over_budget"})
+        policy = _policy(reader, spec, where)
+        if policy != DEFAULT_POLICY:
+            policies[team] = policy
         entries = spec.get("keys") if isinstance(spec, Mapping) else None
         if not isinstance(entries, list) or not entries:
             raise reader.fail(f"{where}.keys", "expected a list of 'sha256:<hex>' key hashes")
@@ -279,7 +344,18 @@ def _teams(reader: _Reader, raw: Any) -> tuple[dict[str, ClientKey], tuple[str, 
                 raise reader.fail(f"{where}.keys[{index}]",
                                   f"the same key is already listed for team {keys[digest].team!r}")
             keys[digest] = ClientKey(team=team, key_id=key_id_of(digest))
-    return keys, tuple(raw)
+    return keys, tuple(raw), policies
+
+
+def _policy(reader: _Reader, spec: Mapping[str, Any], where: str) -> TeamPolicy:
+    default = spec.get("default_max_tokens")
+    if default is not None:
+        default = reader.positive_int(default, f"{where}.default_max_tokens")
+    over_budget = spec.get("over_budget", "refuse")
+    if over_budget not in ("refuse", "lower_max_tokens"):
+        raise reader.fail(f"{where}.over_budget",
+                          f"expected refuse or lower_max_tokens, got {over_budget!r}")
+    return TeamPolicy(default_max_tokens=default, over_budget=over_budget)
 
 
 def _budgets(reader: _Reader, raw: Any, teams: tuple[str, ...]) -> tuple[Budget, ...]:

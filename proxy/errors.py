@@ -3,16 +3,21 @@
     ProxyError                  status, OpenAI `type` and `code`, whether an SDK may retry
     ├── BadRequest              400  the body is not a JSON object, or lacks what we need
     ├── Unauthorized            401  missing or unknown client key
+    ├── ModelNotPriced          403  a team with a hard budget asked for a model without a price
     ├── NotFound                404  no such route (upstream is never asked)
     ├── RequestTimeout          408  the request body did not arrive in time
     ├── PayloadTooLarge         413  request body over the configured limit
+    ├── UnsupportedEncoding     415  a compressed request body (never inflated)
     ├── HeadersTooLarge         431  request headers over the configured limit
-    ├── Overloaded              503  too many calls in progress, or shutting down
+    ├── InternalError           500  a bug in the proxy; everything the call held is released
+    ├── Overloaded              503  too many calls in progress
+    │   └── Draining            503  shutting down (and the connection is closed after it)
     ├── BudgetExceeded          402  a hard budget would be passed (proxy.budgets)
     ├── BudgetUnavailable       503  budget state unreadable: fail closed (proxy.budgets)
     ├── UpstreamUnavailable     502  could not connect to DeepSeek (nothing was sent)
     ├── UpstreamCut             502  the connection broke after the request was sent
     ├── UpstreamRedirect        502  DeepSeek answered with a redirect (never followed)
+    ├── UpstreamBadResponse     502  DeepSeek's answer cannot be read (encoding, endless event)
     └── UpstreamTimeout         504  DeepSeek did not answer in time (it may have billed)
 
 SDKs retry 5xx by default; `x-should-retry: false` is set where a retry could be billed twice.
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from types import MappingProxyType
 
 from aiohttp import web
 
@@ -33,6 +39,8 @@ class ProxyError(Exception):
     retry: bool | None = None  # None: let the SDK decide by status
     details: Mapping[str, object] | None = None  # extra fields inside "error"
     retry_after: int | None = None  # seconds, sent as Retry-After
+    headers: Mapping[str, str] | None = None  # more response headers
+    close_connection = False  # answer, then close the connection (no keep-alive)
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -64,10 +72,40 @@ class PayloadTooLarge(ProxyError):
     retry = False
 
 
+class ModelNotPriced(ProxyError):
+    """A team with a hard budget asked for a model the price book cannot price: the call's
+    worst case cannot be bounded, so it is refused. Not 402: nothing was spent, and a retry
+    cannot succeed until the book knows the model."""
+
+    status = 403
+    error_type = "invalid_request_error"
+    code = "model_not_priced"
+    retry = False
+
+
 class RequestTimeout(ProxyError):
     status = 408
     error_type = "invalid_request_error"
     code = "request_timeout"
+
+
+class UnsupportedEncoding(ProxyError):
+    """A compressed request body: refused before it is read, so it is never inflated."""
+
+    status = 415
+    error_type = "invalid_request_error"
+    code = "unsupported_content_encoding"
+    retry = False
+    headers = MappingProxyType({"Accept-Encoding": "identity"})  # RFC 9110 15.5.16
+
+
+class InternalError(ProxyError):
+    """An unexpected failure inside the proxy before the call's answer began. It is logged
+    with its traceback; the client only learns the request id to quote."""
+
+    status = 500
+    error_type = "server_error"
+    code = "internal_error"
 
 
 class HeadersTooLarge(ProxyError):
@@ -85,6 +123,13 @@ class Overloaded(ProxyError):
     error_type = "server_error"
     code = "overloaded"
     retry_after = 1
+
+
+class Draining(Overloaded):
+    """The proxy is shutting down: the client should go to another instance, so the
+    connection is closed after this answer instead of being kept alive."""
+
+    close_connection = True
 
 
 class UpstreamUnavailable(ProxyError):
@@ -109,6 +154,16 @@ class UpstreamRedirect(ProxyError):
     code = "upstream_redirect"
 
 
+class UpstreamBadResponse(ProxyError):
+    """DeepSeek's answer cannot be read (an encoding the proxy cannot undo, an event that never
+    ends). It may have billed the call, so an SDK must not send it again."""
+
+    status = 502
+    error_type = "upstream_error"
+    code = "upstream_bad_response"
+    retry = False
+
+
 class UpstreamTimeout(ProxyError):
     status = 504
     error_type = "upstream_error"
@@ -131,6 +186,12 @@ def error_response(error: ProxyError) -> web.Response:
         headers["x-should-retry"] = "true" if error.retry else "false"
     if error.retry_after is not None:
         headers["Retry-After"] = str(error.retry_after)
-    return web.Response(status=error.status, headers=headers, content_type="application/json",
-                        body=error_body(error.message, error.error_type, error.code,
-                                        error.details))
+    if error.headers:
+        headers.update(error.headers)
+    response = web.Response(status=error.status, headers=headers,
+                            content_type="application/json",
+                            body=error_body(error.message, error.error_type, error.code,
+                                            error.details))
+    if error.close_connection:
+        response.force_close()
+    return response

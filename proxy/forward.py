@@ -24,9 +24,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import re
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -36,31 +35,47 @@ import orjson
 from aiohttp import web
 
 from proxy.admission import Admission
+from proxy.answer import DECODABLE, FLAG_BODY_TOO_LARGE, BodyTap, Decoder, Undecodable
 from proxy.auth import ClientKey
-from proxy.budgets import BudgetExceeded, BudgetGuard
+from proxy.bounds import measure, output_bound
+from proxy.budgets import BudgetExceeded, BudgetGuard, CallSize, Reservation
 from proxy.config import ProxyConfig
 from proxy.errors import (
-    BadRequest,
-    PayloadTooLarge,
+    InternalError,
     ProxyError,
-    RequestTimeout,
+    UpstreamBadResponse,
     UpstreamCut,
     UpstreamRedirect,
     UpstreamTimeout,
     error_body,
     error_response,
 )
-from proxy.metering import CallMeter, StreamMeter, build_record
+from proxy.metering import FLAG_AFTER_DONE, CallMeter, StreamMeter, build_record
 from proxy.metrics import ProxyMetrics
 from proxy.pricing import PriceBook
 from proxy.records import RecordSink, UsageRecord
-from proxy.sse import SSESplitter
-from proxy.upstream import Upstream, response_headers
+from proxy.request_body import (
+    parse_payload,
+    read_body,
+    refuse_compressed,
+    rewrite,
+    usage_option,
+    wants_usage,
+)
+from proxy.sse import EventTooLarge, SSESplitter
+from proxy.upstream import KeyMask, Upstream, read_limited, redact, response_headers
 
 log = logging.getLogger("proxy.forward")
 
 MAX_ERROR_BODY = 1 << 20
 SMALL_BODY = 1 << 16
+AFTER_DONE_BYTES = 1 << 16
+"""How much a stream may send after ``[DONE]`` (ignored) before the proxy stops reading it."""
+MAX_UPSTREAM_TEXT = 256
+"""Longest served-model name or trace id stored from DeepSeek's answer."""
+FLAG_UNDECODABLE = "undecodable_body"
+FLAG_OVERSIZED_EVENT = "oversized_event"
+FLAG_BAD_UPSTREAM_TEXT = "unprintable_upstream_field"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,96 +114,47 @@ def new_request_id() -> str:
     return f"{time.time_ns() // 1_000_000:012x}{random.getrandbits(80):020x}"
 
 
-async def read_body(request: web.Request, limit: int, within: float) -> bytes:
-    """The request body, within `within` seconds (408) and `limit` bytes (413)."""
-    try:
-        if request.content.is_eof():  # it came with the headers: nothing to wait for
-            return await request.read()
-        async with asyncio.timeout(within):
-            return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLarge(f"request body exceeds {limit} bytes") from None
-    except TimeoutError:
-        raise RequestTimeout(f"the request body did not arrive within {within:g} s") from None
-
-
-def parse_payload(body: bytes) -> dict[str, Any]:
-    """The request's JSON object; an OpenAI-shaped 400 otherwise."""
-    try:
-        payload = orjson.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("request body is not valid JSON") from None
-    if not isinstance(payload, dict):
-        raise BadRequest("request body must be a JSON object")
-    if not isinstance(payload.get("model"), str) or not payload["model"]:
-        raise BadRequest("'model' is required and must be a string")
-    return payload
-
-
-def wants_usage(payload: dict[str, Any]) -> bool:
-    options = payload.get("stream_options")
-    return isinstance(options, dict) and options.get("include_usage") is True
-
-
-def upstream_body(body: bytes, payload: dict[str, Any]) -> bytes:
-    """The body to send: unchanged, unless a stream must be told to include usage."""
-    if payload.get("stream") is not True or wants_usage(payload):
-        return body
-    options = payload.get("stream_options")
-    merged = dict(options) if isinstance(options, dict) else {}
-    merged["include_usage"] = True
-    return orjson.dumps({**payload, "stream_options": merged})
-
-
-async def read_limited(upstream: aiohttp.ClientResponse, limit: int) -> bytes:
-    """A whole (small) upstream body, cut at `limit` bytes: error bodies are short, and one
-    that is not must not exhaust memory."""
-    parts: list[bytes] = []
-    size = 0
-    async for chunk in upstream.content.iter_any():
-        parts.append(chunk[:limit - size])
-        size += len(parts[-1])
-        if size >= limit:
-            break
-    return b"".join(parts)
-
-
-def redact(body: bytes, api_key: str) -> bytes:
-    """Remove the upstream key and DeepSeek's echo of its last characters (``****abcd``)."""
-    secret = api_key.encode()
-    body = body.replace(secret, b"[redacted]")
-    if len(secret) >= 4:
-        body = re.sub(rb"\*+" + re.escape(secret[-4:]), b"****", body)
-    return body
-
-
 async def proxy_completion(request: web.Request, state: ProxyState, client: ClientKey,
                            endpoint: Endpoint) -> web.StreamResponse:
+    """Read, admit, exchange, record: one completion call.
+
+    Everything that can refuse a request without cost (encoding, size, JSON, model) comes
+    before admission. Every step after it (the in-flight slot, the budget hold, the ledger
+    row) is undone in one ``finally``, whatever ends the call, a bug included: a request can
+    never leave a slot or a hold behind.
+    """
     started_at = state.clock()
+    refuse_compressed(request)
     body = await read_body(request, state.config.limits.max_request_bytes,
                            state.config.timeouts.client_body)
     tick = time.perf_counter()
     payload = parse_payload(body)
+    limits = state.config.limits
+    client_wants_usage = wants_usage(payload)
+    changes = usage_option(payload)
+    default_max_tokens = state.config.policy(client.team).default_max_tokens
+    if default_max_tokens is not None and payload.get("max_tokens") is None:
+        changes["max_tokens"] = default_max_tokens
+    size = CallSize(measure(payload, len(body)).prompt_bound(limits),
+                    output_bound(changes if "max_tokens" in changes else payload, limits))
     meter = CallMeter(request_id=new_request_id(), team=client.team, key_id=client.key_id,
                       endpoint=endpoint.name, stream=payload.get("stream") is True,
                       model_requested=payload["model"], payload=payload, started_at=started_at,
+                      prompt_bound=size.prompt, output_bound=size.output,
                       price_book=state.book.digest)
     state.admission.enter(client.team)
-    reservation = None
-    if state.budgets.applies(client.team):
-        try:
-            reservation = await state.budgets.reserve(client.team, meter.request_id, payload,
-                                                      started_at)
-        except ProxyError as exc:
-            state.admission.leave(client.team)
-            if isinstance(exc, BudgetExceeded):
-                state.metrics.budget_refusals.labels(client.team).inc()
-            raise
-    exchange = _Exchange(request, state, meter, wants_usage(payload))
-    state.sink.dispatched(meter)
-    body = upstream_body(body, payload)
-    meter.proxy_seconds += time.perf_counter() - tick
+    reservation: Reservation | None = None
+    exchange: _Exchange | None = None
     try:
+        if state.budgets.applies(client.team):
+            reservation = await _reserve(state, meter, size)
+            if reservation.max_tokens is not None:
+                changes["max_tokens"] = meter.output_bound = reservation.max_tokens
+        body = rewrite(body, payload, changes)
+        state.sink.dispatched(meter)
+        exchange = _Exchange(request, state, meter, client_wants_usage,
+                             changes.get("max_tokens"))
+        meter.proxy_seconds += time.perf_counter() - tick
         try:
             response = await exchange.run(endpoint, body)
         except asyncio.CancelledError:
@@ -196,13 +162,38 @@ async def proxy_completion(request: web.Request, state: ProxyState, client: Clie
             raise
         await _send_now(request, response)  # a cancel here finds the call already over
         return response
+    except (ProxyError, asyncio.CancelledError):
+        raise
+    except Exception as exc:
+        if exchange is not None and exchange.answer_started:
+            raise  # the answer is under way: aiohttp drops the connection, the client sees it
+        log.exception("request %s failed inside the proxy", meter.request_id)
+        raise InternalError(f"the proxy failed while handling this call (request "
+                            f"{meter.request_id}); the failure is logged") from exc
     finally:
         state.admission.leave(client.team)
-        record = _submit(state, meter)
+        record = _submit(state, meter) if exchange is not None else None
         if reservation is not None:
-            billable = record is None or record.usage_source != "none"
-            await state.budgets.settle(reservation,
-                                       (record.costs if record else {}) if billable else None)
+            await state.budgets.settle(reservation, _settlement(exchange, record))
+
+
+async def _reserve(state: ProxyState, meter: CallMeter, size: CallSize) -> Reservation:
+    try:
+        return await state.budgets.reserve(meter.team, meter.request_id, meter.model_requested,
+                                           size, meter.started_at)
+    except BudgetExceeded:
+        state.metrics.budget_refusals.labels(meter.team).inc()
+        raise
+
+
+def _settlement(exchange: _Exchange | None, record: UsageRecord | None
+                ) -> dict[str, Any] | None:
+    """What a reservation settles to: None if nothing is billable (the call never went out,
+    or DeepSeek refused it); the record's costs otherwise (empty if no record could be built,
+    which keeps the held amounts as spent)."""
+    if exchange is None or (record is not None and record.usage_source == "none"):
+        return None
+    return dict(record.costs) if record is not None else {}
 
 
 async def _send_now(request: web.Request, response: web.StreamResponse) -> None:
@@ -220,7 +211,8 @@ async def _send_now(request: web.Request, response: web.StreamResponse) -> None:
 def _submit(state: ProxyState, meter: CallMeter) -> UsageRecord | None:
     tick = time.perf_counter()
     try:
-        record = build_record(meter, state.clock(), state.book, state.config.price_at)
+        record = build_record(meter, state.clock(), state.book, state.config.price_at,
+                              state.config.limits)
         state.sink.submit(record)
         state.metrics.observe(record, meter.proxy_seconds + time.perf_counter() - tick)
     except Exception:  # a metering failure is logged loudly but never breaks the response
@@ -294,16 +286,22 @@ class _Exchange:
     """One upstream exchange and its relay; holds what the error paths need to know."""
 
     def __init__(self, request: web.Request, state: ProxyState, meter: CallMeter,
-                 client_wants_usage: bool) -> None:
+                 client_wants_usage: bool, max_tokens_set: int | None) -> None:
         self.request = request
         self.state = state
         self.meter = meter
         self.client_wants_usage = client_wants_usage
+        self.max_tokens_set = max_tokens_set
+        """``max_tokens`` the proxy wrote or lowered, told to the client in a header."""
         self.response: web.StreamResponse | None = None
         self.client_alive = True
         self._deadline: Deadline | None = None
         self._loop = asyncio.get_running_loop()
         self._total_deadline = 0.0
+
+    @property
+    def answer_started(self) -> bool:
+        return self.response is not None and self.response.prepared
 
     async def run(self, endpoint: Endpoint, body: bytes) -> web.StreamResponse:
         timeouts = self.state.config.timeouts
@@ -335,6 +333,10 @@ class _Exchange:
             self.meter.outcome = "timeout"
             return await self._fail("DeepSeek did not finish in time", UpstreamTimeout(
                 "DeepSeek did not answer in time; the call may still be billed"))
+        except (Undecodable, EventTooLarge) as exc:
+            self.meter.flag(FLAG_UNDECODABLE if isinstance(exc, Undecodable)
+                            else FLAG_OVERSIZED_EVENT)
+            return await self._broken(exc)
         except (_UpstreamCut, aiohttp.ClientError, OSError):
             if not self.client_alive:
                 self.meter.outcome = "client_disconnected"
@@ -345,10 +347,20 @@ class _Exchange:
                                         "DeepSeek closed the connection before answering; "
                                         "the call may still be billed"))
 
+    async def _broken(self, exc: Exception) -> web.StreamResponse:
+        """DeepSeek's answer cannot be read on (an undecodable body, an endless event)."""
+        self.meter.outcome = "bad_response"
+        if not self.client_alive:
+            return self._finished_response()
+        return await self._fail(f"the proxy cannot read DeepSeek's answer on: {exc}",
+                                UpstreamBadResponse(
+                                    f"DeepSeek's answer cannot be read: {exc}; the call may "
+                                    "still be billed"))
+
     async def _relay(self, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
         meter = self.meter
         meter.upstream_status = upstream.status
-        meter.trace_id = upstream.headers.get("x-ds-trace-id")
+        meter.trace_id = self._upstream_text(upstream.headers.get("x-ds-trace-id"))
         if upstream.status >= 400:
             meter.outcome = "upstream_error"
             return await self._relay_error(upstream)
@@ -358,37 +370,71 @@ class _Exchange:
             return error_response(UpstreamRedirect(
                 f"DeepSeek answered HTTP {upstream.status} (a redirect); the proxy does not "
                 "follow redirects"))
+        decoder = self._decoder(upstream)
         meter.outcome = "upstream_cut"  # until the answer is seen whole
-        headers = response_headers(upstream.headers)
-        headers["x-request-id"] = meter.request_id
+        headers = self._headers(upstream)
         is_stream = upstream.content_type == "text/event-stream"
         length = upstream.content_length
-        if not is_stream and length is not None and length <= SMALL_BODY:
+        if not is_stream and decoder is None and length is not None and length <= SMALL_BODY:
             # A small body of known length comes whole (no keep-alive lines precede it: those
             # come chunked): answer it in one write, which costs the event loop far less.
             body = await upstream.read()
             self.meter.first_byte_at = self.state.clock()  # and the last: no deadline to lift
-            self._read_answer(body)
+            tap = BodyTap()
+            tap.add(body)
+            self._read_answer(tap)
             if meter.outcome == "upstream_cut":
                 meter.outcome = "complete"
-            return web.Response(status=upstream.status, headers=headers, body=body)
+            return web.Response(status=upstream.status, headers=headers,
+                                body=self.state.upstream.mask.whole(body))
         response = web.StreamResponse(status=upstream.status, headers=headers)
-        if not is_stream and length is not None:
+        if not is_stream and decoder is None and length is not None:
             response.content_length = length
         self.response = response
         await response.prepare(self.request)
+        source: AsyncIterable[bytes] = upstream.content.iter_any()
+        if decoder is not None:
+            source = _decoded(source, decoder)
         if is_stream:
-            await self._relay_stream(upstream)
+            await self._relay_stream(source)
         else:
-            await self._relay_body(upstream)
+            await self._relay_body(source)
         if meter.outcome == "upstream_cut":  # nothing went wrong on the way
             meter.outcome = "complete" if self.client_alive else "client_disconnected"
         return self._finished_response()
 
+    def _decoder(self, upstream: aiohttp.ClientResponse) -> Decoder | None:
+        """A decoder for a body DeepSeek compressed although asked not to (`proxy.answer`)."""
+        encoding = upstream.headers.get("Content-Encoding", "").strip().lower()
+        if encoding in ("", "identity"):
+            return None
+        if encoding in DECODABLE:
+            return Decoder()
+        raise Undecodable(f"DeepSeek sent it with Content-Encoding {encoding[:32]!r}")
+
+    def _headers(self, upstream: aiohttp.ClientResponse) -> dict[str, str]:
+        headers = response_headers(upstream.headers)
+        self.state.upstream.mask.headers(headers)
+        headers["x-request-id"] = self.meter.request_id
+        if self.max_tokens_set is not None:
+            headers["x-proxy-max-tokens"] = str(self.max_tokens_set)
+        return headers
+
+    def _upstream_text(self, value: object) -> str | None:
+        """A short printable string from DeepSeek's answer (model, trace id), or None: a
+        hostile upstream must not fill the ledger or reports with what it sends."""
+        if value is None:
+            return None
+        if isinstance(value, str) and len(value) <= MAX_UPSTREAM_TEXT and value.isprintable():
+            return value
+        self.meter.flag(FLAG_BAD_UPSTREAM_TEXT)
+        return None
+
     async def _relay_error(self, upstream: aiohttp.ClientResponse) -> web.Response:
         body = await read_limited(upstream, MAX_ERROR_BODY)
-        headers = response_headers(upstream.headers)
-        headers["x-request-id"] = self.meter.request_id
+        if self._decoder(upstream) is not None:
+            body = _inflate_limited(body, MAX_ERROR_BODY)
+        headers = self._headers(upstream)
         if upstream.status == 402:
             headers["x-should-retry"] = "false"  # balance refusals: a retry cannot succeed
         if upstream.status in (401, 402):
@@ -419,21 +465,36 @@ class _Exchange:
         if self._deadline is not None:
             self._deadline.reschedule(min(self._deadline.when, grace))
 
-    async def _relay_body(self, upstream: aiohttp.ClientResponse) -> None:
-        parts: list[bytes] = []
-        async for chunk in upstream.content.iter_any():
+    async def _relay_body(self, source: AsyncIterable[bytes]) -> None:
+        tap = BodyTap()
+        mask = KeyMask(self.state.upstream.api_key)
+        async for chunk in source:
             if self.meter.first_byte_at is None and chunk.strip():
                 self._first_data()
-            parts.append(chunk)
-            await self._write(chunk)
+            tap.add(chunk)
+            out = mask.part(chunk)
+            if out:
+                await self._write(out)
+        rest = mask.rest()
+        if rest:
+            await self._write(rest)
         tick = time.perf_counter()
         try:
-            self._read_answer(b"".join(parts))
+            self._read_answer(tap)
         finally:
             self.meter.proxy_seconds += time.perf_counter() - tick
 
-    def _read_answer(self, body: bytes) -> None:
-        """Usage and served model from a whole JSON body."""
+    def _read_answer(self, tap: BodyTap) -> None:
+        """Usage and served model from a whole JSON body (or its two ends, if it was huge)."""
+        meter = self.meter
+        if tap.truncated:
+            meter.flag(FLAG_BODY_TOO_LARGE)
+            model, usage = tap.edges()
+            meter.model_served = self._upstream_text(model)
+            if usage is not None:
+                meter.take_usage(usage, self.state.config.tool_fields)
+            return
+        body = tap.whole()
         try:
             answer = orjson.loads(body)
         except (ValueError, UnicodeDecodeError):
@@ -441,20 +502,27 @@ class _Exchange:
         if not isinstance(answer, dict):
             if not body.strip():
                 raise _UpstreamCut
-            self.meter.outcome = "bad_response"
-            self.meter.flags.append("unparseable_body")
+            meter.outcome = "bad_response"
+            meter.flag("unparseable_body")
             return
-        if isinstance(answer.get("model"), str):
-            self.meter.model_served = answer["model"]
+        if "model" in answer:
+            meter.model_served = self._upstream_text(answer["model"])
         if "usage" in answer and answer["usage"] is not None:
-            self.meter.take_usage(answer["usage"], self.state.config.tool_fields)
+            meter.take_usage(answer["usage"], self.state.config.tool_fields)
 
-    async def _relay_stream(self, upstream: aiohttp.ClientResponse) -> None:
+    async def _relay_stream(self, source: AsyncIterable[bytes]) -> None:
         splitter = SSESplitter()
         inspector = StreamMeter(self.meter, self.client_wants_usage,
                                 self.state.config.tool_fields)
         meter = self.meter
-        async for chunk in upstream.content.iter_any():
+        mask = self.state.upstream.mask
+        after_done = 0
+        async for chunk in source:
+            if inspector.done:  # read on to the end so the connection can be reused, but
+                after_done += len(chunk)  # not forever: nothing after [DONE] counts
+                if after_done > AFTER_DONE_BYTES:
+                    meter.flag(FLAG_AFTER_DONE)
+                    break
             tick = time.perf_counter()
             out = []
             for event in splitter.feed(chunk):
@@ -464,10 +532,10 @@ class _Exchange:
                     out.append(event.raw)
             meter.proxy_seconds += time.perf_counter() - tick
             if out:
-                await self._write(b"".join(out))
+                await self._write(mask.whole(b"".join(out)))
         out = [event.raw for event in splitter.finish() if inspector.inspect(event)]
         if out:
-            await self._write(b"".join(out))
+            await self._write(mask.whole(b"".join(out)))
         if not inspector.done:
             raise _UpstreamCut
 
@@ -491,3 +559,29 @@ class _Exchange:
     def _finished_response(self) -> web.StreamResponse:
         assert self.response is not None
         return self.response
+
+
+async def _decoded(source: AsyncIterable[bytes], decoder: Decoder) -> AsyncIterator[bytes]:
+    async for chunk in source:
+        for piece in decoder.feed(chunk):
+            yield piece
+    rest = decoder.finish()
+    if rest:
+        yield rest
+
+
+def _inflate_limited(body: bytes, limit: int) -> bytes:
+    """A compressed error body, inflated to at most `limit` bytes (what fits is enough to
+    show the client); an undecodable one is passed on as it came."""
+    decoder = Decoder()
+    parts: list[bytes] = []
+    size = 0
+    try:
+        for piece in decoder.feed(body):
+            parts.append(piece)
+            size += len(piece)
+            if size >= limit:
+                break
+    except Undecodable:
+        return body
+    return b"".join(parts)[:limit]

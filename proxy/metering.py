@@ -10,10 +10,20 @@ the client: a usage-only chunk exists only because the proxy set ``include_usage
 that did not ask for usage does not get it.
 
 Estimation, used only when DeepSeek's usage never arrived (stream cut, timeout, client gone past
-the grace time): the prompt is estimated from the request text with DeepSeek's rule of thumb
-(0.3 token per ASCII character, 0.6 per other character) and counted as cache *miss*, the dearer
-input price, so an estimate never undercounts cache savings into spend; the output is the number
-of content chunks relayed, since DeepSeek streams about one token per chunk.
+the grace time): the prompt is estimated from every part of the request that DeepSeek bills as
+prompt (`proxy.bounds`: messages, tool calls, tool schemas, response formats, images at their
+stated cost) with DeepSeek's rule of thumb (0.3 token per ASCII character, 0.6 per other
+character) and counted as cache *miss*, the dearer input price, so an estimate never
+undercounts cache savings into spend; the output is the number of content chunks relayed, since
+DeepSeek streams about one token per chunk.
+
+Reported usage is trusted only within the bounds the request itself sets (`proxy.bounds`): its
+prompt bound and its output bound, each widened by a context window and an output bound per
+server-side tool call (a search feeds results back into the model), and at most
+`Limits.max_server_tool_calls` tool calls per tool. A count past its bound is recorded at the
+bound and flagged ``usage_exceeds_bound``, so a broken or hostile upstream cannot make the bill
+absurd; ``prompt_tokens`` keeps what DeepSeek reported. Usage that arrives after a stream's
+``[DONE]`` is ignored and flagged ``data_after_done``.
 """
 
 from __future__ import annotations
@@ -26,15 +36,19 @@ from typing import Any
 
 import orjson
 
+from proxy.bounds import estimate_prompt
+from proxy.config import Limits
 from proxy.pricing import PriceBook, price
 from proxy.records import Outcome, UsageRecord, UsageSource
 from proxy.sse import Event
-from proxy.usage import MalformedUsage, ReportedUsage, TokenUsage, estimate_tokens, parse_usage
+from proxy.usage import MalformedUsage, ReportedUsage, TokenUsage, parse_usage
 
 FLAG_USAGE_TWICE = "usage_reported_twice"
 FLAG_MALFORMED_USAGE = "malformed_usage"
 FLAG_ESTIMATED = "usage_estimated"
 FLAG_MALFORMED_CHUNK = "malformed_chunk"
+FLAG_EXCEEDS_BOUND = "usage_exceeds_bound"
+FLAG_AFTER_DONE = "data_after_done"
 
 
 @dataclass(slots=True)
@@ -47,6 +61,10 @@ class CallMeter:
     model_requested: str
     payload: Mapping[str, Any]
     started_at: datetime
+    prompt_bound: int
+    """The most prompt tokens the request can be billed (`proxy.bounds`)."""
+    output_bound: int
+    """The most output tokens it can be billed: ``max_tokens`` as sent, else the maximum."""
     first_byte_at: datetime | None = None
     model_served: str | None = None
     upstream_status: int | None = None
@@ -60,6 +78,11 @@ class CallMeter:
     price_book: str = ""
     """Digest of the price book in use, named by the call's ``in_flight`` row."""
 
+    def flag(self, flag: str) -> None:
+        """Add a flag once."""
+        if flag not in self.flags:
+            self.flags.append(flag)
+
     def placeholder(self) -> UsageRecord:
         """The call's ``in_flight`` record (`proxy.records.Dispatched`). The ledger's thread
         calls this while the call goes on, so it reads only the fields set at construction,
@@ -71,12 +94,10 @@ class CallMeter:
         try:
             usage = parse_usage(raw, tool_fields)
         except MalformedUsage:
-            if FLAG_MALFORMED_USAGE not in self.flags:
-                self.flags.append(FLAG_MALFORMED_USAGE)
+            self.flag(FLAG_MALFORMED_USAGE)
             return
-        twice = self.reported is not None and self.reported != usage
-        if twice and FLAG_USAGE_TWICE not in self.flags:
-            self.flags.append(FLAG_USAGE_TWICE)
+        if self.reported is not None and self.reported != usage:
+            self.flag(FLAG_USAGE_TWICE)
         self.reported = usage
 
 
@@ -94,6 +115,10 @@ class StreamMeter:
     def inspect(self, event: Event) -> bool:
         """Update the meter from one event; True if the event is forwarded to the client."""
         data = event.data
+        if self.done:  # nothing after [DONE] counts, nor reaches the client
+            if data is not None:
+                self.meter.flag(FLAG_AFTER_DONE)
+            return False
         if data is None:
             return True  # comments (": keep-alive") and other non-data events pass as they are
         if data == b"[DONE]":
@@ -111,8 +136,7 @@ class StreamMeter:
         try:
             chunk = orjson.loads(data)
         except ValueError:
-            if FLAG_MALFORMED_CHUNK not in meter.flags:
-                meter.flags.append(FLAG_MALFORMED_CHUNK)
+            meter.flag(FLAG_MALFORMED_CHUNK)
             return True
         if not isinstance(chunk, dict):
             return True
@@ -127,36 +151,40 @@ class StreamMeter:
         return True
 
 
-def request_text(payload: Mapping[str, Any]) -> str:
-    """The text of a chat or FIM request, for estimating its prompt when usage is missing."""
-    parts: list[str] = []
-    messages = payload.get("messages")
-    if isinstance(messages, list):
-        for message in messages:
-            if not isinstance(message, dict):
-                continue
-            content = message.get("content")
-            if isinstance(content, str):
-                parts.append(content)
-            elif isinstance(content, list):
-                parts.extend(p["text"] for p in content
-                             if isinstance(p, dict) and isinstance(p.get("text"), str))
-    for key in ("prompt", "suffix"):
-        if isinstance(payload.get(key), str):
-            parts.append(payload[key])
-    return "\n".join(parts)
-
-
-def _usage_of(meter: CallMeter) -> tuple[TokenUsage | None, int | None, UsageSource]:
+def _usage_of(meter: CallMeter, limits: Limits
+              ) -> tuple[TokenUsage | None, int | None, UsageSource, tuple[str, ...]]:
+    """The call's billable counts, the ``prompt_tokens`` to record, where they came from, and
+    flags about them."""
     if meter.reported is not None:
-        return meter.reported.tokens, meter.reported.prompt_tokens, "reported"
+        tokens, flags = _within_bounds(meter, meter.reported.tokens, limits)
+        return tokens, meter.reported.prompt_tokens, "reported", flags
     if meter.outcome in ("connect_error", "upstream_error"):
-        return None, None, "none"
-    text = request_text(meter.payload)
-    if not text and not meter.output_chunks:
-        return None, None, "unknown"
-    prompt = estimate_tokens(text)
-    return TokenUsage(cache_miss=prompt, output=meter.output_chunks), prompt, "estimated"
+        return None, None, "none", ()
+    prompt, flags = estimate_prompt(meter.payload, limits)
+    if not prompt and not meter.output_chunks:
+        return None, None, "unknown", flags
+    return (TokenUsage(cache_miss=prompt, output=meter.output_chunks), prompt, "estimated",
+            (*flags, FLAG_ESTIMATED))
+
+
+def _within_bounds(meter: CallMeter, tokens: TokenUsage, limits: Limits
+                   ) -> tuple[TokenUsage, tuple[str, ...]]:
+    """Reported counts, each cut to what the request allows (see the module docstring)."""
+    tools = tokens.tool_calls
+    cap = limits.max_server_tool_calls
+    if tools and any(count > cap for count in tools.values()):
+        tools = {tool: min(count, cap) for tool, count in tools.items()}
+    rounds = sum(tools.values()) if tools else 0  # each server tool call feeds the model again
+    output_limit = meter.output_bound * (1 + rounds)
+    prompt_limit = meter.prompt_bound + limits.max_context_tokens * rounds
+    if (tools is tokens.tool_calls and tokens.output <= output_limit
+            and tokens.cache_hit + tokens.cache_miss <= prompt_limit):
+        return tokens, ()
+    hit = min(tokens.cache_hit, prompt_limit)
+    output = min(tokens.output, output_limit)
+    return TokenUsage(cache_hit=hit, cache_miss=min(tokens.cache_miss, prompt_limit - hit),
+                      output=output, reasoning=min(tokens.reasoning, output),
+                      tool_calls=tools), (FLAG_EXCEEDS_BOUND,)
 
 
 def _no_price_reason(source: UsageSource, outcome: Outcome) -> str:
@@ -165,15 +193,14 @@ def _no_price_reason(source: UsageSource, outcome: Outcome) -> str:
     return "usage unknown: DeepSeek sent none and there was nothing to estimate from"
 
 
-def build_record(meter: CallMeter, ended_at: datetime, book: PriceBook, price_at: str
-                 ) -> UsageRecord:
+def build_record(meter: CallMeter, ended_at: datetime, book: PriceBook, price_at: str,
+                 limits: Limits) -> UsageRecord:
     """The one usage record of a call, priced at the configured instant."""
-    tokens, prompt, source = _usage_of(meter)
+    tokens, prompt, source, usage_flags = _usage_of(meter, limits)
     flags = list(meter.flags)
     if meter.reported is not None:
         flags.extend(meter.reported.flags)
-    if source == "estimated":
-        flags.append(FLAG_ESTIMATED)
+    flags.extend(usage_flags)
     priced_at = meter.started_at if price_at == "request_start" else ended_at
     pricing = None
     if tokens is not None:

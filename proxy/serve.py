@@ -25,9 +25,16 @@ from pathlib import Path
 from aiohttp import web
 
 from proxy.app import ADMISSION, create_app
-from proxy.config import DEFAULT_CONFIG, ConfigError, ProxyConfig, load_config
+from proxy.config import (
+    DEFAULT_CONFIG,
+    ConfigError,
+    ProxyConfig,
+    check_references,
+    load_config,
+)
 from proxy.ledger.store import SQLiteLedger
 from proxy.ledger.writer import LedgerWriter
+from proxy.listener import ListenError, ProxySite, make_runner
 from proxy.pricing import PriceBookError, load_price_book
 from proxy.records import FanOut, LogSink, RecordSink
 from proxy.workers import MULTIPROC_ENV, supervise
@@ -74,6 +81,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
         book = load_price_book(config.price_book)
+        check_references(config, currencies=book.currencies, tools=book.tool_fees)
     except ConfigError as exc:
         print(f"cannot start: {exc}", file=sys.stderr)
         return 2
@@ -114,6 +122,9 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
             runner.run(_run(app, config, reuse_port=args.worker))
+    except ListenError as exc:
+        print(f"cannot start: {config.path}: listen: {exc}", file=sys.stderr)
+        return 2
     finally:
         writer.close()  # after every running call ended and was submitted: nothing lost
     return 0
@@ -141,21 +152,31 @@ def tune_garbage_collection() -> None:
 
 
 async def _run(app: web.Application, config: ProxyConfig, *, reuse_port: bool) -> None:
-    """Serve until SIGTERM or SIGINT, then drain: readiness goes false and new calls get 503,
-    the listening socket closes, running calls have `timeouts.drain` seconds to finish (then
-    they are cancelled and recorded as ``aborted``)."""
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.timeouts.drain,
-                           keepalive_timeout=config.timeouts.client_header)
+    """Serve until SIGTERM or SIGINT, then drain, as Envoy drains a listener.
+
+    During the drain the listening socket stays open: ``/readyz`` answers 503 (load balancers
+    stop sending), a new call on any connection, new or kept alive, gets 503 with
+    ``Retry-After`` and ``Connection: close`` (the SDKs retry it elsewhere), and running calls
+    have `timeouts.drain` seconds to finish; the drain ends as soon as the last one does. Then
+    the calls still running are cancelled (recorded as ``aborted``; aiohttp gives them at most
+    twice `CANCEL_GRACE`) and the connections closed. So SIGTERM ends the server within
+    ``timeouts.drain + 2 s``, before the ledger is flushed (`proxy.ledger.writer`).
+    """
+    runner = make_runner(app, config)
     await runner.setup()
     try:
-        await web.TCPSite(runner, config.host, config.port, reuse_port=reuse_port).start()
+        await ProxySite(runner, config.host, config.port, reuse_port=reuse_port,
+                        keepalive_timeout=config.timeouts.client_header).start()
         tune_garbage_collection()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         await stop.wait()
-        app[ADMISSION].draining = True
         log.info("draining: waiting up to %g s for running calls", config.timeouts.drain)
+        if await app[ADMISSION].drain(config.timeouts.drain):
+            log.info("drained: no calls running")
+        else:
+            log.warning("drain time over: cancelling the calls still running")
     finally:
         await runner.cleanup()

@@ -6,6 +6,11 @@ included), and concatenating the `raw` of every event (plus `SSESplitter.rest()`
 gives back exactly the input. Lines may end in LF, CRLF or CR (the SSE specification allows all
 three); a CR at the very end of the buffer is held back until the next byte shows whether it is
 half of a CRLF, so the result does not depend on how the stream was chunked.
+
+An event still incomplete after `MAX_EVENT_BYTES` raises `EventTooLarge`: DeepSeek's events are
+a token or a usage object each, and an upstream that never ends its line must not grow the
+proxy's memory without bound. Bytes already searched are not searched again, so a long event
+arriving in many small reads costs time in proportion to its size, not to its size squared.
 """
 
 from __future__ import annotations
@@ -17,6 +22,16 @@ from dataclasses import dataclass
 # regex from reading the two halves of one CRLF as two line endings.
 _BOUNDARY = re.compile(rb"(?>\r\n|\n|\r)(?>\r\n|\n|\r)")
 _LINE = re.compile(rb"\r\n|\n|\r")
+
+
+MAX_EVENT_BYTES = 1 << 20
+"""1 MiB: thousands of times DeepSeek's largest event (a usage chunk is under 1 KiB)."""
+_LOOKBEHIND = 4
+"""A boundary is at most 4 bytes (CRLF CRLF): a search resumes this far before the old end."""
+
+
+class EventTooLarge(Exception):
+    """An event grew past `MAX_EVENT_BYTES` without ending."""
 
 
 @dataclass(slots=True)
@@ -34,37 +49,53 @@ class Event:
 class SSESplitter:
     """Feed bytes, get complete events; keeps the incomplete tail between calls."""
 
-    __slots__ = ("_buffer",)
+    __slots__ = ("_buffer", "_limit", "_scanned")
 
-    def __init__(self) -> None:
-        self._buffer = b""
+    def __init__(self, limit: int = MAX_EVENT_BYTES) -> None:
+        self._buffer = bytearray()
+        self._scanned = 0  # bytes of the buffer known to hold no boundary but near its end
+        self._limit = limit
 
     def feed(self, chunk: bytes) -> list[Event]:
-        buffer = self._buffer + chunk if self._buffer else chunk
+        buffer: bytes | bytearray
+        if self._buffer:
+            self._buffer += chunk
+            buffer = self._buffer
+        else:
+            buffer = chunk  # the usual case: whole events in one read, no copy
         events: list[Event] = []
         start = 0
+        position = self._scanned
         while True:
-            match = _BOUNDARY.search(buffer, start)
+            match = _BOUNDARY.search(buffer, position)
             if match is None:
                 break
             end = match.end()
             if end == len(buffer) and buffer.endswith(b"\r"):
                 break  # may be the first half of a CRLF still in flight
-            events.append(_event(buffer[start:end]))
-            start = end
-        self._buffer = buffer[start:]
+            events.append(_event(bytes(buffer[start:end])))
+            start = position = end
+        rest = len(buffer) - start
+        if rest > self._limit:
+            raise EventTooLarge(f"an event grew past {self._limit} bytes without ending")
+        if buffer is self._buffer:
+            del self._buffer[:start]
+        else:
+            self._buffer = bytearray(buffer[start:])
+        self._scanned = max(rest - _LOOKBEHIND, 0)
         return events
 
     def rest(self) -> bytes:
         """Bytes after the last complete event (a truncated stream leaves them here)."""
-        return self._buffer
+        return bytes(self._buffer)
 
     def finish(self) -> list[Event]:
         """At end of stream: a held-back final CR completes its event; anything else stays
         in `rest()` as an incomplete event, which a well-formed stream never leaves."""
         if self._buffer and _BOUNDARY.search(self._buffer):
-            events = [_event(self._buffer)]
-            self._buffer = b""
+            events = [_event(bytes(self._buffer))]
+            self._buffer = bytearray()
+            self._scanned = 0
             return events
         return []
 

@@ -6,6 +6,10 @@ here and only here. Bodies are asked for uncompressed (``Accept-Encoding: identi
 bytes relayed to the client are exactly the bytes DeepSeek sent. aiohttp's client is used on this
 path because it forwards an order of magnitude faster than httpx (measured in issue 3).
 
+The key must never travel back either. DeepSeek echoes its last four characters in 401 bodies
+(`redact`); should it ever echo the whole key in any answer, headers or body, success or error,
+`KeyMask` overwrites it with asterisks of the same length (so a Content-Length stays right).
+
 Foreign exceptions are translated once, here: a failure before DeepSeek answered becomes
 `UpstreamUnavailable` when nothing was sent (the connection could not be made),
 `UpstreamTimeout` when DeepSeek was silent too long, and `UpstreamCut` when the connection broke
@@ -14,7 +18,8 @@ after the request went out (DeepSeek may have received, and may bill, the call).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, MutableMapping
 
 import aiohttp
 from yarl import URL
@@ -33,6 +38,7 @@ _REQUEST_DROP = HOP_BY_HOP | {
     # set by the proxy, or must not travel on: the client's credentials, its view of the host,
     # forwarding hints (never used to route), and encodings we want raw.
     "host", "authorization", "x-api-key", "cookie", "content-length", "accept-encoding",
+    "content-encoding",  # bodies are only ever sent as read (compressed ones are refused)
     "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip",
     "expect",
 }
@@ -70,6 +76,78 @@ def response_headers(upstream: Mapping[str, str]) -> dict[str, str]:
     return {name: value for name, value in upstream.items() if name.lower() not in drop}
 
 
+async def read_limited(upstream: aiohttp.ClientResponse, limit: int) -> bytes:
+    """A whole (small) upstream body, cut at `limit` bytes: error bodies are short, and one
+    that is not must not exhaust memory."""
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in upstream.content.iter_any():
+        parts.append(chunk[:limit - size])
+        size += len(parts[-1])
+        if size >= limit:
+            break
+    return b"".join(parts)
+
+
+def redact(body: bytes, api_key: str) -> bytes:
+    """An error body without the upstream key nor DeepSeek's echo of its last characters
+    (``****abcd``)."""
+    secret = api_key.encode()
+    body = body.replace(secret, b"[redacted]")
+    if len(secret) >= 4:
+        body = re.sub(rb"\*+" + re.escape(secret[-4:]), b"****", body)
+    return body
+
+
+class KeyMask:
+    """Overwrites the upstream key in what goes back to the client, keeping every length."""
+
+    __slots__ = ("_carry", "_key", "_mask")
+
+    def __init__(self, api_key: str) -> None:
+        self._key = api_key.encode()
+        self._mask = b"*" * len(self._key)
+        self._carry = b""
+
+    def headers(self, headers: MutableMapping[str, str]) -> MutableMapping[str, str]:
+        """`headers` with the key overwritten in every value (in place)."""
+        key = self._key.decode()
+        for name, value in headers.items():
+            if key in value:
+                headers[name] = value.replace(key, "*" * len(key))
+        return headers
+
+    def whole(self, data: bytes) -> bytes:
+        """A complete piece of an answer (a whole body, or whole SSE events)."""
+        return data.replace(self._key, self._mask) if self._key in data else data
+
+    def part(self, data: bytes) -> bytes:
+        """The next piece of a body relayed as it arrives: a key split between two reads is
+        caught by holding back only a tail that could be its start (so a keep-alive line,
+        which cannot, is never delayed). `rest` returns what is held back at the end."""
+        data = self._carry + data if self._carry else data
+        data = self.whole(data)
+        keep = _key_prefix_at_end(data, self._key)
+        self._carry = data[len(data) - keep:] if keep else b""
+        return data[:len(data) - keep] if keep else data
+
+    def rest(self) -> bytes:
+        carry, self._carry = self._carry, b""
+        return carry
+
+
+def _key_prefix_at_end(data: bytes, key: bytes) -> int:
+    """Length of the longest end of `data` that is a proper start of `key` (0 if none)."""
+    window = len(key) - 1
+    start = max(len(data) - window, 0)
+    index = data.find(key[:1], start)
+    while index != -1:
+        if key.startswith(data[index:]):
+            return len(data) - index
+        index = data.find(key[:1], index + 1)
+    return 0
+
+
 class Upstream:
     """Requests to the configured DeepSeek origin on one shared `aiohttp.ClientSession`."""
 
@@ -80,6 +158,8 @@ class Upstream:
         self._urls: dict[str, URL] = {}
         """Parsed URL per upstream path: aiohttp parses a string URL on every request."""
         self._api_key = api_key
+        self.mask = KeyMask(api_key)
+        """For whole bodies and headers (stateless); a body relayed piecewise gets its own."""
         self._timeout = aiohttp.ClientTimeout(total=None, connect=timeouts.connect,
                                               sock_connect=timeouts.connect,
                                               sock_read=timeouts.idle)

@@ -14,7 +14,8 @@ Each request goes through the same steps, in DeepSeek's order:
 4. a completion body is validated (bad JSON: 400, missing field: 422, ``stream_options`` without
    ``stream: true``: 400, model ``nonexistent-model``: 400 "Model Not Exist");
 5. a completion takes the next queued `Reply` (or ``Reply()`` when the queue is empty), which
-   decides everything about the answer.
+   decides everything about the answer, except that, as DeepSeek does, generation stops at the
+   request's ``max_tokens`` with ``finish_reason: length`` (`within_max_tokens`).
 
 Requests rejected in steps 2-4 never consume a queued `Reply`, so a test can enqueue replies
 without counting the requests the proxy should have stopped on its own.
@@ -49,6 +50,7 @@ from tests.fake_deepseek_shapes import (
     parse_json,
     reported_usage,
     stream_chunks,
+    within_max_tokens,
 )
 
 # Handlers still running when the fake closes (a test that left a slow stream open) are
@@ -202,7 +204,7 @@ class FakeDeepSeek:
         stream = data.get("stream") is True
         options = data.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        reply = self._queue.popleft() if self._queue else Reply()
+        reply = within_max_tokens(data, self._queue.popleft() if self._queue else Reply())
 
         if reply.redirect_to is not None:
             headers = {**reply.headers, "Location": reply.redirect_to}

@@ -6,6 +6,7 @@ should see without starting anything.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 from dataclasses import dataclass, field
@@ -143,11 +144,24 @@ def _text_length(content: Any) -> int:
     return 0
 
 
+def _schema_length(request_json: dict[str, Any]) -> int:
+    """Characters of what DeepSeek renders into the prompt beside message text: tool and
+    function schemas, a response format, and the tool calls of earlier assistant turns (as
+    compact JSON, a stand-in for the chat template)."""
+    parts: list[Any] = [request_json[name] for name in ("tools", "functions", "response_format")
+                        if request_json.get(name) is not None]
+    parts.extend(message["tool_calls"] for message in request_json.get("messages", [])
+                 if isinstance(message, dict) and message.get("tool_calls"))
+    return sum(len(json.dumps(part, separators=(",", ":"))) for part in parts)
+
+
 def default_usage(request_json: dict[str, Any], reply: Reply) -> dict[str, Any]:
     """The usage the fake reports when `Reply.usage` is not given.
 
-    - ``prompt_tokens``: characters of all message contents (chat) or of ``prompt`` (FIM),
-      divided by 4, plus 1 - a stand-in for a tokenizer that is deterministic and grows with input.
+    - ``prompt_tokens``: characters of all message contents and of the tool schemas, response
+      format and tool calls (chat), or of ``prompt`` (FIM), divided by 4, plus 1 - a stand-in
+      for a tokenizer that is deterministic and grows with input, including the parts of a
+      request that are not message text (DeepSeek bills those too).
     - cache hit: half the prompt rounded down to a multiple of 64 (DeepSeek caches in 64-token
       units), so prompts under 256 tokens never hit; miss is the rest.
     - ``completion_tokens``: one token per content piece plus one per reasoning piece (FIM sends
@@ -161,6 +175,7 @@ def default_usage(request_json: dict[str, Any], reply: Reply) -> dict[str, Any]:
     else:
         chars = sum(_text_length(message.get("content"))
                     for message in request_json.get("messages", []) if isinstance(message, dict))
+        chars += _schema_length(request_json)
     prompt = chars // 4 + 1
     hit = prompt // 2 // CACHE_UNIT * CACHE_UNIT
     reasoning = 0 if fim else len(reply.reasoning)
@@ -178,6 +193,20 @@ def default_usage(request_json: dict[str, Any], reply: Reply) -> dict[str, Any]:
     if reply.server_tool_use is not None:
         usage["server_tool_use"] = dict(reply.server_tool_use)
     return usage
+
+
+def within_max_tokens(request_json: dict[str, Any], reply: Reply) -> Reply:
+    """DeepSeek stops generating at ``max_tokens`` (reasoning included) and says
+    ``finish_reason: length``; a reply with computed usage does the same (one token per piece),
+    reasoning first. An explicit `Reply.usage` is sent as the test wrote it."""
+    limit = request_json.get("max_tokens")
+    pieces = len(reply.reasoning) + len(reply.content)
+    if type(limit) is not int or limit <= 0 or reply.usage is not COMPUTED or pieces <= limit:
+        return reply
+    reasoning = reply.reasoning[:limit]
+    content = reply.content[:limit - len(reasoning)]
+    return dataclasses.replace(reply, reasoning=reasoning, content=content,
+                               finish_reason="length")
 
 
 def reported_usage(request_json: dict[str, Any], reply: Reply) -> dict[str, Any] | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -16,8 +16,9 @@ from prometheus_client import CollectorRegistry
 
 from proxy.app import create_app
 from proxy.auth import ClientKey, hash_key, key_id_of
-from proxy.config import Budget, Limits, ProxyConfig, Timeouts
+from proxy.config import Budget, Limits, ProxyConfig, TeamPolicy, Timeouts
 from proxy.ledger.store import SpendReader
+from proxy.listener import ProxySite, make_runner
 from proxy.pricing import PriceBook
 from proxy.records import Dispatched, FanOut, RecordSink, UsageRecord
 from proxy.usage import DEFAULT_TOOL_FIELDS
@@ -78,18 +79,20 @@ async def running_proxy(upstream_url: str, book: PriceBook, *,
                         clock: Callable[[], datetime] = lambda: PEAK,
                         api_key: str = FAKE_UPSTREAM_KEY, sink: RecordSink | None = None,
                         spend: SpendReader | None = None, budgets: tuple[Budget, ...] = (),
-                        limits: Limits | None = None, **timeouts: float
+                        limits: Limits | None = None,
+                        policies: Mapping[str, TeamPolicy] | None = None, **timeouts: float
                         ) -> AsyncIterator[RunningProxy]:
     config = make_config(upstream_url, tuple(Path(f) for f in book.files), **timeouts)
-    config = replace(config, budgets=budgets, limits=limits or config.limits)
+    config = replace(config, budgets=budgets, limits=limits or config.limits,
+                     policies=MappingProxyType(dict(policies or {})))
     recording = RecordingSink()
     registry = CollectorRegistry()
     target: RecordSink = recording if sink is None else FanOut(recording, sink)
     app = create_app(config, book, api_key, target, clock=clock, registry=registry, spend=spend)
-    runner = web.AppRunner(app, access_log=None, keepalive_timeout=config.timeouts.client_header)
+    runner = make_runner(app, config)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    await ProxySite(runner, "127.0.0.1", 0, reuse_port=False,
+                    keepalive_timeout=config.timeouts.client_header).start()
     port = runner.addresses[0][1]
     try:
         yield RunningProxy(f"http://127.0.0.1:{port}", recording, config, registry, app)

@@ -26,6 +26,7 @@ from tests.fake_deepseek_shapes import (
     UsagePlacement,
     conflicting_usage,
     default_usage,
+    within_max_tokens,
 )
 
 # --- pure helpers ------------------------------------------------------------------------------
@@ -56,6 +57,28 @@ def test_default_usage_small_prompt_parts_fim_and_tools() -> None:
     assert fim["prompt_cache_hit_tokens"] == 448  # 500 rounded down to 64s
     assert fim["completion_tokens"] == 1
     assert fim["server_tool_use"] == {"n": 1}
+
+
+def test_default_usage_bills_tool_schemas_and_tool_calls() -> None:
+    """DeepSeek bills what it renders into the prompt, not only message text."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"x": "y" * 40}}}]
+    calls = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    request = {"model": "m", "tools": tools, "response_format": {"type": "json_object"},
+               "messages": [{"role": "user", "content": "abcd"},
+                            {"role": "assistant", "content": None, "tool_calls": calls}]}
+    chars = 4 + sum(len(json.dumps(part, separators=(",", ":")))
+                    for part in (tools, {"type": "json_object"}, calls))
+    assert default_usage(request, Reply())["prompt_tokens"] == chars // 4 + 1
+
+
+def test_generation_stops_at_max_tokens() -> None:
+    reply = Reply(content=["a", "b", "c"], reasoning=["r1", "r2"])
+    cut = within_max_tokens({"max_tokens": 3}, reply)
+    assert (cut.reasoning, cut.content, cut.finish_reason) == (["r1", "r2"], ["a"], "length")
+    assert default_usage({"messages": []}, cut)["completion_tokens"] == 3
+    assert within_max_tokens({"max_tokens": 5}, reply) is reply
+    assert within_max_tokens({"max_tokens": 1}, Reply(usage={"x": 1})).content == ["Hello",
+                                                                                  " world"]
 
 
 def test_reply_rejects_typos_early() -> None:

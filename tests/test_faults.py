@@ -22,6 +22,7 @@ import httpx
 import openai
 import pytest
 
+from proxy.bounds import TEMPLATE_TOKENS_PER_ITEM
 from proxy.pricing import PriceBook, price
 from proxy.records import UsageRecord
 from proxy.usage import TokenUsage, estimate_tokens
@@ -40,6 +41,7 @@ USAGE = {"prompt_tokens": 100, "completion_tokens": 7, "prompt_cache_hit_tokens"
 # bytes falls inside the body, a cut after 20 inside the status line / headers.
 MID_BODY = 2000
 MID_HEADERS = 20
+ESTIMATED_PROMPT = estimate_tokens(PROMPT) + TEMPLATE_TOKENS_PER_ITEM
 
 
 @dataclass
@@ -71,9 +73,10 @@ def data_events(body: bytes) -> list[bytes]:
 
 
 def estimated_costs(book: PriceBook, output: int) -> dict[str, Decimal]:
-    """What the README's estimate prices: the prompt by rule of thumb, all cache miss, and one
-    output token per content chunk relayed."""
-    usage = TokenUsage(cache_miss=estimate_tokens(PROMPT), output=output)
+    """What the README's estimate prices: the prompt by rule of thumb plus the template's
+    tokens for its one message, all cache miss, and one output token per content chunk
+    relayed."""
+    usage = TokenUsage(cache_miss=ESTIMATED_PROMPT, output=output)
     return {c: cost.total for c, cost in price(book, "deepseek-flash", usage, PEAK).costs.items()}
 
 
@@ -88,7 +91,7 @@ async def one_record(c: Chain) -> UsageRecord:
 def assert_estimated(record: UsageRecord, book: PriceBook, output: int) -> None:
     assert record.usage_source == "estimated" and "usage_estimated" in record.flags
     assert (record.cache_hit_tokens, record.cache_miss_tokens, record.output_tokens) == (
-        0, estimate_tokens(PROMPT), output)
+        0, ESTIMATED_PROMPT, output)
     assert record.priced and dict(record.costs) == estimated_costs(book, output)
     assert all(cost > 0 for cost in record.costs.values())
 

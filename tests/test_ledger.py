@@ -12,6 +12,7 @@ from zoneinfo import ZoneInfo
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy.config import Limits
 from proxy.forward import new_request_id
 from proxy.ledger.store import SQLiteLedger, iso, money
 from proxy.ledger.writer import LedgerWriter
@@ -24,18 +25,21 @@ SHANGHAI = ZoneInfo("Asia/Shanghai")
 USAGE = {"prompt_tokens": 1000, "completion_tokens": 50, "prompt_cache_hit_tokens": 640,
          "prompt_cache_miss_tokens": 360, "total_tokens": 1050}
 
+LOOSE = Limits()  # bounds far above these records' usage: nothing is cut
+
 
 def meter(request_id: str, instant: datetime, team: str = "alpha") -> CallMeter:
     return CallMeter(request_id=request_id, team=team, key_id="k_00000000", endpoint="chat",
                      stream=False, model_requested="deepseek-flash", payload={},
-                     started_at=instant, outcome="complete")
+                     started_at=instant, prompt_bound=LOOSE.max_context_tokens,
+                     output_bound=LOOSE.max_output_tokens, outcome="complete")
 
 
 def final(book: PriceBook, request_id: str, instant: datetime, team: str = "alpha"
           ) -> UsageRecord:
     m = meter(request_id, instant, team)
     m.reported = parse_usage(USAGE)
-    return build_record(m, instant + timedelta(seconds=2), book, "request_start")
+    return build_record(m, instant + timedelta(seconds=2), book, "request_start", LOOSE)
 
 
 def rows(path: Path, sql: str) -> list[tuple[object, ...]]:
@@ -148,6 +152,7 @@ def test_in_flight_rows_are_built_from_the_call_only_when_written(tmp_path: Path
     writer = LedgerWriter(SQLiteLedger(path, SHANGHAI), flush_interval=30)
     calls = [Call(request_id=f"c{i}", team="alpha", key_id="k_00000000", endpoint="chat",
                   stream=True, model_requested="deepseek-flash", payload={}, started_at=PEAK,
+                  prompt_bound=LOOSE.max_context_tokens, output_bound=LOOSE.max_output_tokens,
                   price_book=book.digest) for i in range(3)]
     for call in calls:
         writer.dispatched(call)

@@ -17,6 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.config import Limits
 from proxy.ledger.store import SQLiteLedger
 from proxy.ledger.writer import LedgerWriter
 from proxy.metering import CallMeter, build_record
@@ -37,6 +38,8 @@ USAGE = {"prompt_tokens": 1000, "completion_tokens": 50, "prompt_cache_hit_token
          "prompt_cache_miss_tokens": 360, "completion_tokens_details": {"reasoning_tokens": 20},
          "total_tokens": 1050}
 CHAT = {"model": "deepseek-flash", "messages": [{"role": "user", "content": "Say hello"}]}
+
+LOOSE = Limits()  # bounds far above these records' usage: nothing is cut
 
 
 def auth(team: str) -> dict[str, str]:
@@ -180,9 +183,11 @@ def test_spend_periods_follow_the_billing_timezone(tmp_path: Path, book: PriceBo
     for instant in ("2026-10-31T15:59:59Z", "2026-10-31T16:00:00Z", "2026-11-01T15:59:00Z"):
         meter = CallMeter(request_id=instant, team="alpha", key_id="k_00000000", endpoint="chat",
                           stream=False, model_requested="deepseek-flash", payload={},
-                          started_at=datetime.fromisoformat(instant), outcome="complete")
+                          started_at=datetime.fromisoformat(instant),
+                          prompt_bound=LOOSE.max_context_tokens,
+                          output_bound=LOOSE.max_output_tokens, outcome="complete")
         meter.reported = parse_usage(USAGE)
-        records.append(build_record(meter, meter.started_at, book, "request_start"))
+        records.append(build_record(meter, meter.started_at, book, "request_start", LOOSE))
     store.write([], records)
     now = datetime(2026, 11, 1, 15, 59, 30, tzinfo=UTC)  # still 2026-11-01 in Beijing
     registry = CollectorRegistry()
@@ -213,7 +218,9 @@ def _records(book: PriceBook, count: int, seed: int) -> list[UsageRecord]:
                           model_requested=rng.choice(["deepseek-flash", "deepseek-v4-pro",
                                                       "someone-else"]),
                           payload={"messages": [{"role": "user", "content": "hi " * i}]},
-                          started_at=started, outcome=outcome)  # type: ignore[arg-type]
+                          started_at=started, prompt_bound=LOOSE.max_context_tokens,
+                          output_bound=LOOSE.max_output_tokens,
+                          outcome=outcome)  # type: ignore[arg-type]
         meter.upstream_status = {"upstream_error": rng.choice([400, 429, 500]),
                                  "connect_error": None, "timeout": None}.get(outcome, 200)
         if outcome in ("complete", "client_disconnected") or rng.random() < 0.2:
@@ -226,7 +233,7 @@ def _records(book: PriceBook, count: int, seed: int) -> list[UsageRecord]:
             meter.first_byte_at = started + timedelta(seconds=rng.choice([0.01, 0.3, 2, 700]))
         elapsed = rng.choice([0.05, 0.051, 1, 2.5, 7, 1800, 5000])
         records.append(build_record(meter, started + timedelta(seconds=elapsed), book,
-                                    "request_start"))
+                                    "request_start", LOOSE))
     return records
 
 

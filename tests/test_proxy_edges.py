@@ -229,9 +229,10 @@ async def test_cut_stream_gives_an_error_never_done(fake: FakeDeepSeek, proxy: R
     [record] = await proxy.sink.wait_for(1)
     assert (record.outcome, record.usage_source) == ("upstream_cut", "estimated")
     assert record.output_tokens == 4  # one per relayed content chunk (role chunk included)
-    assert record.cache_miss_tokens == 3 and record.cache_hit_tokens == 0  # "Say hello" -> 3
+    # "Say hello" -> 3 by the rule of thumb, plus 8 for its message in the chat template
+    assert record.cache_miss_tokens == 11 and record.cache_hit_tokens == 0
     assert "usage_estimated" in record.flags
-    assert record.priced and record.costs["CNY"] == Decimal("0.000038")  # 3x2 + 4x8 per million
+    assert record.priced and record.costs["CNY"] == Decimal("0.000054")  # 11x2 + 4x8 per M
 
 
 async def test_cut_stream_raw_bytes_have_no_done(fake: FakeDeepSeek, proxy: RunningProxy,

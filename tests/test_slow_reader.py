@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pytest
 
+from proxy.bounds import TEMPLATE_TOKENS_PER_ITEM
 from proxy.pricing import PriceBook, price
 from proxy.records import UsageRecord
 from proxy.usage import TokenUsage, estimate_tokens
@@ -168,7 +169,8 @@ async def slow_phase(s: Setup, client: SlowClient) -> None:
 
 
 def estimated_costs(book: PriceBook, output: int) -> dict[str, Decimal]:
-    usage = TokenUsage(cache_miss=estimate_tokens(PROMPT), output=output)
+    usage = TokenUsage(cache_miss=estimate_tokens(PROMPT) + TEMPLATE_TOKENS_PER_ITEM,
+                       output=output)
     return {c: cost.total for c, cost in price(book, "deepseek-flash", usage, PEAK).costs.items()}
 
 
@@ -217,5 +219,5 @@ async def test_slow_reader_leaving_a_stalled_stream_is_recorded_at_the_grace(
     assert grace <= elapsed < grace + 1.0
     assert (record.outcome, record.usage_source) == ("client_disconnected", "estimated")
     assert record.output_tokens is not None and 0 < record.output_tokens < PIECES
-    assert record.cache_miss_tokens == estimate_tokens(PROMPT)
+    assert record.cache_miss_tokens == estimate_tokens(PROMPT) + TEMPLATE_TOKENS_PER_ITEM
     assert record.priced and dict(record.costs) == estimated_costs(book, record.output_tokens)

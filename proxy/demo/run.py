@@ -41,7 +41,6 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import httpx
-from aiohttp import web
 
 from proxy.app import create_app
 from proxy.auth import ClientKey, hash_key, key_id_of, new_key
@@ -49,6 +48,7 @@ from proxy.config import Limits, ProxyConfig, Timeouts
 from proxy.demo.simulated_deepseek import SimulatedDeepSeek
 from proxy.ledger.store import SQLiteLedger, connect
 from proxy.ledger.writer import DEFAULT_FLUSH_INTERVAL, LedgerWriter
+from proxy.listener import ListenError, ProxySite, make_runner
 from proxy.pricing import PriceBook, PriceBookError, load_price_book
 from proxy.usage import DEFAULT_TOOL_FIELDS
 
@@ -244,15 +244,15 @@ async def _run(book: PriceBook, ledger: Path, port: int, *, serve: bool, tempora
         team_keys = {team: new_key() for team in TEAMS}
         config = _config(upstream_url, ledger, port, team_keys)
         clock = SimulatedClock(FREE_PLAY)
-        runner = web.AppRunner(create_app(config, book, upstream_key, writer,
-                                          spend=store.spend, clock=clock), access_log=None)
+        runner = make_runner(create_app(config, book, upstream_key, writer,
+                                        spend=store.spend, clock=clock), config)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)  # runs first: calls end before the writer
         try:
-            await web.TCPSite(runner, "127.0.0.1", port).start()
-        except OSError as exc:
-            print(f"cannot run the demo: cannot listen on 127.0.0.1:{port}: {exc}",
-                  file=sys.stderr)
+            await ProxySite(runner, "127.0.0.1", port, reuse_port=False,
+                            keepalive_timeout=config.timeouts.client_header).start()
+        except ListenError as exc:
+            print(f"cannot run the demo: {exc}", file=sys.stderr)
             return 2
         url = f"http://127.0.0.1:{runner.addresses[0][1]}"
         print(f"Simulated DeepSeek (no model, no billing) at {upstream_url}; proxy at {url}")

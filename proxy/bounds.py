@@ -1,0 +1,231 @@
+"""What one call can be billed at most, judged from its request alone.
+
+Three parts of the proxy need to know how big a call can get, and they must agree on what a
+request contains, or a budget could reserve less than the proxy later records:
+
+- a hard budget reserves the call's worst case before dispatch (`proxy.budgets`);
+- a call whose usage never arrived is estimated (`proxy.metering`);
+- usage that DeepSeek reports is trusted only up to these bounds (`proxy.metering`), so a
+  broken or hostile upstream cannot make the bill absurd.
+
+What DeepSeek can bill as prompt is every part of the request that reaches the model: message
+text, the tool calls and tool results in the conversation, the tool and function schemas, a
+``response_format`` schema, FIM's ``prompt`` and ``suffix``, images, files. The rule, one for
+all three uses (`PromptShape`):
+
+- **Text of any kind** is bounded by the request's own bytes: a byte-level tokenizer never makes
+  more tokens than bytes, and the whole serialised body (keys, punctuation, escapes and all) is
+  a superset of what the model reads, so fields we do not know of are covered too.
+- **Images** are not bounded by their bytes (a URL of 40 bytes can stand for a 4K picture, a
+  data URL of 5 MB for a small one): each image part counts `Limits.image_prompt_tokens` tokens
+  instead of its bytes. DeepSeek publishes no per-image token count; the default, 8,192, is four
+  times the largest image encoding DeepSeek has published for its vision models (DeepSeek-OCR's
+  1,853 tokens, DeepSeek-VL2's dynamic tiling about 2,000), so it is a bound, not a guess.
+- **Files and audio** (any content part that is neither text nor an image) have no size the
+  request shows: the prompt is then bounded only by the model's context window.
+- **The chat template** adds tokens the request does not carry: `BASE_TEMPLATE_TOKENS` per
+  call (the template's frame, and room for a system prompt DeepSeek may add unseen),
+  `TEMPLATE_TOKENS_PER_ITEM` per message and per tool (role markers), plus
+  `TOOL_PREAMBLE_TOKENS` when tools or a response format are present.
+- Nothing exceeds the model's context window (`Limits.max_context_tokens`), which DeepSeek
+  enforces itself.
+
+The estimate used when usage is lost counts the same parts with DeepSeek's rule of thumb
+(0.3 token per ASCII character, 0.6 per other character) instead of one token per byte, images
+at the same stated cost, and the same template tokens per message and tool (not the per-call
+headroom, which is there for a bound, not a best guess). Files cannot be estimated; an estimate
+that had to leave them out is flagged.
+
+The output is bounded by ``max_tokens`` when the request sets a positive one (after the proxy
+wrote or lowered it, `proxy.request_body`), else by `Limits.max_output_tokens`, DeepSeek V4's
+maximum output. Only ``max_tokens`` counts: DeepSeek documents no other output limit, so a
+request that sets only ``max_completion_tokens`` is bounded by the maximum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from proxy.config import Limits
+from proxy.usage import estimate_tokens
+
+BASE_TEMPLATE_TOKENS = 1024
+"""Per call: the chat template's frame and any system prompt DeepSeek adds on its side. A
+bound must not undercount what DeepSeek really bills; this costs a hard budget at most
+0.009 CNY per call (deepseek-v4-pro's peak cache-miss price)."""
+TEMPLATE_TOKENS_PER_ITEM = 8
+"""Role markers and separators the chat template adds around each message or tool."""
+TOOL_PREAMBLE_TOKENS = 256
+"""The instructions a chat template puts before tool schemas or a response format."""
+IMAGE_PART_TYPES = frozenset({"image_url", "input_image", "image"})
+"""Content parts that carry an image (OpenAI chat, OpenAI Responses, Anthropic)."""
+TEXT_PART_TYPES = frozenset({"text", "input_text", "output_text"})
+_SCHEMA_FIELDS = ("tools", "functions", "response_format", "tool_choice")
+"""Request fields whose whole JSON (keys included) the template renders into the prompt."""
+_MESSAGE_TEXT_FIELDS = ("name", "reasoning_content")
+_MESSAGE_JSON_FIELDS = ("tool_calls", "function_call")
+
+FLAG_ESTIMATE_WITHOUT_FILES = "estimate_excludes_files"
+"""The request carried file or audio parts, whose tokens an estimate cannot know."""
+
+
+@dataclass(frozen=True, slots=True)
+class PromptShape:
+    """What a request carries, measured once per call (`measure`)."""
+
+    text_bytes: int
+    """Bytes of the request body, less the bytes of its image and file parts."""
+    items: int
+    """Messages plus tools: each gets `TEMPLATE_TOKENS_PER_ITEM`."""
+    preamble: bool
+    """Tools, functions or a response format are present: `TOOL_PREAMBLE_TOKENS` more."""
+    images: int
+    unbounded: bool
+    """A file or audio part: no bound but the context window."""
+
+    def template_tokens(self) -> int:
+        return template_tokens(self.items, self.preamble)
+
+    def prompt_bound(self, limits: Limits) -> int:
+        """The most prompt tokens DeepSeek can bill for this request."""
+        if self.unbounded:
+            return limits.max_context_tokens
+        tokens = (self.text_bytes + BASE_TEMPLATE_TOKENS + self.template_tokens()
+                  + self.images * limits.image_prompt_tokens)
+        return min(tokens, limits.max_context_tokens)
+
+
+def measure(payload: Mapping[str, Any], body_size: int) -> PromptShape:
+    """The shape of a parsed request whose body was `body_size` bytes.
+
+    Only message content lists are walked (images and files sit there); everything else is
+    counted by the body's size, so the cost on the request path is a loop over the messages.
+    """
+    messages = payload.get("messages")
+    items = 0
+    images = 0
+    part_bytes = 0
+    unbounded = False
+    if isinstance(messages, list):
+        items += len(messages)
+        for message in messages:
+            content = message.get("content") if isinstance(message, dict) else None
+            if not isinstance(content, list):
+                continue
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind is None or kind in TEXT_PART_TYPES:
+                    continue
+                if kind in IMAGE_PART_TYPES:
+                    images += 1
+                else:
+                    unbounded = True
+                part_bytes += _json_size(part)
+    tools = 0
+    for name in ("tools", "functions"):
+        value = payload.get(name)
+        if isinstance(value, list):
+            tools += len(value)
+    preamble = bool(tools) or payload.get("response_format") is not None
+    return PromptShape(text_bytes=max(body_size - part_bytes, 0), items=items + tools,
+                       preamble=preamble, images=images, unbounded=unbounded)
+
+
+def output_bound(payload: Mapping[str, Any], limits: Limits) -> int:
+    """The most output tokens DeepSeek can bill: ``max_tokens`` if set, else the maximum."""
+    max_tokens = payload.get("max_tokens")
+    if type(max_tokens) is int and max_tokens > 0:
+        return min(max_tokens, limits.max_output_tokens)
+    return limits.max_output_tokens
+
+
+def estimate_prompt(payload: Mapping[str, Any], limits: Limits) -> tuple[int, tuple[str, ...]]:
+    """Prompt tokens by DeepSeek's rule of thumb over the parts `measure` bounds, and flags.
+
+    Returns 0 tokens for a request with no prompt parts at all (the caller then has nothing to
+    estimate from)."""
+    texts: list[str] = []
+    images = 0
+    unbounded = False
+    items = 0
+    messages = payload.get("messages")
+    if isinstance(messages, list):
+        items += len(messages)
+        for message in messages:
+            if not isinstance(message, dict):
+                continue
+            content = message.get("content")
+            if isinstance(content, str):
+                texts.append(content)
+            elif isinstance(content, list):
+                for part in content:
+                    kind = part.get("type") if isinstance(part, dict) else None
+                    if kind in IMAGE_PART_TYPES:
+                        images += 1
+                    elif kind is None or kind in TEXT_PART_TYPES:
+                        if isinstance(part, dict) and isinstance(part.get("text"), str):
+                            texts.append(part["text"])
+                    else:
+                        unbounded = True
+            for name in _MESSAGE_TEXT_FIELDS:
+                if isinstance(message.get(name), str):
+                    texts.append(message[name])
+            for name in _MESSAGE_JSON_FIELDS:
+                if message.get(name) is not None:
+                    texts.extend(strings(message[name]))
+    for name in _SCHEMA_FIELDS:
+        value = payload.get(name)
+        if isinstance(value, list | dict):
+            texts.extend(strings(value, keys=True))
+    for name in ("prompt", "suffix"):
+        value = payload.get(name)
+        if isinstance(value, str):
+            texts.append(value)
+        elif isinstance(value, list):
+            texts.extend(v for v in value if isinstance(v, str))
+    tools = sum(len(payload[n]) for n in ("tools", "functions")
+                if isinstance(payload.get(n), list))
+    text_tokens = estimate_tokens("\n".join(texts))
+    if not text_tokens and not images:
+        return 0, ()
+    preamble = bool(tools) or payload.get("response_format") is not None
+    tokens = (text_tokens + template_tokens(items + tools, preamble)
+              + images * limits.image_prompt_tokens)
+    return min(tokens, limits.max_context_tokens), (
+        (FLAG_ESTIMATE_WITHOUT_FILES,) if unbounded else ())
+
+
+def template_tokens(items: int, preamble: bool) -> int:
+    """What the chat template adds around a request's `items` messages and tools (the bound
+    adds `BASE_TEMPLATE_TOKENS` of headroom on top; an estimate does not)."""
+    return TEMPLATE_TOKENS_PER_ITEM * items + (TOOL_PREAMBLE_TOKENS if preamble else 0)
+
+
+def strings(value: Any, *, keys: bool = False) -> Iterator[str]:
+    """Every string inside a JSON value (and every object key, with `keys`), without
+    recursion: a request may nest up to 1,024 levels (orjson's parsing limit), deeper than
+    Python's own recursion limit."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, dict):
+            if keys:
+                yield from (k for k in item if isinstance(k, str))
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def _json_size(value: Any) -> int:
+    """Compact JSON size of a content part: never more than its bytes in the body, so the body
+    size less this stays an upper bound of the text. A part too deep to serialise counts 0."""
+    try:
+        return len(orjson.dumps(value))
+    except orjson.JSONEncodeError:
+        return 0
