@@ -39,13 +39,19 @@ def authenticate(authorization: str | None, keys: Mapping[str, ClientKey]) -> Cl
     """The key behind an ``Authorization: Bearer <key>`` header, or None.
 
     The header is only hashed and looked up; it is never parsed further, logged or echoed.
+    Bytes that are not UTF-8 (aiohttp hands them over as surrogates) cannot be a key the
+    proxy issued, which are ASCII: such a header is refused like any unknown key.
     """
     if not authorization or len(authorization) > 1024:
         return None
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return None
-    return keys.get(hash_key(token.strip()))
+    try:
+        digest = hash_key(token.strip())
+    except UnicodeEncodeError:
+        return None
+    return keys.get(digest)
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
@@ -87,7 +88,8 @@ class ProxySite(web.BaseSite):
                 connection, self._host, self._port, reuse_address=True,
                 reuse_port=self._reuse_port or None)
         except OSError as exc:
-            reason = exc.strerror or str(exc)
+            # asyncio words it "error while attempting to bind on address (...): ..."
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise ListenError(f"cannot listen on {self._host}:{self._port}: "
                               f"{reason[:1].lower()}{reason[1:]}") from exc
 

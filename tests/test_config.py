@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -113,3 +114,60 @@ def test_authenticate_rejects_everything_else() -> None:
     for header in (None, "", key, f"Basic {key}", "Bearer ", f"Bearer {key}x",
                    "Bearer " + "a" * 5000):
         assert authenticate(header, keys) is None
+
+
+def serve(path: Path, env_key: str = "sk-fake-test") -> subprocess.CompletedProcess[str]:
+    """``serve`` that is expected to refuse to start (60 s would be a hang)."""
+    return subprocess.run([sys.executable, "-m", "proxy", "serve", "--config", str(path)],
+                          cwd=ROOT, capture_output=True, text=True, check=False, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "DEEPSEEK_API_KEY": env_key})
+
+
+@pytest.mark.parametrize(("extra", "key", "reason"), [
+    ("budgets: {a: [{period: day, amount: 1, currency: EUR}]}", "budgets.a[0].currency",
+     "'EUR' is not a currency of the price book (it has CNY, USD)"),
+    ("budgets: {a: [{period: day, amount: 1, currency: CNY}, "
+     "{period: month, amount: 1, currency: RMB}]}", "budgets.a[1].currency",
+     "'RMB' is not a currency of the price book (it has CNY, USD)"),
+    ("usage: {server_tool_fields: {image_search_requests: image_search}}",
+     "usage.server_tool_fields.image_search_requests",
+     "'image_search' is not a tool of the price book (it has fetch, search)"),
+])
+def test_config_is_checked_against_the_book_before_listening(tmp_path: Path, extra: str,
+                                                             key: str, reason: str) -> None:
+    """Once, a budget in EUR started fine and then failed every call of its team with a bare
+    500 (KeyError: 'EUR'). Now the proxy does not start, and says why in one line."""
+    path = write(tmp_path, BASE + extra + "\n")
+    result = serve(path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"cannot start: {path}: {key}: {reason}"]
+
+
+def test_lower_case_currency_is_the_book_currency(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE + "budgets: {a: [{period: day, amount: 1, currency: cny}]}\n")
+    [budget] = load_config(path).budgets
+    assert budget.currency == "CNY"
+
+
+def test_port_in_use_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = write(tmp_path, BASE + f"listen: {{host: 127.0.0.1, port: {port}}}\n"
+                     "ledger: {path: ledger.sqlite3}\n")
+        result = serve(path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (
+        f"cannot start: {path}: listen: cannot listen on 127.0.0.1:{port}: "
+        "address already in use")
+    assert "Traceback" not in result.stderr
+
+
+def test_a_key_pasted_into_api_key_env_is_never_echoed(tmp_path: Path) -> None:
+    canary = "sk-canary-0123456789abcdef"
+    path = write(tmp_path, BASE + f"upstream: {{api_key_env: '{canary}'}}\n")
+    result = serve(path)
+    assert result.returncode == 2
+    assert "upstream.api_key_env" in result.stderr
+    assert canary not in result.stderr + result.stdout and canary[-8:] not in result.stderr

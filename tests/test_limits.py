@@ -122,5 +122,6 @@ async def test_draining_refuses_new_calls_and_reports_not_ready(fake: FakeDeepSe
         health = await http.get("/healthz")
     assert ready.status_code == 503 and ready.json() == {"status": "draining"}
     assert call.status_code == 503 and call.headers["Retry-After"] == "1"
+    assert call.headers["Connection"] == "close"  # go elsewhere: this instance is stopping
     assert health.status_code == 200
     assert fake.requests == []

