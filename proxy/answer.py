@@ -67,6 +67,23 @@ class Decoder:
         return rest
 
 
+def inflate_limited(body: bytes, limit: int) -> bytes:
+    """A whole compressed body (an error, a model list), inflated to at most `limit` bytes;
+    one that cannot be inflated is returned as it came (it is shown, never metered)."""
+    decoder = Decoder()
+    parts: list[bytes] = []
+    size = 0
+    try:
+        for piece in decoder.feed(body):
+            parts.append(piece)
+            size += len(piece)
+            if size >= limit:
+                break
+    except Undecodable:
+        return body
+    return b"".join(parts)[:limit]
+
+
 class BodyTap:
     """A JSON body as relayed, kept whole up to `METER_BODY_BYTES`, else by its two ends."""
 

@@ -35,7 +35,14 @@ import orjson
 from aiohttp import web
 
 from proxy.admission import Admission
-from proxy.answer import DECODABLE, FLAG_BODY_TOO_LARGE, BodyTap, Decoder, Undecodable
+from proxy.answer import (
+    DECODABLE,
+    FLAG_BODY_TOO_LARGE,
+    BodyTap,
+    Decoder,
+    Undecodable,
+    inflate_limited,
+)
 from proxy.auth import ClientKey
 from proxy.bounds import measure, output_bound
 from proxy.budgets import BudgetExceeded, BudgetGuard, CallSize, Reservation
@@ -433,7 +440,7 @@ class _Exchange:
     async def _relay_error(self, upstream: aiohttp.ClientResponse) -> web.Response:
         body = await read_limited(upstream, MAX_ERROR_BODY)
         if self._decoder(upstream) is not None:
-            body = _inflate_limited(body, MAX_ERROR_BODY)
+            body = inflate_limited(body, MAX_ERROR_BODY)
         headers = self._headers(upstream)
         if upstream.status == 402:
             headers["x-should-retry"] = "false"  # balance refusals: a retry cannot succeed
@@ -568,20 +575,3 @@ async def _decoded(source: AsyncIterable[bytes], decoder: Decoder) -> AsyncItera
     rest = decoder.finish()
     if rest:
         yield rest
-
-
-def _inflate_limited(body: bytes, limit: int) -> bytes:
-    """A compressed error body, inflated to at most `limit` bytes (what fits is enough to
-    show the client); an undecodable one is passed on as it came."""
-    decoder = Decoder()
-    parts: list[bytes] = []
-    size = 0
-    try:
-        for piece in decoder.feed(body):
-            parts.append(piece)
-            size += len(piece)
-            if size >= limit:
-                break
-    except Undecodable:
-        return body
-    return b"".join(parts)[:limit]
