@@ -73,9 +73,11 @@ FLAG_ESTIMATE_WITHOUT_FILES = "estimate_excludes_files"
 """The request carried file or audio parts, whose tokens an estimate cannot know."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PromptShape:
-    """What a request carries, measured once per call (`measure`)."""
+    """What a request carries, measured once per call (`measure`). Never changed once built,
+    though not declared frozen: one is built per call, and a frozen dataclass's ``__init__``
+    costs several times a plain one's."""
 
     text_bytes: int
     """Bytes of the request body, less the bytes of its image and file parts."""

@@ -82,9 +82,10 @@ class BudgetUnavailable(ProxyError):
     retry = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CallSize:
-    """The most a call can be billed, in tokens (`proxy.bounds`)."""
+    """The most a call can be billed, in tokens (`proxy.bounds`). Built per call, so plain
+    rather than frozen (see `proxy.bounds.PromptShape`)."""
 
     prompt: int
     output: int

@@ -152,12 +152,14 @@ async def proxy_completion(request: web.Request, state: ProxyState, client: Clie
     state.admission.enter(client.team)
     reservation: Reservation | None = None
     exchange: _Exchange | None = None
+    dispatched = False
     try:
         if state.budgets.applies(client.team):
             reservation = await _reserve(state, meter, size)
             if reservation.max_tokens is not None:
                 changes["max_tokens"] = meter.output_bound = reservation.max_tokens
         body = rewrite(body, payload, changes)
+        dispatched = True  # from here a sink may hold an in-flight row: a final one follows
         state.sink.dispatched(meter)
         exchange = _Exchange(request, state, meter, client_wants_usage,
                              changes.get("max_tokens"))
@@ -179,7 +181,7 @@ async def proxy_completion(request: web.Request, state: ProxyState, client: Clie
                             f"{meter.request_id}); the failure is logged") from exc
     finally:
         state.admission.leave(client.team)
-        record = _submit(state, meter) if exchange is not None else None
+        record = _submit(state, meter) if dispatched else None
         if reservation is not None:
             await state.budgets.settle(reservation, _settlement(exchange, record))
 
@@ -387,9 +389,7 @@ class _Exchange:
             # come chunked): answer it in one write, which costs the event loop far less.
             body = await upstream.read()
             self.meter.first_byte_at = self.state.clock()  # and the last: no deadline to lift
-            tap = BodyTap()
-            tap.add(body)
-            self._read_answer(tap)
+            self._read_answer(body)
             if meter.outcome == "upstream_cut":
                 meter.outcome = "complete"
             return web.Response(status=upstream.status, headers=headers,
@@ -487,21 +487,25 @@ class _Exchange:
             await self._write(rest)
         tick = time.perf_counter()
         try:
-            self._read_answer(tap)
+            if tap.truncated:
+                self._read_edges(tap)
+            else:
+                self._read_answer(tap.whole())
         finally:
             self.meter.proxy_seconds += time.perf_counter() - tick
 
-    def _read_answer(self, tap: BodyTap) -> None:
-        """Usage and served model from a whole JSON body (or its two ends, if it was huge)."""
+    def _read_edges(self, tap: BodyTap) -> None:
+        """Usage and served model from the two ends of a body too large to keep whole."""
         meter = self.meter
-        if tap.truncated:
-            meter.flag(FLAG_BODY_TOO_LARGE)
-            model, usage = tap.edges()
-            meter.model_served = self._upstream_text(model)
-            if usage is not None:
-                meter.take_usage(usage, self.state.config.tool_fields)
-            return
-        body = tap.whole()
+        meter.flag(FLAG_BODY_TOO_LARGE)
+        model, usage = tap.edges()
+        meter.model_served = self._upstream_text(model)
+        if usage is not None:
+            meter.take_usage(usage, self.state.config.tool_fields)
+
+    def _read_answer(self, body: bytes) -> None:
+        """Usage and served model from a whole JSON body."""
+        meter = self.meter
         try:
             answer = orjson.loads(body)
         except (ValueError, UnicodeDecodeError):

@@ -102,16 +102,17 @@ def redact(body: bytes, api_key: str) -> bytes:
 class KeyMask:
     """Overwrites the upstream key in what goes back to the client, keeping every length."""
 
-    __slots__ = ("_carry", "_key", "_mask")
+    __slots__ = ("_carry", "_key", "_mask", "_text")
 
     def __init__(self, api_key: str) -> None:
+        self._text = api_key
         self._key = api_key.encode()
         self._mask = b"*" * len(self._key)
         self._carry = b""
 
     def headers(self, headers: MutableMapping[str, str]) -> MutableMapping[str, str]:
         """`headers` with the key overwritten in every value (in place)."""
-        key = self._key.decode()
+        key = self._text
         for name, value in headers.items():
             if key in value:
                 headers[name] = value.replace(key, "*" * len(key))

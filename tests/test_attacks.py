@@ -116,7 +116,13 @@ async def test_no_request_leaks_a_slot_or_a_hold(fake: FakeDeepSeek, book: Price
     assert len(fake.requests) == 261
     sent = fake.requests[0].body
     assert sent == b'{"stream_options":{"include_usage":true},' + deep_body[1:]
-    assert len(proxy.sink.records) == 261
+    # every in-flight row a sink was given was replaced by a final record, the failed
+    # dispatches' too (nothing billable: DeepSeek never saw them)
+    records = proxy.sink.records
+    assert sorted(r.request_id for r in records) == sorted(
+        r.request_id for r in proxy.sink.in_flight)
+    assert len(records) == 521
+    assert sum(r.usage_source == "none" for r in records) == 260
 
 
 # --- 5. no compressed-body bomb ------------------------------------------------------------
