@@ -170,13 +170,15 @@ def create_app(config: ProxyConfig, book: PriceBook, api_key: str, sink: RecordS
                registry: CollectorRegistry | None = None, spend: SpendReader | None = None,
                clock: Callable[[], datetime] = _utc_now,
                shared_metrics_dir: Path | None = None,
-               shared_ledger: Path | None = None) -> web.Application:
+               shared_ledger: Path | None = None, owner: str | None = None
+               ) -> web.Application:
     """Build the application; the upstream session opens and closes with it.
 
     `registry` receives every metric (a fresh one by default); `spend` reads daily spend from
     the ledger for `llm_team_spend` (omitted when there is no ledger). With several workers
     (``serve --workers N``), `shared_metrics_dir` is the folder they share metrics through and
-    `shared_ledger` the ledger that holds their hard-budget reservations.
+    `shared_ledger` the ledger that holds their hard-budget reservations, each marked with
+    `owner`, this worker's id.
     """
     app = web.Application(client_max_size=config.limits.max_request_bytes)
     registry = registry if registry is not None else CollectorRegistry()
@@ -190,7 +192,7 @@ def create_app(config: ProxyConfig, book: PriceBook, api_key: str, sink: RecordS
     budgets: BudgetGuard
     if shared_ledger is not None:
         shared = SharedBudgetGuard(config.budgets, book, shared_ledger, config.billing_timezone,
-                                   config.limits.max_output_tokens)
+                                   config.limits.max_output_tokens, owner)
         budgets = shared
 
         async def close_budgets(app: web.Application) -> AsyncIterator[None]:

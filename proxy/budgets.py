@@ -197,11 +197,15 @@ class SharedBudgetGuard(BudgetGuard):
     real cost until the ledger writer stores the call's record and drops the hold in the same
     transaction that adds the cost to the spend, so spend is never counted twice or not at
     all. SQLite work runs on one dedicated thread, off the event loop.
+
+    Each hold carries `owner`, this worker's id: if the worker dies, its supervisor drops its
+    holds at once (`proxy.ledger.store.release_owner`), so they stop refusing calls.
     """
 
     def __init__(self, budgets: Sequence[Budget], book: PriceBook, ledger: Path,
-                 timezone: ZoneInfo, max_output_tokens: int) -> None:
+                 timezone: ZoneInfo, max_output_tokens: int, owner: str | None) -> None:
         super().__init__(budgets, book, None, timezone, max_output_tokens)
+        self._owner = owner
         self._conn = connect(ledger)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="budgets")
 
@@ -242,9 +246,10 @@ class SharedBudgetGuard(BudgetGuard):
                     (team, budget.currency, start.isoformat())).fetchone())
                 if spent + held + worst[budget.currency] > budget.amount:
                     raise self._refusal(budget, start, spent, held, worst[budget.currency])
-            conn.executemany("INSERT INTO budget_holds VALUES (?, ?, ?, ?, ?)",
-                             [(request_id, team, currency, day.isoformat(), money(amount))
-                              for currency, amount in worst.items()])
+            conn.executemany("INSERT INTO budget_holds (request_id, team, currency, day, "
+                             "amount, owner) VALUES (?, ?, ?, ?, ?, ?)",
+                             [(request_id, team, currency, day.isoformat(), money(amount),
+                               self._owner) for currency, amount in worst.items()])
 
     async def settle(self, reservation: Reservation, costs: Mapping[str, Decimal] | None
                      ) -> None:
