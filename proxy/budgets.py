@@ -14,7 +14,9 @@ price version in force. So a hard budget is never overshot by token costs. The o
 is what the reservation cannot see: server-side tool fees of the calls running at the moment
 the budget runs out (0.005 CNY per search or fetch), plus, only in the rare case of a price
 change during a call, the difference to the new price. Calls to a model without a price cannot
-be bounded and are refused for teams with a hard budget.
+be bounded and are refused for teams with a hard budget. A crash (``kill -9`` of the proxy or
+of one worker) ends its running calls as ``interrupted`` with unknown usage, which adds nothing
+to the spend: each crash can pass a budget by at most the worst cases of the calls it cut.
 
 Spend comes from the ledger when a period starts (and at start-up), then from settled calls; if
 the ledger cannot be read, calls of teams with hard budgets are refused (fail closed).
