@@ -57,7 +57,8 @@ class ServeProcess:
 async def serve_process(directory: Path, upstream_url: str, *, workers: int = 1,
                         extra_config: str = "", loop: str | None = None
                         ) -> AsyncIterator[ServeProcess]:
-    """``python -m proxy serve`` on a free port (`loop`: its ``--loop``, else the default)."""
+    """``python -m proxy serve`` on a free port (`loop`: its ``--loop``, else the default),
+    once it answers; with several workers, once every one of them listens."""
     port = free_port()
     config = write_config(directory, upstream_url, port, extra=extra_config)
     env = {**os.environ, "TEST_DEEPSEEK_KEY": FAKE_UPSTREAM_KEY}
@@ -70,6 +71,13 @@ async def serve_process(directory: Path, upstream_url: str, *, workers: int = 1,
     url = f"http://127.0.0.1:{port}"
     try:
         await wait_healthy(url, process)
+        if workers > 1:
+
+            async def all_listening() -> bool:
+                pids = worker_pids(process.pid)
+                return len(pids) == workers and all(listening(pid, port) for pid in pids)
+
+            await eventually(all_listening, f"{workers} workers listening", timeout=30)
         yield ServeProcess(process, url, directory / "ledger.sqlite3", log)
     finally:
         if process.returncode is None:
@@ -98,6 +106,23 @@ def worker_pids(supervisor: int) -> set[int]:
     except FileNotFoundError:
         raise AssertionError(f"the supervisor (pid {supervisor}) has exited") from None
     return {int(pid) for pid in children.split()}
+
+
+def listening(pid: int, port: int) -> bool:
+    """Whether the process holds a socket listening on `port` (Linux ``/proc``): a worker
+    that has started serving, as opposed to one still importing."""
+    try:
+        inodes = {str(fd.readlink()) for fd in Path(f"/proc/{pid}/fd").iterdir()}
+    except OSError:
+        return False  # gone, or a descriptor closed while we looked
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if (state == "0A" and int(local.rsplit(":", 1)[1], 16) == port
+                    and f"socket:[{inode}]" in inodes):
+                return True
+    return False
 
 
 def worker_owner(pid: int) -> str | None:
