@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -239,6 +241,9 @@ async def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path) -> Non
             return not any(running(pid) for pid in workers)
 
         await eventually(all_stopped, "the workers stop once their supervisor is gone")
+    # A killed supervisor cannot remove its run's shared folder: the test does.
+    [folder] = re.findall(r"shared files in (\S+)\)", serve.log.read_text())
+    shutil.rmtree(folder)
 
 
 def test_workers_refuse_a_port_in_use_with_one_line(tmp_path: Path) -> None:
