@@ -341,7 +341,7 @@ def test_a_ledger_newer_than_the_proxy_refuses_to_open(tmp_path: Path) -> None:
     with pytest.raises(SchemaTooNew) as refused:
         SQLiteLedger(path, SHANGHAI)
     assert str(refused.value) == (
-        f"{path} has ledger schema version {SCHEMA_VERSION + 1}; this proxy knows versions up "
-        f"to {SCHEMA_VERSION}: run a newer proxy, or restore the ledger from a backup")
+        f"{path} has ledger schema version {SCHEMA_VERSION + 1}, newer than this proxy knows "
+        f"({SCHEMA_VERSION}): run the proxy version that wrote it, or a newer one")
     assert rows(path, "SELECT value FROM meta WHERE key = 'schema_version'") == [
         (str(SCHEMA_VERSION + 1),)]  # left as it was

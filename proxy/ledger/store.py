@@ -143,9 +143,9 @@ class SchemaTooNew(Exception):
     """The ledger was written by a newer proxy, with a schema this code does not know."""
 
     def __init__(self, path: Path, found: int) -> None:
-        super().__init__(f"{path} has ledger schema version {found}; this proxy knows versions "
-                         f"up to {SCHEMA_VERSION}: run a newer proxy, or restore the ledger "
-                         "from a backup")
+        super().__init__(f"{path} has ledger schema version {found}, newer than this proxy "
+                         f"knows ({SCHEMA_VERSION}): run the proxy version that wrote it, or a "
+                         "newer one")
 
 
 def migrate(conn: sqlite3.Connection, path: Path) -> None:
