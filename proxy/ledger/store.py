@@ -190,6 +190,7 @@ def release_owner(conn: sqlite3.Connection, owner: str | None) -> tuple[int, int
         holds = conn.execute(_DROP_HOLDS, (owner,)).rowcount
     return calls, holds
 
+
 _COLUMNS = ("request_id", "state", "team", "key_id", "endpoint", "stream", "model_requested",
             "model_served", "started_at", "billing_day", "first_byte_at", "ended_at",
             "cache_hit_tokens", "cache_miss_tokens", "output_tokens", "reasoning_tokens",
