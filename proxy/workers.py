@@ -83,6 +83,9 @@ STABLE_AFTER = 60.0
 """A worker that lived this long died of something new: its replacement waits `FIRST_DELAY`."""
 RELEASE_RETRY = 1.0
 """Seconds between two attempts to release a dead worker's state while the ledger fails."""
+_RELEASE_WAIT = "PRAGMA busy_timeout = 1000"
+"""A release waits at most 1 s for the ledger's write lock (a worker waits 10 s): a short wait
+keeps the supervisor answering signals and deaths, and a failed release is retried anyway."""
 
 _SIGNALS = frozenset({signal.SIGCHLD, signal.SIGTERM, signal.SIGINT})
 _STOPS = frozenset({signal.SIGTERM, signal.SIGINT})
@@ -167,7 +170,8 @@ class _Supervisor:
         self._prctl: Callable[..., Any] | None = (
             ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None)
         self._slots: list[_Slot] = []
-        self._unreleased: set[str] = set()
+        self._unreleased: dict[str, float] = {}
+        """Dead owners whose release failed -> when to try again (monotonic seconds)."""
         self._stopping = False
         self._failed = False
 
@@ -183,8 +187,7 @@ class _Supervisor:
                 self._reap()
             elif info is not None:
                 self._stop(signal.Signals(info.si_signo))
-            for owner in sorted(self._unreleased):
-                self._release(owner, retry=True)
+            self._retry_releases()
             self._start_due()
         log.info("all workers stopped")
         return 1 if self._failed else 0
@@ -192,10 +195,9 @@ class _Supervisor:
     def _timeout(self) -> float | None:
         """Seconds until something is due (a restart, a release to retry); None: nothing."""
         now = time.monotonic()
-        waits = [max(0.0, slot.due - now) for slot in self._slots if slot.due is not None]
-        if self._unreleased:
-            waits.append(RELEASE_RETRY)
-        return min(waits, default=None)
+        dues = [slot.due for slot in self._slots if slot.due is not None]
+        dues += self._unreleased.values()
+        return max(0.0, min(dues) - now) if dues else None
 
     def _start_due(self) -> None:
         now = time.monotonic()
@@ -238,7 +240,8 @@ class _Supervisor:
                 self._died(slot, slot.process.pid, code)
 
     def _died(self, slot: _Slot, pid: int, code: int) -> None:
-        """Release what the worker held, then (unless stopping) schedule its replacement."""
+        """Schedule the replacement (unless stopping) and release what the worker held, which
+        is done before the replacement can start."""
         slot.process = None
         if self._stopping:
             # A worker that the forwarded signal ended before it could drain stopped cleanly.
@@ -257,20 +260,32 @@ class _Supervisor:
         self._release(slot.owner, retry=False)
 
     def _release(self, owner: str, *, retry: bool) -> None:
-        """Release a dead worker's budget holds and in-flight calls (`release_owner`)."""
+        """Release a dead worker's budget holds and in-flight calls (`release_owner`).
+
+        If the ledger cannot be written (locked past its busy timeout, disk full), the
+        replacement still starts, under a new owner id, and the release is retried every
+        `RELEASE_RETRY` seconds: serving goes on while the old holds wait to go.
+        """
         try:
             with contextlib.closing(connect(self._ledger)) as conn:
+                conn.execute(_RELEASE_WAIT)
                 calls, holds = release_owner(conn, owner)
         except (sqlite3.Error, OSError):
             if not retry:
                 log.exception("cannot release the budget holds and calls of dead worker %s; "
                               "retrying every %g s", owner, RELEASE_RETRY)
-            self._unreleased.add(owner)
+            self._unreleased[owner] = time.monotonic() + RELEASE_RETRY
             return
-        self._unreleased.discard(owner)
+        self._unreleased.pop(owner, None)
         if calls or holds:
             log.warning("released dead worker %s: %d call(s) in flight recorded as "
                         "'interrupted', %d budget hold(s) dropped", owner, calls, holds)
+
+    def _retry_releases(self) -> None:
+        now = time.monotonic()
+        for owner, due in list(self._unreleased.items()):
+            if due <= now:
+                self._release(owner, retry=True)
 
     def _stop(self, signum: signal.Signals) -> None:
         log.info("%s: stopping the workers", signum.name)

@@ -14,6 +14,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -30,6 +31,7 @@ from tests.fake_deepseek import running_fake
 from tests.fake_deepseek_shapes import FAKE_UPSTREAM_KEY, Reply
 from tests.proxy_harness import TEAM_KEYS
 from tests.serve_process import (
+    ServeProcess,
     eventually,
     serve_process,
     worker_owner,
@@ -124,46 +126,61 @@ RELEASE_DEADLINE = 3.0
 rest is an allowance for a loaded CI machine."""
 
 
-async def test_a_killed_worker_releases_its_holds_and_calls(tmp_path: Path, book: PriceBook
-                                                            ) -> None:
+def one_call_budget(book: PriceBook) -> str:
+    """Config for a hard budget of team alpha with room for one `CHAT` call, not for two."""
     worst = BudgetGuard((), book, None, ZoneInfo("Asia/Shanghai"), Limits().max_output_tokens
                         ).worst_case(CHAT, "CNY", datetime.now(UTC))
-    budget = ("budgets:\n  alpha:\n"  # room for one call's worst case, not for two
-              f"    - {{period: month, amount: '{worst * 3 / 2}', currency: CNY, hard: true}}\n")
+    return ("budgets:\n  alpha:\n"
+            f"    - {{period: month, amount: '{worst * 3 / 2}', currency: CNY, hard: true}}\n")
+
+
+@contextlib.asynccontextmanager
+async def held_call(serve: ServeProcess) -> AsyncIterator[tuple[str, int]]:
+    """A stream of team alpha in progress, holding the budget: (its request id, the pid of the
+    worker serving it, found through the owner of its ledger row and hold)."""
+    async with httpx.AsyncClient(base_url=serve.url, headers=AUTH, timeout=30) as http, \
+            http.stream("POST", "/chat/completions", json={**CHAT, "stream": True}) as held:
+        assert held.status_code == 200
+
+        async def row_and_hold() -> tuple[str, str] | None:
+            rows = await asyncio.to_thread(
+                ledger, serve.ledger, "SELECT u.request_id, u.owner, h.owner FROM usage u "
+                "JOIN budget_holds h USING (request_id) WHERE u.state = 'in_flight'")
+            if not rows:
+                return None
+            [(request_id, owner, hold_owner)] = rows
+            assert owner == hold_owner
+            return str(request_id), str(owner)
+
+        request_id, owner = await eventually(row_and_hold, "the call's row and hold")
+        [pid] = [p for p in worker_pids(serve.process.pid) if worker_owner(p) == owner]
+        yield request_id, pid
+
+
+def released(serve: ServeProcess, request_id: str) -> Callable[[], Awaitable[bool]]:
+    """Whether the ledger has no hold left and the call's row ended as ``interrupted``."""
+
+    async def check() -> bool:
+        holds, [row] = await asyncio.gather(
+            asyncio.to_thread(ledger, serve.ledger, "SELECT * FROM budget_holds"),
+            asyncio.to_thread(ledger, serve.ledger, "SELECT state, outcome FROM usage "
+                              "WHERE request_id = ?", request_id))
+        return not holds and row == ("final", "interrupted")
+
+    return check
+
+
+async def test_a_killed_worker_releases_its_holds_and_calls(tmp_path: Path, book: PriceBook
+                                                            ) -> None:
     async with running_fake() as fake:
         fake.enqueue(Reply(usage=USAGE, content=["a"] * 600, chunk_interval=0.05))
         async with serve_process(tmp_path, fake.base_url, workers=2,
-                                 extra_config=budget) as serve:
-            async with httpx.AsyncClient(base_url=serve.url, headers=AUTH, timeout=30) as http, \
-                    http.stream("POST", "/chat/completions",
-                                json={**CHAT, "stream": True}) as held:
-                assert held.status_code == 200
-
-                async def held_call() -> tuple[str, str] | None:
-                    rows = await asyncio.to_thread(
-                        ledger, serve.ledger,
-                        "SELECT u.request_id, u.owner, h.owner FROM usage u JOIN budget_holds h "
-                        "USING (request_id) WHERE u.state = 'in_flight'")
-                    if not rows:
-                        return None
-                    [(request_id, owner, hold_owner)] = rows
-                    assert owner == hold_owner
-                    return str(request_id), str(owner)
-
-                request_id, owner = await eventually(held_call, "the call's row and hold")
+                                 extra_config=one_call_budget(book)) as serve:
+            async with held_call(serve) as (request_id, pid):
                 assert (await post(serve.url)).status_code == 402  # the hold leaves no room
-                [pid] = [p for p in worker_pids(serve.process.pid) if worker_owner(p) == owner]
                 os.kill(pid, signal.SIGKILL)
-
-            async def released() -> bool:
-                holds, [row] = await asyncio.gather(
-                    asyncio.to_thread(ledger, serve.ledger, "SELECT * FROM budget_holds"),
-                    asyncio.to_thread(ledger, serve.ledger, "SELECT state, outcome FROM usage "
-                                      "WHERE request_id = ?", request_id))
-                return not holds and row == ("final", "interrupted")
-
-            await eventually(released, "the dead worker's hold and call released",
-                             RELEASE_DEADLINE)
+            await eventually(released(serve, request_id),
+                             "the dead worker's hold and call released", RELEASE_DEADLINE)
             assert (await post(serve.url)).status_code == 200  # the budget has room again
             serve.process.send_signal(signal.SIGTERM)
             assert await serve.process.wait() == 0
@@ -171,6 +188,34 @@ async def test_a_killed_worker_releases_its_holds_and_calls(tmp_path: Path, book
         ("interrupted",), ("complete",)]
     log = serve.log.read_text()
     assert f"worker {pid} " in log and "SIGKILL" in log
+
+
+async def test_a_release_the_ledger_refuses_is_retried(tmp_path: Path, book: PriceBook
+                                                       ) -> None:
+    """The ledger is locked when the worker dies: the supervisor waits 1 s for it, logs the
+    failure, starts the replacement anyway, and releases the state once it can write. With
+    one call per team, the last call's admission also shows the dead worker's count gone."""
+    config = one_call_budget(book) + "limits: {max_inflight_per_team: 1}\n"
+    async with running_fake() as fake:
+        fake.enqueue(Reply(usage=USAGE, content=["a"] * 600, chunk_interval=0.05))
+        async with serve_process(tmp_path, fake.base_url, workers=2,
+                                 extra_config=config) as serve:
+
+            async def refused() -> bool:
+                return "cannot release the budget holds" in serve.log.read_text()
+
+            async with held_call(serve) as (request_id, pid):
+                with contextlib.closing(sqlite3.connect(serve.ledger, isolation_level=None)
+                                        ) as lock:
+                    lock.execute("BEGIN IMMEDIATE")  # no other writer until the rollback
+                    os.kill(pid, signal.SIGKILL)
+                    await eventually(refused, "the release failing while the ledger is locked")
+                    assert not await released(serve, request_id)()
+                    lock.execute("ROLLBACK")
+            await eventually(released(serve, request_id), "the release retried")
+            assert (await post(serve.url)).status_code == 200
+            serve.process.send_signal(signal.SIGTERM)
+            assert await serve.process.wait() == 0
 
 
 async def test_replacements_dying_at_once_never_stop_the_service(tmp_path: Path) -> None:
