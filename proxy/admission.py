@@ -33,8 +33,6 @@ class TeamsChanged(Exception):
 
 
 class Admission:
-    """This process's calls in progress, counted on its event loop."""
-
     def __init__(self, limits: Limits) -> None:
         self._limits = limits
         self._total = 0
@@ -44,12 +42,14 @@ class Admission:
     def enter(self, team: str) -> None:
         """Count a call in, or raise `Overloaded` (503)."""
         if self.draining:
-            raise _draining()
+            raise Overloaded("the proxy is shutting down; retry on another instance")
         in_team = self._by_team.get(team, 0)
         if self._total >= self._limits.max_inflight:
-            raise _full(self._total)
+            raise Overloaded(f"the proxy has {self._total} calls in progress, its limit; "
+                             "retry shortly")
         if in_team >= self._limits.max_inflight_per_team:
-            raise _team_full(team, in_team)
+            raise Overloaded(f"team {team!r} has {in_team} calls in progress, its limit; "
+                             "retry shortly")
         self._total += 1
         self._by_team[team] = in_team + 1
 
@@ -100,38 +100,24 @@ class SharedAdmission(Admission):
         return cls(limits, teams, SharedCounters(folder / COUNTERS_FILE, 1 + len(teams)), slot)
 
     def enter(self, team: str) -> None:
-        if self.draining:
-            raise _draining()
-        counters = self._counters
-        column = self._columns[team]
-        total = counters.column_sum(0)
-        if total >= self._limits.max_inflight:
-            raise _full(total)
-        in_team = counters.column_sum(column)
-        if in_team >= self._limits.max_inflight_per_team:
-            raise _team_full(team, in_team)
-        counters.add(self._slot, 0, 1)
-        counters.add(self._slot, column, 1)
-
-    def in_flight(self) -> dict[str, int]:
-        """This worker's calls in progress per team: each worker publishes its own, and the
-        scrape sums them over the live workers."""
-        return {team: self._counters.get(self._slot, column)
-                for team, column in self._columns.items()}
+        """Refuse the call if the workers together are at a limit; else count it in, both in
+        this worker's own counts (`Admission`: they also refuse calls while draining and feed
+        this worker's ``llm_inflight_requests``) and in its slot of the shared ones."""
+        if not self.draining:
+            column = self._columns[team]
+            total = self._counters.column_sum(0)
+            if total >= self._limits.max_inflight:
+                raise Overloaded(f"the proxy's workers have {total} calls in progress, their "
+                                 "limit; retry shortly")
+            in_team = self._counters.column_sum(column)
+            if in_team >= self._limits.max_inflight_per_team:
+                raise Overloaded(f"team {team!r} has {in_team} calls in progress over the "
+                                 "proxy's workers, its limit; retry shortly")
+        super().enter(team)  # never over a limit here: a worker's share is part of the sum
+        self._counters.add(self._slot, 0, 1)
+        self._counters.add(self._slot, self._columns[team], 1)
 
     def leave(self, team: str) -> None:
+        super().leave(team)
         self._counters.add(self._slot, 0, -1)
         self._counters.add(self._slot, self._columns[team], -1)
-
-
-def _draining() -> Overloaded:
-    return Overloaded("the proxy is shutting down; retry on another instance")
-
-
-def _full(total: int) -> Overloaded:
-    return Overloaded(f"the proxy has {total} calls in progress, its limit; retry shortly")
-
-
-def _team_full(team: str, in_team: int) -> Overloaded:
-    return Overloaded(f"team {team!r} has {in_team} calls in progress, its limit; "
-                      "retry shortly")

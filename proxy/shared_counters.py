@@ -36,9 +36,6 @@ class SharedCounters:
             file.truncate(slots * width * _ITEM)
         return cls(path, width)
 
-    def get(self, slot: int, column: int) -> int:
-        return self._view[slot * self.width + column]
-
     def add(self, slot: int, column: int, delta: int) -> None:
         """Change a count in `slot`'s row; only the row's own worker may call this."""
         self._view[slot * self.width + column] += delta
