@@ -18,14 +18,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from zoneinfo import ZoneInfo
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.budgets import BudgetGuard
-from proxy.config import Limits
 from proxy.pricing import PriceBook
+from proxy.pricing.engine import resolve, to_micros
 from tests.conftest import ROOT
 from tests.fake_deepseek import running_fake
 from tests.fake_deepseek_shapes import FAKE_UPSTREAM_KEY, Reply
@@ -126,20 +124,28 @@ RELEASE_DEADLINE = 3.0
 rest is an allowance for a loaded CI machine."""
 
 
+BIG = {**CHAT, "max_tokens": 100_000}
+"""A call whose worst case is nearly all output: its prompt bound is worth well under 1% of it."""
+
+
 def one_call_budget(book: PriceBook) -> str:
-    """Config for a hard budget of team alpha with room for one `CHAT` call, not for two."""
-    worst = BudgetGuard((), book, None, ZoneInfo("Asia/Shanghai"), Limits().max_output_tokens
-                        ).worst_case(CHAT, "CNY", datetime.now(UTC))
+    """Config for a hard budget of team alpha with room for one `BIG` call, not for two: one
+    and a half times its output at the dearest output price in force (taken from the price
+    book, so the test does not depend on how the guard bounds the prompt)."""
+    resolution = resolve(book, str(BIG["model"]), to_micros(datetime.now(UTC)))
+    assert not isinstance(resolution, str)
+    output = max(rates["CNY"].output for rates in resolution.version.tiers.values())
+    amount = output * BIG["max_tokens"] / 1_000_000 * 3 / 2
     return ("budgets:\n  alpha:\n"
-            f"    - {{period: month, amount: '{worst * 3 / 2}', currency: CNY, hard: true}}\n")
+            f"    - {{period: month, amount: '{amount}', currency: CNY, hard: true}}\n")
 
 
 @contextlib.asynccontextmanager
 async def held_call(serve: ServeProcess) -> AsyncIterator[tuple[str, int]]:
-    """A stream of team alpha in progress, holding the budget: (its request id, the pid of the
-    worker serving it, found through the owner of its ledger row and hold)."""
+    """A `BIG` stream of team alpha in progress, holding the budget: (its request id, the pid
+    of the worker serving it, found through the owner of its ledger row and hold)."""
     async with httpx.AsyncClient(base_url=serve.url, headers=AUTH, timeout=30) as http, \
-            http.stream("POST", "/chat/completions", json={**CHAT, "stream": True}) as held:
+            http.stream("POST", "/chat/completions", json={**BIG, "stream": True}) as held:
         assert held.status_code == 200
 
         async def row_and_hold() -> tuple[str, str] | None:
@@ -177,11 +183,11 @@ async def test_a_killed_worker_releases_its_holds_and_calls(tmp_path: Path, book
         async with serve_process(tmp_path, fake.base_url, workers=2,
                                  extra_config=one_call_budget(book)) as serve:
             async with held_call(serve) as (request_id, pid):
-                assert (await post(serve.url)).status_code == 402  # the hold leaves no room
+                assert (await post(serve.url, BIG)).status_code == 402  # no room left
                 os.kill(pid, signal.SIGKILL)
             await eventually(released(serve, request_id),
                              "the dead worker's hold and call released", RELEASE_DEADLINE)
-            assert (await post(serve.url)).status_code == 200  # the budget has room again
+            assert (await post(serve.url, BIG)).status_code == 200  # room again
             serve.process.send_signal(signal.SIGTERM)
             assert await serve.process.wait() == 0
     assert ledger(serve.ledger, "SELECT outcome FROM usage ORDER BY started_at") == [
@@ -213,7 +219,7 @@ async def test_a_release_the_ledger_refuses_is_retried(tmp_path: Path, book: Pri
                     assert not await released(serve, request_id)()
                     lock.execute("ROLLBACK")
             await eventually(released(serve, request_id), "the release retried")
-            assert (await post(serve.url)).status_code == 200
+            assert (await post(serve.url, BIG)).status_code == 200
             serve.process.send_signal(signal.SIGTERM)
             assert await serve.process.wait() == 0
 
