@@ -167,18 +167,21 @@ def create_app(config: ProxyConfig, book: PriceBook, api_key: str, sink: RecordS
                registry: CollectorRegistry | None = None, spend: SpendReader | None = None,
                clock: Callable[[], datetime] = _utc_now,
                shared_metrics_dir: Path | None = None,
-               shared_ledger: Path | None = None) -> web.Application:
+               shared_ledger: Path | None = None, owner: str | None = None,
+               admission: Admission | None = None) -> web.Application:
     """Build the application; the upstream session opens and closes with it.
 
     `registry` receives every metric (a fresh one by default); `spend` reads daily spend from
     the ledger for `llm_team_spend` (omitted when there is no ledger). With several workers
-    (``serve --workers N``), `shared_metrics_dir` is the folder they share metrics through and
-    `shared_ledger` the ledger that holds their hard-budget reservations.
+    (``serve --workers N``), `shared_metrics_dir` is the folder they share metrics through,
+    `shared_ledger` the ledger that holds their hard-budget reservations (each marked with
+    `owner`, this worker's id) and `admission` counts calls across the workers
+    (`proxy.admission.SharedAdmission`); by default it counts this process's own.
     """
     check_references(config, currencies=book.currencies, tools=book.tool_fees)
     app = web.Application(client_max_size=config.limits.max_request_bytes)
     registry = registry if registry is not None else CollectorRegistry()
-    admission = Admission(config.limits)
+    admission = admission if admission is not None else Admission(config.limits)
     app[ADMISSION] = admission
     metrics = ProxyMetrics(registry, teams=config.teams, models=book.models,
                            tools=book.tool_fees, currencies=book.currencies, spend=spend,
@@ -188,7 +191,7 @@ def create_app(config: ProxyConfig, book: PriceBook, api_key: str, sink: RecordS
     budgets: BudgetGuard
     if shared_ledger is not None:
         shared = SharedBudgetGuard(config.budgets, book, shared_ledger, config.billing_timezone,
-                                   config.policies)
+                                   config.policies, owner=owner)
         budgets = shared
 
         async def close_budgets(app: web.Application) -> AsyncIterator[None]:

@@ -13,7 +13,10 @@ cache-miss price, plus its output bound (``max_tokens``, else DeepSeek's maximum
 output price, at the dearest tier of the price version in force. So token costs never pass a
 hard budget. The overshoot bound is what the worst case cannot see: server-side tool fees of
 the calls running when the budget runs out (0.005 CNY per search or fetch), and, only if a
-price change takes effect during a call, the difference to the new price.
+price change takes effect during a call, the difference to the new price. A crash (``kill -9``
+of the proxy or of one worker) ends its running calls as ``interrupted`` with unknown usage,
+which adds nothing to the spend: each crash can pass a budget by at most the worst cases of the
+calls it cut.
 
 A call without ``max_tokens`` reserves DeepSeek's maximum output (393,216 tokens; 10.6 CNY at
 deepseek-v4-pro's peak price), so a budget refuses calls long before it is spent when many run
@@ -280,11 +283,16 @@ class SharedBudgetGuard(BudgetGuard):
     real cost until the ledger writer stores the call's record and drops the hold in the same
     transaction that adds the cost to the spend, so spend is never counted twice or not at
     all. SQLite work runs on one dedicated thread, off the event loop.
+
+    Each hold carries `owner`, this worker's id: if the worker dies, its supervisor drops its
+    holds at once (`proxy.ledger.store.release_owner`), so they stop refusing calls.
     """
 
     def __init__(self, budgets: Sequence[Budget], book: PriceBook, ledger: Path,
-                 timezone: ZoneInfo, policies: Mapping[str, TeamPolicy] | None = None) -> None:
+                 timezone: ZoneInfo, policies: Mapping[str, TeamPolicy] | None = None, *,
+                 owner: str | None = None) -> None:
         super().__init__(budgets, book, None, timezone, policies)
+        self._owner = owner
         self._conn = connect(ledger)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="budgets")
 
@@ -328,9 +336,10 @@ class SharedBudgetGuard(BudgetGuard):
                     (team, budget.currency, start.isoformat())).fetchone())
                 standings.append(Standing(budget, start, spent, held))
             holds, lowered = decide(standings, size, tiers, policy, self._refusal)
-            conn.executemany("INSERT INTO budget_holds VALUES (?, ?, ?, ?, ?)",
-                             [(request_id, team, currency, day.isoformat(), money(amount))
-                              for currency, amount in holds.items()])
+            conn.executemany("INSERT INTO budget_holds (request_id, team, currency, day, "
+                             "amount, owner) VALUES (?, ?, ?, ?, ?, ?)",
+                             [(request_id, team, currency, day.isoformat(), money(amount),
+                               self._owner) for currency, amount in holds.items()])
         return lowered
 
     async def settle(self, reservation: Reservation, costs: Mapping[str, Decimal] | None

@@ -11,7 +11,8 @@ ended early); ``timeout``; ``connect_error`` (nothing reached DeepSeek); ``bad_r
 (a 200 whose body could not be read as DeepSeek's JSON); ``aborted`` (the proxy itself was
 stopping and cancelled the call); ``in_flight`` (written when the call is dispatched, replaced
 by the final record when it ends); ``interrupted`` (an ``in_flight`` row found when the ledger
-opens: the proxy died during the call, whose usage is therefore unknown).
+opens, or left by a worker of ``serve --workers N`` that died: the process died during the
+call, whose usage is therefore unknown).
 
 Usage sources: ``reported`` (DeepSeek's usage object), ``estimated`` (it never arrived; see
 `proxy.metering`), ``unknown`` (no usage and nothing to estimate from; never a zero cost),

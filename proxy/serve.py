@@ -24,6 +24,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from proxy.admission import SharedAdmission, TeamsChanged
 from proxy.app import ADMISSION, create_app
 from proxy.config import (
     DEFAULT_CONFIG,
@@ -32,12 +33,19 @@ from proxy.config import (
     check_references,
     load_config,
 )
-from proxy.ledger.store import SQLiteLedger
+from proxy.ledger.store import SchemaTooNew, SQLiteLedger
 from proxy.ledger.writer import LedgerWriter
 from proxy.listener import ListenError, ProxySite, make_runner
 from proxy.pricing import PriceBookError, load_price_book
 from proxy.records import FanOut, LogSink, RecordSink
-from proxy.workers import MULTIPROC_ENV, supervise
+from proxy.workers import (
+    MULTIPROC_ENV,
+    OWNER_ENV,
+    SLOT_ENV,
+    listen_problem,
+    new_owner,
+    supervise,
+)
 
 log = logging.getLogger("proxy")
 
@@ -94,10 +102,24 @@ def _serve(args: argparse.Namespace) -> int:
               f"{config.upstream_key_env} is not set (it must hold the DeepSeek API key)",
               file=sys.stderr)
         return 2
+    supervisor = args.workers > 1 and not args.worker
+    if supervisor and (problem := listen_problem(config.host, config.port)):
+        print(f"cannot start: {config.path}: listen: {problem}", file=sys.stderr)
+        return 2
+    shared = Path(os.environ[MULTIPROC_ENV]) if args.worker else None
+    try:
+        admission = (SharedAdmission.join(shared, int(os.environ[SLOT_ENV]), config.limits,
+                                          config.teams) if shared else None)
+    except TeamsChanged as exc:
+        print(f"cannot start: {config.path}: teams: {exc}", file=sys.stderr)
+        return 2
+    # The owner id marks this process's ledger rows and budget holds (`proxy.workers`).
+    owner = os.environ[OWNER_ENV] if args.worker else new_owner()
     try:
         # A worker joins running siblings: recovering would end their calls.
-        store = SQLiteLedger(config.ledger_path, config.billing_timezone, recover=not args.worker)
-    except (OSError, sqlite3.Error) as exc:
+        store = SQLiteLedger(config.ledger_path, config.billing_timezone, recover=not args.worker,
+                             owner=owner)
+    except (OSError, sqlite3.Error, SchemaTooNew) as exc:
         print(f"cannot start: {config.path}: ledger.path: cannot open {config.ledger_path}: "
               f"{exc}", file=sys.stderr)
         return 2
@@ -107,10 +129,9 @@ def _serve(args: argparse.Namespace) -> int:
     log.info("proxy for %s on http://%s:%d, %d team(s), price book %s, ledger %s",
              config.upstream_base_url, config.host, config.port, len(config.teams),
              book.digest[:12], config.ledger_path)
-    if args.workers > 1 and not args.worker:
+    if supervisor:
         store.close()
-        return supervise(args.config, args.log_level, args.workers, args.loop)
-    shared = Path(os.environ[MULTIPROC_ENV]) if args.worker else None
+        return supervise(config, args.log_level, args.workers, args.loop)
     writer = LedgerWriter(store, config.flush_interval)
     log_sink = LogSink()
     # The log level is fixed at start-up: without DEBUG the log sink would only be skipped,
@@ -118,7 +139,8 @@ def _serve(args: argparse.Namespace) -> int:
     sink: RecordSink = FanOut(writer, log_sink) if log_sink.enabled() else writer
     app = create_app(config, book, api_key, sink, spend=store.spend,
                      shared_metrics_dir=shared,
-                     shared_ledger=config.ledger_path if args.worker else None)
+                     shared_ledger=config.ledger_path if args.worker else None,
+                     owner=owner, admission=admission)
     try:
         with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
             runner.run(_run(app, config, reuse_port=args.worker))

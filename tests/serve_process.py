@@ -6,17 +6,21 @@ import asyncio
 import os
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 
 from proxy.auth import hash_key
+from proxy.workers import OWNER_ENV
 from tests.conftest import ROOT, SHIPPED_BOOK
 from tests.fake_deepseek_shapes import FAKE_UPSTREAM_KEY
 from tests.proxy_harness import TEAM_KEYS
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -45,24 +49,36 @@ class ServeProcess:
     process: asyncio.subprocess.Process
     url: str
     ledger: Path
+    log: Path
+    """The process's stderr (its log), for assertions and for reading when a test fails."""
 
 
 @asynccontextmanager
 async def serve_process(directory: Path, upstream_url: str, *, workers: int = 1,
                         extra_config: str = "", loop: str | None = None
                         ) -> AsyncIterator[ServeProcess]:
-    """``python -m proxy serve`` on a free port (`loop`: its ``--loop``, else the default)."""
+    """``python -m proxy serve`` on a free port (`loop`: its ``--loop``, else the default),
+    once it answers; with several workers, once every one of them listens."""
     port = free_port()
     config = write_config(directory, upstream_url, port, extra=extra_config)
     env = {**os.environ, "TEST_DEEPSEEK_KEY": FAKE_UPSTREAM_KEY}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "serve", "--config", str(config),
-        "--workers", str(workers), *(["--loop", loop] if loop else []), cwd=ROOT, env=env,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    log = directory / f"serve-{port}.log"
+    with log.open("wb") as stderr:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "serve", "--config", str(config),
+            "--workers", str(workers), *(["--loop", loop] if loop else []), cwd=ROOT, env=env,
+            stdout=asyncio.subprocess.DEVNULL, stderr=stderr)
     url = f"http://127.0.0.1:{port}"
     try:
         await wait_healthy(url, process)
-        yield ServeProcess(process, url, directory / "ledger.sqlite3")
+        if workers > 1:
+
+            async def all_listening() -> bool:
+                pids = worker_pids(process.pid)
+                return len(pids) == workers and all(listening(pid, port) for pid in pids)
+
+            await eventually(all_listening, f"{workers} workers listening", timeout=30)
+        yield ServeProcess(process, url, directory / "ledger.sqlite3", log)
     finally:
         if process.returncode is None:
             process.kill()
@@ -81,3 +97,57 @@ async def wait_healthy(url: str, process: asyncio.subprocess.Process, timeout: f
             except httpx.TransportError:
                 pass
             await asyncio.sleep(0.05)  # polling a condition (the port opening), with a deadline
+
+
+def worker_pids(supervisor: int) -> set[int]:
+    """The running children of a ``serve --workers N`` supervisor (Linux ``/proc``)."""
+    try:
+        children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text()
+    except FileNotFoundError:
+        raise AssertionError(f"the supervisor (pid {supervisor}) has exited") from None
+    return {int(pid) for pid in children.split()}
+
+
+def listening(pid: int, port: int) -> bool:
+    """Whether the process holds a socket listening on `port` (Linux ``/proc``): a worker
+    that has started serving, as opposed to one still importing."""
+    try:
+        inodes = {str(fd.readlink()) for fd in Path(f"/proc/{pid}/fd").iterdir()}
+    except OSError:
+        return False  # gone, or a descriptor closed while we looked
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if (state == "0A" and int(local.rsplit(":", 1)[1], 16) == port
+                    and f"socket:[{inode}]" in inodes):
+                return True
+    return False
+
+
+def worker_owner(pid: int) -> str | None:
+    """The owner id the supervisor gave a worker (what its ledger rows and holds carry), or
+    None if the process has gone or has no owner."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    prefix = OWNER_ENV.encode() + b"="
+    for entry in environ.split(b"\0"):
+        if entry.startswith(prefix):
+            return entry[len(prefix):].decode()
+    return None
+
+
+async def eventually(condition: Callable[[], Awaitable[T | None]], what: str,
+                        timeout: float = 10.0) -> T:
+    """The first truthy result of `condition`, polled until `timeout` seconds have passed."""
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                result = await condition()
+                if result:
+                    return result
+                await asyncio.sleep(0.02)  # polling a condition, with a deadline
+    except TimeoutError:
+        raise AssertionError(f"not within {timeout} s: {what}") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from datetime import UTC, datetime, timedelta
@@ -9,12 +10,21 @@ from decimal import Decimal
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.config import Limits
 from proxy.forward import new_request_id
-from proxy.ledger.store import SQLiteLedger, iso, money
+from proxy.ledger.store import (
+    SCHEMA_VERSION,
+    SchemaTooNew,
+    SQLiteLedger,
+    connect,
+    iso,
+    money,
+    release_owner,
+)
 from proxy.ledger.writer import LedgerWriter
 from proxy.metering import CallMeter, build_record, in_flight_record
 from proxy.pricing import PriceBook
@@ -219,3 +229,124 @@ def test_money_text_is_exact_plain_decimal(amount: Decimal) -> None:
     assert Decimal(text) == amount
     if "." in text:
         assert not text.endswith(("0", "."))
+
+
+def test_releasing_an_owner_ends_only_its_calls_and_holds(tmp_path: Path, book: PriceBook
+                                                          ) -> None:
+    """What a dead worker leaves (`release_owner`): its in-flight rows end as ``interrupted``
+    and its budget holds go, in one transaction; another worker's calls and holds stay."""
+    path = tmp_path / "ledger.sqlite3"
+    dead = SQLiteLedger(path, SHANGHAI, owner="host:1:w0:aa")
+    alive = SQLiteLedger(path, SHANGHAI, owner="host:1:w1:bb", recover=False)
+    dead.write([in_flight_record(meter(r, PEAK), book) for r in ("d1", "d2", "d3")], [])
+    dead.write([], [final(book, "d3", PEAK)])
+    alive.write([in_flight_record(meter("a1", PEAK), book)], [])
+    with contextlib.closing(connect(path)) as conn:
+        conn.executemany("INSERT INTO budget_holds (request_id, team, currency, day, amount, "
+                         "owner) VALUES (?, 'alpha', 'CNY', '2026-11-02', '0.1', ?)",
+                         [("d1", "host:1:w0:aa"), ("a1", "host:1:w1:bb")])
+        assert release_owner(conn, "host:1:w0:aa") == (2, 1)
+    assert rows(path, "SELECT request_id, state, outcome, owner FROM usage ORDER BY 1") == [
+        ("a1", "in_flight", "in_flight", "host:1:w1:bb"),
+        ("d1", "final", "interrupted", "host:1:w0:aa"),
+        ("d2", "final", "interrupted", "host:1:w0:aa"),
+        ("d3", "final", "complete", "host:1:w0:aa")]
+    assert rows(path, "SELECT request_id FROM budget_holds") == [("a1",)]
+    dead.close()
+    alive.close()
+
+
+V1_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE usage (
+    request_id TEXT PRIMARY KEY, state TEXT NOT NULL, team TEXT NOT NULL, key_id TEXT NOT NULL,
+    endpoint TEXT NOT NULL, stream INTEGER NOT NULL, model_requested TEXT NOT NULL,
+    model_served TEXT, started_at TEXT NOT NULL, billing_day TEXT NOT NULL, first_byte_at TEXT,
+    ended_at TEXT NOT NULL, cache_hit_tokens INTEGER, cache_miss_tokens INTEGER,
+    output_tokens INTEGER, reasoning_tokens INTEGER, prompt_tokens INTEGER,
+    tool_calls TEXT NOT NULL, upstream_status INTEGER, upstream_trace_id TEXT,
+    outcome TEXT NOT NULL, usage_source TEXT NOT NULL, priced INTEGER NOT NULL,
+    unpriced_reason TEXT, billed_model TEXT, price_version TEXT, schedule_version TEXT,
+    tier TEXT, priced_at TEXT, price_book TEXT NOT NULL, flags TEXT NOT NULL);
+CREATE INDEX usage_started ON usage (started_at);
+CREATE INDEX usage_team_day ON usage (team, billing_day);
+CREATE TABLE usage_cost (
+    request_id TEXT NOT NULL REFERENCES usage (request_id), currency TEXT NOT NULL,
+    amount TEXT NOT NULL, cache_savings TEXT NOT NULL, PRIMARY KEY (request_id, currency));
+CREATE TABLE cost_history (
+    request_id TEXT NOT NULL, currency TEXT NOT NULL, amount TEXT, price_book TEXT NOT NULL,
+    price_version TEXT, replaced_at TEXT NOT NULL, replaced_by_book TEXT NOT NULL);
+CREATE TABLE budget_holds (
+    request_id TEXT NOT NULL, team TEXT NOT NULL, currency TEXT NOT NULL, day TEXT NOT NULL,
+    amount TEXT NOT NULL, PRIMARY KEY (request_id, currency));
+CREATE INDEX budget_holds_team ON budget_holds (team, currency, day);
+CREATE TABLE spend_daily (
+    team TEXT NOT NULL, day TEXT NOT NULL, currency TEXT NOT NULL, amount TEXT NOT NULL,
+    PRIMARY KEY (team, day, currency));
+INSERT INTO meta VALUES ('schema_version', '1'), ('billing_timezone', 'Asia/Shanghai');
+INSERT INTO usage VALUES
+    ('old-final', 'final', 'alpha', 'k_00000001', 'chat', 1, 'deepseek-chat', 'deepseek-chat',
+     '2026-10-02T01:30:00.000000Z', '2026-10-02', '2026-10-02T01:30:00.400000Z',
+     '2026-10-02T01:30:02.000000Z', 640, 360, 50, 0, 1000, '{}', 200, 'trace-1', 'complete',
+     'reported', 1, NULL, 'deepseek-chat', 'v3', 's1', 'peak',
+     '2026-10-02T01:30:00.000000Z', 'digest-1', '[]'),
+    ('old-running', 'in_flight', 'beta', 'k_00000002', 'fim', 0, 'deepseek-chat', NULL,
+     '2026-10-02T02:00:00.000000Z', '2026-10-02', NULL, '2026-10-02T02:00:00.000000Z',
+     NULL, NULL, NULL, NULL, NULL, '{}', NULL, NULL, 'in_flight', 'unknown', 0, NULL, NULL,
+     NULL, NULL, NULL, NULL, 'digest-1', '[]');
+INSERT INTO usage_cost VALUES ('old-final', 'CNY', '0.0011456', '0.0012544'),
+    ('old-final', 'USD', '0.00017184', '0.00018816');
+INSERT INTO cost_history VALUES ('old-final', 'CNY', '0.002', 'digest-0', 'v2',
+    '2026-10-03T00:00:00Z', 'digest-1');
+INSERT INTO budget_holds VALUES ('old-running', 'beta', 'CNY', '2026-10-02', '0.5');
+INSERT INTO spend_daily VALUES ('alpha', '2026-10-02', 'CNY', '0.0011456'),
+    ('alpha', '2026-10-02', 'USD', '0.00017184');
+"""
+TABLES = ("usage", "usage_cost", "cost_history", "budget_holds", "spend_daily")
+
+
+def schema(path: Path) -> dict[str, list[tuple[object, ...]]]:
+    """Every table's columns and every index's definition, as SQLite describes them."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        shape: dict[str, list[tuple[object, ...]]] = {
+            table: conn.execute("SELECT name, type, \"notnull\", dflt_value, pk FROM "
+                                "pragma_table_info(?)", (table,)).fetchall()
+            for table in (*TABLES, "meta")}
+        shape["indexes"] = conn.execute(
+            "SELECT name, tbl_name, sql FROM sqlite_master WHERE type = 'index' "
+            "AND sql IS NOT NULL ORDER BY name").fetchall()
+    return shape
+
+
+def test_a_version_1_ledger_is_migrated_in_place_keeping_every_row(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.executescript(V1_SCHEMA)
+    before = {table: rows(path, f"SELECT * FROM {table} ORDER BY 1, 2")  # noqa: S608
+              for table in TABLES}
+    store = SQLiteLedger(path, SHANGHAI, recover=False, owner="host:1:aa")
+    store.close()
+    after = {table: rows(path, f"SELECT * FROM {table} ORDER BY 1, 2")  # noqa: S608
+             for table in TABLES}
+    # Rows from before the migration have no owner; only a start-up recovery ends them.
+    assert after == {table: [(*row, None) if table in ("usage", "budget_holds") else row
+                             for row in table_rows] for table, table_rows in before.items()}
+    assert rows(path, "SELECT value FROM meta WHERE key = 'schema_version'") == [
+        (str(SCHEMA_VERSION),)]
+    SQLiteLedger(tmp_path / "new.sqlite3", SHANGHAI).close()
+    assert schema(path) == schema(tmp_path / "new.sqlite3")  # the same as a new ledger's
+
+
+def test_a_ledger_newer_than_the_proxy_refuses_to_open(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    SQLiteLedger(path, SHANGHAI).close()
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
+                     (str(SCHEMA_VERSION + 1),))
+    with pytest.raises(SchemaTooNew) as refused:
+        SQLiteLedger(path, SHANGHAI)
+    assert str(refused.value) == (
+        f"{path} has ledger schema version {SCHEMA_VERSION + 1}, newer than this proxy knows "
+        f"({SCHEMA_VERSION}): run the proxy version that wrote it, or a newer one")
+    assert rows(path, "SELECT value FROM meta WHERE key = 'schema_version'") == [
+        (str(SCHEMA_VERSION + 1),)]  # left as it was

@@ -8,7 +8,8 @@ Tables:
 
 - ``usage``: one row per upstream dispatch (primary key: the request id). A row starts as
   ``in_flight`` when the call is dispatched and is replaced by the final record when it ends; a
-  final row is never overwritten, so writes are idempotent.
+  final row is never overwritten, so writes are idempotent. ``owner`` is the serving process
+  that wrote it (`release_owner`).
 - ``usage_cost``: cost and cache savings per row and currency, with the price-book digest and
   version that priced it.
 - ``cost_history``: costs replaced by a re-pricing, so every past figure stays auditable.
@@ -16,8 +17,16 @@ Tables:
   rows, so spend gauges and budgets read a handful of rows instead of scanning the ledger.
 - ``budget_holds``: what running calls may still cost, for hard budgets shared by several
   workers (`proxy.budgets.SharedBudgetGuard`); a call's hold is dropped in the transaction that
-  stores its final record and adds its cost to ``spend_daily``.
+  stores its final record and adds its cost to ``spend_daily``. ``owner`` as in ``usage``.
 - ``meta``: schema version and the billing timezone ``spend_daily`` was built with.
+
+A process's in-flight rows and holds must not outlive it: when it dies they are released
+(`release_owner`), by the supervisor of ``serve --workers N`` as soon as it reaps the worker,
+and for every owner when the proxy starts.
+
+Schema versions: a new ledger gets the current schema; an older one is migrated in place when
+it opens, in one transaction (`_MIGRATIONS`); a newer one is refused (`SchemaTooNew`), since
+this code cannot know what the newer columns mean.
 
 SQLite runs in WAL mode with ``synchronous=NORMAL``: a committed transaction survives the
 process being killed (``kill -9``); only an operating-system crash or power loss can lose the
@@ -38,12 +47,16 @@ from zoneinfo import ZoneInfo
 
 from proxy.records import UsageRecord
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = 2
 _ZERO = Decimal(0)
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS usage (
+_IN_FLIGHT_INDEX = "CREATE INDEX usage_in_flight ON usage (owner) WHERE state = 'in_flight'"
+"""The calls running (or left running by a dead process): a few rows however large the ledger,
+so releasing a dead worker's calls never scans the whole table."""
+
+_SCHEMA = (
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE usage (
     request_id TEXT PRIMARY KEY,
     state TEXT NOT NULL,                       -- 'in_flight' or 'final'
     team TEXT NOT NULL,
@@ -74,18 +87,20 @@ CREATE TABLE IF NOT EXISTS usage (
     tier TEXT,
     priced_at TEXT,
     price_book TEXT NOT NULL,
-    flags TEXT NOT NULL                        -- JSON list
-);
-CREATE INDEX IF NOT EXISTS usage_started ON usage (started_at);
-CREATE INDEX IF NOT EXISTS usage_team_day ON usage (team, billing_day);
-CREATE TABLE IF NOT EXISTS usage_cost (
+    flags TEXT NOT NULL,                       -- JSON list
+    owner TEXT                                 -- the process that wrote the row (NULL: v1)
+)""",
+    "CREATE INDEX usage_started ON usage (started_at)",
+    "CREATE INDEX usage_team_day ON usage (team, billing_day)",
+    _IN_FLIGHT_INDEX,
+    """CREATE TABLE usage_cost (
     request_id TEXT NOT NULL REFERENCES usage (request_id),
     currency TEXT NOT NULL,
     amount TEXT NOT NULL,                      -- exact decimal text
     cache_savings TEXT NOT NULL,
     PRIMARY KEY (request_id, currency)
-);
-CREATE TABLE IF NOT EXISTS cost_history (
+)""",
+    """CREATE TABLE cost_history (
     request_id TEXT NOT NULL,
     currency TEXT NOT NULL,
     amount TEXT,                               -- NULL: the row was not priced
@@ -93,31 +108,95 @@ CREATE TABLE IF NOT EXISTS cost_history (
     price_version TEXT,
     replaced_at TEXT NOT NULL,
     replaced_by_book TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS budget_holds (   -- hard-budget reservations across workers
+)""",
+    """CREATE TABLE budget_holds (   -- hard-budget reservations across workers
     request_id TEXT NOT NULL,
     team TEXT NOT NULL,
     currency TEXT NOT NULL,
     day TEXT NOT NULL,
     amount TEXT NOT NULL,
+    owner TEXT,                                -- the process holding it (NULL: v1)
     PRIMARY KEY (request_id, currency)
-);
-CREATE INDEX IF NOT EXISTS budget_holds_team ON budget_holds (team, currency, day);
-CREATE TABLE IF NOT EXISTS spend_daily (
+)""",
+    "CREATE INDEX budget_holds_team ON budget_holds (team, currency, day)",
+    """CREATE TABLE spend_daily (
     team TEXT NOT NULL,
     day TEXT NOT NULL,
     currency TEXT NOT NULL,
     amount TEXT NOT NULL,
     PRIMARY KEY (team, day, currency)
-);
-"""
+)""",
+)
+"""The current schema, one statement each (they run inside the transaction that checks the
+ledger is new, which ``executescript`` would commit)."""
+
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    # 1 -> 2: holds and in-flight rows carry their owner, whose death releases them.
+    1: ("ALTER TABLE usage ADD COLUMN owner TEXT",
+        "ALTER TABLE budget_holds ADD COLUMN owner TEXT",
+        _IN_FLIGHT_INDEX),
+}
+"""Version -> the statements that bring a ledger of that version to the next one."""
+
+
+class SchemaTooNew(Exception):
+    """The ledger was written by a newer proxy, with a schema this code does not know."""
+
+    def __init__(self, path: Path, found: int) -> None:
+        super().__init__(f"{path} has ledger schema version {found}, newer than this proxy "
+                         f"knows ({SCHEMA_VERSION}): run the proxy version that wrote it, or a "
+                         "newer one")
+
+
+def migrate(conn: sqlite3.Connection, path: Path) -> None:
+    """Create the schema in a new ledger, or bring an older one to `SCHEMA_VERSION`, in one
+    transaction (concurrent openers wait for it, then find the ledger current)."""
+    with Transaction(conn):
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone():
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            found = SCHEMA_VERSION
+        else:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            found = int(row[0]) if row else 1  # version 1 wrote it in a second transaction
+        if found > SCHEMA_VERSION:
+            raise SchemaTooNew(path, found)
+        for version in range(found, SCHEMA_VERSION):
+            for statement in _MIGRATIONS[version]:
+                conn.execute(statement)
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
+                     (str(SCHEMA_VERSION),))
+
+
+_INTERRUPT = (
+    "UPDATE usage SET state = 'final', outcome = 'interrupted', "
+    "unpriced_reason = 'the proxy process stopped before the call ended; usage unknown' "
+    "WHERE state = 'in_flight' AND (?1 IS NULL OR owner = ?1)")
+_DROP_HOLDS = "DELETE FROM budget_holds WHERE ?1 IS NULL OR owner = ?1"
+
+
+def release_owner(conn: sqlite3.Connection, owner: str | None) -> tuple[int, int]:
+    """End what a dead serving process left, in one transaction: its ``in_flight`` rows become
+    final ``interrupted`` rows (usage unknown, so never priced) and its budget holds are
+    dropped, so they stop counting against hard budgets. Returns (calls ended, holds dropped).
+
+    `owner` None means every owner: at start-up, when no process of this ledger can be running
+    (`SQLiteLedger`); the supervisor of ``serve --workers N`` names the worker it has just
+    reaped (`proxy.workers`). Only a dead owner's state may be released: a live one would
+    still settle its holds and finish its rows.
+    """
+    with Transaction(conn):
+        calls = conn.execute(_INTERRUPT, (owner,)).rowcount
+        holds = conn.execute(_DROP_HOLDS, (owner,)).rowcount
+    return calls, holds
+
 
 _COLUMNS = ("request_id", "state", "team", "key_id", "endpoint", "stream", "model_requested",
             "model_served", "started_at", "billing_day", "first_byte_at", "ended_at",
             "cache_hit_tokens", "cache_miss_tokens", "output_tokens", "reasoning_tokens",
             "prompt_tokens", "tool_calls", "upstream_status", "upstream_trace_id", "outcome",
             "usage_source", "priced", "unpriced_reason", "billed_model", "price_version",
-            "schedule_version", "tier", "priced_at", "price_book", "flags")
+            "schedule_version", "tier", "priced_at", "price_book", "flags", "owner")
 # Built from the constant column names above, never from input; values are parameters.
 _INSERT_USAGE = f"INSERT INTO usage ({', '.join(_COLUMNS)}) VALUES "  # noqa: S608
 _ON_CONFLICT_USAGE = "".join((
@@ -126,7 +205,7 @@ _ON_CONFLICT_USAGE = "".join((
     " WHERE usage.state = 'in_flight' AND excluded.state = 'final'"))
 _INSERT_COST = "INSERT OR REPLACE INTO usage_cost VALUES "
 MAX_ROWS_PER_STATEMENT = 64
-"""Rows per multi-row INSERT (31 columns x 64 = 1,984 parameters, far below SQLite's 32,766)."""
+"""Rows per multi-row INSERT (32 columns x 64 = 2,048 parameters, far below SQLite's 32,766)."""
 
 
 def insert_rows(conn: sqlite3.Connection, head: str, rows: Sequence[tuple[Any, ...]],
@@ -275,14 +354,22 @@ class LedgerStore(Protocol):
 class SQLiteLedger:
     """The embedded ledger. One writer (the `LedgerWriter` thread); readers open their own."""
 
-    def __init__(self, path: Path, billing_timezone: ZoneInfo, *, recover: bool = True) -> None:
-        """Open (creating if needed) the ledger. `recover` ends rows left in flight and drops
-        budget holds: only for the one process that starts first, never for a worker that
-        joins running siblings (it would end their calls)."""
+    def __init__(self, path: Path, billing_timezone: ZoneInfo, *, recover: bool = True,
+                 owner: str | None = None) -> None:
+        """Open (creating or migrating if needed) the ledger; `SchemaTooNew` if a newer proxy
+        wrote it. `recover` ends rows left in flight and drops budget holds: only for the one
+        process that starts first, never for a worker that joins running siblings (it would
+        end their calls). `owner` marks the rows this store writes (`release_owner`); tools
+        and tests that serve no calls may leave it None."""
         self.path = path
         self.billing_timezone = billing_timezone
+        self._owner = owner
         self._conn = connect(path)  # the writer thread's
-        self._conn.executescript(_SCHEMA)
+        try:
+            migrate(self._conn, path)
+        except BaseException:
+            self._conn.close()
+            raise
         self._reader = connect(path)  # the event loop's (spend gauges, budgets)
         self._check_meta()
         self.interrupted = self._recover() if recover else 0
@@ -291,8 +378,6 @@ class SQLiteLedger:
         meta = dict(self._conn.execute("SELECT key, value FROM meta").fetchall())
         tz = str(self.billing_timezone.key)
         with self._transaction():
-            self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
-                               (SCHEMA_VERSION,))
             if meta.get("billing_timezone") not in (None, tz):
                 self._rebuild_billing_days()
             self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('billing_timezone', ?)",
@@ -311,13 +396,8 @@ class SQLiteLedger:
 
     def _recover(self) -> int:
         """Rows still in flight when the ledger opens belong to a proxy that died mid-call."""
-        with self._transaction():
-            cursor = self._conn.execute(
-                "UPDATE usage SET state = 'final', outcome = 'interrupted', "
-                "unpriced_reason = 'the proxy stopped before the call ended; usage unknown' "
-                "WHERE state = 'in_flight'")
-            self._conn.execute("DELETE FROM budget_holds")
-        return cursor.rowcount
+        calls, _ = release_owner(self._conn, None)
+        return calls
 
     def _transaction(self) -> Transaction:
         return Transaction(self._conn)
@@ -341,7 +421,8 @@ class SQLiteLedger:
             record.schedule_version, record.tier,
             started if priced_at is record.started_at else ended
             if priced_at is record.ended_at else iso(priced_at),
-            record.price_book, json.dumps(list(record.flags)) if record.flags else "[]")
+            record.price_book, json.dumps(list(record.flags)) if record.flags else "[]",
+            self._owner)
 
     def write(self, pending: Sequence[UsageRecord], final: Sequence[UsageRecord]) -> None:
         """Store a batch in one transaction. Idempotent: a final row is never written twice.
