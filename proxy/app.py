@@ -49,9 +49,10 @@ from proxy.forward import (
     redact,
 )
 from proxy.ledger.store import SpendReader
+from proxy.ledger.writer import LedgerStatus
 from proxy.metrics import ProxyMetrics
 from proxy.pricing import PriceBook
-from proxy.records import RecordSink
+from proxy.records import ALWAYS_HEALTHY, LedgerHealth, RecordSink
 from proxy.upstream import Upstream, response_headers
 
 STATE = web.AppKey("state", ProxyState)
@@ -170,13 +171,17 @@ def create_app(config: ProxyConfig, book: PriceBook, api_key: str, sink: RecordS
                registry: CollectorRegistry | None = None, spend: SpendReader | None = None,
                clock: Callable[[], datetime] = _utc_now,
                shared_metrics_dir: Path | None = None,
-               shared_ledger: Path | None = None) -> web.Application:
+               shared_ledger: Path | None = None, ledger: LedgerHealth | None = None,
+               ledger_status: Callable[[], LedgerStatus] | None = None) -> web.Application:
     """Build the application; the upstream session opens and closes with it.
 
     `registry` receives every metric (a fresh one by default); `spend` reads daily spend from
     the ledger for `llm_team_spend` (omitted when there is no ledger). With several workers
     (``serve --workers N``), `shared_metrics_dir` is the folder they share metrics through and
-    `shared_ledger` the ledger that holds their hard-budget reservations.
+    `shared_ledger` the ledger that holds their hard-budget reservations. `ledger` says
+    whether the ledger can take records (None: always, as for a sink that cannot fail), and
+    `ledger_status` gives its figures for the ``llm_ledger_*`` metrics (the ledger's writer
+    provides both).
     """
     app = web.Application(client_max_size=config.limits.max_request_bytes)
     registry = registry if registry is not None else CollectorRegistry()
@@ -186,7 +191,7 @@ def create_app(config: ProxyConfig, book: PriceBook, api_key: str, sink: RecordS
                            tools=book.tool_fees, currencies=book.currencies, spend=spend,
                            billing_timezone=config.billing_timezone, clock=clock,
                            budgets=config.budgets, book=book, shared_dir=shared_metrics_dir,
-                           in_flight=admission.in_flight)
+                           in_flight=admission.in_flight, ledger=ledger_status)
     budgets: BudgetGuard
     if shared_ledger is not None:
         shared = SharedBudgetGuard(config.budgets, book, shared_ledger, config.billing_timezone,
@@ -209,7 +214,7 @@ def create_app(config: ProxyConfig, book: PriceBook, api_key: str, sink: RecordS
         upstream = Upstream(session, config.upstream_base_url, api_key, config.timeouts)
         app[STATE] = ProxyState(config=config, book=book, upstream=upstream, sink=sink,
                                 metrics=metrics, budgets=budgets, admission=admission,
-                                clock=clock)
+                                clock=clock, ledger=ledger or ALWAYS_HEALTHY)
         yield
         await session.close()
 

@@ -10,6 +10,8 @@
     ├── Overloaded              503  too many calls in progress, or shutting down
     ├── BudgetExceeded          402  a hard budget would be passed (proxy.budgets)
     ├── BudgetUnavailable       503  budget state unreadable: fail closed (proxy.budgets)
+    ├── LedgerUnavailable       503  the ledger cannot commit (hard budgets fail closed), or
+    │                                its bounded queue is full (every call)
     ├── UpstreamUnavailable     502  could not connect to DeepSeek (nothing was sent)
     ├── UpstreamCut             502  the connection broke after the request was sent
     ├── UpstreamRedirect        502  DeepSeek answered with a redirect (never followed)
@@ -85,6 +87,19 @@ class Overloaded(ProxyError):
     error_type = "server_error"
     code = "overloaded"
     retry_after = 1
+
+
+class LedgerUnavailable(ProxyError):
+    """The usage ledger cannot take the call's record: for a team with a hard budget, because
+    it cannot commit (the spend would not count against the budget: fail closed); for every
+    team, because the records already waiting fill its bounded queue. Nothing was sent to
+    DeepSeek, so a retry is safe; the ledger recovers on its own once it can write again (a
+    full disk freed), or after a restart (its file deleted), hence the longer hint."""
+
+    status = 503
+    error_type = "server_error"
+    code = "ledger_unavailable"
+    retry_after = 5
 
 
 class UpstreamUnavailable(ProxyError):

@@ -18,6 +18,7 @@ from proxy.app import create_app
 from proxy.auth import ClientKey, hash_key, key_id_of
 from proxy.config import Budget, Limits, ProxyConfig, Timeouts
 from proxy.ledger.store import SpendReader
+from proxy.ledger.writer import LedgerWriter
 from proxy.pricing import PriceBook
 from proxy.records import Dispatched, FanOut, RecordSink, UsageRecord
 from proxy.usage import DEFAULT_TOOL_FIELDS
@@ -78,14 +79,17 @@ async def running_proxy(upstream_url: str, book: PriceBook, *,
                         clock: Callable[[], datetime] = lambda: PEAK,
                         api_key: str = FAKE_UPSTREAM_KEY, sink: RecordSink | None = None,
                         spend: SpendReader | None = None, budgets: tuple[Budget, ...] = (),
-                        limits: Limits | None = None, **timeouts: float
-                        ) -> AsyncIterator[RunningProxy]:
+                        limits: Limits | None = None, ledger: LedgerWriter | None = None,
+                        **timeouts: float) -> AsyncIterator[RunningProxy]:
+    """The real app on a free loopback port. Records go to `proxy.sink` and to `sink`;
+    `ledger` (a writer, usually `sink` too) gives the app its health and figures."""
     config = make_config(upstream_url, tuple(Path(f) for f in book.files), **timeouts)
     config = replace(config, budgets=budgets, limits=limits or config.limits)
     recording = RecordingSink()
     registry = CollectorRegistry()
     target: RecordSink = recording if sink is None else FanOut(recording, sink)
-    app = create_app(config, book, api_key, target, clock=clock, registry=registry, spend=spend)
+    app = create_app(config, book, api_key, target, clock=clock, registry=registry, spend=spend,
+                     ledger=ledger, ledger_status=ledger.status if ledger else None)
     runner = web.AppRunner(app, access_log=None, keepalive_timeout=config.timeouts.client_header)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
