@@ -1,12 +1,14 @@
 """``serve --workers 2``: one port, one ledger, /metrics summed over the workers, hard budgets
-shared, a clean stop."""
+shared, a clean stop, and a worker whose ledger fails reported whichever worker is asked."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
 import signal
 import sqlite3
+import time
 from decimal import Decimal
 from pathlib import Path
 
@@ -92,3 +94,62 @@ async def test_hard_budget_is_shared_by_the_workers(tmp_path: Path) -> None:
     assert statuses.count(402) == 60 - len(costs)
     assert spent <= Decimal("0.004")  # each call holds 0.001 until it settles to its cost
     assert ledger(serve.ledger, "SELECT count(*) FROM budget_holds") == [(0,)]
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (the supervisor's workers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if entry.name.isdigit() and int(
+                    (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return sorted(found)
+
+
+async def test_ledger_metrics_speak_for_every_worker(tmp_path: Path) -> None:
+    """One worker's ledger writes fail (it may no longer grow a file: RLIMIT_FSIZE): whichever
+    worker answers a scrape, the ledger is reported not committing, what waits is summed, and
+    that worker still exits, saving what it could not write."""
+    async with running_fake() as fake:
+        fake.enqueue(*[Reply(usage=USAGE) for _ in range(100)])
+        async with serve_process(tmp_path, fake.base_url, workers=2,
+                                 ledger_config="shutdown_timeout: 1, max_queued_records: 7"
+                                 ) as serve:
+
+            async def scrape() -> dict[str, float]:
+                async with httpx.AsyncClient(base_url=serve.url) as http:  # either worker
+                    text = (await http.get("/metrics")).text
+                return {name: value for name in (
+                    "llm_ledger_committing", "llm_ledger_queued_records",
+                    "llm_ledger_max_queued_records", "llm_ledger_write_errors_total")
+                    for value in samples(text, name).values()}
+
+            workers = children(serve.process.pid)  # both started before either answered
+            assert len(workers) == 2
+            deadline = time.monotonic() + 10
+            while (await scrape())["llm_ledger_max_queued_records"] < 14:
+                assert time.monotonic() < deadline, "both workers publish their figures"
+                await asyncio.sleep(0.05)  # polling the shared figures, with a deadline
+            assert await scrape() == {
+                "llm_ledger_committing": 1, "llm_ledger_queued_records": 0,
+                "llm_ledger_max_queued_records": 14, "llm_ledger_write_errors_total": 0}
+            failing = workers[0]
+            wal = Path(f"{serve.ledger}-wal").stat().st_size
+            _, hard = resource.prlimit(failing, resource.RLIMIT_FSIZE)
+            resource.prlimit(failing, resource.RLIMIT_FSIZE, (wal, hard))
+            async with asyncio.timeout(30):
+                while (await scrape())["llm_ledger_committing"] != 0:
+                    async with httpx.AsyncClient(base_url=serve.url, headers=AUTH) as http:
+                        assert (await http.post("/chat/completions",
+                                                json=CHAT)).status_code == 200
+            for _ in range(8):  # new connections: the kernel picks either worker
+                figures = await scrape()
+                assert figures["llm_ledger_committing"] == 0
+                assert figures["llm_ledger_write_errors_total"] >= 1
+                assert figures["llm_ledger_max_queued_records"] == 14
+                assert 1 <= figures["llm_ledger_queued_records"] <= 7
+            serve.process.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(serve.process.wait(), 30) == 1  # a worker exited 3
+    [spilled] = tmp_path.glob(f"ledger.sqlite3.unwritten-*-{failing}.jsonl")
+    assert len(spilled.read_text().splitlines()) == figures["llm_ledger_queued_records"]

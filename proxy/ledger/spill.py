@@ -64,9 +64,9 @@ def spill(records: Sequence[UsageRecord], ledger: Path, config: Path, now: datet
         for line in lines:
             log.error("%s%s", LOG_MARKER, line)
         log.error("%d usage record(s) could not be written to the ledger %s, nor to %s (%s): "
-                  "they are in this log, one '%s{...}' line each. Put them back once the "
-                  "ledger can be written: python -m proxy ledger-replay --config %s LOGFILE",
-                  len(records), ledger, target, exc, LOG_MARKER, config)
+                  "they are in this log, one line each (the lines above that end in a record's "
+                  "JSON). Put them back once the ledger can be written: python -m proxy "
+                  "ledger-replay --config %s LOGFILE", len(records), ledger, target, exc, config)
         return None
     log.error("%d usage record(s) could not be written to the ledger %s: they are saved in %s "
               "(one JSON line each). Put them back once the ledger can be written: "
@@ -102,7 +102,7 @@ def read_records(path: Path) -> list[UsageRecord]:
         for number, line in enumerate(lines, 1):
             try:
                 text = line.decode("utf-8").strip()
-                marker = text.find(LOG_MARKER)
+                marker = text.find(LOG_MARKER + "{")
                 if marker >= 0:
                     text = text[marker + len(LOG_MARKER):]
                 elif not text.startswith("{"):

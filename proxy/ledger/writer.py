@@ -75,6 +75,10 @@ FIRST_RETRY_DELAY = 0.05
 MAX_RETRY_DELAY = 1.0
 FILE_CHECK_INTERVAL = 1.0
 MAX_COPY_RETRY_DELAY = 60.0
+STOP_GRACE = 0.5
+"""Seconds `close` gives the thread to stop once it gave up: it stops at its next wake, which
+`close` brings forward, unless it is inside a write (SQLite may wait up to its busy timeout
+for a locked database); then it is left, a daemon, and the store is not closed under it."""
 REMINDER_INTERVAL = 60.0
 
 
@@ -161,7 +165,7 @@ class LedgerWriter:
 
     def close(self, timeout: float | None = None) -> list[UsageRecord]:
         """Commit everything queued, waiting at most `timeout` seconds (None: as long as it
-        takes), then stop the thread and close the store.
+        takes; then `STOP_GRACE` for the thread to stop), then close the store.
 
         Returns the records that could not be committed, which the caller must save
         (`proxy.ledger.spill.spill`); none when all were. A ledger whose file is gone can take
@@ -180,16 +184,16 @@ class LedgerWriter:
             self._take_locked()
             left = [*self._pending.values(), *self._final.values()]
         self._wake.set()
-        if self._thread.is_alive():  # inside a write that has not returned (a locked database)
-            log.error("the ledger writer is still inside a write after %g s; leaving it",
-                      timeout)
-            return left
-        if self._copy_at is not None:  # a last try before the open file is gone for good
-            self._save_copy(time.monotonic())
+        self._thread.join(STOP_GRACE)  # it stops at once, unless inside a write
         if left:
             why = "its file is gone" if self._detached else f"waited {timeout} s"
             log.error("the ledger could not commit %d record(s) (%s); giving up on them",
                       len(left), why)
+        if self._thread.is_alive():  # a write that has not returned (a locked database)
+            log.error("the ledger writer is still inside a write; leaving it")
+            return left
+        if self._copy_at is not None:  # a last try before the open file is gone for good
+            self._save_copy(time.monotonic())
         try:
             self.store.close()
         except Exception:  # the records are accounted for; the process is stopping anyway
