@@ -28,6 +28,9 @@ def test_shipped_config_loads() -> None:
     assert client is not None
     assert (client.team, client.key_id) == ("example", "k_a7fc859a")
     assert config.timeouts.total == 1800
+    assert (config.max_queued_records, config.ledger_shutdown_timeout) == (50_000, 10.0)
+    # A stop must end within the compose file's grace period (stop_grace_period: 60s).
+    assert config.timeouts.drain + config.ledger_shutdown_timeout < 60
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -62,6 +65,14 @@ BASE = f"pricing: {{book: [book.yaml]}}\nteams:\n  a:\n    keys: ['{HASH}']\n"
      "the same key is already listed for team 'a'"),
     ("pricing: {book: [book.yaml]}\n", "teams", "expected at least one team"),
     (BASE + "listen: {host: 1.2.3.4, porrt: 1}\n", "listen.porrt", "unknown key"),
+    (BASE + "ledger: {max_queued_records: 0}\n", "ledger.max_queued_records",
+     "expected a positive whole number, got 0"),
+    (BASE + "ledger: {max_queued_records: 1.5}\n", "ledger.max_queued_records",
+     "expected a positive whole number, got '1.5'"),
+    (BASE + "ledger: {shutdown_timeout: 0}\n", "ledger.shutdown_timeout",
+     "expected a positive number of seconds, got 0"),
+    (BASE + "ledger: {shutdown_timeout: soon}\n", "ledger.shutdown_timeout",
+     "expected seconds, got 'soon'"),
 ])
 def test_config_errors(tmp_path: Path, text: str, key: str, reason: str) -> None:
     path = write(tmp_path, text)
