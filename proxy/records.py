@@ -188,8 +188,9 @@ class RecordSink(Protocol):
 class LedgerHealth(Protocol):
     """What the request path asks the ledger before it admits a call (`proxy.forward`).
 
-    Both are read on every call, so they are attribute reads, never I/O: the ledger's writer
-    keeps them current (`proxy.ledger.writer.LedgerWriter`).
+    Both are asked on every call, so they cost no more than reading an attribute (no lock,
+    no I/O): the ledger's writer keeps what they read current
+    (`proxy.ledger.writer.LedgerWriter`).
     """
 
     def committing(self) -> bool:

@@ -33,7 +33,7 @@ from proxy.ledger.spill import spill
 from proxy.ledger.store import SQLiteLedger
 from proxy.ledger.writer import LedgerWriter
 from proxy.pricing import PriceBookError, load_price_book
-from proxy.records import FanOut, LogSink, RecordSink, UsageRecord
+from proxy.records import FanOut, LogSink, RecordSink
 from proxy.workers import MULTIPROC_ENV, supervise
 
 log = logging.getLogger("proxy")
@@ -119,7 +119,6 @@ def _serve(args: argparse.Namespace) -> int:
                      shared_metrics_dir=shared,
                      shared_ledger=config.ledger_path if args.worker else None,
                      ledger=writer, ledger_status=writer.status)
-    unwritten: list[UsageRecord] = []
     try:
         with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
             runner.run(_run(app, config, reuse_port=args.worker))

@@ -25,9 +25,10 @@ busy timeout, its file deleted), nothing is dropped and nothing waits without bo
   backoff from `FIRST_RETRY_DELAY` to `MAX_RETRY_DELAY`, so a freed disk is noticed within a
   second and a retry costs one batch, however many records wait.
 - `committing` is False from the first failed write until one succeeds; `has_room` is False
-  once the records waiting reach `max_queued_records`. Both are attribute reads: the request
-  path asks them on every call (`proxy.forward` refuses calls of teams with hard budgets while
-  not committing, and every call while there is no room).
+  once the records waiting reach `max_queued_records`. Both cost an attribute read (and a
+  deque's length), no lock and no I/O: the request path asks them on every call
+  (`proxy.forward` refuses calls of teams with hard budgets while not committing, and every
+  call while there is no room).
 - Every `FILE_CHECK_INTERVAL` the thread checks that the ledger's path still leads to the file
   it opened. If the file was deleted or replaced, writing on would only feed a file no one can
   open again (it vanishes with the process), so the writer stops writing for good (until a
@@ -248,18 +249,19 @@ class LedgerWriter:
     def _commit(self) -> None:
         """Write what is held, one batch per transaction, until all is written or one fails."""
         while self._held and not self._stopped:
-            pending = list(islice(self._pending.values(), MAX_BATCH))
-            final = list(islice(self._final.values(), MAX_BATCH))
+            with self._lock:
+                pending = list(islice(self._pending.values(), MAX_BATCH))
+                final = list(islice(self._final.values(), MAX_BATCH))
             try:
                 self.store.write(pending, final)
             except Exception as exc:  # keep the records and retry: spend must not be dropped
                 self._failed(exc)
                 return
-            with self._lock:
+            with self._lock:  # `close` may have merged a final over a placeholder meanwhile
                 for record in pending:
-                    del self._pending[record.request_id]
+                    self._pending.pop(record.request_id, None)
                 for record in final:
-                    del self._final[record.request_id]
+                    self._final.pop(record.request_id, None)
                 self._held = len(self._pending) + len(self._final)
             self._succeeded()
             time.sleep(0)  # hand the interpreter back to the event loop between batches
