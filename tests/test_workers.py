@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import resource
 import signal
 import sqlite3
@@ -138,11 +139,13 @@ async def test_ledger_metrics_speak_for_every_worker(tmp_path: Path) -> None:
             wal = Path(f"{serve.ledger}-wal").stat().st_size
             _, hard = resource.prlimit(failing, resource.RLIMIT_FSIZE)
             resource.prlimit(failing, resource.RLIMIT_FSIZE, (wal, hard))
+            sent: list[str] = []
             async with asyncio.timeout(30):
                 while (await scrape())["llm_ledger_committing"] != 0:
                     async with httpx.AsyncClient(base_url=serve.url, headers=AUTH) as http:
-                        assert (await http.post("/chat/completions",
-                                                json=CHAT)).status_code == 200
+                        response = await http.post("/chat/completions", json=CHAT)
+                        assert response.status_code == 200
+                        sent.append(response.headers["x-request-id"])
             for _ in range(8):  # new connections: the kernel picks either worker
                 figures = await scrape()
                 assert figures["llm_ledger_committing"] == 0
@@ -151,5 +154,8 @@ async def test_ledger_metrics_speak_for_every_worker(tmp_path: Path) -> None:
                 assert 1 <= figures["llm_ledger_queued_records"] <= 7
             serve.process.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(serve.process.wait(), 30) == 1  # a worker exited 3
+    # Every call is in the ledger (the healthy worker's) or in the failing worker's spill file.
     [spilled] = tmp_path.glob(f"ledger.sqlite3.unwritten-*-{failing}.jsonl")
-    assert len(spilled.read_text().splitlines()) == figures["llm_ledger_queued_records"]
+    kept = [json.loads(line)["request_id"] for line in spilled.read_text().splitlines()]
+    written = [r for (r,) in ledger(serve.ledger, "SELECT request_id FROM usage")]
+    assert kept and sorted(kept + written) == sorted(sent)
