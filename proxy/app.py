@@ -43,9 +43,10 @@ from proxy.errors import (
 )
 from proxy.forward import MAX_ERROR_BODY, Endpoint, ProxyState, proxy_completion
 from proxy.ledger.store import SpendReader
+from proxy.ledger.writer import LedgerStatus
 from proxy.metrics import ProxyMetrics
 from proxy.pricing import PriceBook
-from proxy.records import RecordSink
+from proxy.records import ALWAYS_HEALTHY, LedgerHealth, RecordSink
 from proxy.upstream import Upstream, read_limited, redact, response_headers
 
 STATE = web.AppKey("state", ProxyState)
@@ -168,7 +169,8 @@ def create_app(config: ProxyConfig, book: PriceBook, api_key: str, sink: RecordS
                clock: Callable[[], datetime] = _utc_now,
                shared_metrics_dir: Path | None = None,
                shared_ledger: Path | None = None, owner: str | None = None,
-               admission: Admission | None = None) -> web.Application:
+               admission: Admission | None = None, ledger: LedgerHealth | None = None,
+               ledger_status: Callable[[], LedgerStatus] | None = None) -> web.Application:
     """Build the application; the upstream session opens and closes with it.
 
     `registry` receives every metric (a fresh one by default); `spend` reads daily spend from
@@ -176,7 +178,10 @@ def create_app(config: ProxyConfig, book: PriceBook, api_key: str, sink: RecordS
     (``serve --workers N``), `shared_metrics_dir` is the folder they share metrics through,
     `shared_ledger` the ledger that holds their hard-budget reservations (each marked with
     `owner`, this worker's id) and `admission` counts calls across the workers
-    (`proxy.admission.SharedAdmission`); by default it counts this process's own.
+    (`proxy.admission.SharedAdmission`); by default it counts this process's own. `ledger`
+    says whether the ledger can take records (None: always, as for a sink that cannot fail),
+    and `ledger_status` gives its figures for the ``llm_ledger_*`` metrics (the ledger's
+    writer provides both).
     """
     check_references(config, currencies=book.currencies, tools=book.tool_fees)
     app = web.Application(client_max_size=config.limits.max_request_bytes)
@@ -187,7 +192,7 @@ def create_app(config: ProxyConfig, book: PriceBook, api_key: str, sink: RecordS
                            tools=book.tool_fees, currencies=book.currencies, spend=spend,
                            billing_timezone=config.billing_timezone, clock=clock,
                            budgets=config.budgets, book=book, shared_dir=shared_metrics_dir,
-                           in_flight=admission.in_flight)
+                           in_flight=admission.in_flight, ledger=ledger_status)
     budgets: BudgetGuard
     if shared_ledger is not None:
         shared = SharedBudgetGuard(config.budgets, book, shared_ledger, config.billing_timezone,
@@ -210,7 +215,7 @@ def create_app(config: ProxyConfig, book: PriceBook, api_key: str, sink: RecordS
         upstream = Upstream(session, config.upstream_base_url, api_key, config.timeouts)
         app[STATE] = ProxyState(config=config, book=book, upstream=upstream, sink=sink,
                                 metrics=metrics, budgets=budgets, admission=admission,
-                                clock=clock)
+                                clock=clock, ledger=ledger or ALWAYS_HEALTHY)
         yield
         await session.close()
 

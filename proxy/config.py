@@ -20,7 +20,11 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from proxy.auth import ClientKey, key_id_of
-from proxy.ledger.writer import DEFAULT_FLUSH_INTERVAL
+from proxy.ledger.writer import (
+    DEFAULT_FLUSH_INTERVAL,
+    DEFAULT_MAX_QUEUED_RECORDS,
+    DEFAULT_SHUTDOWN_TIMEOUT,
+)
 from proxy.usage import DEFAULT_TOOL_FIELDS
 from proxy.yamlfile import YamlError, load_yaml
 
@@ -156,6 +160,11 @@ class ProxyConfig:
     budgets: tuple[Budget, ...] = ()
     policies: Mapping[str, TeamPolicy] = field(default_factory=lambda: MappingProxyType({}))
     """Team -> its policy; a team not listed has `DEFAULT_POLICY`."""
+    max_queued_records: int = DEFAULT_MAX_QUEUED_RECORDS
+    """Records kept in memory while the ledger cannot commit; past it every call gets 503."""
+    ledger_shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    """On SIGTERM, after the drain, how long the ledger may take to commit before the records
+    it could not write are saved to a spill file beside it."""
 
     def policy(self, team: str) -> TeamPolicy:
         return self.policies.get(team, DEFAULT_POLICY)
@@ -177,7 +186,8 @@ def load_config(path: Path) -> ProxyConfig:
     limits = reader.section(raw, "limits")
     usage = reader.section(raw, "usage")
     ledger = reader.section(raw, "ledger")
-    reader.keys(ledger, "ledger", {"path", "flush_interval", "billing_timezone"})
+    reader.keys(ledger, "ledger", {"path", "flush_interval", "billing_timezone",
+                                   "max_queued_records", "shutdown_timeout"})
     reader.keys(listen, "listen", {"host", "port"})
     reader.keys(upstream, "upstream", {"base_url", "api_key_env"})
     reader.keys(pricing, "pricing", {"book", "price_at"})
@@ -221,6 +231,11 @@ def load_config(path: Path) -> ProxyConfig:
         billing_timezone=_timezone(reader, ledger.get("billing_timezone", "Asia/Shanghai")),
         budgets=_budgets(reader, raw.get("budgets"), teams),
         policies=MappingProxyType(policies),
+        max_queued_records=reader.positive_int(
+            ledger.get("max_queued_records", DEFAULT_MAX_QUEUED_RECORDS),
+            "ledger.max_queued_records"),
+        ledger_shutdown_timeout=reader.seconds(
+            ledger.get("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT), "ledger.shutdown_timeout"),
     )
 
 

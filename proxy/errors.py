@@ -14,6 +14,8 @@
     │   └── Draining            503  shutting down (and the connection is closed after it)
     ├── BudgetExceeded          402  a hard budget would be passed (proxy.budgets)
     ├── BudgetUnavailable       503  budget state unreadable: fail closed (proxy.budgets)
+    ├── LedgerUnavailable       503  the ledger cannot commit (hard budgets fail closed), or
+    │                                its bounded queue is full (every call)
     ├── UpstreamUnavailable     502  could not connect to DeepSeek (nothing was sent)
     ├── UpstreamCut             502  the connection broke after the request was sent
     ├── UpstreamRedirect        502  DeepSeek answered with a redirect (never followed)
@@ -130,6 +132,19 @@ class Draining(Overloaded):
     connection is closed after this answer instead of being kept alive."""
 
     close_connection = True
+
+
+class LedgerUnavailable(ProxyError):
+    """The usage ledger cannot take the call's record: for a team with a hard budget, because
+    it cannot commit (the spend would not count against the budget: fail closed); for every
+    team, because the records already waiting fill its bounded queue. Nothing was sent to
+    DeepSeek, so a retry is safe; the ledger recovers on its own once it can write again (a
+    full disk freed), or after a restart (its file deleted), hence the longer hint."""
+
+    status = 503
+    error_type = "server_error"
+    code = "ledger_unavailable"
+    retry_after = 5
 
 
 class UpstreamUnavailable(ProxyError):

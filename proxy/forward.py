@@ -49,6 +49,7 @@ from proxy.budgets import BudgetExceeded, BudgetGuard, CallSize, Reservation
 from proxy.config import ProxyConfig
 from proxy.errors import (
     InternalError,
+    LedgerUnavailable,
     ProxyError,
     UpstreamBadResponse,
     UpstreamCut,
@@ -60,7 +61,7 @@ from proxy.errors import (
 from proxy.metering import FLAG_AFTER_DONE, CallMeter, StreamMeter, build_record
 from proxy.metrics import ProxyMetrics
 from proxy.pricing import PriceBook
-from proxy.records import RecordSink, UsageRecord
+from proxy.records import ALWAYS_HEALTHY, LedgerHealth, RecordSink, UsageRecord
 from proxy.request_body import (
     parse_payload,
     read_body,
@@ -104,6 +105,8 @@ class ProxyState:
     budgets: BudgetGuard
     admission: Admission
     clock: Callable[[], datetime]
+    ledger: LedgerHealth = ALWAYS_HEALTHY
+    """Whether the ledger can take the call's record (see `proxy_completion`)."""
 
 
 def new_request_id() -> str:
@@ -149,6 +152,15 @@ async def proxy_completion(request: web.Request, state: ProxyState, client: Clie
                       model_requested=payload["model"], payload=payload, started_at=started_at,
                       prompt_bound=size.prompt, output_bound=size.output,
                       price_book=state.book.digest)
+    # A record the ledger cannot keep is spend no one will see: with its bounded queue full,
+    # no call is admitted; while it cannot commit, no call that a hard budget must count.
+    if not state.ledger.has_room():
+        raise LedgerUnavailable("the usage ledger cannot record calls and the records waiting "
+                                "for it fill its queue: calls are refused until it recovers")
+    if not state.ledger.committing() and state.budgets.applies(client.team):
+        raise LedgerUnavailable(f"the usage ledger cannot record calls: calls of team "
+                                f"{client.team!r}, which has a hard budget, are refused until "
+                                "it can, since their spend would not count")
     state.admission.enter(client.team)
     reservation: Reservation | None = None
     exchange: _Exchange | None = None

@@ -8,7 +8,8 @@ as numbers. A client sending random model names cannot grow the number of series
 Money is exact until the scrape: costs and savings are summed as `Decimal` and converted to a
 float once, when Prometheus reads them (`CallTotals`), so the exported value is the float
 nearest the exact total rather than the drift of many float additions. `llm_team_spend` is read
-from the ledger at scrape time, so it is right after a restart.
+from the ledger at scrape time, so it is right after a restart; the ``llm_ledger_*`` figures
+(whether the ledger commits, what waits for it) are read from its writer at scrape time too.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -38,6 +39,7 @@ from prometheus_client.utils import floatToGoString
 
 from proxy.config import Budget
 from proxy.ledger.store import SpendReader
+from proxy.ledger.writer import LedgerStatus
 from proxy.periods import PERIODS, period_start
 from proxy.pricing import PriceBook
 from proxy.pricing.engine import schedule_version_at, to_micros
@@ -61,12 +63,14 @@ class ProxyMetrics:
                  spend: SpendReader | None, billing_timezone: ZoneInfo,
                  clock: Callable[[], datetime], budgets: Sequence[Budget] = (),
                  book: PriceBook | None = None, shared_dir: Path | None = None,
-                 in_flight: Callable[[], Mapping[str, int]] = dict) -> None:
+                 in_flight: Callable[[], Mapping[str, int]] = dict,
+                 ledger: Callable[[], LedgerStatus] | None = None) -> None:
         """`registry` is what ``/metrics`` exports. With `shared_dir` (``serve --workers N``),
         every worker's figures are shared through that folder and `registry` exports the sum
         over all workers: per-call totals as files this module writes (`CallTotals`), gauges
         and rare counters through prometheus_client's multiprocess mode. `in_flight` gives
-        the calls in progress per team (`proxy.admission.Admission.in_flight`)."""
+        the calls in progress per team (`proxy.admission.Admission.in_flight`); `ledger` the
+        ledger writer's figures (`proxy.ledger.writer.LedgerWriter.status`)."""
         self._models = frozenset(models)
         self._tools = frozenset(tools)
         exported = registry
@@ -76,6 +80,12 @@ class ProxyMetrics:
         self._teams = tuple(teams)
         self._in_flight = in_flight
         self._shared = shared_dir is not None
+        self._ledger = ledger
+        self._ledger_gauges: _SharedLedgerGauges | None = None
+        if ledger is not None and self._shared:  # each worker sets its own (`publish`)
+            self._ledger_gauges = _SharedLedgerGauges(registry)
+        elif ledger is not None:  # read at scrape time
+            exported.register(_LedgerCollector(ledger))
         if self._shared:  # each worker sets its own (`publish`); the scrape sums live workers
             self._inflight_gauge = Gauge(
                 "llm_inflight_requests", _INFLIGHT_HELP, ["team"], registry=registry,
@@ -118,6 +128,8 @@ class ProxyMetrics:
         counts = self._in_flight()
         for team in self._teams:
             self._inflight_gauge.labels(team).set(counts.get(team, 0))
+        if self._ledger is not None and self._ledger_gauges is not None:
+            self._ledger_gauges.set(self._ledger())
         self.calls.dump()
 
     def model(self, name: str) -> str:
@@ -147,6 +159,73 @@ class _InflightCollector(Collector):
         for team in self._teams:
             gauge.add_metric([team], float(counts.get(team, 0)))
         yield gauge
+
+
+_LEDGER_HELP = {
+    "llm_ledger_committing": "1 while the ledger commits; 0 from a failed write until one "
+                             "succeeds, and for good once its file was deleted or replaced",
+    "llm_ledger_queued_records": "Usage records waiting for the ledger (queued, or held for "
+                                 "retry)",
+    "llm_ledger_max_queued_records": "Records waiting at which every call is refused "
+                                     "(ledger.max_queued_records)",
+    "llm_ledger_write_errors": "Failed ledger write attempts",
+    "llm_ledger_last_commit_timestamp_seconds": "Unix time of the ledger's last commit",
+}
+
+
+def _ledger_values(status: LedgerStatus) -> dict[str, float]:
+    return {"llm_ledger_committing": float(status.committing),
+            "llm_ledger_queued_records": float(status.waiting),
+            "llm_ledger_max_queued_records": float(status.capacity),
+            "llm_ledger_write_errors": float(status.write_errors),
+            "llm_ledger_last_commit_timestamp_seconds": status.last_commit}
+
+
+class _LedgerCollector(Collector):
+    """The ``llm_ledger_*`` figures, read from the ledger's writer when Prometheus scrapes:
+    the writer keeps them as plain attributes, so they cost the request path nothing."""
+
+    def __init__(self, status: Callable[[], LedgerStatus]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterator[Metric]:
+        for name, value in _ledger_values(self._status()).items():
+            if name == "llm_ledger_write_errors":
+                yield CounterMetricFamily(name, _LEDGER_HELP[name], value=value)
+            else:
+                yield GaugeMetricFamily(name, _LEDGER_HELP[name], value=value)
+
+
+class _SharedLedgerGauges:
+    """The ``llm_ledger_*`` figures with several workers, each worker its own ledger writer.
+
+    How a scrape combines the live workers: committing is their minimum (one worker that
+    cannot commit refuses its hard-budget calls, so the service does), records waiting and
+    the bound are sums (what all of them hold in memory, against what all of them may), the
+    last commit the newest; write errors are a counter, summed over every worker that ran.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        def gauge(name: str, mode: Literal["livemin", "livesum", "livemax"]) -> Gauge:
+            return Gauge(name, _LEDGER_HELP[name], registry=registry, multiprocess_mode=mode)
+
+        self._gauges = {"llm_ledger_committing": gauge("llm_ledger_committing", "livemin"),
+                        "llm_ledger_queued_records": gauge("llm_ledger_queued_records",
+                                                           "livesum"),
+                        "llm_ledger_max_queued_records": gauge("llm_ledger_max_queued_records",
+                                                               "livesum"),
+                        "llm_ledger_last_commit_timestamp_seconds": gauge(
+                            "llm_ledger_last_commit_timestamp_seconds", "livemax")}
+        self._errors = Counter("llm_ledger_write_errors", _LEDGER_HELP["llm_ledger_write_errors"],
+                               registry=registry)
+        self._errors_published = 0
+
+    def set(self, status: LedgerStatus) -> None:
+        for name, value in _ledger_values(status).items():
+            if name in self._gauges:
+                self._gauges[name].set(value)
+        self._errors.inc(status.write_errors - self._errors_published)
+        self._errors_published = status.write_errors
 
 
 def _status(record: UsageRecord) -> int:

@@ -17,6 +17,9 @@ call, whose usage is therefore unknown).
 Usage sources: ``reported`` (DeepSeek's usage object), ``estimated`` (it never arrived; see
 `proxy.metering`), ``unknown`` (no usage and nothing to estimate from; never a zero cost),
 ``none`` (DeepSeek refused or never received the call, so there is nothing to bill).
+
+A record the ledger could not take is saved as its `UsageRecord.to_json` line (a spill file,
+`proxy.ledger.spill`) and read back with `UsageRecord.from_json`, its exact inverse.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal
-from typing import Any, Literal, Protocol
+from decimal import Decimal, InvalidOperation
+from typing import Any, Literal, Protocol, get_args
 
 Outcome = Literal["complete", "client_disconnected", "upstream_error", "upstream_cut", "timeout",
                   "connect_error", "bad_response", "aborted", "in_flight", "interrupted"]
@@ -96,6 +99,66 @@ class UsageRecord:
             out[name] = value
         return out
 
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> UsageRecord:
+        """The record `to_json` made (spill files, ``ledger-replay``): equal field for field,
+        money as the exact `Decimal`. Spill files can be edited by hand, so every field is
+        checked: `ValueError` names the first one at fault."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+        missing = [name for name in cls.__dataclass_fields__ if name not in data]
+        unknown = [name for name in data if name not in cls.__dataclass_fields__]
+        if missing or unknown:
+            raise ValueError(f"missing fields {missing}, unknown fields {unknown}")
+        values = {name: _parse_field(name, data[name]) for name in cls.__dataclass_fields__}
+        return cls(**values)
+
+
+_TEXT = frozenset({"request_id", "team", "key_id", "endpoint", "model_requested", "price_book"})
+_OPTIONAL_TEXT = frozenset({"model_served", "upstream_trace_id", "unpriced_reason",
+                            "billed_model", "price_version", "schedule_version", "tier"})
+_OPTIONAL_COUNT = frozenset({"cache_hit_tokens", "cache_miss_tokens", "output_tokens",
+                             "reasoning_tokens", "prompt_tokens", "upstream_status"})
+_FLAG = frozenset({"stream", "priced"})
+_INSTANT = frozenset({"started_at", "ended_at"})
+_OPTIONAL_INSTANT = frozenset({"first_byte_at", "priced_at"})
+_MONEY = frozenset({"costs", "cache_savings"})
+_CHOICES: Mapping[str, tuple[str, ...]] = {"outcome": get_args(Outcome),
+                                           "usage_source": get_args(UsageSource)}
+
+
+def _parse_field(name: str, value: Any) -> Any:
+    """One field of `UsageRecord.from_json`: `to_json`'s value turned back, or `ValueError`."""
+    if value is None and name in _OPTIONAL_TEXT | _OPTIONAL_COUNT | _OPTIONAL_INSTANT:
+        return None
+    if name in _TEXT | _OPTIONAL_TEXT and isinstance(value, str):
+        return value
+    if name in _OPTIONAL_COUNT and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if name in _FLAG and isinstance(value, bool):
+        return value
+    if name in _CHOICES and value in _CHOICES[name]:
+        return value
+    if name in _INSTANT | _OPTIONAL_INSTANT and isinstance(value, str):
+        instant = datetime.fromisoformat(value)  # ValueError names the text
+        if instant.tzinfo is None:
+            raise ValueError(f"{name}: {value!r} has no UTC offset")
+        return instant
+    if name in _MONEY and isinstance(value, Mapping) and all(
+            isinstance(amount, str) for amount in value.values()):
+        try:
+            amounts = {str(currency): Decimal(amount) for currency, amount in value.items()}
+        except InvalidOperation:
+            raise ValueError(f"{name}: not decimal amounts: {value!r}") from None
+        if all(amount.is_finite() for amount in amounts.values()):
+            return amounts
+    if name == "tool_calls" and isinstance(value, Mapping) and all(
+            isinstance(count, int) and not isinstance(count, bool) for count in value.values()):
+        return {str(tool): count for tool, count in value.items()}
+    if name == "flags" and isinstance(value, list) and all(isinstance(f, str) for f in value):
+        return tuple(value)
+    raise ValueError(f"{name}: unexpected value {value!r}")
+
 
 class Dispatched(Protocol):
     """A call that has gone upstream: its id, and its ``in_flight`` record when asked for.
@@ -121,6 +184,38 @@ class RecordSink(Protocol):
     def dispatched(self, call: Dispatched) -> None: ...
 
     def submit(self, record: UsageRecord) -> None: ...
+
+
+class LedgerHealth(Protocol):
+    """What the request path asks the ledger before it admits a call (`proxy.forward`).
+
+    Both are asked on every call, so they cost no more than reading an attribute (no lock,
+    no I/O): the ledger's writer keeps what they read current
+    (`proxy.ledger.writer.LedgerWriter`).
+    """
+
+    def committing(self) -> bool:
+        """False while the ledger cannot commit (its last write failed, or its file is gone):
+        calls of teams with hard budgets are then refused, since their spend would not count."""
+        ...
+
+    def has_room(self) -> bool:
+        """False while the records waiting for the ledger fill its bounded queue: every call
+        is then refused, since its record could not be kept."""
+        ...
+
+
+class AlwaysHealthy:
+    """The health of a sink that cannot fail (tests' recording sinks, no ledger at all)."""
+
+    def committing(self) -> bool:
+        return True
+
+    def has_room(self) -> bool:
+        return True
+
+
+ALWAYS_HEALTHY = AlwaysHealthy()
 
 
 class LogSink:

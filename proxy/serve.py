@@ -4,7 +4,9 @@ This is the only module that reads the environment (for the DeepSeek key, under 
 config gives). Start-up fails with a one-line reason naming the file and key at fault.
 
 SIGTERM and SIGINT stop the server gracefully (`_run`): the ledger writer is closed last, after
-every call's record was submitted, so a graceful stop loses nothing.
+every call's record was submitted, so a graceful stop loses nothing. If the ledger cannot
+commit, the stop still ends: after `ledger.shutdown_timeout` seconds the records it could not
+write are saved beside it (`proxy.ledger.spill`) and the exit code is `EXIT_UNWRITTEN`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import signal
 import sqlite3
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 from aiohttp import web
@@ -33,6 +36,7 @@ from proxy.config import (
     check_references,
     load_config,
 )
+from proxy.ledger.spill import spill
 from proxy.ledger.store import SchemaTooNew, SQLiteLedger
 from proxy.ledger.writer import LedgerWriter
 from proxy.listener import ListenError, ProxySite, make_runner
@@ -52,6 +56,9 @@ log = logging.getLogger("proxy")
 LOOPS = ("uvloop", "asyncio")
 DEFAULT_LOOP = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
 """uvloop has no Windows wheels: there, and wherever it is missing, asyncio's own loop."""
+EXIT_UNWRITTEN = 3
+"""The proxy stopped, but records the ledger could not take are in a spill file or the log
+(1 is Python's own exit code for a crash, 2 a refusal to start)."""
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -132,7 +139,7 @@ def _serve(args: argparse.Namespace) -> int:
     if supervisor:
         store.close()
         return supervise(config, args.log_level, args.workers, args.loop)
-    writer = LedgerWriter(store, config.flush_interval)
+    writer = LedgerWriter(store, config.flush_interval, config.max_queued_records)
     log_sink = LogSink()
     # The log level is fixed at start-up: without DEBUG the log sink would only be skipped,
     # call after call.
@@ -140,7 +147,8 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(config, book, api_key, sink, spend=store.spend,
                      shared_metrics_dir=shared,
                      shared_ledger=config.ledger_path if args.worker else None,
-                     owner=owner, admission=admission)
+                     owner=owner, admission=admission, ledger=writer,
+                     ledger_status=writer.status)
     try:
         with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
             runner.run(_run(app, config, reuse_port=args.worker))
@@ -148,8 +156,12 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"cannot start: {config.path}: listen: {exc}", file=sys.stderr)
         return 2
     finally:
-        writer.close()  # after every running call ended and was submitted: nothing lost
-    return 0
+        # After every running call ended and was submitted; bounded, so a ledger that cannot
+        # commit cannot keep the process from exiting before the orchestrator kills it.
+        unwritten = writer.close(config.ledger_shutdown_timeout)
+        if unwritten:
+            spill(unwritten, config.ledger_path, config.path, datetime.now(UTC))
+    return EXIT_UNWRITTEN if unwritten else 0
 
 
 GC_THRESHOLDS = (50_000, 20, 10)

@@ -18,6 +18,7 @@ from proxy.app import create_app
 from proxy.auth import ClientKey, hash_key, key_id_of
 from proxy.config import Budget, Limits, ProxyConfig, TeamPolicy, Timeouts
 from proxy.ledger.store import SpendReader
+from proxy.ledger.writer import LedgerWriter
 from proxy.listener import ProxySite, make_runner
 from proxy.pricing import PriceBook
 from proxy.records import Dispatched, FanOut, RecordSink, UsageRecord
@@ -80,15 +81,19 @@ async def running_proxy(upstream_url: str, book: PriceBook, *,
                         api_key: str = FAKE_UPSTREAM_KEY, sink: RecordSink | None = None,
                         spend: SpendReader | None = None, budgets: tuple[Budget, ...] = (),
                         limits: Limits | None = None,
-                        policies: Mapping[str, TeamPolicy] | None = None, **timeouts: float
+                        policies: Mapping[str, TeamPolicy] | None = None,
+                        ledger: LedgerWriter | None = None, **timeouts: float
                         ) -> AsyncIterator[RunningProxy]:
+    """The real app on a free loopback port. Records go to `proxy.sink` and to `sink`;
+    `ledger` (a writer, usually `sink` too) gives the app its health and figures."""
     config = make_config(upstream_url, tuple(Path(f) for f in book.files), **timeouts)
     config = replace(config, budgets=budgets, limits=limits or config.limits,
                      policies=MappingProxyType(dict(policies or {})))
     recording = RecordingSink()
     registry = CollectorRegistry()
     target: RecordSink = recording if sink is None else FanOut(recording, sink)
-    app = create_app(config, book, api_key, target, clock=clock, registry=registry, spend=spend)
+    app = create_app(config, book, api_key, target, clock=clock, registry=registry, spend=spend,
+                     ledger=ledger, ledger_status=ledger.status if ledger else None)
     runner = make_runner(app, config)
     await runner.setup()
     await ProxySite(runner, "127.0.0.1", 0, reuse_port=False,

@@ -30,7 +30,8 @@ def free_port() -> int:
 
 
 def write_config(directory: Path, upstream_url: str, port: int, flush_interval: float = 0.1,
-                 extra: str = "") -> Path:
+                 extra: str = "", ledger: str = "") -> Path:
+    """`extra`: more top-level YAML; `ledger`: more keys of the ledger's flow mapping."""
     teams = "".join(f"  {team}:\n    keys: ['sha256:{hash_key(key)}']\n"
                     for team, key in TEAM_KEYS.items())
     path = directory / "proxy.yaml"
@@ -39,7 +40,8 @@ def write_config(directory: Path, upstream_url: str, port: int, flush_interval: 
         f"upstream: {{base_url: '{upstream_url}', api_key_env: TEST_DEEPSEEK_KEY}}\n"
         f"pricing: {{book: ['{SHIPPED_BOOK}']}}\n"
         f"teams:\n{teams}"
-        f"ledger: {{path: ledger.sqlite3, flush_interval: {flush_interval}}}\n{extra}",
+        f"ledger: {{path: ledger.sqlite3, flush_interval: {flush_interval}"
+        f"{', ' + ledger if ledger else ''}}}\n{extra}",
         encoding="utf-8")
     return path
 
@@ -55,14 +57,17 @@ class ServeProcess:
 
 @asynccontextmanager
 async def serve_process(directory: Path, upstream_url: str, *, workers: int = 1,
-                        extra_config: str = "", loop: str | None = None
+                        extra_config: str = "", loop: str | None = None,
+                        ledger_config: str = "", log: Path | None = None
                         ) -> AsyncIterator[ServeProcess]:
-    """``python -m proxy serve`` on a free port (`loop`: its ``--loop``, else the default),
-    once it answers; with several workers, once every one of them listens."""
+    """``python -m proxy serve`` on a free port (`loop`: its ``--loop``, else the default;
+    `ledger_config`: more ledger keys; `log`: a file for its log, else ``serve-PORT.log`` in
+    `directory`), once it answers; with several workers, once every one of them listens."""
     port = free_port()
-    config = write_config(directory, upstream_url, port, extra=extra_config)
+    config = write_config(directory, upstream_url, port, extra=extra_config,
+                          ledger=ledger_config)
     env = {**os.environ, "TEST_DEEPSEEK_KEY": FAKE_UPSTREAM_KEY}
-    log = directory / f"serve-{port}.log"
+    log = log if log is not None else directory / f"serve-{port}.log"
     with log.open("wb") as stderr:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "proxy", "serve", "--config", str(config),

@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from proxy.auth import authenticate, hash_key, key_id_of, new_key
 from proxy.config import ConfigError, load_config
+from proxy.listener import CANCEL_GRACE
 from tests.conftest import ROOT
 
 SHIPPED = ROOT / "config" / "proxy.yaml"
@@ -29,6 +31,22 @@ def test_shipped_config_loads() -> None:
     assert client is not None
     assert (client.team, client.key_id) == ("example", "k_a7fc859a")
     assert config.timeouts.total == 1800
+    assert (config.max_queued_records, config.ledger_shutdown_timeout) == (50_000, 10.0)
+
+
+
+def test_a_stop_ends_within_the_compose_grace_period() -> None:
+    """SIGTERM ends the server within timeouts.drain plus aiohttp's two waits for cancelled
+    calls, then the ledger gets ledger.shutdown_timeout: all of it must fit in the grace
+    period docker-compose gives before its SIGKILL, or records would be lost."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text(encoding="utf-8"))
+    grace = compose["services"]["proxy"]["stop_grace_period"]
+    assert grace.endswith("s")
+    for path in (SHIPPED, ROOT / "config" / "proxy.docker.yaml"):
+        config = load_config(path)
+        stop = (config.timeouts.drain + 2 * CANCEL_GRACE + config.ledger_shutdown_timeout
+                + 0.5)  # the writer thread's stop (proxy/serve.py)
+        assert stop < float(grace[:-1]), path
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -63,6 +81,14 @@ BASE = f"pricing: {{book: [book.yaml]}}\nteams:\n  a:\n    keys: ['{HASH}']\n"
      "the same key is already listed for team 'a'"),
     ("pricing: {book: [book.yaml]}\n", "teams", "expected at least one team"),
     (BASE + "listen: {host: 1.2.3.4, porrt: 1}\n", "listen.porrt", "unknown key"),
+    (BASE + "ledger: {max_queued_records: 0}\n", "ledger.max_queued_records",
+     "expected a positive whole number, got 0"),
+    (BASE + "ledger: {max_queued_records: 1.5}\n", "ledger.max_queued_records",
+     "expected a positive whole number, got '1.5'"),
+    (BASE + "ledger: {shutdown_timeout: 0}\n", "ledger.shutdown_timeout",
+     "expected a positive number of seconds, got 0"),
+    (BASE + "ledger: {shutdown_timeout: soon}\n", "ledger.shutdown_timeout",
+     "expected seconds, got 'soon'"),
 ])
 def test_config_errors(tmp_path: Path, text: str, key: str, reason: str) -> None:
     path = write(tmp_path, text)

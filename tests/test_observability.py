@@ -246,7 +246,7 @@ async def stack(fake: FakeDeepSeek, book: PriceBook, tmp_path: Path) -> AsyncIte
                     for team in TEAM_KEYS for period in ("day", "week", "month"))
     try:
         async with running_proxy(fake.base_url, book, clock=clock, budgets=budgets,
-                                 spend=store.spend, sink=writer) as proxy:
+                                 spend=store.spend, sink=writer, ledger=writer) as proxy:
             yield Stack(proxy, writer, clock)
     finally:
         writer.close()

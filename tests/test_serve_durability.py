@@ -1,5 +1,6 @@
 """The real `serve` process: SIGTERM loses nothing, kill -9 loses at most the stated window,
-and a restarted proxy reports the same spend as the ledger."""
+a restarted proxy reports the same spend as the ledger, and a ledger that cannot commit or
+whose file is deleted neither hangs the stop nor loses a record."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import asyncio
 import contextlib
 import json
 import os
+import re
+import resource
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -20,6 +24,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.ledger.spill import read_records
 from proxy.ledger.writer import DEFAULT_FLUSH_INTERVAL
 from proxy.pricing import PriceBook, price
 from proxy.usage import parse_usage
@@ -204,3 +209,161 @@ async def test_drain_ends_when_the_last_call_does(tmp_path: Path) -> None:
     assert answer.status_code == 200 and answer.text.endswith("data: [DONE]\n\n")
     assert code == 0 and elapsed < 10  # not the 60 s the drain allows
     assert [row[1:] for row in ledger_rows(serve.ledger)] == [("final", "complete")]
+
+
+# --- the ledger failing: loud and bounded, never a hang -------------------------------------------
+CHAT = {"model": "deepseek-flash", "messages": [{"role": "user", "content": "hi"}]}
+LEDGER_DRAIN = 2.0  # timeouts.drain of the ledger tests below, seconds
+GIVE_UP = 2.0
+MARGIN = 3.0  # interpreter start-up excluded: what a loaded machine may add to exiting
+SPILLED = re.compile(r"they are saved in (\S+) \(one JSON line each\)")
+
+
+def auth(team: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {TEAM_KEYS[team]}"}
+
+
+async def metric(http: httpx.AsyncClient, name: str) -> float:
+    text = (await http.get("/metrics")).text
+    [value] = [s.value for family in text_string_to_metric_families(text)
+               for s in family.samples if s.name == name]
+    return value
+
+
+async def poll(condition: Callable[[], Awaitable[bool]], what: str, within: float = 10) -> None:
+    deadline = time.monotonic() + within
+    while not await condition():
+        assert time.monotonic() < deadline, f"not within {within} s: {what}"
+        await asyncio.sleep(0.05)  # polling the process's state, bounded by the deadline
+
+
+async def served(http: httpx.AsyncClient, team: str, count: int) -> list[str]:
+    ids = []
+    for _ in range(count):
+        response = await http.post("/chat/completions", json=CHAT, headers=auth(team))
+        assert response.status_code == 200, response.text
+        ids.append(response.headers["x-request-id"])
+    return ids
+
+
+async def ledger_replay(config: Path, *files: Path) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "proxy", "ledger-replay", "--config",
+                         str(config), *map(str, files)], capture_output=True, text=True)
+
+
+def spend_is_consistent(path: Path, currency: str) -> Decimal:
+    """The daily sums equal the rows' costs exactly; returns that total."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        daily = conn.execute("SELECT amount FROM spend_daily WHERE currency = ?",
+                             (currency,)).fetchall()
+    total = sum((Decimal(a) for (a,) in daily), Decimal(0))
+    assert total == spend(path, currency)
+    return total
+
+
+async def test_sigterm_with_an_unwritable_ledger_gives_up_in_time_and_spills(
+        tmp_path: Path, book: PriceBook) -> None:
+    """The ledger's disk fills while serving (the process may no longer grow any file:
+    RLIMIT_FSIZE, which Python's ignored SIGXFSZ turns into EFBIG errors): calls go on being
+    served, and SIGTERM exits within drain + shutdown timeout, naming the spill file that
+    ``ledger-replay`` puts back."""
+    log = tmp_path / "serve.log"
+    async with running_fake() as fake:
+        fake.enqueue(*[Reply(usage=USAGE) for _ in range(5)])
+        async with serve_process(tmp_path, fake.base_url, log=log,
+                                 extra_config=f"timeouts: {{drain: {LEDGER_DRAIN}}}\n",
+                                 ledger_config=f"shutdown_timeout: {GIVE_UP}") as serve, \
+                httpx.AsyncClient(base_url=serve.url, timeout=30) as http:
+            early = await served(http, "beta", 2)
+
+            async def written() -> bool:
+                return len(await asyncio.to_thread(ledger_rows, serve.ledger)) == 2
+
+            await poll(written, "the first calls are in the ledger")
+            wal = Path(f"{serve.ledger}-wal").stat().st_size
+            _, hard = resource.prlimit(serve.process.pid, resource.RLIMIT_FSIZE)
+            resource.prlimit(serve.process.pid, resource.RLIMIT_FSIZE, (wal, hard))
+            late = await served(http, "beta", 3)
+
+            async def failing() -> bool:
+                return (await metric(http, "llm_ledger_committing") == 0
+                        and await metric(http, "llm_ledger_queued_records") == 3)
+
+            await poll(failing, "the ledger reported failing with three records waiting")
+            started = time.monotonic()
+            serve.process.send_signal(signal.SIGTERM)
+            code = await asyncio.wait_for(serve.process.wait(), LEDGER_DRAIN + GIVE_UP + MARGIN)
+            took = time.monotonic() - started
+    assert code == 3  # proxy.serve.EXIT_UNWRITTEN
+    assert GIVE_UP <= took < LEDGER_DRAIN + GIVE_UP + MARGIN
+    text = log.read_text()
+    assert "the ledger could not commit 3 record(s) (waited 2.0 s)" in text
+    [spilled] = SPILLED.findall(text)
+    assert sorted(r.request_id for r in read_records(Path(spilled))) == sorted(late)
+    assert sorted(r[0] for r in ledger_rows(serve.ledger)) == sorted(early)
+
+    replayed = await ledger_replay(tmp_path / "proxy.yaml", Path(spilled))
+    assert (replayed.returncode, replayed.stdout) == (
+        0, f"3 record(s) read: 3 written to {serve.ledger}, 0 already there\n")
+    assert sorted(ledger_rows(serve.ledger)) == sorted(
+        (request_id, "final", "complete") for request_id in early + late)
+    total = spend_is_consistent(serve.ledger, "USD")
+    assert total == expected_spend(serve.ledger, book, "USD")
+
+
+async def test_a_ledger_deleted_while_serving_is_rescued_and_refuses_hard_budgets(
+        tmp_path: Path) -> None:
+    log = tmp_path / "serve.log"
+    budget = "budgets:\n  alpha:\n    - {period: month, amount: 100, currency: CNY, hard: true}\n"
+    async with running_fake() as fake:
+        fake.enqueue(*[Reply(usage=USAGE) for _ in range(4)])
+        async with serve_process(tmp_path, fake.base_url, log=log, extra_config=budget,
+                                 ledger_config=f"shutdown_timeout: {GIVE_UP}") as serve, \
+                httpx.AsyncClient(base_url=serve.url, timeout=30) as http:
+            early = await served(http, "alpha", 1) + await served(http, "beta", 1)
+
+            async def written() -> bool:
+                return len(await asyncio.to_thread(ledger_rows, serve.ledger)) == 2
+
+            await poll(written, "the first calls are in the ledger")
+            serve.ledger.unlink()
+
+            async def noticed() -> bool:
+                return await metric(http, "llm_ledger_committing") == 0
+
+            await poll(noticed, "the deletion is noticed", within=1 + MARGIN)
+            refused = await http.post("/chat/completions", json=CHAT, headers=auth("alpha"))
+            assert refused.status_code == 503
+            assert refused.json()["error"]["code"] == "ledger_unavailable"
+            late = await served(http, "beta", 2)  # no hard budget: served while there is room
+
+            async def held() -> bool:
+                return await metric(http, "llm_ledger_queued_records") == 2
+
+            await poll(held, "the two records wait in memory")
+            assert len(fake.requests) == 4
+            started = time.monotonic()
+            serve.process.send_signal(signal.SIGTERM)
+            code = await asyncio.wait_for(serve.process.wait(), LEDGER_DRAIN + GIVE_UP + MARGIN)
+            took = time.monotonic() - started
+    assert code == 3
+    assert took < MARGIN  # nothing can be written to a deleted file: no point in waiting
+    assert not serve.ledger.exists()  # never recreated
+    [copy] = tmp_path.glob("ledger.sqlite3.recovered-*")
+    assert sorted(r[0] for r in ledger_rows(copy)) == sorted(early)
+    text = log.read_text()
+    assert f"the ledger file {serve.ledger} was deleted or replaced" in text
+    assert f"to {copy}. To restore it: stop the proxy" in text
+    [spilled] = SPILLED.findall(text)
+    assert sorted(r.request_id for r in read_records(Path(spilled))) == sorted(late)
+
+    # The restore the log describes: the copy into place, then the spilled records.
+    for leftover in ("-wal", "-shm"):
+        Path(f"{serve.ledger}{leftover}").unlink(missing_ok=True)
+    copy.rename(serve.ledger)
+    replayed = await ledger_replay(tmp_path / "proxy.yaml", Path(spilled))
+    assert replayed.returncode == 0, replayed.stderr
+    assert sorted(ledger_rows(serve.ledger)) == sorted(
+        (request_id, "final", "complete") for request_id in early + late)
+    spend_is_consistent(serve.ledger, "CNY")

@@ -1,19 +1,22 @@
 """``serve --workers 2``: one port, one ledger, /metrics summed over the workers, hard budgets
 and admission limits shared, a dead worker's holds and calls released, replacements restarted
-with backoff, a clean stop."""
+with backoff, a clean stop, and a worker whose ledger fails reported whichever worker is asked."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -353,3 +356,56 @@ async def test_inflight_limits_hold_across_workers(tmp_path: Path) -> None:
             await eventually(admitted_again, "four calls admitted once the streams ended")
             serve.process.send_signal(signal.SIGTERM)
             assert await serve.process.wait() == 0
+
+
+async def test_ledger_metrics_speak_for_every_worker(tmp_path: Path) -> None:
+    """One worker's ledger writes fail (it may no longer grow a file: RLIMIT_FSIZE): whichever
+    worker answers a scrape, the ledger is reported not committing, what waits is summed, and
+    that worker still exits, saving what it could not write."""
+    async with running_fake() as fake:
+        fake.enqueue(*[Reply(usage=USAGE) for _ in range(100)])
+        async with serve_process(tmp_path, fake.base_url, workers=2,
+                                 ledger_config="shutdown_timeout: 1, max_queued_records: 7"
+                                 ) as serve:
+
+            async def scrape() -> dict[str, float]:
+                async with httpx.AsyncClient(base_url=serve.url) as http:  # either worker
+                    text = (await http.get("/metrics")).text
+                return {name: value for name in (
+                    "llm_ledger_committing", "llm_ledger_queued_records",
+                    "llm_ledger_max_queued_records", "llm_ledger_write_errors_total")
+                    for value in samples(text, name).values()}
+
+            workers = sorted(worker_pids(serve.process.pid))  # both listen: serve_process waited
+            assert len(workers) == 2
+            deadline = time.monotonic() + 10
+            while (await scrape())["llm_ledger_max_queued_records"] < 14:
+                assert time.monotonic() < deadline, "both workers publish their figures"
+                await asyncio.sleep(0.05)  # polling the shared figures, with a deadline
+            assert await scrape() == {
+                "llm_ledger_committing": 1, "llm_ledger_queued_records": 0,
+                "llm_ledger_max_queued_records": 14, "llm_ledger_write_errors_total": 0}
+            failing = workers[0]
+            wal = Path(f"{serve.ledger}-wal").stat().st_size
+            _, hard = resource.prlimit(failing, resource.RLIMIT_FSIZE)
+            resource.prlimit(failing, resource.RLIMIT_FSIZE, (wal, hard))
+            sent: list[str] = []
+            async with asyncio.timeout(30):
+                while (await scrape())["llm_ledger_committing"] != 0:
+                    async with httpx.AsyncClient(base_url=serve.url, headers=AUTH) as http:
+                        response = await http.post("/chat/completions", json=CHAT)
+                        assert response.status_code == 200
+                        sent.append(response.headers["x-request-id"])
+            for _ in range(8):  # new connections: the kernel picks either worker
+                figures = await scrape()
+                assert figures["llm_ledger_committing"] == 0
+                assert figures["llm_ledger_write_errors_total"] >= 1
+                assert figures["llm_ledger_max_queued_records"] == 14
+                assert 1 <= figures["llm_ledger_queued_records"] <= 7
+            serve.process.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(serve.process.wait(), 30) == 1  # a worker exited 3
+    # Every call is in the ledger (the healthy worker's) or in the failing worker's spill file.
+    [spilled] = tmp_path.glob(f"ledger.sqlite3.unwritten-*-{failing}.jsonl")
+    kept = [json.loads(line)["request_id"] for line in spilled.read_text().splitlines()]
+    written = [r for (r,) in ledger(serve.ledger, "SELECT request_id FROM usage")]
+    assert kept and sorted(kept + written) == sorted(sent)

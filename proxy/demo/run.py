@@ -245,7 +245,8 @@ async def _run(book: PriceBook, ledger: Path, port: int, *, serve: bool, tempora
         config = _config(upstream_url, ledger, port, team_keys)
         clock = SimulatedClock(FREE_PLAY)
         runner = make_runner(create_app(config, book, upstream_key, writer,
-                                        spend=store.spend, clock=clock), config)
+                                        spend=store.spend, clock=clock, ledger=writer,
+                                        ledger_status=writer.status), config)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)  # runs first: calls end before the writer
         try:

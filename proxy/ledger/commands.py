@@ -1,12 +1,19 @@
-"""``python -m proxy report|reprice``: the ledger from the command line.
+"""``python -m proxy report|reprice|ledger-replay``: the ledger from the command line.
 
-Both read the proxy's configuration for the ledger's path, the billing timezone (a date bound
+All read the proxy's configuration for the ledger's path, the billing timezone (a date bound
 such as ``2026-11-01`` means 00:00 of that day there) and, for ``reprice``, the current price
 book. They may run while the proxy is serving: ``report`` only reads, and ``reprice --apply``
-writes in one transaction that the proxy's writer waits for.
+and ``ledger-replay`` write in transactions that the proxy's writer waits for.
 
-Exit codes: 0 success; 1 no ledger at the configured path, an unreadable ledger, or a price book
-with problems (each printed as ``file: entry: reason``); 2 bad arguments or configuration.
+``ledger-replay FILE...`` puts back the records a stopping proxy could not write (its spill
+files, or a log holding them; `proxy.ledger.spill`). Named for what it writes into, beside
+``report`` and ``reprice``, rather than a bare ``replay``, which could be taken for replaying
+calls to DeepSeek.
+
+Exit codes: 0 success; 1 no ledger at the configured path, an unreadable ledger, a price book
+with problems (each printed as ``file: entry: reason``), or a file that cannot be read or holds
+a line that is not a record (``file:line: reason``; nothing is written then); 2 bad arguments
+or configuration.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from proxy.ledger.report import (
     render,
 )
 from proxy.ledger.reprice import apply_plan, plan_reprice, render_plan
+from proxy.ledger.spill import SpillError, read_records, replay
 from proxy.ledger.store import Transaction, connect
 from proxy.pricing import PriceBook, PriceBookError, load_price_book
 
@@ -64,6 +72,15 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     reprice.add_argument("--apply", action="store_true",
                          help="write the new prices (default: only show the difference)")
     reprice.set_defaults(handler=_guarded(_reprice))
+
+    replay_ = commands.add_parser(
+        "ledger-replay", help="write records a stopping proxy could not write into the ledger")
+    replay_.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                         help=f"configuration file (default: {DEFAULT_CONFIG})")
+    replay_.add_argument("files", type=Path, nargs="+", metavar="FILE",
+                         help="spill files (<ledger>.unwritten-*.jsonl), or a log holding "
+                              "'unwritten ledger record:' lines")
+    replay_.set_defaults(handler=_guarded(_replay))
 
 
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -198,4 +215,27 @@ def _reprice(args: argparse.Namespace) -> int:
               "cost_history")
     else:
         print("nothing to change")
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    config = _config(args)
+    records = []
+    for path in args.files:
+        try:
+            found = read_records(path)
+        except OSError as exc:
+            raise CommandFailed(f"cannot read {path}: {exc}", EXIT_FAILED) from exc
+        except SpillError as exc:
+            raise CommandFailed(f"{exc}; nothing was written", EXIT_FAILED) from exc
+        if not found:
+            raise CommandFailed(f"{path}: no records in it; nothing was written", EXIT_FAILED)
+        records.extend(found)
+    _open_ledger(config).close()  # it must exist: replaying into a new, empty one is a mistake
+    try:
+        result = replay(config.ledger_path, config.billing_timezone, records)
+    except sqlite3.Error as exc:
+        raise _unreadable(config, exc) from exc
+    print(f"{len(records)} record(s) read: {result.written} written to {config.ledger_path}, "
+          f"{result.present} already there")
     return 0

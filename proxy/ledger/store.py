@@ -31,10 +31,15 @@ this code cannot know what the newer columns mean.
 SQLite runs in WAL mode with ``synchronous=NORMAL``: a committed transaction survives the
 process being killed (``kill -9``); only an operating-system crash or power loss can lose the
 last commits.
+
+A ledger file deleted or replaced while the proxy runs would go on taking writes that no one
+can read again (the open connection keeps the unlinked file); `SQLiteLedger.moved` tells, and
+`SQLiteLedger.save_copy` rescues what the connection still sees (`proxy.ledger.writer`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
@@ -344,9 +349,16 @@ SpendReader = Callable[[date, date], Sequence[SpendRow]]
 class LedgerStore(Protocol):
     """What the proxy needs from a ledger (the SQLite one below is the default)."""
 
+    path: Path
+    """Where the ledger lives; what is rescued from it is saved beside it."""
+
     def write(self, pending: Sequence[UsageRecord], final: Sequence[UsageRecord]) -> None: ...
 
     def spend(self, since: date, until: date) -> list[SpendRow]: ...
+
+    def moved(self) -> bool: ...
+
+    def save_copy(self, target: Path) -> None: ...
 
     def close(self) -> None: ...
 
@@ -365,6 +377,7 @@ class SQLiteLedger:
         self.billing_timezone = billing_timezone
         self._owner = owner
         self._conn = connect(path)  # the writer thread's
+        self._identity = _file_identity(path)
         try:
             migrate(self._conn, path)
         except BaseException:
@@ -478,13 +491,50 @@ class SQLiteLedger:
             (since.isoformat(), until.isoformat())).fetchall()
         return [SpendRow(t, date.fromisoformat(d), c, Decimal(a)) for t, d, c, a in rows]
 
+    def moved(self) -> bool:
+        """Whether `path` no longer leads to the file this ledger opened: deleted, renamed or
+        replaced. One ``stat``, cheap enough for the writer to ask every second. A ``stat``
+        that fails for another reason (permissions, I/O) cannot tell, and says no."""
+        try:
+            return _file_identity(self.path) != self._identity
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+
+    def save_copy(self, target: Path) -> None:
+        """Copy the database as the writer's connection sees it (the last commits included)
+        to `target`, with SQLite's backup API: once the file was deleted, that connection is
+        the only way left to its rows. Written under a temporary name and renamed, so
+        `target` is either complete or absent. Called from the writer's thread only."""
+        partial = target.with_name(target.name + ".partial")
+        try:
+            with contextlib.closing(sqlite3.connect(partial)) as copy:
+                self._conn.backup(copy)
+            partial.replace(target)
+        except BaseException:
+            for leftover in (partial, Path(f"{partial}-wal"), Path(f"{partial}-shm")):
+                leftover.unlink(missing_ok=True)
+            raise
+
     def close(self) -> None:
         self._conn.close()
         self._reader.close()
 
 
+def _file_identity(path: Path) -> tuple[int, int]:
+    status = path.stat()
+    return status.st_dev, status.st_ino
+
+
 class Transaction:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on error) on an autocommit connection."""
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on error) on an autocommit connection.
+
+    SQLite rolls a transaction back by itself on some errors (a full disk, an I/O error), and
+    a ``ROLLBACK`` then would fail and hide the error that matters; a ``COMMIT`` that fails may
+    leave it open, and the connection could never begin another. So: roll back exactly when a
+    transaction is still open.
+    """
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
@@ -494,4 +544,12 @@ class Transaction:
         return self._conn
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self._conn.execute("ROLLBACK" if exc_type is not None else "COMMIT")
+        if exc_type is None:
+            try:
+                self._conn.execute("COMMIT")
+            except sqlite3.Error:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+        elif self._conn.in_transaction:
+            self._conn.execute("ROLLBACK")

@@ -1,8 +1,8 @@
-"""Batched ledger writes off the request path.
+"""Batched ledger writes off the request path, bounded and loud when the ledger cannot commit.
 
 `LedgerWriter` is the proxy's `RecordSink` once the ledger is on: `dispatched` and `submit`
 only append the record to a deque (no I/O, no lock: a deque's append and popleft are atomic);
-one thread wakes every `flush_interval`, takes everything queued and writes it as one batch, one
+one thread wakes every `flush_interval`, takes everything queued and writes it in batches, one
 transaction per batch. Waking per interval rather than per record matters: the writer shares
 the interpreter (and its lock) with the event loop, and a per-record hand-off cost the loop
 more than the writing itself (measured in bench/).
@@ -12,10 +12,34 @@ before its batch is written, and a batch is durable once its transaction commits
 ``kill -9`` loses at most the records that ended in the last `flush_interval` plus the commit in
 progress. A call still running at that moment is not lost: its ``in_flight`` row was written
 when it was dispatched (within the same window) and becomes ``interrupted`` on restart. SIGTERM
-and SIGINT lose nothing: `close` drains the queue before the process exits.
+and SIGINT lose nothing that the ledger can take: `close` commits the queue before the process
+exits.
 
-A failed write (disk full, database locked) is logged and retried with backoff; records are
-never dropped.
+When the ledger cannot commit (a full disk, I/O errors, a database locked for longer than its
+busy timeout, its file deleted), nothing is dropped and nothing waits without bound:
+
+- The thread keeps waking every `flush_interval` and moves everything queued into what it
+  holds for retry: a dispatched call becomes its small ``in_flight`` record at once (the
+  `CallMeter` behind it holds the whole request payload, which must not stay in memory), and
+  a call's final record replaces its placeholder. It retries one batch at a time, with
+  backoff from `FIRST_RETRY_DELAY` to `MAX_RETRY_DELAY`, so a freed disk is noticed within a
+  second and a retry costs one batch, however many records wait.
+- `committing` is False from the first failed write until one succeeds; `has_room` is False
+  once the records waiting reach `max_queued_records`. Both cost an attribute read (and a
+  deque's length), no lock and no I/O: the request path asks them on every call
+  (`proxy.forward` refuses calls of teams with hard budgets while not committing, and every
+  call while there is no room).
+- Every `FILE_CHECK_INTERVAL` the thread checks that the ledger's path still leads to the file
+  it opened. If the file was deleted or replaced, writing on would only feed a file no one can
+  open again (it vanishes with the process), so the writer stops writing for good (until a
+  restart), saves what the file holds through its open connection beside it
+  (``<ledger>.recovered-...``, `proxy.ledger.spill`) and logs how to restore it. It never
+  creates a database at the old path: the old ``-wal`` and ``-shm`` files may still be there.
+- `close(timeout)` waits at most `timeout` for the records to commit, then returns the ones it
+  could not write, for `serve` to save in a spill file (`proxy.ledger.spill.spill`).
+
+Every failure is logged at ERROR when it starts, again every `REMINDER_INTERVAL` while it
+lasts, and counted (`status`, exported by `proxy.metrics`).
 """
 
 from __future__ import annotations
@@ -24,34 +48,92 @@ import logging
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from itertools import islice
 from typing import cast
 
+from proxy.ledger.spill import beside
 from proxy.ledger.store import LedgerStore
 from proxy.records import Dispatched, UsageRecord
 
 log = logging.getLogger("proxy.ledger")
 
 DEFAULT_FLUSH_INTERVAL = 0.1
+DEFAULT_MAX_QUEUED_RECORDS = 50_000
+"""Records kept in memory while the ledger cannot commit, before every call is refused. A
+record takes about 1.5 KB, so about 75 MB at the bound: minutes of traffic for someone to
+free the disk, against memory that a proxy with 1,000 open streams uses anyway."""
+DEFAULT_SHUTDOWN_TIMEOUT = 10.0
+"""Seconds a stopping proxy waits for the ledger to commit. With `timeouts.drain` (30 s) it
+stays below the 60 s an orchestrator gives (docker-compose's ``stop_grace_period``), so the
+records it gives up on are saved rather than killed with the process."""
 MAX_BATCH = 100
 """Records per transaction. The writer holds the interpreter lock while it prepares a batch;
 small batches with a yield between them keep each hold under a millisecond, so the event loop
 is never stalled for long (a 200-record batch added about 4 ms to the p99 latency)."""
+FIRST_RETRY_DELAY = 0.05
+MAX_RETRY_DELAY = 1.0
+FILE_CHECK_INTERVAL = 1.0
+MAX_COPY_RETRY_DELAY = 60.0
+STOP_GRACE = 0.5
+"""Seconds `close` gives the thread to stop once it gave up: it stops at its next wake, which
+`close` brings forward, unless it is inside a write (SQLite may wait up to its busy timeout
+for a locked database); then it is left, a daemon, and the store is not closed under it."""
+REMINDER_INTERVAL = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerStatus:
+    """The writer's figures, read by the metrics at scrape time (`proxy.metrics`)."""
+
+    committing: bool
+    waiting: int
+    """Records not yet committed: queued, or held for retry."""
+    capacity: int
+    """`max_queued_records`."""
+    write_errors: int
+    """Failed write attempts since start."""
+    last_commit: float
+    """Unix time of the last commit (the writer's start until its first)."""
 
 
 class LedgerWriter:
-    """A deque in front of a `LedgerStore`, drained by one writer thread."""
+    """A bounded deque in front of a `LedgerStore`, drained by one writer thread; also the
+    ledger's `proxy.records.LedgerHealth`."""
 
-    def __init__(self, store: LedgerStore, flush_interval: float = DEFAULT_FLUSH_INTERVAL
-                 ) -> None:
+    def __init__(self, store: LedgerStore, flush_interval: float = DEFAULT_FLUSH_INTERVAL,
+                 max_queued_records: int = DEFAULT_MAX_QUEUED_RECORDS) -> None:
         self.store = store
         self.flush_interval = flush_interval
+        self.max_queued_records = max_queued_records
         self._items: deque[tuple[Dispatched, bool]] = deque()
+        # What the thread holds until it commits, by request id in arrival order: in-flight
+        # records of running calls, and final records. Changed only by the thread, under
+        # `_lock`, which `close` takes to stop it and read what is left.
+        self._pending: dict[str, UsageRecord] = {}
+        self._final: dict[str, UsageRecord] = {}
+        self._held = 0
+        self._lock = threading.Lock()
         self._wake = threading.Event()
         self._progress = threading.Condition()
         self._requested = 0  # flush requests made ...
         self._completed = 0  # ... and the ones whose records are committed
         self._closing = False
         self._closed = False
+        self._stopped = False  # `close` gave up: nothing more is taken or written
+        self._committing = True
+        self._detached = False  # the ledger's file is gone: never written again
+        self._write_errors = 0
+        self._last_commit = time.time()
+        self._retry_at = 0.0
+        self._retry_delay = FIRST_RETRY_DELAY
+        self._failing_since = 0.0
+        self._remind_at = 0.0
+        self._full = False
+        self._check_at = 0.0
+        self._copy_at: float | None = None  # when to save a copy of a detached ledger
+        self._copy_delay = FILE_CHECK_INTERVAL
         self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
         self._thread.start()
 
@@ -60,6 +142,18 @@ class LedgerWriter:
 
     def submit(self, record: UsageRecord) -> None:
         self._items.append((record, True))
+
+    def committing(self) -> bool:
+        return self._committing
+
+    def has_room(self) -> bool:
+        # Queue entries count until the thread takes them (a call that ended within the
+        # interval counts twice, its dispatch and its record): the bound errs on the safe side.
+        return len(self._items) + self._held < self.max_queued_records
+
+    def status(self) -> LedgerStatus:
+        return LedgerStatus(self._committing, len(self._items) + self._held,
+                            self.max_queued_records, self._write_errors, self._last_commit)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Block until everything queued so far is committed (tests, scrapes, shutdown)."""
@@ -70,15 +164,42 @@ class LedgerWriter:
         with self._progress:
             return self._progress.wait_for(lambda: self._completed >= ticket, timeout)
 
-    def close(self) -> None:
-        """Write everything queued, then stop the thread and close the store."""
+    def close(self, timeout: float | None = None) -> list[UsageRecord]:
+        """Commit everything queued, waiting at most `timeout` seconds (None: as long as it
+        takes; then `STOP_GRACE` for the thread to stop), then close the store.
+
+        Returns the records that could not be committed, which the caller must save
+        (`proxy.ledger.spill.spill`); none when all were. A ledger whose file is gone can take
+        nothing, so then it returns at once. A record being committed at the very moment it
+        gives up may be both committed and returned: replaying it is harmless (final rows are
+        idempotent).
+        """
         if self._closed:
-            return
+            return []
         self._closed = True
         self._closing = True
         self._wake.set()
-        self._thread.join()
-        self.store.close()
+        self._thread.join(timeout)
+        with self._lock:
+            self._stopped = True
+            self._take_locked()
+            left = [*self._pending.values(), *self._final.values()]
+        self._wake.set()
+        self._thread.join(STOP_GRACE)  # it stops at once, unless inside a write
+        if left:
+            why = "its file is gone" if self._detached else f"waited {timeout} s"
+            log.error("the ledger could not commit %d record(s) (%s); giving up on them",
+                      len(left), why)
+        if self._thread.is_alive():  # a write that has not returned (a locked database)
+            log.error("the ledger writer is still inside a write; leaving it")
+            return left
+        if self._copy_at is not None:  # a last try before the open file is gone for good
+            self._save_copy(time.monotonic())
+        try:
+            self.store.close()
+        except Exception:  # the records are accounted for; the process is stopping anyway
+            log.exception("closing the ledger failed")
+        return left
 
     def _run(self) -> None:
         while True:
@@ -87,20 +208,26 @@ class LedgerWriter:
             closing = self._closing
             with self._progress:
                 ticket = self._requested
-            pending, final = self._drain()  # everything queued before the tickets read above
-            for start in range(0, max(len(pending), len(final)), MAX_BATCH):
-                self._write(pending[start:start + MAX_BATCH], final[start:start + MAX_BATCH])
-                time.sleep(0)  # hand the interpreter back to the event loop between batches
-            with self._progress:
-                self._completed = ticket
-                self._progress.notify_all()
-            if closing:
+            with self._lock:
+                if not self._stopped:
+                    self._take_locked()  # everything queued before the ticket read above
+            now = time.monotonic()
+            if now >= self._check_at:
+                self._watch_file(now)
+            if not self._detached and now >= self._retry_at:
+                self._commit()
+            self._note_room()
+            if not self._held:
+                with self._progress:
+                    self._completed = ticket
+                    self._progress.notify_all()
+            if closing and (not self._held or self._detached or self._stopped):
                 return
 
-    def _drain(self) -> tuple[list[UsageRecord], list[UsageRecord]]:
-        """Everything queued, as (in-flight, final) records. A call that ended since the last
-        drain has both; only its final record is written (one row write instead of two), and
-        its in-flight record is never even built."""
+    def _take_locked(self) -> None:
+        """Move everything queued into what the thread holds (the caller holds `_lock`). A
+        call that ended since the last take has both records; only its final one is kept,
+        and its in-flight record is never even built."""
         items = self._items
         final: dict[str, UsageRecord] = {}
         dispatched: list[Dispatched] = []
@@ -111,17 +238,107 @@ class LedgerWriter:
                 final[record.request_id] = record
             else:
                 dispatched.append(item)
-        pending = [call.placeholder() for call in dispatched if call.request_id not in final]
-        return pending, list(final.values())
+        for call in dispatched:
+            if call.request_id not in final:
+                self._pending[call.request_id] = call.placeholder()
+        for request_id, record in final.items():
+            self._pending.pop(request_id, None)
+            self._final[request_id] = record
+        self._held = len(self._pending) + len(self._final)
 
-    def _write(self, pending: list[UsageRecord], final: list[UsageRecord]) -> None:
-        delay = 0.05
-        while True:
+    def _commit(self) -> None:
+        """Write what is held, one batch per transaction, until all is written or one fails."""
+        while self._held and not self._stopped:
+            with self._lock:
+                pending = list(islice(self._pending.values(), MAX_BATCH))
+                final = list(islice(self._final.values(), MAX_BATCH))
             try:
                 self.store.write(pending, final)
+            except Exception as exc:  # keep the records and retry: spend must not be dropped
+                self._failed(exc)
                 return
-            except Exception:  # keep the records and retry: spend must not be dropped
-                log.exception("ledger write of %d records failed; retrying in %.2fs",
-                              len(pending) + len(final), delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+            with self._lock:  # `close` may have merged a final over a placeholder meanwhile
+                for record in pending:
+                    self._pending.pop(record.request_id, None)
+                for record in final:
+                    self._final.pop(record.request_id, None)
+                self._held = len(self._pending) + len(self._final)
+            self._succeeded()
+            time.sleep(0)  # hand the interpreter back to the event loop between batches
+
+    def _failed(self, exc: Exception) -> None:
+        now = time.monotonic()
+        self._write_errors += 1
+        self._retry_at = now + self._retry_delay
+        self._retry_delay = min(self._retry_delay * 2, MAX_RETRY_DELAY)
+        if self._committing:
+            self._committing = False
+            self._failing_since = now
+            self._remind_at = now + REMINDER_INTERVAL
+            log.error("the ledger cannot commit (%s): %d record(s) wait in memory, at most %d "
+                      "before every call is refused; calls of teams with hard budgets are "
+                      "refused until a write succeeds; retrying", exc, self._held,
+                      self.max_queued_records, exc_info=exc)
+        elif now >= self._remind_at:
+            self._remind_at = now + REMINDER_INTERVAL
+            log.error("the ledger still cannot commit after %.0f s (%s): %d record(s) wait in "
+                      "memory", now - self._failing_since, exc, self._held)
+
+    def _succeeded(self) -> None:
+        self._last_commit = time.time()
+        self._retry_delay = FIRST_RETRY_DELAY
+        if not self._committing:
+            self._committing = True
+            log.warning("the ledger commits again, after %.1f s of failed writes",
+                        time.monotonic() - self._failing_since)
+
+    def _note_room(self) -> None:
+        full = self._held >= self.max_queued_records
+        if full != self._full:
+            self._full = full
+            if full:
+                log.error("%d record(s) wait for the ledger, its bound (ledger."
+                          "max_queued_records): every call is refused until it commits",
+                          self._held)
+            else:
+                log.warning("the ledger's queue has room again (%d record(s) waiting)",
+                            self._held)
+
+    def _watch_file(self, now: float) -> None:
+        self._check_at = now + FILE_CHECK_INTERVAL
+        if not self._detached and self.store.moved():
+            self._detached = True
+            self._committing = False
+            self._copy_at = now
+            log.error("the ledger file %s was deleted or replaced while the proxy was "
+                      "running: nothing more is written to it (rows written to a deleted file "
+                      "vanish with the process), and calls of teams with hard budgets are "
+                      "refused. Records wait in memory (%d now, at most %d) and are saved "
+                      "beside the ledger when the proxy stops; restarting it opens a ledger "
+                      "at the path again", self.store.path, self._held,
+                      self.max_queued_records)
+        if self._copy_at is not None and now >= self._copy_at:
+            self._save_copy(now)
+
+    def _save_copy(self, now: float) -> None:
+        """Save what the deleted ledger holds, through the connection that still has it."""
+        path = self.store.path
+        target = beside(path, "recovered", datetime.now(UTC))
+        try:
+            self.store.save_copy(target)
+        except Exception as exc:  # a full disk, most likely: try again, less and less often
+            self._copy_at = now + self._copy_delay
+            log.error("could not save a copy of the deleted ledger to %s (%s); trying again in "
+                      "%.0f s. Until a copy is saved its rows exist only in the deleted file "
+                      "this process holds open: make room before stopping the proxy", target,
+                      exc, self._copy_delay)
+            self._copy_delay = min(self._copy_delay * 2, MAX_COPY_RETRY_DELAY)
+            return
+        self._copy_at = None
+        log.error("saved the deleted ledger, as this process still saw it, to %s. To restore "
+                  "it: stop the proxy (it saves the records it could not write beside the "
+                  "ledger and names the file); move %s-wal and %s-shm aside if they are there "
+                  "(what they hold is in the copy); move %s to %s; start the proxy; then put "
+                  "the saved records back with python -m proxy ledger-replay. With several "
+                  "workers each saves a copy: use the newest", target, path, path, target,
+                  path)
