@@ -46,6 +46,11 @@ from proxy.pricing.engine import schedule_version_at, to_micros
 from proxy.records import UsageRecord
 
 OTHER = "other"
+ANOMALIES = frozenset({"usage_exceeds_bound", "data_after_done", "oversized_event",
+                       "response_body_too_large", "undecodable_body",
+                       "unprintable_upstream_field"})
+"""Record flags (`proxy.metering`, `proxy.forward`, `proxy.answer`) counted by
+``llm_upstream_anomalies_total``: a fixed set, so the label stays bounded."""
 _ZERO = Decimal(0)
 Bounds = tuple[float, ...]
 DURATION_BUCKETS: Bounds = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
@@ -305,6 +310,9 @@ _FAMILIES = (
             ("model",)),
     _Family("llm_upstream_errors", "counter", "DeepSeek errors, cuts, timeouts and connect "
             "failures", ("reason",)),
+    _Family("llm_upstream_anomalies", "counter", "Answers from DeepSeek the proxy did not "
+            "take as they came (usage past the request's bounds, data after [DONE], ...)",
+            ("reason",)),
     _Family("llm_cost", "money", "Spend as priced by the price book",
             ("team", "model", "currency", "tier")),
     _Family("llm_cache_savings", "money", "What cache-hit tokens would have cost at the "
@@ -343,7 +351,7 @@ class CallTotals(Collector):
         self._slots: dict[tuple[str, str, str, int, bool], _Slot] = {}
         self._counters: dict[str, dict[Labels, int]] = {
             "llm_tool_calls": {}, "llm_usage_missing": {}, "llm_unpriced_requests": {},
-            "llm_upstream_errors": {}}
+            "llm_upstream_errors": {}, "llm_upstream_anomalies": {}}
         self._cost: dict[Labels, Decimal] = {}
         self._savings: dict[Labels, Decimal] = {}
         self._overhead = _Buckets(OVERHEAD_BUCKETS)
@@ -393,6 +401,10 @@ class CallTotals(Collector):
             error = _upstream_error(record)
             if error is not None:
                 self._count("llm_upstream_errors", (error,))
+        if record.flags:
+            for flag in record.flags:
+                if flag in ANOMALIES:
+                    self._count("llm_upstream_anomalies", (flag,))
 
     def _count(self, family: str, labels: Labels, amount: int = 1) -> None:
         table = self._counters[family]

@@ -36,7 +36,7 @@ from proxy.config import (
     check_references,
     load_config,
 )
-from proxy.ledger.spill import spill
+from proxy.ledger.spill import EXIT_UNWRITTEN, spill
 from proxy.ledger.store import SchemaTooNew, SQLiteLedger
 from proxy.ledger.writer import LedgerWriter
 from proxy.listener import ListenError, ProxySite, make_runner
@@ -56,10 +56,6 @@ log = logging.getLogger("proxy")
 LOOPS = ("uvloop", "asyncio")
 DEFAULT_LOOP = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
 """uvloop has no Windows wheels: there, and wherever it is missing, asyncio's own loop."""
-EXIT_UNWRITTEN = 3
-"""The proxy stopped, but records the ledger could not take are in a spill file or the log
-(1 is Python's own exit code for a crash, 2 a refusal to start)."""
-
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = commands.add_parser("serve", help="run the proxy")

@@ -64,6 +64,7 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from proxy.admission import SharedAdmission
 from proxy.config import ProxyConfig
+from proxy.ledger.spill import EXIT_UNWRITTEN
 from proxy.ledger.store import connect, release_owner
 from proxy.shared_counters import SharedCounters
 
@@ -123,8 +124,10 @@ def listen_problem(host: str, port: int) -> str | None:
 
 def supervise(config: ProxyConfig, log_level: str, count: int, loop: str) -> int:
     """Run `count` workers until SIGTERM or SIGINT has stopped them all; the exit code of the
-    service (1 if a worker did not stop cleanly). `serve` has checked the configuration, the
-    address and the ledger, and recovered the ledger, before calling this."""
+    service (`EXIT_UNWRITTEN` if a worker stopped with ledger records it could not write, as a
+    single process does; else 1 if a worker did not stop cleanly). `serve` has checked the
+    configuration, the address and the ledger, and recovered the ledger, before calling
+    this."""
     folder = Path(tempfile.mkdtemp(prefix="proxy-workers-"))
     try:
         counters = SharedAdmission.create(folder, count, config.teams)
@@ -174,6 +177,7 @@ class _Supervisor:
         """Dead owners whose release failed -> when to try again (monotonic seconds)."""
         self._stopping = False
         self._failed = False
+        self._unwritten = False
 
     def run(self, count: int) -> int:
         self._slots = [_Slot(index) for index in range(count)]
@@ -190,7 +194,7 @@ class _Supervisor:
             self._retry_releases()
             self._start_due()
         log.info("all workers stopped")
-        return 1 if self._failed else 0
+        return EXIT_UNWRITTEN if self._unwritten else 1 if self._failed else 0
 
     def _timeout(self) -> float | None:
         """Seconds until something is due (a restart, a release to retry); None: nothing."""
@@ -245,7 +249,11 @@ class _Supervisor:
         slot.process = None
         if self._stopping:
             # A worker that the forwarded signal ended before it could drain stopped cleanly.
-            if code != 0 and -code not in _STOPS:
+            if code == EXIT_UNWRITTEN:
+                log.error("worker %d stopped with ledger records it could not write; its log "
+                          "names the file they are saved in", pid)
+                self._unwritten = True
+            elif code != 0 and -code not in _STOPS:
                 log.error("worker %d %s while stopping", pid, _describe(code))
                 self._failed = True
         else:

@@ -283,6 +283,9 @@ async def test_absurd_usage_is_cut_to_what_the_request_allows(fake: FakeDeepSeek
         for _ in range(2):
             assert (await http.post("/chat/completions", content=body)).status_code == 200
         searched, plain = await proxy.sink.wait_for(2)
+        counted = proxy.registry.get_sample_value("llm_upstream_anomalies_total",
+                                                  {"reason": "usage_exceeds_bound"})
+    assert counted == 2  # and llm_upstream_anomalies_total says so (alert UpstreamAnomalies)
     prompt = len(body) + BASE_TEMPLATE_TOKENS + TEMPLATE_TOKENS_PER_ITEM
     context = Limits().max_context_tokens
     cut = TokenUsage(cache_hit=prompt + 32 * context, cache_miss=0, output=100 * 33,
@@ -314,6 +317,9 @@ async def test_usage_after_done_is_ignored(fake: FakeDeepSeek, book: PriceBook) 
             httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http:
         answer = await http.post("/chat/completions", content=orjson.dumps(STREAM))
         [record] = await proxy.sink.wait_for(1)
+        counted = proxy.registry.get_sample_value("llm_upstream_anomalies_total",
+                                                  {"reason": "data_after_done"})
+    assert counted == 1
     assert answer.text.endswith("data: [DONE]\n\n") and answer.text.count("usage") == 1
     assert (record.cache_miss_tokens, record.output_tokens) == (10, 2)
     assert record.outcome == "complete" and "data_after_done" in record.flags

@@ -36,6 +36,9 @@ from proxy.records import UsageRecord
 
 log = logging.getLogger("proxy.ledger")
 
+EXIT_UNWRITTEN = 3
+"""The exit code of a proxy (or supervisor) that stopped with records it could not write:
+1 is Python's own for a crash and 2 is "refused to start"."""
 LOG_MARKER = "unwritten ledger record: "
 """What precedes a record's JSON in the log when no spill file could be written."""
 INTERRUPTED = "the proxy stopped before the call ended; usage unknown"
