@@ -49,23 +49,25 @@ class Event:
 class SSESplitter:
     """Feed bytes, get complete events; keeps the incomplete tail between calls."""
 
-    __slots__ = ("_buffer", "_limit", "_scanned")
+    __slots__ = ("_limit", "_pending", "_scanned")
 
     def __init__(self, limit: int = MAX_EVENT_BYTES) -> None:
-        self._buffer = bytearray()
-        self._scanned = 0  # bytes of the buffer known to hold no boundary but near its end
+        self._pending: bytearray | None = None
+        """An incomplete event carried over from earlier reads (None: none, the usual case)."""
+        self._scanned = 0  # bytes of it known to hold no boundary, bar the last few
         self._limit = limit
 
     def feed(self, chunk: bytes) -> list[Event]:
-        buffer: bytes | bytearray
-        if self._buffer:
-            self._buffer += chunk
-            buffer = self._buffer
-        else:
-            buffer = chunk  # the usual case: whole events in one read, no copy
+        pending = self._pending
+        if pending is None:
+            return self._split(chunk, 0)  # whole events in one read: no copy at all
+        pending += chunk
+        return self._split(pending, self._scanned)
+
+    def _split(self, buffer: bytes | bytearray, position: int) -> list[Event]:
+        """Events found in `buffer` from `position` on (bytes before it hold no boundary)."""
         events: list[Event] = []
         start = 0
-        position = self._scanned
         while True:
             match = _BOUNDARY.search(buffer, position)
             if match is None:
@@ -73,30 +75,40 @@ class SSESplitter:
             end = match.end()
             if end == len(buffer) and buffer.endswith(b"\r"):
                 break  # may be the first half of a CRLF still in flight
-            events.append(_event(bytes(buffer[start:end])))
+            raw = buffer[start:end]
+            events.append(_event(raw if type(raw) is bytes else bytes(raw)))
             start = position = end
+        self._keep(buffer, start)
+        return events
+
+    def _keep(self, buffer: bytes | bytearray, start: int) -> None:
+        """Carry what follows the last complete event over to the next read."""
         rest = len(buffer) - start
+        if not rest:
+            self._pending = None
+            self._scanned = 0
+            return
         if rest > self._limit:
             raise EventTooLarge(f"an event grew past {self._limit} bytes without ending")
-        if buffer is self._buffer:
-            del self._buffer[:start]
+        if isinstance(buffer, bytearray):
+            del buffer[:start]
+            self._pending = buffer
         else:
-            self._buffer = bytearray(buffer[start:])
-        self._scanned = max(rest - _LOOKBEHIND, 0)
-        return events
+            self._pending = bytearray(buffer[start:])
+        self._scanned = rest - _LOOKBEHIND if rest > _LOOKBEHIND else 0
 
     def rest(self) -> bytes:
         """Bytes after the last complete event (a truncated stream leaves them here)."""
-        return bytes(self._buffer)
+        return bytes(self._pending) if self._pending is not None else b""
 
     def finish(self) -> list[Event]:
         """At end of stream: a held-back final CR completes its event; anything else stays
         in `rest()` as an incomplete event, which a well-formed stream never leaves."""
-        if self._buffer and _BOUNDARY.search(self._buffer):
-            events = [_event(bytes(self._buffer))]
-            self._buffer = bytearray()
+        pending = self._pending
+        if pending is not None and _BOUNDARY.search(pending):
+            self._pending = None
             self._scanned = 0
-            return events
+            return [_event(bytes(pending))]
         return []
 
 
