@@ -18,14 +18,13 @@ import asyncio
 import contextlib
 import json
 import sqlite3
-import sys
 import tempfile
 from pathlib import Path
 
 import aiohttp
 
-from bench.procs import ROOT, Processes, free_port
-from bench.services import UPSTREAM_KEY_ENV, write_proxy_config
+from bench.procs import ROOT, Processes
+from bench.services import start_proxied
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -38,19 +37,8 @@ def peak_rss_mb(pid: int) -> float:
 async def run(proxy_root: Path, count: int, megabytes: int) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-big-") as folder, \
             Processes(Path(folder), None) as processes:
-        upstream_port = free_port()
-        upstream_url = f"http://127.0.0.1:{upstream_port}"
-        upstream = processes.start("upstream", [sys.executable, "-m", "bench.upstream",
-                                                "--port", str(upstream_port)], upstream_url)
-        await processes.wait_ready(upstream)
-        port = free_port()
-        config, key, ledger = write_proxy_config(Path(folder), port, upstream_url, proxy_root)
-        proxy = processes.start(
-            "proxy", [sys.executable, "-m", "proxy", "serve", "--config", str(config),
-                      "--log-level", "WARNING"], f"http://127.0.0.1:{port}", cwd=proxy_root,
-            env={UPSTREAM_KEY_ENV: "sk-bench-upstream-not-a-real-key",
-                 "PYTHONPATH": str(proxy_root)})
-        await processes.wait_ready(proxy)
+        started = await start_proxied(processes, Path(folder), proxy_root)
+        proxy, key, ledger = started.proxy, started.client_key, started.ledger
         headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
         url = proxy.url + "/v1/chat/completions"
 

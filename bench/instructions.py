@@ -26,8 +26,8 @@ import tempfile
 from pathlib import Path
 
 from bench.load import Call, closed_loop
-from bench.procs import ROOT, Processes, Service, free_port
-from bench.services import UPSTREAM_KEY_ENV, write_proxy_config
+from bench.procs import ROOT, Processes, Service
+from bench.services import start_proxied
 
 _TOTALS = re.compile(r"^(?:summary|totals):\s+(\d+)", re.MULTILINE)
 
@@ -37,21 +37,10 @@ async def _count(proxy_root: Path, calls: int, concurrency: int, stream: bool,
     """Instructions the proxy executes serving `calls` calls, start-up to exit."""
     out = directory / f"callgrind.{calls}.out"
     with Processes(directory, None) as processes:
-        upstream_port = free_port()
-        upstream_url = f"http://127.0.0.1:{upstream_port}"
-        upstream = processes.start("upstream", [sys.executable, "-m", "bench.upstream",
-                                                "--port", str(upstream_port)], upstream_url)
-        await processes.wait_ready(upstream)
-        port = free_port()
-        config, key, _ = write_proxy_config(directory, port, upstream_url, proxy_root)
-        proxy = processes.start(
-            "proxy", ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-                      sys.executable, "-m", "proxy", "serve", "--config", str(config),
-                      "--log-level", "WARNING"],
-            f"http://127.0.0.1:{port}", cwd=proxy_root,
-            env={UPSTREAM_KEY_ENV: "sk-bench-upstream-not-a-real-key",
-                 "PYTHONPATH": str(proxy_root)})
-        await processes.wait_ready(proxy, within=300)
+        started = await start_proxied(
+            processes, directory, proxy_root, within=300,
+            prefix=["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"])
+        proxy, key = started.proxy, started.client_key
         body = json.dumps({"model": "deepseek-flash", "stream": stream, "max_tokens": 16,
                            "messages": [{"role": "user", "content": "hello " * 20}]}).encode()
         call = Call(proxy.url + "/v1/chat/completions", body,

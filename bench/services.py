@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,36 @@ def write_proxy_config(directory: Path, port: int, upstream_url: str, proxy_root
         f"ledger: {{path: {json.dumps(str(ledger))}, flush_interval: 0.1}}\n{limits}",
         encoding="utf-8")
     return path, key, ledger
+
+
+@dataclass(frozen=True, slots=True)
+class Proxied:
+    """A bench upstream and one proxy in front of it (`start_proxied`)."""
+
+    upstream: Service
+    proxy: Service
+    client_key: str
+    ledger: Path
+
+
+async def start_proxied(processes: Processes, directory: Path, proxy_root: Path = ROOT, *,
+                        prefix: Sequence[str] = (), within: float = 30.0) -> Proxied:
+    """One bench upstream and the proxy of `proxy_root` before it, ready; `prefix` runs the
+    proxy under another program (``valgrind ...``), which may need a longer `within`."""
+    upstream_port = free_port()
+    upstream_url = f"http://127.0.0.1:{upstream_port}"
+    upstream = processes.start("upstream", [sys.executable, "-m", "bench.upstream",
+                                            "--port", str(upstream_port)], upstream_url)
+    await processes.wait_ready(upstream)
+    port = free_port()
+    config, key, ledger = write_proxy_config(directory, port, upstream_url, proxy_root)
+    proxy = processes.start(
+        "proxy", [*prefix, sys.executable, "-m", "proxy", "serve", "--config", str(config),
+                  "--log-level", "WARNING"], f"http://127.0.0.1:{port}", cwd=proxy_root,
+        env={UPSTREAM_KEY_ENV: "sk-bench-upstream-not-a-real-key",
+             "PYTHONPATH": str(proxy_root)})
+    await processes.wait_ready(proxy, within=within)
+    return Proxied(upstream, proxy, key, ledger)
 
 
 async def start(processes: Processes, directory: Path, upstream_workers: int,

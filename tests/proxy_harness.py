@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -103,3 +104,21 @@ async def running_proxy(upstream_url: str, book: PriceBook, *,
         yield RunningProxy(f"http://127.0.0.1:{port}", recording, config, registry, app)
     finally:
         await runner.cleanup()
+
+
+async def raw_request(url: str, request: bytes, *, whole: bool = False) -> bytes:
+    """Send `request` as raw bytes (what an HTTP library would refuse to send) to the server
+    at `url`; return the first 64 KiB of the answer, or with `whole` all of it until the
+    server closes the connection (as it does after a malformed request or ``Connection:
+    close``)."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(request)
+    await writer.drain()
+    try:
+        read = reader.read() if whole else reader.read(65536)
+        return await asyncio.wait_for(read, timeout=10)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()

@@ -9,7 +9,6 @@ the same holes that belong to one module live beside that module's tests (`test_
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gzip
 import json
 import zlib
@@ -29,7 +28,7 @@ from proxy.records import Dispatched, UsageRecord
 from proxy.usage import TokenUsage
 from tests.fake_deepseek import FakeDeepSeek
 from tests.fake_deepseek_shapes import FAKE_UPSTREAM_KEY, Reply
-from tests.proxy_harness import PEAK, TEAM_KEYS, running_proxy
+from tests.proxy_harness import PEAK, TEAM_KEYS, raw_request, running_proxy
 
 KEY = TEAM_KEYS["alpha"]
 AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
@@ -44,20 +43,6 @@ def nested(depth: int) -> Any:
     for _ in range(depth):
         value = [value]
     return value
-
-
-async def raw_exchange(url: str, request: bytes) -> bytes:
-    """Send raw bytes, read the whole answer (the proxy closes the connection after it)."""
-    host, port = url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(request)
-    await writer.drain()
-    try:
-        return await asyncio.wait_for(reader.read(), timeout=10)
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
 
 
 def inflight(registry: Any) -> float:
@@ -182,7 +167,7 @@ async def test_malformed_requests_never_echo_the_client_key(fake: FakeDeepSeek, 
                                                             ) -> None:
     caplog.set_level("DEBUG")  # every logger, every level
     async with running_proxy(fake.base_url, book) as proxy:
-        answers = [await raw_exchange(proxy.url, request) for request in MALFORMED]
+        answers = [await raw_request(proxy.url, request, whole=True) for request in MALFORMED]
     for answer in answers:
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.split(b" ")[1] in (b"400", b"431"), head
@@ -198,10 +183,10 @@ async def test_malformed_requests_never_echo_the_client_key(fake: FakeDeepSeek, 
 
 async def test_non_utf8_authorization_is_a_401(fake: FakeDeepSeek, book: PriceBook) -> None:
     async with running_proxy(fake.base_url, book) as proxy:
-        answers = [await raw_exchange(proxy.url, (
+        answers = [await raw_request(proxy.url, (
             b"POST /chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-            b"Authorization: Bearer " + token + b"\r\nContent-Length: 2\r\n\r\n{}"))
-            for token in (b"\xff\xfe", KEY.encode() + b"\xc3\x28", b"sk-\x80proxy")]
+            b"Authorization: Bearer " + token + b"\r\nContent-Length: 2\r\n\r\n{}"),
+            whole=True) for token in (b"\xff\xfe", KEY.encode() + b"\xc3\x28", b"sk-\x80proxy")]
     for answer in answers:
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 401 "), head

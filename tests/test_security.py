@@ -24,7 +24,7 @@ from proxy.records import FanOut, LogSink
 from tests.conftest import ROOT
 from tests.fake_deepseek import FakeDeepSeek
 from tests.fake_deepseek_shapes import FAKE_UPSTREAM_KEY, Reply
-from tests.proxy_harness import TEAM_KEYS, running_proxy
+from tests.proxy_harness import TEAM_KEYS, raw_request, running_proxy
 
 AUTH = {"Authorization": f"Bearer {TEAM_KEYS['alpha']}"}
 CHAT = {"model": "deepseek-flash", "messages": [{"role": "user", "content": "hi"}]}
@@ -103,19 +103,6 @@ async def trap() -> AsyncIterator[tuple[str, list[int]]]:
         await server.wait_closed()
 
 
-async def _raw_request(url: str, request: bytes) -> bytes:
-    host, port = url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(request)
-    await writer.drain()
-    try:
-        return await asyncio.wait_for(reader.read(65536), timeout=10)
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-
-
 async def test_ssrf_matrix_never_reaches_the_trap(fake: FakeDeepSeek, book: PriceBook,
                                                   trap: tuple[str, list[int]]) -> None:
     target, hits = trap
@@ -143,7 +130,7 @@ async def test_ssrf_matrix_never_reaches_the_trap(fake: FakeDeepSeek, book: Pric
                      "/chat/../chat/completions/%2e%2e", f"/chat/completions?url={url}"):
             response = await http.post(path, json=CHAT)
             statuses.append(response.status_code)
-        absolute = await _raw_request(
+        absolute = await raw_request(
             proxy.url, b"POST " + url.encode() + b"/chat/completions HTTP/1.1\r\nHost: "
             + target.encode() + b"\r\nAuthorization: Bearer " + key
             + b"\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
@@ -170,7 +157,7 @@ async def test_any_authorization_header_is_a_clean_401(fake: FakeDeepSeek, book:
     async with running_proxy(fake.base_url, book) as proxy:
         for value in nasty:
             # Raw bytes, so values an HTTP client library would refuse reach the proxy too.
-            answer = await _raw_request(
+            answer = await raw_request(
                 proxy.url, b"POST /chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close"
                 b"\r\nAuthorization: " + value.encode("latin-1")
                 + b"\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
