@@ -43,8 +43,7 @@ class Admission:
 
     def enter(self, team: str) -> None:
         """Count a call in, or raise `Overloaded` (503)."""
-        if self.draining:
-            raise Draining("the proxy is shutting down; retry on another instance")
+        self.refuse_if_draining()
         in_team = self._by_team.get(team, 0)
         if self._total >= self._limits.max_inflight:
             raise Overloaded(f"the proxy has {self._total} calls in progress, its limit; "
@@ -54,6 +53,11 @@ class Admission:
                              "retry shortly")
         self._total += 1
         self._by_team[team] = in_team + 1
+
+    def refuse_if_draining(self) -> None:
+        """Raise `Draining` (503, ``Connection: close``) while the proxy is shutting down."""
+        if self.draining:
+            raise Draining("the proxy is shutting down; retry on another instance")
 
     def in_flight(self) -> dict[str, int]:
         """Calls in progress per team (the ``llm_inflight_requests`` gauge reads this)."""

@@ -38,10 +38,11 @@ class Undecodable(Exception):
 
 
 class Decoder:
-    """Inflates a gzip or zlib-wrapped deflate body piece by piece."""
+    """Inflates a gzip or zlib-wrapped deflate body piece by piece. A gzip body may hold
+    several members one after the other (RFC 1952); each is inflated in turn."""
 
     def __init__(self) -> None:
-        self._inflate = zlib.decompressobj(wbits=32 + zlib.MAX_WBITS)  # gzip or zlib header
+        self._inflate = _inflater()
 
     def feed(self, data: bytes) -> Iterator[bytes]:
         try:
@@ -50,6 +51,9 @@ class Decoder:
                 if piece:
                     yield piece
                 tail = self._inflate.unconsumed_tail
+                if not tail and self._inflate.eof and self._inflate.unused_data:
+                    tail = self._inflate.unused_data  # the next member begins here
+                    self._inflate = _inflater()
                 if not tail:
                     return
                 piece = self._inflate.decompress(tail, DECODE_PIECE)
@@ -65,6 +69,10 @@ class Decoder:
         if not self._inflate.eof:
             raise Undecodable("the compressed body ended early")
         return rest
+
+
+def _inflater() -> zlib._Decompress:
+    return zlib.decompressobj(wbits=32 + zlib.MAX_WBITS)  # a gzip or a zlib header
 
 
 def inflate_limited(body: bytes, limit: int) -> bytes:

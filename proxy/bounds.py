@@ -48,8 +48,6 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from proxy.config import Limits
 from proxy.usage import estimate_tokens
 
@@ -80,7 +78,8 @@ class PromptShape:
     costs several times a plain one's."""
 
     text_bytes: int
-    """Bytes of the request body, less the bytes of its image and file parts."""
+    """Bytes of the request body, less the bytes of the strings in its image and file
+    parts."""
     items: int
     """Messages plus tools: each gets `TEMPLATE_TOKENS_PER_ITEM`."""
     preamble: bool
@@ -119,14 +118,14 @@ def measure(payload: Mapping[str, Any], body_size: int) -> PromptShape:
             if not isinstance(content, list):
                 continue
             for part in content:
-                kind = part.get("type") if isinstance(part, dict) else None
+                kind = _part_type(part)
                 if kind is None or kind in TEXT_PART_TYPES:
                     continue
                 if kind in IMAGE_PART_TYPES:
                     images += 1
                 else:
                     unbounded = True
-                part_bytes += _json_size(part)
+                part_bytes += _string_bytes(part)
     tools = 0
     for name in ("tools", "functions"):
         value = payload.get(name)
@@ -165,7 +164,7 @@ def estimate_prompt(payload: Mapping[str, Any], limits: Limits) -> tuple[int, tu
                 texts.append(content)
             elif isinstance(content, list):
                 for part in content:
-                    kind = part.get("type") if isinstance(part, dict) else None
+                    kind = _part_type(part)
                     if kind in IMAGE_PART_TYPES:
                         images += 1
                     elif kind is None or kind in TEXT_PART_TYPES:
@@ -201,6 +200,13 @@ def estimate_prompt(payload: Mapping[str, Any], limits: Limits) -> tuple[int, tu
         (FLAG_ESTIMATE_WITHOUT_FILES,) if unbounded else ())
 
 
+def _part_type(part: Any) -> str | None:
+    """A content part's ``type``: None for a plain part, ``""`` for one whose type is not
+    text (an unknown kind of part, so bounded only by the context window)."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    return kind if kind is None or isinstance(kind, str) else ""
+
+
 def template_tokens(items: int, preamble: bool) -> int:
     """What the chat template adds around a request's `items` messages and tools (the bound
     adds `BASE_TEMPLATE_TOKENS` of headroom on top; an estimate does not)."""
@@ -224,10 +230,9 @@ def strings(value: Any, *, keys: bool = False) -> Iterator[str]:
             stack.extend(item)
 
 
-def _json_size(value: Any) -> int:
-    """Compact JSON size of a content part: never more than its bytes in the body, so the body
-    size less this stays an upper bound of the text. A part too deep to serialise counts 0."""
-    try:
-        return len(orjson.dumps(value))
-    except orjson.JSONEncodeError:
-        return 0
+def _string_bytes(part: Any) -> int:
+    """Bytes the strings (and keys) of a content part take in any body that carries it: a
+    lower bound of its size there, so the body size less this stays an upper bound of the
+    text. Only strings count: a number can be written shorter than any re-serialisation of it
+    (``1e15``), so counting numbers could shrink the bound below the truth."""
+    return sum(len(text.encode("utf-8", "surrogatepass")) for text in strings(part, keys=True))

@@ -11,9 +11,11 @@ releases it.
 Worst case of a call (`CallSize`, from `proxy.bounds`): its prompt bound, all of it at the
 cache-miss price, plus its output bound (``max_tokens``, else DeepSeek's maximum output) at the
 output price, at the dearest tier of the price version in force. So token costs never pass a
-hard budget. The overshoot bound is what the worst case cannot see: server-side tool fees of
-the calls running when the budget runs out (0.005 CNY per search or fetch), and, only if a
-price change takes effect during a call, the difference to the new price. A crash (``kill -9``
+hard budget by a call that makes no server-side tool calls. The overshoot bound is what the
+worst case cannot see: server-side tool fees of the calls running when the budget runs out
+(0.005 CNY per search or fetch), the tokens those tool calls feed back into the model (trusted
+up to `proxy.metering`'s bounds), and, only if a price change takes effect during a call, the
+difference to the new price. A crash (``kill -9``
 of the proxy or of one worker) ends its running calls as ``interrupted`` with unknown usage,
 which adds nothing to the spend: each crash can pass a budget by at most the worst cases of the
 calls it cut.
@@ -32,7 +34,11 @@ at once. Two team settings keep the promise and the throughput (`proxy.config.Te
 Either way the bound above holds: the lowered limit is part of the worst case reserved.
 
 Calls to a model the price book cannot price cannot be bounded: for a team with a hard budget
-they are refused with 403 (`ModelNotPriced`). Spend comes from the ledger when a period starts
+they are refused with 403 (`ModelNotPriced`). A call whose usage was lost counts at its
+estimate (`proxy.metering`: never above what was held, though DeepSeek may bill it more, as it
+may bill a call a crash cut); one whose cost is unknown altogether (nothing to estimate from)
+counts nothing, here as in the ledger (it is counted by ``llm_usage_missing_total`` and
+alerted as ``UsageMissing``). Spend comes from the ledger when a period starts
 (and at start-up), then from settled calls; if the ledger cannot be read, calls of teams with
 hard budgets are refused (fail closed, 503).
 """
@@ -250,8 +256,9 @@ class BudgetGuard:
         for state, start, held in reservation.holds:
             state.reserved -= held
             if state.start == start and costs is not None:
-                # A call without a known cost (usage lost) keeps what was held for it.
-                state.spent += costs.get(state.budget.currency, held)
+                # A call without a known cost adds nothing, as in the ledger, which the
+                # workers' guard and every restart read (see the module docstring).
+                state.spent += costs.get(state.budget.currency, _ZERO)
         reservation.holds.clear()
 
     def _standing(self, state: _State, day: date) -> Standing:

@@ -93,10 +93,10 @@ class Limits:
     image_prompt_tokens: int = 8192
     """Prompt tokens counted for each image part (`proxy.bounds` says why this figure)."""
     max_server_tool_calls: int = 32
-    """Server-side tool calls (search, fetch) one call is believed to make, per tool; more
-    reported by DeepSeek are recorded at this figure and flagged. DeepSeek's agentic search
-    makes a handful per answer; 32 is generous, and keeps a broken report from billing
-    millions of searches."""
+    """Server-side tool calls (search, fetch) one call is believed to make, all tools
+    together; more reported by DeepSeek are recorded at this figure and flagged. DeepSeek's
+    agentic search makes a handful per answer; 32 is generous, and keeps a broken report from
+    billing millions of searches."""
 
 
 OverBudget = Literal["refuse", "lower_max_tokens"]

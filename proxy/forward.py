@@ -79,11 +79,8 @@ MAX_ERROR_BODY = 1 << 20
 SMALL_BODY = 1 << 16
 AFTER_DONE_BYTES = 1 << 16
 """How much a stream may send after ``[DONE]`` (ignored) before the proxy stops reading it."""
-MAX_UPSTREAM_TEXT = 256
-"""Longest served-model name or trace id stored from DeepSeek's answer."""
 FLAG_UNDECODABLE = "undecodable_body"
 FLAG_OVERSIZED_EVENT = "oversized_event"
-FLAG_BAD_UPSTREAM_TEXT = "unprintable_upstream_field"
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +149,7 @@ async def proxy_completion(request: web.Request, state: ProxyState, client: Clie
                       model_requested=payload["model"], payload=payload, started_at=started_at,
                       prompt_bound=size.prompt, output_bound=size.output,
                       price_book=state.book.digest)
+    state.admission.refuse_if_draining()  # first: the client should go elsewhere
     # A record the ledger cannot keep is spend no one will see: with its bounded queue full,
     # no call is admitted; while it cannot commit, no call that a hard budget must count.
     if not state.ledger.has_room():
@@ -170,7 +168,7 @@ async def proxy_completion(request: web.Request, state: ProxyState, client: Clie
             reservation = await _reserve(state, meter, size)
             if reservation.max_tokens is not None:
                 changes["max_tokens"] = meter.output_bound = reservation.max_tokens
-        body = rewrite(body, payload, changes)
+        body = rewrite(body, payload, changes, normalise=_ambiguous(body))
         dispatched = True  # from here a sink may hold an in-flight row: a final one follows
         state.sink.dispatched(meter)
         exchange = _Exchange(request, state, meter, client_wants_usage,
@@ -198,6 +196,15 @@ async def proxy_completion(request: web.Request, state: ProxyState, client: Clie
             await state.budgets.settle(reservation, _settlement(exchange, record))
 
 
+def _ambiguous(body: bytes) -> bool:
+    """Whether the body may name ``model`` or ``max_tokens`` twice. JSON leaves duplicate keys
+    to the parser: the proxy's keeps the last, another may keep the first and be billed for a
+    model or a length the proxy never priced or reserved. Such a body (or one where the key
+    names also occur deeper, in a tool schema say) is sent re-serialised from what the proxy
+    read, so both sides read the same request."""
+    return body.count(b'"model"') > 1 or body.count(b'"max_tokens"') > 1
+
+
 async def _reserve(state: ProxyState, meter: CallMeter, size: CallSize) -> Reservation:
     try:
         return await state.budgets.reserve(meter.team, meter.request_id, meter.model_requested,
@@ -210,8 +217,8 @@ async def _reserve(state: ProxyState, meter: CallMeter, size: CallSize) -> Reser
 def _settlement(exchange: _Exchange | None, record: UsageRecord | None
                 ) -> dict[str, Any] | None:
     """What a reservation settles to: None if nothing is billable (the call never went out,
-    or DeepSeek refused it); the record's costs otherwise (empty if no record could be built,
-    which keeps the held amounts as spent)."""
+    or DeepSeek refused it); the record's costs otherwise (empty if no record could be built:
+    nothing to count, as in the ledger)."""
     if exchange is None or (record is not None and record.usage_source == "none"):
         return None
     return dict(record.costs) if record is not None else {}
@@ -381,7 +388,7 @@ class _Exchange:
     async def _relay(self, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
         meter = self.meter
         meter.upstream_status = upstream.status
-        meter.trace_id = self._upstream_text(upstream.headers.get("x-ds-trace-id"))
+        meter.trace_id = self.meter.upstream_text(upstream.headers.get("x-ds-trace-id"))
         if upstream.status >= 400:
             meter.outcome = "upstream_error"
             return await self._relay_error(upstream)
@@ -439,21 +446,15 @@ class _Exchange:
             headers["x-proxy-max-tokens"] = str(self.max_tokens_set)
         return headers
 
-    def _upstream_text(self, value: object) -> str | None:
-        """A short printable string from DeepSeek's answer (model, trace id), or None: a
-        hostile upstream must not fill the ledger or reports with what it sends."""
-        if value is None:
-            return None
-        if isinstance(value, str) and len(value) <= MAX_UPSTREAM_TEXT and value.isprintable():
-            return value
-        self.meter.flag(FLAG_BAD_UPSTREAM_TEXT)
-        return None
-
     async def _relay_error(self, upstream: aiohttp.ClientResponse) -> web.Response:
         body = await read_limited(upstream, MAX_ERROR_BODY)
-        if self._decoder(upstream) is not None:
-            body = inflate_limited(body, MAX_ERROR_BODY)
         headers = self._headers(upstream)
+        encoding = upstream.headers.get("Content-Encoding", "").strip().lower()
+        if encoding in DECODABLE:
+            body = inflate_limited(body, MAX_ERROR_BODY)
+        elif encoding not in ("", "identity"):
+            # Nothing to meter in an error: passed on as it came, its encoding named.
+            headers["Content-Encoding"] = upstream.headers["Content-Encoding"]
         if upstream.status == 402:
             headers["x-should-retry"] = "false"  # balance refusals: a retry cannot succeed
         if upstream.status in (401, 402):
@@ -511,7 +512,7 @@ class _Exchange:
         meter = self.meter
         meter.flag(FLAG_BODY_TOO_LARGE)
         model, usage = tap.edges()
-        meter.model_served = self._upstream_text(model)
+        meter.model_served = self.meter.upstream_text(model)
         if usage is not None:
             meter.take_usage(usage, self.state.config.tool_fields)
 
@@ -529,7 +530,7 @@ class _Exchange:
             meter.flag("unparseable_body")
             return
         if "model" in answer:
-            meter.model_served = self._upstream_text(answer["model"])
+            meter.model_served = self.meter.upstream_text(answer["model"])
         if "usage" in answer and answer["usage"] is not None:
             meter.take_usage(answer["usage"], self.state.config.tool_fields)
 

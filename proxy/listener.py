@@ -28,7 +28,7 @@ import logging
 import os
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
@@ -103,7 +103,11 @@ class _RequestHandler(RequestHandler):
         error: ProxyError
         if isinstance(exc, HttpProcessingError):
             defect = _defect(exc)
-            log.warning("malformed HTTP request from %s: %s", request.remote, defect)
+            # As aiohttp does: a bad method on a connection's first request is mostly a port
+            # scanner or TLS spoken to a plain port, not worth a warning each time.
+            scan = isinstance(exc, BadHttpMethod) and self._request_count == 1
+            log.log(logging.DEBUG if scan else logging.WARNING,
+                    "malformed HTTP request from %s: %s", request.remote, defect)
             if request.writer.output_size > 0:  # as aiohttp: an answer already began
                 raise ConnectionError("a response was already sent")
             too_large = isinstance(exc, LineTooLong) or defect == "too many header lines"
@@ -113,6 +117,8 @@ class _RequestHandler(RequestHandler):
             super().handle_error(request, status, exc, message)  # logs it (and raises if an
             error = InternalError("the proxy failed while handling this request; "  # answer
                                   "the failure is logged")  # began)
+            if status >= 500:
+                error.status = status  # aiohttp's choice, as 504 for a handler's timeout
         response = error_response(error)
         response.force_close()
         return response

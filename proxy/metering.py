@@ -20,7 +20,7 @@ DeepSeek streams about one token per chunk.
 Reported usage is trusted only within the bounds the request itself sets (`proxy.bounds`): its
 prompt bound and its output bound, each widened by a context window and an output bound per
 server-side tool call (a search feeds results back into the model), and at most
-`Limits.max_server_tool_calls` tool calls per tool. A count past its bound is recorded at the
+`Limits.max_server_tool_calls` tool calls in all. A count past its bound is recorded at the
 bound and flagged ``usage_exceeds_bound``, so a broken or hostile upstream cannot make the bill
 absurd; ``prompt_tokens`` keeps what DeepSeek reported. Usage that arrives after a stream's
 ``[DONE]`` is ignored and flagged ``data_after_done``.
@@ -49,6 +49,9 @@ FLAG_ESTIMATED = "usage_estimated"
 FLAG_MALFORMED_CHUNK = "malformed_chunk"
 FLAG_EXCEEDS_BOUND = "usage_exceeds_bound"
 FLAG_AFTER_DONE = "data_after_done"
+FLAG_BAD_UPSTREAM_TEXT = "unprintable_upstream_field"
+MAX_UPSTREAM_TEXT = 256
+"""Longest served-model name or trace id stored from DeepSeek's answer."""
 
 
 @dataclass(slots=True)
@@ -82,6 +85,17 @@ class CallMeter:
         """Add a flag once."""
         if flag not in self.flags:
             self.flags.append(flag)
+
+    def upstream_text(self, value: object) -> str | None:
+        """A short printable string from DeepSeek's answer (served model, trace id), or None
+        and a flag: a hostile upstream must not fill the ledger or reports with what it
+        sends."""
+        if value is None:
+            return None
+        if isinstance(value, str) and len(value) <= MAX_UPSTREAM_TEXT and value.isprintable():
+            return value
+        self.flag(FLAG_BAD_UPSTREAM_TEXT)
+        return None
 
     def placeholder(self) -> UsageRecord:
         """The call's ``in_flight`` record (`proxy.records.Dispatched`). The ledger's thread
@@ -140,8 +154,8 @@ class StreamMeter:
             return True
         if not isinstance(chunk, dict):
             return True
-        if meter.model_served is None and isinstance(chunk.get("model"), str):
-            meter.model_served = chunk["model"]
+        if meter.model_served is None and "model" in chunk:
+            meter.model_served = meter.upstream_text(chunk["model"])
         usage = chunk.get("usage")
         if usage is not None:
             meter.take_usage(usage, self.tool_fields)
@@ -163,7 +177,10 @@ def _usage_of(meter: CallMeter, limits: Limits
     prompt, flags = estimate_prompt(meter.payload, limits)
     if not prompt and not meter.output_chunks:
         return None, None, "unknown", flags
-    return (TokenUsage(cache_miss=prompt, output=meter.output_chunks), prompt, "estimated",
+    # One token per chunk relayed, but never past the output bound: a reservation held no
+    # more, and DeepSeek stops at max_tokens (role and finish chunks carry none).
+    output = min(meter.output_chunks, meter.output_bound)
+    return (TokenUsage(cache_miss=prompt, output=output), prompt, "estimated",
             (*flags, FLAG_ESTIMATED))
 
 
@@ -171,10 +188,9 @@ def _within_bounds(meter: CallMeter, tokens: TokenUsage, limits: Limits
                    ) -> tuple[TokenUsage, tuple[str, ...]]:
     """Reported counts, each cut to what the request allows (see the module docstring)."""
     tools = tokens.tool_calls
-    cap = limits.max_server_tool_calls
-    if tools and any(count > cap for count in tools.values()):
-        tools = {tool: min(count, cap) for tool, count in tools.items()}
     rounds = sum(tools.values()) if tools else 0  # each server tool call feeds the model again
+    if rounds > limits.max_server_tool_calls:
+        tools, rounds = _capped(tools, limits.max_server_tool_calls)
     output_limit = meter.output_bound * (1 + rounds)
     prompt_limit = meter.prompt_bound + limits.max_context_tokens * rounds
     if (tools is tokens.tool_calls and tokens.output <= output_limit
@@ -185,6 +201,17 @@ def _within_bounds(meter: CallMeter, tokens: TokenUsage, limits: Limits
     return TokenUsage(cache_hit=hit, cache_miss=min(tokens.cache_miss, prompt_limit - hit),
                       output=output, reasoning=min(tokens.reasoning, output),
                       tool_calls=tools), (FLAG_EXCEEDS_BOUND,)
+
+
+def _capped(tools: Mapping[str, int], cap: int) -> tuple[dict[str, int], int]:
+    """Tool-call counts cut to `cap` calls in all, each tool's share in name order."""
+    left = cap
+    capped: dict[str, int] = {}
+    for tool in sorted(tools):
+        if left:
+            capped[tool] = min(tools[tool], left)
+            left -= capped[tool]
+    return capped, cap
 
 
 def _no_price_reason(source: UsageSource, outcome: Outcome) -> str:

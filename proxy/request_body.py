@@ -88,16 +88,18 @@ def usage_option(payload: Mapping[str, Any]) -> dict[str, Any]:
     return {"stream_options": merged}
 
 
-def rewrite(body: bytes, payload: dict[str, Any], changes: Mapping[str, Any]) -> bytes:
+def rewrite(body: bytes, payload: dict[str, Any], changes: Mapping[str, Any], *,
+            normalise: bool = False) -> bytes:
     """`body` with the top-level fields in `changes` set; `payload` is updated to match.
 
     Fields the request lacks are inserted after the opening brace, leaving the client's bytes
-    untouched; if any is already there, the object is serialised again, which fails (400) only
-    for a request nested deeper than orjson writes (254 levels).
+    untouched; if any is already there, or `normalise` asks for it, the object is serialised
+    again from `payload`, which fails (400) only for a request nested deeper than orjson
+    writes (254 levels).
     """
-    if not changes:
+    if not changes and not normalise:
         return body
-    if all(name not in payload for name in changes):
+    if not normalise and all(name not in payload for name in changes):
         start = body.index(b"{") + 1  # parse_payload saw an object: the first brace opens it
         inserted = orjson.dumps(dict(changes))[1:-1]
         rest = body[start:].lstrip()
@@ -108,7 +110,7 @@ def rewrite(body: bytes, payload: dict[str, Any], changes: Mapping[str, Any]) ->
     try:
         new_body = orjson.dumps(updated)
     except orjson.JSONEncodeError:
-        raise BadRequest("the request is nested too deeply for the proxy to set "
-                         f"{', '.join(sorted(changes))}; flatten it") from None
+        raise BadRequest("the request is nested too deeply for the proxy to rewrite it "
+                         "(more than 254 levels); flatten it") from None
     payload.update(changes)
     return new_body

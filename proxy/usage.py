@@ -65,6 +65,12 @@ DEFAULT_TOOL_FIELDS: Mapping[str, str] = MappingProxyType({
     "read_url_requests": "fetch",
 })
 
+MAX_TOOL_FIELDS = 16
+MAX_TOOL_FIELD_CHARS = 64
+"""An unknown ``server_tool_use`` field is recorded under its own name (and flagged), so the
+names and their number are bounded like every other string the ledger takes from DeepSeek;
+DeepSeek has two tools today."""
+
 FLAG_PROMPT_MISMATCH = "prompt_tokens_mismatch"
 """hit + miss != prompt_tokens: recorded as reported, never silently "fixed"."""
 FLAG_CACHE_FIELDS_MISSING = "cache_fields_missing"
@@ -138,6 +144,11 @@ def parse_usage(obj: object, tool_fields: Mapping[str, str] = DEFAULT_TOOL_FIELD
     tools: dict[str, int] = {}
     server_tools = obj.get("server_tool_use")
     if server_tools is not None and isinstance(server_tools, Mapping):
+        if len(server_tools) > MAX_TOOL_FIELDS or not all(
+                isinstance(k, str) and 0 < len(k) <= MAX_TOOL_FIELD_CHARS and k.isprintable()
+                for k in server_tools):
+            raise MalformedUsage("usage server_tool_use has too many fields, or names that "
+                                 "are not short printable text")
         for field_name, _ in server_tools.items():
             count = _count(server_tools, str(field_name)) or 0
             tool = tool_fields.get(str(field_name))

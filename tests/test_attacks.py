@@ -110,6 +110,24 @@ async def test_no_request_leaks_a_slot_or_a_hold(fake: FakeDeepSeek, book: Price
     assert sum(r.usage_source == "none" for r in records) == 260
 
 
+async def test_duplicate_keys_reach_deepseek_as_the_proxy_read_them(fake: FakeDeepSeek,
+                                                                     book: PriceBook) -> None:
+    """JSON leaves duplicate keys to the parser: the proxy keeps the last, DeepSeek might keep
+    the first, and would then bill a model the proxy did not price or a length its budget did
+    not hold. A body naming ``model`` or ``max_tokens`` twice is sent as the proxy read it."""
+    sneaky = (b'{"model":"deepseek-v4-pro","max_tokens":393216,"messages":[{"role":"user",'
+              b'"content":"hi"}],"model":"deepseek-flash","max_tokens":10}')
+    async with running_proxy(fake.base_url, book) as proxy, \
+            httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http:
+        answer = await http.post("/chat/completions", content=sneaky)
+        [record] = await proxy.sink.wait_for(1)
+    assert answer.status_code == 200
+    [sent] = fake.requests
+    assert sent.body.count(b'"model"') == 1 and sent.body.count(b'"max_tokens"') == 1
+    assert (sent.json["model"], sent.json["max_tokens"]) == ("deepseek-flash", 10)
+    assert record.model_requested == "deepseek-flash"
+
+
 # --- 5. no compressed-body bomb ------------------------------------------------------------
 
 def gzip_of_zeros(size: int) -> bytes:
@@ -226,7 +244,10 @@ async def test_client_and_upstream_strings_are_bounded(fake: FakeDeepSeek, book:
     (served model, trace id) is bounded too."""
     fake.enqueue(Reply(raw_body=orjson.dumps({"model": "m" * 100_000, "choices": [],
                                               "usage": USAGE}),
-                       headers={"x-ds-trace-id": "t" * 4000}))
+                       headers={"x-ds-trace-id": "t" * 4000}),
+                 Reply(raw_events=[b"data: " + orjson.dumps({
+                     "model": "\x1b[2J" + "m" * 500_000, "choices": [], "usage": USAGE})
+                     + b"\n\n", b"data: [DONE]\n\n"]))
     async with running_proxy(fake.base_url, book) as proxy, \
             httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http:
         refused = [await http.post("/chat/completions",
@@ -234,14 +255,16 @@ async def test_client_and_upstream_strings_are_bounded(fake: FakeDeepSeek, book:
                    for model in ("m" * 257, "deepseek-flash\x1b[2J", "deepseek\nflash",
                                  "m" * (900 << 10))]
         ok = await http.post("/chat/completions", content=orjson.dumps(CHAT))
-        [record] = await proxy.sink.wait_for(1)
+        streamed = await http.post("/chat/completions", content=orjson.dumps(STREAM))
+        records = await proxy.sink.wait_for(2)
     assert [r.status_code for r in refused] == [400, 400, 400, 400]
     assert "longer than 256 characters" in refused[0].json()["error"]["message"]
     assert "control" in refused[1].json()["error"]["message"]
-    assert ok.status_code == 200 and len(fake.requests) == 1
-    assert (record.model_served, record.upstream_trace_id) == (None, None)
-    assert "unprintable_upstream_field" in record.flags
-    assert record.usage_source == "reported"
+    assert ok.status_code == streamed.status_code == 200 and len(fake.requests) == 2
+    assert records[0].upstream_trace_id is None
+    for record in records:  # the answer's served model, in a body or in a stream
+        assert record.model_served is None and "unprintable_upstream_field" in record.flags
+        assert record.usage_source == "reported"
 
 
 # --- 11. a hostile or broken upstream cannot make the bill absurd or the proxy huge ---------
@@ -286,6 +309,34 @@ async def test_absurd_usage_is_cut_to_what_the_request_allows(fake: FakeDeepSeek
         assert "usage_exceeds_bound" in record.flags
 
 
+async def test_many_tool_names_cannot_widen_the_bound(fake: FakeDeepSeek, book: PriceBook
+                                                      ) -> None:
+    """The tool-call cap is for all tools together, so sixteen made-up tool names of 32 calls
+    each widen the bound no more than one tool's 32; seventeen names, or one that is not
+    short printable text, make the usage untrusted altogether (estimated, flagged)."""
+    absurd = {"prompt_tokens": 99_000_000, "completion_tokens": 99_000_000,
+              "prompt_cache_hit_tokens": 0, "prompt_cache_miss_tokens": 99_000_000}
+    sixteen = {f"t{i:02}": 32 for i in range(16)}
+    payload = {**CHAT, "max_tokens": 100}
+    body = orjson.dumps(payload)
+    fake.enqueue(Reply(usage={**absurd, "server_tool_use": sixteen}),
+                 Reply(usage={**absurd, "server_tool_use": {**sixteen, "t16": 1}}),
+                 Reply(usage={**absurd, "server_tool_use": {"\x1b[2J" + "x" * 100: 1}}))
+    async with running_proxy(fake.base_url, book) as proxy, \
+            httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http:
+        for _ in range(3):
+            assert (await http.post("/chat/completions", content=body)).status_code == 200
+        capped, *untrusted = await proxy.sink.wait_for(3)
+    prompt = len(body) + BASE_TEMPLATE_TOKENS + TEMPLATE_TOKENS_PER_ITEM
+    assert sum(capped.tool_calls.values()) == 32
+    assert dict(capped.tool_calls) == {"t00": 32}  # the cap is shared, in name order
+    assert (capped.cache_miss_tokens, capped.output_tokens) == (
+        prompt + 32 * Limits().max_context_tokens, 100 * 33)
+    for record in untrusted:
+        assert record.usage_source == "estimated" and "malformed_usage" in record.flags
+        assert record.tool_calls == {} and not any("\x1b" in f for f in record.flags)
+
+
 async def test_usage_after_done_is_ignored(fake: FakeDeepSeek, book: PriceBook) -> None:
     """Events after ``[DONE]`` are neither billed nor relayed: once, a usage chunk there
     turned a 0.00006 CNY call into 10 CNY."""
@@ -309,6 +360,19 @@ async def test_usage_after_done_is_ignored(fake: FakeDeepSeek, book: PriceBook) 
     assert (record.cache_miss_tokens, record.output_tokens) == (10, 2)
     assert record.outcome == "complete" and "data_after_done" in record.flags
     assert record.costs["CNY"] == Decimal("0.000036")  # 10 x 2 + 2 x 8 per million
+
+
+async def test_an_estimate_never_passes_the_output_bound(fake: FakeDeepSeek, book: PriceBook
+                                                        ) -> None:
+    """A stream of 60 chunks for ``max_tokens: 10``, cut before its usage: the estimate (one
+    token per chunk) stops at 10, what the budget held and what DeepSeek can bill."""
+    fake.enqueue(Reply(content=["a"] * 60, usage=USAGE, cut_after_events=50))
+    async with running_proxy(fake.base_url, book) as proxy, \
+            httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http:
+        await http.post("/chat/completions",
+                        content=orjson.dumps({**STREAM, "max_tokens": 10}))
+        [record] = await proxy.sink.wait_for(1)
+    assert (record.usage_source, record.output_tokens) == ("estimated", 10)
 
 
 async def test_endless_event_is_cut_not_buffered(fake: FakeDeepSeek, book: PriceBook) -> None:
@@ -343,19 +407,25 @@ async def test_compressed_answers_are_decoded_or_refused(fake: FakeDeepSeek, boo
     gzipped = {"Content-Encoding": "gzip"}
     fake.enqueue(Reply(raw_body=gzip.compress(document), headers=gzipped),
                  Reply(raw_events=[gzip.compress(events)], headers=gzipped),
-                 Reply(raw_body=b"\x1b\x00 brotli?", headers={"Content-Encoding": "br"}))
+                 Reply(raw_body=b"\x1b\x00 brotli?", headers={"Content-Encoding": "br"}),
+                 Reply(status=400, error_body=b"\x1b\x00 brotli error?",
+                       headers={"Content-Encoding": "br"}))
     async with running_proxy(fake.base_url, book) as proxy, \
             httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http:
         body = await http.post("/chat/completions", content=orjson.dumps(CHAT))
         stream = await http.post("/chat/completions", content=orjson.dumps(STREAM))
         brotli = await http.post("/chat/completions", content=orjson.dumps(CHAT))
-        records = await proxy.sink.wait_for(3)
+        refused = await http.post("/chat/completions", content=orjson.dumps(CHAT))
+        records = await proxy.sink.wait_for(4)
     assert body.content == document and "content-encoding" not in body.headers
     assert stream.content == events and "content-encoding" not in stream.headers
     assert brotli.status_code == 502 and brotli.headers["x-should-retry"] == "false"
     assert brotli.json()["error"]["code"] == "upstream_bad_response"
+    # an error needs no metering: relayed as it came, its encoding named, never billed
+    assert refused.status_code == 400 and refused.headers["Content-Encoding"] == "br"
     assert [(r.outcome, r.usage_source) for r in records] == [
-        ("complete", "reported"), ("complete", "reported"), ("bad_response", "estimated")]
+        ("complete", "reported"), ("complete", "reported"), ("bad_response", "estimated"),
+        ("upstream_error", "none")]
     assert "undecodable_body" in records[2].flags
 
 

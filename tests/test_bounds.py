@@ -63,10 +63,25 @@ def test_tools_tool_calls_and_response_formats_count() -> None:
 def test_images_count_their_stated_cost_not_their_bytes() -> None:
     payload = {"model": "m", "messages": [{"role": "user", "content": [
         {"type": "text", "text": "what is this?"}, IMAGE, IMAGE]}]}
-    image_bytes = len(orjson.dumps(IMAGE))
+    # the image parts' strings, keys included: what any body carrying them spends on them
+    image_bytes = sum(len(text) for text in ("type", "image_url", "image_url", "url",
+                                             IMAGE["image_url"]["url"]))  # type: ignore[index]
     assert bound(payload) == (len(orjson.dumps(payload)) - 2 * image_bytes
                               + 2 * LIMITS.image_prompt_tokens + BASE_TEMPLATE_TOKENS
                               + TEMPLATE_TOKENS_PER_ITEM)
+
+
+def test_padding_an_image_part_cannot_hide_text() -> None:
+    """Numbers re-serialise longer than they can be written (``1e15``): an image part padded
+    with them must not shrink the bound below the text the request carries."""
+    text = "t" * 400_000
+    padded = {"type": "image_url", "image_url": {"url": "x"}, "pad": [1e15] * 100_000}
+    payload = {"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": text}, padded]}]}
+    body = json.dumps(payload, separators=(",", ":")).replace("1000000000000000.0",
+                                                              "1e15").encode()
+    assert len(body) < len(orjson.dumps(padded))  # the part is shorter in the body
+    assert measure(payload, len(body)).prompt_bound(LIMITS) > len(text)
 
 
 def test_files_and_size_are_bounded_by_the_context_window() -> None:
@@ -75,6 +90,15 @@ def test_files_and_size_are_bounded_by_the_context_window() -> None:
         LIMITS.max_context_tokens)
     huge = {"model": "m", "messages": [{"role": "user", "content": "x" * 2_000_000}]}
     assert bound(huge) == LIMITS.max_context_tokens
+
+
+def test_a_part_of_no_known_type_is_bounded_by_the_context() -> None:
+    """A ``type`` that is not text (a list, an object) is a kind of part the proxy does not
+    know: bounded by the context window, never an error."""
+    for kind in (["image_url"], {"a": 1}, 7):
+        payload = {"model": "m", "messages": [{"role": "user", "content": [{"type": kind}]}]}
+        assert bound(payload) == LIMITS.max_context_tokens
+        assert estimate_prompt(payload, LIMITS) == (0, ())
 
 
 def test_output_is_bounded_by_max_tokens_only() -> None:

@@ -153,3 +153,34 @@ def test_replay_writes_nothing_from_a_file_with_a_bad_line(
     ledger.unlink()  # never replayed into a new, empty ledger
     assert replay(ledger, good, capsys=capsys) == (1, f"no ledger at {ledger}\n")
     assert not ledger.exists()
+
+
+def test_a_spilled_call_ended_by_a_restart_is_restored(ledger: Path, book: PriceBook,
+                                                       capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    """The usual order of a disk-full stop: the call's in-flight row was committed while the
+    ledger was fine, its final record was spilled, and the proxy was restarted (which ends
+    in-flight rows as ``interrupted``, usage unknown) before anyone replayed. The replay must
+    still put the call's real record and cost in, once."""
+    [call] = calls(book, 1)
+    store = SQLiteLedger(ledger, ZoneInfo("Asia/Shanghai"))
+    store.write([in_flight_record(CallMeter(
+        request_id=call.request_id, team="beta", key_id="k_00000000", endpoint="chat",
+        stream=False, model_requested="deepseek-flash", payload={}, started_at=PEAK,
+        prompt_bound=1 << 20, output_bound=1 << 16), book)], [])
+    store.close()
+    saved = spill([call], ledger, ledger.parent / "proxy.yaml", NOW)
+    assert saved is not None
+    restarted = SQLiteLedger(ledger, ZoneInfo("Asia/Shanghai"))  # recovery at start-up
+    assert restarted.interrupted == 1
+    restarted.close()
+    assert rows(ledger, "SELECT outcome, usage_source FROM usage") == [
+        ("interrupted", "unknown")]
+    assert replay(ledger, saved, capsys=capsys) == (
+        0, f"1 record(s) read: 1 written to {ledger}, 0 already there\n")
+    assert rows(ledger, "SELECT outcome, usage_source FROM usage") == [
+        ("complete", "reported")]
+    assert spend(ledger) == {"beta": call.costs["CNY"]}
+    assert replay(ledger, saved, capsys=capsys) == (
+        0, f"1 record(s) read: 0 written to {ledger}, 1 already there\n")
+    assert spend(ledger) == {"beta": call.costs["CNY"]}

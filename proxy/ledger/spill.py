@@ -24,14 +24,13 @@ import dataclasses
 import json
 import logging
 import os
-import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from proxy.ledger.store import SQLiteLedger, connect, statement_sizes
+from proxy.ledger.store import SQLiteLedger, connect, settled_ids
 from proxy.records import UsageRecord
 
 log = logging.getLogger("proxy.ledger")
@@ -137,22 +136,15 @@ def replay(ledger: Path, timezone: ZoneInfo, records: Sequence[UsageRecord]) -> 
             record, outcome="interrupted", unpriced_reason=INTERRUPTED)
             if record.outcome == "in_flight" else record)
     with contextlib.closing(connect(ledger)) as reader:
-        present = _final_ids(reader, list(finals))
+        present = settled_ids(reader, list(finals))
+        # A call that never ended is settled by any final row, recovery's included.
+        present |= settled_ids(reader, [i for i, r in finals.items() if i not in present
+                                        and r.outcome == "interrupted"], interrupted=True)
     store = SQLiteLedger(ledger, timezone, recover=False)  # never end a running proxy's calls
     try:
-        batch = list(finals.values())
+        batch = [record for request_id, record in finals.items() if request_id not in present]
         for start in range(0, len(batch), REPLAY_BATCH):
             store.write([], batch[start:start + REPLAY_BATCH])
     finally:
         store.close()
     return Replayed(written=len(finals) - len(present), present=len(present))
-
-
-def _final_ids(conn: sqlite3.Connection, request_ids: list[str]) -> set[str]:
-    found: set[str] = set()
-    for start, size in statement_sizes(len(request_ids)):
-        marks = ", ".join("?" * size)
-        found.update(r for (r,) in conn.execute(
-            f"SELECT request_id FROM usage WHERE state = 'final' "  # noqa: S608
-            f"AND request_id IN ({marks})", request_ids[start:start + size]))
-    return found

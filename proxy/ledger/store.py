@@ -207,7 +207,10 @@ _INSERT_USAGE = f"INSERT INTO usage ({', '.join(_COLUMNS)}) VALUES "  # noqa: S6
 _ON_CONFLICT_USAGE = "".join((
     " ON CONFLICT (request_id) DO UPDATE SET ",
     ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS[1:]),
-    " WHERE usage.state = 'in_flight' AND excluded.state = 'final'"))
+    # A final record replaces an in-flight row, or a row that recovery ended as `interrupted`
+    # with unknown usage (the call's real record, spilled and replayed after a restart).
+    " WHERE excluded.state = 'final' AND (usage.state = 'in_flight'",
+    " OR (usage.outcome = 'interrupted' AND usage.usage_source = 'unknown'))"))
 _INSERT_COST = "INSERT OR REPLACE INTO usage_cost VALUES "
 MAX_ROWS_PER_STATEMENT = 64
 """Rows per multi-row INSERT (32 columns x 64 = 2,048 parameters, far below SQLite's 32,766)."""
@@ -240,6 +243,25 @@ def statement_sizes(count: int) -> Iterator[tuple[int, int]]:
         size = min(MAX_ROWS_PER_STATEMENT, 1 << ((count - start).bit_length() - 1))
         yield start, size
         start += size
+
+
+def settled_ids(conn: sqlite3.Connection, request_ids: list[str], *,
+                interrupted: bool = False) -> set[str]:
+    """Which of these requests have their real final row already (a record written twice is
+    not written again). A row that recovery ended as ``interrupted`` with unknown usage is
+    not settled (the call's own record, spilled when the ledger could not take it, replaces
+    it when it is replayed), unless `interrupted` says such rows count too."""
+    found: set[str] = set()
+    for start, size in statement_sizes(len(request_ids)):
+        marks = ", ".join("?" * size)
+        ids = request_ids[start:start + size]
+        found.update(r for (r,) in (conn.execute(
+            f"SELECT request_id FROM usage WHERE state = 'final' "  # noqa: S608
+            f"AND request_id IN ({marks})", ids) if interrupted else conn.execute(
+            f"SELECT request_id FROM usage WHERE state = 'final' "  # noqa: S608
+            f"AND NOT (outcome = 'interrupted' AND usage_source = 'unknown') "
+            f"AND request_id IN ({marks})", ids)))
+    return found
 
 
 class DecimalSum:
@@ -475,14 +497,7 @@ class SQLiteLedger:
                                  [(record.request_id,) for record in final])
 
     def _already_final(self, request_ids: list[str]) -> set[str]:
-        """Which of these requests already have their final row (a record submitted twice)."""
-        found: set[str] = set()
-        for start, size in statement_sizes(len(request_ids)):
-            marks = ", ".join("?" * size)
-            found.update(r for (r,) in self._conn.execute(
-                f"SELECT request_id FROM usage WHERE state = 'final' "  # noqa: S608
-                f"AND request_id IN ({marks})", request_ids[start:start + size]))
-        return found
+        return settled_ids(self._conn, request_ids)
 
     def spend(self, since: date, until: date) -> list[SpendRow]:
         """Daily spend rows with ``since <= day <= until`` (billing days)."""
