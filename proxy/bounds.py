@@ -11,7 +11,7 @@ request contains, or a budget could reserve less than the proxy later records:
 What DeepSeek can bill as prompt is every part of the request that reaches the model: message
 text, the tool calls and tool results in the conversation, the tool and function schemas, a
 ``response_format`` schema, FIM's ``prompt`` and ``suffix``, images, files. The rule, one for
-all three uses (`PromptShape`):
+all three uses (`prompt_bound`):
 
 - **Text of any kind** is bounded by the request's own bytes: a byte-level tokenizer never makes
   more tokens than bytes, and the whole serialised body (keys, punctuation, escapes and all) is
@@ -45,7 +45,6 @@ request that sets only ``max_completion_tokens`` is bounded by the maximum.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from proxy.config import Limits
@@ -71,69 +70,62 @@ FLAG_ESTIMATE_WITHOUT_FILES = "estimate_excludes_files"
 """The request carried file or audio parts, whose tokens an estimate cannot know."""
 
 
-@dataclass(slots=True)
-class PromptShape:
-    """What a request carries, measured once per call (`measure`). Never changed once built,
-    though not declared frozen: one is built per call, and a frozen dataclass's ``__init__``
-    costs several times a plain one's."""
+def prompt_bound(payload: Mapping[str, Any], body_size: int, limits: Limits) -> int:
+    """The most prompt tokens DeepSeek can bill for a parsed request whose body was
+    `body_size` bytes (the rule of the module docstring).
 
-    text_bytes: int
-    """Bytes of the request body, less the bytes of the strings in its image and file
-    parts."""
-    items: int
-    """Messages plus tools: each gets `TEMPLATE_TOKENS_PER_ITEM`."""
-    preamble: bool
-    """Tools, functions or a response format are present: `TOOL_PREAMBLE_TOKENS` more."""
-    images: int
-    unbounded: bool
-    """A file or audio part: no bound but the context window."""
-
-    def template_tokens(self) -> int:
-        return template_tokens(self.items, self.preamble)
-
-    def prompt_bound(self, limits: Limits) -> int:
-        """The most prompt tokens DeepSeek can bill for this request."""
-        if self.unbounded:
-            return limits.max_context_tokens
-        tokens = (self.text_bytes + BASE_TEMPLATE_TOKENS + self.template_tokens()
-                  + self.images * limits.image_prompt_tokens)
-        return min(tokens, limits.max_context_tokens)
-
-
-def measure(payload: Mapping[str, Any], body_size: int) -> PromptShape:
-    """The shape of a parsed request whose body was `body_size` bytes.
-
-    Only message content lists are walked (images and files sit there); everything else is
-    counted by the body's size, so the cost on the request path is a loop over the messages.
+    It runs for every call, so the usual request (messages with text content) costs one pass
+    over its messages and a few lookups; only content lists are looked into (images and files
+    sit there), everything else is counted by the body's size.
     """
     messages = payload.get("messages")
     items = 0
+    if type(messages) is list:
+        items = len(messages)
+        for message in messages:
+            if type(message) is dict and type(message.get("content")) is list:
+                return _bound_with_parts(payload, messages, body_size, limits)
+    tools = _tool_count(payload)
+    tokens = (body_size + BASE_TEMPLATE_TOKENS
+              + template_tokens(items + tools, _preamble(payload, tools)))
+    return min(tokens, limits.max_context_tokens)
+
+
+def _bound_with_parts(payload: Mapping[str, Any], messages: list[Any], body_size: int,
+                      limits: Limits) -> int:
+    """`prompt_bound` for a request whose messages carry content parts: images count their
+    stated cost instead of their bytes, files leave only the context window."""
     images = 0
     part_bytes = 0
-    unbounded = False
-    if isinstance(messages, list):
-        items += len(messages)
-        for message in messages:
-            content = message.get("content") if isinstance(message, dict) else None
-            if not isinstance(content, list):
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            continue
+        for part in content:
+            kind = _part_type(part)
+            if kind is None or kind in TEXT_PART_TYPES:
                 continue
-            for part in content:
-                kind = _part_type(part)
-                if kind is None or kind in TEXT_PART_TYPES:
-                    continue
-                if kind in IMAGE_PART_TYPES:
-                    images += 1
-                else:
-                    unbounded = True
-                part_bytes += _string_bytes(part)
-    tools = 0
-    for name in ("tools", "functions"):
-        value = payload.get(name)
-        if isinstance(value, list):
-            tools += len(value)
-    preamble = bool(tools) or payload.get("response_format") is not None
-    return PromptShape(text_bytes=max(body_size - part_bytes, 0), items=items + tools,
-                       preamble=preamble, images=images, unbounded=unbounded)
+            if kind not in IMAGE_PART_TYPES:
+                return limits.max_context_tokens
+            images += 1
+            part_bytes += _string_bytes(part)
+    tools = _tool_count(payload)
+    tokens = (max(body_size - part_bytes, 0) + BASE_TEMPLATE_TOKENS
+              + template_tokens(len(messages) + tools, _preamble(payload, tools))
+              + images * limits.image_prompt_tokens)
+    return min(tokens, limits.max_context_tokens)
+
+
+def _tool_count(payload: Mapping[str, Any]) -> int:
+    tools = payload.get("tools")
+    functions = payload.get("functions")
+    return ((len(tools) if type(tools) is list else 0)
+            + (len(functions) if type(functions) is list else 0))
+
+
+def _preamble(payload: Mapping[str, Any], tools: int) -> bool:
+    """Tools, functions or a response format: the template adds its instructions."""
+    return bool(tools) or payload.get("response_format") is not None
 
 
 def output_bound(payload: Mapping[str, Any], limits: Limits) -> int:
@@ -145,7 +137,7 @@ def output_bound(payload: Mapping[str, Any], limits: Limits) -> int:
 
 
 def estimate_prompt(payload: Mapping[str, Any], limits: Limits) -> tuple[int, tuple[str, ...]]:
-    """Prompt tokens by DeepSeek's rule of thumb over the parts `measure` bounds, and flags.
+    """Prompt tokens by DeepSeek's rule of thumb over the parts `prompt_bound` bounds, and flags.
 
     Returns 0 tokens for a request with no prompt parts at all (the caller then has nothing to
     estimate from)."""
@@ -188,13 +180,11 @@ def estimate_prompt(payload: Mapping[str, Any], limits: Limits) -> tuple[int, tu
             texts.append(value)
         elif isinstance(value, list):
             texts.extend(v for v in value if isinstance(v, str))
-    tools = sum(len(payload[n]) for n in ("tools", "functions")
-                if isinstance(payload.get(n), list))
+    tools = _tool_count(payload)
     text_tokens = estimate_tokens("\n".join(texts))
     if not text_tokens and not images:
         return 0, ()
-    preamble = bool(tools) or payload.get("response_format") is not None
-    tokens = (text_tokens + template_tokens(items + tools, preamble)
+    tokens = (text_tokens + template_tokens(items + tools, _preamble(payload, tools))
               + images * limits.image_prompt_tokens)
     return min(tokens, limits.max_context_tokens), (
         (FLAG_ESTIMATE_WITHOUT_FILES,) if unbounded else ())

@@ -44,7 +44,7 @@ from proxy.answer import (
     inflate_limited,
 )
 from proxy.auth import ClientKey
-from proxy.bounds import measure, output_bound
+from proxy.bounds import output_bound, prompt_bound
 from proxy.budgets import BudgetExceeded, BudgetGuard, CallSize, Reservation
 from proxy.config import ProxyConfig
 from proxy.errors import (
@@ -142,7 +142,7 @@ async def proxy_completion(request: web.Request, state: ProxyState, client: Clie
     default_max_tokens = state.config.policy(client.team).default_max_tokens
     if default_max_tokens is not None and payload.get("max_tokens") is None:
         changes["max_tokens"] = default_max_tokens
-    size = CallSize(measure(payload, len(body)).prompt_bound(limits),
+    size = CallSize(prompt_bound(payload, len(body), limits),
                     output_bound(changes if "max_tokens" in changes else payload, limits))
     meter = CallMeter(request_id=new_request_id(), team=client.team, key_id=client.key_id,
                       endpoint=endpoint.name, stream=payload.get("stream") is True,

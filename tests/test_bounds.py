@@ -17,8 +17,8 @@ from proxy.bounds import (
     TEMPLATE_TOKENS_PER_ITEM,
     TOOL_PREAMBLE_TOKENS,
     estimate_prompt,
-    measure,
     output_bound,
+    prompt_bound,
 )
 from proxy.config import Limits
 from proxy.pricing import PriceBook
@@ -36,7 +36,7 @@ IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A
 
 
 def bound(payload: dict[str, Any]) -> int:
-    return measure(payload, len(orjson.dumps(payload))).prompt_bound(LIMITS)
+    return prompt_bound(payload, len(orjson.dumps(payload)), LIMITS)
 
 
 def test_text_is_bounded_by_its_bytes_plus_the_template() -> None:
@@ -81,7 +81,7 @@ def test_padding_an_image_part_cannot_hide_text() -> None:
     body = json.dumps(payload, separators=(",", ":")).replace("1000000000000000.0",
                                                               "1e15").encode()
     assert len(body) < len(orjson.dumps(padded))  # the part is shorter in the body
-    assert measure(payload, len(body)).prompt_bound(LIMITS) > len(text)
+    assert prompt_bound(payload, len(body), LIMITS) > len(text)
 
 
 def test_files_and_size_are_bounded_by_the_context_window() -> None:
@@ -160,8 +160,7 @@ def test_the_estimate_never_exceeds_the_bound(messages: list[tuple[str, str]],
         payload["tools"] = [{"type": "function", "function": {"name": "f", "description": d}}
                             for d in descriptions]
     for body in (orjson.dumps(payload), json.dumps(payload).encode()):  # compact or ASCII
-        assert estimate_prompt(payload, LIMITS)[0] <= measure(payload, len(body)).prompt_bound(
-            LIMITS)
+        assert estimate_prompt(payload, LIMITS)[0] <= prompt_bound(payload, len(body), LIMITS)
 
 
 async def test_lost_usage_is_estimated_from_the_whole_request(fake: FakeDeepSeek,
