@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any
 
 import orjson
@@ -75,9 +75,28 @@ def _inflater() -> zlib._Decompress:
     return zlib.decompressobj(wbits=32 + zlib.MAX_WBITS)  # a gzip or a zlib header
 
 
+def encoding(headers: Mapping[str, str]) -> str:
+    """The body's ``Content-Encoding``, lower case; empty or ``identity`` for none."""
+    return headers.get("Content-Encoding", "").strip().lower()
+
+
+def shown_body(body: bytes, upstream: Mapping[str, str], headers: MutableMapping[str, str],
+               limit: int) -> bytes:
+    """A whole body the proxy relays but does not meter (an error, the model list): inflated
+    if DeepSeek compressed it in a way the proxy can undo (the proxy never relays
+    ``Content-Encoding`` itself), else passed on as it came with its encoding named in
+    `headers`."""
+    kind = encoding(upstream)
+    if kind in DECODABLE:
+        return inflate_limited(body, limit)
+    if kind not in ("", "identity"):
+        headers["Content-Encoding"] = upstream["Content-Encoding"]
+    return body
+
+
 def inflate_limited(body: bytes, limit: int) -> bytes:
-    """A whole compressed body (an error, a model list), inflated to at most `limit` bytes;
-    one that cannot be inflated is returned as it came (it is shown, never metered)."""
+    """A whole compressed body, inflated to at most `limit` bytes; one that cannot be
+    inflated is returned as it came (it is shown, never metered)."""
     decoder = Decoder()
     parts: list[bytes] = []
     size = 0

@@ -29,7 +29,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from proxy.admission import Admission
-from proxy.answer import DECODABLE, inflate_limited
+from proxy.answer import shown_body
 from proxy.auth import ClientKey, authenticate
 from proxy.budgets import BudgetGuard, SharedBudgetGuard
 from proxy.config import ProxyConfig, check_references
@@ -144,12 +144,11 @@ async def _models(request: web.Request, state: ProxyState) -> web.StreamResponse
         if 300 <= upstream.status < 400:
             raise UpstreamRedirect(f"DeepSeek answered HTTP {upstream.status} (a redirect); "
                                    "the proxy does not follow redirects")
-        body = await read_limited(upstream, MAX_ERROR_BODY)
-        if upstream.headers.get("Content-Encoding", "").strip().lower() in DECODABLE:
-            body = inflate_limited(body, MAX_ERROR_BODY)  # Content-Encoding is not relayed
-        body = redact(body, state.upstream.api_key)
         headers = state.upstream.mask.headers(response_headers(upstream.headers))
-        return web.Response(status=upstream.status, body=body, headers=headers)
+        body = shown_body(await read_limited(upstream, MAX_ERROR_BODY), upstream.headers,
+                          headers, MAX_ERROR_BODY)
+        return web.Response(status=upstream.status, headers=headers,
+                            body=redact(body, state.upstream.api_key))
 
 
 async def _healthz(request: web.Request, state: ProxyState) -> web.StreamResponse:

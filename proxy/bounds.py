@@ -79,22 +79,26 @@ def prompt_bound(payload: Mapping[str, Any], body_size: int, limits: Limits) -> 
     sit there), everything else is counted by the body's size.
     """
     messages = payload.get("messages")
-    items = 0
+    items = images = part_bytes = 0
     if type(messages) is list:
         items = len(messages)
-        for message in messages:
+        for message in messages:  # a loop, not any(): this runs for every call
             if type(message) is dict and type(message.get("content")) is list:
-                return _bound_with_parts(payload, messages, body_size, limits)
+                parts = _image_parts(messages)
+                if parts is None:
+                    return limits.max_context_tokens
+                images, part_bytes = parts
+                break
     tools = _tool_count(payload)
-    tokens = (body_size + BASE_TEMPLATE_TOKENS
-              + template_tokens(items + tools, _preamble(payload, tools)))
+    tokens = (max(body_size - part_bytes, 0) + BASE_TEMPLATE_TOKENS
+              + template_tokens(items + tools, _preamble(payload, tools))
+              + images * limits.image_prompt_tokens)
     return min(tokens, limits.max_context_tokens)
 
 
-def _bound_with_parts(payload: Mapping[str, Any], messages: list[Any], body_size: int,
-                      limits: Limits) -> int:
-    """`prompt_bound` for a request whose messages carry content parts: images count their
-    stated cost instead of their bytes, files leave only the context window."""
+def _image_parts(messages: list[Any]) -> tuple[int, int] | None:
+    """How many image parts the messages carry and the bytes of their strings, or None if a
+    part is neither text nor an image (a file, audio: bounded by the context window only)."""
     images = 0
     part_bytes = 0
     for message in messages:
@@ -106,14 +110,10 @@ def _bound_with_parts(payload: Mapping[str, Any], messages: list[Any], body_size
             if kind is None or kind in TEXT_PART_TYPES:
                 continue
             if kind not in IMAGE_PART_TYPES:
-                return limits.max_context_tokens
+                return None
             images += 1
             part_bytes += _string_bytes(part)
-    tools = _tool_count(payload)
-    tokens = (max(body_size - part_bytes, 0) + BASE_TEMPLATE_TOKENS
-              + template_tokens(len(messages) + tools, _preamble(payload, tools))
-              + images * limits.image_prompt_tokens)
-    return min(tokens, limits.max_context_tokens)
+    return images, part_bytes
 
 
 def _tool_count(payload: Mapping[str, Any]) -> int:

@@ -41,7 +41,8 @@ from proxy.answer import (
     BodyTap,
     Decoder,
     Undecodable,
-    inflate_limited,
+    encoding,
+    shown_body,
 )
 from proxy.auth import ClientKey
 from proxy.bounds import output_bound, prompt_bound
@@ -431,12 +432,12 @@ class _Exchange:
 
     def _decoder(self, upstream: aiohttp.ClientResponse) -> Decoder | None:
         """A decoder for a body DeepSeek compressed although asked not to (`proxy.answer`)."""
-        encoding = upstream.headers.get("Content-Encoding", "").strip().lower()
-        if encoding in ("", "identity"):
+        kind = encoding(upstream.headers)
+        if kind in ("", "identity"):
             return None
-        if encoding in DECODABLE:
+        if kind in DECODABLE:
             return Decoder()
-        raise Undecodable(f"DeepSeek sent it with Content-Encoding {encoding[:32]!r}")
+        raise Undecodable(f"DeepSeek sent it with Content-Encoding {kind[:32]!r}")
 
     def _headers(self, upstream: aiohttp.ClientResponse) -> dict[str, str]:
         headers = response_headers(upstream.headers)
@@ -447,14 +448,9 @@ class _Exchange:
         return headers
 
     async def _relay_error(self, upstream: aiohttp.ClientResponse) -> web.Response:
-        body = await read_limited(upstream, MAX_ERROR_BODY)
         headers = self._headers(upstream)
-        encoding = upstream.headers.get("Content-Encoding", "").strip().lower()
-        if encoding in DECODABLE:
-            body = inflate_limited(body, MAX_ERROR_BODY)
-        elif encoding not in ("", "identity"):
-            # Nothing to meter in an error: passed on as it came, its encoding named.
-            headers["Content-Encoding"] = upstream.headers["Content-Encoding"]
+        body = shown_body(await read_limited(upstream, MAX_ERROR_BODY), upstream.headers,
+                          headers, MAX_ERROR_BODY)
         if upstream.status == 402:
             headers["x-should-retry"] = "false"  # balance refusals: a retry cannot succeed
         if upstream.status in (401, 402):
