@@ -28,7 +28,7 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from decimal import Decimal
 
 import aiohttp
 import orjson
@@ -150,16 +150,7 @@ async def proxy_completion(request: web.Request, state: ProxyState, client: Clie
                       model_requested=payload["model"], payload=payload, started_at=started_at,
                       prompt_bound=size.prompt, output_bound=size.output,
                       price_book=state.book.digest)
-    state.admission.refuse_if_draining()  # first: the client should go elsewhere
-    # A record the ledger cannot keep is spend no one will see: with its bounded queue full,
-    # no call is admitted; while it cannot commit, no call that a hard budget must count.
-    if not state.ledger.has_room():
-        raise LedgerUnavailable("the usage ledger cannot record calls and the records waiting "
-                                "for it fill its queue: calls are refused until it recovers")
-    if not state.ledger.committing() and state.budgets.applies(client.team):
-        raise LedgerUnavailable(f"the usage ledger cannot record calls: calls of team "
-                                f"{client.team!r}, which has a hard budget, are refused until "
-                                "it can, since their spend would not count")
+    _refuse_unrecordable(state, client.team)
     state.admission.enter(client.team)
     reservation: Reservation | None = None
     exchange: _Exchange | None = None
@@ -197,6 +188,21 @@ async def proxy_completion(request: web.Request, state: ProxyState, client: Clie
             await state.budgets.settle(reservation, _settlement(exchange, record))
 
 
+def _refuse_unrecordable(state: ProxyState, team: str) -> None:
+    """Refuse a call the proxy is about to stop serving or could not record. A draining proxy
+    says so first (the client should go elsewhere). A record the ledger cannot keep is spend
+    no one will see: with its bounded queue full, no call is admitted; while it cannot commit,
+    no call that a hard budget must count."""
+    state.admission.refuse_if_draining()
+    if not state.ledger.has_room():
+        raise LedgerUnavailable("the usage ledger cannot record calls and the records waiting "
+                                "for it fill its queue: calls are refused until it recovers")
+    if not state.ledger.committing() and state.budgets.applies(team):
+        raise LedgerUnavailable(f"the usage ledger cannot record calls: calls of team "
+                                f"{team!r}, which has a hard budget, are refused until it "
+                                "can, since their spend would not count")
+
+
 def _ambiguous(body: bytes) -> bool:
     """Whether the body may name ``model`` or ``max_tokens`` twice. JSON leaves duplicate keys
     to the parser: the proxy's keeps the last, another may keep the first and be billed for a
@@ -216,7 +222,7 @@ async def _reserve(state: ProxyState, meter: CallMeter, size: CallSize) -> Reser
 
 
 def _settlement(exchange: _Exchange | None, record: UsageRecord | None
-                ) -> dict[str, Any] | None:
+                ) -> dict[str, Decimal] | None:
     """What a reservation settles to: None if nothing is billable (the call never went out,
     or DeepSeek refused it); the record's costs otherwise (empty if no record could be built:
     nothing to count, as in the ledger)."""

@@ -39,7 +39,7 @@ import orjson
 from proxy.bounds import estimate_prompt
 from proxy.config import Limits
 from proxy.pricing import PriceBook, price
-from proxy.records import Outcome, UsageRecord, UsageSource
+from proxy.records import Outcome, UsageRecord, UsageSource, storable
 from proxy.sse import Event
 from proxy.usage import MalformedUsage, ReportedUsage, TokenUsage, parse_usage
 
@@ -50,8 +50,6 @@ FLAG_MALFORMED_CHUNK = "malformed_chunk"
 FLAG_EXCEEDS_BOUND = "usage_exceeds_bound"
 FLAG_AFTER_DONE = "data_after_done"
 FLAG_BAD_UPSTREAM_TEXT = "unprintable_upstream_field"
-MAX_UPSTREAM_TEXT = 256
-"""Longest served-model name or trace id stored from DeepSeek's answer."""
 
 
 @dataclass(slots=True)
@@ -92,7 +90,7 @@ class CallMeter:
         sends."""
         if value is None:
             return None
-        if isinstance(value, str) and len(value) <= MAX_UPSTREAM_TEXT and value.isprintable():
+        if isinstance(value, str) and storable(value):
             return value
         self.flag(FLAG_BAD_UPSTREAM_TEXT)
         return None

@@ -36,6 +36,17 @@ Outcome = Literal["complete", "client_disconnected", "upstream_error", "upstream
                   "connect_error", "bad_response", "aborted", "in_flight", "interrupted"]
 UsageSource = Literal["reported", "estimated", "unknown", "none"]
 
+MAX_TEXT_CHARS = 256
+"""Longest name the ledger stores from outside the proxy: the model a client asks for, the
+model and trace id DeepSeek answers with. DeepSeek's model names are under 40 characters;
+256 leaves room for any future name while no one can fill the disk through them."""
+
+
+def storable(text: str) -> bool:
+    """Whether an outside string may be stored as it is: short and printable (no terminal
+    escapes reach a report)."""
+    return len(text) <= MAX_TEXT_CHARS and text.isprintable()
+
 
 @dataclass(slots=True)
 class UsageRecord:

@@ -9,7 +9,7 @@ and holds nothing: no in-flight slot, no ledger row, no budget reservation.
   OpenAI and DeepSeek SDKs never compress request bodies. This is what Envoy and nginx do by
   default too: neither inflates a request body unless a filter is configured to.
 - ``model`` is the one client-chosen string the ledger stores: it must be a short printable
-  string (`MAX_MODEL_CHARS`), so no client can fill the disk or smuggle terminal escapes into
+  string (`proxy.records.storable`), so no client can fill the disk or smuggle terminal escapes into
   reports through it.
 - The body goes upstream byte for byte unless the proxy must change a top-level field (ask a
   stream for usage, write or lower ``max_tokens``): new fields are inserted at the front of the
@@ -27,9 +27,7 @@ import orjson
 from aiohttp import web
 
 from proxy.errors import BadRequest, PayloadTooLarge, RequestTimeout, UnsupportedEncoding
-
-MAX_MODEL_CHARS = 256
-"""DeepSeek's model names are under 40 characters; 256 leaves room for any future name."""
+from proxy.records import MAX_TEXT_CHARS, storable
 
 
 def refuse_compressed(request: web.Request) -> None:
@@ -65,9 +63,9 @@ def parse_payload(body: bytes) -> dict[str, Any]:
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("'model' is required and must be a string")
-    if len(model) > MAX_MODEL_CHARS:
-        raise BadRequest(f"'model' is longer than {MAX_MODEL_CHARS} characters")
-    if not model.isprintable():
+    if not storable(model):
+        if len(model) > MAX_TEXT_CHARS:
+            raise BadRequest(f"'model' is longer than {MAX_TEXT_CHARS} characters")
         raise BadRequest("'model' must not contain control or other non-printable characters")
     return payload
 
