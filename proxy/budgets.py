@@ -15,10 +15,9 @@ hard budget by a call that makes no server-side tool calls. The overshoot bound 
 worst case cannot see: server-side tool fees of the calls running when the budget runs out
 (0.005 CNY per search or fetch), the tokens those tool calls feed back into the model (trusted
 up to `proxy.metering`'s bounds), and, only if a price change takes effect during a call, the
-difference to the new price. A crash (``kill -9``
-of the proxy or of one worker) ends its running calls as ``interrupted`` with unknown usage,
-which adds nothing to the spend: each crash can pass a budget by at most the worst cases of the
-calls it cut.
+difference to the new price. A crash (``kill -9`` of the proxy or of one worker) ends its
+running calls as ``interrupted`` with unknown usage, which adds nothing to the spend: each
+crash can pass a budget by at most the worst cases of the calls it cut.
 
 A call without ``max_tokens`` reserves DeepSeek's maximum output (393,216 tokens; 10.6 CNY at
 deepseek-v4-pro's peak price), so a budget refuses calls long before it is spent when many run
@@ -38,8 +37,8 @@ they are refused with 403 (`ModelNotPriced`). A call whose usage was lost counts
 estimate (`proxy.metering`: never above what was held, though DeepSeek may bill it more, as it
 may bill a call a crash cut); one whose cost is unknown altogether (nothing to estimate from)
 counts nothing, here as in the ledger (it is counted by ``llm_usage_missing_total`` and
-alerted as ``UsageMissing``). Spend comes from the ledger when a period starts
-(and at start-up), then from settled calls; if the ledger cannot be read, calls of teams with
+alerted as ``UsageMissing``). Spend comes from the ledger when a period starts (and at
+start-up), then from settled calls; if the ledger cannot be read, calls of teams with
 hard budgets are refused (fail closed, 503).
 """
 
