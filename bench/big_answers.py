@@ -35,16 +35,23 @@ def peak_rss_mb(pid: int) -> float:
 
 
 async def run(proxy_root: Path, count: int, megabytes: int) -> None:
-    with tempfile.TemporaryDirectory(prefix="bench-big-") as folder, \
-            Processes(Path(folder), None) as processes:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-big-") as folder,
+        Processes(Path(folder), None) as processes,
+    ):
         started = await start_proxied(processes, Path(folder), proxy_root)
         proxy, key, ledger = started.proxy, started.client_key, started.ledger
         headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
         url = proxy.url + "/v1/chat/completions"
 
         async def one(client: aiohttp.ClientSession, size: int) -> int:
-            body = json.dumps({"model": "deepseek-flash", "bench_response_bytes": size,
-                               "messages": [{"role": "user", "content": "hi"}]})
+            body = json.dumps(
+                {
+                    "model": "deepseek-flash",
+                    "bench_response_bytes": size,
+                    "messages": [{"role": "user", "content": "hi"}],
+                }
+            )
             async with client.post(url, data=body, headers=headers) as response:
                 received = 0
                 async for chunk in response.content.iter_any():
@@ -55,25 +62,31 @@ async def run(proxy_root: Path, count: int, megabytes: int) -> None:
         async with aiohttp.ClientSession(timeout=timeout) as client:
             await one(client, 1000)  # warm-up: everything imported and allocated once
             before = peak_rss_mb(proxy.pid)
-            sizes = await asyncio.gather(*(one(client, megabytes << 20)
-                                           for _ in range(count)))
+            sizes = await asyncio.gather(*(one(client, megabytes << 20) for _ in range(count)))
             after = peak_rss_mb(proxy.pid)
         proxy.process.terminate()
         await asyncio.to_thread(proxy.process.wait, 60)
         with contextlib.closing(sqlite3.connect(ledger)) as conn:
-            metered = conn.execute("SELECT count(*) FROM usage WHERE usage_source = 'reported'"
-                                   " AND state = 'final'").fetchone()[0]
-    print(f"{proxy_root}: relayed {count} x {min(sizes) / 2**20:.0f} MiB answers at once; "
-          f"proxy peak RSS {before:.0f} MB before, {after:.0f} MB after "
-          f"(+{after - before:.0f} MB); {metered - 1} of {count} metered from DeepSeek's usage")
+            metered = conn.execute(
+                "SELECT count(*) FROM usage WHERE usage_source = 'reported' AND state = 'final'"
+            ).fetchone()[0]
+    print(
+        f"{proxy_root}: relayed {count} x {min(sizes) / 2**20:.0f} MiB answers at once; "
+        f"proxy peak RSS {before:.0f} MB before, {after:.0f} MB after "
+        f"(+{after - before:.0f} MB); {metered - 1} of {count} metered from DeepSeek's usage"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--proxy-root", type=Path, default=ROOT)
     parser.add_argument("--count", type=int, default=5)
-    parser.add_argument("--megabytes", type=int, default=64,
-                        help="size of each answer (the bench upstream's limit is 64)")
+    parser.add_argument(
+        "--megabytes",
+        type=int,
+        default=64,
+        help="size of each answer (the bench upstream's limit is 64)",
+    )
     args = parser.parse_args()
     asyncio.run(run(args.proxy_root.resolve(), args.count, args.megabytes))
 

@@ -32,20 +32,34 @@ from bench.services import start_proxied
 _TOTALS = re.compile(r"^(?:summary|totals):\s+(\d+)", re.MULTILINE)
 
 
-async def _count(proxy_root: Path, calls: int, concurrency: int, stream: bool,
-                 directory: Path) -> int:
+async def _count(
+    proxy_root: Path, calls: int, concurrency: int, stream: bool, directory: Path
+) -> int:
     """Instructions the proxy executes serving `calls` calls, start-up to exit."""
     out = directory / f"callgrind.{calls}.out"
     with Processes(directory, None) as processes:
         started = await start_proxied(
-            processes, directory, proxy_root, within=300,
-            prefix=["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"])
+            processes,
+            directory,
+            proxy_root,
+            within=300,
+            prefix=["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"],
+        )
         proxy, key = started.proxy, started.client_key
-        body = json.dumps({"model": "deepseek-flash", "stream": stream, "max_tokens": 16,
-                           "messages": [{"role": "user", "content": "hello " * 20}]}).encode()
-        call = Call(proxy.url + "/v1/chat/completions", body,
-                    {"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
-                    stream)
+        body = json.dumps(
+            {
+                "model": "deepseek-flash",
+                "stream": stream,
+                "max_tokens": 16,
+                "messages": [{"role": "user", "content": "hello " * 20}],
+            }
+        ).encode()
+        call = Call(
+            proxy.url + "/v1/chat/completions",
+            body,
+            {"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+            stream,
+        )
         timings = await closed_loop(call, concurrency, 3600, calls)
         if timings.errors or timings.count != calls:
             raise RuntimeError(f"{timings.errors} errors, {timings.count} of {calls} calls")
@@ -59,8 +73,9 @@ async def _stop(proxy: Service) -> None:
     await asyncio.to_thread(proxy.process.wait, 300)
 
 
-async def measure(proxy_root: Path, warmup: int, calls: int, concurrency: int,
-                  stream: bool) -> float:
+async def measure(
+    proxy_root: Path, warmup: int, calls: int, concurrency: int, stream: bool
+) -> float:
     with tempfile.TemporaryDirectory(prefix="bench-instructions-") as folder:
         base = Path(folder)
         (base / "a").mkdir()
@@ -72,8 +87,12 @@ async def measure(proxy_root: Path, warmup: int, calls: int, concurrency: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--proxy-root", type=Path, default=ROOT,
-                        help="checkout whose proxy is measured (default: this one)")
+    parser.add_argument(
+        "--proxy-root",
+        type=Path,
+        default=ROOT,
+        help="checkout whose proxy is measured (default: this one)",
+    )
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--calls", type=int, default=600)
     parser.add_argument("--concurrency", type=int, default=8)
@@ -81,11 +100,14 @@ def main() -> None:
     args = parser.parse_args()
     if not os.access("/usr/bin/valgrind", os.X_OK):
         sys.exit("needs valgrind (Debian: apt-get install valgrind)")
-    per_call = asyncio.run(measure(args.proxy_root.resolve(), args.warmup, args.calls,
-                                   args.concurrency, args.stream))
+    per_call = asyncio.run(
+        measure(args.proxy_root.resolve(), args.warmup, args.calls, args.concurrency, args.stream)
+    )
     kind = "streaming" if args.stream else "non-streaming"
-    print(f"{args.proxy_root.resolve()}: {per_call / 1000:,.0f}k instructions per {kind} call "
-          f"(c={args.concurrency}, {args.calls} calls after {args.warmup})")
+    print(
+        f"{args.proxy_root.resolve()}: {per_call / 1000:,.0f}k instructions per {kind} call "
+        f"(c={args.concurrency}, {args.calls} calls after {args.warmup})"
+    )
 
 
 if __name__ == "__main__":

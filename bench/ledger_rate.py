@@ -65,15 +65,32 @@ def synthetic_calls(book: PriceBook, count: int) -> Synthetic:
     for i in range(count):
         at = start + timedelta(microseconds=i)
         tick = time.perf_counter()
-        meter = CallMeter(request_id=uuid4().hex, team="bench", key_id="k_00000000",
-                          endpoint="chat", stream=False, model_requested="deepseek-flash",
-                          payload={}, started_at=at, prompt_bound=LIMITS.max_context_tokens,
-                          output_bound=LIMITS.max_output_tokens, first_byte_at=at,
-                          model_served="deepseek-flash", upstream_status=200,
-                          trace_id="bench-trace", outcome="complete")
-        meter.take_usage({"prompt_tokens": 100, "completion_tokens": 2,
-                          "prompt_cache_hit_tokens": 64, "prompt_cache_miss_tokens": 36},
-                         DEFAULT_TOOL_FIELDS)
+        meter = CallMeter(
+            request_id=uuid4().hex,
+            team="bench",
+            key_id="k_00000000",
+            endpoint="chat",
+            stream=False,
+            model_requested="deepseek-flash",
+            payload={},
+            started_at=at,
+            prompt_bound=LIMITS.max_context_tokens,
+            output_bound=LIMITS.max_output_tokens,
+            first_byte_at=at,
+            model_served="deepseek-flash",
+            upstream_status=200,
+            trace_id="bench-trace",
+            outcome="complete",
+        )
+        meter.take_usage(
+            {
+                "prompt_tokens": 100,
+                "completion_tokens": 2,
+                "prompt_cache_hit_tokens": 64,
+                "prompt_cache_miss_tokens": 36,
+            },
+            DEFAULT_TOOL_FIELDS,
+        )
         final.append(build_record(meter, at, book, "request_start", LIMITS))
         elapsed += time.perf_counter() - tick
         in_flight.append(in_flight_record(meter, book))
@@ -87,7 +104,7 @@ def store_rate(calls: Synthetic, batch: int) -> float:
         try:
             tick = time.perf_counter()
             for i in range(0, len(calls.final), batch):
-                store.write([], calls.final[i:i + batch])
+                store.write([], calls.final[i : i + batch])
             return len(calls.final) / (time.perf_counter() - tick)
         finally:
             store.close()
@@ -124,9 +141,15 @@ def main() -> None:
     parser.add_argument("--book", type=Path, required=True, help="price-book folder")
     args = parser.parse_args()
     calls = synthetic_calls(load_book(args.book), args.calls)
-    print(json.dumps({"build_seconds_per_call": calls.build_seconds_per_call,
-                      "store_rate": store_rate(calls, batch=200),
-                      "writer_rate": writer_rate(calls, timeout=120)}))
+    print(
+        json.dumps(
+            {
+                "build_seconds_per_call": calls.build_seconds_per_call,
+                "store_rate": store_rate(calls, batch=200),
+                "writer_rate": writer_rate(calls, timeout=120),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -66,7 +66,8 @@ def session(connections: int) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=connections, limit_per_host=connections),
         timeout=aiohttp.ClientTimeout(total=120, sock_connect=10),
-        skip_auto_headers=("User-Agent",))
+        skip_auto_headers=("User-Agent",),
+    )
 
 
 async def _one(client: aiohttp.ClientSession, call: Call, timings: Timings) -> None:
@@ -93,9 +94,16 @@ async def _one(client: aiohttp.ClientSession, call: Call, timings: Timings) -> N
         timings.first_tokens.append(first)
 
 
-async def closed_loop(call: Call, concurrency: int, duration: float, max_requests: int,
-                      *, rate: float | None = None, client: aiohttp.ClientSession | None = None,
-                      timings: Timings | None = None) -> Timings:
+async def closed_loop(
+    call: Call,
+    concurrency: int,
+    duration: float,
+    max_requests: int,
+    *,
+    rate: float | None = None,
+    client: aiohttp.ClientSession | None = None,
+    timings: Timings | None = None,
+) -> Timings:
     """`concurrency` workers send `call` until `duration` or `max_requests`.
 
     Back to back by default (saturation); with `rate`, the workers together start at most
@@ -143,8 +151,9 @@ class HeldStreams:
     errors: int
 
 
-async def hold_streams(call: Call, count: int, within: float,
-                       sample_rss_mb: Callable[[], float], samples: int = 5) -> HeldStreams:
+async def hold_streams(
+    call: Call, count: int, within: float, sample_rss_mb: Callable[[], float], samples: int = 5
+) -> HeldStreams:
     """Open `count` slow streams at once; while all are open, sample the server's RSS.
 
     Each stream counts as open once its first event arrived (headers alone prove little: the

@@ -35,8 +35,9 @@ _MESSAGES = [{"role": "user", "content": "Hello! Summarise the plot of Hamlet in
 
 
 def body(**extra: object) -> bytes:
-    return json.dumps({"model": MODEL, "messages": _MESSAGES, **extra},
-                      separators=(",", ":")).encode()
+    return json.dumps(
+        {"model": MODEL, "messages": _MESSAGES, **extra}, separators=(",", ":")
+    ).encode()
 
 
 SMALL = body()
@@ -49,17 +50,25 @@ STREAM_EVENTS = STREAM_CHUNKS + 3
 # would keep the upstream busy on the generator's core, and the generator would read the first
 # chunk late (see `bench.upstream`); its timing is the time to first token. STREAM_BURST comes
 # as fast as the upstream can write it: its total time is how fast a server relays 200 chunks.
-STREAM = body(stream=True, max_tokens=STREAM_CHUNKS, stream_options={"include_usage": True},
-              bench_chunk_delay_ms=1, bench_burst=10)
-STREAM_BURST = body(stream=True, max_tokens=STREAM_CHUNKS,
-                    stream_options={"include_usage": True})
+STREAM = body(
+    stream=True,
+    max_tokens=STREAM_CHUNKS,
+    stream_options={"include_usage": True},
+    bench_chunk_delay_ms=1,
+    bench_burst=10,
+)
+STREAM_BURST = body(stream=True, max_tokens=STREAM_CHUNKS, stream_options={"include_usage": True})
 LARGE_BYTES = 1_000_000
 LARGE = body(bench_response_bytes=LARGE_BYTES)
 
 
 def held_body(chunks: int, delay_ms: int) -> bytes:
-    return body(stream=True, max_tokens=chunks, stream_options={"include_usage": True},
-                bench_chunk_delay_ms=delay_ms)
+    return body(
+        stream=True,
+        max_tokens=chunks,
+        stream_options={"include_usage": True},
+        bench_chunk_delay_ms=delay_ms,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,12 +91,34 @@ class Profile:
     """Cap on any one built-in loop, whatever its duration."""
 
 
-FULL = Profile(rounds=3, warmup=2, saturation=4, latency=3, stream=3, large=2,
-               held_streams=1000, held_chunks=24, held_delay_ms=500, ledger_calls=20_000,
-               soak=20, soak_interval=10)
-QUICK = Profile(rounds=1, warmup=1, saturation=2, latency=2, stream=1.5, large=1.5,
-                held_streams=1000, held_chunks=4, held_delay_ms=500, ledger_calls=2_000,
-                soak=4, soak_interval=2)
+FULL = Profile(
+    rounds=3,
+    warmup=2,
+    saturation=4,
+    latency=3,
+    stream=3,
+    large=2,
+    held_streams=1000,
+    held_chunks=24,
+    held_delay_ms=500,
+    ledger_calls=20_000,
+    soak=20,
+    soak_interval=10,
+)
+QUICK = Profile(
+    rounds=1,
+    warmup=1,
+    saturation=2,
+    latency=2,
+    stream=1.5,
+    large=1.5,
+    held_streams=1000,
+    held_chunks=4,
+    held_delay_ms=500,
+    ledger_calls=2_000,
+    soak=4,
+    soak_interval=2,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,16 +141,26 @@ class Latency:
     @classmethod
     def of(cls, timings: load.Timings, values: list[float] | None = None) -> Latency:
         sample = timings.latencies if values is None else values
-        return cls(load.percentile(sample, 50), load.percentile(sample, 99), timings.count,
-                   timings.errors, timings.rps, "builtin")
+        return cls(
+            load.percentile(sample, 50),
+            load.percentile(sample, 99),
+            timings.count,
+            timings.errors,
+            timings.rps,
+            "builtin",
+        )
 
     @classmethod
     def median(cls, rounds: Sequence[Latency]) -> Latency:
         """Median of each figure over rounds; counts and errors summed."""
-        return cls(statistics.median(r.p50 for r in rounds),
-                   statistics.median(r.p99 for r in rounds), sum(r.count for r in rounds),
-                   sum(r.errors for r in rounds), statistics.median(r.rps for r in rounds),
-                   rounds[0].tool)
+        return cls(
+            statistics.median(r.p50 for r in rounds),
+            statistics.median(r.p99 for r in rounds),
+            sum(r.count for r in rounds),
+            sum(r.errors for r in rounds),
+            statistics.median(r.rps for r in rounds),
+            rounds[0].tool,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,9 +180,13 @@ class Saturation:
         def share(cpu: list[float]) -> float:
             return sum(c * r.seconds for c, r in zip(cpu, rounds, strict=True)) / seconds
 
-        return cls(Latency.median([r.latency for r in rounds]), seconds,
-                   share([r.server_cpu for r in rounds]), share([r.upstream_cpu for r in rounds]),
-                   share([r.generator_cpu for r in rounds]))
+        return cls(
+            Latency.median([r.latency for r in rounds]),
+            seconds,
+            share([r.server_cpu for r in rounds]),
+            share([r.upstream_cpu for r in rounds]),
+            share([r.generator_cpu for r in rounds]),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,8 +225,15 @@ class BenchError(RuntimeError):
 class Bench:
     """Runs measurements against targets; see the module docstring."""
 
-    def __init__(self, profile: Profile, headers: Mapping[str, str], upstreams: Sequence[Service],
-                 services: Sequence[Service], wrk_binary: str | None, work_dir: Path) -> None:
+    def __init__(
+        self,
+        profile: Profile,
+        headers: Mapping[str, str],
+        upstreams: Sequence[Service],
+        services: Sequence[Service],
+        wrk_binary: str | None,
+        work_dir: Path,
+    ) -> None:
         self.profile = profile
         self.headers = dict(headers)
         self.upstreams = list(upstreams)
@@ -194,9 +246,12 @@ class Bench:
     def call(self, target: Target, payload: bytes, stream: bool = False) -> load.Call:
         return load.Call(target.url, payload, self.headers, stream)
 
-    async def in_rounds(self, targets: Sequence[Target],
-                        measure: Callable[[Target], Awaitable[T]],
-                        progress: Callable[[str], None] | None = None) -> dict[str, list[T]]:
+    async def in_rounds(
+        self,
+        targets: Sequence[Target],
+        measure: Callable[[Target], Awaitable[T]],
+        progress: Callable[[str], None] | None = None,
+    ) -> dict[str, list[T]]:
         """`measure` each target once per round, the order reversed every other round."""
         results: dict[str, list[T]] = {t.name: [] for t in targets}
         for index in range(self.profile.rounds):
@@ -212,36 +267,47 @@ class Bench:
             async with client.post(target.url, data=SMALL, headers=self.headers) as response:
                 answer = await response.read()
                 if response.status != 200 or b'"prompt_cache_hit_tokens"' not in answer:
-                    raise BenchError(f"{target.name}: small call answered {response.status}: "
-                                     f"{answer[:300]!r}")
+                    raise BenchError(
+                        f"{target.name}: small call answered {response.status}: {answer[:300]!r}"
+                    )
             for stream in (STREAM, STREAM_BURST):
-                async with client.post(target.url, data=stream, headers=self.headers
-                                       ) as response:
+                async with client.post(target.url, data=stream, headers=self.headers) as response:
                     answer = await response.read()
                     events = answer.count(b"data: ")
-                    if response.status != 200 or not answer.endswith(b"data: [DONE]\n\n") \
-                            or events != STREAM_EVENTS:
-                        raise BenchError(f"{target.name}: stream answered {response.status} "
-                                         f"with {events} events: {answer[-300:]!r}")
+                    if (
+                        response.status != 200
+                        or not answer.endswith(b"data: [DONE]\n\n")
+                        or events != STREAM_EVENTS
+                    ):
+                        raise BenchError(
+                            f"{target.name}: stream answered {response.status} "
+                            f"with {events} events: {answer[-300:]!r}"
+                        )
 
     # --- non-streaming load: wrk when installed, else the built-in generator ---------------
 
-    async def _closed_loop(self, target: Target, payload: bytes, concurrency: int,
-                           seconds: float, stream: bool = False) -> load.Timings:
-        return await load.closed_loop(self.call(target, payload, stream), concurrency, seconds,
-                                      self.profile.max_requests)
+    async def _closed_loop(
+        self, target: Target, payload: bytes, concurrency: int, seconds: float, stream: bool = False
+    ) -> load.Timings:
+        return await load.closed_loop(
+            self.call(target, payload, stream), concurrency, seconds, self.profile.max_requests
+        )
 
     def _script(self, target: Target) -> Path:
         return wrk.write_script(self.work_dir / f"wrk-{target.name}.lua", SMALL, self.headers)
 
-    async def small_load(self, target: Target, concurrency: int, seconds: float
-                         ) -> tuple[Latency, float]:
+    async def small_load(
+        self, target: Target, concurrency: int, seconds: float
+    ) -> tuple[Latency, float]:
         """Small non-streaming calls: latency figures, and the generator's CPU seconds."""
         if self.wrk_binary is not None:
-            result = await wrk.run(self.wrk_binary, target.url, self._script(target),
-                                   concurrency, seconds)
-            return (Latency(result.p50, result.p99, result.requests, result.errors, result.rps,
-                            "wrk"), result.cpu_seconds)
+            result = await wrk.run(
+                self.wrk_binary, target.url, self._script(target), concurrency, seconds
+            )
+            return (
+                Latency(result.p50, result.p99, result.requests, result.errors, result.rps, "wrk"),
+                result.cpu_seconds,
+            )
         own = time.process_time()
         timings = await self._closed_loop(target, SMALL, concurrency, seconds)
         return Latency.of(timings), time.process_time() - own
@@ -259,13 +325,16 @@ class Bench:
         result, generator = await self.small_load(target, concurrency, self.profile.saturation)
         wall = time.perf_counter() - started
         return Saturation(
-            latency=result, seconds=wall,
+            latency=result,
+            seconds=wall,
             server_cpu=(cpu_seconds(target.server.pid) - server_before) / wall,
             upstream_cpu=(sum(cpu_seconds(p) for p in upstream_pids) - upstream_before) / wall,
-            generator_cpu=generator / wall)
+            generator_cpu=generator / wall,
+        )
 
-    async def saturation_with_ledger(self, target: Target, concurrency: int, ledger: Path
-                                     ) -> Saturation:
+    async def saturation_with_ledger(
+        self, target: Target, concurrency: int, ledger: Path
+    ) -> Saturation:
         """A proxy saturation run, then how far its ledger lagged and how long it took to drain.
 
         Every request wrk completed must end up as a final row; requests in flight when wrk
@@ -286,8 +355,9 @@ class Bench:
                 drained = time.perf_counter() - stopped
         await asyncio.sleep(0.5)  # let the calls cut at wrk's end be recorded too
         rows = count_final_rows(ledger)
-        self.ledger_checks.append(LedgerCheck(result.latency.count, rows - before,
-                                              max(0, expected - at_stop), drained))
+        self.ledger_checks.append(
+            LedgerCheck(result.latency.count, rows - before, max(0, expected - at_stop), drained)
+        )
         return result
 
     # --- the built-in generator only --------------------------------------------------------
@@ -302,18 +372,22 @@ class Bench:
         cpu = cpu_seconds(target.server.pid)
         paced = await self._closed_loop(target, STREAM, 1, self.profile.stream, stream=True)
         cpu = cpu_seconds(target.server.pid) - cpu
-        burst = await self._closed_loop(target, STREAM_BURST, 1, self.profile.stream,
-                                        stream=True)
-        return Streams(Latency.of(paced, paced.first_tokens), Latency.of(burst),
-                       cpu / max(paced.count * STREAM_EVENTS, 1))
+        burst = await self._closed_loop(target, STREAM_BURST, 1, self.profile.stream, stream=True)
+        return Streams(
+            Latency.of(paced, paced.first_tokens),
+            Latency.of(burst),
+            cpu / max(paced.count * STREAM_EVENTS, 1),
+        )
 
     async def large(self, target: Target) -> Latency:
         return Latency.of(await self._closed_loop(target, LARGE, 1, self.profile.large))
 
     async def parse_cost(self, target: Target, repeat: int = 15) -> float:
         """Median seconds `json.loads` takes on the 1 MB answer (the proxy parses it whole)."""
-        async with aiohttp.ClientSession() as client, \
-                client.post(target.url, data=LARGE, headers=self.headers) as response:
+        async with (
+            aiohttp.ClientSession() as client,
+            client.post(target.url, data=LARGE, headers=self.headers) as response,
+        ):
             answer = await response.read()
         runs = []
         for _ in range(repeat):
@@ -326,11 +400,16 @@ class Bench:
         profile = self.profile
         hold = profile.held_chunks * profile.held_delay_ms / 1000
         call = self.call(target, held_body(profile.held_chunks, profile.held_delay_ms), True)
-        return await load.hold_streams(call, profile.held_streams, within=hold + 60,
-                                       sample_rss_mb=lambda: rss_mb(target.server.pid))
+        return await load.hold_streams(
+            call,
+            profile.held_streams,
+            within=hold + 60,
+            sample_rss_mb=lambda: rss_mb(target.server.pid),
+        )
 
-    async def soak(self, target: Target, seconds: float, interval: float, rate: float
-                   ) -> tuple[list[SoakSample], int]:
+    async def soak(
+        self, target: Target, seconds: float, interval: float, rate: float
+    ) -> tuple[list[SoakSample], int]:
         """A steady load for `seconds`: small calls at `rate` per second (16 workers) and
         200-chunk streams at 4 per second (2 workers). Every `interval`: the server's RSS, the
         p50 of the small calls finished in that interval, the calls/s, the server's CPU use and
@@ -348,18 +427,37 @@ class Bench:
                 window = small.latencies[seen:]
                 seen += len(window)
                 server_now, others_now = cpu_seconds(target.server.pid), self._outside_cpu()
-                samples.append(SoakSample(
-                    tick * interval, rss_mb(target.server.pid), load.percentile(window, 50),
-                    len(window) / interval, (server_now - server) / interval,
-                    (others_now - others) / interval))
+                samples.append(
+                    SoakSample(
+                        tick * interval,
+                        rss_mb(target.server.pid),
+                        load.percentile(window, 50),
+                        len(window) / interval,
+                        (server_now - server) / interval,
+                        (others_now - others) / interval,
+                    )
+                )
                 server, others = server_now, others_now
 
         await asyncio.gather(
-            load.closed_loop(self.call(target, SMALL), 16, seconds, self.profile.max_requests,
-                             rate=rate, timings=small),
-            load.closed_loop(self.call(target, STREAM, True), 2, seconds,
-                             self.profile.max_requests, rate=4, timings=streams),
-            sampler())
+            load.closed_loop(
+                self.call(target, SMALL),
+                16,
+                seconds,
+                self.profile.max_requests,
+                rate=rate,
+                timings=small,
+            ),
+            load.closed_loop(
+                self.call(target, STREAM, True),
+                2,
+                seconds,
+                self.profile.max_requests,
+                rate=4,
+                timings=streams,
+            ),
+            sampler(),
+        )
         return samples, small.errors + streams.errors
 
     def _outside_cpu(self) -> float:

@@ -31,10 +31,13 @@ CASES = [
 
 def main() -> int:
     book = load_price_book([BOOK])
-    usage = TokenUsage(cache_hit=48_213, cache_miss=1_877, output=912, reasoning=400,
-                       tool_calls={"search": 2})
-    print(f"python {platform.python_version()} on {platform.machine()}, "
-          f"{platform.processor() or 'cpu'}; target <= {TARGET_US} us per priced call")
+    usage = TokenUsage(
+        cache_hit=48_213, cache_miss=1_877, output=912, reasoning=400, tool_calls={"search": 2}
+    )
+    print(
+        f"python {platform.python_version()} on {platform.machine()}, "
+        f"{platform.processor() or 'cpu'}; target <= {TARGET_US} us per priced call"
+    )
     worst = 0.0
     for label, model, instant in CASES:
         when = datetime.fromisoformat(instant)

@@ -54,8 +54,10 @@ class Placement:
         return cls(frozenset(cpus[-1:]), frozenset(cpus[:-1]))
 
     def describe(self) -> str:
-        return (f"server under test on CPU {_cpus(self.server)}; generator, upstream and wrk "
-                f"on CPU {_cpus(self.others)}")
+        return (
+            f"server under test on CPU {_cpus(self.server)}; generator, upstream and wrk "
+            f"on CPU {_cpus(self.others)}"
+        )
 
 
 def _cpus(cpus: frozenset[int]) -> str:
@@ -81,7 +83,7 @@ def rss_mb(pid: int) -> float:
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process and all its threads so far."""
     stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2:].split()
+    fields = stat[stat.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
@@ -132,14 +134,27 @@ class Processes:
         self.placement = placement
         self.services: list[Service] = []
 
-    def start(self, name: str, argv: Sequence[str], url: str, *, under_test: bool = False,
-              env: Mapping[str, str] | None = None, cwd: Path = ROOT) -> Service:
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        url: str,
+        *,
+        under_test: bool = False,
+        env: Mapping[str, str] | None = None,
+        cwd: Path = ROOT,
+    ) -> Service:
         log = self.log_dir / f"{name}.log"
         with log.open("wb") as out:
             process = subprocess.Popen(  # noqa: S603 - argv is built by the benchmark itself
-                list(argv), cwd=cwd, env={**os.environ, **(env or {})},
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True)
+                list(argv),
+                cwd=cwd,
+                env={**os.environ, **(env or {})},
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         service = Service(name, process, url, log, under_test)
         self.services.append(service)
         if self.placement is not None:
@@ -152,22 +167,24 @@ class Processes:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as client:
             while time.monotonic() < deadline:
                 if service.process.poll() is not None:
-                    raise StartError(f"{service.name} exited with {service.process.returncode}:"
-                                     f"\n{service.log_tail()}")
+                    raise StartError(
+                        f"{service.name} exited with {service.process.returncode}:"
+                        f"\n{service.log_tail()}"
+                    )
                 with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                     async with client.get(service.url + "/healthz") as response:
                         if response.status == 200:
                             self._repin(service)
                             return
                 await asyncio.sleep(0.05)  # polling for the port to open, under a deadline
-        raise StartError(f"{service.name} was not ready within {within:.0f} s:\n"
-                         f"{service.log_tail()}")
+        raise StartError(
+            f"{service.name} was not ready within {within:.0f} s:\n{service.log_tail()}"
+        )
 
     def _repin(self, service: Service) -> None:
         """Pin again once ready: threads started before the first pin did not inherit it."""
         if self.placement is not None:
-            pin(service.pid,
-                self.placement.server if service.under_test else self.placement.others)
+            pin(service.pid, self.placement.server if service.under_test else self.placement.others)
 
     def stop_all(self, grace: float = 10.0) -> None:
         """SIGTERM every child still running (newest first), then SIGKILL stragglers."""
@@ -186,6 +203,10 @@ class Processes:
     def __enter__(self) -> Processes:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop_all()

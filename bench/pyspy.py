@@ -35,10 +35,24 @@ def available() -> str | None:
 async def record(binary: str, pid: int, seconds: int, out: Path) -> None:
     """Sample `pid`'s GIL holder for `seconds` at 250 Hz without pausing it."""
     process = await asyncio.create_subprocess_exec(
-        binary, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "250",
-        "--nonblocking", "--gil", "--format", "speedscope", "--output", str(out),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-        start_new_session=True)
+        binary,
+        "record",
+        "--pid",
+        str(pid),
+        "--duration",
+        str(seconds),
+        "--rate",
+        "250",
+        "--nonblocking",
+        "--gil",
+        "--format",
+        "speedscope",
+        "--output",
+        str(out),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         async with asyncio.timeout(seconds + 30):
             _, err = await process.communicate()
@@ -77,19 +91,26 @@ def summarise(path: Path, top: int = 12) -> list[str]:
             threads[thread] += weight
             by_module[modules[stack[-1]]] += weight
             own[functions[stack[-1]]] += weight
-            for name in {functions[i] for i in stack if modules[i].startswith("proxy.")
-                         and modules[i] not in _ENTRY}:
+            for name in {
+                functions[i]
+                for i in stack
+                if modules[i].startswith("proxy.") and modules[i] not in _ENTRY
+            }:
                 total[name] += weight
     busy = sum(threads.values())
     if not busy:
         return ["    (no samples)"]
 
     def block(title: str, counts: Counter[str]) -> list[str]:
-        return [f"    {title}:", *(f"      {n / busy:6.1%}  {name}"
-                                   for name, n in counts.most_common(top))]
+        return [
+            f"    {title}:",
+            *(f"      {n / busy:6.1%}  {name}" for name, n in counts.most_common(top)),
+        ]
 
-    lines = ["    seconds holding the GIL, per thread: " + ", ".join(
-        f"{name} {seconds:.1f} s" for name, seconds in threads.most_common())]
+    lines = [
+        "    seconds holding the GIL, per thread: "
+        + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in threads.most_common())
+    ]
     lines += block("self time by module", by_module)
     lines += block("self time by function", own)
     lines += block("proxy functions by total time (on the stack)", total)

@@ -19,8 +19,19 @@ from aiohttp import web
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 UPSTREAM = web.AppKey("upstream", str)
 
-_HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
-                         "te", "trailer", "trailers", "transfer-encoding", "upgrade"})
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
 _REQUEST_DROP = _HOP_BY_HOP | {"host", "content-length"}
 _RESPONSE_DROP = _HOP_BY_HOP | {"content-length", "content-encoding", "server", "date"}
 
@@ -30,10 +41,16 @@ async def forward(request: web.Request) -> web.StreamResponse:
     body = await request.read()
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _REQUEST_DROP}
     async with request.app[SESSION].post(
-            request.app[UPSTREAM] + request.path, data=body, headers=headers,
-            allow_redirects=False, auto_decompress=False) as upstream:
-        response = web.StreamResponse(status=upstream.status, headers={
-            k: v for k, v in upstream.headers.items() if k.lower() not in _RESPONSE_DROP})
+        request.app[UPSTREAM] + request.path,
+        data=body,
+        headers=headers,
+        allow_redirects=False,
+        auto_decompress=False,
+    ) as upstream:
+        response = web.StreamResponse(
+            status=upstream.status,
+            headers={k: v for k, v in upstream.headers.items() if k.lower() not in _RESPONSE_DROP},
+        )
         if upstream.content_length is not None:
             response.content_length = upstream.content_length
         try:
@@ -59,7 +76,8 @@ def create_app(upstream: str) -> web.Application:
         app[SESSION] = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
             skip_auto_headers=("User-Agent",),
-            timeout=aiohttp.ClientTimeout(total=None, connect=10, sock_read=120))
+            timeout=aiohttp.ClientTimeout(total=None, connect=10, sock_read=120),
+        )
         yield
         await app[SESSION].close()
 
@@ -74,9 +92,12 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="base URL, e.g. http://127.0.0.1:9000")
-    parser.add_argument("--like-proxy", action="store_true",
-                        help="run on uvloop with the proxy's garbage-collector settings (not "
-                             "what bench.run measures: for telling those two gains apart)")
+    parser.add_argument(
+        "--like-proxy",
+        action="store_true",
+        help="run on uvloop with the proxy's garbage-collector settings (not "
+        "what bench.run measures: for telling those two gains apart)",
+    )
     args = parser.parse_args()
     app = create_app(args.upstream)
     loop = None

@@ -32,8 +32,16 @@ class Row:
     tool: str = NONE
 
     def cells(self) -> tuple[str, ...]:
-        return (self.measurement, self.direct, self.reference, self.proxy, self.ratio,
-                self.target, self.verdict, self.tool)
+        return (
+            self.measurement,
+            self.direct,
+            self.reference,
+            self.proxy,
+            self.ratio,
+            self.target,
+            self.verdict,
+            self.tool,
+        )
 
 
 def verdict(ok: bool) -> str:
@@ -102,4 +110,5 @@ def machine(wrk_version: str | None, placement: str) -> str:
         f"{_memory_gb():.1f} GB RAM, Linux {platform.release()}; "
         f"Python {platform.python_version()}, aiohttp {metadata.version('aiohttp')}, "
         f"SQLite {sqlite3.sqlite_version}, load: {wrk_version or 'wrk not installed'} + "
-        f"built-in aiohttp generator; {placement}")
+        f"built-in aiohttp generator; {placement}"
+    )

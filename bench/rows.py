@@ -56,12 +56,16 @@ def _throughput(results: Results, concurrency: int) -> Row:
     runs = {t: results.saturation[(t, concurrency)] for t in ("direct", "reference", "proxy")}
     text, value = ratio(runs["proxy"].latency.rps, runs["reference"].latency.rps)
     errors = sum(r.latency.errors for r in runs.values())
-    return Row(f"throughput, small JSON, c={concurrency} (req/s)",
-               rate(runs["direct"].latency.rps), rate(runs["reference"].latency.rps),
-               rate(runs["proxy"].latency.rps), ratio=text,
-               target=f">= {THROUGHPUT_RATIO}x reference",
-               verdict=verdict(value >= THROUGHPUT_RATIO and errors == 0),
-               tool=runs["proxy"].latency.tool)
+    return Row(
+        f"throughput, small JSON, c={concurrency} (req/s)",
+        rate(runs["direct"].latency.rps),
+        rate(runs["reference"].latency.rps),
+        rate(runs["proxy"].latency.rps),
+        ratio=text,
+        target=f">= {THROUGHPUT_RATIO}x reference",
+        verdict=verdict(value >= THROUGHPUT_RATIO and errors == 0),
+        tool=runs["proxy"].latency.tool,
+    )
 
 
 def _cpu_per_call(results: Results, concurrency: int) -> Row:
@@ -72,13 +76,24 @@ def _cpu_per_call(results: Results, concurrency: int) -> Row:
         run = results.saturation[(t, concurrency)]
         cost[t] = run.server_cpu * run.seconds / max(run.latency.count, 1)
     text = {t: f"{c * 1e6:.0f} us" for t, c in cost.items()}
-    return Row(f"server CPU per small call, c={concurrency}", text["direct"],
-               text["reference"], text["proxy"], ratio(cost["proxy"], cost["reference"])[0],
-               tool="/proc stat")
+    return Row(
+        f"server CPU per small call, c={concurrency}",
+        text["direct"],
+        text["reference"],
+        text["proxy"],
+        ratio(cost["proxy"], cost["reference"])[0],
+        tool="/proc stat",
+    )
 
 
-def _added(name: str, figures: dict[str, float], tool: str, *, limit_ratio: float | None = None,
-           limit_added: float | None = None) -> Row:
+def _added(
+    name: str,
+    figures: dict[str, float],
+    tool: str,
+    *,
+    limit_ratio: float | None = None,
+    limit_added: float | None = None,
+) -> Row:
     """A latency row: direct as measured, the servers as time added over direct."""
     base = figures["direct"]
     ref, proxy = figures["reference"] - base, figures["proxy"] - base
@@ -88,16 +103,34 @@ def _added(name: str, figures: dict[str, float], tool: str, *, limit_ratio: floa
         target, ok = f"<= {limit_ratio}x reference", value <= limit_ratio
     elif limit_added is not None:
         target, ok = f"<= +{limit_added * 1000:g} ms", proxy <= limit_added
-    return Row(name, ms(base), added_ms(ref), added_ms(proxy), text, target,
-               NONE if ok is None else verdict(ok), tool)
+    return Row(
+        name,
+        ms(base),
+        added_ms(ref),
+        added_ms(proxy),
+        text,
+        target,
+        NONE if ok is None else verdict(ok),
+        tool,
+    )
 
 
-def _percentiles(name: str, runs: dict[str, Latency], *, p50_ratio: float | None = None,
-                 p50_added: float | None = None) -> list[Row]:
+def _percentiles(
+    name: str,
+    runs: dict[str, Latency],
+    *,
+    p50_ratio: float | None = None,
+    p50_added: float | None = None,
+) -> list[Row]:
     tool = runs["proxy"].tool
     return [
-        _added(f"{name} p50", {t: r.p50 for t, r in runs.items()}, tool,
-               limit_ratio=p50_ratio, limit_added=p50_added),
+        _added(
+            f"{name} p50",
+            {t: r.p50 for t, r in runs.items()},
+            tool,
+            limit_ratio=p50_ratio,
+            limit_added=p50_added,
+        ),
         _added(f"{name} p99", {t: r.p99 for t, r in runs.items()}, tool),
     ]
 
@@ -109,40 +142,75 @@ def _memory(results: Results) -> list[Row]:
     all_open = proxy.opened == proxy.requested
     held = f"{mb(proxy.peak_rss_mb)} ({proxy.opened}/{proxy.requested} open)"
     return [
-        Row("RSS, idle after load", NONE, mb(idle["reference"]), mb(idle["proxy"]),
-            ratio(idle["proxy"], idle["reference"])[0], tool="/proc VmRSS"),
-        Row(f"RSS, {proxy.requested:,} open streams", NONE,
-            f"{mb(ref.peak_rss_mb)} ({ref.opened}/{ref.requested} open)", held, text,
-            f"<= {RSS_LIMIT_MB:g} MB", verdict(all_open and proxy.peak_rss_mb <= RSS_LIMIT_MB),
-            "builtin + /proc"),
-        Row(f"time to open {proxy.requested:,} streams", NONE,
-            f"{ref.open_seconds:.2f} s", f"{proxy.open_seconds:.2f} s",
-            ratio(proxy.open_seconds, ref.open_seconds)[0], tool="builtin"),
+        Row(
+            "RSS, idle after load",
+            NONE,
+            mb(idle["reference"]),
+            mb(idle["proxy"]),
+            ratio(idle["proxy"], idle["reference"])[0],
+            tool="/proc VmRSS",
+        ),
+        Row(
+            f"RSS, {proxy.requested:,} open streams",
+            NONE,
+            f"{mb(ref.peak_rss_mb)} ({ref.opened}/{ref.requested} open)",
+            held,
+            text,
+            f"<= {RSS_LIMIT_MB:g} MB",
+            verdict(all_open and proxy.peak_rss_mb <= RSS_LIMIT_MB),
+            "builtin + /proc",
+        ),
+        Row(
+            f"time to open {proxy.requested:,} streams",
+            NONE,
+            f"{ref.open_seconds:.2f} s",
+            f"{proxy.open_seconds:.2f} s",
+            ratio(proxy.open_seconds, ref.open_seconds)[0],
+            tool="builtin",
+        ),
     ]
 
 
 def _ledger(results: Results) -> list[Row]:
     peak = max(results.saturation[("proxy", c)].latency.rps for c in (32, 256))
     rows = []
-    for name, value in (("ledger: SQLiteLedger.write, batches of 200 (rows/s)",
-                         results.store_rate),
-                        ("ledger: via LedgerWriter, 2 records/call (calls/s)",
-                         results.writer_rate)):
+    for name, value in (
+        ("ledger: SQLiteLedger.write, batches of 200 (rows/s)", results.store_rate),
+        ("ledger: via LedgerWriter, 2 records/call (calls/s)", results.writer_rate),
+    ):
         text, value_ratio = ratio(value, peak)
-        rows.append(Row(name, proxy=rate(value), ratio=f"{text} of peak",
-                        target=">= proxy peak req/s", verdict=verdict(value_ratio >= 1),
-                        tool="in-process"))
+        rows.append(
+            Row(
+                name,
+                proxy=rate(value),
+                ratio=f"{text} of peak",
+                target=">= proxy peak req/s",
+                verdict=verdict(value_ratio >= 1),
+                tool="in-process",
+            )
+        )
     checks = results.ledger_checks
     requests = sum(c.requests for c in checks)
     written = sum(c.rows for c in checks)
     lag = max((c.lag_rows for c in checks), default=0)
     drain = max((c.drain_seconds for c in checks), default=math.nan)
-    rows.append(Row("ledger rows after saturation runs / requests",
-                    proxy=f"{written:,} / {requests:,} (lag {lag} rows, drained {drain:.2f} s)",
-                    ratio=ratio(written, requests)[0], target="every request recorded",
-                    verdict=verdict(written >= requests), tool="sqlite3 count"))
-    rows.append(Row("record build + price per call",
-                    proxy=f"{results.build_seconds_per_call * 1e6:.1f} us", tool="in-process"))
+    rows.append(
+        Row(
+            "ledger rows after saturation runs / requests",
+            proxy=f"{written:,} / {requests:,} (lag {lag} rows, drained {drain:.2f} s)",
+            ratio=ratio(written, requests)[0],
+            target="every request recorded",
+            verdict=verdict(written >= requests),
+            tool="sqlite3 count",
+        )
+    )
+    rows.append(
+        Row(
+            "record build + price per call",
+            proxy=f"{results.build_seconds_per_call * 1e6:.1f} us",
+            tool="in-process",
+        )
+    )
     return rows
 
 
@@ -157,18 +225,25 @@ def _soak(results: Results) -> list[Row]:
     p50_drift = (last.p50 - first.p50) / first.p50
     cpu_drift = (last.server_cpu - first.server_cpu) / first.server_cpu
     return [
-        Row(f"soak RSS first -> last ({length})",
+        Row(
+            f"soak RSS first -> last ({length})",
             proxy=f"{mb(first.rss_mb)} -> {mb(last.rss_mb)} ({rss_drift:+.1%})",
             target=f"flat (<= +{SOAK_RSS_DRIFT:.0%}) over {SOAK_SECONDS:.0f} s",
             verdict=verdict(rss_drift <= SOAK_RSS_DRIFT) if judged else "n/a",
-            tool="builtin + /proc"),
-        Row(f"soak p50 first -> last (errors {results.soak_errors})",
+            tool="builtin + /proc",
+        ),
+        Row(
+            f"soak p50 first -> last (errors {results.soak_errors})",
             proxy=f"{ms(first.p50)} -> {ms(last.p50)} ({p50_drift:+.1%})",
             target=f"flat (<= +{SOAK_P50_DRIFT:.0%}) over {SOAK_SECONDS:.0f} s",
-            verdict=verdict(p50_drift <= SOAK_P50_DRIFT) if judged else "n/a", tool="builtin"),
-        Row("soak proxy CPU use first -> last (same offered load)",
+            verdict=verdict(p50_drift <= SOAK_P50_DRIFT) if judged else "n/a",
+            tool="builtin",
+        ),
+        Row(
+            "soak proxy CPU use first -> last (same offered load)",
             proxy=f"{first.server_cpu:.0%} -> {last.server_cpu:.0%} ({cpu_drift:+.1%})",
-            tool="/proc stat"),
+            tool="/proc stat",
+        ),
     ]
 
 
@@ -176,21 +251,32 @@ def build(results: Results) -> list[Row]:
     """Every row of the table, in the issue's order."""
     c32 = {t: results.saturation[(t, 32)].latency for t in ("direct", "reference", "proxy")}
     rows = [_throughput(results, 32), _throughput(results, 256), _cpu_per_call(results, 32)]
-    rows += _percentiles("added latency, c=1", results.latency_c1,
-                         p50_ratio=ADDED_LATENCY_RATIO)
+    rows += _percentiles("added latency, c=1", results.latency_c1, p50_ratio=ADDED_LATENCY_RATIO)
     rows += _percentiles("added latency, c=32", c32)
-    rows += _percentiles("stream, 200 chunks: added time to first token", results.ttft,
-                         p50_added=TTFT_ADDED)
+    rows += _percentiles(
+        "stream, 200 chunks: added time to first token", results.ttft, p50_added=TTFT_ADDED
+    )
     rows += _percentiles("stream, 200 chunks in one burst: added total time", results.relay)
     per_event = {t: f"{cpu * 1e6:.1f} us" for t, cpu in results.cpu_per_event.items()}
-    rows.append(Row("stream relay: server CPU per event", per_event["direct"],
-                    per_event["reference"], per_event["proxy"],
-                    ratio(results.cpu_per_event["proxy"], results.cpu_per_event["reference"])[0],
-                    tool="builtin + /proc"))
+    rows.append(
+        Row(
+            "stream relay: server CPU per event",
+            per_event["direct"],
+            per_event["reference"],
+            per_event["proxy"],
+            ratio(results.cpu_per_event["proxy"], results.cpu_per_event["reference"])[0],
+            tool="builtin + /proc",
+        )
+    )
     rows += _memory(results)
     rows += _percentiles("1 MB JSON response: added latency", results.large)
-    rows.append(Row("1 MB JSON parse (json.loads, what the proxy pays)",
-                    proxy=ms(results.parse_seconds), tool="in-process"))
+    rows.append(
+        Row(
+            "1 MB JSON parse (json.loads, what the proxy pays)",
+            proxy=ms(results.parse_seconds),
+            tool="in-process",
+        )
+    )
     rows += _ledger(results)
     rows += _soak(results)
     return rows
@@ -199,8 +285,11 @@ def build(results: Results) -> list[Row]:
 def soak_lines(results: Results) -> list[str]:
     """The soak's samples, so a drift can be told from outside load."""
     lines = ["     t      RSS       p50   calls/s  proxy CPU  other processes' CPU"]
-    lines += [f"  {s.at:4.0f} s {s.rss_mb:6.1f} MB {s.p50 * 1000:6.2f} ms {s.rps:7.0f} "
-              f"{s.server_cpu:9.0%}  {s.outside_cpu:6.0%}" for s in results.soak]
+    lines += [
+        f"  {s.at:4.0f} s {s.rss_mb:6.1f} MB {s.p50 * 1000:6.2f} ms {s.rps:7.0f} "
+        f"{s.server_cpu:9.0%}  {s.outside_cpu:6.0%}"
+        for s in results.soak
+    ]
     return lines
 
 
@@ -209,7 +298,9 @@ def cpu_lines(results: Results) -> list[str]:
     lines = []
     for (target, concurrency), run in results.saturation.items():
         server = "" if target == "direct" else f"{target} {run.server_cpu:.0%}, "
-        lines.append(f"  {target:>9} c={concurrency:<3}: {server}upstream {run.upstream_cpu:.0%}, "
-                     f"{run.latency.tool} {run.generator_cpu:.0%}; "
-                     f"{run.latency.count:,} requests, {run.latency.errors} errors")
+        lines.append(
+            f"  {target:>9} c={concurrency:<3}: {server}upstream {run.upstream_cpu:.0%}, "
+            f"{run.latency.tool} {run.generator_cpu:.0%}; "
+            f"{run.latency.count:,} requests, {run.latency.errors} errors"
+        )
     return lines

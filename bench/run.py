@@ -47,8 +47,7 @@ class Progress:
         self.started = time.monotonic()
 
     def __call__(self, message: str) -> None:
-        print(f"[{time.monotonic() - self.started:6.1f} s] {message}", file=sys.stderr,
-              flush=True)
+        print(f"[{time.monotonic() - self.started:6.1f} s] {message}", file=sys.stderr, flush=True)
 
     def prefixed(self, prefix: str) -> Callable[[str], None]:
         return lambda message: self(f"{prefix}, {message}")
@@ -57,10 +56,18 @@ class Progress:
 async def ledger_rates(results: rows.Results, proxy_root: Path, calls: int) -> None:
     """`bench.ledger_rate` in a child process that imports the measured checkout's proxy."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.ledger_rate", "--calls", str(calls),
-        "--book", str(proxy_root / "config" / "pricing"), cwd=proxy_root,
+        sys.executable,
+        "-m",
+        "bench.ledger_rate",
+        "--calls",
+        str(calls),
+        "--book",
+        str(proxy_root / "config" / "pricing"),
+        cwd=proxy_root,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     try:
         async with asyncio.timeout(300):
             out, err = await process.communicate()
@@ -76,8 +83,9 @@ async def ledger_rates(results: rows.Results, proxy_root: Path, calls: int) -> N
     results.writer_rate = figures["writer_rate"]
 
 
-async def measure_all(bench: Bench, targets: list[Target], ledger: Path, proxy_root: Path,
-                      soak: float, say: Progress) -> rows.Results:
+async def measure_all(
+    bench: Bench, targets: list[Target], ledger: Path, proxy_root: Path, soak: float, say: Progress
+) -> rows.Results:
     """Every measurement, one target at a time, in the table's order."""
     profile: Profile = bench.profile
     results = rows.Results()
@@ -87,6 +95,7 @@ async def measure_all(bench: Bench, targets: list[Target], ledger: Path, proxy_r
         await bench.smoke(target)
         await bench.warm_up(target)
     for concurrency in (32, 256):
+
         async def saturate(target: Target, concurrency: int = concurrency) -> Saturation:
             if target.name == "proxy":
                 return await bench.saturation_with_ledger(target, concurrency, ledger)
@@ -95,16 +104,18 @@ async def measure_all(bench: Bench, targets: list[Target], ledger: Path, proxy_r
         runs = await bench.in_rounds(targets, saturate, say.prefixed(f"saturation c={concurrency}"))
         for name, rounds in runs.items():
             results.saturation[(name, concurrency)] = Saturation.median(rounds)
-    latency = await bench.in_rounds(targets, lambda t: bench.latency(t, 1),
-                                    say.prefixed("latency c=1"))
+    latency = await bench.in_rounds(
+        targets, lambda t: bench.latency(t, 1), say.prefixed("latency c=1")
+    )
     results.latency_c1 = {name: Latency.median(r) for name, r in latency.items()}
-    streams = await bench.in_rounds(targets, bench.streams,
-                                    say.prefixed(f"streams of {measure.STREAM_CHUNKS} chunks"))
-    results.ttft = {name: Latency.median([s.first_token for s in r])
-                    for name, r in streams.items()}
+    streams = await bench.in_rounds(
+        targets, bench.streams, say.prefixed(f"streams of {measure.STREAM_CHUNKS} chunks")
+    )
+    results.ttft = {name: Latency.median([s.first_token for s in r]) for name, r in streams.items()}
     results.relay = {name: Latency.median([s.total for s in r]) for name, r in streams.items()}
-    results.cpu_per_event = {name: statistics.median(s.cpu_per_event for s in r)
-                             for name, r in streams.items()}
+    results.cpu_per_event = {
+        name: statistics.median(s.cpu_per_event for s in r) for name, r in streams.items()
+    }
     large = await bench.in_rounds(targets, bench.large, say.prefixed("1 MB responses"))
     results.large = {name: Latency.median(r) for name, r in large.items()}
     results.parse_seconds = await bench.parse_cost(by_name["direct"])
@@ -119,25 +130,35 @@ async def measure_all(bench: Bench, targets: list[Target], ledger: Path, proxy_r
     if soak > 0:
         interval = min(profile.soak_interval, soak / 2)
         rate = SOAK_LOAD * results.saturation[("proxy", 32)].latency.rps
-        say(f"soak: {soak:.0f} s on the proxy at {rate:.0f} small calls/s + 4 streams/s, "
-            f"sampling every {interval:.0f} s")
-        results.soak, results.soak_errors = await bench.soak(by_name["proxy"], soak, interval,
-                                                             rate)
+        say(
+            f"soak: {soak:.0f} s on the proxy at {rate:.0f} small calls/s + 4 streams/s, "
+            f"sampling every {interval:.0f} s"
+        )
+        results.soak, results.soak_errors = await bench.soak(by_name["proxy"], soak, interval, rate)
         results.soak_seconds = soak
     return results
 
 
-async def profile_proxy(bench: Bench, proxy: Target, seconds: int, out: Path, say: Progress
-                        ) -> list[str]:
+async def profile_proxy(
+    bench: Bench, proxy: Target, seconds: int, out: Path, say: Progress
+) -> list[str]:
     """py-spy on the proxy, once under small calls (c=32) and once under 200-chunk streams."""
     binary = pyspy.available()
     if binary is None:
         return ["  py-spy not installed (pip install py-spy): no profile"]
     lines = []
-    phases = (("small calls, c=32", bench.small_load(proxy, 32, seconds + 1)),
-              ("200-chunk streams, c=8", closed_loop(
-                  Call(proxy.url, measure.STREAM, bench.headers, True), 8, seconds + 1,
-                  bench.profile.max_requests)))
+    phases = (
+        ("small calls, c=32", bench.small_load(proxy, 32, seconds + 1)),
+        (
+            "200-chunk streams, c=8",
+            closed_loop(
+                Call(proxy.url, measure.STREAM, bench.headers, True),
+                8,
+                seconds + 1,
+                bench.profile.max_requests,
+            ),
+        ),
+    )
     for index, (name, load) in enumerate(phases):
         path = out.with_name(f"{out.stem}-{index + 1}{out.suffix}")
         say(f"profiling the proxy for {seconds} s with py-spy ({name}) -> {path}")
@@ -160,8 +181,10 @@ async def main(args: argparse.Namespace) -> int:
     wrk_version = await wrk.version(wrk_binary) if wrk_binary else None
     load_before = os.getloadavg()[0]
     busy, own, wall = machine_busy_seconds(), own_cpu_seconds(), time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp, \
-            Processes(Path(tmp), placement) as processes:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-run-") as tmp,
+        Processes(Path(tmp), placement) as processes,
+    ):
         if args.proxy_rev:
             proxy_root, version = await source.export(args.proxy_rev, Path(tmp) / "proxy-src")
         else:
@@ -169,20 +192,26 @@ async def main(args: argparse.Namespace) -> int:
             version = await source.describe(proxy_root)
         say(f"starting upstream, reference forwarder and proxy ({version})")
         started = await services.start(processes, Path(tmp), args.upstream_workers, proxy_root)
-        headers = {"Content-Type": "application/json",
-                   "Authorization": f"Bearer {started.client_key}"}
+        headers = {
+            "Content-Type": "application/json",
+            "Authorization": f"Bearer {started.client_key}",
+        }
         upstream = started.upstreams[0]
-        targets = [Target("direct", upstream.url + "/chat/completions", upstream),
-                   Target("reference", started.reference.url + "/chat/completions",
-                          started.reference),
-                   Target("proxy", started.proxy.url + "/chat/completions", started.proxy)]
-        bench = Bench(profile, headers, started.upstreams, processes.services, wrk_binary,
-                      Path(tmp))
+        targets = [
+            Target("direct", upstream.url + "/chat/completions", upstream),
+            Target("reference", started.reference.url + "/chat/completions", started.reference),
+            Target("proxy", started.proxy.url + "/chat/completions", started.proxy),
+        ]
+        bench = Bench(
+            profile, headers, started.upstreams, processes.services, wrk_binary, Path(tmp)
+        )
         try:
             results = await measure_all(bench, targets, started.ledger, proxy_root, soak, say)
-            profile_lines = (await profile_proxy(bench, targets[2], args.profile,
-                                                 args.profile_out, say)
-                             if args.profile else [])
+            profile_lines = (
+                await profile_proxy(bench, targets[2], args.profile, args.profile_out, say)
+                if args.profile
+                else []
+            )
         except (BenchError, StartError):
             for service in processes.services:
                 print(f"--- {service.name} log:\n{service.log_tail()}", file=sys.stderr)
@@ -199,9 +228,11 @@ async def main(args: argparse.Namespace) -> int:
     if results.soak:
         print("\nSoak samples (proxy):")
         print("\n".join(rows.soak_lines(results)))
-    print(f"\nOther processes on the machine (not the benchmark's) used {foreign:.0f} CPU-seconds "
-          f"in the run's {wall:.0f} s ({foreign / wall:.0%} of one core on average); load "
-          f"average at start {load_before:.2f}.")
+    print(
+        f"\nOther processes on the machine (not the benchmark's) used {foreign:.0f} CPU-seconds "
+        f"in the run's {wall:.0f} s ({foreign / wall:.0%} of one core on average); load "
+        f"average at start {load_before:.2f}."
+    )
     if profile_lines:
         print("\nproxy profile (py-spy):")
         print("\n".join(profile_lines))
@@ -209,27 +240,59 @@ async def main(args: argparse.Namespace) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.run",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run, under a minute")
-    parser.add_argument("--soak", type=float, default=None, metavar="SECONDS",
-                        help="soak length (default 20 s, --quick 4 s; the target wants 300)")
-    parser.add_argument("--load", choices=("auto", "builtin"), default="auto",
-                        help="auto: wrk for the non-streaming rows when installed")
-    parser.add_argument("--no-pin", action="store_true",
-                        help="let the OS place processes instead of pinning the server")
-    parser.add_argument("--upstream-workers", type=int, default=1,
-                        help="fake upstream processes sharing the port (SO_REUSEPORT)")
+    parser.add_argument(
+        "--soak",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="soak length (default 20 s, --quick 4 s; the target wants 300)",
+    )
+    parser.add_argument(
+        "--load",
+        choices=("auto", "builtin"),
+        default="auto",
+        help="auto: wrk for the non-streaming rows when installed",
+    )
+    parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="let the OS place processes instead of pinning the server",
+    )
+    parser.add_argument(
+        "--upstream-workers",
+        type=int,
+        default=1,
+        help="fake upstream processes sharing the port (SO_REUSEPORT)",
+    )
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--proxy-root", type=Path, default=ROOT,
-                       help="checkout whose proxy is measured (default: this one)")
-    which.add_argument("--proxy-rev", metavar="REV",
-                       help="measure the proxy of this commit (git archive), e.g. HEAD")
-    parser.add_argument("--profile", type=int, default=0, metavar="SECONDS",
-                        help="after the table's runs, profile the proxy with py-spy")
-    parser.add_argument("--profile-out", type=Path,
-                        default=Path(tempfile.gettempdir()) / "bench-proxy-profile.json",
-                        help="where py-spy's speedscope files go (-1, -2 added to the name)")
+    which.add_argument(
+        "--proxy-root",
+        type=Path,
+        default=ROOT,
+        help="checkout whose proxy is measured (default: this one)",
+    )
+    which.add_argument(
+        "--proxy-rev",
+        metavar="REV",
+        help="measure the proxy of this commit (git archive), e.g. HEAD",
+    )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="SECONDS",
+        help="after the table's runs, profile the proxy with py-spy",
+    )
+    parser.add_argument(
+        "--profile-out",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "bench-proxy-profile.json",
+        help="where py-spy's speedscope files go (-1, -2 added to the name)",
+    )
     return parser.parse_args(argv)
 
 

@@ -40,12 +40,16 @@ def _has_admission_limits(proxy_root: Path) -> bool:
     return source.exists() and "max_inflight_per_team" in source.read_text(encoding="utf-8")
 
 
-def write_proxy_config(directory: Path, port: int, upstream_url: str, proxy_root: Path
-                       ) -> tuple[Path, str, Path]:
+def write_proxy_config(
+    directory: Path, port: int, upstream_url: str, proxy_root: Path
+) -> tuple[Path, str, Path]:
     """The proxy's config file; returns it, the team's client key and the ledger path."""
     price_book = proxy_root / "config" / "pricing"
-    limits = (f"limits: {{max_inflight: {MAX_INFLIGHT}, max_inflight_per_team: {MAX_INFLIGHT}}}\n"
-              if _has_admission_limits(proxy_root) else "")
+    limits = (
+        f"limits: {{max_inflight: {MAX_INFLIGHT}, max_inflight_per_team: {MAX_INFLIGHT}}}\n"
+        if _has_admission_limits(proxy_root)
+        else ""
+    )
     key = new_key()
     digest = hash_key(key)
     ledger = directory / "ledger.sqlite3"
@@ -57,7 +61,8 @@ def write_proxy_config(directory: Path, port: int, upstream_url: str, proxy_root
         f"pricing: {{book: [{json.dumps(str(price_book))}]}}\n"
         f"teams:\n  {TEAM}:\n    keys: ['sha256:{digest}']   # {key_id_of(digest)}\n"
         f"ledger: {{path: {json.dumps(str(ledger))}, flush_interval: 0.1}}\n{limits}",
-        encoding="utf-8")
+        encoding="utf-8",
+    )
     return path, key, ledger
 
 
@@ -71,28 +76,50 @@ class Proxied:
     ledger: Path
 
 
-async def start_proxied(processes: Processes, directory: Path, proxy_root: Path = ROOT, *,
-                        prefix: Sequence[str] = (), within: float = 30.0) -> Proxied:
+async def start_proxied(
+    processes: Processes,
+    directory: Path,
+    proxy_root: Path = ROOT,
+    *,
+    prefix: Sequence[str] = (),
+    within: float = 30.0,
+) -> Proxied:
     """One bench upstream and the proxy of `proxy_root` before it, ready; `prefix` runs the
     proxy under another program (``valgrind ...``), which may need a longer `within`."""
     upstream_port = free_port()
     upstream_url = f"http://127.0.0.1:{upstream_port}"
-    upstream = processes.start("upstream", [sys.executable, "-m", "bench.upstream",
-                                            "--port", str(upstream_port)], upstream_url)
+    upstream = processes.start(
+        "upstream",
+        [sys.executable, "-m", "bench.upstream", "--port", str(upstream_port)],
+        upstream_url,
+    )
     await processes.wait_ready(upstream)
     port = free_port()
     config, key, ledger = write_proxy_config(directory, port, upstream_url, proxy_root)
     proxy = processes.start(
-        "proxy", [*prefix, sys.executable, "-m", "proxy", "serve", "--config", str(config),
-                  "--log-level", "WARNING"], f"http://127.0.0.1:{port}", cwd=proxy_root,
-        env={UPSTREAM_KEY_ENV: "sk-bench-upstream-not-a-real-key",
-             "PYTHONPATH": str(proxy_root)})
+        "proxy",
+        [
+            *prefix,
+            sys.executable,
+            "-m",
+            "proxy",
+            "serve",
+            "--config",
+            str(config),
+            "--log-level",
+            "WARNING",
+        ],
+        f"http://127.0.0.1:{port}",
+        cwd=proxy_root,
+        env={UPSTREAM_KEY_ENV: "sk-bench-upstream-not-a-real-key", "PYTHONPATH": str(proxy_root)},
+    )
     await processes.wait_ready(proxy, within=within)
     return Proxied(upstream, proxy, key, ledger)
 
 
-async def start(processes: Processes, directory: Path, upstream_workers: int,
-                proxy_root: Path = ROOT) -> Services:
+async def start(
+    processes: Processes, directory: Path, upstream_workers: int, proxy_root: Path = ROOT
+) -> Services:
     """Start everything on free 127.0.0.1 ports and wait until each answers /healthz.
 
     `proxy_root` is the checkout whose proxy runs (its ``proxy`` package and price book), so
@@ -103,21 +130,34 @@ async def start(processes: Processes, directory: Path, upstream_workers: int,
     argv = [sys.executable, "-m", "bench.upstream", "--port", str(upstream_port)]
     if upstream_workers > 1:
         argv.append("--reuse-port")
-    upstreams = [processes.start(f"upstream-{i}", argv, upstream_url)
-                 for i in range(upstream_workers)]
+    upstreams = [
+        processes.start(f"upstream-{i}", argv, upstream_url) for i in range(upstream_workers)
+    ]
     reference_port = free_port()
     reference = processes.start(
-        "reference", [sys.executable, "-m", "bench.reference", "--port", str(reference_port),
-                      "--upstream", upstream_url],
-        f"http://127.0.0.1:{reference_port}", under_test=True)
+        "reference",
+        [
+            sys.executable,
+            "-m",
+            "bench.reference",
+            "--port",
+            str(reference_port),
+            "--upstream",
+            upstream_url,
+        ],
+        f"http://127.0.0.1:{reference_port}",
+        under_test=True,
+    )
     proxy_port = free_port()
     config, key, ledger = write_proxy_config(directory, proxy_port, upstream_url, proxy_root)
     proxy = processes.start(
-        "proxy", [sys.executable, "-m", "proxy", "serve", "--config", str(config),
-                  "--log-level", "WARNING"],
-        f"http://127.0.0.1:{proxy_port}", under_test=True, cwd=proxy_root,
-        env={UPSTREAM_KEY_ENV: "sk-bench-upstream-not-a-real-key",
-             "PYTHONPATH": str(proxy_root)})
+        "proxy",
+        [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--log-level", "WARNING"],
+        f"http://127.0.0.1:{proxy_port}",
+        under_test=True,
+        cwd=proxy_root,
+        env={UPSTREAM_KEY_ENV: "sk-bench-upstream-not-a-real-key", "PYTHONPATH": str(proxy_root)},
+    )
     for service in [*upstreams, reference, proxy]:
         await processes.wait_ready(service)
     return Services(upstreams, reference, proxy, key, ledger)

@@ -18,8 +18,13 @@ from bench.procs import ROOT
 
 async def _git(*args: str) -> tuple[int, bytes]:
     process = await asyncio.create_subprocess_exec(
-        "git", "-C", str(ROOT), *args, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
+        "git",
+        "-C",
+        str(ROOT),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await process.communicate()
     return (process.returncode or 0), (out if process.returncode == 0 else err)
 
@@ -47,7 +52,14 @@ async def export(rev: str, into: Path) -> tuple[Path, str]:
 async def describe(root: Path) -> str:
     """``git describe --always --dirty`` of a checkout, or its path when it is not one."""
     process = await asyncio.create_subprocess_exec(
-        "git", "-C", str(root), "describe", "--always", "--dirty",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        "git",
+        "-C",
+        str(root),
+        "describe",
+        "--always",
+        "--dirty",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
     out, _ = await process.communicate()
     return f"{out.decode().strip()} at {root}" if process.returncode == 0 else str(root)

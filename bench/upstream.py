@@ -5,7 +5,7 @@ CPU, so every microsecond the fake spends is taken from the thing being measured
 a raw `asyncio.Protocol` speaking just enough HTTP/1.1 (keep-alive, ``Content-Length`` request
 bodies, chunked streaming responses) rather than an aiohttp app, and it caches each distinct
 answer by request body: a benchmark sends the same few bodies over and over. (The faithful fake,
-with every DeepSeek quirk, is ``tests/fake_deepseek.py``; this one only needs the shapes the
+with every DeepSeek quirk, is ``tests/support/fake_deepseek.py``; this one only needs the shapes the
 proxy meters.)
 
 What a request controls, all in its JSON body:
@@ -62,9 +62,13 @@ class Answer:
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
     hit = prompt // 2 // 64 * 64  # DeepSeek caches prefixes in 64-token units
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion, "prompt_cache_hit_tokens": hit,
-            "prompt_cache_miss_tokens": prompt - hit}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_cache_hit_tokens": hit,
+        "prompt_cache_miss_tokens": prompt - hit,
+    }
 
 
 def _dumps(value: Any) -> bytes:
@@ -74,14 +78,20 @@ def _dumps(value: Any) -> bytes:
 def _filler(size: int) -> str:
     """Text that costs a JSON parser what real prose does: escapes and non-ASCII included."""
     unit = 'The "quick" brown fox\njumps over 懒狗 - naïve café. '
-    return (unit * (size // len(unit.encode()) + 1))[:max(size, 0)]
+    return (unit * (size // len(unit.encode()) + 1))[: max(size, 0)]
 
 
 def _prompt_tokens(request: dict[str, Any]) -> int:
     messages = request.get("messages")
-    chars = sum(len(m["content"]) for m in messages
-                if isinstance(m, dict) and isinstance(m.get("content"), str)
-                ) if isinstance(messages, list) else 0
+    chars = (
+        sum(
+            len(m["content"])
+            for m in messages
+            if isinstance(m, dict) and isinstance(m.get("content"), str)
+        )
+        if isinstance(messages, list)
+        else 0
+    )
     return chars // 4 + 100
 
 
@@ -94,23 +104,44 @@ def _int(value: Any, default: int, limit: int) -> int:
 def plan(request: dict[str, Any]) -> Answer:
     """The answer to one completion request body (a pure function of the body)."""
     prompt = _prompt_tokens(request)
-    common = {"id": "bench-0001", "created": 1_764_000_000, "model": MODEL,
-              "system_fingerprint": SYSTEM_FINGERPRINT}
+    common = {
+        "id": "bench-0001",
+        "created": 1_764_000_000,
+        "model": MODEL,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+    }
     if request.get("stream") is not True:
         content = _filler(_int(request.get("bench_response_bytes"), 0, MAX_RESPONSE_BYTES))
-        body = _dumps({**common, "object": "chat.completion", "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": content or "Hello world"},
-             "logprobs": None, "finish_reason": "stop"}], "usage": _usage(prompt, 2)})
-        head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                b"x-ds-trace-id: bench-trace\r\nContent-Length: %d\r\n\r\n" % len(body))
+        body = _dumps(
+            {
+                **common,
+                "object": "chat.completion",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": content or "Hello world"},
+                        "logprobs": None,
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": _usage(prompt, 2),
+            }
+        )
+        head = (
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"x-ds-trace-id: bench-trace\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
         return Answer(head + body, (), 0.0, 1)
     count = _int(request.get("max_tokens"), 16, MAX_CHUNKS)
     options = request.get("stream_options")
     nulls = isinstance(options, dict) and options.get("include_usage") is True
 
     def chunk(delta: dict[str, str], finish: str | None, usage: Any = None) -> bytes:
-        event: dict[str, Any] = {**common, "object": "chat.completion.chunk", "choices": [
-            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        event: dict[str, Any] = {
+            **common,
+            "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
         if nulls or usage is not None:
             event["usage"] = usage
         data = b"data: " + _dumps(event) + b"\n\n"
@@ -122,16 +153,22 @@ def plan(request: dict[str, Any]) -> Answer:
     done = b"data: [DONE]\n\n"
     events.append(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
     delay = _int(request.get("bench_chunk_delay_ms"), 0, int(MAX_DELAY_S * 1000)) / 1000
-    head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\n"
-            b"Cache-Control: no-cache\r\nx-ds-trace-id: bench-trace\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n")
+    head = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\n"
+        b"Cache-Control: no-cache\r\nx-ds-trace-id: bench-trace\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
     return Answer(head, tuple(events), delay, _int(request.get("bench_burst"), 1, MAX_CHUNKS) or 1)
 
 
 def _simple(status: str, body: bytes, close: bool = False) -> bytes:
     extra = b"Connection: close\r\n" if close else b""
-    return (b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s"
-            % (status.encode(), len(body), extra, body))
+    return b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s" % (
+        status.encode(),
+        len(body),
+        extra,
+        body,
+    )
 
 
 class Server:
@@ -226,8 +263,8 @@ class Connection(asyncio.Protocol):
                 return
             if len(self.buffer) < end + 4 + length:
                 return
-            body = bytes(self.buffer[end + 4:end + 4 + length])
-            del self.buffer[:end + 4 + length]
+            body = bytes(self.buffer[end + 4 : end + 4 + length])
+            del self.buffer[: end + 4 + length]
             if not self.respond(method, path, body, close):
                 return
 
@@ -285,8 +322,9 @@ async def serve(host: str, port: int, reuse_port: bool) -> None:
     """Serve until SIGTERM or SIGINT; streams still running are cancelled."""
     loop = asyncio.get_running_loop()
     server = Server()
-    listener = await loop.create_server(lambda: Connection(server), host, port,
-                                        reuse_port=reuse_port, backlog=4096)
+    listener = await loop.create_server(
+        lambda: Connection(server), host, port, reuse_port=reuse_port, backlog=4096
+    )
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -302,8 +340,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--reuse-port", action="store_true",
-                        help="set SO_REUSEPORT, so several processes can share the port")
+    parser.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="set SO_REUSEPORT, so several processes can share the port",
+    )
     args = parser.parse_args()
     asyncio.run(serve(args.host, args.port, args.reuse_port))
 

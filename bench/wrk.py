@@ -52,7 +52,8 @@ def available() -> str | None:
 
 async def version(binary: str) -> str:
     process = await asyncio.create_subprocess_exec(
-        binary, "--version", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        binary, "--version", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
     out, _ = await process.communicate()
     return out.decode(errors="replace").split(" Copyright")[0].strip()
 
@@ -66,21 +67,33 @@ def _lua_string(text: str) -> str:
 
 def write_script(path: Path, body: bytes, headers: Mapping[str, str]) -> Path:
     """A wrk script that POSTs `body` with `headers` and reports as JSON."""
-    lines = ['wrk.method = "POST"', f"wrk.body = {_lua_string(body.decode())}",
-             f"MARK = {_lua_string(_MARK)}"]
+    lines = [
+        'wrk.method = "POST"',
+        f"wrk.body = {_lua_string(body.decode())}",
+        f"MARK = {_lua_string(_MARK)}",
+    ]
     lines += [f"wrk.headers[ {_lua_string(k)} ] = {_lua_string(v)}" for k, v in headers.items()]
     path.write_text("\n".join(lines) + "\n" + _DONE, encoding="utf-8")
     return path
 
 
-async def run(binary: str, url: str, script: Path, connections: int, seconds: float
-              ) -> WrkResult:
+async def run(binary: str, url: str, script: Path, connections: int, seconds: float) -> WrkResult:
     """One wrk run (one thread, `connections` keep-alive connections, `seconds` long)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     process = await asyncio.create_subprocess_exec(
-        binary, "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
-        "-s", str(script), url, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        start_new_session=True)
+        binary,
+        "-t1",
+        f"-c{connections}",
+        f"-d{max(1, round(seconds))}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+        url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         async with asyncio.timeout(seconds + 30):
             out, err = await process.communicate()
@@ -92,10 +105,15 @@ async def run(binary: str, url: str, script: Path, connections: int, seconds: fl
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     for line in out.decode(errors="replace").splitlines():
         if line.startswith(_MARK):
-            data = json.loads(line[len(_MARK):])
-            return WrkResult(requests=data["requests"], seconds=data["duration_us"] / 1e6,
-                             p50=data["p50_us"] / 1e6, p99=data["p99_us"] / 1e6,
-                             errors=data["socket_errors"] + data["status_errors"],
-                             cpu_seconds=cpu)
-    raise RuntimeError(f"wrk printed no summary (exit {process.returncode}): "
-                       f"{err.decode(errors='replace')[-500:]}")
+            data = json.loads(line[len(_MARK) :])
+            return WrkResult(
+                requests=data["requests"],
+                seconds=data["duration_us"] / 1e6,
+                p50=data["p50_us"] / 1e6,
+                p99=data["p99_us"] / 1e6,
+                errors=data["socket_errors"] + data["status_errors"],
+                cpu_seconds=cpu,
+            )
+    raise RuntimeError(
+        f"wrk printed no summary (exit {process.returncode}): {err.decode(errors='replace')[-500:]}"
+    )

@@ -46,11 +46,13 @@ class Admission:
         self.refuse_if_draining()
         in_team = self._by_team.get(team, 0)
         if self._total >= self._limits.max_inflight:
-            raise Overloaded(f"the proxy has {self._total} calls in progress, its limit; "
-                             "retry shortly")
+            raise Overloaded(
+                f"the proxy has {self._total} calls in progress, its limit; retry shortly"
+            )
         if in_team >= self._limits.max_inflight_per_team:
-            raise Overloaded(f"team {team!r} has {in_team} calls in progress, its limit; "
-                             "retry shortly")
+            raise Overloaded(
+                f"team {team!r} has {in_team} calls in progress, its limit; retry shortly"
+            )
         self._total += 1
         self._by_team[team] = in_team + 1
 
@@ -95,8 +97,9 @@ class SharedAdmission(Admission):
     The check costs N reads per limit; a single process keeps the plain `Admission`.
     """
 
-    def __init__(self, limits: Limits, teams: Sequence[str], counters: SharedCounters,
-                 slot: int) -> None:
+    def __init__(
+        self, limits: Limits, teams: Sequence[str], counters: SharedCounters, slot: int
+    ) -> None:
         super().__init__(limits)
         self._counters = counters
         self._slot = slot
@@ -109,15 +112,16 @@ class SharedAdmission(Admission):
         return SharedCounters.create(folder / COUNTERS_FILE, slots, 1 + len(teams))
 
     @classmethod
-    def join(cls, folder: Path, slot: int, limits: Limits, teams: Sequence[str]
-             ) -> SharedAdmission:
+    def join(cls, folder: Path, slot: int, limits: Limits, teams: Sequence[str]) -> SharedAdmission:
         """A worker's side: count in `slot` of the counters the supervisor created, or
         `TeamsChanged` if this worker's configuration has other teams."""
         started = json.loads((folder / TEAMS_FILE).read_text(encoding="utf-8"))
         if started != list(teams):
-            raise TeamsChanged(f"the teams are {', '.join(teams)} in the file now, but were "
-                               f"{', '.join(started)} when the service started; restart the "
-                               "service to change them")
+            raise TeamsChanged(
+                f"the teams are {', '.join(teams)} in the file now, but were "
+                f"{', '.join(started)} when the service started; restart the "
+                "service to change them"
+            )
         return cls(limits, teams, SharedCounters(folder / COUNTERS_FILE, 1 + len(teams)), slot)
 
     def enter(self, team: str) -> None:
@@ -128,12 +132,16 @@ class SharedAdmission(Admission):
             column = self._columns[team]
             total = self._counters.column_sum(0)
             if total >= self._limits.max_inflight:
-                raise Overloaded(f"the proxy's workers have {total} calls in progress, their "
-                                 "limit; retry shortly")
+                raise Overloaded(
+                    f"the proxy's workers have {total} calls in progress, their "
+                    "limit; retry shortly"
+                )
             in_team = self._counters.column_sum(column)
             if in_team >= self._limits.max_inflight_per_team:
-                raise Overloaded(f"team {team!r} has {in_team} calls in progress over the "
-                                 "proxy's workers, its limit; retry shortly")
+                raise Overloaded(
+                    f"team {team!r} has {in_team} calls in progress over the "
+                    "proxy's workers, its limit; retry shortly"
+                )
         super().enter(team)  # never over a limit here: a worker's share is part of the sum
         self._counters.add(self._slot, 0, 1)
         self._counters.add(self._slot, self._columns[team], 1)

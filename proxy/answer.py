@@ -80,8 +80,9 @@ def encoding(headers: Mapping[str, str]) -> str:
     return headers.get("Content-Encoding", "").strip().lower()
 
 
-def shown_body(body: bytes, upstream: Mapping[str, str], headers: MutableMapping[str, str],
-               limit: int) -> bytes:
+def shown_body(
+    body: bytes, upstream: Mapping[str, str], headers: MutableMapping[str, str], limit: int
+) -> bytes:
     """A whole body the proxy relays but does not meter (an error, the model list): inflated
     if DeepSeek compressed it in a way the proxy can undo (the proxy never relays
     ``Content-Encoding`` itself), else passed on as it came with its encoding named in
@@ -166,7 +167,7 @@ def _last_object(data: bytes, key: re.Pattern[bytes]) -> Any:
         if end is None:
             continue
         try:
-            return orjson.loads(data[match.end() - 1:end])
+            return orjson.loads(data[match.end() - 1 : end])
         except ValueError:
             continue
     return None

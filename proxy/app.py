@@ -82,13 +82,17 @@ def _check_headers(request: web.Request, state: ProxyState) -> None:
 def _client(request: web.Request, state: ProxyState) -> ClientKey:
     client = authenticate(request.headers.get("Authorization"), state.config.keys)
     if client is None:
-        raise Unauthorized("missing or unknown API key; pass your proxy key as "
-                           "'Authorization: Bearer <key>'")
+        raise Unauthorized(
+            "missing or unknown API key; pass your proxy key as 'Authorization: Bearer <key>'"
+        )
     return client
 
 
-def _route(handler: Callable[[web.Request, ProxyState], Awaitable[web.StreamResponse]], *,
-           public: bool = False) -> Handler:
+def _route(
+    handler: Callable[[web.Request, ProxyState], Awaitable[web.StreamResponse]],
+    *,
+    public: bool = False,
+) -> Handler:
     """A route's handler with the checks every request gets: header size (431), the client
     key unless the route is public (401), and OpenAI-shaped errors.
 
@@ -96,6 +100,7 @@ def _route(handler: Callable[[web.Request, ProxyState], Awaitable[web.StreamResp
     own and aiohttp's ``_fix_request_current_app``), which the benchmark showed on the
     request path; unknown paths and methods get the same treatment from `_unrouted`.
     """
+
     async def handle(request: web.Request) -> web.StreamResponse:
         state = request.app[STATE]
         try:
@@ -105,12 +110,14 @@ def _route(handler: Callable[[web.Request, ProxyState], Awaitable[web.StreamResp
             return await handler(request, state)
         except ProxyError as exc:
             return error_response(exc)
+
     return handle
 
 
 def _completion(endpoint: Endpoint) -> Handler:
     """`_route`'s checks, written out: the completion routes carry nearly all the traffic, and
     going through `_route` would put one more coroutine frame on each call."""
+
     async def handle(request: web.Request) -> web.StreamResponse:
         state = request.app[STATE]
         try:
@@ -119,11 +126,13 @@ def _completion(endpoint: Endpoint) -> Handler:
             return await proxy_completion(request, state, client, endpoint)
         except ProxyError as exc:
             return error_response(exc)
+
     return handle
 
 
 def _unrouted(routes: Mapping[str, frozenset[str]]) -> Handler:
     """Every request no route takes: 405 on a known path, else 404, in OpenAI's shape."""
+
     async def handle(request: web.Request) -> web.StreamResponse:
         try:
             _check_headers(request, request.app[STATE])
@@ -136,19 +145,24 @@ def _unrouted(routes: Mapping[str, frozenset[str]]) -> Handler:
             response.headers["Allow"] = ", ".join(sorted(routes[request.path]))
             return response
         return error_response(NotFound(f"no route {request.method} {request.path}"))
+
     return handle
 
 
 async def _models(request: web.Request, state: ProxyState) -> web.StreamResponse:
     async with await state.upstream.request("GET", "/models", request.headers) as upstream:
         if 300 <= upstream.status < 400:
-            raise UpstreamRedirect(f"DeepSeek answered HTTP {upstream.status} (a redirect); "
-                                   "the proxy does not follow redirects")
+            raise UpstreamRedirect(
+                f"DeepSeek answered HTTP {upstream.status} (a redirect); "
+                "the proxy does not follow redirects"
+            )
         headers = state.upstream.mask.headers(response_headers(upstream.headers))
-        body = shown_body(await read_limited(upstream, MAX_ERROR_BODY), upstream.headers,
-                          headers, MAX_ERROR_BODY)
-        return web.Response(status=upstream.status, headers=headers,
-                            body=redact(body, state.upstream.api_key))
+        body = shown_body(
+            await read_limited(upstream, MAX_ERROR_BODY), upstream.headers, headers, MAX_ERROR_BODY
+        )
+        return web.Response(
+            status=upstream.status, headers=headers, body=redact(body, state.upstream.api_key)
+        )
 
 
 async def _healthz(request: web.Request, state: ProxyState) -> web.StreamResponse:
@@ -163,13 +177,22 @@ async def _readyz(request: web.Request, state: ProxyState) -> web.StreamResponse
     return web.json_response({"status": "ready"})
 
 
-def create_app(config: ProxyConfig, book: PriceBook, api_key: str, sink: RecordSink, *,
-               registry: CollectorRegistry | None = None, spend: SpendReader | None = None,
-               clock: Callable[[], datetime] = _utc_now,
-               shared_metrics_dir: Path | None = None,
-               shared_ledger: Path | None = None, owner: str | None = None,
-               admission: Admission | None = None, ledger: LedgerHealth | None = None,
-               ledger_status: Callable[[], LedgerStatus] | None = None) -> web.Application:
+def create_app(
+    config: ProxyConfig,
+    book: PriceBook,
+    api_key: str,
+    sink: RecordSink,
+    *,
+    registry: CollectorRegistry | None = None,
+    spend: SpendReader | None = None,
+    clock: Callable[[], datetime] = _utc_now,
+    shared_metrics_dir: Path | None = None,
+    shared_ledger: Path | None = None,
+    owner: str | None = None,
+    admission: Admission | None = None,
+    ledger: LedgerHealth | None = None,
+    ledger_status: Callable[[], LedgerStatus] | None = None,
+) -> web.Application:
     """Build the application; the upstream session opens and closes with it.
 
     `registry` receives every metric (a fresh one by default); `spend` reads daily spend from
@@ -187,15 +210,31 @@ def create_app(config: ProxyConfig, book: PriceBook, api_key: str, sink: RecordS
     registry = registry if registry is not None else CollectorRegistry()
     admission = admission if admission is not None else Admission(config.limits)
     app[ADMISSION] = admission
-    metrics = ProxyMetrics(registry, teams=config.teams, models=book.models,
-                           tools=book.tool_fees, currencies=book.currencies, spend=spend,
-                           billing_timezone=config.billing_timezone, clock=clock,
-                           budgets=config.budgets, book=book, shared_dir=shared_metrics_dir,
-                           in_flight=admission.in_flight, ledger=ledger_status)
+    metrics = ProxyMetrics(
+        registry,
+        teams=config.teams,
+        models=book.models,
+        tools=book.tool_fees,
+        currencies=book.currencies,
+        spend=spend,
+        billing_timezone=config.billing_timezone,
+        clock=clock,
+        budgets=config.budgets,
+        book=book,
+        shared_dir=shared_metrics_dir,
+        in_flight=admission.in_flight,
+        ledger=ledger_status,
+    )
     budgets: BudgetGuard
     if shared_ledger is not None:
-        shared = SharedBudgetGuard(config.budgets, book, shared_ledger, config.billing_timezone,
-                                   config.policies, owner=owner)
+        shared = SharedBudgetGuard(
+            config.budgets,
+            book,
+            shared_ledger,
+            config.billing_timezone,
+            config.policies,
+            owner=owner,
+        )
         budgets = shared
 
         async def close_budgets(app: web.Application) -> AsyncIterator[None]:
@@ -204,17 +243,25 @@ def create_app(config: ProxyConfig, book: PriceBook, api_key: str, sink: RecordS
 
         app.cleanup_ctx.append(close_budgets)
     else:
-        budgets = BudgetGuard(config.budgets, book, spend, config.billing_timezone,
-                              config.policies)
+        budgets = BudgetGuard(config.budgets, book, spend, config.billing_timezone, config.policies)
 
     async def upstream_session(app: web.Application) -> AsyncIterator[None]:
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
-            skip_auto_headers=("User-Agent",))
+            skip_auto_headers=("User-Agent",),
+        )
         upstream = Upstream(session, config.upstream_base_url, api_key, config.timeouts)
-        app[STATE] = ProxyState(config=config, book=book, upstream=upstream, sink=sink,
-                                metrics=metrics, budgets=budgets, admission=admission,
-                                clock=clock, ledger=ledger or ALWAYS_HEALTHY)
+        app[STATE] = ProxyState(
+            config=config,
+            book=book,
+            upstream=upstream,
+            sink=sink,
+            metrics=metrics,
+            budgets=budgets,
+            admission=admission,
+            clock=clock,
+            ledger=ledger or ALWAYS_HEALTHY,
+        )
         yield
         await session.close()
 
@@ -233,13 +280,13 @@ def create_app(config: ProxyConfig, book: PriceBook, api_key: str, sink: RecordS
     routes: dict[str, set[str]] = {}
     for route in app.router.routes():
         routes.setdefault(route.resource.canonical, set()).add(route.method)  # type: ignore[union-attr]
-    app.router.add_route("*", "/{path:.*}", _unrouted(
-        {path: frozenset(methods) for path, methods in routes.items()}))
+    app.router.add_route(
+        "*", "/{path:.*}", _unrouted({path: frozenset(methods) for path, methods in routes.items()})
+    )
     return app
 
 
-def _share_totals(metrics: ProxyMetrics) -> Callable[[web.Application],
-                                                   AsyncIterator[None]]:
+def _share_totals(metrics: ProxyMetrics) -> Callable[[web.Application], AsyncIterator[None]]:
     """Every second, publish this worker's figures for the other workers' scrapes."""
 
     async def publish() -> None:
@@ -258,10 +305,13 @@ def _share_totals(metrics: ProxyMetrics) -> Callable[[web.Application],
     return context
 
 
-def _metrics_handler(registry: CollectorRegistry, metrics: ProxyMetrics
-                     ) -> Callable[[web.Request, ProxyState], Awaitable[web.StreamResponse]]:
+def _metrics_handler(
+    registry: CollectorRegistry, metrics: ProxyMetrics
+) -> Callable[[web.Request, ProxyState], Awaitable[web.StreamResponse]]:
     async def handle(request: web.Request, state: ProxyState) -> web.StreamResponse:
         metrics.publish()  # this worker's own figures are current in its scrape
-        return web.Response(body=generate_latest(registry),
-                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(
+            body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
     return handle

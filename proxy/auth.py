@@ -65,8 +65,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 def _new(args: argparse.Namespace) -> int:
     key = new_key()
     digest = hash_key(key)
-    print(f"New key for team {args.team!r} (shown once; give it to the team, store it nowhere"
-          " else):")
+    print(
+        f"New key for team {args.team!r} (shown once; give it to the team, store it nowhere else):"
+    )
     print(f"  {key}")
     print("Add this line under the team's keys in the proxy config:")
     print(f"teams:\n  {args.team}:\n    keys:\n      - sha256:{digest}   # {key_id_of(digest)}")

@@ -90,9 +90,12 @@ def prompt_bound(payload: Mapping[str, Any], body_size: int, limits: Limits) -> 
                 images, part_bytes = parts
                 break
     tools = _tool_count(payload)
-    tokens = (max(body_size - part_bytes, 0) + BASE_TEMPLATE_TOKENS
-              + template_tokens(items + tools, _preamble(payload, tools))
-              + images * limits.image_prompt_tokens)
+    tokens = (
+        max(body_size - part_bytes, 0)
+        + BASE_TEMPLATE_TOKENS
+        + template_tokens(items + tools, _preamble(payload, tools))
+        + images * limits.image_prompt_tokens
+    )
     return min(tokens, limits.max_context_tokens)
 
 
@@ -119,8 +122,9 @@ def _image_parts(messages: list[Any]) -> tuple[int, int] | None:
 def _tool_count(payload: Mapping[str, Any]) -> int:
     tools = payload.get("tools")
     functions = payload.get("functions")
-    return ((len(tools) if type(tools) is list else 0)
-            + (len(functions) if type(functions) is list else 0))
+    return (len(tools) if type(tools) is list else 0) + (
+        len(functions) if type(functions) is list else 0
+    )
 
 
 def _preamble(payload: Mapping[str, Any], tools: int) -> bool:
@@ -184,10 +188,14 @@ def estimate_prompt(payload: Mapping[str, Any], limits: Limits) -> tuple[int, tu
     text_tokens = estimate_tokens("\n".join(texts))
     if not text_tokens and not images:
         return 0, ()
-    tokens = (text_tokens + template_tokens(items + tools, _preamble(payload, tools))
-              + images * limits.image_prompt_tokens)
+    tokens = (
+        text_tokens
+        + template_tokens(items + tools, _preamble(payload, tools))
+        + images * limits.image_prompt_tokens
+    )
     return min(tokens, limits.max_context_tokens), (
-        (FLAG_ESTIMATE_WITHOUT_FILES,) if unbounded else ())
+        (FLAG_ESTIMATE_WITHOUT_FILES,) if unbounded else ()
+    )
 
 
 def _part_type(part: Any) -> str | None:

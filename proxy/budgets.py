@@ -130,12 +130,15 @@ class Reservation:
 
 def worst_cost(prompt: int, output: int, tiers: Sequence[RateCard], currency: str) -> Decimal:
     """Every prompt token a cache miss and every output token billed, at the dearest tier."""
-    return max((rates[currency].cache_miss * prompt + rates[currency].output * output
-                ).scaleb(-6) for rates in tiers)
+    return max(
+        (rates[currency].cache_miss * prompt + rates[currency].output * output).scaleb(-6)
+        for rates in tiers
+    )
 
 
-def affordable_output(left: Decimal, prompt: int, tiers: Sequence[RateCard], currency: str,
-                      wanted: int) -> int:
+def affordable_output(
+    left: Decimal, prompt: int, tiers: Sequence[RateCard], currency: str, wanted: int
+) -> int:
     """The most output tokens (at most `wanted`) a call with this prompt can have while its
     worst case stays within `left`; -1 if even its prompt does not fit."""
     most = wanted
@@ -149,8 +152,13 @@ def affordable_output(left: Decimal, prompt: int, tiers: Sequence[RateCard], cur
     return most
 
 
-def decide(standings: Sequence[Standing], size: CallSize, tiers: Sequence[RateCard],
-           policy: TeamPolicy, refusal: _Refusal) -> tuple[dict[str, Decimal], int | None]:
+def decide(
+    standings: Sequence[Standing],
+    size: CallSize,
+    tiers: Sequence[RateCard],
+    policy: TeamPolicy,
+    refusal: _Refusal,
+) -> tuple[dict[str, Decimal], int | None]:
     """Admit a call against its team's hard budgets, or raise `BudgetExceeded`.
 
     Returns the amount to hold per currency and, when the call fits only with fewer output
@@ -159,14 +167,17 @@ def decide(standings: Sequence[Standing], size: CallSize, tiers: Sequence[RateCa
     """
     currencies = {s.budget.currency for s in standings}
     worst = {c: worst_cost(size.prompt, size.output, tiers, c) for c in currencies}
-    over = [s for s in standings
-            if s.spent + s.held + worst[s.budget.currency] > s.budget.amount]
+    over = [s for s in standings if s.spent + s.held + worst[s.budget.currency] > s.budget.amount]
     if not over:
         return worst, None
     if policy.over_budget != "lower_max_tokens":
         raise refusal(over[0], worst[over[0].budget.currency], None)
-    output = min(affordable_output(s.budget.amount - s.spent - s.held, size.prompt, tiers,
-                                   s.budget.currency, size.output) for s in standings)
+    output = min(
+        affordable_output(
+            s.budget.amount - s.spent - s.held, size.prompt, tiers, s.budget.currency, size.output
+        )
+        for s in standings
+    )
     if output < min(size.output, MIN_LOWERED_OUTPUT):
         raise refusal(over[0], worst[over[0].budget.currency], output)
     return {c: worst_cost(size.prompt, output, tiers, c) for c in currencies}, output
@@ -179,33 +190,49 @@ class _Refusal:
     def __init__(self, timezone: ZoneInfo) -> None:
         self._tz = timezone
 
-    def __call__(self, standing: Standing, worst: Decimal, lowest: int | None
-                 ) -> BudgetExceeded:
+    def __call__(self, standing: Standing, worst: Decimal, lowest: int | None) -> BudgetExceeded:
         budget = standing.budget
         currency = budget.currency
-        resets = datetime.combine(period_end(standing.start, budget.period),
-                                  datetime.min.time(), self._tz)
-        details = {"team": budget.team, "period": budget.period, "currency": currency,
-                   "budget": str(budget.amount), "spent": str(standing.spent),
-                   "reserved": str(standing.held), "call_worst_case": str(worst),
-                   "resets_at": resets.isoformat()}
+        resets = datetime.combine(
+            period_end(standing.start, budget.period), datetime.min.time(), self._tz
+        )
+        details = {
+            "team": budget.team,
+            "period": budget.period,
+            "currency": currency,
+            "budget": str(budget.amount),
+            "spent": str(standing.spent),
+            "reserved": str(standing.held),
+            "call_worst_case": str(worst),
+            "resets_at": resets.isoformat(),
+        }
         lowered = ""
         if lowest is not None:
-            lowered = (f"; lowering max_tokens would leave it "
-                       f"{max(lowest, 0)} output tokens, fewer than the "
-                       f"{MIN_LOWERED_OUTPUT} worth sending")
+            lowered = (
+                f"; lowering max_tokens would leave it "
+                f"{max(lowest, 0)} output tokens, fewer than the "
+                f"{MIN_LOWERED_OUTPUT} worth sending"
+            )
         return BudgetExceeded(
             f"team {budget.team!r} has spent {standing.spent} {currency} of its "
             f"{budget.amount} {currency} {budget.period} budget ({standing.held} {currency} "
             f"held by running calls; this call could cost up to {worst} {currency}{lowered}); "
-            f"the budget resets at {resets.isoformat()}", details)
+            f"the budget resets at {resets.isoformat()}",
+            details,
+        )
 
 
 class BudgetGuard:
     """Hold-before-dispatch for the hard budgets of one process."""
 
-    def __init__(self, budgets: Sequence[Budget], book: PriceBook, spend: SpendReader | None,
-                 timezone: ZoneInfo, policies: Mapping[str, TeamPolicy] | None = None) -> None:
+    def __init__(
+        self,
+        budgets: Sequence[Budget],
+        book: PriceBook,
+        spend: SpendReader | None,
+        timezone: ZoneInfo,
+        policies: Mapping[str, TeamPolicy] | None = None,
+    ) -> None:
         self._book = book
         self._spend = spend
         self._tz = timezone
@@ -226,11 +253,13 @@ class BudgetGuard:
         if isinstance(resolution, str):
             raise ModelNotPriced(
                 f"model {model!r} has no price ({resolution}); a team with a hard budget can "
-                "only call models the price book prices")
+                "only call models the price book prices"
+            )
         return list(resolution.version.tiers.values())
 
-    async def reserve(self, team: str, request_id: str, model: str, size: CallSize,
-                      now: datetime) -> Reservation:
+    async def reserve(
+        self, team: str, request_id: str, model: str, size: CallSize, now: datetime
+    ) -> Reservation:
         """Admit the call (returning its reservation) or raise (402, 403, 503)."""
         reservation = Reservation(team, request_id)
         states = self._hard.get(team)
@@ -239,8 +268,9 @@ class BudgetGuard:
         tiers = self.tiers(model, now)
         day = now.astimezone(self._tz).date()
         standings = [self._standing(state, day) for state in states]
-        holds, lowered = decide(standings, size, tiers, self._policies.get(team, DEFAULT_POLICY),
-                                self._refusal)
+        holds, lowered = decide(
+            standings, size, tiers, self._policies.get(team, DEFAULT_POLICY), self._refusal
+        )
         for state in states:  # no await since the checks: the reservation is atomic
             amount = holds[state.budget.currency]
             state.reserved += amount
@@ -249,8 +279,7 @@ class BudgetGuard:
         reservation.max_tokens = lowered
         return reservation
 
-    async def settle(self, reservation: Reservation, costs: Mapping[str, Decimal] | None
-                     ) -> None:
+    async def settle(self, reservation: Reservation, costs: Mapping[str, Decimal] | None) -> None:
         """Replace the held amounts by the call's real cost (None: nothing billable)."""
         for state, start, held in reservation.holds:
             state.reserved -= held
@@ -273,10 +302,18 @@ class BudgetGuard:
             rows = self._spend(start, day) if self._spend is not None else []
         except Exception as exc:
             log.exception("cannot read spend for budgets")
-            raise BudgetUnavailable("budget state cannot be read; calls of teams with hard "
-                                    "budgets are refused until it can") from exc
-        state.spent = sum((r.amount for r in rows if r.team == state.budget.team
-                           and r.currency == state.budget.currency), _ZERO)
+            raise BudgetUnavailable(
+                "budget state cannot be read; calls of teams with hard "
+                "budgets are refused until it can"
+            ) from exc
+        state.spent = sum(
+            (
+                r.amount
+                for r in rows
+                if r.team == state.budget.team and r.currency == state.budget.currency
+            ),
+            _ZERO,
+        )
         state.start = start
 
 
@@ -294,9 +331,16 @@ class SharedBudgetGuard(BudgetGuard):
     holds at once (`proxy.ledger.store.release_owner`), so they stop refusing calls.
     """
 
-    def __init__(self, budgets: Sequence[Budget], book: PriceBook, ledger: Path,
-                 timezone: ZoneInfo, policies: Mapping[str, TeamPolicy] | None = None, *,
-                 owner: str | None = None) -> None:
+    def __init__(
+        self,
+        budgets: Sequence[Budget],
+        book: PriceBook,
+        ledger: Path,
+        timezone: ZoneInfo,
+        policies: Mapping[str, TeamPolicy] | None = None,
+        *,
+        owner: str | None = None,
+    ) -> None:
         super().__init__(budgets, book, None, timezone, policies)
         self._owner = owner
         self._conn = connect(ledger)
@@ -306,8 +350,9 @@ class SharedBudgetGuard(BudgetGuard):
         self._executor.shutdown()
         self._conn.close()
 
-    async def reserve(self, team: str, request_id: str, model: str, size: CallSize,
-                      now: datetime) -> Reservation:
+    async def reserve(
+        self, team: str, request_id: str, model: str, size: CallSize, now: datetime
+    ) -> Reservation:
         reservation = Reservation(team, request_id)
         states = self._hard.get(team)
         if not states:
@@ -318,44 +363,70 @@ class SharedBudgetGuard(BudgetGuard):
         loop = asyncio.get_running_loop()
         try:
             reservation.max_tokens = await loop.run_in_executor(
-                self._executor, self._hold, team, request_id, day,
-                [s.budget for s in states], size, tiers, policy)
+                self._executor,
+                self._hold,
+                team,
+                request_id,
+                day,
+                [s.budget for s in states],
+                size,
+                tiers,
+                policy,
+            )
         except sqlite3.Error as exc:
             log.exception("cannot read or write budget holds")
-            raise BudgetUnavailable("budget state cannot be read; calls of teams with hard "
-                                    "budgets are refused until it can") from exc
+            raise BudgetUnavailable(
+                "budget state cannot be read; calls of teams with hard "
+                "budgets are refused until it can"
+            ) from exc
         return reservation
 
-    def _hold(self, team: str, request_id: str, day: date, budgets: Sequence[Budget],
-              size: CallSize, tiers: Sequence[RateCard], policy: TeamPolicy) -> int | None:
+    def _hold(
+        self,
+        team: str,
+        request_id: str,
+        day: date,
+        budgets: Sequence[Budget],
+        size: CallSize,
+        tiers: Sequence[RateCard],
+        policy: TeamPolicy,
+    ) -> int | None:
         with Transaction(self._conn) as conn:
             standings = []
             for budget in budgets:
                 start = period_start(day, budget.period)
-                spent = _decimal(conn.execute(
-                    "SELECT decimal_sum(amount) FROM spend_daily WHERE team = ? AND "
-                    "currency = ? AND day BETWEEN ? AND ?",
-                    (team, budget.currency, start.isoformat(), day.isoformat())).fetchone())
-                held = _decimal(conn.execute(
-                    "SELECT decimal_sum(amount) FROM budget_holds WHERE team = ? AND "
-                    "currency = ? AND day >= ?",
-                    (team, budget.currency, start.isoformat())).fetchone())
+                spent = _decimal(
+                    conn.execute(
+                        "SELECT decimal_sum(amount) FROM spend_daily WHERE team = ? AND "
+                        "currency = ? AND day BETWEEN ? AND ?",
+                        (team, budget.currency, start.isoformat(), day.isoformat()),
+                    ).fetchone()
+                )
+                held = _decimal(
+                    conn.execute(
+                        "SELECT decimal_sum(amount) FROM budget_holds WHERE team = ? AND "
+                        "currency = ? AND day >= ?",
+                        (team, budget.currency, start.isoformat()),
+                    ).fetchone()
+                )
                 standings.append(Standing(budget, start, spent, held))
             holds, lowered = decide(standings, size, tiers, policy, self._refusal)
-            conn.executemany("INSERT INTO budget_holds (request_id, team, currency, day, "
-                             "amount, owner) VALUES (?, ?, ?, ?, ?, ?)",
-                             [(request_id, team, currency, day.isoformat(), money(amount),
-                               self._owner) for currency, amount in holds.items()])
+            conn.executemany(
+                "INSERT INTO budget_holds (request_id, team, currency, day, "
+                "amount, owner) VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (request_id, team, currency, day.isoformat(), money(amount), self._owner)
+                    for currency, amount in holds.items()
+                ],
+            )
         return lowered
 
-    async def settle(self, reservation: Reservation, costs: Mapping[str, Decimal] | None
-                     ) -> None:
+    async def settle(self, reservation: Reservation, costs: Mapping[str, Decimal] | None) -> None:
         if reservation.team not in self._hard:
             return
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._executor, self._settle, reservation.request_id,
-                                       costs)
+            await loop.run_in_executor(self._executor, self._settle, reservation.request_id, costs)
         except sqlite3.Error:
             log.exception("cannot settle budget hold of %s", reservation.request_id)
 
@@ -366,7 +437,8 @@ class SharedBudgetGuard(BudgetGuard):
                 return
             conn.executemany(
                 "UPDATE budget_holds SET amount = ? WHERE request_id = ? AND currency = ?",
-                [(money(amount), request_id, currency) for currency, amount in costs.items()])
+                [(money(amount), request_id, currency) for currency, amount in costs.items()],
+            )
 
 
 def _decimal(row: tuple[str | None] | None) -> Decimal:

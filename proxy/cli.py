@@ -14,7 +14,8 @@ from proxy.pricing import commands as prices_commands
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m proxy",
-        description="Metering proxy for the DeepSeek API: exact, dated prices for every call.")
+        description="Metering proxy for the DeepSeek API: exact, dated prices for every call.",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve.register(commands)
     prices_commands.register(commands)

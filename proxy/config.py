@@ -177,8 +177,21 @@ def load_config(path: Path) -> ProxyConfig:
     except YamlError as exc:
         raise ConfigError(path, "(file)", exc.reason) from exc
     reader = _Reader(path)
-    reader.keys(raw, "(file)", {"listen", "upstream", "pricing", "teams", "timeouts", "limits",
-                                "usage", "ledger", "budgets"})
+    reader.keys(
+        raw,
+        "(file)",
+        {
+            "listen",
+            "upstream",
+            "pricing",
+            "teams",
+            "timeouts",
+            "limits",
+            "usage",
+            "ledger",
+            "budgets",
+        },
+    )
     listen = reader.section(raw, "listen")
     upstream = reader.section(raw, "upstream")
     pricing = reader.section(raw, "pricing")
@@ -186,8 +199,11 @@ def load_config(path: Path) -> ProxyConfig:
     limits = reader.section(raw, "limits")
     usage = reader.section(raw, "usage")
     ledger = reader.section(raw, "ledger")
-    reader.keys(ledger, "ledger", {"path", "flush_interval", "billing_timezone",
-                                   "max_queued_records", "shutdown_timeout"})
+    reader.keys(
+        ledger,
+        "ledger",
+        {"path", "flush_interval", "billing_timezone", "max_queued_records", "shutdown_timeout"},
+    )
     reader.keys(listen, "listen", {"host", "port"})
     reader.keys(upstream, "upstream", {"base_url", "api_key_env"})
     reader.keys(pricing, "pricing", {"book", "price_at"})
@@ -201,14 +217,18 @@ def load_config(path: Path) -> ProxyConfig:
     key_env = upstream.get("api_key_env", "DEEPSEEK_API_KEY")
     if not isinstance(key_env, str) or not _ENV_NAME.match(key_env):
         # Never echoed: the likeliest mistake is pasting the key itself here.
-        raise ConfigError(path, "upstream.api_key_env",
-                          "expected the name of an environment variable (letters, digits and "
-                          "'_'), such as DEEPSEEK_API_KEY; the value is not shown in case it is "
-                          "a key: never put the key itself in the config")
+        raise ConfigError(
+            path,
+            "upstream.api_key_env",
+            "expected the name of an environment variable (letters, digits and "
+            "'_'), such as DEEPSEEK_API_KEY; the value is not shown in case it is "
+            "a key: never put the key itself in the config",
+        )
     price_at = pricing.get("price_at", "request_start")
     if price_at not in ("request_start", "response_end"):
-        raise ConfigError(path, "pricing.price_at",
-                          f"expected request_start or response_end, got {price_at!r}")
+        raise ConfigError(
+            path, "pricing.price_at", f"expected request_start or response_end, got {price_at!r}"
+        )
     keys, teams, policies = _teams(reader, raw.get("teams"))
     return ProxyConfig(
         path=path,
@@ -220,27 +240,33 @@ def load_config(path: Path) -> ProxyConfig:
         price_at=price_at,
         keys=MappingProxyType(keys),
         teams=teams,
-        timeouts=Timeouts(**{name: reader.seconds(value, f"timeouts.{name}")
-                             for name, value in timeouts.items()}),
-        limits=Limits(**{name: reader.positive_int(value, f"limits.{name}")
-                         for name, value in limits.items()}),
+        timeouts=Timeouts(
+            **{name: reader.seconds(value, f"timeouts.{name}") for name, value in timeouts.items()}
+        ),
+        limits=Limits(
+            **{name: reader.positive_int(value, f"limits.{name}") for name, value in limits.items()}
+        ),
         tool_fields=MappingProxyType({**DEFAULT_TOOL_FIELDS, **_tool_fields(reader, usage)}),
         ledger_path=path.parent / reader.text(ledger.get("path", DEFAULT_LEDGER), "ledger.path"),
-        flush_interval=reader.seconds(ledger.get("flush_interval", DEFAULT_FLUSH_INTERVAL),
-                                      "ledger.flush_interval"),
+        flush_interval=reader.seconds(
+            ledger.get("flush_interval", DEFAULT_FLUSH_INTERVAL), "ledger.flush_interval"
+        ),
         billing_timezone=_timezone(reader, ledger.get("billing_timezone", "Asia/Shanghai")),
         budgets=_budgets(reader, raw.get("budgets"), teams),
         policies=MappingProxyType(policies),
         max_queued_records=reader.positive_int(
             ledger.get("max_queued_records", DEFAULT_MAX_QUEUED_RECORDS),
-            "ledger.max_queued_records"),
+            "ledger.max_queued_records",
+        ),
         ledger_shutdown_timeout=reader.seconds(
-            ledger.get("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT), "ledger.shutdown_timeout"),
+            ledger.get("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT), "ledger.shutdown_timeout"
+        ),
     )
 
 
-def check_references(config: ProxyConfig, *, currencies: Collection[str],
-                     tools: Collection[str]) -> None:
+def check_references(
+    config: ProxyConfig, *, currencies: Collection[str], tools: Collection[str]
+) -> None:
     """Check what the configuration names against the price book it will run with.
 
     Run before the proxy listens: a budget in a currency the book has no prices in (``EUR``,
@@ -251,14 +277,19 @@ def check_references(config: ProxyConfig, *, currencies: Collection[str],
     for team in config.teams:
         for index, budget in enumerate(b for b in config.budgets if b.team == team):
             if budget.currency not in currencies:
-                raise ConfigError(config.path, f"budgets.{team}[{index}].currency",
-                                  f"{budget.currency!r} is not a currency of the price book "
-                                  f"(it has {known})")
+                raise ConfigError(
+                    config.path,
+                    f"budgets.{team}[{index}].currency",
+                    f"{budget.currency!r} is not a currency of the price book (it has {known})",
+                )
     for field_name, tool in config.tool_fields.items():
         if tool not in tools:
-            raise ConfigError(config.path, f"usage.server_tool_fields.{field_name}",
-                              f"{tool!r} is not a tool of the price book (it has "
-                              f"{', '.join(sorted(tools)) or 'none'})")
+            raise ConfigError(
+                config.path,
+                f"usage.server_tool_fields.{field_name}",
+                f"{tool!r} is not a tool of the price book (it has "
+                f"{', '.join(sorted(tools)) or 'none'})",
+            )
 
 
 class _Reader:
@@ -283,8 +314,10 @@ class _Reader:
             raise self.fail(key, f"expected a mapping, got {type(raw).__name__}")
         for name in raw:
             if name not in allowed:
-                raise self.fail(f"{key}.{name}" if key != "(file)" else str(name),
-                                f"unknown key (allowed: {', '.join(sorted(allowed))})")
+                raise self.fail(
+                    f"{key}.{name}" if key != "(file)" else str(name),
+                    f"unknown key (allowed: {', '.join(sorted(allowed))})",
+                )
 
     def text(self, value: Any, key: str) -> str:
         if not isinstance(value, str) or not value.strip():
@@ -333,11 +366,15 @@ def _book_paths(reader: _Reader, value: Any) -> tuple[Path, ...]:
     return tuple(paths)
 
 
-def _teams(reader: _Reader, raw: Any
-           ) -> tuple[dict[str, ClientKey], tuple[str, ...], dict[str, TeamPolicy]]:
+def _teams(
+    reader: _Reader, raw: Any
+) -> tuple[dict[str, ClientKey], tuple[str, ...], dict[str, TeamPolicy]]:
     if not isinstance(raw, Mapping) or not raw:
-        raise reader.fail("teams", "expected at least one team with client keys "
-                                   "(create one with: python -m proxy keys new --team NAME)")
+        raise reader.fail(
+            "teams",
+            "expected at least one team with client keys "
+            "(create one with: python -m proxy keys new --team NAME)",
+        )
     keys: dict[str, ClientKey] = {}
     policies: dict[str, TeamPolicy] = {}
     for team, spec in raw.items():
@@ -354,12 +391,15 @@ def _teams(reader: _Reader, raw: Any
         for index, entry in enumerate(entries):
             match = _HASH.match(entry.strip()) if isinstance(entry, str) else None
             if match is None:
-                raise reader.fail(f"{where}.keys[{index}]",
-                                  "expected 'sha256:' and 64 lower-case hex digits")
+                raise reader.fail(
+                    f"{where}.keys[{index}]", "expected 'sha256:' and 64 lower-case hex digits"
+                )
             digest = match.group(1)
             if digest in keys:
-                raise reader.fail(f"{where}.keys[{index}]",
-                                  f"the same key is already listed for team {keys[digest].team!r}")
+                raise reader.fail(
+                    f"{where}.keys[{index}]",
+                    f"the same key is already listed for team {keys[digest].team!r}",
+                )
             keys[digest] = ClientKey(team=team, key_id=key_id_of(digest))
     return keys, tuple(raw), policies
 
@@ -370,8 +410,9 @@ def _policy(reader: _Reader, spec: Mapping[str, Any], where: str) -> TeamPolicy:
         default = reader.positive_int(default, f"{where}.default_max_tokens")
     over_budget = spec.get("over_budget", "refuse")
     if over_budget not in ("refuse", "lower_max_tokens"):
-        raise reader.fail(f"{where}.over_budget",
-                          f"expected refuse or lower_max_tokens, got {over_budget!r}")
+        raise reader.fail(
+            f"{where}.over_budget", f"expected refuse or lower_max_tokens, got {over_budget!r}"
+        )
     return TeamPolicy(default_max_tokens=default, over_budget=over_budget)
 
 
@@ -390,8 +431,10 @@ def _budgets(reader: _Reader, raw: Any, teams: tuple[str, ...]) -> tuple[Budget,
         for index, entry in enumerate(entries):
             budgets.append(_budget(reader, str(team), entry, f"budgets.{team}[{index}]"))
             if budgets[-1].period in periods:
-                raise reader.fail(f"budgets.{team}[{index}].period",
-                                  f"team {team!r} already has a {budgets[-1].period} budget")
+                raise reader.fail(
+                    f"budgets.{team}[{index}].period",
+                    f"team {team!r} already has a {budgets[-1].period} budget",
+                )
             periods.add(budgets[-1].period)
     return tuple(budgets)
 
@@ -442,6 +485,7 @@ def _timezone(reader: _Reader, value: Any) -> ZoneInfo:
 def _tool_fields(reader: _Reader, usage: Mapping[str, Any]) -> dict[str, str]:
     fields = usage.get("server_tool_fields", {})
     if not isinstance(fields, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in fields.items()):
+        isinstance(k, str) and isinstance(v, str) for k, v in fields.items()
+    ):
         raise reader.fail("usage.server_tool_fields", "expected a mapping of field -> tool name")
     return dict(fields)

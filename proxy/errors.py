@@ -186,10 +186,10 @@ class UpstreamTimeout(ProxyError):
     retry = False
 
 
-def error_body(message: str, error_type: str, code: str | None,
-               details: Mapping[str, object] | None = None) -> bytes:
-    error: dict[str, object] = {"message": message, "type": error_type, "param": None,
-                                "code": code}
+def error_body(
+    message: str, error_type: str, code: str | None, details: Mapping[str, object] | None = None
+) -> bytes:
+    error: dict[str, object] = {"message": message, "type": error_type, "param": None, "code": code}
     if details:
         error.update(details)
     return json.dumps({"error": error}, separators=(",", ":")).encode()
@@ -203,10 +203,12 @@ def error_response(error: ProxyError) -> web.Response:
         headers["Retry-After"] = str(error.retry_after)
     if error.headers:
         headers.update(error.headers)
-    response = web.Response(status=error.status, headers=headers,
-                            content_type="application/json",
-                            body=error_body(error.message, error.error_type, error.code,
-                                            error.details))
+    response = web.Response(
+        status=error.status,
+        headers=headers,
+        content_type="application/json",
+        body=error_body(error.message, error.error_type, error.code, error.details),
+    )
     if error.close_connection:
         response.force_close()
     return response

@@ -122,8 +122,9 @@ def new_request_id() -> str:
     return f"{time.time_ns() // 1_000_000:012x}{random.getrandbits(80):020x}"
 
 
-async def proxy_completion(request: web.Request, state: ProxyState, client: ClientKey,
-                           endpoint: Endpoint) -> web.StreamResponse:
+async def proxy_completion(
+    request: web.Request, state: ProxyState, client: ClientKey, endpoint: Endpoint
+) -> web.StreamResponse:
     """Read, admit, exchange, record: one completion call.
 
     Everything that can refuse a request without cost (encoding, size, JSON, model) comes
@@ -133,8 +134,9 @@ async def proxy_completion(request: web.Request, state: ProxyState, client: Clie
     """
     started_at = state.clock()
     refuse_compressed(request)
-    body = await read_body(request, state.config.limits.max_request_bytes,
-                           state.config.timeouts.client_body)
+    body = await read_body(
+        request, state.config.limits.max_request_bytes, state.config.timeouts.client_body
+    )
     tick = time.perf_counter()
     payload = parse_payload(body)
     limits = state.config.limits
@@ -143,13 +145,23 @@ async def proxy_completion(request: web.Request, state: ProxyState, client: Clie
     default_max_tokens = state.config.policy(client.team).default_max_tokens
     if default_max_tokens is not None and payload.get("max_tokens") is None:
         changes["max_tokens"] = default_max_tokens
-    size = CallSize(prompt_bound(payload, len(body), limits),
-                    output_bound(changes if "max_tokens" in changes else payload, limits))
-    meter = CallMeter(request_id=new_request_id(), team=client.team, key_id=client.key_id,
-                      endpoint=endpoint.name, stream=payload.get("stream") is True,
-                      model_requested=payload["model"], payload=payload, started_at=started_at,
-                      prompt_bound=size.prompt, output_bound=size.output,
-                      price_book=state.book.digest)
+    size = CallSize(
+        prompt_bound(payload, len(body), limits),
+        output_bound(changes if "max_tokens" in changes else payload, limits),
+    )
+    meter = CallMeter(
+        request_id=new_request_id(),
+        team=client.team,
+        key_id=client.key_id,
+        endpoint=endpoint.name,
+        stream=payload.get("stream") is True,
+        model_requested=payload["model"],
+        payload=payload,
+        started_at=started_at,
+        prompt_bound=size.prompt,
+        output_bound=size.output,
+        price_book=state.book.digest,
+    )
     _refuse_unrecordable(state, client.team)
     state.admission.enter(client.team)
     reservation: Reservation | None = None
@@ -163,8 +175,7 @@ async def proxy_completion(request: web.Request, state: ProxyState, client: Clie
         body = rewrite(body, payload, changes, normalise=_ambiguous(body))
         dispatched = True  # from here a sink may hold an in-flight row: a final one follows
         state.sink.dispatched(meter)
-        exchange = _Exchange(request, state, meter, client_wants_usage,
-                             changes.get("max_tokens"))
+        exchange = _Exchange(request, state, meter, client_wants_usage, changes.get("max_tokens"))
         meter.proxy_seconds += time.perf_counter() - tick
         try:
             response = await exchange.run(endpoint, body)
@@ -179,8 +190,10 @@ async def proxy_completion(request: web.Request, state: ProxyState, client: Clie
         if exchange is not None and exchange.answer_started:
             raise  # the answer is under way: aiohttp drops the connection, the client sees it
         log.exception("request %s failed inside the proxy", meter.request_id)
-        raise InternalError(f"the proxy failed while handling this call (request "
-                            f"{meter.request_id}); the failure is logged") from exc
+        raise InternalError(
+            f"the proxy failed while handling this call (request "
+            f"{meter.request_id}); the failure is logged"
+        ) from exc
     finally:
         state.admission.leave(client.team)
         record = _submit(state, meter) if dispatched else None
@@ -195,12 +208,16 @@ def _refuse_unrecordable(state: ProxyState, team: str) -> None:
     no call that a hard budget must count."""
     state.admission.refuse_if_draining()
     if not state.ledger.has_room():
-        raise LedgerUnavailable("the usage ledger cannot record calls and the records waiting "
-                                "for it fill its queue: calls are refused until it recovers")
+        raise LedgerUnavailable(
+            "the usage ledger cannot record calls and the records waiting "
+            "for it fill its queue: calls are refused until it recovers"
+        )
     if not state.ledger.committing() and state.budgets.applies(team):
-        raise LedgerUnavailable(f"the usage ledger cannot record calls: calls of team "
-                                f"{team!r}, which has a hard budget, are refused until it "
-                                "can, since their spend would not count")
+        raise LedgerUnavailable(
+            f"the usage ledger cannot record calls: calls of team "
+            f"{team!r}, which has a hard budget, are refused until it "
+            "can, since their spend would not count"
+        )
 
 
 def _ambiguous(body: bytes) -> bool:
@@ -214,15 +231,17 @@ def _ambiguous(body: bytes) -> bool:
 
 async def _reserve(state: ProxyState, meter: CallMeter, size: CallSize) -> Reservation:
     try:
-        return await state.budgets.reserve(meter.team, meter.request_id, meter.model_requested,
-                                           size, meter.started_at)
+        return await state.budgets.reserve(
+            meter.team, meter.request_id, meter.model_requested, size, meter.started_at
+        )
     except BudgetExceeded:
         state.metrics.budget_refusals.labels(meter.team).inc()
         raise
 
 
-def _settlement(exchange: _Exchange | None, record: UsageRecord | None
-                ) -> dict[str, Decimal] | None:
+def _settlement(
+    exchange: _Exchange | None, record: UsageRecord | None
+) -> dict[str, Decimal] | None:
     """What a reservation settles to: None if nothing is billable (the call never went out,
     or DeepSeek refused it); the record's costs otherwise (empty if no record could be built:
     nothing to count, as in the ledger)."""
@@ -246,8 +265,9 @@ async def _send_now(request: web.Request, response: web.StreamResponse) -> None:
 def _submit(state: ProxyState, meter: CallMeter) -> UsageRecord | None:
     tick = time.perf_counter()
     try:
-        record = build_record(meter, state.clock(), state.book, state.config.price_at,
-                              state.config.limits)
+        record = build_record(
+            meter, state.clock(), state.book, state.config.price_at, state.config.limits
+        )
         state.sink.submit(record)
         state.metrics.observe(record, meter.proxy_seconds + time.perf_counter() - tick)
     except Exception:  # a metering failure is logged loudly but never breaks the response
@@ -267,8 +287,7 @@ class Deadline:
     (`asyncio.Task.uncancel`).
     """
 
-    __slots__ = ("_cancelling", "_handle", "_loop", "_task", "_uncancelled", "expired",
-                 "when")
+    __slots__ = ("_cancelling", "_handle", "_loop", "_task", "_uncancelled", "expired", "when")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         task = asyncio.current_task(loop)
@@ -320,8 +339,14 @@ class _UpstreamCut(Exception):
 class _Exchange:
     """One upstream exchange and its relay; holds what the error paths need to know."""
 
-    def __init__(self, request: web.Request, state: ProxyState, meter: CallMeter,
-                 client_wants_usage: bool, max_tokens_set: int | None) -> None:
+    def __init__(
+        self,
+        request: web.Request,
+        state: ProxyState,
+        meter: CallMeter,
+        client_wants_usage: bool,
+        max_tokens_set: int | None,
+    ) -> None:
         self.request = request
         self.state = state
         self.meter = meter
@@ -347,7 +372,8 @@ class _Exchange:
             self._deadline = deadline = Deadline(self._loop, first)
             try:
                 upstream = await self.state.upstream.request(
-                    "POST", endpoint.upstream_path, self.request.headers, body)
+                    "POST", endpoint.upstream_path, self.request.headers, body
+                )
                 async with upstream:
                     return await self._relay(upstream)
             except asyncio.CancelledError:
@@ -357,40 +383,51 @@ class _Exchange:
             finally:
                 deadline.close()
         except ProxyError as exc:
-            self.meter.outcome = ("timeout" if isinstance(exc, UpstreamTimeout) else
-                                  "upstream_cut" if isinstance(exc, UpstreamCut) else
-                                  "connect_error")
+            self.meter.outcome = (
+                "timeout"
+                if isinstance(exc, UpstreamTimeout)
+                else "upstream_cut"
+                if isinstance(exc, UpstreamCut)
+                else "connect_error"
+            )
             return error_response(exc)
         except TimeoutError:
             if not self.client_alive:
                 self.meter.outcome = "client_disconnected"
                 return self._finished_response()
             self.meter.outcome = "timeout"
-            return await self._fail("DeepSeek did not finish in time", UpstreamTimeout(
-                "DeepSeek did not answer in time; the call may still be billed"))
+            return await self._fail(
+                "DeepSeek did not finish in time",
+                UpstreamTimeout("DeepSeek did not answer in time; the call may still be billed"),
+            )
         except (Undecodable, EventTooLarge) as exc:
-            self.meter.flag(FLAG_UNDECODABLE if isinstance(exc, Undecodable)
-                            else FLAG_OVERSIZED_EVENT)
+            self.meter.flag(
+                FLAG_UNDECODABLE if isinstance(exc, Undecodable) else FLAG_OVERSIZED_EVENT
+            )
             return await self._broken(exc)
         except (_UpstreamCut, aiohttp.ClientError, OSError):
             if not self.client_alive:
                 self.meter.outcome = "client_disconnected"
                 return self._finished_response()
             self.meter.outcome = "upstream_cut"
-            return await self._fail("DeepSeek closed the connection before the response was "
-                                    "complete", UpstreamCut(
-                                        "DeepSeek closed the connection before answering; "
-                                        "the call may still be billed"))
+            return await self._fail(
+                "DeepSeek closed the connection before the response was complete",
+                UpstreamCut(
+                    "DeepSeek closed the connection before answering; the call may still be billed"
+                ),
+            )
 
     async def _broken(self, exc: Exception) -> web.StreamResponse:
         """DeepSeek's answer cannot be read on (an undecodable body, an endless event)."""
         self.meter.outcome = "bad_response"
         if not self.client_alive:
             return self._finished_response()
-        return await self._fail(f"the proxy cannot read DeepSeek's answer on: {exc}",
-                                UpstreamBadResponse(
-                                    f"DeepSeek's answer cannot be read: {exc}; the call may "
-                                    "still be billed"))
+        return await self._fail(
+            f"the proxy cannot read DeepSeek's answer on: {exc}",
+            UpstreamBadResponse(
+                f"DeepSeek's answer cannot be read: {exc}; the call may still be billed"
+            ),
+        )
 
     async def _relay(self, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
         meter = self.meter
@@ -402,9 +439,12 @@ class _Exchange:
         if 300 <= upstream.status < 400:
             # Neither followed nor passed on: a client SDK would follow it with its own key.
             meter.outcome = "upstream_error"
-            return error_response(UpstreamRedirect(
-                f"DeepSeek answered HTTP {upstream.status} (a redirect); the proxy does not "
-                "follow redirects"))
+            return error_response(
+                UpstreamRedirect(
+                    f"DeepSeek answered HTTP {upstream.status} (a redirect); the proxy does not "
+                    "follow redirects"
+                )
+            )
         decoder = self._decoder(upstream)
         meter.outcome = "upstream_cut"  # until the answer is seen whole
         headers = self._headers(upstream)
@@ -418,8 +458,9 @@ class _Exchange:
             self._read_answer(body)
             if meter.outcome == "upstream_cut":
                 meter.outcome = "complete"
-            return web.Response(status=upstream.status, headers=headers,
-                                body=self.state.upstream.mask.whole(body))
+            return web.Response(
+                status=upstream.status, headers=headers, body=self.state.upstream.mask.whole(body)
+            )
         response = web.StreamResponse(status=upstream.status, headers=headers)
         if not is_stream and decoder is None and length is not None:
             response.content_length = length
@@ -455,15 +496,20 @@ class _Exchange:
 
     async def _relay_error(self, upstream: aiohttp.ClientResponse) -> web.Response:
         headers = self._headers(upstream)
-        body = shown_body(await read_limited(upstream, MAX_ERROR_BODY), upstream.headers,
-                          headers, MAX_ERROR_BODY)
+        body = shown_body(
+            await read_limited(upstream, MAX_ERROR_BODY), upstream.headers, headers, MAX_ERROR_BODY
+        )
         if upstream.status == 402:
             headers["x-should-retry"] = "false"  # balance refusals: a retry cannot succeed
         if upstream.status in (401, 402):
-            log.error("DeepSeek refused the proxy's key or account: HTTP %s (request %s)",
-                      upstream.status, self.meter.request_id)
-        return web.Response(status=upstream.status, headers=headers,
-                            body=redact(body, self.state.upstream.api_key))
+            log.error(
+                "DeepSeek refused the proxy's key or account: HTTP %s (request %s)",
+                upstream.status,
+                self.meter.request_id,
+            )
+        return web.Response(
+            status=upstream.status, headers=headers, body=redact(body, self.state.upstream.api_key)
+        )
 
     def _first_data(self) -> None:
         """Real data arrived: stamp it and lift the first-byte deadline to the total one."""
@@ -538,8 +584,7 @@ class _Exchange:
 
     async def _relay_stream(self, source: AsyncIterable[bytes]) -> None:
         splitter = SSESplitter()
-        inspector = StreamMeter(self.meter, self.client_wants_usage,
-                                self.state.config.tool_fields)
+        inspector = StreamMeter(self.meter, self.client_wants_usage, self.state.config.tool_fields)
         meter = self.meter
         mask = self.state.upstream.mask
         after_done = 0

@@ -50,15 +50,26 @@ def make_runner(app: web.Application, config: ProxyConfig) -> web.AppRunner:
     """The app's runner: no access log (records are the log), the client-header timeout as
     the keep-alive timeout (slowloris), and a short grace for handlers cancelled at exit (the
     drain itself is `proxy.serve`'s)."""
-    return web.AppRunner(app, access_log=None, shutdown_timeout=CANCEL_GRACE,
-                         keepalive_timeout=config.timeouts.client_header)
+    return web.AppRunner(
+        app,
+        access_log=None,
+        shutdown_timeout=CANCEL_GRACE,
+        keepalive_timeout=config.timeouts.client_header,
+    )
 
 
 class ProxySite(web.BaseSite):
     """A TCP listener whose connections are served by `_RequestHandler`."""
 
-    def __init__(self, runner: web.AppRunner, host: str, port: int, *, reuse_port: bool,
-                 keepalive_timeout: float) -> None:
+    def __init__(
+        self,
+        runner: web.AppRunner,
+        host: str,
+        port: int,
+        *,
+        reuse_port: bool,
+        keepalive_timeout: float,
+    ) -> None:
         super().__init__(runner)
         self._host = host
         self._port = port
@@ -79,44 +90,64 @@ class ProxySite(web.BaseSite):
         def connection() -> RequestHandler:
             # access_log=None turns aiohttp's access log off (as AppRunner's access_log=None
             # does); its annotation says Logger only.
-            return _RequestHandler(server, loop=loop, keepalive_timeout=keepalive_timeout,
-                                   access_log=None,  # type: ignore[arg-type]
-                                   auto_decompress=False)
+            return _RequestHandler(
+                server,
+                loop=loop,
+                keepalive_timeout=keepalive_timeout,
+                access_log=None,  # type: ignore[arg-type]
+                auto_decompress=False,
+            )
 
         try:
             self._server = await loop.create_server(
-                connection, self._host, self._port, reuse_address=True,
-                reuse_port=self._reuse_port or None)
+                connection,
+                self._host,
+                self._port,
+                reuse_address=True,
+                reuse_port=self._reuse_port or None,
+            )
         except OSError as exc:
             # asyncio words it "error while attempting to bind on address (...): ..."
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            raise ListenError(f"cannot listen on {self._host}:{self._port}: "
-                              f"{reason[:1].lower()}{reason[1:]}") from exc
+            raise ListenError(
+                f"cannot listen on {self._host}:{self._port}: {reason[:1].lower()}{reason[1:]}"
+            ) from exc
 
 
 class _RequestHandler(RequestHandler):
     """aiohttp's connection handler, answering errors in the proxy's own way."""
 
-    def handle_error(self, request: BaseRequest, status: int = 500,
-                     exc: BaseException | None = None, message: str | None = None
-                     ) -> web.StreamResponse:
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
         error: ProxyError
         if isinstance(exc, HttpProcessingError):
             defect = _defect(exc)
             # As aiohttp does: a bad method on a connection's first request is mostly a port
             # scanner or TLS spoken to a plain port, not worth a warning each time.
             scan = isinstance(exc, BadHttpMethod) and self._request_count == 1
-            log.log(logging.DEBUG if scan else logging.WARNING,
-                    "malformed HTTP request from %s: %s", request.remote, defect)
+            log.log(
+                logging.DEBUG if scan else logging.WARNING,
+                "malformed HTTP request from %s: %s",
+                request.remote,
+                defect,
+            )
             if request.writer.output_size > 0:  # as aiohttp: an answer already began
                 raise ConnectionError("a response was already sent")
             too_large = isinstance(exc, LineTooLong) or defect == "too many header lines"
             error = (HeadersTooLarge if too_large else BadRequest)(
-                f"malformed HTTP request: {defect}")
+                f"malformed HTTP request: {defect}"
+            )
         else:
             super().handle_error(request, status, exc, message)  # logs it (and raises if an
-            error = InternalError("the proxy failed while handling this request; "  # answer
-                                  "the failure is logged")  # began)
+            error = InternalError(
+                "the proxy failed while handling this request; "  # answer
+                "the failure is logged"
+            )  # began)
             if status >= 500:
                 error.status = status  # aiohttp's choice, as 504 for a handler's timeout
         response = error_response(error)

@@ -142,7 +142,8 @@ class StreamMeter:
         # (text inside JSON strings has its quotes escaped, so it cannot match); with
         # include_usage DeepSeek puts ``"usage":null`` on every other chunk.
         if meter.model_served is not None and (
-                b'"usage"' not in data or b'"usage":null' in data or b'"usage": null' in data):
+            b'"usage"' not in data or b'"usage":null' in data or b'"usage": null' in data
+        ):
             meter.output_chunks += 1
             return True
         try:
@@ -163,8 +164,9 @@ class StreamMeter:
         return True
 
 
-def _usage_of(meter: CallMeter, limits: Limits
-              ) -> tuple[TokenUsage | None, int | None, UsageSource, tuple[str, ...]]:
+def _usage_of(
+    meter: CallMeter, limits: Limits
+) -> tuple[TokenUsage | None, int | None, UsageSource, tuple[str, ...]]:
     """The call's billable counts, the ``prompt_tokens`` to record, where they came from, and
     flags about them."""
     if meter.reported is not None:
@@ -178,12 +180,17 @@ def _usage_of(meter: CallMeter, limits: Limits
     # One token per chunk relayed, but never past the output bound: a reservation held no
     # more, and DeepSeek stops at max_tokens (role and finish chunks carry none).
     output = min(meter.output_chunks, meter.output_bound)
-    return (TokenUsage(cache_miss=prompt, output=output), prompt, "estimated",
-            (*flags, FLAG_ESTIMATED))
+    return (
+        TokenUsage(cache_miss=prompt, output=output),
+        prompt,
+        "estimated",
+        (*flags, FLAG_ESTIMATED),
+    )
 
 
-def _within_bounds(meter: CallMeter, tokens: TokenUsage, limits: Limits
-                   ) -> tuple[TokenUsage, tuple[str, ...]]:
+def _within_bounds(
+    meter: CallMeter, tokens: TokenUsage, limits: Limits
+) -> tuple[TokenUsage, tuple[str, ...]]:
     """Reported counts, each cut to what the request allows (see the module docstring)."""
     tools = tokens.tool_calls
     rounds = sum(tools.values()) if tools else 0  # each server tool call feeds the model again
@@ -191,14 +198,21 @@ def _within_bounds(meter: CallMeter, tokens: TokenUsage, limits: Limits
         tools, rounds = _capped(tools, limits.max_server_tool_calls)
     output_limit = meter.output_bound * (1 + rounds)
     prompt_limit = meter.prompt_bound + limits.max_context_tokens * rounds
-    if (tools is tokens.tool_calls and tokens.output <= output_limit
-            and tokens.cache_hit + tokens.cache_miss <= prompt_limit):
+    if (
+        tools is tokens.tool_calls
+        and tokens.output <= output_limit
+        and tokens.cache_hit + tokens.cache_miss <= prompt_limit
+    ):
         return tokens, ()
     hit = min(tokens.cache_hit, prompt_limit)
     output = min(tokens.output, output_limit)
-    return TokenUsage(cache_hit=hit, cache_miss=min(tokens.cache_miss, prompt_limit - hit),
-                      output=output, reasoning=min(tokens.reasoning, output),
-                      tool_calls=tools), (FLAG_EXCEEDS_BOUND,)
+    return TokenUsage(
+        cache_hit=hit,
+        cache_miss=min(tokens.cache_miss, prompt_limit - hit),
+        output=output,
+        reasoning=min(tokens.reasoning, output),
+        tool_calls=tools,
+    ), (FLAG_EXCEEDS_BOUND,)
 
 
 def _capped(tools: Mapping[str, int], cap: int) -> tuple[dict[str, int], int]:
@@ -218,8 +232,9 @@ def _no_price_reason(source: UsageSource, outcome: Outcome) -> str:
     return "usage unknown: DeepSeek sent none and there was nothing to estimate from"
 
 
-def build_record(meter: CallMeter, ended_at: datetime, book: PriceBook, price_at: str,
-                 limits: Limits) -> UsageRecord:
+def build_record(
+    meter: CallMeter, ended_at: datetime, book: PriceBook, price_at: str, limits: Limits
+) -> UsageRecord:
     """The one usage record of a call, priced at the configured instant."""
     tokens, prompt, source, usage_flags = _usage_of(meter, limits)
     flags = list(meter.flags)
@@ -241,25 +256,37 @@ def build_record(meter: CallMeter, ended_at: datetime, book: PriceBook, price_at
     else:
         priced, reason = False, _no_price_reason(source, meter.outcome)
     return UsageRecord(
-        request_id=meter.request_id, team=meter.team, key_id=meter.key_id,
-        endpoint=meter.endpoint, stream=meter.stream, model_requested=meter.model_requested,
-        model_served=meter.model_served, started_at=meter.started_at,
-        first_byte_at=meter.first_byte_at, ended_at=ended_at,
+        request_id=meter.request_id,
+        team=meter.team,
+        key_id=meter.key_id,
+        endpoint=meter.endpoint,
+        stream=meter.stream,
+        model_requested=meter.model_requested,
+        model_served=meter.model_served,
+        started_at=meter.started_at,
+        first_byte_at=meter.first_byte_at,
+        ended_at=ended_at,
         cache_hit_tokens=tokens.cache_hit if tokens else None,
         cache_miss_tokens=tokens.cache_miss if tokens else None,
         output_tokens=tokens.output if tokens else None,
         reasoning_tokens=tokens.reasoning if tokens else None,
         prompt_tokens=prompt,
         tool_calls=dict(tokens.tool_calls) if tokens and tokens.tool_calls else {},
-        upstream_status=meter.upstream_status, upstream_trace_id=meter.trace_id,
-        outcome=meter.outcome, usage_source=source, priced=priced,
+        upstream_status=meter.upstream_status,
+        upstream_trace_id=meter.trace_id,
+        outcome=meter.outcome,
+        usage_source=source,
+        priced=priced,
         unpriced_reason=None if priced else reason,
         billed_model=pricing.billed_model if pricing else None,
         price_version=pricing.version if pricing else None,
         schedule_version=pricing.schedule_version if pricing else None,
         tier=pricing.tier if pricing else None,
         priced_at=priced_at if pricing else None,
-        costs=costs, cache_savings=savings, price_book=book.digest, flags=tuple(flags),
+        costs=costs,
+        cache_savings=savings,
+        price_book=book.digest,
+        flags=tuple(flags),
     )
 
 
@@ -268,13 +295,35 @@ def in_flight_record(meter: CallMeter, book: PriceBook | str) -> UsageRecord:
     ledger still shows that DeepSeek saw it (usage unknown, never priced as zero). `book` is
     the price book in use, or its digest."""
     return UsageRecord(
-        request_id=meter.request_id, team=meter.team, key_id=meter.key_id,
-        endpoint=meter.endpoint, stream=meter.stream, model_requested=meter.model_requested,
-        model_served=None, started_at=meter.started_at, first_byte_at=None,
-        ended_at=meter.started_at, cache_hit_tokens=None, cache_miss_tokens=None,
-        output_tokens=None, reasoning_tokens=None, prompt_tokens=None, tool_calls={},
-        upstream_status=None, upstream_trace_id=None, outcome="in_flight",
-        usage_source="unknown", priced=False,
-        unpriced_reason="in flight: the call had not ended", billed_model=None,
-        price_version=None, schedule_version=None, tier=None, priced_at=None, costs={},
-        cache_savings={}, price_book=book if isinstance(book, str) else book.digest, flags=())
+        request_id=meter.request_id,
+        team=meter.team,
+        key_id=meter.key_id,
+        endpoint=meter.endpoint,
+        stream=meter.stream,
+        model_requested=meter.model_requested,
+        model_served=None,
+        started_at=meter.started_at,
+        first_byte_at=None,
+        ended_at=meter.started_at,
+        cache_hit_tokens=None,
+        cache_miss_tokens=None,
+        output_tokens=None,
+        reasoning_tokens=None,
+        prompt_tokens=None,
+        tool_calls={},
+        upstream_status=None,
+        upstream_trace_id=None,
+        outcome="in_flight",
+        usage_source="unknown",
+        priced=False,
+        unpriced_reason="in flight: the call had not ended",
+        billed_model=None,
+        price_version=None,
+        schedule_version=None,
+        tier=None,
+        priced_at=None,
+        costs={},
+        cache_savings={},
+        price_book=book if isinstance(book, str) else book.digest,
+        flags=(),
+    )

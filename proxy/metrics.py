@@ -46,30 +46,56 @@ from proxy.pricing.engine import schedule_version_at, to_micros
 from proxy.records import UsageRecord
 
 OTHER = "other"
-ANOMALIES = frozenset({"usage_exceeds_bound", "data_after_done", "oversized_event",
-                       "response_body_too_large", "undecodable_body",
-                       "unprintable_upstream_field"})
+ANOMALIES = frozenset(
+    {
+        "usage_exceeds_bound",
+        "data_after_done",
+        "oversized_event",
+        "response_body_too_large",
+        "undecodable_body",
+        "unprintable_upstream_field",
+    }
+)
 """Record flags (`proxy.metering`, `proxy.forward`, `proxy.answer`) counted by
 ``llm_upstream_anomalies_total``: a fixed set, so the label stays bounded."""
 _ZERO = Decimal(0)
 Bounds = tuple[float, ...]
 DURATION_BUCKETS: Bounds = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 TTFT_BUCKETS: Bounds = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 600)
-OVERHEAD_BUCKETS: Bounds = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
-                            0.05)
-
+OVERHEAD_BUCKETS: Bounds = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+)
 
 
 class ProxyMetrics:
     """The proxy's metrics; `observe` takes one finished record."""
 
-    def __init__(self, registry: CollectorRegistry, *, teams: Sequence[str],
-                 models: Collection[str], tools: Collection[str], currencies: Sequence[str],
-                 spend: SpendReader | None, billing_timezone: ZoneInfo,
-                 clock: Callable[[], datetime], budgets: Sequence[Budget] = (),
-                 book: PriceBook | None = None, shared_dir: Path | None = None,
-                 in_flight: Callable[[], Mapping[str, int]] = dict,
-                 ledger: Callable[[], LedgerStatus] | None = None) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        teams: Sequence[str],
+        models: Collection[str],
+        tools: Collection[str],
+        currencies: Sequence[str],
+        spend: SpendReader | None,
+        billing_timezone: ZoneInfo,
+        clock: Callable[[], datetime],
+        budgets: Sequence[Budget] = (),
+        book: PriceBook | None = None,
+        shared_dir: Path | None = None,
+        in_flight: Callable[[], Mapping[str, int]] = dict,
+        ledger: Callable[[], LedgerStatus] | None = None,
+    ) -> None:
         """`registry` is what ``/metrics`` exports. With `shared_dir` (``serve --workers N``),
         every worker's figures are shared through that folder and `registry` exports the sum
         over all workers: per-call totals as files this module writes (`CallTotals`), gauges
@@ -93,26 +119,40 @@ class ProxyMetrics:
             exported.register(_LedgerCollector(ledger))
         if self._shared:  # each worker sets its own (`publish`); the scrape sums live workers
             self._inflight_gauge = Gauge(
-                "llm_inflight_requests", _INFLIGHT_HELP, ["team"], registry=registry,
-                multiprocess_mode="livesum")
+                "llm_inflight_requests",
+                _INFLIGHT_HELP,
+                ["team"],
+                registry=registry,
+                multiprocess_mode="livesum",
+            )
         else:  # read at scrape time: the request path does no gauge updates
             exported.register(_InflightCollector(self._teams, in_flight))
         self.budget_refusals = Counter(
-            "llm_budget_refusals_total", "Calls refused (HTTP 402) because of a hard budget",
-            ["team"], registry=registry)
-        budget = Gauge("llm_team_budget", "A team's budget for a billing period",
-                       ["team", "period", "currency"], registry=registry,
-                       multiprocess_mode="max")
+            "llm_budget_refusals_total",
+            "Calls refused (HTTP 402) because of a hard budget",
+            ["team"],
+            registry=registry,
+        )
+        budget = Gauge(
+            "llm_team_budget",
+            "A team's budget for a billing period",
+            ["team", "period", "currency"],
+            registry=registry,
+            multiprocess_mode="max",
+        )
         threshold = Gauge(
-            "llm_team_budget_threshold", "Spend at which a soft budget threshold is crossed; "
-            "`threshold` is the percentage", ["team", "period", "currency", "threshold"],
-            registry=registry, multiprocess_mode="max")
+            "llm_team_budget_threshold",
+            "Spend at which a soft budget threshold is crossed; `threshold` is the percentage",
+            ["team", "period", "currency", "threshold"],
+            registry=registry,
+            multiprocess_mode="max",
+        )
         for entry in budgets:
             budget.labels(entry.team, entry.period, entry.currency).set(float(entry.amount))
             for percent in entry.soft:
-                threshold.labels(entry.team, entry.period, entry.currency,
-                                 format(percent.normalize(), "f")).set(
-                    float(entry.amount * percent / 100))
+                threshold.labels(
+                    entry.team, entry.period, entry.currency, format(percent.normalize(), "f")
+                ).set(float(entry.amount * percent / 100))
         for team in teams:
             self.budget_refusals.labels(team)
         self.calls = CallTotals(shared_dir)
@@ -120,8 +160,7 @@ class ProxyMetrics:
         if book is not None:
             exported.register(_CalendarCollector(book, clock))
         if spend is not None:
-            exported.register(_SpendCollector(spend, teams, currencies, billing_timezone,
-                                              clock))
+            exported.register(_SpendCollector(spend, teams, currencies, billing_timezone, clock))
         self.publish()
 
     def publish(self) -> None:
@@ -142,8 +181,14 @@ class ProxyMetrics:
 
     def observe(self, record: UsageRecord, overhead: float) -> None:
         model = self.model(record.model_requested)
-        tools = {tool if tool in self._tools else OTHER: count
-                 for tool, count in record.tool_calls.items()} if record.tool_calls else None
+        tools = (
+            {
+                tool if tool in self._tools else OTHER: count
+                for tool, count in record.tool_calls.items()
+            }
+            if record.tool_calls
+            else None
+        )
         self.calls.observe(record, model, tools, overhead)
 
 
@@ -153,8 +198,7 @@ _INFLIGHT_HELP = "Calls in progress"
 class _InflightCollector(Collector):
     """`llm_inflight_requests` read from the admission counts when Prometheus scrapes."""
 
-    def __init__(self, teams: Sequence[str], in_flight: Callable[[], Mapping[str, int]]
-                 ) -> None:
+    def __init__(self, teams: Sequence[str], in_flight: Callable[[], Mapping[str, int]]) -> None:
         self._teams = teams
         self._in_flight = in_flight
 
@@ -168,22 +212,23 @@ class _InflightCollector(Collector):
 
 _LEDGER_HELP = {
     "llm_ledger_committing": "1 while the ledger commits; 0 from a failed write until one "
-                             "succeeds, and for good once its file was deleted or replaced",
-    "llm_ledger_queued_records": "Usage records waiting for the ledger (queued, or held for "
-                                 "retry)",
+    "succeeds, and for good once its file was deleted or replaced",
+    "llm_ledger_queued_records": "Usage records waiting for the ledger (queued, or held for retry)",
     "llm_ledger_max_queued_records": "Records waiting at which every call is refused "
-                                     "(ledger.max_queued_records)",
+    "(ledger.max_queued_records)",
     "llm_ledger_write_errors": "Failed ledger write attempts",
     "llm_ledger_last_commit_timestamp_seconds": "Unix time of the ledger's last commit",
 }
 
 
 def _ledger_values(status: LedgerStatus) -> dict[str, float]:
-    return {"llm_ledger_committing": float(status.committing),
-            "llm_ledger_queued_records": float(status.waiting),
-            "llm_ledger_max_queued_records": float(status.capacity),
-            "llm_ledger_write_errors": float(status.write_errors),
-            "llm_ledger_last_commit_timestamp_seconds": status.last_commit}
+    return {
+        "llm_ledger_committing": float(status.committing),
+        "llm_ledger_queued_records": float(status.waiting),
+        "llm_ledger_max_queued_records": float(status.capacity),
+        "llm_ledger_write_errors": float(status.write_errors),
+        "llm_ledger_last_commit_timestamp_seconds": status.last_commit,
+    }
 
 
 class _LedgerCollector(Collector):
@@ -214,15 +259,17 @@ class _SharedLedgerGauges:
         def gauge(name: str, mode: Literal["livemin", "livesum", "livemax"]) -> Gauge:
             return Gauge(name, _LEDGER_HELP[name], registry=registry, multiprocess_mode=mode)
 
-        self._gauges = {"llm_ledger_committing": gauge("llm_ledger_committing", "livemin"),
-                        "llm_ledger_queued_records": gauge("llm_ledger_queued_records",
-                                                           "livesum"),
-                        "llm_ledger_max_queued_records": gauge("llm_ledger_max_queued_records",
-                                                               "livesum"),
-                        "llm_ledger_last_commit_timestamp_seconds": gauge(
-                            "llm_ledger_last_commit_timestamp_seconds", "livemax")}
-        self._errors = Counter("llm_ledger_write_errors", _LEDGER_HELP["llm_ledger_write_errors"],
-                               registry=registry)
+        self._gauges = {
+            "llm_ledger_committing": gauge("llm_ledger_committing", "livemin"),
+            "llm_ledger_queued_records": gauge("llm_ledger_queued_records", "livesum"),
+            "llm_ledger_max_queued_records": gauge("llm_ledger_max_queued_records", "livesum"),
+            "llm_ledger_last_commit_timestamp_seconds": gauge(
+                "llm_ledger_last_commit_timestamp_seconds", "livemax"
+            ),
+        }
+        self._errors = Counter(
+            "llm_ledger_write_errors", _LEDGER_HELP["llm_ledger_write_errors"], registry=registry
+        )
         self._errors_published = 0
 
     def set(self, status: LedgerStatus) -> None:
@@ -267,8 +314,16 @@ class _Slot:
     """What `CallTotals.observe` adds for one (team, model, endpoint, status, stream): the
     counters and histograms every call touches, behind one dictionary lookup."""
 
-    __slots__ = ("duration", "hit", "miss", "output", "reasoning", "requests", "ttft",
-                 "with_tokens")
+    __slots__ = (
+        "duration",
+        "hit",
+        "miss",
+        "output",
+        "reasoning",
+        "requests",
+        "ttft",
+        "with_tokens",
+    )
 
     def __init__(self) -> None:
         self.requests = 0
@@ -290,36 +345,88 @@ class _Family:
 
 
 _FAMILIES = (
-    _Family("llm_requests", "counter", "Calls dispatched to DeepSeek, by the HTTP status "
-            "returned", ("team", "model", "endpoint", "status")),
-    _Family("llm_tokens", "counter", "Tokens billed (reported, or estimated when usage was "
-            "lost)", ("team", "model", "type")),
-    _Family("llm_reasoning_tokens", "counter", "Reasoning tokens (already inside output "
-            "tokens)", ("team", "model")),
-    _Family("llm_tool_calls", "counter", "Server-side tool calls billed (web search, fetch)",
-            ("team", "model", "tool")),
-    _Family("llm_request_duration_seconds", "histogram", "From request received to response "
-            "finished", ("team", "model", "stream"), DURATION_BUCKETS),
-    _Family("llm_time_to_first_token_seconds", "histogram", "From request received to "
-            "DeepSeek's first data (keep-alives excluded)", ("team", "model"), TTFT_BUCKETS),
-    _Family("llm_proxy_overhead_seconds", "histogram", "Time spent in the proxy itself per "
-            "call, waiting on DeepSeek and on the client excluded", (), OVERHEAD_BUCKETS),
-    _Family("llm_usage_missing", "counter", "Calls without reported usage (estimated or "
-            "unknown)", ("team", "model", "reason")),
-    _Family("llm_unpriced_requests", "counter", "Calls the price book could not price",
-            ("model",)),
-    _Family("llm_upstream_errors", "counter", "DeepSeek errors, cuts, timeouts and connect "
-            "failures", ("reason",)),
-    _Family("llm_upstream_anomalies", "counter", "Answers from DeepSeek the proxy did not "
-            "take as they came (usage past the request's bounds, data after [DONE], ...)",
-            ("reason",)),
-    _Family("llm_cost", "money", "Spend as priced by the price book",
-            ("team", "model", "currency", "tier")),
-    _Family("llm_cache_savings", "money", "What cache-hit tokens would have cost at the "
-            "cache-miss price, minus what they cost", ("team", "model", "currency")),
+    _Family(
+        "llm_requests",
+        "counter",
+        "Calls dispatched to DeepSeek, by the HTTP status returned",
+        ("team", "model", "endpoint", "status"),
+    ),
+    _Family(
+        "llm_tokens",
+        "counter",
+        "Tokens billed (reported, or estimated when usage was lost)",
+        ("team", "model", "type"),
+    ),
+    _Family(
+        "llm_reasoning_tokens",
+        "counter",
+        "Reasoning tokens (already inside output tokens)",
+        ("team", "model"),
+    ),
+    _Family(
+        "llm_tool_calls",
+        "counter",
+        "Server-side tool calls billed (web search, fetch)",
+        ("team", "model", "tool"),
+    ),
+    _Family(
+        "llm_request_duration_seconds",
+        "histogram",
+        "From request received to response finished",
+        ("team", "model", "stream"),
+        DURATION_BUCKETS,
+    ),
+    _Family(
+        "llm_time_to_first_token_seconds",
+        "histogram",
+        "From request received to DeepSeek's first data (keep-alives excluded)",
+        ("team", "model"),
+        TTFT_BUCKETS,
+    ),
+    _Family(
+        "llm_proxy_overhead_seconds",
+        "histogram",
+        "Time spent in the proxy itself per call, waiting on DeepSeek and on the client excluded",
+        (),
+        OVERHEAD_BUCKETS,
+    ),
+    _Family(
+        "llm_usage_missing",
+        "counter",
+        "Calls without reported usage (estimated or unknown)",
+        ("team", "model", "reason"),
+    ),
+    _Family("llm_unpriced_requests", "counter", "Calls the price book could not price", ("model",)),
+    _Family(
+        "llm_upstream_errors",
+        "counter",
+        "DeepSeek errors, cuts, timeouts and connect failures",
+        ("reason",),
+    ),
+    _Family(
+        "llm_upstream_anomalies",
+        "counter",
+        "Answers from DeepSeek the proxy did not "
+        "take as they came (usage past the request's bounds, data after [DONE], ...)",
+        ("reason",),
+    ),
+    _Family(
+        "llm_cost",
+        "money",
+        "Spend as priced by the price book",
+        ("team", "model", "currency", "tier"),
+    ),
+    _Family(
+        "llm_cache_savings",
+        "money",
+        "What cache-hit tokens would have cost at the cache-miss price, minus what they cost",
+        ("team", "model", "currency"),
+    ),
 )
-_LE = {bounds: [*(floatToGoString(b) for b in bounds), "+Inf"]  # type: ignore[no-untyped-call]
-       for bounds in (DURATION_BUCKETS, TTFT_BUCKETS, OVERHEAD_BUCKETS)}
+_LE = {
+    bounds: [*(floatToGoString(b) for b in bounds), "+Inf"]  # type: ignore[no-untyped-call]
+    for bounds in (DURATION_BUCKETS, TTFT_BUCKETS, OVERHEAD_BUCKETS)
+}
 
 Labels = tuple[str, ...]
 Histogram = tuple[list[int], float]
@@ -350,16 +457,21 @@ class CallTotals(Collector):
         """`worker` names this process's file in `shared_dir` (default: the process id)."""
         self._slots: dict[tuple[str, str, str, int, bool], _Slot] = {}
         self._counters: dict[str, dict[Labels, int]] = {
-            "llm_tool_calls": {}, "llm_usage_missing": {}, "llm_unpriced_requests": {},
-            "llm_upstream_errors": {}, "llm_upstream_anomalies": {}}
+            "llm_tool_calls": {},
+            "llm_usage_missing": {},
+            "llm_unpriced_requests": {},
+            "llm_upstream_errors": {},
+            "llm_upstream_anomalies": {},
+        }
         self._cost: dict[Labels, Decimal] = {}
         self._savings: dict[Labels, Decimal] = {}
         self._overhead = _Buckets(OVERHEAD_BUCKETS)
         self._shared_dir = shared_dir
         self._own = f"calls-{worker or os.getpid()}.json"
 
-    def observe(self, record: UsageRecord, model: str, tools: dict[str, int] | None,
-                overhead: float) -> None:
+    def observe(
+        self, record: UsageRecord, model: str, tools: dict[str, int] | None, overhead: float
+    ) -> None:
         team = record.team
         status = record.upstream_status
         if status is None or 300 <= status < 400:
@@ -416,19 +528,29 @@ class CallTotals(Collector):
         for (team, model, endpoint, status, stream), slot in self._slots.items():
             _add(tables["llm_requests"], (team, model, endpoint, str(status)), slot.requests)
             if slot.with_tokens:
-                for kind, amount in (("input_cache_hit", slot.hit),
-                                     ("input_cache_miss", slot.miss), ("output", slot.output)):
+                for kind, amount in (
+                    ("input_cache_hit", slot.hit),
+                    ("input_cache_miss", slot.miss),
+                    ("output", slot.output),
+                ):
                     _add(tables["llm_tokens"], (team, model, kind), amount)
                 _add(tables["llm_reasoning_tokens"], (team, model), slot.reasoning)
-            _add(tables["llm_request_duration_seconds"],
-                 (team, model, "true" if stream else "false"),
-                 (slot.duration.counts, slot.duration.total))
+            _add(
+                tables["llm_request_duration_seconds"],
+                (team, model, "true" if stream else "false"),
+                (slot.duration.counts, slot.duration.total),
+            )
             if any(slot.ttft.counts):
-                _add(tables["llm_time_to_first_token_seconds"], (team, model),
-                     (slot.ttft.counts, slot.ttft.total))
+                _add(
+                    tables["llm_time_to_first_token_seconds"],
+                    (team, model),
+                    (slot.ttft.counts, slot.ttft.total),
+                )
         if any(self._overhead.counts):
-            tables["llm_proxy_overhead_seconds"][()] = (list(self._overhead.counts),
-                                                        self._overhead.total)
+            tables["llm_proxy_overhead_seconds"][()] = (
+                list(self._overhead.counts),
+                self._overhead.total,
+            )
         for family, counts in self._counters.items():
             tables[family].update(counts)
         tables["llm_cost"].update(self._cost)
@@ -439,8 +561,10 @@ class CallTotals(Collector):
         """Publish this worker's totals for the other workers' scrapes."""
         if self._shared_dir is None:
             return
-        data = {name: [[*labels, _encode(value)] for labels, value in table.items()]
-                for name, table in self.tables().items()}
+        data = {
+            name: [[*labels, _encode(value)] for labels, value in table.items()]
+            for name, table in self.tables().items()
+        }
         temporary = self._shared_dir / f".{self._own}.tmp"
         temporary.write_text(json.dumps(data), encoding="utf-8")
         temporary.replace(self._shared_dir / self._own)
@@ -470,16 +594,17 @@ class CallTotals(Collector):
             table = tables[family.name]
             metric: Metric
             if family.kind == "histogram":
-                histogram = HistogramMetricFamily(family.name, family.help,
-                                                  labels=list(family.labels))
+                histogram = HistogramMetricFamily(
+                    family.name, family.help, labels=list(family.labels)
+                )
                 for labels, (counts, total) in sorted(table.items()):
                     cumulative = list(itertools.accumulate(counts))
-                    histogram.add_metric(list(labels), list(zip(_LE[family.bounds], cumulative,
-                                                                strict=True)), total)
+                    histogram.add_metric(
+                        list(labels), list(zip(_LE[family.bounds], cumulative, strict=True)), total
+                    )
                 metric = histogram
             else:
-                counter = CounterMetricFamily(family.name, family.help,
-                                              labels=list(family.labels))
+                counter = CounterMetricFamily(family.name, family.help, labels=list(family.labels))
                 for labels, value in sorted(table.items()):
                     counter.add_metric(list(labels), float(value))
                 metric = counter
@@ -493,8 +618,7 @@ def _add(table: dict[Labels, Any], labels: Labels, value: Any) -> None:
         table[labels] = (list(value[0]), value[1]) if isinstance(value, tuple) else value
     elif isinstance(value, tuple):
         counts, total = found
-        table[labels] = ([a + b for a, b in zip(counts, value[0], strict=True)],
-                         total + value[1])
+        table[labels] = ([a + b for a, b in zip(counts, value[0], strict=True)], total + value[1])
     else:
         table[labels] = found + value
 
@@ -518,8 +642,14 @@ def _decode(kind: str, value: Any) -> Any:
 class _SpendCollector(Collector):
     """`llm_team_spend`: today's and this month's spend per team, from the ledger."""
 
-    def __init__(self, spend: SpendReader, teams: Sequence[str], currencies: Sequence[str],
-                 billing_timezone: ZoneInfo, clock: Callable[[], datetime]) -> None:
+    def __init__(
+        self,
+        spend: SpendReader,
+        teams: Sequence[str],
+        currencies: Sequence[str],
+        billing_timezone: ZoneInfo,
+        clock: Callable[[], datetime],
+    ) -> None:
         self._spend = spend
         self._teams = teams
         self._currencies = currencies
@@ -529,17 +659,22 @@ class _SpendCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         today = self._clock().astimezone(self._tz).date()
         starts = {period: period_start(today, period) for period in PERIODS}
-        totals = {(team, period, currency): Decimal(0) for team in self._teams
-                  for period in PERIODS for currency in self._currencies}
+        totals = {
+            (team, period, currency): Decimal(0)
+            for team in self._teams
+            for period in PERIODS
+            for currency in self._currencies
+        }
         for row in self._spend(min(starts.values()), today):
             for period, start in starts.items():
                 key = (row.team, period, row.currency)
                 if row.day >= start and key in totals:
                     totals[key] += row.amount
         gauge = GaugeMetricFamily(
-            "llm_team_spend", "Spend in the current billing day, week (from Monday) or month, "
-            "read from the ledger",
-            labels=["team", "period", "currency"])
+            "llm_team_spend",
+            "Spend in the current billing day, week (from Monday) or month, read from the ledger",
+            labels=["team", "period", "currency"],
+        )
         for key, amount in totals.items():
             gauge.add_metric(list(key), float(amount))
         yield gauge
@@ -557,8 +692,10 @@ class _CalendarCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         now = self._clock()
         gauge = GaugeMetricFamily(
-            "llm_holiday_calendar_missing", "1 if the schedule's rule in force lacks a holiday "
-            "calendar for the current year", labels=["schedule"])
+            "llm_holiday_calendar_missing",
+            "1 if the schedule's rule in force lacks a holiday calendar for the current year",
+            labels=["schedule"],
+        )
         for name in sorted(self._book.schedules):
             rule = schedule_version_at(self._book, name, to_micros(now))
             missing = 0.0

@@ -32,8 +32,18 @@ from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal, Protocol, get_args
 
-Outcome = Literal["complete", "client_disconnected", "upstream_error", "upstream_cut", "timeout",
-                  "connect_error", "bad_response", "aborted", "in_flight", "interrupted"]
+Outcome = Literal[
+    "complete",
+    "client_disconnected",
+    "upstream_error",
+    "upstream_cut",
+    "timeout",
+    "connect_error",
+    "bad_response",
+    "aborted",
+    "in_flight",
+    "interrupted",
+]
 UsageSource = Literal["reported", "estimated", "unknown", "none"]
 
 MAX_TEXT_CHARS = 256
@@ -126,16 +136,35 @@ class UsageRecord:
 
 
 _TEXT = frozenset({"request_id", "team", "key_id", "endpoint", "model_requested", "price_book"})
-_OPTIONAL_TEXT = frozenset({"model_served", "upstream_trace_id", "unpriced_reason",
-                            "billed_model", "price_version", "schedule_version", "tier"})
-_OPTIONAL_COUNT = frozenset({"cache_hit_tokens", "cache_miss_tokens", "output_tokens",
-                             "reasoning_tokens", "prompt_tokens", "upstream_status"})
+_OPTIONAL_TEXT = frozenset(
+    {
+        "model_served",
+        "upstream_trace_id",
+        "unpriced_reason",
+        "billed_model",
+        "price_version",
+        "schedule_version",
+        "tier",
+    }
+)
+_OPTIONAL_COUNT = frozenset(
+    {
+        "cache_hit_tokens",
+        "cache_miss_tokens",
+        "output_tokens",
+        "reasoning_tokens",
+        "prompt_tokens",
+        "upstream_status",
+    }
+)
 _FLAG = frozenset({"stream", "priced"})
 _INSTANT = frozenset({"started_at", "ended_at"})
 _OPTIONAL_INSTANT = frozenset({"first_byte_at", "priced_at"})
 _MONEY = frozenset({"costs", "cache_savings"})
-_CHOICES: Mapping[str, tuple[str, ...]] = {"outcome": get_args(Outcome),
-                                           "usage_source": get_args(UsageSource)}
+_CHOICES: Mapping[str, tuple[str, ...]] = {
+    "outcome": get_args(Outcome),
+    "usage_source": get_args(UsageSource),
+}
 
 
 def _parse_field(name: str, value: Any) -> Any:
@@ -155,16 +184,22 @@ def _parse_field(name: str, value: Any) -> Any:
         if instant.tzinfo is None:
             raise ValueError(f"{name}: {value!r} has no UTC offset")
         return instant
-    if name in _MONEY and isinstance(value, Mapping) and all(
-            isinstance(amount, str) for amount in value.values()):
+    if (
+        name in _MONEY
+        and isinstance(value, Mapping)
+        and all(isinstance(amount, str) for amount in value.values())
+    ):
         try:
             amounts = {str(currency): Decimal(amount) for currency, amount in value.items()}
         except InvalidOperation:
             raise ValueError(f"{name}: not decimal amounts: {value!r}") from None
         if all(amount.is_finite() for amount in amounts.values()):
             return amounts
-    if name == "tool_calls" and isinstance(value, Mapping) and all(
-            isinstance(count, int) and not isinstance(count, bool) for count in value.values()):
+    if (
+        name == "tool_calls"
+        and isinstance(value, Mapping)
+        and all(isinstance(count, int) and not isinstance(count, bool) for count in value.values())
+    ):
         return {str(tool): count for tool, count in value.items()}
     if name == "flags" and isinstance(value, list) and all(isinstance(f, str) for f in value):
         return tuple(value)

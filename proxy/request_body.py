@@ -36,7 +36,8 @@ def refuse_compressed(request: web.Request) -> None:
     if encoding is not None and encoding.strip().lower() not in ("", "identity"):
         raise UnsupportedEncoding(
             "compressed request bodies are not accepted (Content-Encoding must be identity); "
-            "send the body uncompressed")
+            "send the body uncompressed"
+        )
 
 
 async def read_body(request: web.Request, limit: int, within: float) -> bytes:
@@ -86,8 +87,9 @@ def usage_option(payload: Mapping[str, Any]) -> dict[str, Any]:
     return {"stream_options": merged}
 
 
-def rewrite(body: bytes, payload: dict[str, Any], changes: Mapping[str, Any], *,
-            normalise: bool = False) -> bytes:
+def rewrite(
+    body: bytes, payload: dict[str, Any], changes: Mapping[str, Any], *, normalise: bool = False
+) -> bytes:
     """`body` with the top-level fields in `changes` set; `payload` is updated to match.
 
     Fields the request lacks are inserted after the opening brace, leaving the client's bytes
@@ -108,7 +110,9 @@ def rewrite(body: bytes, payload: dict[str, Any], changes: Mapping[str, Any], *,
     try:
         new_body = orjson.dumps(updated)
     except orjson.JSONEncodeError:
-        raise BadRequest("the request is nested too deeply for the proxy to rewrite it "
-                         "(more than 254 levels); flatten it") from None
+        raise BadRequest(
+            "the request is nested too deeply for the proxy to rewrite it "
+            "(more than 254 levels); flatten it"
+        ) from None
     payload.update(changes)
     return new_body

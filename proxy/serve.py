@@ -57,17 +57,29 @@ LOOPS = ("uvloop", "asyncio")
 DEFAULT_LOOP = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
 """uvloop has no Windows wheels: there, and wherever it is missing, asyncio's own loop."""
 
+
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = commands.add_parser("serve", help="run the proxy")
-    serve.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
-                       help=f"configuration file (default: {DEFAULT_CONFIG})")
-    serve.add_argument("--log-level", default="INFO",
-                       choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    serve.add_argument("--workers", type=_positive, default=1,
-                       help="worker processes sharing the port (default 1; up to the cores)")
-    serve.add_argument("--loop", choices=LOOPS, default=DEFAULT_LOOP,
-                       help=f"event loop (default: {DEFAULT_LOOP}; uvloop costs the proxy about "
-                            "5%% less CPU per call than asyncio's, measured in bench/)")
+    serve.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG,
+        help=f"configuration file (default: {DEFAULT_CONFIG})",
+    )
+    serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    serve.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        help="worker processes sharing the port (default 1; up to the cores)",
+    )
+    serve.add_argument(
+        "--loop",
+        choices=LOOPS,
+        default=DEFAULT_LOOP,
+        help=f"event loop (default: {DEFAULT_LOOP}; uvloop costs the proxy about "
+        "5%% less CPU per call than asyncio's, measured in bench/)",
+    )
     serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     serve.set_defaults(handler=_serve)
 
@@ -75,7 +87,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     if name == "uvloop":
         factory: Callable[[], asyncio.AbstractEventLoop] = importlib.import_module(
-            "uvloop").new_event_loop
+            "uvloop"
+        ).new_event_loop
         return factory
     return None  # asyncio's default
 
@@ -87,8 +100,11 @@ def _positive(text: str) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=args.log_level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
     try:
         config = load_config(args.config)
         book = load_price_book(config.price_book)
@@ -101,9 +117,11 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     api_key = os.environ.get(config.upstream_key_env, "").strip()
     if not api_key:
-        print(f"cannot start: {config.path}: upstream.api_key_env: environment variable "
-              f"{config.upstream_key_env} is not set (it must hold the DeepSeek API key)",
-              file=sys.stderr)
+        print(
+            f"cannot start: {config.path}: upstream.api_key_env: environment variable "
+            f"{config.upstream_key_env} is not set (it must hold the DeepSeek API key)",
+            file=sys.stderr,
+        )
         return 2
     supervisor = args.workers > 1 and not args.worker
     if supervisor and (problem := listen_problem(config.host, config.port)):
@@ -111,8 +129,11 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     shared = Path(os.environ[MULTIPROC_ENV]) if args.worker else None
     try:
-        admission = (SharedAdmission.join(shared, int(os.environ[SLOT_ENV]), config.limits,
-                                          config.teams) if shared else None)
+        admission = (
+            SharedAdmission.join(shared, int(os.environ[SLOT_ENV]), config.limits, config.teams)
+            if shared
+            else None
+        )
     except TeamsChanged as exc:
         print(f"cannot start: {config.path}: teams: {exc}", file=sys.stderr)
         return 2
@@ -120,18 +141,30 @@ def _serve(args: argparse.Namespace) -> int:
     owner = os.environ[OWNER_ENV] if args.worker else new_owner()
     try:
         # A worker joins running siblings: recovering would end their calls.
-        store = SQLiteLedger(config.ledger_path, config.billing_timezone, recover=not args.worker,
-                             owner=owner)
+        store = SQLiteLedger(
+            config.ledger_path, config.billing_timezone, recover=not args.worker, owner=owner
+        )
     except (OSError, sqlite3.Error, SchemaTooNew) as exc:
-        print(f"cannot start: {config.path}: ledger.path: cannot open {config.ledger_path}: "
-              f"{exc}", file=sys.stderr)
+        print(
+            f"cannot start: {config.path}: ledger.path: cannot open {config.ledger_path}: {exc}",
+            file=sys.stderr,
+        )
         return 2
     if store.interrupted:
-        log.warning("%d call(s) were still in flight when the proxy last stopped; they are "
-                    "recorded as 'interrupted' with unknown usage", store.interrupted)
-    log.info("proxy for %s on http://%s:%d, %d team(s), price book %s, ledger %s",
-             config.upstream_base_url, config.host, config.port, len(config.teams),
-             book.digest[:12], config.ledger_path)
+        log.warning(
+            "%d call(s) were still in flight when the proxy last stopped; they are "
+            "recorded as 'interrupted' with unknown usage",
+            store.interrupted,
+        )
+    log.info(
+        "proxy for %s on http://%s:%d, %d team(s), price book %s, ledger %s",
+        config.upstream_base_url,
+        config.host,
+        config.port,
+        len(config.teams),
+        book.digest[:12],
+        config.ledger_path,
+    )
     if supervisor:
         store.close()
         return supervise(config, args.log_level, args.workers, args.loop)
@@ -140,11 +173,19 @@ def _serve(args: argparse.Namespace) -> int:
     # The log level is fixed at start-up: without DEBUG the log sink would only be skipped,
     # call after call.
     sink: RecordSink = FanOut(writer, log_sink) if log_sink.enabled() else writer
-    app = create_app(config, book, api_key, sink, spend=store.spend,
-                     shared_metrics_dir=shared,
-                     shared_ledger=config.ledger_path if args.worker else None,
-                     owner=owner, admission=admission, ledger=writer,
-                     ledger_status=writer.status)
+    app = create_app(
+        config,
+        book,
+        api_key,
+        sink,
+        spend=store.spend,
+        shared_metrics_dir=shared,
+        shared_ledger=config.ledger_path if args.worker else None,
+        owner=owner,
+        admission=admission,
+        ledger=writer,
+        ledger_status=writer.status,
+    )
     try:
         with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
             runner.run(_run(app, config, reuse_port=args.worker))
@@ -195,8 +236,13 @@ async def _run(app: web.Application, config: ProxyConfig, *, reuse_port: bool) -
     runner = make_runner(app, config)
     await runner.setup()
     try:
-        await ProxySite(runner, config.host, config.port, reuse_port=reuse_port,
-                        keepalive_timeout=config.timeouts.client_header).start()
+        await ProxySite(
+            runner,
+            config.host,
+            config.port,
+            reuse_port=reuse_port,
+            keepalive_timeout=config.timeouts.client_header,
+        ).start()
         tune_garbage_collection()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -42,7 +42,7 @@ class SharedCounters:
 
     def column_sum(self, column: int) -> int:
         """The sum of one column over every slot."""
-        return sum(self._view[column::self.width])
+        return sum(self._view[column :: self.width])
 
     def zero(self, slot: int) -> None:
         """Clear a dead worker's row (the supervisor, before a new worker takes the slot)."""

@@ -27,29 +27,51 @@ from yarl import URL
 from proxy.config import Timeouts
 from proxy.errors import UpstreamCut, UpstreamTimeout, UpstreamUnavailable
 
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
-    "te", "trailer", "trailers", "transfer-encoding", "upgrade",
-})
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
 """RFC 9110 7.6.1, plus the non-standard Proxy-Connection; `hop_by_hop` adds what Connection
 names."""
 
 _REQUEST_DROP = HOP_BY_HOP | {
     # set by the proxy, or must not travel on: the client's credentials, its view of the host,
     # forwarding hints (never used to route), and encodings we want raw.
-    "host", "authorization", "x-api-key", "cookie", "content-length", "accept-encoding",
+    "host",
+    "authorization",
+    "x-api-key",
+    "cookie",
+    "content-length",
+    "accept-encoding",
     "content-encoding",  # bodies are only ever sent as read (compressed ones are refused)
-    "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-real-ip",
     "expect",
 }
-_RESPONSE_DROP = HOP_BY_HOP | {"content-length", "content-encoding", "set-cookie", "server",
-                               "date"}
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length", "content-encoding", "set-cookie", "server", "date"}
 
 
 def hop_by_hop(headers: Mapping[str, str]) -> frozenset[str]:
     """Hop-by-hop names for one message: the fixed set and any named in ``Connection``."""
-    named = {token.strip().lower() for value in [headers.get("Connection", "")]
-             for token in value.split(",") if token.strip()}
+    named = {
+        token.strip().lower()
+        for value in [headers.get("Connection", "")]
+        for token in value.split(",")
+        if token.strip()
+    }
     return HOP_BY_HOP | named
 
 
@@ -82,7 +104,7 @@ async def read_limited(upstream: aiohttp.ClientResponse, limit: int) -> bytes:
     parts: list[bytes] = []
     size = 0
     async for chunk in upstream.content.iter_any():
-        parts.append(chunk[:limit - size])
+        parts.append(chunk[: limit - size])
         size += len(parts[-1])
         if size >= limit:
             break
@@ -129,8 +151,8 @@ class KeyMask:
         data = self._carry + data if self._carry else data
         data = self.whole(data)
         keep = _key_prefix_at_end(data, self._key)
-        self._carry = data[len(data) - keep:] if keep else b""
-        return data[:len(data) - keep] if keep else data
+        self._carry = data[len(data) - keep :] if keep else b""
+        return data[: len(data) - keep] if keep else data
 
     def rest(self) -> bytes:
         carry, self._carry = self._carry, b""
@@ -152,8 +174,9 @@ def _key_prefix_at_end(data: bytes, key: bytes) -> int:
 class Upstream:
     """Requests to the configured DeepSeek origin on one shared `aiohttp.ClientSession`."""
 
-    def __init__(self, session: aiohttp.ClientSession, base_url: str, api_key: str,
-                 timeouts: Timeouts) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, base_url: str, api_key: str, timeouts: Timeouts
+    ) -> None:
         self._session = session
         self._base_url = base_url
         self._urls: dict[str, URL] = {}
@@ -161,16 +184,20 @@ class Upstream:
         self._api_key = api_key
         self.mask = KeyMask(api_key)
         """For whole bodies and headers (stateless); a body relayed piecewise gets its own."""
-        self._timeout = aiohttp.ClientTimeout(total=None, connect=timeouts.connect,
-                                              sock_connect=timeouts.connect,
-                                              sock_read=timeouts.idle)
+        self._timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=timeouts.connect,
+            sock_connect=timeouts.connect,
+            sock_read=timeouts.idle,
+        )
 
     @property
     def api_key(self) -> str:
         return self._api_key
 
-    async def request(self, method: str, path: str, client_headers: Mapping[str, str],
-                      body: bytes | None = None) -> aiohttp.ClientResponse:
+    async def request(
+        self, method: str, path: str, client_headers: Mapping[str, str], body: bytes | None = None
+    ) -> aiohttp.ClientResponse:
         """Send one request; the caller reads and releases the response.
 
         `path` is one of the proxy's fixed upstream paths, never text from the client.
@@ -181,13 +208,22 @@ class Upstream:
             url = self._urls[path] = URL(self._base_url + path)
         try:
             return await self._session.request(
-                method, url, data=body, headers=headers,
-                allow_redirects=False, timeout=self._timeout, auto_decompress=False)
+                method,
+                url,
+                data=body,
+                headers=headers,
+                allow_redirects=False,
+                timeout=self._timeout,
+                auto_decompress=False,
+            )
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             raise UpstreamUnavailable(f"cannot reach DeepSeek: {type(exc).__name__}") from exc
         except TimeoutError as exc:
-            raise UpstreamTimeout("DeepSeek did not answer in time; the call may still be "
-                                  "billed") from exc
+            raise UpstreamTimeout(
+                "DeepSeek did not answer in time; the call may still be billed"
+            ) from exc
         except (aiohttp.ClientError, OSError) as exc:
-            raise UpstreamCut(f"the connection to DeepSeek broke before it answered "
-                              f"({type(exc).__name__}); the call may still be billed") from exc
+            raise UpstreamCut(
+                f"the connection to DeepSeek broke before it answered "
+                f"({type(exc).__name__}); the call may still be billed"
+            ) from exc

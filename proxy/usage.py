@@ -34,9 +34,16 @@ class TokenUsage:
 
     def __post_init__(self) -> None:
         hit, miss, output, reasoning = self.cache_hit, self.cache_miss, self.output, self.reasoning
-        if not (type(hit) is int and type(miss) is int and type(output) is int  # bool (an int
-                and type(reasoning) is int and hit >= 0 and miss >= 0  # subclass) is refused
-                and output >= 0 and reasoning >= 0):
+        if not (
+            type(hit) is int
+            and type(miss) is int
+            and type(output) is int  # bool (an int
+            and type(reasoning) is int
+            and hit >= 0
+            and miss >= 0  # subclass) is refused
+            and output >= 0
+            and reasoning >= 0
+        ):
             for name in ("cache_hit", "cache_miss", "output", "reasoning"):
                 value = getattr(self, name)
                 if type(value) is not int or value < 0:
@@ -55,15 +62,17 @@ MAX_TOKENS_PER_FIELD = 100_000_000
 """Larger counts are not believable for one call (DeepSeek's context is 1M tokens): such a usage
 object is rejected as malformed rather than priced into an absurd cost."""
 
-DEFAULT_TOOL_FIELDS: Mapping[str, str] = MappingProxyType({
-    # `usage.server_tool_use` field -> tool name in the price book. DeepSeek's inner field names
-    # are unverified (Anthropic's style is the likely one), so the config can extend this.
-    "web_search_requests": "search",
-    "search_requests": "search",
-    "web_fetch_requests": "fetch",
-    "fetch_requests": "fetch",
-    "read_url_requests": "fetch",
-})
+DEFAULT_TOOL_FIELDS: Mapping[str, str] = MappingProxyType(
+    {
+        # `usage.server_tool_use` field -> tool name in the price book. DeepSeek's inner field names
+        # are unverified (Anthropic's style is the likely one), so the config can extend this.
+        "web_search_requests": "search",
+        "search_requests": "search",
+        "web_fetch_requests": "fetch",
+        "fetch_requests": "fetch",
+        "read_url_requests": "fetch",
+    }
+)
 
 MAX_TOOL_FIELDS = 16
 MAX_TOOL_FIELD_CHARS = 64
@@ -105,8 +114,7 @@ def _count(obj: Mapping[str, object], key: str, *, required: bool = False) -> in
     return value
 
 
-def parse_usage(obj: object, tool_fields: Mapping[str, str] = DEFAULT_TOOL_FIELDS
-                ) -> ReportedUsage:
+def parse_usage(obj: object, tool_fields: Mapping[str, str] = DEFAULT_TOOL_FIELDS) -> ReportedUsage:
     """Read DeepSeek's usage object (chat or FIM, streamed or not).
 
     DeepSeek's own `prompt_cache_hit_tokens` / `prompt_cache_miss_tokens` are the billing
@@ -118,10 +126,16 @@ def parse_usage(obj: object, tool_fields: Mapping[str, str] = DEFAULT_TOOL_FIELD
     flags: list[str] = []
     prompt, output = obj.get("prompt_tokens"), obj.get("completion_tokens")
     hit, miss = obj.get("prompt_cache_hit_tokens"), obj.get("prompt_cache_miss_tokens")
-    if not (type(prompt) is int and type(output) is int and type(hit) is int  # the usual
-            and type(miss) is int and 0 <= prompt <= MAX_TOKENS_PER_FIELD  # case, checked in
-            and 0 <= output <= MAX_TOKENS_PER_FIELD and 0 <= hit <= MAX_TOKENS_PER_FIELD  # one
-            and 0 <= miss <= MAX_TOKENS_PER_FIELD):  # go; `_count` says what is wrong
+    if not (
+        type(prompt) is int
+        and type(output) is int
+        and type(hit) is int  # the usual
+        and type(miss) is int
+        and 0 <= prompt <= MAX_TOKENS_PER_FIELD  # case, checked in
+        and 0 <= output <= MAX_TOKENS_PER_FIELD
+        and 0 <= hit <= MAX_TOKENS_PER_FIELD  # one
+        and 0 <= miss <= MAX_TOKENS_PER_FIELD
+    ):  # go; `_count` says what is wrong
         prompt = _count(obj, "prompt_tokens", required=True)
         output = _count(obj, "completion_tokens", required=True)
         hit = _count(obj, "prompt_cache_hit_tokens")
@@ -145,10 +159,13 @@ def parse_usage(obj: object, tool_fields: Mapping[str, str] = DEFAULT_TOOL_FIELD
     server_tools = obj.get("server_tool_use")
     if server_tools is not None and isinstance(server_tools, Mapping):
         if len(server_tools) > MAX_TOOL_FIELDS or not all(
-                isinstance(k, str) and 0 < len(k) <= MAX_TOOL_FIELD_CHARS and k.isprintable()
-                for k in server_tools):
-            raise MalformedUsage("usage server_tool_use has too many fields, or names that "
-                                 "are not short printable text")
+            isinstance(k, str) and 0 < len(k) <= MAX_TOOL_FIELD_CHARS and k.isprintable()
+            for k in server_tools
+        ):
+            raise MalformedUsage(
+                "usage server_tool_use has too many fields, or names that "
+                "are not short printable text"
+            )
         for field_name, _ in server_tools.items():
             count = _count(server_tools, str(field_name)) or 0
             tool = tool_fields.get(str(field_name))

@@ -109,7 +109,8 @@ def listen_problem(host: str, port: int) -> str | None:
     """
     try:
         for family, kind, proto, _, address in socket.getaddrinfo(
-                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        ):
             with socket.socket(family, kind, proto) as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -160,10 +161,28 @@ class _Slot:
 class _Supervisor:
     """The workers' slots, the dead owners still to release, and whether a stop was asked."""
 
-    def __init__(self, config: ProxyConfig, log_level: str, loop: str, folder: Path,
-                 counters: SharedCounters, mask: set[int | signal.Signals]) -> None:
-        self._command = [sys.executable, "-m", "proxy", "serve", "--config", str(config.path),
-                         "--log-level", log_level, "--loop", loop, "--worker"]
+    def __init__(
+        self,
+        config: ProxyConfig,
+        log_level: str,
+        loop: str,
+        folder: Path,
+        counters: SharedCounters,
+        mask: set[int | signal.Signals],
+    ) -> None:
+        self._command = [
+            sys.executable,
+            "-m",
+            "proxy",
+            "serve",
+            "--config",
+            str(config.path),
+            "--log-level",
+            log_level,
+            "--loop",
+            loop,
+            "--worker",
+        ]
         self._env = {**os.environ, MULTIPROC_ENV: str(folder)}
         self._folder = folder
         self._ledger = config.ledger_path
@@ -171,7 +190,8 @@ class _Supervisor:
         self._mask = mask
         self._pid = os.getpid()
         self._prctl: Callable[..., Any] | None = (
-            ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None)
+            ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+        )
         self._slots: list[_Slot] = []
         self._unreleased: dict[str, float] = {}
         """Dead owners whose release failed -> when to try again (monotonic seconds)."""
@@ -185,8 +205,11 @@ class _Supervisor:
         log.info("started %d workers (shared files in %s)", count, self._folder)
         while not self._stopping or any(slot.process is not None for slot in self._slots):
             timeout = self._timeout()
-            info = (signal.sigwaitinfo(_SIGNALS) if timeout is None
-                    else signal.sigtimedwait(_SIGNALS, timeout))
+            info = (
+                signal.sigwaitinfo(_SIGNALS)
+                if timeout is None
+                else signal.sigtimedwait(_SIGNALS, timeout)
+            )
             if info is not None and info.si_signo == signal.SIGCHLD:
                 self._reap()
             elif info is not None:
@@ -216,16 +239,19 @@ class _Supervisor:
             # Our own interpreter; preexec_fn is unsafe only with threads, and the supervisor
             # has none.
             process = subprocess.Popen(  # noqa: S603
-                self._command, env=env, preexec_fn=self._in_child)  # noqa: PLW1509
+                self._command,
+                env=env,
+                preexec_fn=self._in_child,  # noqa: PLW1509
+            )
         except OSError:
             slot.delay = min(max(slot.delay * 2, FIRST_DELAY), MAX_DELAY)
             slot.due = time.monotonic() + slot.delay
-            log.exception("cannot start a worker in slot %d; retrying in %g s", slot.index,
-                          slot.delay)
+            log.exception(
+                "cannot start a worker in slot %d; retrying in %g s", slot.index, slot.delay
+            )
             return
         slot.process, slot.started, slot.due = process, time.monotonic(), None
-        log.info("worker %d started in slot %d (owner %s)", process.pid, slot.index,
-                 slot.owner)
+        log.info("worker %d started in slot %d (owner %s)", process.pid, slot.index, slot.owner)
 
     def _in_child(self) -> None:
         """Runs in the new worker before ``exec``: a signal mask is inherited across ``exec``,
@@ -250,8 +276,11 @@ class _Supervisor:
         if self._stopping:
             # A worker that the forwarded signal ended before it could drain stopped cleanly.
             if code == EXIT_UNWRITTEN:
-                log.error("worker %d stopped with ledger records it could not write; its log "
-                          "names the file they are saved in", pid)
+                log.error(
+                    "worker %d stopped with ledger records it could not write; its log "
+                    "names the file they are saved in",
+                    pid,
+                )
                 self._unwritten = True
             elif code != 0 and -code not in _STOPS:
                 log.error("worker %d %s while stopping", pid, _describe(code))
@@ -261,8 +290,14 @@ class _Supervisor:
             quick = slot.delay > 0 and uptime < STABLE_AFTER
             slot.delay = min(slot.delay * 2, MAX_DELAY) if quick else FIRST_DELAY
             slot.due = time.monotonic() + slot.delay
-            log.error("worker %d (slot %d) %s after %.1f s; restarting in %g s", pid,
-                      slot.index, _describe(code), uptime, slot.delay)
+            log.error(
+                "worker %d (slot %d) %s after %.1f s; restarting in %g s",
+                pid,
+                slot.index,
+                _describe(code),
+                uptime,
+                slot.delay,
+            )
         mark_process_dead(pid, str(self._folder))  # type: ignore[no-untyped-call]
         self._counters.zero(slot.index)
         self._release(slot.owner, retry=False)
@@ -280,14 +315,23 @@ class _Supervisor:
                 calls, holds = release_owner(conn, owner)
         except (sqlite3.Error, OSError):
             if not retry:
-                log.exception("cannot release the budget holds and calls of dead worker %s; "
-                              "retrying every %g s", owner, RELEASE_RETRY)
+                log.exception(
+                    "cannot release the budget holds and calls of dead worker %s; "
+                    "retrying every %g s",
+                    owner,
+                    RELEASE_RETRY,
+                )
             self._unreleased[owner] = time.monotonic() + RELEASE_RETRY
             return
         self._unreleased.pop(owner, None)
         if calls or holds:
-            log.warning("released dead worker %s: %d call(s) in flight recorded as "
-                        "'interrupted', %d budget hold(s) dropped", owner, calls, holds)
+            log.warning(
+                "released dead worker %s: %d call(s) in flight recorded as "
+                "'interrupted', %d budget hold(s) dropped",
+                owner,
+                calls,
+                holds,
+            )
 
     def _retry_releases(self) -> None:
         now = time.monotonic()

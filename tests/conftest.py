@@ -10,9 +10,9 @@ import openai
 import pytest
 
 from proxy.pricing import PriceBook, load_price_book
-from tests.fake_clients import AUTH
-from tests.fake_deepseek import FakeDeepSeek, running_fake
-from tests.fake_deepseek_shapes import FAKE_UPSTREAM_KEY
+from tests.support.fake_clients import AUTH
+from tests.support.fake_deepseek import FakeDeepSeek, running_fake
+from tests.support.fake_deepseek_shapes import FAKE_UPSTREAM_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_BOOK = ROOT / "config" / "pricing" / "deepseek.yaml"
@@ -25,7 +25,7 @@ def book() -> PriceBook:
 
 @pytest.fixture
 async def fake() -> AsyncIterator[FakeDeepSeek]:
-    """A fresh fake DeepSeek on loopback (tests/fake_deepseek.py)."""
+    """A fresh fake DeepSeek on loopback (tests/support/fake_deepseek.py)."""
     async with running_fake() as server:
         yield server
 
@@ -40,6 +40,7 @@ async def client(fake: FakeDeepSeek) -> AsyncIterator[httpx.AsyncClient]:
 @pytest.fixture
 async def sdk(fake: FakeDeepSeek) -> AsyncIterator[openai.AsyncOpenAI]:
     """The openai SDK straight to the fake DeepSeek."""
-    async with openai.AsyncOpenAI(base_url=fake.base_url, api_key=FAKE_UPSTREAM_KEY,
-                                  max_retries=0) as api:
+    async with openai.AsyncOpenAI(
+        base_url=fake.base_url, api_key=FAKE_UPSTREAM_KEY, max_retries=0
+    ) as api:
         yield api

@@ -68,14 +68,16 @@ _SEARCH_SYSTEM = (
     "products that match every attribute the shopper named (colour, size, material, brand); "
     "then products in stock; then better-rated products; then cheaper ones. Never invent a "
     "product, never change a price, and answer with the product ids in order, one per line, "
-    "followed by one sentence explaining the first choice.")
+    "followed by one sentence explaining the first choice."
+)
 _SUPPORT_SYSTEM = (
     "You answer customers for the support team. Be brief and polite. Refunds: an unopened item "
     "can be returned within 30 days for a full refund; an opened item within 14 days, minus a "
     "10% restocking fee; electronics must be returned with every accessory. Refunds go back to "
     "the original payment method within 5 working days of the item reaching the warehouse. "
     "Never promise anything this policy does not say; offer to hand over to a person when the "
-    "customer asks for one or is unhappy twice in a row.")
+    "customer asks for one or is unhappy twice in a row."
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,13 +91,19 @@ class Call:
     path: str = "/chat/completions"
 
 
-def _chat(model: str, question: str, system: str = "", *, stream: bool = False,
-          thinking: bool = False) -> dict[str, Any]:
+def _chat(
+    model: str, question: str, system: str = "", *, stream: bool = False, thinking: bool = False
+) -> dict[str, Any]:
     messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": question}]
+        {"role": "user", "content": question}
+    ]
     # Thinking is DeepSeek's default in 2026; plain calls turn it off, as a team would.
-    return {"model": model, "messages": messages, "stream": stream,
-            "thinking": {"type": "enabled" if thinking else "disabled"}}
+    return {
+        "model": model,
+        "messages": messages,
+        "stream": stream,
+        "thinking": {"type": "enabled" if thinking else "disabled"},
+    }
 
 
 def _bj(month: int, day: int, hour: int, minute: int = 0) -> datetime:
@@ -103,34 +111,83 @@ def _bj(month: int, day: int, hour: int, minute: int = 0) -> datetime:
 
 
 SCRIPT: tuple[Call, ...] = (
-    Call("research", _bj(10, 1, 10), _chat(PRO, "Summarise last quarter's search logs."),
-         "National Day holiday: off-peak all day"),
-    Call("support", _bj(10, 1, 15), _chat(PRO, "Draft a holiday delivery notice.", stream=True),
-         "holiday; /beta route", "/beta/chat/completions"),
-    Call("search", _bj(11, 2, 10), _chat(FLASH, "Query: red running shoes", _SEARCH_SYSTEM),
-         "Monday peak; long system prompt, first seen"),
-    Call("search", _bj(11, 2, 10, 5),
-         _chat(FLASH, "Query: waterproof jacket", _SEARCH_SYSTEM, stream=True),
-         "same system prompt: cache hit"),
-    Call("search", _bj(11, 2, 20), _chat(FLASH, "Query: red running shoes", _SEARCH_SYSTEM),
-         "evening off-peak; repeat of call 3"),
-    Call("support", _bj(11, 2, 21, 30), _chat(FLASH, "Where is my parcel?", stream=True),
-         "off-peak"),
-    Call("research", _bj(11, 3, 9, 30),
-         {"model": FLASH, "prompt": "def median(values):\n    ", "suffix": "\n    return mid\n",
-          "max_tokens": 64}, "fill-in-the-middle (FIM)", "/beta/completions"),
-    Call("research", _bj(11, 3, 15), _chat(PRO, "Is 9.11 larger than 9.8?", thinking=True),
-         "thinking: reasoning billed as output"),
-    Call("research", _bj(11, 3, 23),
-         _chat(PRO, "Plan an A/B test of the ranking.", stream=True, thinking=True),
-         "thinking, streamed reasoning"),
-    Call("search", _bj(11, 4, 14, 30), _chat(FLASH, "Query: wool socks", _SEARCH_SYSTEM),
-         "Wednesday peak; cache hit; /v1 route", "/v1/chat/completions"),
-    Call("support", _bj(11, 7, 11), _chat(FLASH, "Can I return opened headphones?",
-                                           _SUPPORT_SYSTEM), "Saturday: off-peak all day"),
-    Call("support", _bj(11, 7, 11, 10), _chat(FLASH, "Can I return opened headphones?",
-                                               _SUPPORT_SYSTEM, stream=True),
-         "repeat, streamed: cache hit"),
+    Call(
+        "research",
+        _bj(10, 1, 10),
+        _chat(PRO, "Summarise last quarter's search logs."),
+        "National Day holiday: off-peak all day",
+    ),
+    Call(
+        "support",
+        _bj(10, 1, 15),
+        _chat(PRO, "Draft a holiday delivery notice.", stream=True),
+        "holiday; /beta route",
+        "/beta/chat/completions",
+    ),
+    Call(
+        "search",
+        _bj(11, 2, 10),
+        _chat(FLASH, "Query: red running shoes", _SEARCH_SYSTEM),
+        "Monday peak; long system prompt, first seen",
+    ),
+    Call(
+        "search",
+        _bj(11, 2, 10, 5),
+        _chat(FLASH, "Query: waterproof jacket", _SEARCH_SYSTEM, stream=True),
+        "same system prompt: cache hit",
+    ),
+    Call(
+        "search",
+        _bj(11, 2, 20),
+        _chat(FLASH, "Query: red running shoes", _SEARCH_SYSTEM),
+        "evening off-peak; repeat of call 3",
+    ),
+    Call(
+        "support", _bj(11, 2, 21, 30), _chat(FLASH, "Where is my parcel?", stream=True), "off-peak"
+    ),
+    Call(
+        "research",
+        _bj(11, 3, 9, 30),
+        {
+            "model": FLASH,
+            "prompt": "def median(values):\n    ",
+            "suffix": "\n    return mid\n",
+            "max_tokens": 64,
+        },
+        "fill-in-the-middle (FIM)",
+        "/beta/completions",
+    ),
+    Call(
+        "research",
+        _bj(11, 3, 15),
+        _chat(PRO, "Is 9.11 larger than 9.8?", thinking=True),
+        "thinking: reasoning billed as output",
+    ),
+    Call(
+        "research",
+        _bj(11, 3, 23),
+        _chat(PRO, "Plan an A/B test of the ranking.", stream=True, thinking=True),
+        "thinking, streamed reasoning",
+    ),
+    Call(
+        "search",
+        _bj(11, 4, 14, 30),
+        _chat(FLASH, "Query: wool socks", _SEARCH_SYSTEM),
+        "Wednesday peak; cache hit; /v1 route",
+        "/v1/chat/completions",
+    ),
+    Call(
+        "support",
+        _bj(11, 7, 11),
+        _chat(FLASH, "Can I return opened headphones?", _SUPPORT_SYSTEM),
+        "Saturday: off-peak all day",
+    ),
+    Call(
+        "support",
+        _bj(11, 7, 11, 10),
+        _chat(FLASH, "Can I return opened headphones?", _SUPPORT_SYSTEM, stream=True),
+        "repeat, streamed: cache hit",
+    ),
 )
 
 
@@ -181,13 +238,23 @@ class SpendLine:
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``demo`` command to the top-level parser."""
     demo = commands.add_parser(
-        "demo", help="run the proxy against a simulated DeepSeek and show what it records")
-    demo.add_argument("--port", type=_port, default=0,
-                      help="port for the proxy on 127.0.0.1 (default: a free one)")
-    demo.add_argument("--exit", action="store_true",
-                      help="exit after the report instead of serving until Ctrl-C")
-    demo.add_argument("--ledger", type=Path, metavar="PATH",
-                      help="ledger file to create (default: a temporary one, deleted at exit)")
+        "demo", help="run the proxy against a simulated DeepSeek and show what it records"
+    )
+    demo.add_argument(
+        "--port",
+        type=_port,
+        default=0,
+        help="port for the proxy on 127.0.0.1 (default: a free one)",
+    )
+    demo.add_argument(
+        "--exit", action="store_true", help="exit after the report instead of serving until Ctrl-C"
+    )
+    demo.add_argument(
+        "--ledger",
+        type=Path,
+        metavar="PATH",
+        help="ledger file to create (default: a temporary one, deleted at exit)",
+    )
     demo.set_defaults(handler=_demo)
 
 
@@ -203,8 +270,11 @@ def _port(text: str) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     if not PRICE_BOOK.is_file():
-        print(f"cannot run the demo: the shipped price book {PRICE_BOOK} is missing; the demo "
-              "runs from a source checkout (git clone, then pip install -e .)", file=sys.stderr)
+        print(
+            f"cannot run the demo: the shipped price book {PRICE_BOOK} is missing; the demo "
+            "runs from a source checkout (git clone, then pip install -e .)",
+            file=sys.stderr,
+        )
         return 2
     try:
         book = load_price_book([PRICE_BOOK])
@@ -213,21 +283,23 @@ def _demo(args: argparse.Namespace) -> int:
         return 2
     if args.ledger is not None and args.ledger.exists():
         # Demo rows are fake spend: never mix them into an existing (perhaps real) ledger.
-        print(f"cannot run the demo: {args.ledger} exists; the demo writes a new ledger",
-              file=sys.stderr)
+        print(
+            f"cannot run the demo: {args.ledger} exists; the demo writes a new ledger",
+            file=sys.stderr,
+        )
         return 2
     try:
         with tempfile.TemporaryDirectory(prefix="proxy-demo-") as folder:
             ledger = args.ledger or Path(folder) / "ledger.sqlite3"
-            return asyncio.run(_run(book, ledger, args.port, serve=not args.exit,
-                                    temporary=args.ledger is None))
+            return asyncio.run(
+                _run(book, ledger, args.port, serve=not args.exit, temporary=args.ledger is None)
+            )
     except KeyboardInterrupt:  # where signal handlers cannot be installed (Windows)
         print("stopped")
         return 0
 
 
-async def _run(book: PriceBook, ledger: Path, port: int, *, serve: bool, temporary: bool
-               ) -> int:
+async def _run(book: PriceBook, ledger: Path, port: int, *, serve: bool, temporary: bool) -> int:
     async with contextlib.AsyncExitStack() as stack:
         upstream_key = "sk-simulated-" + secrets.token_hex(16)
         simulated = SimulatedDeepSeek(upstream_key)
@@ -236,22 +308,36 @@ async def _run(book: PriceBook, ledger: Path, port: int, *, serve: bool, tempora
         try:
             store = SQLiteLedger(ledger, BEIJING)
         except (OSError, sqlite3.Error) as exc:
-            print(f"cannot run the demo: cannot open the ledger {ledger}: {exc}",
-                  file=sys.stderr)
+            print(f"cannot run the demo: cannot open the ledger {ledger}: {exc}", file=sys.stderr)
             return 2
         writer = LedgerWriter(store, DEFAULT_FLUSH_INTERVAL)
         stack.push_async_callback(asyncio.to_thread, writer.close)
         team_keys = {team: new_key() for team in TEAMS}
         config = _config(upstream_url, ledger, port, team_keys)
         clock = SimulatedClock(FREE_PLAY)
-        runner = make_runner(create_app(config, book, upstream_key, writer,
-                                        spend=store.spend, clock=clock, ledger=writer,
-                                        ledger_status=writer.status), config)
+        runner = make_runner(
+            create_app(
+                config,
+                book,
+                upstream_key,
+                writer,
+                spend=store.spend,
+                clock=clock,
+                ledger=writer,
+                ledger_status=writer.status,
+            ),
+            config,
+        )
         await runner.setup()
         stack.push_async_callback(runner.cleanup)  # runs first: calls end before the writer
         try:
-            await ProxySite(runner, "127.0.0.1", port, reuse_port=False,
-                            keepalive_timeout=config.timeouts.client_header).start()
+            await ProxySite(
+                runner,
+                "127.0.0.1",
+                port,
+                reuse_port=False,
+                keepalive_timeout=config.timeouts.client_header,
+            ).start()
         except ListenError as exc:
             print(f"cannot run the demo: {exc}", file=sys.stderr)
             return 2
@@ -259,8 +345,7 @@ async def _run(book: PriceBook, ledger: Path, port: int, *, serve: bool, tempora
         print(f"Simulated DeepSeek (no model, no billing) at {upstream_url}; proxy at {url}")
         print(f"Ledger: {ledger}{' (temporary, deleted at exit)' if temporary else ''}")
         async with httpx.AsyncClient(base_url=url, timeout=30, trust_env=False) as client:
-            results = [await _send(client, call, team_keys[call.team], clock)
-                       for call in SCRIPT]
+            results = [await _send(client, call, team_keys[call.team], clock) for call in SCRIPT]
             clock.set(FREE_PLAY)
             if not await asyncio.to_thread(writer.flush, 30):
                 print("the ledger did not commit in time", file=sys.stderr)
@@ -274,28 +359,39 @@ async def _run(book: PriceBook, ledger: Path, port: int, *, serve: bool, tempora
             print(f"\n{problems} problem(s): see above", file=sys.stderr)
             return 1
         if serve:
-            print(f"\nServing until Ctrl-C. Calls you make now are priced as if made at "
-                  f"{FREE_PLAY:%a %Y-%m-%d %H:%M} Beijing (plus the time elapsed).")
+            print(
+                f"\nServing until Ctrl-C. Calls you make now are priced as if made at "
+                f"{FREE_PLAY:%a %Y-%m-%d %H:%M} Beijing (plus the time elapsed)."
+            )
             await _until_stopped()
             print("stopping")
     return 0
 
 
-def _config(upstream_url: str, ledger: Path, port: int, team_keys: dict[str, str]
-            ) -> ProxyConfig:
-    keys = {hash_key(key): ClientKey(team, key_id_of(hash_key(key)))
-            for team, key in team_keys.items()}
+def _config(upstream_url: str, ledger: Path, port: int, team_keys: dict[str, str]) -> ProxyConfig:
+    keys = {
+        hash_key(key): ClientKey(team, key_id_of(hash_key(key))) for team, key in team_keys.items()
+    }
     return ProxyConfig(
-        path=Path("(demo: built in code)"), host="127.0.0.1", port=port,
-        upstream_base_url=upstream_url, upstream_key_env="(demo: generated key)",
-        price_book=(PRICE_BOOK,), price_at="request_start", keys=MappingProxyType(keys),
-        teams=TEAMS, timeouts=Timeouts(), limits=Limits(),
-        tool_fields=DEFAULT_TOOL_FIELDS, ledger_path=ledger,
-        flush_interval=DEFAULT_FLUSH_INTERVAL, billing_timezone=BEIJING)
+        path=Path("(demo: built in code)"),
+        host="127.0.0.1",
+        port=port,
+        upstream_base_url=upstream_url,
+        upstream_key_env="(demo: generated key)",
+        price_book=(PRICE_BOOK,),
+        price_at="request_start",
+        keys=MappingProxyType(keys),
+        teams=TEAMS,
+        timeouts=Timeouts(),
+        limits=Limits(),
+        tool_fields=DEFAULT_TOOL_FIELDS,
+        ledger_path=ledger,
+        flush_interval=DEFAULT_FLUSH_INTERVAL,
+        billing_timezone=BEIJING,
+    )
 
 
-async def _send(client: httpx.AsyncClient, call: Call, key: str, clock: SimulatedClock
-                ) -> Result:
+async def _send(client: httpx.AsyncClient, call: Call, key: str, clock: SimulatedClock) -> Result:
     """Send one call at its instant; read the usage the way a client would."""
     clock.set(call.at)
     headers = {"Authorization": f"Bearer {key}"}
@@ -320,9 +416,13 @@ async def _send(client: httpx.AsyncClient, call: Call, key: str, clock: Simulate
 def _print_calls(results: Sequence[Result], ledger: Path) -> int:
     """One line per call: what the client saw, with the tier and cost the ledger recorded."""
     with contextlib.closing(connect(ledger)) as db:
-        recorded = {request_id: (priced, tier, cny) for request_id, priced, tier, cny in db.execute(
-            "SELECT u.request_id, u.priced, u.tier, c.amount FROM usage u LEFT JOIN usage_cost c "
-            "ON c.request_id = u.request_id AND c.currency = 'CNY'")}
+        recorded = {
+            request_id: (priced, tier, cny)
+            for request_id, priced, tier, cny in db.execute(
+                "SELECT u.request_id, u.priced, u.tier, c.amount FROM usage u "
+                "LEFT JOIN usage_cost c ON c.request_id = u.request_id AND c.currency = 'CNY'"
+            )
+        }
     rows = []
     problems = 0
     for number, result in enumerate(results, 1):
@@ -331,18 +431,50 @@ def _print_calls(results: Sequence[Result], ledger: Path) -> int:
         if result.status != 200 or not priced:
             problems += 1
         details = usage.get("completion_tokens_details") or {}
-        rows.append([str(number), call.team, call.body["model"], call.path,
-                     "yes" if call.body.get("stream") else "no", f"{call.at:%a %m-%d %H:%M}",
-                     str(result.status), tier or "-",
-                     *(str(usage.get(name, "-")) for name in (
-                         "prompt_cache_hit_tokens", "prompt_cache_miss_tokens",
-                         "completion_tokens")),
-                     str(details.get("reasoning_tokens", "-")),
-                     format(Decimal(cny), "f") if cny is not None else "-",
-                     result.error or call.note])
+        rows.append(
+            [
+                str(number),
+                call.team,
+                call.body["model"],
+                call.path,
+                "yes" if call.body.get("stream") else "no",
+                f"{call.at:%a %m-%d %H:%M}",
+                str(result.status),
+                tier or "-",
+                *(
+                    str(usage.get(name, "-"))
+                    for name in (
+                        "prompt_cache_hit_tokens",
+                        "prompt_cache_miss_tokens",
+                        "completion_tokens",
+                    )
+                ),
+                str(details.get("reasoning_tokens", "-")),
+                format(Decimal(cny), "f") if cny is not None else "-",
+                result.error or call.note,
+            ]
+        )
     print("\nCalls (sent one at a time; the demo sets the proxy's clock to each instant):")
-    _table(["#", "team", "model", "path", "stream", "Beijing time", "status", "tier", "hit",
-            "miss", "output", "reasoning", "CNY", "note"], rows, left={1, 2, 3, 4, 5, 7, 13})
+    _table(
+        [
+            "#",
+            "team",
+            "model",
+            "path",
+            "stream",
+            "Beijing time",
+            "status",
+            "tier",
+            "hit",
+            "miss",
+            "output",
+            "reasoning",
+            "CNY",
+            "note",
+        ],
+        rows,
+        left={1, 2, 3, 4, 5, 7, 13},
+    )
     return problems
 
 
@@ -350,17 +482,31 @@ def _print_report(ledger: Path, currencies: Sequence[str]) -> int:
     """The ledger grouped by team and model, and its total from a separate query."""
     groups, total = _spend(ledger)
     print(f"\n{REPORT_HEADING}")
-    rows = [[line.team, line.model, str(line.requests), str(line.hit), str(line.miss),
-             str(line.output), str(line.reasoning),
-             *(format(line.costs.get(c, Decimal(0)), "f") for c in currencies)]
-            for line in [*groups, total]]
-    _table(["team", "model", "requests", "hit", "miss", "output", "reasoning", *currencies],
-           rows, left={0, 1})
+    rows = [
+        [
+            line.team,
+            line.model,
+            str(line.requests),
+            str(line.hit),
+            str(line.miss),
+            str(line.output),
+            str(line.reasoning),
+            *(format(line.costs.get(c, Decimal(0)), "f") for c in currencies),
+        ]
+        for line in [*groups, total]
+    ]
+    _table(
+        ["team", "model", "requests", "hit", "miss", "output", "reasoning", *currencies],
+        rows,
+        left={0, 1},
+    )
     unpriced = total.requests - total.priced
     if unpriced:
         print(f"{unpriced} call(s) could not be priced (see unpriced_reason in the ledger)")
-    print("hit/miss: prompt tokens read from / not in DeepSeek's context cache; reasoning tokens "
-          "are inside output.")
+    print(
+        "hit/miss: prompt tokens read from / not in DeepSeek's context cache; reasoning tokens "
+        "are inside output."
+    )
     return unpriced
 
 
@@ -385,19 +531,23 @@ _COST_TOTAL = "SELECT currency, decimal_sum(amount) FROM usage_cost GROUP BY cur
 def _spend(ledger: Path) -> tuple[list[SpendLine], SpendLine]:
     """Report rows and total, money summed exactly by the ledger's `decimal_sum` aggregate."""
     with contextlib.closing(connect(ledger)) as db:
-        groups = {(team, model): SpendLine(team, model, *sums)
-                  for team, model, *sums in db.execute(_BY_TEAM_MODEL)}
+        groups = {
+            (team, model): SpendLine(team, model, *sums)
+            for team, model, *sums in db.execute(_BY_TEAM_MODEL)
+        }
         for team, model, currency, amount in db.execute(_COST_BY_TEAM_MODEL):
             groups[(team, model)].costs[currency] = Decimal(amount)
         total = SpendLine("total", "(all)", *db.execute(_TOTAL).fetchone())
-        total.costs = {currency: Decimal(amount)
-                       for currency, amount in db.execute(_COST_TOTAL)}
+        total.costs = {currency: Decimal(amount) for currency, amount in db.execute(_COST_TOTAL)}
     return list(groups.values()), total
 
 
 def _print_metrics(url: str, metrics: str) -> None:
-    cost = [line for line in metrics.splitlines()
-            if line.startswith("llm_cost_total{") and 'currency="CNY"' in line]
+    cost = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith("llm_cost_total{") and 'currency="CNY"' in line
+    ]
     print(f"\nPrometheus metrics: curl {url}/metrics")
     print("  e.g. llm_cost_total (CNY; floats only here, for Prometheus):")
     for line in cost[:6]:
@@ -408,19 +558,28 @@ def _print_metrics(url: str, metrics: str) -> None:
 
 def _print_try_it(url: str, team_keys: dict[str, str]) -> None:
     team = TEAMS[0]
-    body = json.dumps({"model": FLASH, "thinking": {"type": "disabled"},
-                       "messages": [{"role": "user", "content": "Hello"}]})
+    body = json.dumps(
+        {
+            "model": FLASH,
+            "thinking": {"type": "disabled"},
+            "messages": [{"role": "user", "content": "Hello"}],
+        }
+    )
     print(f"\nTry it: the proxy is {url}; the key of team {team} is {team_keys[team]}")
-    print(f"  curl {url}/chat/completions -H 'Authorization: Bearer {team_keys[team]}' "
-          f"-H 'Content-Type: application/json' -d '{body}'")
+    print(
+        f"  curl {url}/chat/completions -H 'Authorization: Bearer {team_keys[team]}' "
+        f"-H 'Content-Type: application/json' -d '{body}'"
+    )
 
 
 def _table(header: list[str], rows: list[list[str]], left: set[int]) -> None:
     """Print columns padded to their widest cell; text left-aligned, numbers right-aligned."""
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
-        cells = [cell.ljust(w) if i in left else cell.rjust(w)
-                 for i, (cell, w) in enumerate(zip(row, widths, strict=True))]
+        cells = [
+            cell.ljust(w) if i in left else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ]
         print("  " + "  ".join(cells).rstrip())
 
 
@@ -440,4 +599,3 @@ async def _until_stopped() -> None:
     finally:
         for signum in installed:
             loop.remove_signal_handler(signum)
-

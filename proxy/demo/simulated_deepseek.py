@@ -1,9 +1,9 @@
 """A SIMULATED DeepSeek API, for ``python -m proxy demo`` only: no model runs, nothing is billed.
 
 It exists so that a newcomer can watch the whole path (client -> proxy -> upstream -> ledger ->
-report -> metrics) without a DeepSeek key. ``serve`` never uses it. It is not the test fake either
-(``tests/fake_deepseek.py`` reproduces DeepSeek's failure modes for the tests); this one only
-answers well, in DeepSeek's 2026 shapes (``/work/shared/deepseek-api.md``):
+report -> metrics) without a DeepSeek key. ``serve`` never uses it. It is not the test fake
+either (``tests/support/fake_deepseek.py`` reproduces DeepSeek's failure modes for the tests);
+this one only answers well, in DeepSeek's 2026 shapes (``/work/shared/deepseek-api.md``):
 
 - ``POST /chat/completions`` and ``/beta/chat/completions``: a JSON ``chat.completion``, or with
   ``"stream": true`` one ``: keep-alive`` comment, then ``data: {chunk}`` events and
@@ -64,13 +64,20 @@ async def _auth_and_errors(request: web.Request, handler: _Handler) -> web.Strea
         token = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
         if token != request.app[_KEY]:
             # DeepSeek's 401 echoes the last four characters of the key it was given.
-            raise _Refused(401, f"Authentication Fails, Your api key: ****{token[-4:]} is "
-                                "invalid")
+            raise _Refused(401, f"Authentication Fails, Your api key: ****{token[-4:]} is invalid")
         return await handler(request)
     except _Refused as exc:
         return web.json_response(
-            {"error": {"message": exc.message, "type": "invalid_request_error", "param": None,
-                       "code": "invalid_request_error"}}, status=exc.status)
+            {
+                "error": {
+                    "message": exc.message,
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "invalid_request_error",
+                }
+            },
+            status=exc.status,
+        )
 
 
 class SimulatedDeepSeek:
@@ -103,8 +110,10 @@ class SimulatedDeepSeek:
     def usage(self, model: str, prompt: str, output: str, reasoning: str) -> dict[str, Any]:
         """DeepSeek's usage object for one call; remembers the prompt's prefixes (cache)."""
         unit = CACHE_UNIT_TOKENS * CHARS_PER_TOKEN
-        blocks = [(model, hashlib.sha256(prompt[:end].encode()).digest())
-                  for end in range(unit, len(prompt) + 1, unit)]
+        blocks = [
+            (model, hashlib.sha256(prompt[:end].encode()).digest())
+            for end in range(unit, len(prompt) + 1, unit)
+        ]
         cached = 0
         while cached < len(blocks) and blocks[cached] in self._seen:
             cached += 1
@@ -112,39 +121,66 @@ class SimulatedDeepSeek:
         prompt_tokens, hit = count_tokens(prompt), cached * CACHE_UNIT_TOKENS
         thought = count_tokens(reasoning) if reasoning else 0
         completion = count_tokens(output) + thought
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                "total_tokens": prompt_tokens + completion,
-                "prompt_tokens_details": {"cached_tokens": hit},
-                "prompt_cache_hit_tokens": hit, "prompt_cache_miss_tokens": prompt_tokens - hit,
-                "completion_tokens_details": {"reasoning_tokens": thought}}
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": hit},
+            "prompt_cache_hit_tokens": hit,
+            "prompt_cache_miss_tokens": prompt_tokens - hit,
+            "completion_tokens_details": {"reasoning_tokens": thought},
+        }
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         payload = await _payload(request)
         messages = payload.get("messages")
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) for m in messages):
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(isinstance(m, dict) for m in messages)
+        ):
             raise _Refused(422, "Invalid Parameters: messages must be a non-empty list")
         prompt = "\n".join(_text(m.get("content")) for m in messages)
         thinking = payload.get("thinking")
         thinks = not (isinstance(thinking, dict) and thinking.get("type") == "disabled")
         words = " ".join(_text(messages[-1].get("content")).split()[:8])
         answer = f"Simulated answer (no model ran) to: {words}"
-        reasoning = (f"The user asks: {words}. A real model would reason here; the simulation "
-                     "only counts these tokens." if thinks else "")
+        reasoning = (
+            f"The user asks: {words}. A real model would reason here; the simulation "
+            "only counts these tokens."
+            if thinks
+            else ""
+        )
         usage = self.usage(payload["model"], prompt, answer, reasoning)
         base = _base(payload["model"], "chat.completion")
         if payload.get("stream") is not True:
-            message = {"role": "assistant", "content": answer,
-                       **({"reasoning_content": reasoning} if thinks else {})}
-            return _json({**base, "choices": [{"index": 0, "message": message, "logprobs": None,
-                                               "finish_reason": "stop"}], "usage": usage})
+            message = {
+                "role": "assistant",
+                "content": answer,
+                **({"reasoning_content": reasoning} if thinks else {}),
+            }
+            return _json(
+                {
+                    **base,
+                    "choices": [
+                        {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
+                    ],
+                    "usage": usage,
+                }
+            )
         deltas: list[dict[str, Any]] = [{"delta": {"role": "assistant", "content": ""}}]
-        deltas += [{"delta": {"content": None, "reasoning_content": piece}}
-                   for piece in _pieces(reasoning)]
+        deltas += [
+            {"delta": {"content": None, "reasoning_content": piece}} for piece in _pieces(reasoning)
+        ]
         deltas += [{"delta": {"content": piece}} for piece in _pieces(answer)]
         deltas.append({"delta": {"content": ""}})
-        return await _stream(request, {**base, "object": "chat.completion.chunk"}, deltas, usage,
-                             _wants_usage(payload))
+        return await _stream(
+            request,
+            {**base, "object": "chat.completion.chunk"},
+            deltas,
+            usage,
+            _wants_usage(payload),
+        )
 
     async def _fim(self, request: web.Request) -> web.StreamResponse:
         payload = await _payload(request)
@@ -155,14 +191,27 @@ class SimulatedDeepSeek:
         usage = self.usage(payload["model"], prompt + suffix, text, "")
         base = _base(payload["model"], "text_completion")
         if payload.get("stream") is not True:
-            return _json({**base, "choices": [{"index": 0, "text": text, "logprobs": None,
-                                               "finish_reason": "stop"}], "usage": usage})
+            return _json(
+                {
+                    **base,
+                    "choices": [
+                        {"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}
+                    ],
+                    "usage": usage,
+                }
+            )
         pieces = [{"text": piece} for piece in _pieces(text)] + [{"text": ""}]
         return await _stream(request, base, pieces, usage, _wants_usage(payload))
 
     async def _models(self, request: web.Request) -> web.StreamResponse:
-        return _json({"object": "list", "data": [
-            {"id": model, "object": "model", "owned_by": "deepseek"} for model in MODELS]})
+        return _json(
+            {
+                "object": "list",
+                "data": [
+                    {"id": model, "object": "model", "owned_by": "deepseek"} for model in MODELS
+                ],
+            }
+        )
 
 
 async def _payload(request: web.Request) -> dict[str, Any]:
@@ -189,8 +238,9 @@ def _text(content: object) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(p["text"] for p in content
-                       if isinstance(p, dict) and isinstance(p.get("text"), str))
+        return "".join(
+            p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
+        )
     return ""
 
 
@@ -200,8 +250,13 @@ def _pieces(text: str) -> list[str]:
 
 
 def _base(model: str, kind: str) -> dict[str, Any]:
-    return {"id": str(uuid.uuid4()), "object": kind, "created": int(time.time()),
-            "model": model, "system_fingerprint": FINGERPRINT}
+    return {
+        "id": str(uuid.uuid4()),
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": FINGERPRINT,
+    }
 
 
 def _headers() -> dict[str, str]:
@@ -212,20 +267,28 @@ def _json(body: dict[str, Any]) -> web.Response:
     return web.json_response(body, headers=_headers())
 
 
-async def _stream(request: web.Request, base: dict[str, Any], choices: list[dict[str, Any]],
-                  usage: dict[str, Any], include_usage: bool) -> web.StreamResponse:
+async def _stream(
+    request: web.Request,
+    base: dict[str, Any],
+    choices: list[dict[str, Any]],
+    usage: dict[str, Any],
+    include_usage: bool,
+) -> web.StreamResponse:
     response = web.StreamResponse(headers={**_headers(), "Cache-Control": "no-cache"})
     response.content_type = "text/event-stream"
     await response.prepare(request)
     await response.write(b": keep-alive\n\n")  # what DeepSeek sends while a call is queued
     for index, choice in enumerate(choices):
         last = index == len(choices) - 1
-        chunk: dict[str, Any] = {**base, "choices": [
-            {"index": 0, **choice, "logprobs": None, "finish_reason": "stop" if last else None}]}
+        chunk: dict[str, Any] = {
+            **base,
+            "choices": [
+                {"index": 0, **choice, "logprobs": None, "finish_reason": "stop" if last else None}
+            ],
+        }
         if last or include_usage:
             chunk["usage"] = usage if last else None
-        await response.write(b"data: " + json.dumps(chunk, ensure_ascii=False).encode()
-                             + b"\n\n")
+        await response.write(b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n")
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response

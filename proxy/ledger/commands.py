@@ -60,37 +60,65 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     """Add ``report`` and ``reprice`` to the top-level parser."""
     report = commands.add_parser("report", help="spend and tokens from the ledger")
     _common_arguments(report)
-    report.add_argument("--by", type=_groups, default=DEFAULT_GROUPS, metavar="KEYS",
-                        help="comma list of team, model, day (default: team,model)")
+    report.add_argument(
+        "--by",
+        type=_groups,
+        default=DEFAULT_GROUPS,
+        metavar="KEYS",
+        help="comma list of team, model, day (default: team,model)",
+    )
     report.add_argument("--currency", help="one currency (default: all in the ledger)")
     report.add_argument("--format", choices=("table", "csv", "json"), default="table")
     report.set_defaults(handler=_guarded(_report))
 
     reprice = commands.add_parser(
-        "reprice", help="price stored rows again with the current price book")
+        "reprice", help="price stored rows again with the current price book"
+    )
     _common_arguments(reprice)
-    reprice.add_argument("--apply", action="store_true",
-                         help="write the new prices (default: only show the difference)")
+    reprice.add_argument(
+        "--apply",
+        action="store_true",
+        help="write the new prices (default: only show the difference)",
+    )
     reprice.set_defaults(handler=_guarded(_reprice))
 
     replay_ = commands.add_parser(
-        "ledger-replay", help="write records a stopping proxy could not write into the ledger")
-    replay_.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
-                         help=f"configuration file (default: {DEFAULT_CONFIG})")
-    replay_.add_argument("files", type=Path, nargs="+", metavar="FILE",
-                         help="spill files (<ledger>.unwritten-*.jsonl), or a log holding "
-                              "'unwritten ledger record:' lines")
+        "ledger-replay", help="write records a stopping proxy could not write into the ledger"
+    )
+    replay_.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG,
+        help=f"configuration file (default: {DEFAULT_CONFIG})",
+    )
+    replay_.add_argument(
+        "files",
+        type=Path,
+        nargs="+",
+        metavar="FILE",
+        help="spill files (<ledger>.unwritten-*.jsonl), or a log holding "
+        "'unwritten ledger record:' lines",
+    )
     replay_.set_defaults(handler=_guarded(_replay))
 
 
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
-                        help=f"configuration file (default: {DEFAULT_CONFIG})")
-    parser.add_argument("--since", type=_bound, metavar="T",
-                        help="calls started at or after T: an ISO date (00:00 in the billing "
-                             "timezone) or an ISO instant with offset")
-    parser.add_argument("--until", type=_bound, metavar="T",
-                        help="calls started before T (same forms as --since)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG,
+        help=f"configuration file (default: {DEFAULT_CONFIG})",
+    )
+    parser.add_argument(
+        "--since",
+        type=_bound,
+        metavar="T",
+        help="calls started at or after T: an ISO date (00:00 in the billing "
+        "timezone) or an ISO instant with offset",
+    )
+    parser.add_argument(
+        "--until", type=_bound, metavar="T", help="calls started before T (same forms as --since)"
+    )
 
 
 def _bound(text: str) -> date:
@@ -98,7 +126,8 @@ def _bound(text: str) -> date:
         return parse_bound(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(
-            f"expected an ISO date or an ISO instant with offset, got {text!r}: {exc}") from None
+            f"expected an ISO date or an ISO instant with offset, got {text!r}: {exc}"
+        ) from None
 
 
 def _groups(text: str) -> tuple[str, ...]:
@@ -106,7 +135,8 @@ def _groups(text: str) -> tuple[str, ...]:
     unknown = [k for k in keys if k not in GROUP_COLUMNS]
     if not keys or unknown or len(set(keys)) != len(keys):
         raise argparse.ArgumentTypeError(
-            f"expected distinct keys among {', '.join(GROUP_COLUMNS)}, got {text!r}")
+            f"expected distinct keys among {', '.join(GROUP_COLUMNS)}, got {text!r}"
+        )
     return keys
 
 
@@ -135,8 +165,10 @@ def _time_range(args: argparse.Namespace, config: ProxyConfig) -> TimeRange:
     since = None if args.since is None else bound_instant(args.since, tz)
     until = None if args.until is None else bound_instant(args.until, tz)
     if since is not None and until is not None and since >= until:
-        raise CommandFailed(f"--since ({since.isoformat()}) must be before --until "
-                            f"({until.isoformat()})", EXIT_USAGE)
+        raise CommandFailed(
+            f"--since ({since.isoformat()}) must be before --until ({until.isoformat()})",
+            EXIT_USAGE,
+        )
     return TimeRange(since, until)
 
 
@@ -182,8 +214,11 @@ def _warn_on_timezone(conn: sqlite3.Connection, config: ProxyConfig) -> None:
     row = conn.execute("SELECT value FROM meta WHERE key = 'billing_timezone'").fetchone()
     configured = str(config.billing_timezone.key)
     if row is not None and row[0] != configured:
-        print(f"warning: the ledger's billing days are in {row[0]}, the config says "
-              f"{configured}; they are re-derived when the proxy next starts", file=sys.stderr)
+        print(
+            f"warning: the ledger's billing days are in {row[0]}, the config says "
+            f"{configured}; they are re-derived when the proxy next starts",
+            file=sys.stderr,
+        )
 
 
 def _book(config: ProxyConfig) -> PriceBook:
@@ -211,8 +246,9 @@ def _reprice(args: argparse.Namespace) -> int:
     if not args.apply:
         print("dry run; nothing changed")
     elif plan.changes:
-        print(f"applied: {len(plan.changes)} row(s) re-priced; previous amounts kept in "
-              "cost_history")
+        print(
+            f"applied: {len(plan.changes)} row(s) re-priced; previous amounts kept in cost_history"
+        )
     else:
         print("nothing to change")
     return 0
@@ -236,6 +272,8 @@ def _replay(args: argparse.Namespace) -> int:
         result = replay(config.ledger_path, config.billing_timezone, records)
     except sqlite3.Error as exc:
         raise _unreadable(config, exc) from exc
-    print(f"{len(records)} record(s) read: {result.written} written to {config.ledger_path}, "
-          f"{result.present} already there")
+    print(
+        f"{len(records)} record(s) read: {result.written} written to {config.ledger_path}, "
+        f"{result.present} already there"
+    )
     return 0

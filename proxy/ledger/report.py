@@ -27,11 +27,13 @@ from zoneinfo import ZoneInfo
 from proxy.ledger.store import iso, money
 from proxy.pricing.render import iso_utc
 
-GROUP_COLUMNS: Mapping[str, str] = MappingProxyType({
-    "team": "team",
-    "model": "model_requested",
-    "day": "billing_day",
-})
+GROUP_COLUMNS: Mapping[str, str] = MappingProxyType(
+    {
+        "team": "team",
+        "model": "model_requested",
+        "day": "billing_day",
+    }
+)
 """``--by`` key -> usage column. The only names ever put into report SQL."""
 DEFAULT_GROUPS = ("team", "model")
 TOKEN_FIELDS = ("cache_hit", "cache_miss", "output", "reasoning")
@@ -120,19 +122,23 @@ def ledger_currencies(conn: sqlite3.Connection) -> tuple[str, ...]:
     return tuple(str(r[0]) for r in rows)
 
 
-def build_report(conn: sqlite3.Connection, time_range: TimeRange, by: Sequence[str],
-                 currencies: Sequence[str]) -> Report:
+def build_report(
+    conn: sqlite3.Connection, time_range: TimeRange, by: Sequence[str], currencies: Sequence[str]
+) -> Report:
     """Sum the ledger's rows in `time_range`, grouped by the `by` keys (sorted by them)."""
     keys = ", ".join(GROUP_COLUMNS[k] for k in by)  # KeyError on any name not in the table
     where, params = time_range.where()
     # The interpolated names come from GROUP_COLUMNS and _COUNT_SQL only; values are parameters.
     count_rows = conn.execute(
         f"SELECT {keys}, {', '.join(_COUNT_SQL)} FROM usage WHERE {where} "  # noqa: S608
-        f"GROUP BY {keys} ORDER BY {keys}", params).fetchall()
+        f"GROUP BY {keys} ORDER BY {keys}",
+        params,
+    ).fetchall()
     cost_rows = conn.execute(
         f"SELECT {keys}, currency, decimal_sum(amount) FROM usage "  # noqa: S608
         f"JOIN usage_cost USING (request_id) WHERE {where} GROUP BY {keys}, currency",
-        params).fetchall()
+        params,
+    ).fetchall()
     width = len(by)
     costs: dict[tuple[str, ...], dict[str, Decimal]] = {}
     for row in cost_rows:
@@ -141,11 +147,14 @@ def build_report(conn: sqlite3.Connection, time_range: TimeRange, by: Sequence[s
     for row in count_rows:
         group = tuple(str(k) for k in row[:width])
         spent = costs.get(group, {})
-        lines.append(Line(group, dict(zip(COUNT_FIELDS, (int(v) for v in row[width:]),
-                                          strict=True)),
-                          {c: spent.get(c, _ZERO) for c in currencies}))
-    return Report(time_range, tuple(by), tuple(currencies), tuple(lines),
-                  _total(lines, currencies))
+        lines.append(
+            Line(
+                group,
+                dict(zip(COUNT_FIELDS, (int(v) for v in row[width:]), strict=True)),
+                {c: spent.get(c, _ZERO) for c in currencies},
+            )
+        )
+    return Report(time_range, tuple(by), tuple(currencies), tuple(lines), _total(lines, currencies))
 
 
 def _total(lines: Sequence[Line], currencies: Sequence[str]) -> Line:
@@ -165,8 +174,11 @@ def render(report: Report, fmt: str) -> str:
 
 def _cells(report: Report, line: Line) -> list[str]:
     keys = list(line.keys) or ["TOTAL", *([""] * (len(report.by) - 1))]
-    return [*keys, *(str(line.counts[f]) for f in COUNT_FIELDS),
-            *(money(line.costs[c]) for c in report.currencies)]
+    return [
+        *keys,
+        *(str(line.counts[f]) for f in COUNT_FIELDS),
+        *(money(line.costs[c]) for c in report.currencies),
+    ]
 
 
 def _header(report: Report) -> list[str]:
@@ -178,9 +190,10 @@ def _csv(report: Report) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(_header(report))
     text = len(report.by)
-    writer.writerows([*(spreadsheet_safe(c) for c in cells[:text]), *cells[text:]]
-                     for cells in (_cells(report, line)
-                                   for line in (*report.lines, report.total)))
+    writer.writerows(
+        [*(spreadsheet_safe(c) for c in cells[:text]), *cells[text:]]
+        for cells in (_cells(report, line) for line in (*report.lines, report.total))
+    )
     return out.getvalue().rstrip("\n")
 
 
@@ -204,8 +217,10 @@ def terminal_safe(cell: str) -> str:
 
 def _table(report: Report) -> str:
     span = report.time_range
-    caption = (f"Calls started from {_bound_text(span.since, 'the first row')} "
-               f"until {_bound_text(span.until, 'the last row')} (exclusive)")
+    caption = (
+        f"Calls started from {_bound_text(span.since, 'the first row')} "
+        f"until {_bound_text(span.until, 'the last row')} (exclusive)"
+    )
     rows = [_cells(report, line) for line in (*report.lines, report.total)]
     return caption + "\n" + table(_header(report), rows, text_columns=len(report.by))
 
@@ -221,8 +236,10 @@ def _json(report: Report) -> dict[str, Any]:
         "until": None if span.until is None else iso_utc(span.until),
         "by": list(report.by),
         "currencies": list(report.currencies),
-        "rows": [{**dict(zip(report.by, line.keys, strict=True)), **_json_numbers(line)}
-                 for line in report.lines],
+        "rows": [
+            {**dict(zip(report.by, line.keys, strict=True)), **_json_numbers(line)}
+            for line in report.lines
+        ],
         "total": _json_numbers(report.total),
     }
 
@@ -238,8 +255,10 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: in
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
 
     def line(cells: Sequence[str]) -> str:
-        parts = [c.ljust(w) if i < text_columns else c.rjust(w)
-                 for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+        parts = [
+            c.ljust(w) if i < text_columns else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
         return "  ".join(parts).rstrip()
 
     return "\n".join(line(r) for r in (header, *rows))

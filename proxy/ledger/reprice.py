@@ -35,14 +35,32 @@ from proxy.usage import TokenUsage
 
 _ZERO = Decimal(0)
 _ROW_COLUMNS = (
-    "request_id", "team", "model_requested", "billing_day", "started_at", "priced_at",
-    "cache_hit_tokens", "cache_miss_tokens", "output_tokens", "reasoning_tokens", "tool_calls",
-    "priced", "unpriced_reason", "billed_model", "price_version", "schedule_version", "tier",
-    "price_book", "flags")
+    "request_id",
+    "team",
+    "model_requested",
+    "billing_day",
+    "started_at",
+    "priced_at",
+    "cache_hit_tokens",
+    "cache_miss_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "tool_calls",
+    "priced",
+    "unpriced_reason",
+    "billed_model",
+    "price_version",
+    "schedule_version",
+    "tier",
+    "price_book",
+    "flags",
+)
 # Rows that have tokens to price. `in_flight` rows never do; the state test says so explicitly.
-_REPRICEABLE = ("state = 'final' AND usage_source IN ('reported', 'estimated') "
-                "AND cache_hit_tokens IS NOT NULL AND cache_miss_tokens IS NOT NULL "
-                "AND output_tokens IS NOT NULL AND reasoning_tokens IS NOT NULL")
+_REPRICEABLE = (
+    "state = 'final' AND usage_source IN ('reported', 'estimated') "
+    "AND cache_hit_tokens IS NOT NULL AND cache_miss_tokens IS NOT NULL "
+    "AND output_tokens IS NOT NULL AND reasoning_tokens IS NOT NULL"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +127,8 @@ class Plan:
 def is_price_flag(flag: str) -> bool:
     """Flags the pricing engine sets; re-pricing replaces these and keeps the usage flags."""
     return flag in (FLAG_NO_HOLIDAY_CALENDAR, FLAG_REASONING_EXCEEDS_OUTPUT) or flag.startswith(
-        FLAG_UNKNOWN_TOOL)
+        FLAG_UNKNOWN_TOOL
+    )
 
 
 def plan_reprice(conn: sqlite3.Connection, book: PriceBook, time_range: TimeRange) -> Plan:
@@ -125,8 +144,9 @@ def plan_reprice(conn: sqlite3.Connection, book: PriceBook, time_range: TimeRang
         key = (row.team, row.model)
         _tally(groups.setdefault(key, GroupDiff(*key)), row.stored, new, changed)
     currencies = _currencies(book, groups.values())
-    return Plan(book.digest, currencies, len(rows), tuple(changes),
-                tuple(groups[k] for k in sorted(groups)))
+    return Plan(
+        book.digest, currencies, len(rows), tuple(changes), tuple(groups[k] for k in sorted(groups))
+    )
 
 
 def load_rows(conn: sqlite3.Connection, time_range: TimeRange) -> list[Row]:
@@ -136,40 +156,65 @@ def load_rows(conn: sqlite3.Connection, time_range: TimeRange) -> list[Row]:
     costs: dict[str, dict[str, tuple[Decimal, Decimal]]] = {}
     # Only constant SQL text is interpolated; the range bounds are parameters.
     for request_id, currency, amount, savings in conn.execute(
-            "SELECT request_id, currency, amount, cache_savings FROM usage_cost WHERE "  # noqa: S608
-            f"request_id IN (SELECT request_id FROM usage WHERE {condition})", params):
+        "SELECT request_id, currency, amount, cache_savings FROM usage_cost WHERE "  # noqa: S608
+        f"request_id IN (SELECT request_id FROM usage WHERE {condition})",
+        params,
+    ):
         costs.setdefault(request_id, {})[currency] = (Decimal(amount), Decimal(savings))
     stored = conn.execute(
         f"SELECT {', '.join(_ROW_COLUMNS)} FROM usage WHERE {condition} "  # noqa: S608
-        "ORDER BY started_at, request_id", params).fetchall()
+        "ORDER BY started_at, request_id",
+        params,
+    ).fetchall()
     return [_row(dict(zip(_ROW_COLUMNS, r, strict=True)), costs.get(r[0], {})) for r in stored]
 
 
 def _row(values: Mapping[str, Any], costs: Mapping[str, tuple[Decimal, Decimal]]) -> Row:
     at = values["priced_at"] or values["started_at"]
-    tokens = TokenUsage(values["cache_hit_tokens"], values["cache_miss_tokens"],
-                        values["output_tokens"], values["reasoning_tokens"],
-                        json.loads(values["tool_calls"]))
+    tokens = TokenUsage(
+        values["cache_hit_tokens"],
+        values["cache_miss_tokens"],
+        values["output_tokens"],
+        values["reasoning_tokens"],
+        json.loads(values["tool_calls"]),
+    )
     stored = StoredPrice(
-        bool(values["priced"]), values["unpriced_reason"], values["billed_model"],
-        values["price_version"], values["schedule_version"], values["tier"],
+        bool(values["priced"]),
+        values["unpriced_reason"],
+        values["billed_model"],
+        values["price_version"],
+        values["schedule_version"],
+        values["tier"],
         {c: amount for c, (amount, _) in costs.items()},
         {c: savings for c, (_, savings) in costs.items()},
-        tuple(json.loads(values["flags"])))
-    return Row(values["request_id"], values["team"], values["model_requested"],
-               values["billing_day"], datetime.fromisoformat(at), tokens, values["price_book"],
-               stored)
+        tuple(json.loads(values["flags"])),
+    )
+    return Row(
+        values["request_id"],
+        values["team"],
+        values["model_requested"],
+        values["billing_day"],
+        datetime.fromisoformat(at),
+        tokens,
+        values["price_book"],
+        stored,
+    )
 
 
 def _stored_form(pricing: Pricing, old_flags: Sequence[str]) -> StoredPrice:
     """The stored form of a pricing, as `proxy.metering.build_record` stores it."""
     flags = (*(f for f in old_flags if not is_price_flag(f)), *pricing.flags)
     return StoredPrice(
-        pricing.priced, pricing.reason, pricing.billed_model, pricing.version,
-        pricing.schedule_version, pricing.tier,
+        pricing.priced,
+        pricing.reason,
+        pricing.billed_model,
+        pricing.version,
+        pricing.schedule_version,
+        pricing.tier,
         {c: cost.total for c, cost in pricing.costs.items()},
         {c: cost.cache_savings for c, cost in pricing.costs.items()},
-        flags)
+        flags,
+    )
 
 
 def _tally(group: GroupDiff, old: StoredPrice, new: StoredPrice, changed: bool) -> None:
@@ -208,23 +253,35 @@ def apply_plan(conn: sqlite3.Connection, plan: Plan, replaced_at: datetime) -> N
             add_spend(conn, team, day, currency, delta)
 
 
-def _keep_history(conn: sqlite3.Connection, change: Change, stamp: str,
-                  new_book: str) -> None:
+def _keep_history(conn: sqlite3.Connection, change: Change, stamp: str, new_book: str) -> None:
     """One history row per currency the row had or gets (NULL: it had no price in it)."""
     row, old = change.row, change.row.stored
     for currency in sorted({*old.costs, *change.new.costs}):
         amount = old.costs.get(currency)
-        conn.execute("INSERT INTO cost_history VALUES (?, ?, ?, ?, ?, ?, ?)",
-                     (row.request_id, currency, None if amount is None else money(amount),
-                      row.price_book, old.price_version, stamp, new_book))
+        conn.execute(
+            "INSERT INTO cost_history VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                row.request_id,
+                currency,
+                None if amount is None else money(amount),
+                row.price_book,
+                old.price_version,
+                stamp,
+                new_book,
+            ),
+        )
 
 
 def _replace_costs(conn: sqlite3.Connection, change: Change) -> None:
     request_id, new = change.row.request_id, change.new
     conn.execute("DELETE FROM usage_cost WHERE request_id = ?", (request_id,))
-    conn.executemany("INSERT INTO usage_cost VALUES (?, ?, ?, ?)",
-                     [(request_id, c, money(amount), money(new.savings.get(c, _ZERO)))
-                      for c, amount in new.costs.items()])
+    conn.executemany(
+        "INSERT INTO usage_cost VALUES (?, ?, ?, ?)",
+        [
+            (request_id, c, money(amount), money(new.savings.get(c, _ZERO)))
+            for c, amount in new.costs.items()
+        ],
+    )
 
 
 def _update_row(conn: sqlite3.Connection, change: Change, new_book: str) -> None:
@@ -233,9 +290,19 @@ def _update_row(conn: sqlite3.Connection, change: Change, new_book: str) -> None
         "UPDATE usage SET priced = ?, unpriced_reason = ?, billed_model = ?, price_version = ?, "
         "schedule_version = ?, tier = ?, priced_at = ?, price_book = ?, flags = ? "
         "WHERE request_id = ?",
-        (int(new.priced), new.unpriced_reason, new.billed_model, new.price_version,
-         new.schedule_version, new.tier, iso(change.row.at), new_book, json.dumps(list(new.flags)),
-         change.row.request_id))
+        (
+            int(new.priced),
+            new.unpriced_reason,
+            new.billed_model,
+            new.price_version,
+            new.schedule_version,
+            new.tier,
+            iso(change.row.at),
+            new_book,
+            json.dumps(list(new.flags)),
+            change.row.request_id,
+        ),
+    )
 
 
 def render_plan(plan: Plan) -> str:
@@ -248,8 +315,10 @@ def render_plan(plan: Plan) -> str:
     for group in plan.groups:
         _add_group(total, group)
     cells = [_group_cells(g, plan.currencies) for g in (*plan.groups, total)]
-    summary = (f"{plan.rows} row(s) with usage in range; {len(plan.changes)} priced differently "
-               f"by book {plan.book_digest[:12]}")
+    summary = (
+        f"{plan.rows} row(s) with usage in range; {len(plan.changes)} priced differently "
+        f"by book {plan.book_digest[:12]}"
+    )
     return summary + "\n" + table(header, cells, text_columns=2)
 
 
@@ -264,8 +333,14 @@ def _add_group(total: GroupDiff, group: GroupDiff) -> None:
 
 
 def _group_cells(group: GroupDiff, currencies: Sequence[str]) -> list[str]:
-    cells = [group.team, group.model, str(group.rows), str(group.changed),
-             str(group.now_priced), str(group.now_unpriced)]
+    cells = [
+        group.team,
+        group.model,
+        str(group.rows),
+        str(group.changed),
+        str(group.now_priced),
+        str(group.now_unpriced),
+    ]
     for currency in currencies:
         old, new = group.old.get(currency, _ZERO), group.new.get(currency, _ZERO)
         cells += [money(old), money(new), signed(new - old)]

@@ -51,8 +51,7 @@ def beside(ledger: Path, kind: str, now: datetime, suffix: str = "") -> Path:
     return ledger.with_name(f"{ledger.name}.{kind}-{stamp}-{os.getpid()}{suffix}")
 
 
-def spill(records: Sequence[UsageRecord], ledger: Path, config: Path, now: datetime
-          ) -> Path | None:
+def spill(records: Sequence[UsageRecord], ledger: Path, config: Path, now: datetime) -> Path | None:
     """Save records the ledger could not take, and say where and how to put them back.
 
     Returns the spill file, or None when it could not be written and the records went to the
@@ -65,15 +64,28 @@ def spill(records: Sequence[UsageRecord], ledger: Path, config: Path, now: datet
     except OSError as exc:
         for line in lines:
             log.error("%s%s", LOG_MARKER, line)
-        log.error("%d usage record(s) could not be written to the ledger %s, nor to %s (%s): "
-                  "they are in this log, one line each (the lines above that end in a record's "
-                  "JSON). Put them back once the ledger can be written: python -m proxy "
-                  "ledger-replay --config %s LOGFILE", len(records), ledger, target, exc, config)
+        log.error(
+            "%d usage record(s) could not be written to the ledger %s, nor to %s (%s): "
+            "they are in this log, one line each (the lines above that end in a record's "
+            "JSON). Put them back once the ledger can be written: python -m proxy "
+            "ledger-replay --config %s LOGFILE",
+            len(records),
+            ledger,
+            target,
+            exc,
+            config,
+        )
         return None
-    log.error("%d usage record(s) could not be written to the ledger %s: they are saved in %s "
-              "(one JSON line each). Put them back once the ledger can be written: "
-              "python -m proxy ledger-replay --config %s %s",
-              len(records), ledger, target, config, target)
+    log.error(
+        "%d usage record(s) could not be written to the ledger %s: they are saved in %s "
+        "(one JSON line each). Put them back once the ledger can be written: "
+        "python -m proxy ledger-replay --config %s %s",
+        len(records),
+        ledger,
+        target,
+        config,
+        target,
+    )
     return target
 
 
@@ -106,7 +118,7 @@ def read_records(path: Path) -> list[UsageRecord]:
                 text = line.decode("utf-8").strip()
                 marker = text.find(LOG_MARKER + "{")
                 if marker >= 0:
-                    text = text[marker + len(LOG_MARKER):]
+                    text = text[marker + len(LOG_MARKER) :]
                 elif not text.startswith("{"):
                     continue  # a log line about something else
                 records.append(UsageRecord.from_json(json.loads(text)))
@@ -132,19 +144,24 @@ def replay(ledger: Path, timezone: ZoneInfo, records: Sequence[UsageRecord]) -> 
     """
     finals: dict[str, UsageRecord] = {}
     for record in sorted(records, key=lambda r: r.outcome != "in_flight"):  # finals win
-        finals[record.request_id] = (dataclasses.replace(
-            record, outcome="interrupted", unpriced_reason=INTERRUPTED)
-            if record.outcome == "in_flight" else record)
+        finals[record.request_id] = (
+            dataclasses.replace(record, outcome="interrupted", unpriced_reason=INTERRUPTED)
+            if record.outcome == "in_flight"
+            else record
+        )
     with contextlib.closing(connect(ledger)) as reader:
         present = settled_ids(reader, list(finals))
         # A call that never ended is settled by any final row, recovery's included.
-        present |= settled_ids(reader, [i for i, r in finals.items() if i not in present
-                                        and r.outcome == "interrupted"], interrupted=True)
+        present |= settled_ids(
+            reader,
+            [i for i, r in finals.items() if i not in present and r.outcome == "interrupted"],
+            interrupted=True,
+        )
     store = SQLiteLedger(ledger, timezone, recover=False)  # never end a running proxy's calls
     try:
         batch = [record for request_id, record in finals.items() if request_id not in present]
         for start in range(0, len(batch), REPLAY_BATCH):
-            store.write([], batch[start:start + REPLAY_BATCH])
+            store.write([], batch[start : start + REPLAY_BATCH])
     finally:
         store.close()
     return Replayed(written=len(finals) - len(present), present=len(present))

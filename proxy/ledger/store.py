@@ -137,9 +137,11 @@ ledger is new, which ``executescript`` would commit)."""
 
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     # 1 -> 2: holds and in-flight rows carry their owner, whose death releases them.
-    1: ("ALTER TABLE usage ADD COLUMN owner TEXT",
+    1: (
+        "ALTER TABLE usage ADD COLUMN owner TEXT",
         "ALTER TABLE budget_holds ADD COLUMN owner TEXT",
-        _IN_FLIGHT_INDEX),
+        _IN_FLIGHT_INDEX,
+    ),
 }
 """Version -> the statements that bring a ledger of that version to the next one."""
 
@@ -148,9 +150,11 @@ class SchemaTooNew(Exception):
     """The ledger was written by a newer proxy, with a schema this code does not know."""
 
     def __init__(self, path: Path, found: int) -> None:
-        super().__init__(f"{path} has ledger schema version {found}, newer than this proxy "
-                         f"knows ({SCHEMA_VERSION}): run the proxy version that wrote it, or a "
-                         "newer one")
+        super().__init__(
+            f"{path} has ledger schema version {found}, newer than this proxy "
+            f"knows ({SCHEMA_VERSION}): run the proxy version that wrote it, or a "
+            "newer one"
+        )
 
 
 def migrate(conn: sqlite3.Connection, path: Path) -> None:
@@ -169,14 +173,16 @@ def migrate(conn: sqlite3.Connection, path: Path) -> None:
         for version in range(found, SCHEMA_VERSION):
             for statement in _MIGRATIONS[version]:
                 conn.execute(statement)
-        conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
-                     (str(SCHEMA_VERSION),))
+        conn.execute(
+            "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+        )
 
 
 _INTERRUPT = (
     "UPDATE usage SET state = 'final', outcome = 'interrupted', "
     "unpriced_reason = 'the proxy process stopped before the call ended; usage unknown' "
-    "WHERE state = 'in_flight' AND (?1 IS NULL OR owner = ?1)")
+    "WHERE state = 'in_flight' AND (?1 IS NULL OR owner = ?1)"
+)
 _DROP_HOLDS = "DELETE FROM budget_holds WHERE ?1 IS NULL OR owner = ?1"
 
 
@@ -196,28 +202,60 @@ def release_owner(conn: sqlite3.Connection, owner: str | None) -> tuple[int, int
     return calls, holds
 
 
-_COLUMNS = ("request_id", "state", "team", "key_id", "endpoint", "stream", "model_requested",
-            "model_served", "started_at", "billing_day", "first_byte_at", "ended_at",
-            "cache_hit_tokens", "cache_miss_tokens", "output_tokens", "reasoning_tokens",
-            "prompt_tokens", "tool_calls", "upstream_status", "upstream_trace_id", "outcome",
-            "usage_source", "priced", "unpriced_reason", "billed_model", "price_version",
-            "schedule_version", "tier", "priced_at", "price_book", "flags", "owner")
+_COLUMNS = (
+    "request_id",
+    "state",
+    "team",
+    "key_id",
+    "endpoint",
+    "stream",
+    "model_requested",
+    "model_served",
+    "started_at",
+    "billing_day",
+    "first_byte_at",
+    "ended_at",
+    "cache_hit_tokens",
+    "cache_miss_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "prompt_tokens",
+    "tool_calls",
+    "upstream_status",
+    "upstream_trace_id",
+    "outcome",
+    "usage_source",
+    "priced",
+    "unpriced_reason",
+    "billed_model",
+    "price_version",
+    "schedule_version",
+    "tier",
+    "priced_at",
+    "price_book",
+    "flags",
+    "owner",
+)
 # Built from the constant column names above, never from input; values are parameters.
 _INSERT_USAGE = f"INSERT INTO usage ({', '.join(_COLUMNS)}) VALUES "  # noqa: S608
-_ON_CONFLICT_USAGE = "".join((
-    " ON CONFLICT (request_id) DO UPDATE SET ",
-    ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS[1:]),
-    # A final record replaces an in-flight row, or a row that recovery ended as `interrupted`
-    # with unknown usage (the call's real record, spilled and replayed after a restart).
-    " WHERE excluded.state = 'final' AND (usage.state = 'in_flight'",
-    " OR (usage.outcome = 'interrupted' AND usage.usage_source = 'unknown'))"))
+_ON_CONFLICT_USAGE = "".join(
+    (
+        " ON CONFLICT (request_id) DO UPDATE SET ",
+        ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS[1:]),
+        # A final record replaces an in-flight row, or a row that recovery ended as `interrupted`
+        # with unknown usage (the call's real record, spilled and replayed after a restart).
+        " WHERE excluded.state = 'final' AND (usage.state = 'in_flight'",
+        " OR (usage.outcome = 'interrupted' AND usage.usage_source = 'unknown'))",
+    )
+)
 _INSERT_COST = "INSERT OR REPLACE INTO usage_cost VALUES "
 MAX_ROWS_PER_STATEMENT = 64
 """Rows per multi-row INSERT (32 columns x 64 = 2,048 parameters, far below SQLite's 32,766)."""
 
 
-def insert_rows(conn: sqlite3.Connection, head: str, rows: Sequence[tuple[Any, ...]],
-                tail: str = "") -> None:
+def insert_rows(
+    conn: sqlite3.Connection, head: str, rows: Sequence[tuple[Any, ...]], tail: str = ""
+) -> None:
     """``head VALUES (...), (...) tail`` for many rows in a few statements.
 
     Why not ``executemany``: Python's sqlite3 releases the interpreter lock around every
@@ -230,7 +268,7 @@ def insert_rows(conn: sqlite3.Connection, head: str, rows: Sequence[tuple[Any, .
         return
     one = "(" + ", ".join("?" * len(rows[0])) + ")"
     for start, size in statement_sizes(len(rows)):
-        params = [value for row in rows[start:start + size] for value in row]
+        params = [value for row in rows[start : start + size] for value in row]
         conn.execute(head + ", ".join([one] * size) + tail, params)
 
 
@@ -245,8 +283,9 @@ def statement_sizes(count: int) -> Iterator[tuple[int, int]]:
         start += size
 
 
-def settled_ids(conn: sqlite3.Connection, request_ids: list[str], *,
-                interrupted: bool = False) -> set[str]:
+def settled_ids(
+    conn: sqlite3.Connection, request_ids: list[str], *, interrupted: bool = False
+) -> set[str]:
     """Which of these requests have their real final row already (a record written twice is
     not written again). A row that recovery ended as ``interrupted`` with unknown usage is
     not settled (the call's own record, spilled when the ledger could not take it, replaces
@@ -254,13 +293,24 @@ def settled_ids(conn: sqlite3.Connection, request_ids: list[str], *,
     found: set[str] = set()
     for start, size in statement_sizes(len(request_ids)):
         marks = ", ".join("?" * size)
-        ids = request_ids[start:start + size]
-        found.update(r for (r,) in (conn.execute(
-            f"SELECT request_id FROM usage WHERE state = 'final' "  # noqa: S608
-            f"AND request_id IN ({marks})", ids) if interrupted else conn.execute(
-            f"SELECT request_id FROM usage WHERE state = 'final' "  # noqa: S608
-            f"AND NOT (outcome = 'interrupted' AND usage_source = 'unknown') "
-            f"AND request_id IN ({marks})", ids)))
+        ids = request_ids[start : start + size]
+        found.update(
+            r
+            for (r,) in (
+                conn.execute(
+                    f"SELECT request_id FROM usage WHERE state = 'final' "  # noqa: S608
+                    f"AND request_id IN ({marks})",
+                    ids,
+                )
+                if interrupted
+                else conn.execute(
+                    f"SELECT request_id FROM usage WHERE state = 'final' "  # noqa: S608
+                    f"AND NOT (outcome = 'interrupted' AND usage_source = 'unknown') "
+                    f"AND request_id IN ({marks})",
+                    ids,
+                )
+            )
+        )
     return found
 
 
@@ -325,8 +375,13 @@ def iso(instant: datetime | None) -> str | None:
     cached, text = _SECOND_TEXT.last
     if second != cached:
         text = "%04d-%02d-%02dT%02d:%02d:%02d" % (  # noqa: UP031
-            instant.year, instant.month, instant.day, instant.hour, instant.minute,
-            instant.second)
+            instant.year,
+            instant.month,
+            instant.day,
+            instant.hour,
+            instant.minute,
+            instant.second,
+        )
         _SECOND_TEXT.last = (second, text)
     micros = instant.microsecond
     return text + "." + _THREE_DIGITS[micros // 1000] + _THREE_DIGITS[micros % 1000] + "Z"
@@ -345,15 +400,17 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def add_spend(conn: sqlite3.Connection, team: str, day: str, currency: str,
-              delta: Decimal) -> None:
+def add_spend(conn: sqlite3.Connection, team: str, day: str, currency: str, delta: Decimal) -> None:
     """Adjust a daily spend sum exactly (the caller holds the transaction)."""
     row = conn.execute(
         "SELECT amount FROM spend_daily WHERE team = ? AND day = ? AND currency = ?",
-        (team, day, currency)).fetchone()
+        (team, day, currency),
+    ).fetchone()
     total = Decimal(row[0]) + delta if row else delta
-    conn.execute("INSERT OR REPLACE INTO spend_daily VALUES (?, ?, ?, ?)",
-                 (team, day, currency, money(total)))
+    conn.execute(
+        "INSERT OR REPLACE INTO spend_daily VALUES (?, ?, ?, ?)",
+        (team, day, currency, money(total)),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,8 +445,14 @@ class LedgerStore(Protocol):
 class SQLiteLedger:
     """The embedded ledger. One writer (the `LedgerWriter` thread); readers open their own."""
 
-    def __init__(self, path: Path, billing_timezone: ZoneInfo, *, recover: bool = True,
-                 owner: str | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        billing_timezone: ZoneInfo,
+        *,
+        recover: bool = True,
+        owner: str | None = None,
+    ) -> None:
         """Open (creating or migrating if needed) the ledger; `SchemaTooNew` if a newer proxy
         wrote it. `recover` ends rows left in flight and drops budget holds: only for the one
         process that starts first, never for a worker that joins running siblings (it would
@@ -415,19 +478,21 @@ class SQLiteLedger:
         with self._transaction():
             if meta.get("billing_timezone") not in (None, tz):
                 self._rebuild_billing_days()
-            self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('billing_timezone', ?)",
-                               (tz,))
+            self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('billing_timezone', ?)", (tz,))
 
     def _rebuild_billing_days(self) -> None:
         """The billing timezone changed: re-derive every row's billing day and the daily sums."""
         rows = self._conn.execute("SELECT request_id, started_at FROM usage").fetchall()
-        self._conn.executemany("UPDATE usage SET billing_day = ? WHERE request_id = ?",
-                               [(self._day(datetime.fromisoformat(s)), r) for r, s in rows])
+        self._conn.executemany(
+            "UPDATE usage SET billing_day = ? WHERE request_id = ?",
+            [(self._day(datetime.fromisoformat(s)), r) for r, s in rows],
+        )
         self._conn.execute("DELETE FROM spend_daily")
         self._conn.execute(
             "INSERT INTO spend_daily SELECT u.team, u.billing_day, c.currency, "
             "decimal_sum(c.amount) FROM usage u JOIN usage_cost c USING (request_id) "
-            "GROUP BY u.team, u.billing_day, c.currency")
+            "GROUP BY u.team, u.billing_day, c.currency"
+        )
 
     def _recover(self) -> int:
         """Rows still in flight when the ledger opens belong to a proxy that died mid-call."""
@@ -444,20 +509,43 @@ class SQLiteLedger:
         started, ended = iso(record.started_at), iso(record.ended_at)
         priced_at = record.priced_at
         return (
-            record.request_id, state, record.team, record.key_id, record.endpoint,
-            int(record.stream), record.model_requested, record.model_served, started, day,
-            iso(record.first_byte_at), ended, record.cache_hit_tokens,
-            record.cache_miss_tokens, record.output_tokens, record.reasoning_tokens,
+            record.request_id,
+            state,
+            record.team,
+            record.key_id,
+            record.endpoint,
+            int(record.stream),
+            record.model_requested,
+            record.model_served,
+            started,
+            day,
+            iso(record.first_byte_at),
+            ended,
+            record.cache_hit_tokens,
+            record.cache_miss_tokens,
+            record.output_tokens,
+            record.reasoning_tokens,
             record.prompt_tokens,
             json.dumps(dict(record.tool_calls), sort_keys=True) if record.tool_calls else "{}",
             record.upstream_status,
-            record.upstream_trace_id, record.outcome, record.usage_source, int(record.priced),
-            record.unpriced_reason, record.billed_model, record.price_version,
-            record.schedule_version, record.tier,
-            started if priced_at is record.started_at else ended
-            if priced_at is record.ended_at else iso(priced_at),
-            record.price_book, json.dumps(list(record.flags)) if record.flags else "[]",
-            self._owner)
+            record.upstream_trace_id,
+            record.outcome,
+            record.usage_source,
+            int(record.priced),
+            record.unpriced_reason,
+            record.billed_model,
+            record.price_version,
+            record.schedule_version,
+            record.tier,
+            started
+            if priced_at is record.started_at
+            else ended
+            if priced_at is record.ended_at
+            else iso(priced_at),
+            record.price_book,
+            json.dumps(list(record.flags)) if record.flags else "[]",
+            self._owner,
+        )
 
     def write(self, pending: Sequence[UsageRecord], final: Sequence[UsageRecord]) -> None:
         """Store a batch in one transaction. Idempotent: a final row is never written twice.
@@ -469,9 +557,12 @@ class SQLiteLedger:
         conn = self._conn
         with self._transaction():
             if pending:
-                insert_rows(conn, _INSERT_USAGE, [
-                    self._row(r, "in_flight", self._day(r.started_at)) for r in pending],
-                    _ON_CONFLICT_USAGE)
+                insert_rows(
+                    conn,
+                    _INSERT_USAGE,
+                    [self._row(r, "in_flight", self._day(r.started_at)) for r in pending],
+                    _ON_CONFLICT_USAGE,
+                )
             if not final:
                 return
             done = self._already_final([r.request_id for r in final])
@@ -493,8 +584,10 @@ class SQLiteLedger:
             for (team, day, currency), delta in spend.items():
                 add_spend(conn, team, day, currency, delta)
             if conn.execute("SELECT EXISTS (SELECT 1 FROM budget_holds)").fetchone()[0]:
-                conn.executemany("DELETE FROM budget_holds WHERE request_id = ?",
-                                 [(record.request_id,) for record in final])
+                conn.executemany(
+                    "DELETE FROM budget_holds WHERE request_id = ?",
+                    [(record.request_id,) for record in final],
+                )
 
     def _already_final(self, request_ids: list[str]) -> set[str]:
         return settled_ids(self._conn, request_ids)
@@ -503,7 +596,8 @@ class SQLiteLedger:
         """Daily spend rows with ``since <= day <= until`` (billing days)."""
         rows = self._reader.execute(
             "SELECT team, day, currency, amount FROM spend_daily WHERE day BETWEEN ? AND ?",
-            (since.isoformat(), until.isoformat())).fetchall()
+            (since.isoformat(), until.isoformat()),
+        ).fetchall()
         return [SpendRow(t, date.fromisoformat(d), c, Decimal(a)) for t, d, c, a in rows]
 
     def moved(self) -> bool:

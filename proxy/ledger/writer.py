@@ -102,8 +102,12 @@ class LedgerWriter:
     """A bounded deque in front of a `LedgerStore`, drained by one writer thread; also the
     ledger's `proxy.records.LedgerHealth`."""
 
-    def __init__(self, store: LedgerStore, flush_interval: float = DEFAULT_FLUSH_INTERVAL,
-                 max_queued_records: int = DEFAULT_MAX_QUEUED_RECORDS) -> None:
+    def __init__(
+        self,
+        store: LedgerStore,
+        flush_interval: float = DEFAULT_FLUSH_INTERVAL,
+        max_queued_records: int = DEFAULT_MAX_QUEUED_RECORDS,
+    ) -> None:
         self.store = store
         self.flush_interval = flush_interval
         self.max_queued_records = max_queued_records
@@ -152,8 +156,13 @@ class LedgerWriter:
         return len(self._items) + self._held < self.max_queued_records
 
     def status(self) -> LedgerStatus:
-        return LedgerStatus(self._committing, len(self._items) + self._held,
-                            self.max_queued_records, self._write_errors, self._last_commit)
+        return LedgerStatus(
+            self._committing,
+            len(self._items) + self._held,
+            self.max_queued_records,
+            self._write_errors,
+            self._last_commit,
+        )
 
     def flush(self, timeout: float | None = None) -> bool:
         """Block until everything queued so far is committed (tests, scrapes, shutdown)."""
@@ -188,8 +197,9 @@ class LedgerWriter:
         self._thread.join(STOP_GRACE)  # it stops at once, unless inside a write
         if left:
             why = "its file is gone" if self._detached else f"waited {timeout} s"
-            log.error("the ledger could not commit %d record(s) (%s); giving up on them",
-                      len(left), why)
+            log.error(
+                "the ledger could not commit %d record(s) (%s); giving up on them", len(left), why
+            )
         if self._thread.is_alive():  # a write that has not returned (a locked database)
             log.error("the ledger writer is still inside a write; leaving it")
             return left
@@ -275,34 +285,46 @@ class LedgerWriter:
             self._committing = False
             self._failing_since = now
             self._remind_at = now + REMINDER_INTERVAL
-            log.error("the ledger cannot commit (%s): %d record(s) wait in memory, at most %d "
-                      "before every call is refused; calls of teams with hard budgets are "
-                      "refused until a write succeeds; retrying", exc, self._held,
-                      self.max_queued_records, exc_info=exc)
+            log.error(
+                "the ledger cannot commit (%s): %d record(s) wait in memory, at most %d "
+                "before every call is refused; calls of teams with hard budgets are "
+                "refused until a write succeeds; retrying",
+                exc,
+                self._held,
+                self.max_queued_records,
+                exc_info=exc,
+            )
         elif now >= self._remind_at:
             self._remind_at = now + REMINDER_INTERVAL
-            log.error("the ledger still cannot commit after %.0f s (%s): %d record(s) wait in "
-                      "memory", now - self._failing_since, exc, self._held)
+            log.error(
+                "the ledger still cannot commit after %.0f s (%s): %d record(s) wait in memory",
+                now - self._failing_since,
+                exc,
+                self._held,
+            )
 
     def _succeeded(self) -> None:
         self._last_commit = time.time()
         self._retry_delay = FIRST_RETRY_DELAY
         if not self._committing:
             self._committing = True
-            log.warning("the ledger commits again, after %.1f s of failed writes",
-                        time.monotonic() - self._failing_since)
+            log.warning(
+                "the ledger commits again, after %.1f s of failed writes",
+                time.monotonic() - self._failing_since,
+            )
 
     def _note_room(self) -> None:
         full = self._held >= self.max_queued_records
         if full != self._full:
             self._full = full
             if full:
-                log.error("%d record(s) wait for the ledger, its bound (ledger."
-                          "max_queued_records): every call is refused until it commits",
-                          self._held)
+                log.error(
+                    "%d record(s) wait for the ledger, its bound (ledger."
+                    "max_queued_records): every call is refused until it commits",
+                    self._held,
+                )
             else:
-                log.warning("the ledger's queue has room again (%d record(s) waiting)",
-                            self._held)
+                log.warning("the ledger's queue has room again (%d record(s) waiting)", self._held)
 
     def _watch_file(self, now: float) -> None:
         self._check_at = now + FILE_CHECK_INTERVAL
@@ -310,13 +332,17 @@ class LedgerWriter:
             self._detached = True
             self._committing = False
             self._copy_at = now
-            log.error("the ledger file %s was deleted or replaced while the proxy was "
-                      "running: nothing more is written to it (rows written to a deleted file "
-                      "vanish with the process), and calls of teams with hard budgets are "
-                      "refused. Records wait in memory (%d now, at most %d) and are saved "
-                      "beside the ledger when the proxy stops; restarting it opens a ledger "
-                      "at the path again", self.store.path, self._held,
-                      self.max_queued_records)
+            log.error(
+                "the ledger file %s was deleted or replaced while the proxy was "
+                "running: nothing more is written to it (rows written to a deleted file "
+                "vanish with the process), and calls of teams with hard budgets are "
+                "refused. Records wait in memory (%d now, at most %d) and are saved "
+                "beside the ledger when the proxy stops; restarting it opens a ledger "
+                "at the path again",
+                self.store.path,
+                self._held,
+                self.max_queued_records,
+            )
         if self._copy_at is not None and now >= self._copy_at:
             self._save_copy(now)
 
@@ -328,17 +354,27 @@ class LedgerWriter:
             self.store.save_copy(target)
         except Exception as exc:  # a full disk, most likely: try again, less and less often
             self._copy_at = now + self._copy_delay
-            log.error("could not save a copy of the deleted ledger to %s (%s); trying again in "
-                      "%.0f s. Until a copy is saved its rows exist only in the deleted file "
-                      "this process holds open: make room before stopping the proxy", target,
-                      exc, self._copy_delay)
+            log.error(
+                "could not save a copy of the deleted ledger to %s (%s); trying again in "
+                "%.0f s. Until a copy is saved its rows exist only in the deleted file "
+                "this process holds open: make room before stopping the proxy",
+                target,
+                exc,
+                self._copy_delay,
+            )
             self._copy_delay = min(self._copy_delay * 2, MAX_COPY_RETRY_DELAY)
             return
         self._copy_at = None
-        log.error("saved the deleted ledger, as this process still saw it, to %s. To restore "
-                  "it: stop the proxy (it saves the records it could not write beside the "
-                  "ledger and names the file); move %s-wal and %s-shm aside if they are there "
-                  "(what they hold is in the copy); move %s to %s; start the proxy; then put "
-                  "the saved records back with python -m proxy ledger-replay. With several "
-                  "workers each saves a copy: use the newest", target, path, path, target,
-                  path)
+        log.error(
+            "saved the deleted ledger, as this process still saw it, to %s. To restore "
+            "it: stop the proxy (it saves the records it could not write beside the "
+            "ledger and names the file); move %s-wal and %s-shm aside if they are there "
+            "(what they hold is in the copy); move %s to %s; start the proxy; then put "
+            "the saved records back with python -m proxy ledger-replay. With several "
+            "workers each saves a copy: use the newest",
+            target,
+            path,
+            path,
+            target,
+            path,
+        )

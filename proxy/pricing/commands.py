@@ -30,8 +30,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     sub = prices.add_subparsers(dest="prices_command", required=True, metavar="COMMAND")
 
     check = sub.add_parser("check", help="validate price-book files (exit 1 on any problem)")
-    check.add_argument("files", nargs="*", type=Path, metavar="FILE",
-                       help=f"files or directories (default: {DEFAULT_BOOK}/*.yaml)")
+    check.add_argument(
+        "files",
+        nargs="*",
+        type=Path,
+        metavar="FILE",
+        help=f"files or directories (default: {DEFAULT_BOOK}/*.yaml)",
+    )
     check.set_defaults(handler=_check)
 
     quote = sub.add_parser("quote", help="price one call at an instant")
@@ -41,10 +46,18 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     quote.add_argument("--hit", type=_count, default=0, help="cache-hit input tokens")
     quote.add_argument("--miss", type=_count, default=0, help="cache-miss input tokens")
     quote.add_argument("--output", type=_count, default=0, help="output tokens (incl. reasoning)")
-    quote.add_argument("--reasoning", type=_count, default=0,
-                       help="reasoning tokens (already inside --output; never billed twice)")
-    quote.add_argument("--tool-calls", type=_tool_calls, default={},
-                       help="server tool calls, e.g. search=3,fetch=1")
+    quote.add_argument(
+        "--reasoning",
+        type=_count,
+        default=0,
+        help="reasoning tokens (already inside --output; never billed twice)",
+    )
+    quote.add_argument(
+        "--tool-calls",
+        type=_tool_calls,
+        default={},
+        help="server tool calls, e.g. search=3,fetch=1",
+    )
     quote.add_argument("--currency", help="one currency (default: all in the book)")
     quote.add_argument("--format", choices=("text", "json"), default="text")
     quote.set_defaults(handler=_quote)
@@ -57,8 +70,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def _book_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--book", action="append", type=Path, metavar="PATH",
-                        help=f"price-book file or directory, repeatable (default: {DEFAULT_BOOK})")
+    parser.add_argument(
+        "--book",
+        action="append",
+        type=Path,
+        metavar="PATH",
+        help=f"price-book file or directory, repeatable (default: {DEFAULT_BOOK})",
+    )
 
 
 def _instant(text: str) -> datetime:
@@ -68,7 +86,8 @@ def _instant(text: str) -> datetime:
         raise argparse.ArgumentTypeError(f"not an ISO 8601 instant: {text!r}") from None
     if instant.tzinfo is None:
         raise argparse.ArgumentTypeError(
-            f"{text!r} has no timezone offset; add Z (UTC) or e.g. +08:00 (Beijing)")
+            f"{text!r} has no timezone offset; add Z (UTC) or e.g. +08:00 (Beijing)"
+        )
     return instant
 
 
@@ -109,8 +128,10 @@ def _currencies(book: PriceBook, asked: str | None) -> list[str] | None:
     if asked is None:
         return list(book.currencies)
     if asked.upper() not in book.currencies:
-        print(f"unknown currency {asked!r}; the book has {', '.join(book.currencies)}",
-              file=sys.stderr)
+        print(
+            f"unknown currency {asked!r}; the book has {', '.join(book.currencies)}",
+            file=sys.stderr,
+        )
         return None
     return [asked.upper()]
 
@@ -121,9 +142,11 @@ def _check(args: argparse.Namespace) -> int:
     if book is None:
         return EXIT_BOOK_PROBLEMS
     eras = sum(len(t) for t in book.models.values())
-    print(f"ok: {len(files)} file(s), {len(book.models)} models, {eras} dated entries, "
-          f"{len(book.schedules)} schedules, {len(book.calendars)} calendars, "
-          f"{len(book.tool_fees)} tool fees")
+    print(
+        f"ok: {len(files)} file(s), {len(book.models)} models, {eras} dated entries, "
+        f"{len(book.schedules)} schedules, {len(book.calendars)} calendars, "
+        f"{len(book.tool_fees)} tool fees"
+    )
     return 0
 
 

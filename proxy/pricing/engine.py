@@ -118,8 +118,7 @@ def resolve(book: PriceBook, model: str, at_micros: int) -> Resolution | str:
         index = bisect_right(starts, at_micros) - 1
         eras = book.models[name]
         if index < 0:
-            return _via(chain, f"model {name!r} has no price before "
-                               f"{_iso(eras[0].effective)}")
+            return _via(chain, f"model {name!r} has no price before {_iso(eras[0].effective)}")
         era = eras[index]
         if isinstance(era, PriceVersion):
             return Resolution(era, tuple(chain))
@@ -209,10 +208,16 @@ class _Context:
 
 def _per_token(version: PriceVersion, tier: str) -> tuple[_PerToken, ...]:
     return tuple(
-        _PerToken(currency, rates.cache_hit.scaleb(-6), rates.cache_miss.scaleb(-6),
-                  rates.output.scaleb(-6), (rates.cache_miss - rates.cache_hit).scaleb(-6),
-                  version.provenance.for_currency(currency))
-        for currency, rates in version.tiers[tier].items())
+        _PerToken(
+            currency,
+            rates.cache_hit.scaleb(-6),
+            rates.cache_miss.scaleb(-6),
+            rates.output.scaleb(-6),
+            (rates.cache_miss - rates.cache_hit).scaleb(-6),
+            version.provenance.for_currency(currency),
+        )
+        for currency, rates in version.tiers[tier].items()
+    )
 
 
 _MINUTE = 60_000_000
@@ -252,8 +257,9 @@ def _uniform(book: PriceBook, minute: int, rule: ScheduleVersion | None) -> bool
         return True
     first = rule.timezone.utcoffset(_EPOCH + timedelta(microseconds=start))
     last = rule.timezone.utcoffset(_EPOCH + timedelta(microseconds=end - 1))
-    return first == last and first is not None and first.microseconds == 0 \
-        and first.seconds % 60 == 0
+    return (
+        first == last and first is not None and first.microseconds == 0 and first.seconds % 60 == 0
+    )
 
 
 def _look_up(book: PriceBook, model: str, at_micros: int, at: datetime) -> _Context:
@@ -266,8 +272,13 @@ def _look_up(book: PriceBook, model: str, at_micros: int, at: datetime) -> _Cont
     rule = schedule_version_at(book, version.schedule, at_micros)
     if rule is None:
         at_utc = _EPOCH + timedelta(microseconds=at_micros)
-        return _Context(resolution, f"schedule {version.schedule!r} has no rule in force at "
-                                    f"{_iso(at_utc)}", None, FLAT_TIER, ())
+        return _Context(
+            resolution,
+            f"schedule {version.schedule!r} has no rule in force at {_iso(at_utc)}",
+            None,
+            FLAT_TIER,
+            (),
+        )
     tier, flags = tier_at(book, rule, at)
     return _Context(resolution, None, rule, tier, flags, _per_token(version, tier))
 
@@ -279,12 +290,24 @@ def price(book: PriceBook, model: str, usage: TokenUsage, at: datetime) -> Prici
     context = _context(book, model, at_micros, at)
     resolution = context.resolution
     if resolution is None:
-        return Pricing(model, at_utc, False, context.reason, None, None, None, None,
-                       _NO_COSTS, (), None)
+        return Pricing(
+            model, at_utc, False, context.reason, None, None, None, None, _NO_COSTS, (), None
+        )
     version = resolution.version
     if context.reason is not None:
-        return Pricing(model, at_utc, False, context.reason, resolution.chain[-1], version.id,
-                       None, None, _NO_COSTS, (), version.provenance.source)
+        return Pricing(
+            model,
+            at_utc,
+            False,
+            context.reason,
+            resolution.chain[-1],
+            version.id,
+            None,
+            None,
+            _NO_COSTS,
+            (),
+            version.provenance.source,
+        )
     flags = context.flags
     if usage.reasoning > usage.output:
         flags = (*flags, FLAG_REASONING_EXCEEDS_OUTPUT)
@@ -300,16 +323,34 @@ def price(book: PriceBook, model: str, usage: TokenUsage, at: datetime) -> Prici
         miss = rates.cache_miss * miss_tokens
         out = rates.output * output_tokens
         tools = tool_fees.get(rates.currency, _ZERO)
-        costs[rates.currency] = Cost(rates.currency, hit, miss, out, tools,
-                                     hit + miss + out + tools, rates.confidence,
-                                     rates.saving * hit_tokens)
-    return Pricing(model, at_utc, True, None, resolution.chain[-1], version.id,
-                   context.rule.id if context.rule is not None else None, context.tier,
-                   MappingProxyType(costs), flags, version.provenance.source)
+        costs[rates.currency] = Cost(
+            rates.currency,
+            hit,
+            miss,
+            out,
+            tools,
+            hit + miss + out + tools,
+            rates.confidence,
+            rates.saving * hit_tokens,
+        )
+    return Pricing(
+        model,
+        at_utc,
+        True,
+        None,
+        resolution.chain[-1],
+        version.id,
+        context.rule.id if context.rule is not None else None,
+        context.tier,
+        MappingProxyType(costs),
+        flags,
+        version.provenance.source,
+    )
 
 
-def _tool_fees(book: PriceBook, usage: TokenUsage, at_micros: int,
-               flags: list[str]) -> dict[str, Decimal]:
+def _tool_fees(
+    book: PriceBook, usage: TokenUsage, at_micros: int, flags: list[str]
+) -> dict[str, Decimal]:
     """Per-currency fees for server-side tool calls; calls before a tool's first fee are free,
     as DeepSeek did not bill them then."""
     totals: dict[str, Decimal] = {}

@@ -104,8 +104,9 @@ class Reader:
             return None
         return TokenRates(cache_hit=hit, cache_miss=miss, output=out)
 
-    def confidence(self, value: Any, entry: str, currencies: tuple[str, ...]
-                   ) -> tuple[Confidence, Mapping[str, Confidence] | None] | None:
+    def confidence(
+        self, value: Any, entry: str, currencies: tuple[str, ...]
+    ) -> tuple[Confidence, Mapping[str, Confidence] | None] | None:
         """A mark, or one mark per currency; the overall mark is then the weakest of them."""
         if isinstance(value, Mapping):
             marks: dict[str, Confidence] = {}
@@ -131,8 +132,9 @@ class Reader:
             self.fail(entry, f"confidence must be one of {choices}, got {value!r}")
             return None
 
-    def provenance(self, raw: Mapping[str, Any], entry: str, currencies: tuple[str, ...] = ()
-                   ) -> Provenance | None:
+    def provenance(
+        self, raw: Mapping[str, Any], entry: str, currencies: tuple[str, ...] = ()
+    ) -> Provenance | None:
         """`source` (a URL), `confidence` and an optional `note`, required on every entry."""
         source = raw.get("source")
         if not isinstance(source, str) or not _URL.match(source.strip()):

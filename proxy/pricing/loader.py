@@ -90,16 +90,22 @@ def _read_file(reader: Reader, document: Any, parts: _Parts) -> None:
     if not reader.mapping(document, "(file)", _TOP_KEYS, {"currencies"}):
         return
     currencies = document["currencies"]
-    if (not isinstance(currencies, list) or not currencies
-            or not all(isinstance(c, str) and c.isalpha() and c.isupper() for c in currencies)):
+    if (
+        not isinstance(currencies, list)
+        or not currencies
+        or not all(isinstance(c, str) and c.isalpha() and c.isupper() for c in currencies)
+    ):
         reader.fail("currencies", "expected a list of currency codes such as [CNY, USD]")
         return
     codes = tuple(currencies)
     if parts.currencies is None:
         parts.currencies = codes
     elif set(parts.currencies) != set(codes):
-        reader.fail("currencies", f"{list(codes)} differs from the other files' "
-                                  f"{list(parts.currencies)}; every file must price the same ones")
+        reader.fail(
+            "currencies",
+            f"{list(codes)} differs from the other files' "
+            f"{list(parts.currencies)}; every file must price the same ones",
+        )
         return
     for name, raw in _named(reader, document, "calendars"):
         calendar = _read_calendar(reader, name, raw)
@@ -137,8 +143,12 @@ def _versions(reader: Reader, raw: Any, entry: str) -> list[tuple[int, Any]]:
 
 def _read_calendar(reader: Reader, name: str, raw: Any) -> HolidayCalendar | None:
     entry = f"calendars.{name}"
-    if not reader.mapping(raw, entry, {"years", "holidays", "workdays"} | _PROVENANCE,
-                          {"years", "holidays", "source", "confidence"}):
+    if not reader.mapping(
+        raw,
+        entry,
+        {"years", "holidays", "workdays"} | _PROVENANCE,
+        {"years", "holidays", "source", "confidence"},
+    ):
         return None
     years = raw["years"]
     if not isinstance(years, list) or not all(isinstance(y, int) for y in years) or not years:
@@ -157,8 +167,9 @@ def _read_calendar(reader: Reader, name: str, raw: Any) -> HolidayCalendar | Non
     if both:
         reader.fail(entry, f"dates both holiday and workday: {sorted(map(str, both))}")
         return None
-    return HolidayCalendar(name, frozenset(years), frozenset(holidays), frozenset(workdays),
-                           provenance)
+    return HolidayCalendar(
+        name, frozenset(years), frozenset(holidays), frozenset(workdays), provenance
+    )
 
 
 def _read_schedule(reader: Reader, name: str, raw: Any) -> list[tuple[ScheduleVersion, str]]:
@@ -170,8 +181,15 @@ def _read_schedule(reader: Reader, name: str, raw: Any) -> list[tuple[ScheduleVe
     except (ZoneInfoNotFoundError, ValueError):
         reader.fail(f"{entry}.timezone", f"unknown timezone {raw['timezone']!r}")
         return []
-    allowed = {"from", "id", "label", "windows", "otherwise", "holidays",
-               "makeup_workdays"} | _PROVENANCE
+    allowed = {
+        "from",
+        "id",
+        "label",
+        "windows",
+        "otherwise",
+        "holidays",
+        "makeup_workdays",
+    } | _PROVENANCE
     result = []
     for i, item in _versions(reader, raw["versions"], f"{entry}.versions"):
         where = f"{entry}.versions[{i}]"
@@ -183,8 +201,9 @@ def _read_schedule(reader: Reader, name: str, raw: Any) -> list[tuple[ScheduleVe
     return result
 
 
-def _read_schedule_version(reader: Reader, name: str, tz: ZoneInfo, item: Mapping[str, Any],
-                           where: str) -> ScheduleVersion | None:
+def _read_schedule_version(
+    reader: Reader, name: str, tz: ZoneInfo, item: Mapping[str, Any], where: str
+) -> ScheduleVersion | None:
     effective = reader.instant(item["from"], f"{where}.from")
     provenance = reader.provenance(item, where)
     windows = _read_windows(reader, item["windows"], f"{where}.windows")
@@ -209,10 +228,19 @@ def _read_schedule_version(reader: Reader, name: str, tz: ZoneInfo, item: Mappin
     if compiled is None:
         return None
     return ScheduleVersion(
-        id=str(item.get("id") or _utc_id(name, effective)), schedule=name, effective=effective,
-        timezone=tz, windows=tuple(windows), default_tier=default, boundaries=compiled[0],
-        tiers=compiled[1], holiday_calendar=holiday_calendar, holiday_tier=holiday_tier,
-        makeup_workdays_as_weekdays=makeup == "weekday", provenance=provenance)
+        id=str(item.get("id") or _utc_id(name, effective)),
+        schedule=name,
+        effective=effective,
+        timezone=tz,
+        windows=tuple(windows),
+        default_tier=default,
+        boundaries=compiled[0],
+        tiers=compiled[1],
+        holiday_calendar=holiday_calendar,
+        holiday_tier=holiday_tier,
+        makeup_workdays_as_weekdays=makeup == "weekday",
+        provenance=provenance,
+    )
 
 
 def _read_windows(reader: Reader, raw: Any, entry: str) -> list[Window] | None:
@@ -229,13 +257,17 @@ def _read_windows(reader: Reader, raw: Any, entry: str) -> list[Window] | None:
         hours = reader.hours(item["hours"], f"{where}.hours")
         if tier is None or days is None or hours is None:
             return None
-        windows.extend(Window(tier, day * 1440 + start, day * 1440 + end)
-                       for day in days for start, end in hours)
+        windows.extend(
+            Window(tier, day * 1440 + start, day * 1440 + end)
+            for day in days
+            for start, end in hours
+        )
     return windows
 
 
-def _compile_week(reader: Reader, windows: list[Window], default: str | None, entry: str
-                  ) -> tuple[tuple[int, ...], tuple[str, ...]] | None:
+def _compile_week(
+    reader: Reader, windows: list[Window], default: str | None, entry: str
+) -> tuple[tuple[int, ...], tuple[str, ...]] | None:
     """Lay the windows on the 10,080 minutes of a week; overlaps of different tiers and (without
     `otherwise`) uncovered minutes are errors, because either would make a price ambiguous."""
     week: list[str | None] = [None] * _WEEK
@@ -244,8 +276,11 @@ def _compile_week(reader: Reader, windows: list[Window], default: str | None, en
             slot = minute % _WEEK
             current = week[slot]
             if current is not None and current != window.tier:
-                reader.fail(entry, f"tiers {current!r} and {window.tier!r} overlap at "
-                                   f"{format_minute_of_week(slot)}")
+                reader.fail(
+                    entry,
+                    f"tiers {current!r} and {window.tier!r} overlap at "
+                    f"{format_minute_of_week(slot)}",
+                )
                 return None
             week[slot] = window.tier
     gaps = [m for m in range(_WEEK) if week[m] is None]
@@ -254,9 +289,12 @@ def _compile_week(reader: Reader, windows: list[Window], default: str | None, en
         end = start
         while end + 1 < _WEEK and week[end + 1] is None:
             end += 1
-        reader.fail(entry, f"no tier covers {format_minute_of_week(start)}-"
-                           f"{format_minute_of_week(end + 1)} ({len(gaps)} minutes of the week "
-                           "uncovered); add windows or an 'otherwise' tier")
+        reader.fail(
+            entry,
+            f"no tier covers {format_minute_of_week(start)}-"
+            f"{format_minute_of_week(end + 1)} ({len(gaps)} minutes of the week "
+            "uncovered); add windows or an 'otherwise' tier",
+        )
         return None
     filled = [slot if slot is not None else default for slot in week]
     boundaries: list[int] = []
@@ -269,10 +307,19 @@ def _compile_week(reader: Reader, windows: list[Window], default: str | None, en
     return tuple(boundaries), tuple(tiers)
 
 
-def _read_model(reader: Reader, name: str, raw: Any, currencies: tuple[str, ...]
-                ) -> list[tuple[Era, str]]:
-    allowed = {"from", "id", "label", "rates", "schedule", "tiers", "alias",
-               "retired"} | _PROVENANCE
+def _read_model(
+    reader: Reader, name: str, raw: Any, currencies: tuple[str, ...]
+) -> list[tuple[Era, str]]:
+    allowed = {
+        "from",
+        "id",
+        "label",
+        "rates",
+        "schedule",
+        "tiers",
+        "alias",
+        "retired",
+    } | _PROVENANCE
     result: list[tuple[Era, str]] = []
     for i, item in _versions(reader, raw, f"models.{name}"):
         where = f"models.{name}[{i}]"
@@ -280,8 +327,11 @@ def _read_model(reader: Reader, name: str, raw: Any, currencies: tuple[str, ...]
             continue
         kinds = [k for k in ("rates", "tiers", "alias", "retired") if k in item]
         if len(kinds) != 1:
-            reader.fail(where, "needs exactly one of 'rates', 'tiers' (with 'schedule'), "
-                               f"'alias' or 'retired'; found {kinds or 'none'}")
+            reader.fail(
+                where,
+                "needs exactly one of 'rates', 'tiers' (with 'schedule'), "
+                f"'alias' or 'retired'; found {kinds or 'none'}",
+            )
             continue
         era = _read_era(reader, name, item, where, kinds[0], currencies)
         if era is not None:
@@ -289,8 +339,14 @@ def _read_model(reader: Reader, name: str, raw: Any, currencies: tuple[str, ...]
     return result
 
 
-def _read_era(reader: Reader, name: str, item: Mapping[str, Any], where: str, kind: str,
-              currencies: tuple[str, ...]) -> Era | None:
+def _read_era(
+    reader: Reader,
+    name: str,
+    item: Mapping[str, Any],
+    where: str,
+    kind: str,
+    currencies: tuple[str, ...],
+) -> Era | None:
     # Every field is read even after one fails, so a file's defects are all reported at once.
     effective = reader.instant(item["from"], f"{where}.from")
     provenance = reader.provenance(item, where, currencies)
@@ -318,16 +374,18 @@ def _read_era(reader: Reader, name: str, item: Mapping[str, Any], where: str, ki
         return None
     era_id = _era_id(item, name, effective)
     label = str(item.get("label", ""))
-    return PriceVersion(era_id, name, effective, label, schedule,
-                        MappingProxyType(tiers), provenance)
+    return PriceVersion(
+        era_id, name, effective, label, schedule, MappingProxyType(tiers), provenance
+    )
 
 
 def _era_id(item: Mapping[str, Any], name: str, effective: datetime) -> str:
     return str(item.get("id") or _utc_id(name, effective))
 
 
-def _read_card(reader: Reader, raw: Any, entry: str, currencies: tuple[str, ...]
-               ) -> RateCard | None:
+def _read_card(
+    reader: Reader, raw: Any, entry: str, currencies: tuple[str, ...]
+) -> RateCard | None:
     if not reader.mapping(raw, entry, set(currencies), set(currencies)):
         return None
     card = {c: reader.rates(raw[c], f"{entry}.{c}") for c in currencies}
@@ -336,8 +394,9 @@ def _read_card(reader: Reader, raw: Any, entry: str, currencies: tuple[str, ...]
     return MappingProxyType({c: r for c, r in card.items() if r is not None})
 
 
-def _read_tiers(reader: Reader, raw: Any, entry: str, currencies: tuple[str, ...]
-                ) -> dict[str, RateCard] | None:
+def _read_tiers(
+    reader: Reader, raw: Any, entry: str, currencies: tuple[str, ...]
+) -> dict[str, RateCard] | None:
     """Explicit rates per tier; ``{base: peak, multiplier: "0.5"}`` derives a tier from another
     explicit one (a shorthand only: DeepSeek publishes rounded explicit figures, so prefer them)."""
     if not isinstance(raw, Mapping) or not raw:
@@ -347,8 +406,9 @@ def _read_tiers(reader: Reader, raw: Any, entry: str, currencies: tuple[str, ...
     derived: dict[str, Mapping[str, Any]] = {}
     for tier, spec in raw.items():
         if isinstance(spec, Mapping) and "base" in spec:
-            if reader.mapping(spec, f"{entry}.{tier}", {"base", "multiplier"},
-                              {"base", "multiplier"}):
+            if reader.mapping(
+                spec, f"{entry}.{tier}", {"base", "multiplier"}, {"base", "multiplier"}
+            ):
                 derived[str(tier)] = spec
             continue
         card = _read_card(reader, spec, f"{entry}.{tier}", currencies)
@@ -358,30 +418,44 @@ def _read_tiers(reader: Reader, raw: Any, entry: str, currencies: tuple[str, ...
         base = tiers.get(str(spec["base"]))
         factor = reader.money(spec["multiplier"], f"{entry}.{tier}.multiplier")
         if base is None:
-            reader.fail(f"{entry}.{tier}.base",
-                        f"base tier {spec['base']!r} is not a tier with explicit rates")
+            reader.fail(
+                f"{entry}.{tier}.base",
+                f"base tier {spec['base']!r} is not a tier with explicit rates",
+            )
             continue
         if factor is None:
             continue
-        tiers[tier] = MappingProxyType({
-            c: TokenRates(r.cache_hit * factor, r.cache_miss * factor, r.output * factor)
-            for c, r in base.items()})
+        tiers[tier] = MappingProxyType(
+            {
+                c: TokenRates(r.cache_hit * factor, r.cache_miss * factor, r.output * factor)
+                for c, r in base.items()
+            }
+        )
     return tiers if len(tiers) == len(raw) else None
 
 
-def _read_tool(reader: Reader, name: str, raw: Any, currencies: tuple[str, ...]
-               ) -> list[tuple[ToolFeeVersion, str]]:
+def _read_tool(
+    reader: Reader, name: str, raw: Any, currencies: tuple[str, ...]
+) -> list[tuple[ToolFeeVersion, str]]:
     result = []
     for i, item in _versions(reader, raw, f"tool_fees.{name}"):
         where = f"tool_fees.{name}[{i}]"
-        if not reader.mapping(item, where, {"from", "id", "per", "fee"} | _PROVENANCE,
-                              {"from", "per", "fee", "source", "confidence"}):
+        if not reader.mapping(
+            item,
+            where,
+            {"from", "id", "per", "fee"} | _PROVENANCE,
+            {"from", "per", "fee", "source", "confidence"},
+        ):
             continue
         effective = reader.instant(item["from"], f"{where}.from")
         provenance = reader.provenance(item, where, currencies)
         per = item["per"]
-        if isinstance(per, bool) or not isinstance(per, int) or per <= 0 or 10 ** (
-                len(str(per)) - 1) != per:
+        if (
+            isinstance(per, bool)
+            or not isinstance(per, int)
+            or per <= 0
+            or 10 ** (len(str(per)) - 1) != per
+        ):
             # A power of ten keeps fee * calls / per exact in Decimal.
             reader.fail(f"{where}.per", f"expected 1, 10, 100, 1000, ... calls, got {per!r}")
             continue
@@ -390,8 +464,19 @@ def _read_tool(reader: Reader, name: str, raw: Any, currencies: tuple[str, ...]
             fees = {c: reader.money(item["fee"][c], f"{where}.fee.{c}") for c in currencies}
         if effective is None or provenance is None or not fees or None in fees.values():
             continue
-        result.append((ToolFeeVersion(str(item.get("id") or _utc_id(name, effective)), name,
-                                      effective, per, MappingProxyType(fees), provenance), where))
+        result.append(
+            (
+                ToolFeeVersion(
+                    str(item.get("id") or _utc_id(name, effective)),
+                    name,
+                    effective,
+                    per,
+                    MappingProxyType(fees),
+                    provenance,
+                ),
+                where,
+            )
+        )
     return result
 
 
@@ -403,21 +488,28 @@ class _Dated(Protocol):
 _D = TypeVar("_D", bound=_Dated)
 
 
-def _timeline(kind: str, name: str, entries: list[tuple[_D, str, str]],
-              problems: list[BookProblem]) -> tuple[tuple[_D, ...], tuple[int, ...]]:
+def _timeline(
+    kind: str, name: str, entries: list[tuple[_D, str, str]], problems: list[BookProblem]
+) -> tuple[tuple[_D, ...], tuple[int, ...]]:
     """Sort entries by instant; two entries at the same instant would make it ambiguous."""
     ordered = sorted(entries, key=lambda e: to_micros(e[0].effective))
     for (a, file_a, entry_a), (b, file_b, entry_b) in itertools.pairwise(ordered):
         if to_micros(a.effective) == to_micros(b.effective):
-            problems.append(BookProblem(
-                file_b, entry_b, f"{kind} {name!r} already has an entry effective at "
-                                 f"{a.effective.isoformat()} ({file_a}: {entry_a}); "
-                                 "which one applies would be ambiguous"))
+            problems.append(
+                BookProblem(
+                    file_b,
+                    entry_b,
+                    f"{kind} {name!r} already has an entry effective at "
+                    f"{a.effective.isoformat()} ({file_a}: {entry_a}); "
+                    "which one applies would be ambiguous",
+                )
+            )
     return tuple(e[0] for e in ordered), tuple(to_micros(e[0].effective) for e in ordered)
 
 
-def _assemble(parts: _Parts, files: tuple[str, ...], digest: str,
-              problems: list[BookProblem]) -> PriceBook:
+def _assemble(
+    parts: _Parts, files: tuple[str, ...], digest: str, problems: list[BookProblem]
+) -> PriceBook:
     models = {n: _timeline("model", n, e, problems) for n, e in parts.eras.items()}
     schedules = {n: _timeline("schedule", n, e, problems) for n, e in parts.schedules.items()}
     tools = {n: _timeline("tool", n, e, problems) for n, e in parts.tool_fees.items()}

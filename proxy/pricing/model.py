@@ -207,8 +207,10 @@ class PriceBook:
     from the fields above, so it never changes a result."""
 
     def __post_init__(self) -> None:
-        starts = {instant for timeline in (*self.model_starts.values(),
-                                           *self.schedule_starts.values())
-                  for instant in timeline}
+        starts = {
+            instant
+            for timeline in (*self.model_starts.values(), *self.schedule_starts.values())
+            for instant in timeline
+        }
         object.__setattr__(self, "change_instants", tuple(sorted(starts)))
         object.__setattr__(self, "memo", {})

@@ -44,12 +44,16 @@ def quote_objects(pricing: Pricing, currencies: list[str]) -> list[dict[str, Any
         }
         if not pricing.priced:
             obj["reason"] = pricing.reason
-        obj["components"] = None if cost is None else {
-            "cache_hit": decimal_text(cost.cache_hit),
-            "cache_miss": decimal_text(cost.cache_miss),
-            "output": decimal_text(cost.output),
-            "tool_calls": decimal_text(cost.tool_calls),
-        }
+        obj["components"] = (
+            None
+            if cost is None
+            else {
+                "cache_hit": decimal_text(cost.cache_hit),
+                "cache_miss": decimal_text(cost.cache_miss),
+                "output": decimal_text(cost.output),
+                "tool_calls": decimal_text(cost.tool_calls),
+            }
+        )
         obj["total"] = None if cost is None else decimal_text(cost.total)
         obj["confidence"] = None if cost is None else cost.confidence.value
         obj["source"] = pricing.source
@@ -70,8 +74,7 @@ def quote_text(pricing: Pricing, currencies: list[str]) -> str:
     header = f"  {'':<11}" + "".join(f"{c:>16}" for c in currencies)
     lines.append(header)
     for label in ("cache_hit", "cache_miss", "output", "tool_calls", "total"):
-        cells = "".join(f"{decimal_text(getattr(pricing.costs[c], label)):>16}"
-                        for c in currencies)
+        cells = "".join(f"{decimal_text(getattr(pricing.costs[c], label)):>16}" for c in currencies)
         lines.append(f"  {label:<11}{cells}")
     confidence = ", ".join(f"{c} {pricing.costs[c].confidence.value}" for c in currencies)
     lines.append(f"  confidence {confidence}; source {pricing.source}")
@@ -88,8 +91,11 @@ def table_in_force(book: PriceBook, at: datetime, currencies: list[str]) -> str:
     """Every model's rates at an instant, one row per tier; ``*`` marks the tier in force."""
     at_micros = to_micros(at)
     lines = [f"Prices in force at {iso_utc(at)}, per 1M tokens: cache hit / cache miss / output"]
-    header = f"{'model':<30}{'billed as':<20}{'tier':<17}" + "".join(
-        f"{c:<22}" for c in currencies) + "version"
+    header = (
+        f"{'model':<30}{'billed as':<20}{'tier':<17}"
+        + "".join(f"{c:<22}" for c in currencies)
+        + "version"
+    )
     lines.append(header)
     for model in sorted(book.models):
         resolution = resolve(book, model, at_micros)
@@ -105,8 +111,9 @@ def table_in_force(book: PriceBook, at: datetime, currencies: list[str]) -> str:
             mark = "*" if tier == current and version.schedule is not None else ""
             name, billed = (model, resolution.chain[-1]) if i == 0 else ("", "")
             cells = "".join(f"{_rates_text(card[c]):<22}" for c in currencies)
-            lines.append(f"{name:<30}{billed:<20}{tier + mark:<17}{cells}"
-                         f"{version.id if i == 0 else ''}")
+            lines.append(
+                f"{name:<30}{billed:<20}{tier + mark:<17}{cells}{version.id if i == 0 else ''}"
+            )
     for tool in sorted(book.tool_fees):
         fee = tool_fee_at(book, tool, at_micros)
         if fee is None:

@@ -18,8 +18,9 @@ from proxy.pricing.model import AliasEra, PriceBook, PriceVersion, ScheduleVersi
 _Fail = Callable[[object, str], None]
 
 
-def check_cross_references(book: PriceBook, origins: Mapping[int, tuple[str, str]]
-                           ) -> list[BookProblem]:
+def check_cross_references(
+    book: PriceBook, origins: Mapping[int, tuple[str, str]]
+) -> list[BookProblem]:
     """Every defect that involves more than one entry, each reported at the entry that owns it."""
     problems: list[BookProblem] = []
 
@@ -30,8 +31,10 @@ def check_cross_references(book: PriceBook, origins: Mapping[int, tuple[str, str
     for versions in book.schedules.values():
         for rule in versions:
             _check_rule_calendar(book, rule, fail)
-    change_points = sorted({s for starts in book.model_starts.values() for s in starts}
-                           | {s for starts in book.schedule_starts.values() for s in starts})
+    change_points = sorted(
+        {s for starts in book.model_starts.values() for s in starts}
+        | {s for starts in book.schedule_starts.values() for s in starts}
+    )
     for name, eras in book.models.items():
         starts = book.model_starts[name]
         for index, era in enumerate(eras):
@@ -48,8 +51,9 @@ def _check_rule_calendar(book: PriceBook, rule: ScheduleVersion, fail: _Fail) ->
         fail(rule, f"holiday calendar {rule.holiday_calendar!r} is not defined")
 
 
-def _check_tiers(book: PriceBook, version: PriceVersion, start: int, end: int | None,
-                 fail: _Fail) -> None:
+def _check_tiers(
+    book: PriceBook, version: PriceVersion, start: int, end: int | None, fail: _Fail
+) -> None:
     """A tiered version must rate every tier its schedule can produce while it is in force."""
     assert version.schedule is not None
     if version.schedule not in book.schedules:
@@ -57,23 +61,33 @@ def _check_tiers(book: PriceBook, version: PriceVersion, start: int, end: int | 
         return
     if schedule_version_at(book, version.schedule, start) is None:
         first = book.schedules[version.schedule][0].effective
-        fail(version, f"schedule {version.schedule!r} has no rule in force at "
-                      f"{version.effective.isoformat()} (its first begins {first.isoformat()})")
+        fail(
+            version,
+            f"schedule {version.schedule!r} has no rule in force at "
+            f"{version.effective.isoformat()} (its first begins {first.isoformat()})",
+        )
         return
     produced: set[str] = set()
-    for rule_start, rule in zip(book.schedule_starts[version.schedule],
-                                book.schedules[version.schedule], strict=True):
+    for rule_start, rule in zip(
+        book.schedule_starts[version.schedule], book.schedules[version.schedule], strict=True
+    ):
         rule_end = _next_start(book.schedule_starts[version.schedule], rule_start)
         if (end is None or rule_start < end) and (rule_end is None or rule_end > start):
             produced |= rule.tier_names()
     missing = produced - set(version.tiers)
     unused = set(version.tiers) - produced
     if missing:
-        fail(version, f"no rates for tier(s) {sorted(missing)} that schedule "
-                      f"{version.schedule!r} uses while this version is in force")
+        fail(
+            version,
+            f"no rates for tier(s) {sorted(missing)} that schedule "
+            f"{version.schedule!r} uses while this version is in force",
+        )
     if unused:
-        fail(version, f"tier(s) {sorted(unused)} never occur in schedule {version.schedule!r} "
-                      "while this version is in force (a misspelt tier name?)")
+        fail(
+            version,
+            f"tier(s) {sorted(unused)} never occur in schedule {version.schedule!r} "
+            "while this version is in force (a misspelt tier name?)",
+        )
 
 
 def _next_start(starts: tuple[int, ...], start: int) -> int | None:
@@ -81,8 +95,14 @@ def _next_start(starts: tuple[int, ...], start: int) -> int | None:
     return later[0] if later else None
 
 
-def _check_alias(book: PriceBook, alias: AliasEra, start: int, end: int | None,
-                 change_points: list[int], fail: _Fail) -> None:
+def _check_alias(
+    book: PriceBook,
+    alias: AliasEra,
+    start: int,
+    end: int | None,
+    change_points: list[int],
+    fail: _Fail,
+) -> None:
     """The alias must resolve to a priced model at its start and at every later change in the
     book until it ends: this catches unknown targets, cycles and targets retired under it."""
     if alias.target not in book.models:

@@ -1,0 +1,491 @@
+"""Alerts, alert routing and the Grafana dashboard, checked with the real Prometheus tools.
+
+`promtool` and `amtool` validate the files and run the alerts' unit tests
+(`config/prometheus/alerts_test.yml`). Then a real Prometheus scrapes the real proxy (in this
+process, against the fake DeepSeek, with a real ledger) every second, and every query of the
+dashboard must return data and every alert rule must evaluate without error: a renamed metric
+or label, or a join that matches many-to-many, fails here rather than in production.
+
+The tools come from Debian's `prometheus` and `prometheus-alertmanager` packages (`.ci/run`
+installs them). Without them the tests are skipped locally, and fail in CI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, TypeVar
+from zoneinfo import ZoneInfo
+
+import httpx
+import pytest
+import yaml
+
+from proxy.config import Budget
+from proxy.ledger.store import SQLiteLedger
+from proxy.ledger.writer import LedgerWriter
+from proxy.pricing import PriceBook
+from tests.conftest import ROOT
+from tests.support.fake_deepseek import FakeDeepSeek
+from tests.support.fake_deepseek_shapes import Reply
+from tests.support.proxy_harness import OFF_PEAK, PEAK, TEAM_KEYS, RunningProxy, running_proxy
+
+PROMETHEUS_DIR = ROOT / "config" / "prometheus"
+ALERTS = PROMETHEUS_DIR / "alerts.yml"
+ALERTS_TEST = PROMETHEUS_DIR / "alerts_test.yml"
+ALERTMANAGER = ROOT / "config" / "alertmanager" / "alertmanager.yml"
+DASHBOARD = ROOT / "config" / "grafana" / "dashboards" / "deepseek-proxy.json"
+INSTALL = "apt-get install prometheus prometheus-alertmanager"
+T = TypeVar("T")
+
+USAGE = {
+    "prompt_tokens": 1000,
+    "completion_tokens": 50,
+    "prompt_cache_hit_tokens": 640,
+    "prompt_cache_miss_tokens": 360,
+    "completion_tokens_details": {"reasoning_tokens": 20},
+    "total_tokens": 1050,
+}
+CHAT = {"model": "deepseek-flash", "messages": [{"role": "user", "content": "Say hello"}]}
+CALLS_PER_ROUND = 10
+DEADLINE = 30.0  # seconds; the whole live test takes about ten
+POLL = 0.1
+# Prometheus stamps a scrape with its scheduled instant when it starts within 2 ms of it, so a
+# stamp can be a little later than the scrape's real start.
+STAMP_TOLERANCE = 0.01
+
+
+def tool(name: str) -> str:
+    """The path of a Prometheus tool: skipped if missing locally, a failure in CI."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not installed; CI must install it ({INSTALL}, see .ci/run)")
+        pytest.skip(f"{name} is not installed ({INSTALL}); CI runs this test")
+    return path
+
+
+def run(*args: str) -> str:
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{output}"
+    return output
+
+
+def rules() -> list[dict[str, Any]]:
+    return [
+        rule for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]
+    ]
+
+
+def dashboard_panels() -> Iterator[dict[str, Any]]:
+    for panel in json.loads(DASHBOARD.read_text())["panels"]:
+        yield panel
+        yield from panel.get("panels", [])
+
+
+# --- static checks with promtool and amtool ------------------------------------------------------
+
+
+def test_prometheus_config_is_valid() -> None:
+    # rule_files resolve next to the file; the targets are compose service names.
+    output = run(tool("promtool"), "check", "config", str(PROMETHEUS_DIR / "prometheus.yml"))
+    assert "1 rule files found" in output
+
+
+def test_alert_rules_are_valid() -> None:
+    run(tool("promtool"), "check", "rules", str(ALERTS))
+
+
+def test_alert_rules_pass_their_unit_tests() -> None:
+    run(tool("promtool"), "test", "rules", str(ALERTS_TEST))
+
+
+def test_every_alert_is_tested_firing_and_quiet() -> None:
+    cases: dict[str, set[bool]] = {}
+    for test in yaml.safe_load(ALERTS_TEST.read_text())["tests"]:
+        for case in test.get("alert_rule_test", []):
+            cases.setdefault(case["alertname"], set()).add(bool(case["exp_alerts"]))
+            for alert in case["exp_alerts"]:
+                assert {"team", "severity"} <= set(alert["exp_labels"]), case
+                assert {"summary", "description"} <= set(alert["exp_annotations"]), case
+    names = {rule["alert"] for rule in rules()}
+    assert {name: cases.get(name, set()) for name in names} == {
+        name: {True, False} for name in names
+    }
+
+
+def test_every_alert_has_severity_and_annotations() -> None:
+    for rule in rules():
+        assert rule["labels"]["severity"] in ("warning", "critical"), rule["alert"]
+        annotations = rule["annotations"]
+        assert set(annotations) == {"summary", "description"}, rule["alert"]
+        assert "{{ $" in annotations["description"], rule["alert"]  # the numbers, the names
+
+
+def test_alertmanager_config_is_valid() -> None:
+    run(tool("amtool"), "check-config", str(ALERTMANAGER))
+
+
+@pytest.mark.parametrize(
+    ("labels", "receivers"),
+    [
+        (["team=example", "severity=warning"], "team-example"),
+        (["team=example", "severity=critical"], "oncall,team-example"),
+        (["team=platform", "severity=critical"], "oncall,team-platform"),
+        (["team=platform", "severity=warning"], "team-platform"),
+        (["team=unknown-team", "severity=warning"], "default"),
+        (["team=unknown-team", "severity=critical"], "oncall"),  # a match: no default
+    ],
+)
+def test_alertmanager_routes_by_team_and_severity(labels: list[str], receivers: str) -> None:
+    output = run(
+        tool("amtool"), "config", "routes", "test", f"--config.file={ALERTMANAGER}", *labels
+    )
+    assert receivers in output.splitlines()
+
+
+def test_dashboard_variables_are_multi_value_and_used() -> None:
+    variables = json.loads(DASHBOARD.read_text())["templating"]["list"]
+    assert [variable["name"] for variable in variables] == ["team", "model", "currency"]
+    exprs = " ".join(
+        target["expr"] for panel in dashboard_panels() for target in panel.get("targets", [])
+    )
+    for variable in variables:
+        assert variable["type"] == "query"
+        assert variable["definition"].startswith("label_values(")
+        assert (variable["multi"], variable["includeAll"], variable["allValue"]) == (
+            True,
+            True,
+            ".*",
+        )
+        name = variable["name"]
+        assert f'=~"${name}"' in exprs, name
+
+
+# --- a real Prometheus scraping the real proxy ---------------------------------------------------
+
+
+class SwitchingClock:
+    """Wall time elapsed since the last switch, added to a fixed instant: calls keep their real
+    durations, and the test moves the proxy between a peak and an off-peak instant between
+    rounds of traffic (never during a call) so that both tiers get cost."""
+
+    def __init__(self, instant: datetime) -> None:
+        self.switch(instant)
+
+    def switch(self, instant: datetime) -> None:
+        self._base = instant
+        self._since = time.monotonic()
+
+    def __call__(self) -> datetime:
+        return self._base + timedelta(seconds=time.monotonic() - self._since)
+
+
+@dataclass
+class Stack:
+    proxy: RunningProxy
+    writer: LedgerWriter
+    clock: SwitchingClock
+
+
+async def eventually(condition: Callable[[], Awaitable[T]], what: str) -> T:
+    """The first truthy result of `condition`, polled until DEADLINE."""
+    try:
+        async with asyncio.timeout(DEADLINE):
+            while True:
+                result = await condition()
+                if result:
+                    return result
+                await asyncio.sleep(POLL)
+    except TimeoutError:
+        raise AssertionError(f"not within {DEADLINE} s: {what}") from None
+
+
+class Prometheus:
+    """The HTTP API of a running Prometheus."""
+
+    def __init__(self, http: httpx.AsyncClient) -> None:
+        self.http = http
+
+    async def get(self, path: str, **params: str) -> Any:
+        response = await self.http.get(path, params=params)
+        body = response.json()
+        assert body["status"] == "success", f"{path} {params}: {body}"
+        return body["data"]
+
+    async def query(self, expr: str) -> list[dict[str, Any]]:
+        data = await self.get("/api/v1/query", query=expr)
+        return data["result"]  # type: ignore[no-any-return]
+
+    async def wait_for_scrapes(self, count: int) -> None:
+        """Return once `count` successful scrapes of the proxy started after this call."""
+        after = time.time() + STAMP_TOLERANCE
+
+        async def scraped() -> bool:
+            series = await self.query('up{job="deepseek-proxy"}[1m]')
+            stamps = [
+                float(stamp)
+                for s in series
+                for stamp, value in s["values"]
+                if value == "1" and float(stamp) > after
+            ]
+            return len(stamps) >= count
+
+        await eventually(scraped, f"{count} scrape(s) of the proxy")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+async def stack(fake: FakeDeepSeek, book: PriceBook, tmp_path: Path) -> AsyncIterator[Stack]:
+    """The proxy with a real ledger and budgets for both teams; alpha's day budget is tiny so
+    that the budget alerts have something to say."""
+    store = SQLiteLedger(tmp_path / "ledger.sqlite3", ZoneInfo("Asia/Shanghai"))
+    writer = LedgerWriter(store, flush_interval=0.01)
+    clock = SwitchingClock(PEAK)
+    soft = (Decimal(50), Decimal(80))
+    budgets = tuple(
+        Budget(
+            team,
+            period,
+            Decimal("0.001") if (team, period) == ("alpha", "day") else Decimal(100),
+            "CNY",
+            soft=soft,
+            hard=False,
+        )
+        for team in TEAM_KEYS
+        for period in ("day", "week", "month")
+    )
+    try:
+        async with running_proxy(
+            fake.base_url,
+            book,
+            clock=clock,
+            budgets=budgets,
+            spend=store.spend,
+            sink=writer,
+            ledger=writer,
+        ) as proxy:
+            yield Stack(proxy, writer, clock)
+    finally:
+        writer.close()
+
+
+@pytest.fixture
+async def prometheus(stack: Stack, tmp_path: Path) -> AsyncIterator[Prometheus]:
+    """A real Prometheus on a free loopback port, scraping the proxy every second and
+    evaluating alerts.yml; always stopped."""
+    binary = tool("prometheus")
+    port = free_port()
+    target = stack.proxy.url.removeprefix("http://")
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "global": {
+                    "scrape_interval": "1s",
+                    "scrape_timeout": "1s",
+                    "evaluation_interval": "1s",
+                },
+                "rule_files": [str(ALERTS)],
+                "scrape_configs": [
+                    {"job_name": "deepseek-proxy", "static_configs": [{"targets": [target]}]}
+                ],
+            }
+        )
+    )
+    log = tmp_path / "prometheus.log"
+    with log.open("wb") as output:
+        process = await asyncio.create_subprocess_exec(
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=output,
+        )
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+
+            async def ready() -> bool:
+                assert process.returncode is None, "Prometheus exited"
+                with contextlib.suppress(httpx.TransportError):
+                    return (await http.get("/-/ready")).status_code == 200
+                return False
+
+            await eventually(ready, "Prometheus ready")
+            yield Prometheus(http)
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), 10)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        print(log.read_text()[-5000:])  # shown by pytest only if the test failed
+
+
+async def send_round(stack: Stack, http: httpx.AsyncClient, fake: FakeDeepSeek, done: int) -> int:
+    """One round of traffic that feeds every series the dashboard shows: both teams, both
+    endpoints, streaming and not, cache hits, tool calls, an error, a cut stream (missing
+    usage) and a model the price book does not know (unpriced)."""
+    calls: list[tuple[str, str, dict[str, Any], Reply]] = [
+        ("alpha", "/chat/completions", CHAT, Reply(usage=USAGE)),
+        (
+            "alpha",
+            "/chat/completions",
+            {**CHAT, "stream": True},
+            Reply(usage=USAGE, server_tool_use={"web_search_requests": 2}),
+        ),
+        ("alpha", "/v1/chat/completions", {**CHAT, "model": "deepseek-v4-pro"}, Reply()),
+        (
+            "alpha",
+            "/beta/completions",
+            {"model": "deepseek-flash", "prompt": "def add(a, b):"},
+            Reply(),
+        ),
+        ("alpha", "/chat/completions", CHAT, Reply(status=500)),
+        (
+            "beta",
+            "/chat/completions",
+            CHAT,
+            Reply(usage=USAGE, server_tool_use={"web_search_requests": 1}),
+        ),
+        ("beta", "/chat/completions", {**CHAT, "stream": True}, Reply(cut_after_events=2)),
+        ("beta", "/chat/completions", {**CHAT, "model": "my-own-model"}, Reply()),
+        (
+            "beta",
+            "/chat/completions",
+            {**CHAT, "model": "deepseek-v4-pro", "stream": True},
+            Reply(usage=USAGE),
+        ),
+        ("beta", "/chat/completions", CHAT, Reply(status=429)),
+    ]
+    assert len(calls) == CALLS_PER_ROUND
+    for team, path, body, reply in calls:
+        fake.enqueue(reply)
+        await http.post(path, json=body, headers={"Authorization": f"Bearer {TEAM_KEYS[team]}"})
+    await stack.proxy.sink.wait_for(done + CALLS_PER_ROUND)
+    await asyncio.to_thread(stack.writer.flush)
+    return done + CALLS_PER_ROUND
+
+
+def substitute(expr: str, variables: dict[str, str]) -> str:
+    """What Grafana sends for a panel query: template variables and interval macros replaced."""
+    for name, value in {
+        "__rate_interval": "1m",
+        "__interval": "15s",
+        "__range": "1h",
+        **variables,
+    }.items():
+        expr = re.sub(rf"\$(?:\{{{name}\}}|{name}\b)", value, expr)
+    assert "$" not in expr, expr
+    return expr
+
+
+ALL = {"team": ".*", "model": ".*", "currency": ".*"}
+# Grafana's form of a multi-value selection in a regex matcher.
+SELECTED = {"team": "beta", "model": "(deepseek-flash|other)", "currency": "CNY"}
+
+
+async def test_dashboard_and_alerts_on_a_real_prometheus(
+    stack: Stack, prometheus: Prometheus, fake: FakeDeepSeek
+) -> None:
+    await eventually(lambda: prometheus.query('up{job="deepseek-proxy"} == 1'), "proxy up")
+
+    # Every series is born in the first two rounds; the next two move every counter, so that
+    # rate() and increase() have two scrapes with a difference between them.
+    done = 0
+    async with httpx.AsyncClient(base_url=stack.proxy.url) as http:
+        for instant in (PEAK, OFF_PEAK):
+            stack.clock.switch(instant)
+            done = await send_round(stack, http, fake, done)
+        await prometheus.wait_for_scrapes(1)
+        for instant in (PEAK, OFF_PEAK):
+            stack.clock.switch(instant)
+            done = await send_round(stack, http, fake, done)
+    await prometheus.wait_for_scrapes(2)
+
+    tiers = {
+        s["metric"]["tier"]
+        for s in await prometheus.query("sum by (tier) (increase(llm_cost_total[1m])) > 0")
+    }
+    assert {"peak", "off_peak"} <= tiers
+
+    # Every panel query returns data, with all values selected and with a selection.
+    queries = [
+        (panel["title"], target["expr"])
+        for panel in dashboard_panels()
+        for target in panel.get("targets", [])
+    ]
+    assert len(queries) >= 20
+    for variables in (ALL, SELECTED):
+        for title, expr in queries:
+            result = await prometheus.query(substitute(expr, variables))
+            values = [float(sample["value"][1]) for sample in result]
+            assert any(math.isfinite(value) for value in values), (title, variables, result)
+
+    # The variables' label_values() queries list what the proxy exports.
+    expected = {
+        "team": {"alpha", "beta"},
+        "model": {"deepseek-flash", "deepseek-v4-pro", "other"},
+        "currency": {"CNY", "USD"},
+    }
+    for variable in json.loads(DASHBOARD.read_text())["templating"]["list"]:
+        match = re.fullmatch(r"label_values\((.+), (\w+)\)", variable["definition"])
+        assert match is not None, variable["definition"]
+        selector, label = match.groups()
+        values = await prometheus.get(
+            f"/api/v1/label/{label}/values", **{"match[]": substitute(selector, ALL)}
+        )
+        assert expected[variable["name"]] <= set(values), (variable["name"], values)
+
+    # Every alert expression evaluates against the real metrics ...
+    fired: dict[str, list[dict[str, str]]] = {}
+    for rule in rules():
+        result = await prometheus.query(rule["expr"])
+        fired.setdefault(rule["alert"], []).extend(sample["metric"] for sample in result)
+    # ... the budget joins match the labels the proxy really exports (alpha's day budget is
+    # 0.001 CNY) ...
+    assert {"team": "alpha", "period": "day", "currency": "CNY"} in [
+        {k: m[k] for k in ("team", "period", "currency")} for m in fired["TeamOverBudget"]
+    ]
+    assert {"team": "alpha", "period": "day", "currency": "CNY", "threshold": "80"} in [
+        {k: m[k] for k in ("team", "period", "currency", "threshold")}
+        for m in fired["TeamBudgetThresholdCrossed"]
+    ]
+    assert {m["model"] for m in fired["UnpricedModelCalls"]} == {"other"}
+
+    # ... and Prometheus' own rule evaluation reports no error.
+    async def evaluated() -> list[tuple[str, str, str]]:
+        groups = (await prometheus.get("/api/v1/rules"))["groups"]
+        states = [
+            (rule["name"], rule["health"], rule.get("lastError", ""))
+            for group in groups
+            for rule in group["rules"]
+        ]
+        return states if all(health != "unknown" for _, health, _ in states) else []
+
+    states = await eventually(evaluated, "every alert rule evaluated")
+    assert len(states) == len(rules())
+    assert [state for state in states if state[1] != "ok"] == []

@@ -1,0 +1,404 @@
+"""A fake DeepSeek upstream on loopback, faithful where the proxy can go wrong.
+
+The proxy's hard cases only exist on a real socket: blank keep-alive lines before a JSON body,
+``: keep-alive`` SSE comments, usage that moves between chunks depending on the API's vintage,
+CRLF framing, streams cut mid-way and clients that hang up. Mocks cannot show those, so the proxy's
+tests run against this aiohttp server instead (facts from ``/work/shared/deepseek-api.md``).
+
+Each request goes through the same steps, in DeepSeek's order:
+
+1. it is recorded in `FakeDeepSeek.requests` (every path, even rejected ones);
+2. it is routed (unknown path or method: 404);
+3. it is authenticated (anything but ``Bearer FAKE_UPSTREAM_KEY``: 401 echoing the key's last 4
+   characters, as DeepSeek does);
+4. a completion body is validated (bad JSON: 400, missing field: 422, ``stream_options`` without
+   ``stream: true``: 400, model ``nonexistent-model``: 400 "Model Not Exist");
+5. a completion takes the next queued `Reply` (or ``Reply()`` when the queue is empty), which
+   decides everything about the answer, except that, as DeepSeek does, generation stops at the
+   request's ``max_tokens`` with ``finish_reason: length`` (`within_max_tokens`).
+
+Requests rejected in steps 2-4 never consume a queued `Reply`, so a test can enqueue replies
+without counting the requests the proxy should have stopped on its own.
+
+Usage numbers are deterministic (see `default_usage`), so a test can compute what the proxy
+should meter from the request it sent and the `Reply` it queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from aiohttp import web
+
+from tests.support.fake_deepseek_shapes import (
+    BALANCE,
+    FAKE_UPSTREAM_KEY,
+    MODELS,
+    NONEXISTENT_MODEL,
+    RecordedRequest,
+    Reply,
+    completion_body,
+    dumps,
+    error_body,
+    parse_json,
+    reported_usage,
+    stream_chunks,
+    within_max_tokens,
+)
+
+# Handlers still running when the fake closes (a test that left a slow stream open) are
+# cancelled rather than holding the test up. aiohttp waits this long twice (graceful, then after
+# cancelling), so a slow stream delays close() by about half a second.
+_SHUTDOWN_TIMEOUT: Final = 0.25
+# Before cutting a connection on purpose, let the bytes already written leave the transport
+# buffer (polled every millisecond, about a second at most): abort() drops whatever is still
+# queued, and the test wants the partial body.
+_FLUSH_POLLS: Final = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class _Write:
+    """One write of a response body, after a pause (the fake's pacing, never a test's wait)."""
+
+    delay: float
+    data: bytes
+
+
+class _Rejected(Exception):
+    """A request stopped before it reached the reply queue; carries the error response."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__(status)
+        self.status = status
+        self.body = body
+
+
+_Handler = Callable[[web.Request, RecordedRequest], Awaitable[web.StreamResponse]]
+
+
+class FakeDeepSeek:
+    """The fake upstream: start it, queue `Reply` objects, point the proxy at `base_url`.
+
+    What happened is observable without sleeping: `requests`, `connections_seen`, `finished`,
+    `disconnects` and `cut` fill in as the server works, and `wait_for` polls a condition on them
+    with a deadline.
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[RecordedRequest] = []
+        self.connections_seen = 0
+        self.disconnects: list[str] = []
+        self.finished: list[str] = []
+        self.cut: list[str] = []
+        self._queue: deque[Reply] = deque()
+        self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
+        self._base_url: str | None = None
+        self._routes: dict[tuple[str, str], _Handler] = {
+            ("POST", "/chat/completions"): self._chat,
+            ("POST", "/v1/chat/completions"): self._chat,
+            ("POST", "/beta/chat/completions"): self._chat,
+            ("POST", "/beta/completions"): self._fim,
+            ("GET", "/models"): self._models,
+            ("GET", "/v1/models"): self._models,
+            ("GET", "/user/balance"): self._balance,
+            ("GET", "/v1/user/balance"): self._balance,
+        }
+
+    @property
+    def base_url(self) -> str:
+        """``http://127.0.0.1:PORT`` once started."""
+        if self._base_url is None:
+            raise RuntimeError("FakeDeepSeek is not started")
+        return self._base_url
+
+    async def start(self) -> str:
+        """Listen on 127.0.0.1 on a free port; returns the base URL."""
+        app = web.Application()
+        # One catch-all route: the fake routes itself so that unknown paths and wrong methods
+        # are recorded and answered with DeepSeek-shaped JSON like everything else.
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=_SHUTDOWN_TIMEOUT)
+        await self._runner.setup()
+        handler_factory = self._runner.server
+        assert handler_factory is not None
+
+        def accept() -> asyncio.BaseProtocol:
+            # The protocol factory runs once per accepted TCP connection: the only place that
+            # sees connections rather than requests (keep-alive reuse is what tests check).
+            self.connections_seen += 1
+            return handler_factory()
+
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(accept, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self._base_url = f"http://127.0.0.1:{port}"
+        return self._base_url
+
+    async def close(self) -> None:
+        """Stop listening, finish or cancel in-flight handlers, release the port."""
+        if self._server is not None:
+            self._server.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+    def enqueue(self, *replies: Reply) -> None:
+        """Queue replies for the next chat/FIM requests, first in first out."""
+        self._queue.extend(replies)
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+        """Return as soon as ``predicate()`` holds; TimeoutError after ``timeout`` seconds."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not predicate():
+            if asyncio.get_running_loop().time() >= deadline:
+                raise TimeoutError(f"condition not met within {timeout} s")
+            await asyncio.sleep(0.005)
+
+    # --- request handling ------------------------------------------------------------------------
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        record = RecordedRequest(
+            method=request.method,
+            path=request.path,
+            headers={str(name): value for name, value in request.headers.items()},
+            body=body,
+            json=parse_json(body),
+            id=str(uuid.uuid4()),
+        )
+        self.requests.append(record)
+        try:
+            route = self._routes.get((request.method, request.path))
+            if route is None:
+                raise _Rejected(404, error_body(404, message=f"Not Found: {request.path}"))
+            authorization = request.headers.get("Authorization", "")
+            if authorization != f"Bearer {FAKE_UPSTREAM_KEY}":
+                key = authorization.removeprefix("Bearer ").strip()
+                raise _Rejected(401, error_body(401, key=key))
+            return await route(request, record)
+        except _Rejected as rejected:
+            return await self._send_error(request, record, rejected.status, rejected.body, {})
+
+    async def _chat(self, request: web.Request, record: RecordedRequest) -> web.StreamResponse:
+        return await self._completion(request, record, fim=False)
+
+    async def _fim(self, request: web.Request, record: RecordedRequest) -> web.StreamResponse:
+        return await self._completion(request, record, fim=True)
+
+    async def _models(self, request: web.Request, record: RecordedRequest) -> web.StreamResponse:
+        return await self._send_json(request, record, MODELS)
+
+    async def _balance(self, request: web.Request, record: RecordedRequest) -> web.StreamResponse:
+        return await self._send_json(request, record, BALANCE)
+
+    async def _completion(
+        self, request: web.Request, record: RecordedRequest, *, fim: bool
+    ) -> web.StreamResponse:
+        data = _validate(record.json, fim=fim)
+        stream = data.get("stream") is True
+        options = data.get("stream_options")
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        reply = within_max_tokens(data, self._queue.popleft() if self._queue else Reply())
+
+        if reply.redirect_to is not None:
+            headers = {**reply.headers, "Location": reply.redirect_to}
+            return await self._send_error(request, record, 307, b"", headers)
+        if reply.status >= 400:
+            authorization = request.headers.get("Authorization", "")
+            body = (
+                reply.error_body
+                if reply.error_body is not None
+                else error_body(reply.status, key=authorization.removeprefix("Bearer ").strip())
+            )
+            return await self._send_error(request, record, reply.status, body, reply.headers)
+
+        created = int(time.time())
+        model = str(data["model"])
+        usage = reported_usage(data, reply)
+        response = web.StreamResponse(status=reply.status, headers=_trace_headers(reply.headers))
+        ending = reply.line_ending.encode()
+        writes: list[_Write] = []
+        if stream:
+            response.headers["Content-Type"] = "text/event-stream; charset=utf-8"
+            response.headers["Cache-Control"] = "no-cache"
+            writes += _keepalives(reply, b": keep-alive" + ending * 2)
+            if reply.raw_events is not None:
+                events = list(reply.raw_events)
+            else:
+                chunks = stream_chunks(
+                    completion_id=record.id,
+                    created=created,
+                    model=model,
+                    reply=reply,
+                    usage=usage,
+                    include_usage=include_usage,
+                    fim=fim,
+                )
+                events = [b"data: " + dumps(chunk) + ending * 2 for chunk in chunks]
+            cut_at = None
+            if reply.cut_after_events is not None:
+                cut_at = len(writes) + min(reply.cut_after_events, len(events))
+            elif reply.raw_events is None:
+                events.append(b"data: [DONE]" + ending * 2)
+            first_delay = reply.keepalive_interval if reply.keepalive else 0.0
+            writes += [
+                _Write(first_delay if index == 0 else reply.chunk_interval, event)
+                for index, event in enumerate(events)
+            ]
+        else:
+            response.headers["Content-Type"] = "application/json"
+            writes += _keepalives(reply, b"\n")
+            document = (
+                reply.raw_body
+                if reply.raw_body is not None
+                else dumps(
+                    completion_body(
+                        completion_id=record.id,
+                        created=created,
+                        model=model,
+                        reply=reply,
+                        usage=usage,
+                        fim=fim,
+                    )
+                )
+            )
+            first_delay = reply.keepalive_interval if reply.keepalive else 0.0
+            cut_at = None
+            if reply.cut_after_events is not None:
+                document = document[: len(document) // 2]
+                cut_at = len(writes) + 1
+            writes.append(_Write(first_delay, document))
+        return await self._send(request, record, response, writes, cut_at)
+
+    # --- sending, with disconnect tracking -----------------------------------------------------
+
+    async def _send_json(
+        self, request: web.Request, record: RecordedRequest, value: Any
+    ) -> web.StreamResponse:
+        response = web.Response(
+            body=dumps(value), content_type="application/json", headers=_trace_headers({})
+        )
+        return await self._send(request, record, response, [], None)
+
+    async def _send_error(
+        self,
+        request: web.Request,
+        record: RecordedRequest,
+        status: int,
+        body: bytes,
+        headers: dict[str, str],
+    ) -> web.StreamResponse:
+        response = web.Response(status=status, body=body, headers=_trace_headers(headers))
+        if body:
+            response.content_type = "application/json"
+        return await self._send(request, record, response, [], None)
+
+    async def _send(
+        self,
+        request: web.Request,
+        record: RecordedRequest,
+        response: web.StreamResponse,
+        writes: list[_Write],
+        cut_at: int | None,
+    ) -> web.StreamResponse:
+        """Send headers, then each write in turn; record how it ended.
+
+        aiohttp (3.9+, ``handler_cancellation=False``) does not cancel a handler when its client
+        goes away: the next write raises ConnectionResetError (aiohttp's
+        ClientConnectionResetError subclasses it). CancelledError still comes if the handler is
+        cancelled, e.g. by `close` during a slow stream; both count as disconnects.
+        """
+        try:
+            await response.prepare(request)
+            for index, write in enumerate(writes):
+                if index == cut_at:
+                    await self._abort(request)
+                    self.cut.append(record.id)
+                    return response
+                if write.delay:
+                    await asyncio.sleep(write.delay)
+                await response.write(write.data)
+            if cut_at is not None and cut_at >= len(writes):
+                await self._abort(request)
+                self.cut.append(record.id)
+                return response
+            await response.write_eof()
+        except ConnectionError:
+            self.disconnects.append(record.id)
+            return response
+        except asyncio.CancelledError:
+            self.disconnects.append(record.id)
+            raise
+        self.finished.append(record.id)
+        return response
+
+    @staticmethod
+    async def _abort(request: web.Request) -> None:
+        """Close the TCP connection without ending the chunked body, as a crashed upstream does.
+
+        What was written must reach the client first: abort() discards the transport's buffer."""
+        transport = request.transport
+        if transport is None:
+            return
+        for _ in range(_FLUSH_POLLS):
+            if not transport.get_write_buffer_size() or transport.is_closing():
+                break
+            await asyncio.sleep(0.001)
+        transport.abort()
+
+
+def _validate(body: Any, *, fim: bool) -> dict[str, Any]:
+    """DeepSeek's checks on a completion body, in its order; raises `_Rejected`."""
+    if not isinstance(body, dict):
+        raise _Rejected(
+            400, error_body(400, message="Invalid Format: the body is not a JSON object")
+        )
+    for name in ("model", "prompt") if fim else ("model", "messages"):
+        if name not in body:
+            raise _Rejected(
+                422, error_body(422, message=f"Invalid Parameters: missing field `{name}`")
+            )
+    # DeepSeek 2026 rejects stream_options on a non-streaming request (null counts as absent).
+    if body.get("stream_options") is not None and body.get("stream") is not True:
+        raise _Rejected(
+            400,
+            error_body(
+                400, message="Invalid Format: stream_options should be set along with stream = true"
+            ),
+        )
+    if body["model"] == NONEXISTENT_MODEL:
+        raise _Rejected(400, error_body(400, message="Model Not Exist"))
+    return body
+
+
+def _keepalives(reply: Reply, line: bytes) -> list[_Write]:
+    return [
+        _Write(reply.keepalive_interval if index else 0.0, line) for index in range(reply.keepalive)
+    ]
+
+
+def _trace_headers(extra: dict[str, str]) -> dict[str, str]:
+    """DeepSeek's trace id header (it sends no x-request-id), then the Reply's extra headers."""
+    return {"x-ds-trace-id": uuid.uuid4().hex, **extra}
+
+
+@contextlib.asynccontextmanager
+async def running_fake() -> AsyncIterator[FakeDeepSeek]:
+    """A started `FakeDeepSeek`, closed on exit."""
+    fake = FakeDeepSeek()
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.close()
