@@ -21,15 +21,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from proxy.admission import Admission
-from proxy.answer import shown_body
 from proxy.auth import ClientKey, authenticate
 from proxy.budgets import BudgetGuard, SharedBudgetGuard
 from proxy.config import ProxyConfig, check_references
@@ -38,16 +37,32 @@ from proxy.errors import (
     NotFound,
     ProxyError,
     Unauthorized,
-    UpstreamRedirect,
     error_response,
 )
-from proxy.forward import MAX_ERROR_BODY, Endpoint, ProxyState, proxy_completion
 from proxy.ledger.store import SpendReader
 from proxy.ledger.writer import LedgerStatus
 from proxy.metrics import ProxyMetrics
 from proxy.pricing import PriceBook
 from proxy.records import ALWAYS_HEALTHY, LedgerHealth, RecordSink
-from proxy.upstream import Upstream, read_limited, redact, response_headers
+from proxy.relay import Endpoint, proxy_completion
+from proxy.upstream import AiohttpTransport, Transport, Upstream, refuse_redirect
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyState:
+    """Everything a request handler needs, built once at start-up by `create_app`."""
+
+    config: ProxyConfig
+    book: PriceBook
+    upstream: Upstream
+    sink: RecordSink
+    metrics: ProxyMetrics
+    budgets: BudgetGuard
+    admission: Admission
+    clock: Callable[[], datetime]
+    ledger: LedgerHealth = ALWAYS_HEALTHY
+    """Whether the ledger can take the call's record (see `proxy.relay.call`)."""
+
 
 STATE = web.AppKey("state", ProxyState)
 ADMISSION = web.AppKey("admission", Admission)
@@ -150,19 +165,10 @@ def _unrouted(routes: Mapping[str, frozenset[str]]) -> Handler:
 
 
 async def _models(request: web.Request, state: ProxyState) -> web.StreamResponse:
-    async with await state.upstream.request("GET", "/models", request.headers) as upstream:
-        if 300 <= upstream.status < 400:
-            raise UpstreamRedirect(
-                f"DeepSeek answered HTTP {upstream.status} (a redirect); "
-                "the proxy does not follow redirects"
-            )
-        headers = state.upstream.mask.headers(response_headers(upstream.headers))
-        body = shown_body(
-            await read_limited(upstream, MAX_ERROR_BODY), upstream.headers, headers, MAX_ERROR_BODY
-        )
-        return web.Response(
-            status=upstream.status, headers=headers, body=redact(body, state.upstream.api_key)
-        )
+    async with await state.upstream.send("GET", "/models", request.headers) as answer:
+        refuse_redirect(answer)
+        headers, body = await state.upstream.shown(answer)
+        return web.Response(status=answer.status, headers=headers, body=body)
 
 
 async def _healthz(request: web.Request, state: ProxyState) -> web.StreamResponse:
@@ -192,6 +198,7 @@ def create_app(
     admission: Admission | None = None,
     ledger: LedgerHealth | None = None,
     ledger_status: Callable[[], LedgerStatus] | None = None,
+    transport: Transport | None = None,
 ) -> web.Application:
     """Build the application; the upstream session opens and closes with it.
 
@@ -203,7 +210,8 @@ def create_app(
     (`proxy.admission.SharedAdmission`); by default it counts this process's own. `ledger`
     says whether the ledger can take records (None: always, as for a sink that cannot fail),
     and `ledger_status` gives its figures for the ``llm_ledger_*`` metrics (the ledger's
-    writer provides both).
+    writer provides both). `transport` carries requests to DeepSeek (aiohttp's by default; tests
+    pass an in-memory one).
     """
     check_references(config, currencies=book.currencies, tools=book.tool_fees)
     app = web.Application(client_max_size=config.limits.max_request_bytes)
@@ -246,11 +254,11 @@ def create_app(
         budgets = BudgetGuard(config.budgets, book, spend, config.billing_timezone, config.policies)
 
     async def upstream_session(app: web.Application) -> AsyncIterator[None]:
-        session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
-            skip_auto_headers=("User-Agent",),
+        upstream = Upstream(
+            config.upstream_base_url,
+            api_key,
+            transport if transport is not None else AiohttpTransport(config.timeouts),
         )
-        upstream = Upstream(session, config.upstream_base_url, api_key, config.timeouts)
         app[STATE] = ProxyState(
             config=config,
             book=book,
@@ -263,7 +271,7 @@ def create_app(
             ledger=ledger or ALWAYS_HEALTHY,
         )
         yield
-        await session.close()
+        await upstream.close()
 
     app.cleanup_ctx.append(upstream_session)
     if shared_metrics_dir is not None:

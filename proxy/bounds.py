@@ -37,7 +37,7 @@ headroom, which is there for a bound, not a best guess). Files cannot be estimat
 that had to leave them out is flagged.
 
 The output is bounded by ``max_tokens`` when the request sets a positive one (after the proxy
-wrote or lowered it, `proxy.request_body`), else by `Limits.max_output_tokens`, DeepSeek V4's
+wrote or lowered it, `proxy.relay.request`), else by `Limits.max_output_tokens`, DeepSeek V4's
 maximum output. Only ``max_tokens`` counts: DeepSeek documents no other output limit, so a
 request that sets only ``max_completion_tokens`` is bounded by the maximum.
 """

@@ -16,11 +16,12 @@
     ├── BudgetUnavailable       503  budget state unreadable: fail closed (proxy.budgets)
     ├── LedgerUnavailable       503  the ledger cannot commit (hard budgets fail closed), or
     │                                its bounded queue is full (every call)
-    ├── UpstreamUnavailable     502  could not connect to DeepSeek (nothing was sent)
-    ├── UpstreamCut             502  the connection broke after the request was sent
-    ├── UpstreamRedirect        502  DeepSeek answered with a redirect (never followed)
-    ├── UpstreamBadResponse     502  DeepSeek's answer cannot be read (encoding, endless event)
-    └── UpstreamTimeout         504  DeepSeek did not answer in time (it may have billed)
+    └── UpstreamFailure              DeepSeek unreachable, or its answer not relayed whole
+        ├── UpstreamUnavailable 502  could not connect to DeepSeek (nothing was sent)
+        ├── UpstreamCut         502  the connection broke after the request was sent
+        ├── UpstreamRedirect    502  DeepSeek answered with a redirect (never followed)
+        ├── UpstreamBadResponse 502  DeepSeek's answer cannot be read (encoding, endless event)
+        └── UpstreamTimeout     504  DeepSeek did not answer in time (it may have billed)
 
 SDKs retry 5xx by default; `x-should-retry: false` is set where a retry could be billed twice.
 """
@@ -32,6 +33,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 from aiohttp import web
+
+from proxy.outcome import Failure
 
 
 class ProxyError(Exception):
@@ -147,43 +150,53 @@ class LedgerUnavailable(ProxyError):
     retry_after = 5
 
 
-class UpstreamUnavailable(ProxyError):
-    status = 502
+class UpstreamFailure(ProxyError):
+    """DeepSeek could not be reached or its answer not relayed whole: `failure` names the kind
+    for the call's outcome (`proxy.outcome`)."""
+
     error_type = "upstream_error"
+    failure: Failure | None = None
+
+
+class UpstreamUnavailable(UpstreamFailure):
+    status = 502
     code = "upstream_unavailable"
+    failure = "unreachable"
 
 
-class UpstreamCut(ProxyError):
-    """The connection broke after the request was sent, before DeepSeek's answer began: it may
-    be working on (and billing) the call, so an SDK must not send it again."""
+class UpstreamCut(UpstreamFailure):
+    """The connection broke after the request was sent, or DeepSeek's answer ended before it
+    was whole: it may be working on (and billing) the call, so an SDK must not send it
+    again."""
 
     status = 502
-    error_type = "upstream_error"
     code = "upstream_cut"
     retry = False
+    failure = "cut"
 
 
-class UpstreamRedirect(ProxyError):
+class UpstreamRedirect(UpstreamFailure):
+    """DeepSeek answered with a redirect: its status says how the call ended (no failure)."""
+
     status = 502
-    error_type = "upstream_error"
     code = "upstream_redirect"
 
 
-class UpstreamBadResponse(ProxyError):
+class UpstreamBadResponse(UpstreamFailure):
     """DeepSeek's answer cannot be read (an encoding the proxy cannot undo, an event that never
     ends). It may have billed the call, so an SDK must not send it again."""
 
     status = 502
-    error_type = "upstream_error"
     code = "upstream_bad_response"
     retry = False
+    failure = "unreadable"
 
 
-class UpstreamTimeout(ProxyError):
+class UpstreamTimeout(UpstreamFailure):
     status = 504
-    error_type = "upstream_error"
     code = "upstream_timeout"
     retry = False
+    failure = "timeout"
 
 
 def error_body(

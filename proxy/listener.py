@@ -6,7 +6,7 @@ attacking the proxy:
 - **Request bodies are never inflated.** aiohttp's server inflates a ``Content-Encoding: gzip``
   body on the event loop as it arrives, before any handler runs (so before authentication) and
   with no bound on the result: four 1 MiB bodies that inflate to 1 GiB each stalled every other
-  request for seconds. Here decompression is off, and `proxy.request_body` refuses a compressed
+  request for seconds. Here decompression is off, and `proxy.relay.request` refuses a compressed
   body (415) without reading it.
 - **A malformed request is answered without quoting it.** aiohttp answers a request line or
   header it cannot parse (a control byte after a key, LF-only line endings, an over-long

@@ -1,7 +1,8 @@
 """What the proxy learns about a call while relaying it, and the priced record it becomes.
 
-`CallMeter` is filled in by the forwarding code (instants, status, usage as it is seen) and turned
-into exactly one `UsageRecord` by `build_record`, whatever way the call ended.
+`CallMeter` is filled in by the relay (`proxy.relay`: instants, status, what failed, usage as it
+is seen) and turned into exactly one `UsageRecord` by `build_record`, whatever way the call
+ended.
 
 `StreamMeter` looks at each SSE event of a streamed completion: it keeps the last non-null
 usage (DeepSeek has put usage on the last content chunk, on a separate usage-only chunk, and on
@@ -38,6 +39,7 @@ import orjson
 
 from proxy.bounds import estimate_prompt
 from proxy.config import Limits
+from proxy.outcome import Failure, classify
 from proxy.pricing import PriceBook, price
 from proxy.records import Outcome, UsageRecord, UsageSource, storable
 from proxy.sse import Event
@@ -70,14 +72,22 @@ class CallMeter:
     model_served: str | None = None
     upstream_status: int | None = None
     trace_id: str | None = None
-    outcome: Outcome = "connect_error"
+    failure: Failure | None = None
+    """What ended the call early, if anything (`proxy.outcome`)."""
+    client_left: bool = False
+    """The client went away before the answer was whole."""
     reported: ReportedUsage | None = None
     output_chunks: int = 0
     flags: list[str] = field(default_factory=list)
-    proxy_seconds: float = 0.0
-    """Time spent in the proxy's own code for this call (the overhead metric)."""
+    overhead_seconds: float = 0.0
+    """Time spent in the proxy's own code for this call (``llm_proxy_overhead_seconds``)."""
     price_book: str = ""
     """Digest of the price book in use, named by the call's ``in_flight`` row."""
+
+    @property
+    def outcome(self) -> Outcome:
+        """How the call ended, from the facts recorded so far."""
+        return classify(self.upstream_status, self.failure, self.client_left)
 
     def flag(self, flag: str) -> None:
         """Add a flag once."""

@@ -22,12 +22,12 @@ from zoneinfo import ZoneInfo
 import httpx
 
 from proxy.config import Budget
-from proxy.forward import new_request_id
 from proxy.ledger.store import SQLiteLedger
 from proxy.ledger.writer import LedgerWriter
 from proxy.metering import CallMeter
 from proxy.pricing import PriceBook
 from proxy.records import UsageRecord
+from proxy.relay.request import new_request_id
 from tests.support.fake_deepseek import FakeDeepSeek
 from tests.support.fake_deepseek_shapes import Reply
 from tests.support.ledger_faults import USAGE, fill_to_the_limit, lift_the_limit, record

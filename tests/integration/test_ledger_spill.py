@@ -16,12 +16,12 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from proxy.cli import main
-from proxy.forward import new_request_id
 from proxy.ledger.spill import read_records, spill
 from proxy.ledger.store import SQLiteLedger
 from proxy.metering import CallMeter, in_flight_record
 from proxy.pricing import PriceBook
 from proxy.records import UsageRecord
+from proxy.relay.request import new_request_id
 from tests.support.ledger_faults import record
 from tests.support.proxy_harness import PEAK
 from tests.support.serve_process import write_config

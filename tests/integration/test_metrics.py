@@ -28,6 +28,7 @@ from proxy.metrics import (
     CallTotals,
     ProxyMetrics,
 )
+from proxy.outcome import Failure
 from proxy.pricing import PriceBook
 from proxy.records import UsageRecord
 from tests.support.fake_deepseek import FakeDeepSeek, running_fake
@@ -279,7 +280,7 @@ def test_spend_periods_follow_the_billing_timezone(tmp_path: Path, book: PriceBo
             started_at=datetime.fromisoformat(instant),
             prompt_bound=LOOSE.max_context_tokens,
             output_bound=LOOSE.max_output_tokens,
-            outcome="complete",
+            upstream_status=200,
         )
         meter.reported = parse_usage(USAGE)
         records.append(build_record(meter, meter.started_at, book, "request_start", LOOSE))
@@ -306,6 +307,18 @@ def test_spend_periods_follow_the_billing_timezone(tmp_path: Path, book: PriceBo
     assert sample(registry, "llm_team_spend", team="beta", period="month", currency="USD") == 0
     store.close()
     assert PEAK.tzinfo is UTC
+
+
+FACTS: dict[str, tuple[Failure | None, bool]] = {
+    "complete": (None, False),
+    "upstream_error": (None, False),
+    "upstream_cut": ("cut", False),
+    "timeout": ("timeout", False),
+    "connect_error": ("unreachable", False),
+    "bad_response": ("unreadable", False),
+    "client_disconnected": (None, True),
+}
+"""What the relay records for each outcome (`proxy.outcome.classify` turns it back)."""
 
 
 def _records(book: PriceBook, count: int, seed: int) -> list[UsageRecord]:
@@ -337,8 +350,8 @@ def _records(book: PriceBook, count: int, seed: int) -> list[UsageRecord]:
             started_at=started,
             prompt_bound=LOOSE.max_context_tokens,
             output_bound=LOOSE.max_output_tokens,
-            outcome=outcome,
-        )  # type: ignore[arg-type]
+        )
+        meter.failure, meter.client_left = FACTS[outcome]
         meter.upstream_status = {
             "upstream_error": rng.choice([400, 429, 500]),
             "connect_error": None,

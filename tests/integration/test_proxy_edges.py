@@ -11,9 +11,9 @@ import httpx
 import openai
 import pytest
 
-from proxy.forward import Deadline
 from proxy.pricing import PriceBook
 from proxy.records import LogSink
+from proxy.relay.deadline import Deadline
 from tests.support.fake_deepseek import FakeDeepSeek
 from tests.support.fake_deepseek_shapes import FAKE_UPSTREAM_KEY, Reply
 from tests.support.proxy_harness import TEAM_KEYS, RunningProxy, running_proxy

@@ -43,7 +43,7 @@ def record(book: PriceBook, request_id: str, started_at: datetime, team: str) ->
         started_at=started_at,
         prompt_bound=LOOSE.max_context_tokens,
         output_bound=LOOSE.max_output_tokens,
-        outcome="complete",
+        upstream_status=200,
         price_book=book.digest,
     )
     meter.reported = parse_usage(USAGE)
@@ -55,7 +55,7 @@ def fill_to_the_limit(
 ) -> list[UsageRecord]:
     """Cap the ledger at its size, then store records until SQLite refuses one; returns those
     it took. Every later record of `team` that starts at or after `before`, with a request id
-    from `proxy.forward.new_request_id`, fails too: such a record lands on the last page of
+    from `proxy.relay.request.new_request_id`, fails too: such a record lands on the last page of
     every table and index it touches, as the fillers did (their ids, rows and instants all
     increase, and sort before the later ones), and one of those pages is full."""
     conn = store._conn  # the writer's own connection: the cap is per connection

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.answer import DECODE_PIECE, EDGE_BYTES, METER_BODY_BYTES, BodyTap, Decoder, Undecodable
+from proxy.relay.tap import EDGE_BYTES, METER_BODY_BYTES, BodyTap
+from proxy.upstream.answer import DECODE_PIECE, Decoder, Undecodable
 
 USAGE = {
     "prompt_tokens": 10,

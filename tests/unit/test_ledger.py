@@ -15,7 +15,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.config import Limits
-from proxy.forward import new_request_id
 from proxy.ledger.store import (
     SCHEMA_VERSION,
     SchemaTooNew,
@@ -29,6 +28,7 @@ from proxy.ledger.writer import LedgerWriter
 from proxy.metering import CallMeter, build_record, in_flight_record
 from proxy.pricing import PriceBook
 from proxy.records import UsageRecord
+from proxy.relay.request import new_request_id
 from proxy.usage import parse_usage
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
@@ -55,7 +55,7 @@ def meter(request_id: str, instant: datetime, team: str = "alpha") -> CallMeter:
         started_at=instant,
         prompt_bound=LOOSE.max_context_tokens,
         output_bound=LOOSE.max_output_tokens,
-        outcome="complete",
+        upstream_status=200,
     )
 
 

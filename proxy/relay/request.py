@@ -1,4 +1,5 @@
-"""The client's request body: read within limits, checked, parsed, and rewritten for DeepSeek.
+"""The client's request: its id, and its body read within limits, checked, parsed, and
+rewritten for DeepSeek.
 
 Everything here happens before a call is admitted, so a request that fails here costs nothing
 and holds nothing: no in-flight slot, no ledger row, no budget reservation.
@@ -20,6 +21,8 @@ and holds nothing: no in-flight slot, no ledger row, no budget reservation.
 from __future__ import annotations
 
 import asyncio
+import random
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +31,21 @@ from aiohttp import web
 
 from proxy.errors import BadRequest, PayloadTooLarge, RequestTimeout, UnsupportedEncoding
 from proxy.records import MAX_TEXT_CHARS, storable
+
+
+def new_request_id() -> str:
+    """32 hex digits: Unix time in milliseconds (12 digits), then 80 random bits.
+
+    Time-ordered on purpose (the layout idea of UUIDv7): the request id is the ledger's
+    primary key, and random keys scatter each batch of inserts over the whole index, every row
+    dirtying its own page and every page rewritten into the WAL. Measured in bench/, random ids
+    cost the ledger thread about 65 us of CPU per call, ordered ones 34 us. The random part
+    keeps ids unique across workers and within a millisecond. It need not be unguessable (the
+    id is no secret: the client gets it as ``x-request-id``), so it comes from `random`, which
+    the interpreter seeds from the OS per process (and again in a forked child), without a
+    system call per id.
+    """
+    return f"{time.time_ns() // 1_000_000:012x}{random.getrandbits(80):020x}"
 
 
 def refuse_compressed(request: web.Request) -> None:
