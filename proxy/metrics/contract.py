@@ -119,6 +119,18 @@ TOOL_CALLS = Family(
     "Server-side tool calls billed (web search, fetch)",
     "team, model, tool",
 )
+COST = Family(
+    "llm_cost_total",
+    "counter",
+    "Spend as priced by the price book",
+    "team, model, currency, tier",
+)
+CACHE_SAVINGS = Family(
+    "llm_cache_savings_total",
+    "counter",
+    "What cache-hit tokens would have cost at the cache-miss price, minus what they cost",
+    "team, model, currency",
+)
 DURATION = Family(
     "llm_request_duration_seconds",
     "histogram",
@@ -161,23 +173,13 @@ UPSTREAM_ANOMALIES = Family(
     "(usage past the request's bounds, data after [DONE], ...)",
     "reason",
 )
-COST = Family(
-    "llm_cost_total",
-    "counter",
-    "Spend as priced by the price book",
-    "team, model, currency, tier",
-)
-CACHE_SAVINGS = Family(
-    "llm_cache_savings_total",
-    "counter",
-    "What cache-hit tokens would have cost at the cache-miss price, minus what they cost",
-    "team, model, currency",
-)
 PER_CALL = (
     REQUESTS,
     TOKENS,
     REASONING_TOKENS,
     TOOL_CALLS,
+    COST,
+    CACHE_SAVINGS,
     DURATION,
     TIME_TO_FIRST_TOKEN,
     OVERHEAD,
@@ -185,8 +187,6 @@ PER_CALL = (
     UNPRICED,
     UPSTREAM_ERRORS,
     UPSTREAM_ANOMALIES,
-    COST,
-    CACHE_SAVINGS,
 )
 
 # Read when Prometheus scrapes (`proxy.metrics.collectors`), or set by each worker.

@@ -32,7 +32,7 @@ from proxy.metrics import (
 )
 from proxy.metrics.sharing import SharedTotals
 from proxy.pricing import PriceBook
-from proxy.records import UsageRecord
+from proxy.records import Outcome, UsageRecord
 from tests.support.fake_deepseek import FakeDeepSeek, running_fake
 from tests.support.fake_deepseek_shapes import Reply
 from tests.support.proxy_harness import PEAK, TEAM_KEYS, running_proxy
@@ -315,18 +315,17 @@ def _records(book: PriceBook, count: int, seed: int) -> list[UsageRecord]:
     records = []
     for i in range(count):
         started = PEAK + timedelta(seconds=i)
-        outcome = rng.choice(
-            [
-                "complete",
-                "complete",
-                "upstream_error",
-                "upstream_cut",
-                "timeout",
-                "connect_error",
-                "bad_response",
-                "client_disconnected",
-            ]
-        )
+        outcomes: list[Outcome] = [
+            "complete",
+            "complete",
+            "upstream_error",
+            "upstream_cut",
+            "timeout",
+            "connect_error",
+            "bad_response",
+            "client_disconnected",
+        ]
+        outcome = rng.choice(outcomes)
         meter = CallMeter(
             request_id=f"r{i}",
             team=rng.choice(["alpha", "beta"]),
@@ -339,7 +338,7 @@ def _records(book: PriceBook, count: int, seed: int) -> list[UsageRecord]:
             prompt_bound=LOOSE.max_context_tokens,
             output_bound=LOOSE.max_output_tokens,
             outcome=outcome,
-        )  # type: ignore[arg-type]
+        )
         meter.upstream_status = {
             "upstream_error": rng.choice([400, 429, 500]),
             "connect_error": None,
