@@ -78,7 +78,19 @@ def sources(book: PriceBook) -> MetricSources:
     )
 
 
-def call(book: PriceBook, outcome: Outcome, model: str, status: int | None) -> UsageRecord:
+USAGE = {
+    "prompt_tokens": 100,
+    "completion_tokens": 20,
+    "prompt_cache_hit_tokens": 60,
+    "prompt_cache_miss_tokens": 40,
+    "completion_tokens_details": {"reasoning_tokens": 5},
+    "server_tool_use": {"web_search_requests": 1},
+}
+
+
+def call(
+    book: PriceBook, outcome: Outcome, model: str, status: int, usage: object = None
+) -> UsageRecord:
     meter = CallMeter(
         request_id=outcome,
         team="alpha",
@@ -92,42 +104,19 @@ def call(book: PriceBook, outcome: Outcome, model: str, status: int | None) -> U
         output_bound=Limits().max_output_tokens,
         outcome=outcome,
         upstream_status=status,
+        first_byte_at=PEAK + timedelta(seconds=0.2),
     )
+    if usage is not None:
+        meter.take_usage(usage, {"web_search_requests": "search"})
+        meter.flag("data_after_done")
     return build_record(meter, PEAK + timedelta(seconds=1), book, "request_start", Limits())
 
 
 def traffic(book: PriceBook) -> list[UsageRecord]:
-    """Calls that between them give every per-call family a series."""
-    complete = CallMeter(
-        request_id="complete",
-        team="beta",
-        key_id="k_00000000",
-        endpoint="chat",
-        stream=False,
-        model_requested="deepseek-flash",
-        payload={},
-        started_at=PEAK,
-        prompt_bound=Limits().max_context_tokens,
-        output_bound=Limits().max_output_tokens,
-        outcome="complete",
-        upstream_status=200,
-        first_byte_at=PEAK + timedelta(seconds=0.2),
-    )
-    complete.take_usage(
-        {
-            "prompt_tokens": 100,
-            "completion_tokens": 20,
-            "prompt_cache_hit_tokens": 60,
-            "prompt_cache_miss_tokens": 40,
-            "completion_tokens_details": {"reasoning_tokens": 5},
-            "server_tool_use": {"web_search_requests": 1},
-        },
-        {"web_search_requests": "search"},
-    )
-    complete.flag("data_after_done")
-    ended = PEAK + timedelta(seconds=1)
+    """Calls that between them give every per-call family a series: one complete with usage,
+    a tool call and an anomaly; a DeepSeek error; a cut call of a model the book lacks."""
     return [
-        build_record(complete, ended, book, "request_start", Limits()),
+        call(book, "complete", "deepseek-flash", 200, USAGE),
         call(book, "upstream_error", "deepseek-flash", 429),
         call(book, "upstream_cut", "someone-else", 200),
     ]
