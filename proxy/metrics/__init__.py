@@ -8,11 +8,13 @@ package keeps apart what prometheus_client keeps apart:
 - `proxy.metrics.collectors`: figures read when Prometheus scrapes (calls in progress, the
   ledger's state, spend from the ledger, holiday calendars);
 - `proxy.metrics.sharing`: ``serve --workers N``, every worker's figures summed;
-- `proxy.metrics.proxy_metrics`: `ProxyMetrics`, which the app builds from `MetricSources`.
+- `proxy.metrics.sources`: `MetricSources`, what the figures that are not per call come from;
+- `proxy.metrics.proxy_metrics`: `ProxyMetrics`, which the app builds from them.
 """
 
 from proxy.metrics.contract import DURATION_BUCKETS, OVERHEAD_BUCKETS, TTFT_BUCKETS
-from proxy.metrics.proxy_metrics import MetricSources, ProxyMetrics
+from proxy.metrics.proxy_metrics import ProxyMetrics
+from proxy.metrics.sources import MetricSources
 from proxy.metrics.totals import CallTotals
 
 __all__ = [

@@ -8,17 +8,12 @@ path its two entry points: `ProxyMetrics.observe` once per finished call and
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Sequence
 from pathlib import Path
-from zoneinfo import ZoneInfo
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from proxy.config import Budget
-from proxy.ledger.store import SpendReader
-from proxy.ledger.writer import LedgerStatus
 from proxy.metrics.collectors import (
     CalendarCollector,
     InflightCollector,
@@ -27,30 +22,9 @@ from proxy.metrics.collectors import (
 )
 from proxy.metrics.contract import BUDGET_REFUSALS, BUDGET_THRESHOLD, OTHER, TEAM_BUDGET
 from proxy.metrics.sharing import WorkerSharing
+from proxy.metrics.sources import MetricSources
 from proxy.metrics.totals import CallTotals
-from proxy.pricing import PriceBook
 from proxy.records import UsageRecord
-
-
-@dataclass(frozen=True, slots=True)
-class MetricSources:
-    """Where the figures that are not per call come from."""
-
-    teams: Sequence[str]
-    """Every team's series exists from the start (at 0)."""
-    book: PriceBook
-    """Bounds the model, tool and currency labels; its holiday calendars are watched."""
-    billing_timezone: ZoneInfo
-    """Where billing days, weeks and months start (``llm_team_spend``)."""
-    clock: Callable[[], datetime]
-    budgets: Sequence[Budget] = ()
-    spend: SpendReader | None = None
-    """Daily spend from the ledger; without one there is no ``llm_team_spend``."""
-    in_flight: Callable[[], Mapping[str, int]] = dict
-    """Calls in progress per team (`proxy.admission.Admission.in_flight`)."""
-    ledger: Callable[[], LedgerStatus] | None = None
-    """The ledger writer's figures (`proxy.ledger.writer.LedgerWriter.status`); without it
-    there are no ``llm_ledger_*`` metrics."""
 
 
 class ProxyMetrics:
@@ -69,9 +43,7 @@ class ProxyMetrics:
         own = registry  # where this process's gauges and counters live
         self.sharing: WorkerSharing | None = None
         if shared_dir is not None:
-            self.sharing = WorkerSharing(
-                registry, shared_dir, self.calls, sources.teams, sources.in_flight, sources.ledger
-            )
+            self.sharing = WorkerSharing(registry, shared_dir, self.calls, sources)
             own = self.sharing.registry
         else:
             registry.register(InflightCollector(sources.teams, sources.in_flight))

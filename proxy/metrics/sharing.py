@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import json
 import os
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +35,7 @@ from proxy.ledger.writer import LedgerStatus
 from proxy.metrics import contract
 from proxy.metrics.collectors import ledger_values
 from proxy.metrics.contract import Family
+from proxy.metrics.sources import MetricSources
 from proxy.metrics.totals import CallTotals, Tables, add, export
 
 
@@ -111,7 +112,8 @@ class _SharedLedgerGauges:
         contract.LEDGER_LAST_COMMIT: "livemax",
     }
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, status: Callable[[], LedgerStatus]) -> None:
+        self._status = status
         self._gauges = {
             family: Gauge(*family.declaration, registry=registry, multiprocess_mode=mode)
             for family, mode in self._MODES.items()
@@ -119,7 +121,8 @@ class _SharedLedgerGauges:
         self._errors = Counter(*contract.LEDGER_WRITE_ERRORS.declaration, registry=registry)
         self._errors_published = 0
 
-    def set(self, status: LedgerStatus) -> None:
+    def publish(self) -> None:
+        status = self._status()
         for family, value in ledger_values(status).items():
             if family in self._gauges:
                 self._gauges[family].set(value)
@@ -140,30 +143,28 @@ class WorkerSharing:
         exported: CollectorRegistry,
         shared_dir: Path,
         totals: CallTotals,
-        teams: Sequence[str],
-        in_flight: Callable[[], Mapping[str, int]],
-        ledger: Callable[[], LedgerStatus] | None,
+        sources: MetricSources,
     ) -> None:
         MultiProcessCollector(exported, path=str(shared_dir))  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry()  # the metric objects; their values are in the files
         self.totals = SharedTotals(totals, shared_dir)
         exported.register(self.totals)
-        self._teams = teams
-        self._in_flight = in_flight
+        self._sources = sources
         self._inflight_gauge = Gauge(  # the scrape sums the live workers
             *contract.INFLIGHT.declaration, registry=self.registry, multiprocess_mode="livesum"
         )
-        self._ledger = ledger
-        self._ledger_gauges = _SharedLedgerGauges(self.registry) if ledger is not None else None
+        self._ledger_gauges = None
+        if sources.ledger is not None:
+            self._ledger_gauges = _SharedLedgerGauges(self.registry, sources.ledger)
 
     def publish(self) -> None:
         """Share this worker's figures with the others: its calls in progress, its ledger
         writer's state and its per-call totals."""
-        counts = self._in_flight()
-        for team in self._teams:
+        counts = self._sources.in_flight()
+        for team in self._sources.teams:
             self._inflight_gauge.labels(team).set(counts.get(team, 0))
-        if self._ledger is not None and self._ledger_gauges is not None:
-            self._ledger_gauges.set(self._ledger())
+        if self._ledger_gauges is not None:
+            self._ledger_gauges.publish()
         self.totals.dump()
 
     async def publishing(self, app: web.Application) -> AsyncIterator[None]:
