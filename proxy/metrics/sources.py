@@ -15,7 +15,8 @@ from proxy.pricing import PriceBook
 
 @dataclass(frozen=True, slots=True)
 class MetricSources:
-    """Where the figures that are not per call come from."""
+    """What the app hands the metrics from its config, price book, admission and ledger; a
+    test builds one with only what it needs, the rest left at its default (absent)."""
 
     teams: Sequence[str]
     """Every team's series exists from the start (at 0)."""
