@@ -18,15 +18,13 @@ scrape path behind the network's own access control); every error is in OpenAI's
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from proxy.admission import Admission
 from proxy.auth import ClientKey, authenticate
@@ -41,7 +39,7 @@ from proxy.errors import (
 )
 from proxy.ledger.store import SpendReader
 from proxy.ledger.writer import LedgerStatus
-from proxy.metrics import ProxyMetrics
+from proxy.metrics import MetricSources, ProxyMetrics
 from proxy.pricing import PriceBook
 from proxy.records import ALWAYS_HEALTHY, LedgerHealth, RecordSink
 from proxy.relay import Endpoint, proxy_completion
@@ -171,6 +169,12 @@ async def _models(request: web.Request, state: ProxyState) -> web.StreamResponse
         return web.Response(status=answer.status, headers=headers, body=body)
 
 
+async def _metrics(request: web.Request, state: ProxyState) -> web.StreamResponse:
+    return web.Response(
+        body=state.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
+
+
 async def _healthz(request: web.Request, state: ProxyState) -> web.StreamResponse:
     """Liveness: the process answers."""
     return web.json_response({"status": "ok"})
@@ -218,21 +222,17 @@ def create_app(
     registry = registry if registry is not None else CollectorRegistry()
     admission = admission if admission is not None else Admission(config.limits)
     app[ADMISSION] = admission
-    metrics = ProxyMetrics(
-        registry,
+    sources = MetricSources(
         teams=config.teams,
-        models=book.models,
-        tools=book.tool_fees,
-        currencies=book.currencies,
-        spend=spend,
+        book=book,
         billing_timezone=config.billing_timezone,
         clock=clock,
         budgets=config.budgets,
-        book=book,
-        shared_dir=shared_metrics_dir,
+        spend=spend,
         in_flight=admission.in_flight,
         ledger=ledger_status,
     )
+    metrics = ProxyMetrics(registry, sources, shared_metrics_dir)
     budgets: BudgetGuard
     if shared_ledger is not None:
         shared = SharedBudgetGuard(
@@ -274,8 +274,8 @@ def create_app(
         await upstream.close()
 
     app.cleanup_ctx.append(upstream_session)
-    if shared_metrics_dir is not None:
-        app.cleanup_ctx.append(_share_totals(metrics))
+    if metrics.sharing is not None:
+        app.cleanup_ctx.append(metrics.sharing.publishing)
     app.router.add_post("/chat/completions", _completion(_CHAT))
     app.router.add_post("/v1/chat/completions", _completion(_CHAT))
     app.router.add_post("/beta/chat/completions", _completion(_BETA_CHAT))
@@ -284,7 +284,7 @@ def create_app(
     app.router.add_get("/v1/models", _route(_models))
     app.router.add_get("/healthz", _route(_healthz, public=True))
     app.router.add_get("/readyz", _route(_readyz, public=True))
-    app.router.add_get("/metrics", _route(_metrics_handler(registry, metrics), public=True))
+    app.router.add_get("/metrics", _route(_metrics, public=True))
     routes: dict[str, set[str]] = {}
     for route in app.router.routes():
         routes.setdefault(route.resource.canonical, set()).add(route.method)  # type: ignore[union-attr]
@@ -292,34 +292,3 @@ def create_app(
         "*", "/{path:.*}", _unrouted({path: frozenset(methods) for path, methods in routes.items()})
     )
     return app
-
-
-def _share_totals(metrics: ProxyMetrics) -> Callable[[web.Application], AsyncIterator[None]]:
-    """Every second, publish this worker's figures for the other workers' scrapes."""
-
-    async def publish() -> None:
-        while True:
-            await asyncio.sleep(1.0)  # a period, not a wait for a condition
-            metrics.publish()
-
-    async def context(app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.create_task(publish(), name="share-metrics")
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        metrics.publish()
-
-    return context
-
-
-def _metrics_handler(
-    registry: CollectorRegistry, metrics: ProxyMetrics
-) -> Callable[[web.Request, ProxyState], Awaitable[web.StreamResponse]]:
-    async def handle(request: web.Request, state: ProxyState) -> web.StreamResponse:
-        metrics.publish()  # this worker's own figures are current in its scrape
-        return web.Response(
-            body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
-
-    return handle

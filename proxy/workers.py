@@ -9,7 +9,7 @@ so the kernel spreads connections over the cores. What must agree across workers
 - metrics: one fresh folder per run (``PROMETHEUS_MULTIPROC_DIR``), so whichever worker a
   scrape lands on exports the sum over all of them: gauges through prometheus_client's
   multiprocess mode, per-call totals as files each worker rewrites every second
-  (`proxy.metrics.CallTotals`);
+  (`proxy.metrics.sharing`);
 - hard budgets: reservations live in the ledger (`proxy.budgets.SharedBudgetGuard`);
 - admission limits: each worker counts its calls in progress in its slot of a small mapped file
   in the same folder (`proxy.admission.SharedAdmission`), so ``limits.max_inflight`` and

@@ -16,6 +16,7 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
 from proxy.config import Limits
 from proxy.ledger.store import SQLiteLedger
@@ -26,11 +27,13 @@ from proxy.metrics import (
     OVERHEAD_BUCKETS,
     TTFT_BUCKETS,
     CallTotals,
+    MetricSources,
     ProxyMetrics,
 )
+from proxy.metrics.sharing import SharedTotals
 from proxy.outcome import Failure
 from proxy.pricing import PriceBook
-from proxy.records import UsageRecord
+from proxy.records import Outcome, UsageRecord
 from tests.support.fake_deepseek import FakeDeepSeek, running_fake
 from tests.support.fake_deepseek_shapes import Reply
 from tests.support.proxy_harness import PEAK, TEAM_KEYS, running_proxy
@@ -287,16 +290,14 @@ def test_spend_periods_follow_the_billing_timezone(tmp_path: Path, book: PriceBo
     store.write([], records)
     now = datetime(2026, 11, 1, 15, 59, 30, tzinfo=UTC)  # still 2026-11-01 in Beijing
     registry = CollectorRegistry()
-    ProxyMetrics(
-        registry,
+    sources = MetricSources(
         teams=["alpha", "beta"],
-        models=book.models,
-        tools=book.tool_fees,
-        currencies=book.currencies,
-        spend=store.spend,
+        book=book,
         billing_timezone=ZoneInfo("Asia/Shanghai"),
         clock=lambda: now,
+        spend=store.spend,
     )
+    ProxyMetrics(registry, sources)
     costs = [r.costs["CNY"] for r in records]
     assert sample(registry, "llm_team_spend", team="alpha", period="day", currency="CNY") == float(
         costs[1] + costs[2]
@@ -327,18 +328,17 @@ def _records(book: PriceBook, count: int, seed: int) -> list[UsageRecord]:
     records = []
     for i in range(count):
         started = PEAK + timedelta(seconds=i)
-        outcome = rng.choice(
-            [
-                "complete",
-                "complete",
-                "upstream_error",
-                "upstream_cut",
-                "timeout",
-                "connect_error",
-                "bad_response",
-                "client_disconnected",
-            ]
-        )
+        outcomes: list[Outcome] = [
+            "complete",
+            "complete",
+            "upstream_error",
+            "upstream_cut",
+            "timeout",
+            "connect_error",
+            "bad_response",
+            "client_disconnected",
+        ]
+        outcome = rng.choice(outcomes)
         meter = CallMeter(
             request_id=f"r{i}",
             team=rng.choice(["alpha", "beta"]),
@@ -476,16 +476,13 @@ def test_call_totals_export_what_prometheus_client_would(book: PriceBook) -> Non
     records = _records(book, 400, seed=3)
     overheads = [(0.00005, 0.00007, 0.001, 0.2)[i % 4] for i in range(400)]
     ours, theirs = CollectorRegistry(), CollectorRegistry()
-    metrics = ProxyMetrics(
-        ours,
+    sources = MetricSources(
         teams=["alpha", "beta"],
-        models=book.models,
-        tools=book.tool_fees,
-        currencies=book.currencies,
-        spend=None,
+        book=book,
         billing_timezone=ZoneInfo("Asia/Shanghai"),
         clock=lambda: PEAK,
     )
+    metrics = ProxyMetrics(ours, sources)
     for record, spent in zip(records, overheads, strict=True):
         metrics.observe(record, spent)
     _reference(theirs, records, overheads, book)
@@ -514,23 +511,25 @@ def _same(got: dict[Any, float], expected: dict[Any, float]) -> None:
 def test_workers_totals_add_up(book: PriceBook, tmp_path: Path) -> None:
     """Two workers' totals, one published as a file: a scrape of either sums both exactly."""
     records = _records(book, 300, seed=5)
-    one, two = CallTotals(tmp_path, worker="1"), CallTotals(tmp_path, worker="2")
-    alone = CallTotals()
+    calls_one, calls_two, alone = CallTotals(), CallTotals(), CallTotals()
+    one = SharedTotals(calls_one, tmp_path, worker="1")
+    two = SharedTotals(calls_two, tmp_path, worker="2")
     for i, record in enumerate(records):
         model = record.model_requested if record.model_requested in book.models else "other"
-        (one if i % 3 else two).observe(record, model, dict(record.tool_calls), 0.001)
+        (calls_one if i % 3 else calls_two).observe(record, model, dict(record.tool_calls), 0.001)
         alone.observe(record, model, dict(record.tool_calls), 0.001)
     two.dump()
     one.dump()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["calls-1.json", "calls-2.json"]
     for totals in (one, two):
         _same(_samples(totals), _samples(alone))
-    cost = {tuple(k): v for k, v in alone.tables()["llm_cost"].items()}
+    cost = {tuple(k): v for k, v in alone.tables()["llm_cost_total"].items()}
     assert sum(cost.values(), Decimal(0)) == sum(
         (sum(r.costs.values(), Decimal(0)) for r in records), Decimal(0)
     )
 
 
-def _samples(collector: CallTotals) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def _samples(collector: Collector) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for f in collector.collect()

@@ -1,0 +1,130 @@
+"""Figures read when Prometheus scrapes rather than updated on the request path: calls in
+progress, the ledger writer's state, spend from the ledger, and holiday calendars running out.
+
+Each is a small custom `Collector` over a source it is given (a callable, a reader, the price
+book), as prometheus_client recommends for values that already live elsewhere: reading them at
+scrape time costs the request path nothing and is right after a restart. They are compared
+by identity (``eq=False``): a registry keeps its collectors in a dictionary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from zoneinfo import ZoneInfo
+
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector
+
+from proxy.ledger.store import SpendReader
+from proxy.ledger.writer import LedgerStatus
+from proxy.metrics.contract import (
+    HOLIDAY_CALENDAR_MISSING,
+    INFLIGHT,
+    LEDGER_COMMITTING,
+    LEDGER_LAST_COMMIT,
+    LEDGER_MAX_QUEUED,
+    LEDGER_QUEUED,
+    LEDGER_WRITE_ERRORS,
+    TEAM_SPEND,
+    Family,
+)
+from proxy.periods import PERIODS, period_start
+from proxy.pricing import PriceBook
+from proxy.pricing.engine import schedule_version_at, to_micros
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class InflightCollector(Collector):
+    """`llm_inflight_requests` read from the admission counts: the request path does no gauge
+    updates."""
+
+    teams: Sequence[str]
+    in_flight: Callable[[], Mapping[str, int]]
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self.in_flight()
+        gauge = INFLIGHT.gauge()
+        for team in self.teams:
+            gauge.add_metric([team], float(counts.get(team, 0)))
+        yield gauge
+
+
+def ledger_values(status: LedgerStatus) -> dict[Family, float]:
+    """The ``llm_ledger_*`` figures of one ledger writer."""
+    return {
+        LEDGER_COMMITTING: float(status.committing),
+        LEDGER_QUEUED: float(status.waiting),
+        LEDGER_MAX_QUEUED: float(status.capacity),
+        LEDGER_WRITE_ERRORS: float(status.write_errors),
+        LEDGER_LAST_COMMIT: status.last_commit,
+    }
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class LedgerCollector(Collector):
+    """The ``llm_ledger_*`` figures, read from the ledger's writer: the writer keeps them as
+    plain attributes, so they cost the request path nothing."""
+
+    status: Callable[[], LedgerStatus]
+
+    def collect(self) -> Iterator[Metric]:
+        for family, value in ledger_values(self.status()).items():
+            metric = family.counter() if family.kind == "counter" else family.gauge()
+            metric.add_metric([], value)
+            yield metric
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class SpendCollector(Collector):
+    """`llm_team_spend`: today's, this week's and this month's spend per team, from the
+    ledger, so it is right after a restart."""
+
+    spend: SpendReader
+    teams: Sequence[str]
+    currencies: Sequence[str]
+    billing_timezone: ZoneInfo
+    clock: Callable[[], datetime]
+
+    def collect(self) -> Iterator[Metric]:
+        today = self.clock().astimezone(self.billing_timezone).date()
+        starts = {period: period_start(today, period) for period in PERIODS}
+        totals = {
+            (team, period, currency): Decimal(0)
+            for team in self.teams
+            for period in PERIODS
+            for currency in self.currencies
+        }
+        for row in self.spend(min(starts.values()), today):
+            for period, start in starts.items():
+                key = (row.team, period, row.currency)
+                if row.day >= start and key in totals:
+                    totals[key] += row.amount
+        gauge = TEAM_SPEND.gauge()
+        for key, amount in totals.items():
+            gauge.add_metric(list(key), float(amount))
+        yield gauge
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class CalendarCollector(Collector):
+    """`llm_holiday_calendar_missing`: 1 while a schedule's rule in force uses a holiday
+    calendar that does not cover the current local year (its prices then follow the weekday
+    rule and are flagged), so someone adds the new year's holidays before it matters."""
+
+    book: PriceBook
+    clock: Callable[[], datetime]
+
+    def collect(self) -> Iterator[Metric]:
+        now = self.clock()
+        gauge = HOLIDAY_CALENDAR_MISSING.gauge()
+        for name in sorted(self.book.schedules):
+            rule = schedule_version_at(self.book, name, to_micros(now))
+            missing = 0.0
+            if rule is not None and rule.holiday_calendar is not None:
+                year = now.astimezone(rule.timezone).year
+                missing = float(year not in self.book.calendars[rule.holiday_calendar].years)
+            gauge.add_metric([name], missing)
+        yield gauge

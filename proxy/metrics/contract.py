@@ -1,0 +1,263 @@
+"""The metrics contract: every family the proxy exports, in one table.
+
+Dashboards and alerts rely on these names, types, label names and buckets, so they are declared
+once, here, and every part of the package builds its families from this table (help text
+included). ``docs/metrics.md`` explains each one to people; ``tests/unit/test_metrics_contract.py``
+checks that page against what a fresh registry exposes, so the two cannot drift apart.
+
+Label values come only from bounded, server-side sets: teams from the config, models and tools
+from the price book (anything else is `OTHER`), tiers as the price book names them, statuses as
+numbers, anomalies from `ANOMALIES`. A client sending random model names cannot grow the number
+of series.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+
+OTHER = "other"
+"""The label value for a model or tool the price book does not know, and a call without tier."""
+ANOMALIES = frozenset(
+    {
+        "usage_exceeds_bound",
+        "data_after_done",
+        "oversized_event",
+        "response_body_too_large",
+        "undecodable_body",
+        "unprintable_upstream_field",
+    }
+)
+"""Record flags (`proxy.metering`, `proxy.forward`, `proxy.answer`) counted by
+``llm_upstream_anomalies_total``: a fixed set, so the label stays bounded."""
+
+Bounds = tuple[float, ...]
+DURATION_BUCKETS: Bounds = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+TTFT_BUCKETS: Bounds = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 600)
+OVERHEAD_BUCKETS: Bounds = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+)
+
+Kind = Literal["counter", "gauge", "histogram"]
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    """One metric family as Prometheus shows it."""
+
+    name: str
+    """As exposed: a counter's ends in ``_total`` (prometheus_client drops the suffix from
+    the family and puts it back on the sample)."""
+    kind: Kind
+    help: str
+    label_list: str = ""
+    """The label names as docs/metrics.md's table lists them (``team, model``)."""
+    buckets: Bounds = ()
+    """A histogram's upper bounds, ``+Inf`` left out."""
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(self.label_list.split(", ")) if self.label_list else ()
+
+    @property
+    def declaration(self) -> tuple[str, str, tuple[str, ...]]:
+        """Name, help and label names: the first arguments of prometheus_client's `Counter`
+        and `Gauge`, for the figures a process sets itself."""
+        return (self.name, self.help, self.labels)
+
+    # Empty families, for a collector to fill when Prometheus scrapes.
+    def counter(self) -> CounterMetricFamily:
+        assert self.kind == "counter", self.name
+        return CounterMetricFamily(self.name, self.help, labels=self.labels)
+
+    def gauge(self) -> GaugeMetricFamily:
+        assert self.kind == "gauge", self.name
+        return GaugeMetricFamily(self.name, self.help, labels=self.labels)
+
+    def histogram(self) -> HistogramMetricFamily:
+        assert self.kind == "histogram", self.name
+        return HistogramMetricFamily(self.name, self.help, labels=self.labels)
+
+
+# Per call, summed by `proxy.metrics.totals.CallTotals` in the order it exports them.
+REQUESTS = Family(
+    "llm_requests_total",
+    "counter",
+    "Calls dispatched to DeepSeek, by the HTTP status returned",
+    "team, model, endpoint, status",
+)
+TOKENS = Family(
+    "llm_tokens_total",
+    "counter",
+    "Tokens billed (reported, or estimated when usage was lost)",
+    "team, model, type",
+)
+REASONING_TOKENS = Family(
+    "llm_reasoning_tokens_total",
+    "counter",
+    "Reasoning tokens (already inside output tokens)",
+    "team, model",
+)
+TOOL_CALLS = Family(
+    "llm_tool_calls_total",
+    "counter",
+    "Server-side tool calls billed (web search, fetch)",
+    "team, model, tool",
+)
+COST = Family(
+    "llm_cost_total",
+    "counter",
+    "Spend as priced by the price book",
+    "team, model, currency, tier",
+)
+CACHE_SAVINGS = Family(
+    "llm_cache_savings_total",
+    "counter",
+    "What cache-hit tokens would have cost at the cache-miss price, minus what they cost",
+    "team, model, currency",
+)
+DURATION = Family(
+    "llm_request_duration_seconds",
+    "histogram",
+    "From request received to response finished",
+    "team, model, stream",
+    DURATION_BUCKETS,
+)
+TIME_TO_FIRST_TOKEN = Family(
+    "llm_time_to_first_token_seconds",
+    "histogram",
+    "From request received to DeepSeek's first data (keep-alives excluded)",
+    "team, model",
+    TTFT_BUCKETS,
+)
+OVERHEAD = Family(
+    "llm_proxy_overhead_seconds",
+    "histogram",
+    "Time spent in the proxy itself per call, waiting on DeepSeek and on the client excluded",
+    buckets=OVERHEAD_BUCKETS,
+)
+USAGE_MISSING = Family(
+    "llm_usage_missing_total",
+    "counter",
+    "Calls without reported usage (estimated or unknown)",
+    "team, model, reason",
+)
+UNPRICED = Family(
+    "llm_unpriced_requests_total", "counter", "Calls the price book could not price", "model"
+)
+UPSTREAM_ERRORS = Family(
+    "llm_upstream_errors_total",
+    "counter",
+    "DeepSeek errors, cuts, timeouts and connect failures",
+    "reason",
+)
+UPSTREAM_ANOMALIES = Family(
+    "llm_upstream_anomalies_total",
+    "counter",
+    "Answers from DeepSeek the proxy did not take as they came "
+    "(usage past the request's bounds, data after [DONE], ...)",
+    "reason",
+)
+PER_CALL = (
+    REQUESTS,
+    TOKENS,
+    REASONING_TOKENS,
+    TOOL_CALLS,
+    COST,
+    CACHE_SAVINGS,
+    DURATION,
+    TIME_TO_FIRST_TOKEN,
+    OVERHEAD,
+    USAGE_MISSING,
+    UNPRICED,
+    UPSTREAM_ERRORS,
+    UPSTREAM_ANOMALIES,
+)
+
+# Read when Prometheus scrapes (`proxy.metrics.collectors`), or set by each worker.
+INFLIGHT = Family("llm_inflight_requests", "gauge", "Calls in progress", "team")
+TEAM_SPEND = Family(
+    "llm_team_spend",
+    "gauge",
+    "Spend in the current billing day, week (from Monday) or month, read from the ledger",
+    "team, period, currency",
+)
+TEAM_BUDGET = Family(
+    "llm_team_budget",
+    "gauge",
+    "A team's budget for a billing period",
+    "team, period, currency",
+)
+BUDGET_THRESHOLD = Family(
+    "llm_team_budget_threshold",
+    "gauge",
+    "Spend at which a soft budget threshold is crossed; `threshold` is the percentage",
+    "team, period, currency, threshold",
+)
+BUDGET_REFUSALS = Family(
+    "llm_budget_refusals_total",
+    "counter",
+    "Calls refused (HTTP 402) because of a hard budget",
+    "team",
+)
+LEDGER_COMMITTING = Family(
+    "llm_ledger_committing",
+    "gauge",
+    "1 while the ledger commits; 0 from a failed write until one succeeds, "
+    "and for good once its file was deleted or replaced",
+)
+LEDGER_QUEUED = Family(
+    "llm_ledger_queued_records",
+    "gauge",
+    "Usage records waiting for the ledger (queued, or held for retry)",
+)
+LEDGER_MAX_QUEUED = Family(
+    "llm_ledger_max_queued_records",
+    "gauge",
+    "Records waiting at which every call is refused (ledger.max_queued_records)",
+)
+LEDGER_WRITE_ERRORS = Family(
+    "llm_ledger_write_errors_total", "counter", "Failed ledger write attempts"
+)
+LEDGER_LAST_COMMIT = Family(
+    "llm_ledger_last_commit_timestamp_seconds",
+    "gauge",
+    "Unix time of the ledger's last commit",
+)
+HOLIDAY_CALENDAR_MISSING = Family(
+    "llm_holiday_calendar_missing",
+    "gauge",
+    "1 if the schedule's rule in force lacks a holiday calendar for the current year",
+    "schedule",
+)
+
+FAMILIES = (
+    *PER_CALL,
+    INFLIGHT,
+    TEAM_SPEND,
+    TEAM_BUDGET,
+    BUDGET_THRESHOLD,
+    BUDGET_REFUSALS,
+    LEDGER_COMMITTING,
+    LEDGER_QUEUED,
+    LEDGER_MAX_QUEUED,
+    LEDGER_WRITE_ERRORS,
+    LEDGER_LAST_COMMIT,
+    HOLIDAY_CALENDAR_MISSING,
+)
+"""Every family, in the order of docs/metrics.md's table."""

@@ -1,0 +1,35 @@
+"""Where the figures that are not per call come from: what `ProxyMetrics` is built from."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+from proxy.config import Budget
+from proxy.ledger.store import SpendReader
+from proxy.ledger.writer import LedgerStatus
+from proxy.pricing import PriceBook
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSources:
+    """What the app hands the metrics from its config, price book, admission and ledger; a
+    test builds one with only what it needs, the rest left at its default (absent)."""
+
+    teams: Sequence[str]
+    """Every team's series exists from the start (at 0)."""
+    book: PriceBook
+    """Bounds the model, tool and currency labels; its holiday calendars are watched."""
+    billing_timezone: ZoneInfo
+    """Where billing days, weeks and months start (``llm_team_spend``)."""
+    clock: Callable[[], datetime]
+    budgets: Sequence[Budget] = ()
+    spend: SpendReader | None = None
+    """Daily spend from the ledger; without one there is no ``llm_team_spend``."""
+    in_flight: Callable[[], Mapping[str, int]] = dict
+    """Calls in progress per team (`proxy.admission.Admission.in_flight`)."""
+    ledger: Callable[[], LedgerStatus] | None = None
+    """The ledger writer's figures (`proxy.ledger.writer.LedgerWriter.status`); without it
+    there are no ``llm_ledger_*`` metrics."""
