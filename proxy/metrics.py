@@ -38,6 +38,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from proxy.config import Budget
+from proxy.formats import ZERO as _ZERO
 from proxy.ledger.store import SpendReader
 from proxy.ledger.writer import LedgerStatus
 from proxy.periods import PERIODS, period_start
@@ -58,7 +59,6 @@ ANOMALIES = frozenset(
 )
 """Record flags (`proxy.metering`, `proxy.forward`, `proxy.answer`) counted by
 ``llm_upstream_anomalies_total``: a fixed set, so the label stays bounded."""
-_ZERO = Decimal(0)
 Bounds = tuple[float, ...]
 DURATION_BUCKETS: Bounds = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 TTFT_BUCKETS: Bounds = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 600)

@@ -46,7 +46,8 @@ from proxy.app import create_app
 from proxy.auth import ClientKey, hash_key, key_id_of, new_key
 from proxy.config import Limits, ProxyConfig, Timeouts
 from proxy.demo.simulated_deepseek import SimulatedDeepSeek
-from proxy.ledger.store import SQLiteLedger, connect
+from proxy.ledger.connection import connect
+from proxy.ledger.store import SQLiteLedger
 from proxy.ledger.writer import DEFAULT_FLUSH_INTERVAL, LedgerWriter
 from proxy.listener import ListenError, ProxySite, make_runner
 from proxy.pricing import PriceBook, PriceBookError, load_price_book

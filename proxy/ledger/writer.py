@@ -21,7 +21,7 @@ busy timeout, its file deleted), nothing is dropped and nothing waits without bo
 - The thread keeps waking every `flush_interval` and moves everything queued into what it
   holds for retry: a dispatched call becomes its small ``in_flight`` record at once (the
   `CallMeter` behind it holds the whole request payload, which must not stay in memory), and
-  a call's final record replaces its placeholder. It retries one batch at a time, with
+  a call's final record replaces its in-flight one. It retries one batch at a time, with
   backoff from `FIRST_RETRY_DELAY` to `MAX_RETRY_DELAY`, so a freed disk is noticed within a
   second and a retry costs one batch, however many records wait.
 - `committing` is False from the first failed write until one succeeds; `has_room` is False
@@ -250,7 +250,7 @@ class LedgerWriter:
                 dispatched.append(item)
         for call in dispatched:
             if call.request_id not in final:
-                self._pending[call.request_id] = call.placeholder()
+                self._pending[call.request_id] = call.in_flight_record()
         for request_id, record in final.items():
             self._pending.pop(request_id, None)
             self._final[request_id] = record
@@ -267,7 +267,7 @@ class LedgerWriter:
             except Exception as exc:  # keep the records and retry: spend must not be dropped
                 self._failed(exc)
                 return
-            with self._lock:  # `close` may have merged a final over a placeholder meanwhile
+            with self._lock:  # `close` may have merged a final over an in-flight record
                 for record in pending:
                     self._pending.pop(record.request_id, None)
                 for record in final:
