@@ -18,6 +18,9 @@ Usage sources: ``reported`` (DeepSeek's usage object), ``estimated`` (it never a
 `proxy.metering`), ``unknown`` (no usage and nothing to estimate from; never a zero cost),
 ``none`` (DeepSeek refused or never received the call, so there is nothing to bill).
 
+What others would otherwise derive again is the record's: whether the call is billable
+(`billable`) and the HTTP status its client received (`UsageRecord.client_status`).
+
 A record the ledger could not take is saved as its `UsageRecord.to_json` line (a spill file,
 `proxy.ledger.spill`) and read back with `UsageRecord.from_json`, its exact inverse.
 """
@@ -88,13 +91,13 @@ class CallRequest:
 
 
 _REQUEST_FIELDS = operator.attrgetter(*(f.name for f in dataclasses.fields(CallRequest)))
-
-
 RequestFields = tuple[str, str, str, str, bool, str]
 
 
 def request_fields(call: CallRequest) -> RequestFields:
-    """The `CallRequest` fields of a call, in order: the first arguments of its record."""
+    """The `CallRequest` fields of a call, in order: the first arguments of its record. Read
+    by one `operator.attrgetter` call, so a record is built from its call without naming
+    these fields again (and without six keyword arguments on the request path)."""
     return cast(RequestFields, _REQUEST_FIELDS(call))
 
 

@@ -106,7 +106,7 @@ def test_the_usage_table_has_exactly_the_record_columns_and_the_ledgers_own(
     migration."""
     path = tmp_path / "ledger.sqlite3"
     SQLiteLedger(path, SHANGHAI).close()
-    columns = [name for (name,) in rows(path, "SELECT name FROM pragma_table_info('usage')")]
+    columns = [str(name) for (name,) in rows(path, "SELECT name FROM pragma_table_info('usage')")]
     assert sorted(columns) == sorted(COLUMNS)
     assert set(COLUMNS) - set(RECORD_COLUMNS) == {"state", "billing_day", "owner"}
     assert {f.name for f in FIELDS} - set(RECORD_COLUMNS) == {"costs", "cache_savings"}
