@@ -33,7 +33,7 @@ from zoneinfo import ZoneInfo
 from proxy.config import Limits
 from proxy.ledger.store import SQLiteLedger
 from proxy.ledger.writer import LedgerWriter
-from proxy.metering import CallMeter, build_record, in_flight_record
+from proxy.metering import CallMeter, build_record
 from proxy.pricing import PriceBook, load_price_book
 from proxy.records import UsageRecord
 from proxy.usage import DEFAULT_TOOL_FIELDS
@@ -93,7 +93,7 @@ def synthetic_calls(book: PriceBook, count: int) -> Synthetic:
         )
         final.append(build_record(meter, at, book, "request_start", LIMITS))
         elapsed += time.perf_counter() - tick
-        in_flight.append(in_flight_record(meter, book))
+        in_flight.append(UsageRecord.in_flight(meter, meter.started_at, book.digest))
     return Synthetic(in_flight, final, elapsed / max(count, 1))
 
 

@@ -57,7 +57,10 @@ from zoneinfo import ZoneInfo
 
 from proxy.config import DEFAULT_POLICY, Budget, TeamPolicy
 from proxy.errors import ModelNotPriced, ProxyError
-from proxy.ledger.store import SpendReader, Transaction, connect, money
+from proxy.formats import ZERO as _ZERO
+from proxy.formats import decimal_text as money
+from proxy.ledger.connection import Transaction, connect
+from proxy.ledger.store import SpendReader
 from proxy.periods import period_end, period_start
 from proxy.pricing import PriceBook
 from proxy.pricing.engine import resolve, to_micros
@@ -68,7 +71,6 @@ log = logging.getLogger("proxy.budgets")
 MIN_LOWERED_OUTPUT = 256
 """The fewest output tokens worth lowering a call to: below this a reply is mostly cut off
 (a thinking model spends hundreds on reasoning alone), so the call is refused instead."""
-_ZERO = Decimal(0)
 _MILLION = Decimal(1_000_000)
 
 

@@ -6,7 +6,7 @@ ended.
 
 `StreamMeter` looks at each SSE event of a streamed completion: it keeps the last non-null
 usage (DeepSeek has put usage on the last content chunk, on a separate usage-only chunk, and on
-null or zero placeholders along the way), notes ``[DONE]``, and says whether the event goes to
+null or zero usage objects along the way), notes ``[DONE]``, and says whether the event goes to
 the client: a usage-only chunk exists only because the proxy set ``include_usage``, so a client
 that did not ask for usage does not get it.
 
@@ -41,7 +41,15 @@ from proxy.bounds import estimate_prompt
 from proxy.config import Limits
 from proxy.outcome import Failure, classify
 from proxy.pricing import PriceBook, price
-from proxy.records import Outcome, UsageRecord, UsageSource, storable
+from proxy.records import (
+    CallRequest,
+    Outcome,
+    UsageRecord,
+    UsageSource,
+    billable,
+    request_fields,
+    storable,
+)
 from proxy.sse import Event
 from proxy.usage import MalformedUsage, ReportedUsage, TokenUsage, parse_usage
 
@@ -55,13 +63,9 @@ FLAG_BAD_UPSTREAM_TEXT = "unprintable_upstream_field"
 
 
 @dataclass(slots=True)
-class CallMeter:
-    request_id: str
-    team: str
-    key_id: str
-    endpoint: str
-    stream: bool
-    model_requested: str
+class CallMeter(CallRequest):
+    """What is learnt of one call while it is relayed (see the module docstring)."""
+
     payload: Mapping[str, Any]
     started_at: datetime
     prompt_bound: int
@@ -105,11 +109,11 @@ class CallMeter:
         self.flag(FLAG_BAD_UPSTREAM_TEXT)
         return None
 
-    def placeholder(self) -> UsageRecord:
+    def in_flight_record(self) -> UsageRecord:
         """The call's ``in_flight`` record (`proxy.records.Dispatched`). The ledger's thread
         calls this while the call goes on, so it reads only the fields set at construction,
         which nothing changes afterwards."""
-        return in_flight_record(self, self.price_book)
+        return UsageRecord.in_flight(self, self.started_at, self.price_book)
 
     def take_usage(self, raw: object, tool_fields: Mapping[str, str]) -> None:
         """Record a usage object; the last one wins, and a second differing one is flagged."""
@@ -237,7 +241,7 @@ def _capped(tools: Mapping[str, int], cap: int) -> tuple[dict[str, int], int]:
 
 
 def _no_price_reason(source: UsageSource, outcome: Outcome) -> str:
-    if source == "none":
+    if not billable(source):
         return f"nothing billable: {outcome}"
     return "usage unknown: DeepSeek sent none and there was nothing to estimate from"
 
@@ -266,12 +270,7 @@ def build_record(
     else:
         priced, reason = False, _no_price_reason(source, meter.outcome)
     return UsageRecord(
-        request_id=meter.request_id,
-        team=meter.team,
-        key_id=meter.key_id,
-        endpoint=meter.endpoint,
-        stream=meter.stream,
-        model_requested=meter.model_requested,
+        *request_fields(meter),
         model_served=meter.model_served,
         started_at=meter.started_at,
         first_byte_at=meter.first_byte_at,
@@ -297,43 +296,4 @@ def build_record(
         cache_savings=savings,
         price_book=book.digest,
         flags=tuple(flags),
-    )
-
-
-def in_flight_record(meter: CallMeter, book: PriceBook | str) -> UsageRecord:
-    """The placeholder row written at dispatch: if the proxy dies before the call ends, the
-    ledger still shows that DeepSeek saw it (usage unknown, never priced as zero). `book` is
-    the price book in use, or its digest."""
-    return UsageRecord(
-        request_id=meter.request_id,
-        team=meter.team,
-        key_id=meter.key_id,
-        endpoint=meter.endpoint,
-        stream=meter.stream,
-        model_requested=meter.model_requested,
-        model_served=None,
-        started_at=meter.started_at,
-        first_byte_at=None,
-        ended_at=meter.started_at,
-        cache_hit_tokens=None,
-        cache_miss_tokens=None,
-        output_tokens=None,
-        reasoning_tokens=None,
-        prompt_tokens=None,
-        tool_calls={},
-        upstream_status=None,
-        upstream_trace_id=None,
-        outcome="in_flight",
-        usage_source="unknown",
-        priced=False,
-        unpriced_reason="in flight: the call had not ended",
-        billed_model=None,
-        price_version=None,
-        schedule_version=None,
-        tier=None,
-        priced_at=None,
-        costs={},
-        cache_savings={},
-        price_book=book if isinstance(book, str) else book.digest,
-        flags=(),
     )

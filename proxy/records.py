@@ -18,19 +18,26 @@ Usage sources: ``reported`` (DeepSeek's usage object), ``estimated`` (it never a
 `proxy.metering`), ``unknown`` (no usage and nothing to estimate from; never a zero cost),
 ``none`` (DeepSeek refused or never received the call, so there is nothing to bill).
 
+What others would otherwise derive again is the record's: whether the call is billable
+(`billable`) and the HTTP status its client received (`UsageRecord.client_status`).
+
 A record the ledger could not take is saved as its `UsageRecord.to_json` line (a spill file,
 `proxy.ledger.spill`) and read back with `UsageRecord.from_json`, its exact inverse.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal, InvalidOperation
-from typing import Any, Literal, Protocol, get_args
+from decimal import Decimal
+from typing import Any, Literal, Protocol, cast, get_args
+
+from proxy import record_schema
 
 Outcome = Literal[
     "complete",
@@ -46,6 +53,17 @@ Outcome = Literal[
 ]
 UsageSource = Literal["reported", "estimated", "unknown", "none"]
 
+
+def billable(source: UsageSource) -> bool:
+    """Whether a call with usage from `source` is DeepSeek's to bill: all but ``none`` (it
+    refused the call or never received it). Unknown usage is billable, though never priced:
+    it is counted as unpriced, never as free."""
+    return source != "none"
+
+
+UNBILLABLE_SOURCES = tuple(s for s in get_args(UsageSource) if not billable(s))
+"""The usage sources of calls with nothing to bill, for queries over stored rows."""
+
 MAX_TEXT_CHARS = 256
 """Longest name the ledger stores from outside the proxy: the model a client asks for, the
 model and trace id DeepSeek answers with. DeepSeek's model names are under 40 characters;
@@ -59,10 +77,9 @@ def storable(text: str) -> bool:
 
 
 @dataclass(slots=True)
-class UsageRecord:
-    """One call's record. Never changed once built, though not declared frozen: two are built
-    per call on the request path, and a frozen dataclass's ``__init__`` (``object.__setattr__``
-    per field) costs three times a plain one's (about 3 us against 1 us for these 33 fields)."""
+class CallRequest:
+    """Who made a call and what it asked for: known when it arrives, and the same in the
+    meter that follows the call (`proxy.metering.CallMeter`) and in the record it becomes."""
 
     request_id: str
     team: str
@@ -71,6 +88,29 @@ class UsageRecord:
     """``chat`` or ``fim``."""
     stream: bool
     model_requested: str
+
+
+_REQUEST_FIELDS = operator.attrgetter(*(f.name for f in dataclasses.fields(CallRequest)))
+RequestFields = tuple[str, str, str, str, bool, str]
+
+
+def request_fields(call: CallRequest) -> RequestFields:
+    """The `CallRequest` fields of a call, in order: the first arguments of its record. Read
+    by one `operator.attrgetter` call, so a record is built from its call without naming
+    these fields again (and without six keyword arguments on the request path)."""
+    return cast(RequestFields, _REQUEST_FIELDS(call))
+
+
+@dataclass(slots=True)
+class UsageRecord(CallRequest):
+    """One call's record. Never changed once built, though not declared frozen: two are built
+    per call on the request path, and a frozen dataclass's ``__init__`` (``object.__setattr__``
+    per field) costs three times a plain one's (about 3 us against 1 us for these 31 fields).
+
+    Its fields are its schema (`proxy.record_schema`): the JSON form and the ledger's columns
+    follow from their types.
+    """
+
     model_served: str | None
     started_at: datetime
     first_byte_at: datetime | None
@@ -101,109 +141,59 @@ class UsageRecord:
     """SHA-256 of the price-book files that priced the record."""
     flags: tuple[str, ...]
 
-    def placeholder(self) -> UsageRecord:
+    @classmethod
+    def in_flight(cls, call: CallRequest, started_at: datetime, price_book: str) -> UsageRecord:
+        """The row written when a call is dispatched: if the proxy dies before the call ends,
+        the ledger still shows that DeepSeek saw it (usage unknown, never priced as zero)."""
+        return cls(
+            *request_fields(call),
+            started_at=started_at,
+            ended_at=started_at,
+            price_book=price_book,
+            **_IN_FLIGHT,
+        )
+
+    def in_flight_record(self) -> UsageRecord:
+        """A record is its own in-flight record (`Dispatched`)."""
         return self
+
+    @property
+    def billable(self) -> bool:
+        """Whether DeepSeek may bill the call (`billable`)."""
+        return billable(self.usage_source)
+
+    @property
+    def client_status(self) -> int:
+        """The HTTP status the client received: DeepSeek's, or the proxy's own 504 (timeout)
+        or 502 (anything else) when DeepSeek gave none it could pass on (redirects are
+        refused)."""
+        status = self.upstream_status
+        if status is not None and not 300 <= status < 400:
+            return status
+        return 504 if self.outcome == "timeout" else 502
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict; instants as ISO 8601 UTC, money as decimal strings."""
-        out: dict[str, Any] = {}
-        for name in self.__dataclass_fields__:
-            value = getattr(self, name)
-            if isinstance(value, datetime):
-                value = value.isoformat().replace("+00:00", "Z")
-            elif name in ("costs", "cache_savings"):
-                value = {c: format(v, "f") for c, v in value.items()}
-            elif name == "tool_calls":
-                value = dict(value)
-            elif name == "flags":
-                value = list(value)
-            out[name] = value
-        return out
+        return record_schema.to_json(FIELDS, self)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> UsageRecord:
         """The record `to_json` made (spill files, ``ledger-replay``): equal field for field,
         money as the exact `Decimal`. Spill files can be edited by hand, so every field is
         checked: `ValueError` names the first one at fault."""
-        if not isinstance(data, Mapping):
-            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
-        missing = [name for name in cls.__dataclass_fields__ if name not in data]
-        unknown = [name for name in data if name not in cls.__dataclass_fields__]
-        if missing or unknown:
-            raise ValueError(f"missing fields {missing}, unknown fields {unknown}")
-        values = {name: _parse_field(name, data[name]) for name in cls.__dataclass_fields__}
-        return cls(**values)
+        return cls(**record_schema.checked_values(FIELDS, data))
 
 
-_TEXT = frozenset({"request_id", "team", "key_id", "endpoint", "model_requested", "price_book"})
-_OPTIONAL_TEXT = frozenset(
-    {
-        "model_served",
-        "upstream_trace_id",
-        "unpriced_reason",
-        "billed_model",
-        "price_version",
-        "schedule_version",
-        "tier",
-    }
-)
-_OPTIONAL_COUNT = frozenset(
-    {
-        "cache_hit_tokens",
-        "cache_miss_tokens",
-        "output_tokens",
-        "reasoning_tokens",
-        "prompt_tokens",
-        "upstream_status",
-    }
-)
-_FLAG = frozenset({"stream", "priced"})
-_INSTANT = frozenset({"started_at", "ended_at"})
-_OPTIONAL_INSTANT = frozenset({"first_byte_at", "priced_at"})
-_MONEY = frozenset({"costs", "cache_savings"})
-_CHOICES: Mapping[str, tuple[str, ...]] = {
-    "outcome": get_args(Outcome),
-    "usage_source": get_args(UsageSource),
+FIELDS = record_schema.fields_of(UsageRecord)
+"""`UsageRecord`'s schema, field by field."""
+_IN_FLIGHT: Mapping[str, Any] = {
+    **record_schema.empty_values(FIELDS),
+    "outcome": "in_flight",
+    "usage_source": "unknown",
+    "priced": False,
+    "unpriced_reason": "in flight: the call had not ended",
 }
-
-
-def _parse_field(name: str, value: Any) -> Any:
-    """One field of `UsageRecord.from_json`: `to_json`'s value turned back, or `ValueError`."""
-    if value is None and name in _OPTIONAL_TEXT | _OPTIONAL_COUNT | _OPTIONAL_INSTANT:
-        return None
-    if name in _TEXT | _OPTIONAL_TEXT and isinstance(value, str):
-        return value
-    if name in _OPTIONAL_COUNT and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if name in _FLAG and isinstance(value, bool):
-        return value
-    if name in _CHOICES and value in _CHOICES[name]:
-        return value
-    if name in _INSTANT | _OPTIONAL_INSTANT and isinstance(value, str):
-        instant = datetime.fromisoformat(value)  # ValueError names the text
-        if instant.tzinfo is None:
-            raise ValueError(f"{name}: {value!r} has no UTC offset")
-        return instant
-    if (
-        name in _MONEY
-        and isinstance(value, Mapping)
-        and all(isinstance(amount, str) for amount in value.values())
-    ):
-        try:
-            amounts = {str(currency): Decimal(amount) for currency, amount in value.items()}
-        except InvalidOperation:
-            raise ValueError(f"{name}: not decimal amounts: {value!r}") from None
-        if all(amount.is_finite() for amount in amounts.values()):
-            return amounts
-    if (
-        name == "tool_calls"
-        and isinstance(value, Mapping)
-        and all(isinstance(count, int) and not isinstance(count, bool) for count in value.values())
-    ):
-        return {str(tool): count for tool, count in value.items()}
-    if name == "flags" and isinstance(value, list) and all(isinstance(f, str) for f in value):
-        return tuple(value)
-    raise ValueError(f"{name}: unexpected value {value!r}")
+"""What every ``in_flight`` record holds: no usage, no price, nothing from DeepSeek yet."""
 
 
 class Dispatched(Protocol):
@@ -211,13 +201,13 @@ class Dispatched(Protocol):
 
     The record is built only if the ledger writes it (a call that ends before the next batch
     needs none), and then by the ledger's thread, off the request path. A `UsageRecord` is
-    its own placeholder.
+    its own in-flight record.
     """
 
     @property
     def request_id(self) -> str: ...
 
-    def placeholder(self) -> UsageRecord: ...
+    def in_flight_record(self) -> UsageRecord: ...
 
 
 class RecordSink(Protocol):
@@ -233,7 +223,7 @@ class RecordSink(Protocol):
 
 
 class LedgerHealth(Protocol):
-    """What the request path asks the ledger before it admits a call (`proxy.forward`).
+    """What the request path asks the ledger before it admits a call (`proxy.relay.call`).
 
     Both are asked on every call, so they cost no more than reading an attribute (no lock,
     no I/O): the ledger's writer keeps what they read current

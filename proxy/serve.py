@@ -36,8 +36,9 @@ from proxy.config import (
     check_references,
     load_config,
 )
+from proxy.ledger.schema import SchemaTooNew
 from proxy.ledger.spill import EXIT_UNWRITTEN, spill
-from proxy.ledger.store import SchemaTooNew, SQLiteLedger
+from proxy.ledger.store import SQLiteLedger
 from proxy.ledger.writer import LedgerWriter
 from proxy.listener import ListenError, ProxySite, make_runner
 from proxy.pricing import PriceBookError, load_price_book

@@ -64,8 +64,9 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from proxy.admission import SharedAdmission
 from proxy.config import ProxyConfig
+from proxy.ledger.connection import connect
 from proxy.ledger.spill import EXIT_UNWRITTEN
-from proxy.ledger.store import connect, release_owner
+from proxy.ledger.store import release_owner
 from proxy.shared_counters import SharedCounters
 
 log = logging.getLogger("proxy.workers")

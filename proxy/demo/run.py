@@ -46,7 +46,9 @@ from proxy.app import create_app
 from proxy.auth import ClientKey, hash_key, key_id_of, new_key
 from proxy.config import Limits, ProxyConfig, Timeouts
 from proxy.demo.simulated_deepseek import SimulatedDeepSeek
-from proxy.ledger.store import SQLiteLedger, connect
+from proxy.formats import ZERO, decimal_text
+from proxy.ledger.connection import connect
+from proxy.ledger.store import SQLiteLedger
 from proxy.ledger.writer import DEFAULT_FLUSH_INTERVAL, LedgerWriter
 from proxy.listener import ListenError, ProxySite, make_runner
 from proxy.pricing import PriceBook, PriceBookError, load_price_book
@@ -450,7 +452,7 @@ def _print_calls(results: Sequence[Result], ledger: Path) -> int:
                     )
                 ),
                 str(details.get("reasoning_tokens", "-")),
-                format(Decimal(cny), "f") if cny is not None else "-",
+                decimal_text(Decimal(cny)) if cny is not None else "-",
                 result.error or call.note,
             ]
         )
@@ -491,7 +493,7 @@ def _print_report(ledger: Path, currencies: Sequence[str]) -> int:
             str(line.miss),
             str(line.output),
             str(line.reasoning),
-            *(format(line.costs.get(c, Decimal(0)), "f") for c in currencies),
+            *(decimal_text(line.costs.get(c, ZERO)) for c in currencies),
         ]
         for line in [*groups, total]
     ]

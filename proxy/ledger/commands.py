@@ -27,6 +27,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 from proxy.config import DEFAULT_CONFIG, ConfigError, ProxyConfig, load_config
+from proxy.ledger.connection import Transaction, connect
 from proxy.ledger.report import (
     DEFAULT_GROUPS,
     GROUP_COLUMNS,
@@ -39,7 +40,6 @@ from proxy.ledger.report import (
 )
 from proxy.ledger.reprice import apply_plan, plan_reprice, render_plan
 from proxy.ledger.spill import SpillError, read_records, replay
-from proxy.ledger.store import Transaction, connect
 from proxy.pricing import PriceBook, PriceBookError, load_price_book
 
 EXIT_FAILED = 1

@@ -24,8 +24,8 @@ from types import MappingProxyType
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from proxy.ledger.store import iso, money
-from proxy.pricing.render import iso_utc
+from proxy.formats import ZERO, decimal_text, iso_instant
+from proxy.ledger.rows import BILLABLE_SQL
 
 GROUP_COLUMNS: Mapping[str, str] = MappingProxyType(
     {
@@ -38,7 +38,6 @@ GROUP_COLUMNS: Mapping[str, str] = MappingProxyType(
 DEFAULT_GROUPS = ("team", "model")
 TOKEN_FIELDS = ("cache_hit", "cache_miss", "output", "reasoning")
 COUNT_FIELDS = ("requests", *TOKEN_FIELDS, "unpriced", "estimated")
-_ZERO = Decimal(0)
 
 # One SQL expression per COUNT_FIELDS entry, in the same order. NULL token counts (unknown usage,
 # calls still in flight) add nothing; such rows are counted by `unpriced`.
@@ -48,7 +47,7 @@ _COUNT_SQL = (
     "SUM(COALESCE(cache_miss_tokens, 0))",
     "SUM(COALESCE(output_tokens, 0))",
     "SUM(COALESCE(reasoning_tokens, 0))",
-    "SUM(priced = 0 AND usage_source != 'none')",
+    f"SUM(priced = 0 AND {BILLABLE_SQL})",
     "SUM(usage_source = 'estimated')",
 )
 
@@ -84,15 +83,15 @@ class TimeRange:
     def where(self) -> tuple[str, list[str]]:
         """A SQL condition on ``started_at`` and its parameters.
 
-        Stored instants are fixed-width UTC text (`iso`), so comparing text compares time.
+        Stored instants are fixed-width UTC text (`iso_instant`), so comparing text compares
+        time.
         """
         clauses = ["1"]
         params: list[str] = []
         for condition, bound in (("started_at >= ?", self.since), ("started_at < ?", self.until)):
-            text = iso(bound)
-            if text is not None:
+            if bound is not None:
                 clauses.append(condition)
-                params.append(text)
+                params.append(iso_instant(bound, fixed_width=True))
         return " AND ".join(clauses), params
 
 
@@ -151,7 +150,7 @@ def build_report(
             Line(
                 group,
                 dict(zip(COUNT_FIELDS, (int(v) for v in row[width:]), strict=True)),
-                {c: spent.get(c, _ZERO) for c in currencies},
+                {c: spent.get(c, ZERO) for c in currencies},
             )
         )
     return Report(time_range, tuple(by), tuple(currencies), tuple(lines), _total(lines, currencies))
@@ -159,7 +158,7 @@ def build_report(
 
 def _total(lines: Sequence[Line], currencies: Sequence[str]) -> Line:
     counts = {f: sum(line.counts[f] for line in lines) for f in COUNT_FIELDS}
-    costs = {c: sum((line.costs[c] for line in lines), _ZERO) for c in currencies}
+    costs = {c: sum((line.costs[c] for line in lines), ZERO) for c in currencies}
     return Line((), counts, costs)
 
 
@@ -177,7 +176,7 @@ def _cells(report: Report, line: Line) -> list[str]:
     return [
         *keys,
         *(str(line.counts[f]) for f in COUNT_FIELDS),
-        *(money(line.costs[c]) for c in report.currencies),
+        *(decimal_text(line.costs[c]) for c in report.currencies),
     ]
 
 
@@ -226,14 +225,14 @@ def _table(report: Report) -> str:
 
 
 def _bound_text(instant: datetime | None, open_end: str) -> str:
-    return open_end if instant is None else iso_utc(instant)
+    return open_end if instant is None else iso_instant(instant)
 
 
 def _json(report: Report) -> dict[str, Any]:
     span = report.time_range
     return {
-        "since": None if span.since is None else iso_utc(span.since),
-        "until": None if span.until is None else iso_utc(span.until),
+        "since": None if span.since is None else iso_instant(span.since),
+        "until": None if span.until is None else iso_instant(span.until),
         "by": list(report.by),
         "currencies": list(report.currencies),
         "rows": [
@@ -245,7 +244,7 @@ def _json(report: Report) -> dict[str, Any]:
 
 
 def _json_numbers(line: Line) -> dict[str, Any]:
-    return {**line.counts, "cost": {c: money(v) for c, v in line.costs.items()}}
+    return {**line.counts, "cost": {c: decimal_text(v) for c, v in line.costs.items()}}
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: int) -> str:

@@ -15,88 +15,48 @@ nothing. Every replaced amount goes to ``cost_history`` first, so no past figure
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
 
+from proxy.formats import ZERO, decimal_text, iso_instant
 from proxy.ledger.report import TimeRange, table
-from proxy.ledger.store import add_spend, iso, money
+from proxy.ledger.rows import RECORD_COLUMNS, cost_rows, stored_record, usage_row
+from proxy.ledger.store import add_spend
 from proxy.pricing import PriceBook, Pricing, price
 from proxy.pricing.engine import (
     FLAG_NO_HOLIDAY_CALENDAR,
     FLAG_REASONING_EXCEEDS_OUTPUT,
     FLAG_UNKNOWN_TOOL,
 )
+from proxy.records import UsageRecord
 from proxy.usage import TokenUsage
 
-_ZERO = Decimal(0)
-_ROW_COLUMNS = (
-    "request_id",
-    "team",
-    "model_requested",
-    "billing_day",
-    "started_at",
-    "priced_at",
-    "cache_hit_tokens",
-    "cache_miss_tokens",
-    "output_tokens",
-    "reasoning_tokens",
-    "tool_calls",
-    "priced",
-    "unpriced_reason",
-    "billed_model",
-    "price_version",
-    "schedule_version",
-    "tier",
-    "price_book",
-    "flags",
-)
 # Rows that have tokens to price. `in_flight` rows never do; the state test says so explicitly.
 _REPRICEABLE = (
     "state = 'final' AND usage_source IN ('reported', 'estimated') "
     "AND cache_hit_tokens IS NOT NULL AND cache_miss_tokens IS NOT NULL "
     "AND output_tokens IS NOT NULL AND reasoning_tokens IS NOT NULL"
 )
-
-
-@dataclass(frozen=True, slots=True)
-class StoredPrice:
-    """How a row is priced: what the ledger says now, or what the current book says."""
-
-    priced: bool
-    unpriced_reason: str | None
-    billed_model: str | None
-    price_version: str | None
-    schedule_version: str | None
-    tier: str | None
-    costs: Mapping[str, Decimal]
-    savings: Mapping[str, Decimal]
-    flags: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Row:
-    """A stored row with usage, as re-pricing needs it."""
-
-    request_id: str
-    team: str
-    model: str
-    day: str
-    at: datetime
-    """The instant that priced it (`priced_at`, else `started_at`): re-pricing keeps it."""
-    tokens: TokenUsage
-    price_book: str
-    stored: StoredPrice
+# Every stored field of the record but its key: a changed row is written whole, from a record
+# that differs from the stored one only in what a pricing decides.
+_UPDATE_ROW = (
+    f"UPDATE usage SET ({', '.join(RECORD_COLUMNS[1:])}) = "  # noqa: S608
+    f"({', '.join('?' * (len(RECORD_COLUMNS) - 1))}) WHERE request_id = ?"
+)
 
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    row: Row
-    new: StoredPrice
+    """A stored record (`old`, priced at `old.priced_at`) and the same priced by the current
+    book (`new`), with the billing day its spend counts on."""
+
+    old: UsageRecord
+    new: UsageRecord
+    day: str
 
 
 @dataclass(slots=True)
@@ -136,95 +96,83 @@ def plan_reprice(conn: sqlite3.Connection, book: PriceBook, time_range: TimeRang
     rows = load_rows(conn, time_range)
     changes = []
     groups: dict[tuple[str, str], GroupDiff] = {}
-    for row in rows:
-        new = _stored_form(price(book, row.model, row.tokens, row.at), row.stored.flags)
-        changed = new != row.stored
+    for old, day in rows:
+        assert old.priced_at is not None  # `load_rows` gives every row the instant to keep
+        new = _repriced(old, price(book, old.model_requested, _tokens(old), old.priced_at))
+        changed = new != old
         if changed:
-            changes.append(Change(row, new))
-        key = (row.team, row.model)
-        _tally(groups.setdefault(key, GroupDiff(*key)), row.stored, new, changed)
+            changes.append(Change(old, new, day))
+        key = (old.team, old.model_requested)
+        _tally(groups.setdefault(key, GroupDiff(*key)), old, new, changed)
     currencies = _currencies(book, groups.values())
     return Plan(
         book.digest, currencies, len(rows), tuple(changes), tuple(groups[k] for k in sorted(groups))
     )
 
 
-def load_rows(conn: sqlite3.Connection, time_range: TimeRange) -> list[Row]:
-    """Every row in range that has token counts, with its stored costs, oldest first."""
+def load_rows(conn: sqlite3.Connection, time_range: TimeRange) -> list[tuple[UsageRecord, str]]:
+    """Every row in range that has token counts, as its record and billing day, oldest
+    first. A record's `priced_at` is the instant that priced it (``priced_at``, else
+    ``started_at``): re-pricing keeps it."""
     where, params = time_range.where()
     condition = f"{_REPRICEABLE} AND {where}"
-    costs: dict[str, dict[str, tuple[Decimal, Decimal]]] = {}
+    costs: dict[str, dict[str, Decimal]] = {}
+    savings: dict[str, dict[str, Decimal]] = {}
     # Only constant SQL text is interpolated; the range bounds are parameters.
-    for request_id, currency, amount, savings in conn.execute(
+    for request_id, currency, amount, saved in conn.execute(
         "SELECT request_id, currency, amount, cache_savings FROM usage_cost WHERE "  # noqa: S608
         f"request_id IN (SELECT request_id FROM usage WHERE {condition})",
         params,
     ):
-        costs.setdefault(request_id, {})[currency] = (Decimal(amount), Decimal(savings))
-    stored = conn.execute(
-        f"SELECT {', '.join(_ROW_COLUMNS)} FROM usage WHERE {condition} "  # noqa: S608
-        "ORDER BY started_at, request_id",
+        costs.setdefault(request_id, {})[currency] = Decimal(amount)
+        savings.setdefault(request_id, {})[currency] = Decimal(saved)
+    rows = []
+    for *values, day in conn.execute(
+        f"SELECT {', '.join(RECORD_COLUMNS)}, billing_day FROM usage "  # noqa: S608
+        f"WHERE {condition} ORDER BY started_at, request_id",
         params,
-    ).fetchall()
-    return [_row(dict(zip(_ROW_COLUMNS, r, strict=True)), costs.get(r[0], {})) for r in stored]
+    ):
+        request_id = values[0]
+        record = stored_record(values, costs.get(request_id, {}), savings.get(request_id, {}))
+        if record.priced_at is None:
+            record = dataclasses.replace(record, priced_at=record.started_at)
+        rows.append((record, day))
+    return rows
 
 
-def _row(values: Mapping[str, Any], costs: Mapping[str, tuple[Decimal, Decimal]]) -> Row:
-    at = values["priced_at"] or values["started_at"]
-    tokens = TokenUsage(
-        values["cache_hit_tokens"],
-        values["cache_miss_tokens"],
-        values["output_tokens"],
-        values["reasoning_tokens"],
-        json.loads(values["tool_calls"]),
-    )
-    stored = StoredPrice(
-        bool(values["priced"]),
-        values["unpriced_reason"],
-        values["billed_model"],
-        values["price_version"],
-        values["schedule_version"],
-        values["tier"],
-        {c: amount for c, (amount, _) in costs.items()},
-        {c: savings for c, (_, savings) in costs.items()},
-        tuple(json.loads(values["flags"])),
-    )
-    return Row(
-        values["request_id"],
-        values["team"],
-        values["model_requested"],
-        values["billing_day"],
-        datetime.fromisoformat(at),
-        tokens,
-        values["price_book"],
-        stored,
+def _tokens(record: UsageRecord) -> TokenUsage:
+    hit, miss, output = record.cache_hit_tokens, record.cache_miss_tokens, record.output_tokens
+    reasoning = record.reasoning_tokens
+    # `_REPRICEABLE` selects only rows with all four.
+    assert hit is not None and miss is not None and output is not None and reasoning is not None
+    return TokenUsage(hit, miss, output, reasoning, record.tool_calls)
+
+
+def _repriced(old: UsageRecord, pricing: Pricing) -> UsageRecord:
+    """The record priced by `pricing`, as `proxy.metering.build_record` stores a pricing; its
+    usage flags are kept."""
+    return dataclasses.replace(
+        old,
+        priced=pricing.priced,
+        unpriced_reason=pricing.reason,
+        billed_model=pricing.billed_model,
+        price_version=pricing.version,
+        schedule_version=pricing.schedule_version,
+        tier=pricing.tier,
+        costs={c: cost.total for c, cost in pricing.costs.items()},
+        cache_savings={c: cost.cache_savings for c, cost in pricing.costs.items()},
+        flags=(*(f for f in old.flags if not is_price_flag(f)), *pricing.flags),
     )
 
 
-def _stored_form(pricing: Pricing, old_flags: Sequence[str]) -> StoredPrice:
-    """The stored form of a pricing, as `proxy.metering.build_record` stores it."""
-    flags = (*(f for f in old_flags if not is_price_flag(f)), *pricing.flags)
-    return StoredPrice(
-        pricing.priced,
-        pricing.reason,
-        pricing.billed_model,
-        pricing.version,
-        pricing.schedule_version,
-        pricing.tier,
-        {c: cost.total for c, cost in pricing.costs.items()},
-        {c: cost.cache_savings for c, cost in pricing.costs.items()},
-        flags,
-    )
-
-
-def _tally(group: GroupDiff, old: StoredPrice, new: StoredPrice, changed: bool) -> None:
+def _tally(group: GroupDiff, old: UsageRecord, new: UsageRecord, changed: bool) -> None:
     group.rows += 1
     group.changed += int(changed)
     group.now_priced += int(new.priced and not old.priced)
     group.now_unpriced += int(old.priced and not new.priced)
     for totals, price_of in ((group.old, old), (group.new, new)):
         for currency, amount in price_of.costs.items():
-            totals[currency] = totals.get(currency, _ZERO) + amount
+            totals[currency] = totals.get(currency, ZERO) + amount
 
 
 def _currencies(book: PriceBook, groups: Iterable[GroupDiff]) -> tuple[str, ...]:
@@ -236,18 +184,17 @@ def _currencies(book: PriceBook, groups: Iterable[GroupDiff]) -> tuple[str, ...]
 def apply_plan(conn: sqlite3.Connection, plan: Plan, replaced_at: datetime) -> None:
     """Write a plan: history first, then costs, rows and daily spend (caller holds the
     transaction, the same one `plan_reprice` read in)."""
-    stamp = iso(replaced_at)
-    assert stamp is not None
+    stamp = iso_instant(replaced_at, fixed_width=True)
     spend: dict[tuple[str, str, str], Decimal] = {}
     for change in plan.changes:
         _keep_history(conn, change, stamp, plan.book_digest)
         _replace_costs(conn, change)
         _update_row(conn, change, plan.book_digest)
-        old, new = change.row.stored.costs, change.new.costs
+        old, new = change.old.costs, change.new.costs
         for currency in {*old, *new}:
-            key = (change.row.team, change.row.day, currency)
-            delta = new.get(currency, _ZERO) - old.get(currency, _ZERO)
-            spend[key] = spend.get(key, _ZERO) + delta
+            key = (change.old.team, change.day, currency)
+            delta = new.get(currency, ZERO) - old.get(currency, ZERO)
+            spend[key] = spend.get(key, ZERO) + delta
     for (team, day, currency), delta in sorted(spend.items()):
         if delta != 0:
             add_spend(conn, team, day, currency, delta)
@@ -255,16 +202,16 @@ def apply_plan(conn: sqlite3.Connection, plan: Plan, replaced_at: datetime) -> N
 
 def _keep_history(conn: sqlite3.Connection, change: Change, stamp: str, new_book: str) -> None:
     """One history row per currency the row had or gets (NULL: it had no price in it)."""
-    row, old = change.row, change.row.stored
+    old = change.old
     for currency in sorted({*old.costs, *change.new.costs}):
         amount = old.costs.get(currency)
         conn.execute(
             "INSERT INTO cost_history VALUES (?, ?, ?, ?, ?, ?, ?)",
             (
-                row.request_id,
+                old.request_id,
                 currency,
-                None if amount is None else money(amount),
-                row.price_book,
+                None if amount is None else decimal_text(amount),
+                old.price_book,
                 old.price_version,
                 stamp,
                 new_book,
@@ -273,36 +220,14 @@ def _keep_history(conn: sqlite3.Connection, change: Change, stamp: str, new_book
 
 
 def _replace_costs(conn: sqlite3.Connection, change: Change) -> None:
-    request_id, new = change.row.request_id, change.new
-    conn.execute("DELETE FROM usage_cost WHERE request_id = ?", (request_id,))
-    conn.executemany(
-        "INSERT INTO usage_cost VALUES (?, ?, ?, ?)",
-        [
-            (request_id, c, money(amount), money(new.savings.get(c, _ZERO)))
-            for c, amount in new.costs.items()
-        ],
-    )
+    conn.execute("DELETE FROM usage_cost WHERE request_id = ?", (change.old.request_id,))
+    conn.executemany("INSERT INTO usage_cost VALUES (?, ?, ?, ?)", cost_rows(change.new))
 
 
 def _update_row(conn: sqlite3.Connection, change: Change, new_book: str) -> None:
-    new = change.new
-    conn.execute(
-        "UPDATE usage SET priced = ?, unpriced_reason = ?, billed_model = ?, price_version = ?, "
-        "schedule_version = ?, tier = ?, priced_at = ?, price_book = ?, flags = ? "
-        "WHERE request_id = ?",
-        (
-            int(new.priced),
-            new.unpriced_reason,
-            new.billed_model,
-            new.price_version,
-            new.schedule_version,
-            new.tier,
-            iso(change.row.at),
-            new_book,
-            json.dumps(list(new.flags)),
-            change.row.request_id,
-        ),
-    )
+    new = dataclasses.replace(change.new, price_book=new_book)
+    values = usage_row(new, "final", change.day, None)[1 : len(RECORD_COLUMNS)]
+    conn.execute(_UPDATE_ROW, (*values, new.request_id))
 
 
 def render_plan(plan: Plan) -> str:
@@ -329,7 +254,7 @@ def _add_group(total: GroupDiff, group: GroupDiff) -> None:
     total.now_unpriced += group.now_unpriced
     for mine, theirs in ((total.old, group.old), (total.new, group.new)):
         for currency, amount in theirs.items():
-            mine[currency] = mine.get(currency, _ZERO) + amount
+            mine[currency] = mine.get(currency, ZERO) + amount
 
 
 def _group_cells(group: GroupDiff, currencies: Sequence[str]) -> list[str]:
@@ -342,11 +267,11 @@ def _group_cells(group: GroupDiff, currencies: Sequence[str]) -> list[str]:
         str(group.now_unpriced),
     ]
     for currency in currencies:
-        old, new = group.old.get(currency, _ZERO), group.new.get(currency, _ZERO)
-        cells += [money(old), money(new), signed(new - old)]
+        old, new = group.old.get(currency, ZERO), group.new.get(currency, ZERO)
+        cells += [decimal_text(old), decimal_text(new), signed(new - old)]
     return cells
 
 
 def signed(delta: Decimal) -> str:
     """A delta with its sign: ``+0.5``, ``-0.5``, ``0``."""
-    return ("+" if delta > 0 else "") + money(delta)
+    return ("+" if delta > 0 else "") + decimal_text(delta)

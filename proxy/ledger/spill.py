@@ -30,7 +30,9 @@ from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from proxy.ledger.store import SQLiteLedger, connect, settled_ids
+from proxy.ledger.connection import connect
+from proxy.ledger.rows import settled_ids
+from proxy.ledger.store import SQLiteLedger
 from proxy.records import UsageRecord
 
 log = logging.getLogger("proxy.ledger")

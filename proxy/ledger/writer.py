@@ -21,25 +21,25 @@ busy timeout, its file deleted), nothing is dropped and nothing waits without bo
 - The thread keeps waking every `flush_interval` and moves everything queued into what it
   holds for retry: a dispatched call becomes its small ``in_flight`` record at once (the
   `CallMeter` behind it holds the whole request payload, which must not stay in memory), and
-  a call's final record replaces its placeholder. It retries one batch at a time, with
-  backoff from `FIRST_RETRY_DELAY` to `MAX_RETRY_DELAY`, so a freed disk is noticed within a
-  second and a retry costs one batch, however many records wait.
+  a call's final record replaces its in-flight one. It retries one batch at a time, with
+  backoff (`proxy.ledger.commit_health`), so a freed disk is noticed within a second and a
+  retry costs one batch, however many records wait.
 - `committing` is False from the first failed write until one succeeds; `has_room` is False
   once the records waiting reach `max_queued_records`. Both cost an attribute read (and a
   deque's length), no lock and no I/O: the request path asks them on every call
-  (`proxy.forward` refuses calls of teams with hard budgets while not committing, and every
+  (`proxy.relay.call` refuses calls of teams with hard budgets while not committing, and every
   call while there is no room).
-- Every `FILE_CHECK_INTERVAL` the thread checks that the ledger's path still leads to the file
-  it opened. If the file was deleted or replaced, writing on would only feed a file no one can
-  open again (it vanishes with the process), so the writer stops writing for good (until a
-  restart), saves what the file holds through its open connection beside it
+- Every second the thread checks that the ledger's path still leads to the file it opened
+  (`proxy.ledger.moved_file`). If the file was deleted or replaced, writing on would only feed
+  a file no one can open again (it vanishes with the process), so the writer stops writing for
+  good (until a restart), saves what the file holds through its open connection beside it
   (``<ledger>.recovered-...``, `proxy.ledger.spill`) and logs how to restore it. It never
   creates a database at the old path: the old ``-wal`` and ``-shm`` files may still be there.
 - `close(timeout)` waits at most `timeout` for the records to commit, then returns the ones it
   could not write, for `serve` to save in a spill file (`proxy.ledger.spill.spill`).
 
-Every failure is logged at ERROR when it starts, again every `REMINDER_INTERVAL` while it
-lasts, and counted (`status`, exported by `proxy.metrics`).
+Every failure is logged at ERROR when it starts, again every minute while it lasts, and
+counted (`status`, exported by `proxy.metrics`).
 """
 
 from __future__ import annotations
@@ -49,11 +49,11 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from itertools import islice
 from typing import cast
 
-from proxy.ledger.spill import beside
+from proxy.ledger.commit_health import CommitHealth
+from proxy.ledger.moved_file import FileWatch
 from proxy.ledger.store import LedgerStore
 from proxy.records import Dispatched, UsageRecord
 
@@ -72,15 +72,10 @@ MAX_BATCH = 100
 """Records per transaction. The writer holds the interpreter lock while it prepares a batch;
 small batches with a yield between them keep each hold under a millisecond, so the event loop
 is never stalled for long (a 200-record batch added about 4 ms to the p99 latency)."""
-FIRST_RETRY_DELAY = 0.05
-MAX_RETRY_DELAY = 1.0
-FILE_CHECK_INTERVAL = 1.0
-MAX_COPY_RETRY_DELAY = 60.0
 STOP_GRACE = 0.5
 """Seconds `close` gives the thread to stop once it gave up: it stops at its next wake, which
 `close` brings forward, unless it is inside a write (SQLite may wait up to its busy timeout
 for a locked database); then it is left, a daemon, and the store is not closed under it."""
-REMINDER_INTERVAL = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,18 +121,8 @@ class LedgerWriter:
         self._closing = False
         self._closed = False
         self._stopped = False  # `close` gave up: nothing more is taken or written
-        self._committing = True
-        self._detached = False  # the ledger's file is gone: never written again
-        self._write_errors = 0
-        self._last_commit = time.time()
-        self._retry_at = 0.0
-        self._retry_delay = FIRST_RETRY_DELAY
-        self._failing_since = 0.0
-        self._remind_at = 0.0
-        self._full = False
-        self._check_at = 0.0
-        self._copy_at: float | None = None  # when to save a copy of a detached ledger
-        self._copy_delay = FILE_CHECK_INTERVAL
+        self._health = CommitHealth(max_queued_records)
+        self._watch = FileWatch(store)
         self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
         self._thread.start()
 
@@ -148,7 +133,7 @@ class LedgerWriter:
         self._items.append((record, True))
 
     def committing(self) -> bool:
-        return self._committing
+        return self._health.committing
 
     def has_room(self) -> bool:
         # Queue entries count until the thread takes them (a call that ended within the
@@ -156,12 +141,13 @@ class LedgerWriter:
         return len(self._items) + self._held < self.max_queued_records
 
     def status(self) -> LedgerStatus:
+        health = self._health
         return LedgerStatus(
-            self._committing,
+            health.committing,
             len(self._items) + self._held,
             self.max_queued_records,
-            self._write_errors,
-            self._last_commit,
+            health.write_errors,
+            health.last_commit,
         )
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -196,15 +182,15 @@ class LedgerWriter:
         self._wake.set()
         self._thread.join(STOP_GRACE)  # it stops at once, unless inside a write
         if left:
-            why = "its file is gone" if self._detached else f"waited {timeout} s"
+            why = "its file is gone" if self._watch.detached else f"waited {timeout} s"
             log.error(
                 "the ledger could not commit %d record(s) (%s); giving up on them", len(left), why
             )
         if self._thread.is_alive():  # a write that has not returned (a locked database)
             log.error("the ledger writer is still inside a write; leaving it")
             return left
-        if self._copy_at is not None:  # a last try before the open file is gone for good
-            self._save_copy(time.monotonic())
+        if self._watch.copy_at is not None:  # a last try before the open file is gone for good
+            self._watch.save_copy(time.monotonic())
         try:
             self.store.close()
         except Exception:  # the records are accounted for; the process is stopping anyway
@@ -222,16 +208,18 @@ class LedgerWriter:
                 if not self._stopped:
                     self._take_locked()  # everything queued before the ticket read above
             now = time.monotonic()
-            if now >= self._check_at:
-                self._watch_file(now)
-            if not self._detached and now >= self._retry_at:
+            self._watch.check(now, self._held, self.max_queued_records)
+            detached = self._watch.detached
+            if detached:
+                self._health.committing = False
+            elif now >= self._health.retry_at:
                 self._commit()
-            self._note_room()
+            self._health.note_room(self._held)
             if not self._held:
                 with self._progress:
                     self._completed = ticket
                     self._progress.notify_all()
-            if closing and (not self._held or self._detached or self._stopped):
+            if closing and (not self._held or detached or self._stopped):
                 return
 
     def _take_locked(self) -> None:
@@ -250,7 +238,7 @@ class LedgerWriter:
                 dispatched.append(item)
         for call in dispatched:
             if call.request_id not in final:
-                self._pending[call.request_id] = call.placeholder()
+                self._pending[call.request_id] = call.in_flight_record()
         for request_id, record in final.items():
             self._pending.pop(request_id, None)
             self._final[request_id] = record
@@ -265,116 +253,13 @@ class LedgerWriter:
             try:
                 self.store.write(pending, final)
             except Exception as exc:  # keep the records and retry: spend must not be dropped
-                self._failed(exc)
+                self._health.failed(exc, self._held)
                 return
-            with self._lock:  # `close` may have merged a final over a placeholder meanwhile
+            with self._lock:  # `close` may have merged a final over an in-flight record
                 for record in pending:
                     self._pending.pop(record.request_id, None)
                 for record in final:
                     self._final.pop(record.request_id, None)
                 self._held = len(self._pending) + len(self._final)
-            self._succeeded()
+            self._health.succeeded()
             time.sleep(0)  # hand the interpreter back to the event loop between batches
-
-    def _failed(self, exc: Exception) -> None:
-        now = time.monotonic()
-        self._write_errors += 1
-        self._retry_at = now + self._retry_delay
-        self._retry_delay = min(self._retry_delay * 2, MAX_RETRY_DELAY)
-        if self._committing:
-            self._committing = False
-            self._failing_since = now
-            self._remind_at = now + REMINDER_INTERVAL
-            log.error(
-                "the ledger cannot commit (%s): %d record(s) wait in memory, at most %d "
-                "before every call is refused; calls of teams with hard budgets are "
-                "refused until a write succeeds; retrying",
-                exc,
-                self._held,
-                self.max_queued_records,
-                exc_info=exc,
-            )
-        elif now >= self._remind_at:
-            self._remind_at = now + REMINDER_INTERVAL
-            log.error(
-                "the ledger still cannot commit after %.0f s (%s): %d record(s) wait in memory",
-                now - self._failing_since,
-                exc,
-                self._held,
-            )
-
-    def _succeeded(self) -> None:
-        self._last_commit = time.time()
-        self._retry_delay = FIRST_RETRY_DELAY
-        if not self._committing:
-            self._committing = True
-            log.warning(
-                "the ledger commits again, after %.1f s of failed writes",
-                time.monotonic() - self._failing_since,
-            )
-
-    def _note_room(self) -> None:
-        full = self._held >= self.max_queued_records
-        if full != self._full:
-            self._full = full
-            if full:
-                log.error(
-                    "%d record(s) wait for the ledger, its bound (ledger."
-                    "max_queued_records): every call is refused until it commits",
-                    self._held,
-                )
-            else:
-                log.warning("the ledger's queue has room again (%d record(s) waiting)", self._held)
-
-    def _watch_file(self, now: float) -> None:
-        self._check_at = now + FILE_CHECK_INTERVAL
-        if not self._detached and self.store.moved():
-            self._detached = True
-            self._committing = False
-            self._copy_at = now
-            log.error(
-                "the ledger file %s was deleted or replaced while the proxy was "
-                "running: nothing more is written to it (rows written to a deleted file "
-                "vanish with the process), and calls of teams with hard budgets are "
-                "refused. Records wait in memory (%d now, at most %d) and are saved "
-                "beside the ledger when the proxy stops; restarting it opens a ledger "
-                "at the path again",
-                self.store.path,
-                self._held,
-                self.max_queued_records,
-            )
-        if self._copy_at is not None and now >= self._copy_at:
-            self._save_copy(now)
-
-    def _save_copy(self, now: float) -> None:
-        """Save what the deleted ledger holds, through the connection that still has it."""
-        path = self.store.path
-        target = beside(path, "recovered", datetime.now(UTC))
-        try:
-            self.store.save_copy(target)
-        except Exception as exc:  # a full disk, most likely: try again, less and less often
-            self._copy_at = now + self._copy_delay
-            log.error(
-                "could not save a copy of the deleted ledger to %s (%s); trying again in "
-                "%.0f s. Until a copy is saved its rows exist only in the deleted file "
-                "this process holds open: make room before stopping the proxy",
-                target,
-                exc,
-                self._copy_delay,
-            )
-            self._copy_delay = min(self._copy_delay * 2, MAX_COPY_RETRY_DELAY)
-            return
-        self._copy_at = None
-        log.error(
-            "saved the deleted ledger, as this process still saw it, to %s. To restore "
-            "it: stop the proxy (it saves the records it could not write beside the "
-            "ledger and names the file); move %s-wal and %s-shm aside if they are there "
-            "(what they hold is in the copy); move %s to %s; start the proxy; then put "
-            "the saved records back with python -m proxy ledger-replay. With several "
-            "workers each saves a copy: use the newest",
-            target,
-            path,
-            path,
-            target,
-            path,
-        )

@@ -12,12 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
+from proxy.formats import ZERO
 from proxy.ledger.store import SpendReader
 from proxy.ledger.writer import LedgerStatus
 from proxy.metrics.contract import (
@@ -92,7 +92,7 @@ class SpendCollector(Collector):
         today = self.clock().astimezone(self.billing_timezone).date()
         starts = {period: period_start(today, period) for period in PERIODS}
         totals = {
-            (team, period, currency): Decimal(0)
+            (team, period, currency): ZERO
             for team in self.teams
             for period in PERIODS
             for currency in self.currencies

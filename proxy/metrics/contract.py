@@ -34,7 +34,7 @@ ANOMALIES = frozenset(
         "unprintable_upstream_field",
     }
 )
-"""Record flags (`proxy.metering`, `proxy.forward`, `proxy.answer`) counted by
+"""Record flags (`proxy.metering`, `proxy.relay`, `proxy.upstream`) counted by
 ``llm_upstream_anomalies_total``: a fixed set, so the label stays bounded."""
 
 Bounds = tuple[float, ...]

@@ -14,6 +14,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from proxy.config import Budget
+from proxy.formats import decimal_text
 from proxy.metrics.collectors import (
     CalendarCollector,
     InflightCollector,
@@ -102,9 +103,9 @@ def _budget_metrics(
     for entry in budgets:
         budget.labels(entry.team, entry.period, entry.currency).set(float(entry.amount))
         for percent in entry.soft:
-            threshold.labels(
-                entry.team, entry.period, entry.currency, format(percent.normalize(), "f")
-            ).set(float(entry.amount * percent / 100))
+            threshold.labels(entry.team, entry.period, entry.currency, decimal_text(percent)).set(
+                float(entry.amount * percent / 100)
+            )
     refusals = Counter(*BUDGET_REFUSALS.declaration, registry=registry)
     for team in teams:
         refusals.labels(team)

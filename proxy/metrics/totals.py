@@ -23,6 +23,7 @@ from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from proxy.formats import ZERO
 from proxy.metrics.contract import (
     ANOMALIES,
     CACHE_SAVINGS,
@@ -47,20 +48,11 @@ from proxy.metrics.contract import (
 )
 from proxy.records import UsageRecord
 
-_ZERO = Decimal(0)
-
 Labels = tuple[str, ...]
 Histogram = tuple[list[int], float]
 """A count per bucket (not cumulative, the last one +Inf) and the sum."""
 Tables = dict[str, dict[Labels, Any]]
 """Family name -> label values -> an int (counter), a `Decimal` (money) or a `Histogram`."""
-
-
-def _status(record: UsageRecord) -> int:
-    """The status the client received: DeepSeek's, or the proxy's 502/504 when it had none."""
-    if record.upstream_status is not None and not 300 <= record.upstream_status < 400:
-        return record.upstream_status
-    return 504 if record.outcome == "timeout" else 502
 
 
 def _upstream_error(record: UsageRecord) -> str | None:
@@ -130,11 +122,7 @@ class CallTotals(Collector):
         self, record: UsageRecord, model: str, tools: dict[str, int] | None, overhead: float
     ) -> None:
         team = record.team
-        # replaced by record.client_status / record.billable on merge
-        status = record.upstream_status
-        if status is None or 300 <= status < 400:
-            status = _status(record)
-        key = (team, model, record.endpoint, status, record.stream)
+        key = (team, model, record.endpoint, record.client_status, record.stream)
         slot = self._slots.get(key)
         if slot is None:
             slot = self._slots[key] = _Slot()
@@ -155,18 +143,17 @@ class CallTotals(Collector):
             cost, savings = self._cost, self._savings
             for currency, amount in record.costs.items():
                 ckey = (team, model, currency, tier)
-                cost[ckey] = cost.get(ckey, _ZERO) + amount
+                cost[ckey] = cost.get(ckey, ZERO) + amount
             for currency, amount in record.cache_savings.items():
                 skey = (team, model, currency)
-                savings[skey] = savings.get(skey, _ZERO) + amount
+                savings[skey] = savings.get(skey, ZERO) + amount
         if tools:
             for tool, count in tools.items():
                 self._count(TOOL_CALLS.name, (team, model, tool), count)
         if record.usage_source in ("estimated", "unknown"):
             reason = "malformed_usage" if "malformed_usage" in record.flags else record.outcome
             self._count(USAGE_MISSING.name, (team, model, reason))
-        # replaced by record.client_status / record.billable on merge
-        if not record.priced and record.usage_source != "none":
+        if not record.priced and record.billable:
             self._count(UNPRICED.name, (model,))
         if record.outcome != "complete":
             error = _upstream_error(record)

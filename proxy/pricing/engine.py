@@ -26,6 +26,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from types import MappingProxyType
 
+from proxy.formats import ZERO as _ZERO
 from proxy.pricing.model import (
     FLAT_TIER,
     AliasEra,
@@ -39,7 +40,6 @@ from proxy.pricing.model import (
 from proxy.usage import TokenUsage
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_ZERO = Decimal(0)
 _NO_COSTS: Mapping[str, Cost] = MappingProxyType({})
 
 FLAG_NO_HOLIDAY_CALENDAR = "holiday_calendar_missing"

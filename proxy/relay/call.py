@@ -172,7 +172,7 @@ def _settlement(exchange: Exchange | None, record: UsageRecord | None) -> dict[s
     """What a reservation settles to: None if nothing is billable (the call never went out,
     or DeepSeek refused it); the record's costs otherwise (empty if no record could be built:
     nothing to count, as in the ledger)."""
-    if exchange is None or (record is not None and record.usage_source == "none"):
+    if exchange is None or (record is not None and not record.billable):
         return None
     return dict(record.costs) if record is not None else {}
 

@@ -189,7 +189,7 @@ def test_close_gives_up_after_its_timeout_and_returns_every_record(
     assert 0.5 <= took < 1.5
     assert {r.request_id: r for r in left} == {
         **{r.request_id: r for r in ended},
-        running.request_id: running.placeholder(),
+        running.request_id: running.in_flight_record(),
     }
     assert writer.close(0.5) == []  # closed once
 

@@ -18,7 +18,7 @@ import pytest
 from proxy.cli import main
 from proxy.ledger.spill import read_records, spill
 from proxy.ledger.store import SQLiteLedger
-from proxy.metering import CallMeter, in_flight_record
+from proxy.metering import CallMeter
 from proxy.pricing import PriceBook
 from proxy.records import UsageRecord
 from proxy.relay.request import new_request_id
@@ -70,7 +70,7 @@ def test_spilled_records_go_back_once(
     store = SQLiteLedger(ledger, ZoneInfo("Asia/Shanghai"))
     store.write([], already[:1])  # one made it before the ledger failed
     store.close()
-    running = in_flight_record(
+    running = UsageRecord.in_flight(
         CallMeter(
             request_id=new_request_id(),
             team="beta",
@@ -83,7 +83,8 @@ def test_spilled_records_go_back_once(
             prompt_bound=1 << 20,
             output_bound=1 << 16,
         ),
-        book,
+        PEAK,
+        book.digest,
     )
     records = [*already, running]
     saved = spill(records, ledger, ledger.parent / "proxy.yaml", NOW)
@@ -195,7 +196,7 @@ def test_a_spilled_call_ended_by_a_restart_is_restored(
     store = SQLiteLedger(ledger, ZoneInfo("Asia/Shanghai"))
     store.write(
         [
-            in_flight_record(
+            UsageRecord.in_flight(
                 CallMeter(
                     request_id=call.request_id,
                     team="beta",
@@ -208,7 +209,8 @@ def test_a_spilled_call_ended_by_a_restart_is_restored(
                     prompt_bound=1 << 20,
                     output_bound=1 << 16,
                 ),
-                book,
+                PEAK,
+                book.digest,
             )
         ],
         [],

@@ -270,14 +270,14 @@ def test_no_eval_exec_or_unsafe_yaml() -> None:
 # SQL text may be assembled only from these reviewed pieces: column names picked from a fixed
 # mapping (`report.GROUP_COLUMNS`), constant column and aggregate lists, `reprice`'s constant
 # condition, `TimeRange.where()`, which yields constant clauses with `?` placeholders, and
-# `marks`, a run of `?` placeholders (store.SQLiteLedger._already_final).
+# `marks`, a run of `?` placeholders (`proxy.ledger.rows.settled_ids`).
 # Everything else is a parameter.
 REVIEWED_INTERPOLATIONS = {
     "keys",
     "', '.join(_COUNT_SQL)",
     "where",
     "condition",
-    "', '.join(_ROW_COLUMNS)",
+    "', '.join(RECORD_COLUMNS)",
     "marks",
 }
 

@@ -40,7 +40,7 @@ class RecordingSink:
         self._changed = asyncio.Event()
 
     def dispatched(self, call: Dispatched) -> None:
-        self.in_flight.append(call.placeholder())
+        self.in_flight.append(call.in_flight_record())
 
     def submit(self, record: UsageRecord) -> None:
         self.records.append(record)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sqlite3
 import time
 from datetime import UTC, datetime, timedelta
@@ -11,23 +12,16 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from proxy.config import Limits
-from proxy.ledger.store import (
-    SCHEMA_VERSION,
-    SchemaTooNew,
-    SQLiteLedger,
-    connect,
-    iso,
-    money,
-    release_owner,
-)
+from proxy.ledger.connection import connect
+from proxy.ledger.rows import COLUMNS, RECORD_COLUMNS, stored_record
+from proxy.ledger.schema import SCHEMA_VERSION, SchemaTooNew
+from proxy.ledger.store import SQLiteLedger, release_owner
 from proxy.ledger.writer import LedgerWriter
-from proxy.metering import CallMeter, build_record, in_flight_record
+from proxy.metering import CallMeter, build_record
 from proxy.pricing import PriceBook
-from proxy.records import UsageRecord
+from proxy.records import FIELDS, UsageRecord
 from proxy.relay.request import new_request_id
 from proxy.usage import parse_usage
 
@@ -65,6 +59,10 @@ def final(book: PriceBook, request_id: str, instant: datetime, team: str = "alph
     return build_record(m, instant + timedelta(seconds=2), book, "request_start", LOOSE)
 
 
+def in_flight(book: PriceBook, request_id: str, instant: datetime) -> UsageRecord:
+    return UsageRecord.in_flight(meter(request_id, instant), instant, book.digest)
+
+
 def rows(path: Path, sql: str) -> list[tuple[object, ...]]:
     with sqlite3.connect(path) as conn:
         return conn.execute(sql).fetchall()
@@ -100,13 +98,51 @@ def test_rows_and_costs_are_exact_and_survive_reopening(tmp_path: Path, book: Pr
     store.close()
 
 
+def test_the_usage_table_has_exactly_the_record_columns_and_the_ledgers_own(
+    tmp_path: Path,
+) -> None:
+    """The ``usage`` DDL is written out (it is what ledgers hold on disk); the columns written
+    come from the record's schema. The two must agree, and a new record field needs a
+    migration."""
+    path = tmp_path / "ledger.sqlite3"
+    SQLiteLedger(path, SHANGHAI).close()
+    columns = [str(name) for (name,) in rows(path, "SELECT name FROM pragma_table_info('usage')")]
+    assert sorted(columns) == sorted(COLUMNS)
+    assert set(COLUMNS) - set(RECORD_COLUMNS) == {"state", "billing_day", "owner"}
+    assert {f.name for f in FIELDS} - set(RECORD_COLUMNS) == {"costs", "cache_savings"}
+
+
+def test_a_stored_record_reads_back_equal(tmp_path: Path, book: PriceBook) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    store = SQLiteLedger(path, SHANGHAI)
+    written = [
+        dataclasses.replace(final(book, "r1", PEAK), tool_calls={"search": 2}),  # JSON in it
+        in_flight(book, "r2", PEAK + timedelta(seconds=1)),
+    ]
+    store.write(written[1:], written[:1])
+    store.close()
+    costs: dict[str, dict[str, Decimal]] = {}
+    savings: dict[str, dict[str, Decimal]] = {}
+    for request_id, currency, amount, saved in rows(path, "SELECT * FROM usage_cost"):
+        costs.setdefault(str(request_id), {})[str(currency)] = Decimal(str(amount))
+        savings.setdefault(str(request_id), {})[str(currency)] = Decimal(str(saved))
+    read = [
+        stored_record(values, costs.get(str(values[0]), {}), savings.get(str(values[0]), {}))
+        for values in rows(
+            path,
+            f"SELECT {', '.join(RECORD_COLUMNS)} FROM usage ORDER BY request_id",  # noqa: S608
+        )
+    ]
+    assert read == written
+
+
 def test_final_rows_are_idempotent(tmp_path: Path, book: PriceBook) -> None:
     path = tmp_path / "ledger.sqlite3"
     store = SQLiteLedger(path, SHANGHAI)
     record = final(book, "r1", PEAK)
     store.write([], [record])
     store.write([], [record])
-    store.write([in_flight_record(meter("r1", PEAK), book)], [])  # late placeholder: ignored
+    store.write([in_flight(book, "r1", PEAK)], [])  # a late in-flight row: ignored
     assert rows(path, "SELECT count(*), state FROM usage") == [(1, "final")]
     [(amount,)] = rows(path, "SELECT amount FROM spend_daily WHERE currency = 'CNY'")
     assert amount == "0.0011456"
@@ -118,8 +154,8 @@ def test_in_flight_rows_become_interrupted_on_restart(tmp_path: Path, book: Pric
     store = SQLiteLedger(path, SHANGHAI)
     store.write(
         [
-            in_flight_record(meter("crashed", PEAK), book),
-            in_flight_record(meter("finished", PEAK), book),
+            in_flight(book, "crashed", PEAK),
+            in_flight(book, "finished", PEAK),
         ],
         [],
     )
@@ -141,7 +177,7 @@ def test_writer_batches_and_close_drains_everything(tmp_path: Path, book: PriceB
     writer = LedgerWriter(SQLiteLedger(path, SHANGHAI), flush_interval=30)
     records = [final(book, f"r{i}", PEAK + timedelta(seconds=i)) for i in range(500)]
     for record in records:
-        writer.dispatched(in_flight_record(meter(record.request_id, record.started_at), book))
+        writer.dispatched(in_flight(book, record.request_id, record.started_at))
         writer.submit(record)
     writer.close()  # long before the 30 s flush interval: close must write everything
     assert rows(path, "SELECT count(*), min(state), max(state) FROM usage") == [
@@ -153,14 +189,14 @@ def test_writer_batches_and_close_drains_everything(tmp_path: Path, book: PriceB
 
 def test_batches_of_every_size_store_every_row_once(tmp_path: Path, book: PriceBook) -> None:
     """Multi-row statements are cut into power-of-two sizes: sizes around those cuts, with
-    placeholders of calls still running and of calls finishing in the same batch."""
+    in-flight rows of calls still running and of calls finishing in the same batch."""
     path = tmp_path / "ledger.sqlite3"
     store = SQLiteLedger(path, SHANGHAI)
     written = 0
     for size in (1, 2, 3, 63, 64, 65, 127, 129, 200):
         ids = [f"s{size}-{i:03d}" for i in range(size)]
-        running = [in_flight_record(meter(f"{r}-running", PEAK), book) for r in ids]
-        ending = [in_flight_record(meter(r, PEAK), book) for r in ids]
+        running = [in_flight(book, f"{r}-running", PEAK) for r in ids]
+        ending = [in_flight(book, r, PEAK) for r in ids]
         store.write(running + ending, [final(book, r, PEAK) for r in ids])
         written += size
     assert rows(path, "SELECT state, count(*) FROM usage GROUP BY state ORDER BY 1") == [
@@ -185,9 +221,9 @@ def test_in_flight_rows_are_built_from_the_call_only_when_written(
     class Call(CallMeter):
         __slots__ = ()
 
-        def placeholder(self) -> UsageRecord:
+        def in_flight_record(self) -> UsageRecord:
             built.append(self.request_id)
-            return super().placeholder()
+            return super().in_flight_record()
 
     path = tmp_path / "ledger.sqlite3"
     writer = LedgerWriter(SQLiteLedger(path, SHANGHAI), flush_interval=30)
@@ -247,50 +283,15 @@ def test_request_ids_are_unique_and_ordered_by_time() -> None:
     assert abs(int(later[:12], 16) - time.time_ns() // 1_000_000) < 5000
 
 
-@given(st.datetimes(timezones=st.sampled_from([UTC, SHANGHAI, ZoneInfo("America/St_Johns")])))
-def test_iso_text_is_utc_isoformat_with_microseconds(instant: datetime) -> None:
-    expected = instant.astimezone(UTC).isoformat(timespec="microseconds")
-    assert iso(instant) == expected.removesuffix("+00:00") + "Z"
-
-
-def test_iso_text_is_right_when_instants_share_or_cross_a_second() -> None:
-    """`iso` reuses the text of the last second it formatted: instants on both sides of
-    second boundaries, alternating, in several offsets and years far apart."""
-    base = datetime(2026, 11, 28, 23, 59, 59, tzinfo=UTC)
-    instants = [
-        base + timedelta(microseconds=d)
-        for d in (0, 999_999, 1_000_000, 999_998, 1_000_001, 0, 60_000_000, 59_999_999)
-    ]
-    instants += [
-        datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
-        datetime(1969, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
-        datetime(1970, 1, 1, tzinfo=UTC),
-        base.astimezone(SHANGHAI),
-    ]
-    for instant in [*instants, *reversed(instants), *instants]:
-        expected = instant.astimezone(UTC).isoformat(timespec="microseconds")
-        assert iso(instant) == expected.removesuffix("+00:00") + "Z"
-
-
-@given(st.decimals(allow_nan=False, allow_infinity=False, places=None))
-def test_money_text_is_exact_plain_decimal(amount: Decimal) -> None:
-    """No exponent, no trailing zeros, and the same number back."""
-    text = money(amount)
-    assert "E" not in text and "e" not in text
-    assert Decimal(text) == amount
-    if "." in text:
-        assert not text.endswith(("0", "."))
-
-
 def test_releasing_an_owner_ends_only_its_calls_and_holds(tmp_path: Path, book: PriceBook) -> None:
     """What a dead worker leaves (`release_owner`): its in-flight rows end as ``interrupted``
     and its budget holds go, in one transaction; another worker's calls and holds stay."""
     path = tmp_path / "ledger.sqlite3"
     dead = SQLiteLedger(path, SHANGHAI, owner="host:1:w0:aa")
     alive = SQLiteLedger(path, SHANGHAI, owner="host:1:w1:bb", recover=False)
-    dead.write([in_flight_record(meter(r, PEAK), book) for r in ("d1", "d2", "d3")], [])
+    dead.write([in_flight(book, r, PEAK) for r in ("d1", "d2", "d3")], [])
     dead.write([], [final(book, "d3", PEAK)])
-    alive.write([in_flight_record(meter("a1", PEAK), book)], [])
+    alive.write([in_flight(book, "a1", PEAK)], [])
     with contextlib.closing(connect(path)) as conn:
         conn.executemany(
             "INSERT INTO budget_holds (request_id, team, currency, day, amount, "

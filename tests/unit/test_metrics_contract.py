@@ -19,8 +19,9 @@ from proxy.ledger.writer import LedgerStatus
 from proxy.metering import CallMeter, build_record
 from proxy.metrics import MetricSources, ProxyMetrics
 from proxy.metrics.contract import FAMILIES
+from proxy.outcome import Failure
 from proxy.pricing import PriceBook
-from proxy.records import Outcome, UsageRecord
+from proxy.records import UsageRecord
 from tests.support.proxy_harness import PEAK
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
@@ -89,10 +90,10 @@ USAGE = {
 
 
 def call(
-    book: PriceBook, outcome: Outcome, model: str, status: int, usage: object = None
+    book: PriceBook, failure: Failure | None, model: str, status: int, usage: object = None
 ) -> UsageRecord:
     meter = CallMeter(
-        request_id=outcome,
+        request_id=failure or f"http_{status}",
         team="alpha",
         key_id="k_00000000",
         endpoint="chat",
@@ -102,7 +103,7 @@ def call(
         started_at=PEAK,
         prompt_bound=Limits().max_context_tokens,
         output_bound=Limits().max_output_tokens,
-        outcome=outcome,
+        failure=failure,
         upstream_status=status,
         first_byte_at=PEAK + timedelta(seconds=0.2),
     )
@@ -116,9 +117,9 @@ def traffic(book: PriceBook) -> list[UsageRecord]:
     """Calls that between them give every per-call family a series: one complete with usage,
     a tool call and an anomaly; a DeepSeek error; a cut call of a model the book lacks."""
     return [
-        call(book, "complete", "deepseek-flash", 200, USAGE),
-        call(book, "upstream_error", "deepseek-flash", 429),
-        call(book, "upstream_cut", "someone-else", 200),
+        call(book, None, "deepseek-flash", 200, USAGE),
+        call(book, None, "deepseek-flash", 429),
+        call(book, "cut", "someone-else", 200),
     ]
 
 

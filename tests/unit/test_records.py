@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.records import Outcome, UsageRecord, UsageSource
+from proxy.records import CallRequest, Outcome, UsageRecord, UsageSource
 
 texts = st.text(max_size=20)
 counts = st.none() | st.integers(min_value=-(2**63), max_value=2**63 - 1)
@@ -148,3 +148,86 @@ def test_from_json_names_missing_fields() -> None:
     data = {k: v for k, v in SAMPLE.items() if k not in ("team", "flags")}
     with pytest.raises(ValueError, match=r"missing fields \['team', 'flags'\]"):
         UsageRecord.from_json(data)
+
+
+def test_old_spill_lines_with_trailing_zeros_read_back_exactly() -> None:
+    """Spill files written before amounts lost their trailing zeros still read: the same
+    amounts, written again without them."""
+    record = UsageRecord.from_json(
+        {**SAMPLE, "costs": {"CNY": "0.00114560"}, "cache_savings": {"CNY": "0.0012544000"}}
+    )
+    assert record.costs == {"CNY": Decimal("0.0011456")}
+    assert record.to_json()["costs"] == {"CNY": "0.0011456"}
+    assert record.to_json()["cache_savings"] == {"CNY": "0.0012544"}
+
+
+@pytest.mark.parametrize(
+    ("upstream_status", "outcome", "client_status"),
+    [
+        (200, "complete", 200),
+        (200, "upstream_cut", 200),  # the status went out before the stream broke
+        (429, "upstream_error", 429),
+        (None, "timeout", 504),
+        (None, "connect_error", 502),
+        (None, "bad_response", 502),
+        (302, "upstream_error", 502),  # redirects are refused, never passed on
+        (307, "timeout", 504),
+    ],
+)
+def test_client_status_is_deepseeks_or_the_proxys_own(
+    upstream_status: int | None, outcome: Outcome, client_status: int
+) -> None:
+    record = UsageRecord.from_json(
+        {**SAMPLE, "upstream_status": upstream_status, "outcome": outcome}
+    )
+    assert record.client_status == client_status
+
+
+@pytest.mark.parametrize(
+    ("usage_source", "billable"),
+    [("reported", True), ("estimated", True), ("unknown", True), ("none", False)],
+)
+def test_only_calls_deepseek_refused_or_never_saw_are_not_billable(
+    usage_source: UsageSource, billable: bool
+) -> None:
+    assert UsageRecord.from_json({**SAMPLE, "usage_source": usage_source}).billable is billable
+
+
+def test_an_in_flight_record_has_the_call_and_nothing_else() -> None:
+    call = CallRequest("019a3f", "alpha", "k_00000000", "fim", True, "deepseek-flash")
+    started = datetime(2026, 11, 2, 1, 30, tzinfo=UTC)
+    record = UsageRecord.in_flight(call, started, "abc")
+    assert record.to_json() == {
+        "request_id": "019a3f",
+        "team": "alpha",
+        "key_id": "k_00000000",
+        "endpoint": "fim",
+        "stream": True,
+        "model_requested": "deepseek-flash",
+        "model_served": None,
+        "started_at": "2026-11-02T01:30:00Z",
+        "first_byte_at": None,
+        "ended_at": "2026-11-02T01:30:00Z",
+        "cache_hit_tokens": None,
+        "cache_miss_tokens": None,
+        "output_tokens": None,
+        "reasoning_tokens": None,
+        "prompt_tokens": None,
+        "tool_calls": {},
+        "upstream_status": None,
+        "upstream_trace_id": None,
+        "outcome": "in_flight",
+        "usage_source": "unknown",
+        "priced": False,
+        "unpriced_reason": "in flight: the call had not ended",
+        "billed_model": None,
+        "price_version": None,
+        "schedule_version": None,
+        "tier": None,
+        "priced_at": None,
+        "costs": {},
+        "cache_savings": {},
+        "price_book": "abc",
+        "flags": [],
+    }
+    assert record.in_flight_record() is record
