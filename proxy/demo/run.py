@@ -44,10 +44,10 @@ import httpx
 
 from proxy.app import create_app
 from proxy.auth import ClientKey, hash_key, key_id_of, new_key
-from proxy.config import Limits, ProxyConfig, Timeouts
+from proxy.config import DEFAULT_FLUSH_INTERVAL, Limits, ProxyConfig, Timeouts
 from proxy.demo.simulated_deepseek import SimulatedDeepSeek
 from proxy.ledger.store import SQLiteLedger, connect
-from proxy.ledger.writer import DEFAULT_FLUSH_INTERVAL, LedgerWriter
+from proxy.ledger.writer import LedgerWriter
 from proxy.listener import ListenError, ProxySite, make_runner
 from proxy.pricing import PriceBook, PriceBookError, load_price_book
 from proxy.usage import DEFAULT_TOOL_FIELDS
@@ -378,7 +378,7 @@ def _config(upstream_url: str, ledger: Path, port: int, team_keys: dict[str, str
         port=port,
         upstream_base_url=upstream_url,
         upstream_key_env="(demo: generated key)",
-        price_book=(PRICE_BOOK,),
+        price_book_files=(PRICE_BOOK,),
         price_at="request_start",
         keys=MappingProxyType(keys),
         teams=TEAMS,
