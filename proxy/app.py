@@ -31,7 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from proxy.admission import Admission
 from proxy.answer import shown_body
 from proxy.auth import ClientKey, authenticate
-from proxy.budgets import BudgetGuard, SharedBudgetGuard
+from proxy.budgets import BudgetGuard, HoldStore, LedgerHolds, LocalHolds
 from proxy.config import ProxyConfig, check_references
 from proxy.errors import (
     HeadersTooLarge,
@@ -45,7 +45,7 @@ from proxy.forward import MAX_ERROR_BODY, Endpoint, ProxyState, proxy_completion
 from proxy.ledger.store import SpendReader
 from proxy.ledger.writer import LedgerStatus
 from proxy.metrics import ProxyMetrics
-from proxy.pricing import PriceBook
+from proxy.pricing import PriceBook, Pricer
 from proxy.records import ALWAYS_HEALTHY, LedgerHealth, RecordSink
 from proxy.upstream import Upstream, read_limited, redact, response_headers
 
@@ -225,25 +225,17 @@ def create_app(
         in_flight=admission.in_flight,
         ledger=ledger_status,
     )
-    budgets: BudgetGuard
-    if shared_ledger is not None:
-        shared = SharedBudgetGuard(
-            config.budgets,
-            book,
-            shared_ledger,
-            config.billing_timezone,
-            config.policies,
-            owner=owner,
-        )
-        budgets = shared
+    pricer = Pricer(book)
+    holds: HoldStore = (
+        LocalHolds(spend) if shared_ledger is None else LedgerHolds(shared_ledger, owner=owner)
+    )
+    budgets = BudgetGuard(config.budgets, pricer, holds, config.billing_timezone, config.policies)
 
-        async def close_budgets(app: web.Application) -> AsyncIterator[None]:
-            yield
-            shared.close()
+    async def close_budgets(app: web.Application) -> AsyncIterator[None]:
+        yield
+        budgets.close()
 
-        app.cleanup_ctx.append(close_budgets)
-    else:
-        budgets = BudgetGuard(config.budgets, book, spend, config.billing_timezone, config.policies)
+    app.cleanup_ctx.append(close_budgets)
 
     async def upstream_session(app: web.Application) -> AsyncIterator[None]:
         session = aiohttp.ClientSession(
@@ -253,7 +245,7 @@ def create_app(
         upstream = Upstream(session, config.upstream_base_url, api_key, config.timeouts)
         app[STATE] = ProxyState(
             config=config,
-            book=book,
+            pricer=pricer,
             upstream=upstream,
             sink=sink,
             metrics=metrics,

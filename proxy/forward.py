@@ -61,7 +61,7 @@ from proxy.errors import (
 )
 from proxy.metering import FLAG_AFTER_DONE, CallMeter, StreamMeter, build_record
 from proxy.metrics import ProxyMetrics
-from proxy.pricing import PriceBook
+from proxy.pricing import Pricer
 from proxy.records import ALWAYS_HEALTHY, LedgerHealth, RecordSink, UsageRecord
 from proxy.request_body import (
     parse_payload,
@@ -96,7 +96,8 @@ class ProxyState:
     """Everything a request handler needs, built once at start-up (see `proxy.app`)."""
 
     config: ProxyConfig
-    book: PriceBook
+    pricer: Pricer
+    """The price book in use (`pricer.book`) and its memo of lookups."""
     upstream: Upstream
     sink: RecordSink
     metrics: ProxyMetrics
@@ -160,7 +161,7 @@ async def proxy_completion(
         started_at=started_at,
         prompt_bound=size.prompt,
         output_bound=size.output,
-        price_book=state.book.digest,
+        price_book=state.pricer.book.digest,
     )
     _refuse_unrecordable(state, client.team)
     state.admission.enter(client.team)
@@ -266,7 +267,7 @@ def _submit(state: ProxyState, meter: CallMeter) -> UsageRecord | None:
     tick = time.perf_counter()
     try:
         record = build_record(
-            meter, state.clock(), state.book, state.config.price_at, state.config.limits
+            meter, state.clock(), state.pricer, state.config.price_at, state.config.limits
         )
         state.sink.submit(record)
         state.metrics.observe(record, meter.proxy_seconds + time.perf_counter() - tick)

@@ -12,10 +12,10 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from proxy.pricing.engine import price
 from proxy.pricing.errors import PriceBookError
 from proxy.pricing.loader import load_price_book
 from proxy.pricing.model import PriceBook
+from proxy.pricing.pricer import price
 from proxy.pricing.render import quote_objects, quote_text, table_in_force
 from proxy.usage import TokenUsage
 

@@ -27,7 +27,7 @@ from proxy.ledger.store import (
 )
 from proxy.ledger.writer import LedgerWriter
 from proxy.metering import CallMeter, build_record, in_flight_record
-from proxy.pricing import PriceBook
+from proxy.pricing import PriceBook, Pricer
 from proxy.records import UsageRecord
 from proxy.usage import parse_usage
 
@@ -62,7 +62,7 @@ def meter(request_id: str, instant: datetime, team: str = "alpha") -> CallMeter:
 def final(book: PriceBook, request_id: str, instant: datetime, team: str = "alpha") -> UsageRecord:
     m = meter(request_id, instant, team)
     m.reported = parse_usage(USAGE)
-    return build_record(m, instant + timedelta(seconds=2), book, "request_start", LOOSE)
+    return build_record(m, instant + timedelta(seconds=2), Pricer(book), "request_start", LOOSE)
 
 
 def rows(path: Path, sql: str) -> list[tuple[object, ...]]:
