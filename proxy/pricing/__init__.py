@@ -3,6 +3,7 @@
 - `model`    - frozen dataclasses: versions, aliases, retirements, schedules, calendars, fees
 - `fields`   - readers for the scalar fields of the YAML format
 - `loader`   - YAML files -> validated `PriceBook` (every defect reported, with file and entry)
+- `read_schedules`, `read_models` - the loader's readers of each section of a file
 - `validate` - checks spanning entries (schedules, calendars, alias targets and cycles)
 - `engine`   - lookups: the price version, tier rule, tier and tool fee in force at an instant
 - `pricer`   - `price(book, model, usage, at)` -> `Pricing`, exact `Decimal`, no clock, no I/O;

@@ -150,13 +150,22 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quote(args: argparse.Namespace) -> int:
+def _book_and_currencies(args: argparse.Namespace) -> tuple[PriceBook, list[str]] | int:
+    """The book and the currencies asked for, or the exit code when either is unusable."""
     book = _load(args.book)
     if book is None:
         return EXIT_BOOK_PROBLEMS
     currencies = _currencies(book, args.currency)
     if currencies is None:
         return 2
+    return book, currencies
+
+
+def _quote(args: argparse.Namespace) -> int:
+    found = _book_and_currencies(args)
+    if isinstance(found, int):
+        return found
+    book, currencies = found
     usage = TokenUsage(args.hit, args.miss, args.output, args.reasoning, args.tool_calls)
     pricing = price(book, args.model, usage, args.at)
     if args.format == "json":
@@ -167,11 +176,9 @@ def _quote(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    book = _load(args.book)
-    if book is None:
-        return EXIT_BOOK_PROBLEMS
-    currencies = _currencies(book, args.currency)
-    if currencies is None:
-        return 2
+    found = _book_and_currencies(args)
+    if isinstance(found, int):
+        return found
+    book, currencies = found
     print(table_in_force(book, args.at, currencies))
     return 0
