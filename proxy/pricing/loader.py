@@ -100,8 +100,8 @@ def _read_file(reader: Reader, document: Any, parts: _Parts) -> None:
             continue
         parts.calendars[name] = (calendar, reader.file)
     for name, raw in _named(reader, document, "schedules"):
-        for version, entry in read_schedule(reader, name, raw):
-            parts.schedules.setdefault(name, []).append((version, reader.file, entry))
+        for rule, entry in read_schedule(reader, name, raw):
+            parts.schedules.setdefault(name, []).append((rule, reader.file, entry))
     for name, raw in _named(reader, document, "models"):
         for era, entry in read_model(reader, name, raw, codes):
             parts.eras.setdefault(name, []).append((era, reader.file, entry))

@@ -71,9 +71,9 @@ def read_schedule(reader: Reader, name: str, raw: Any) -> list[tuple[ScheduleVer
         where = f"{entry}.versions[{i}]"
         if not reader.mapping(item, where, allowed, {"from", "windows", "source", "confidence"}):
             continue
-        version = _read_schedule_version(reader, name, tz, item, where)
-        if version is not None:
-            result.append((version, where))
+        rule = _read_schedule_version(reader, name, tz, item, where)
+        if rule is not None:
+            result.append((rule, where))
     return result
 
 
