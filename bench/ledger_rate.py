@@ -34,7 +34,7 @@ from proxy.config import Limits
 from proxy.ledger.store import SQLiteLedger
 from proxy.ledger.writer import LedgerWriter
 from proxy.metering import CallMeter, build_record
-from proxy.pricing import PriceBook, load_price_book
+from proxy.pricing import PriceBook, Pricer, load_price_book
 from proxy.records import UsageRecord
 from proxy.usage import DEFAULT_TOOL_FIELDS
 
@@ -59,6 +59,7 @@ class Synthetic:
 def synthetic_calls(book: PriceBook, count: int) -> Synthetic:
     """Calls shaped like the benchmark's (deepseek-flash, reported usage, complete)."""
     start = datetime.now(UTC)
+    pricer = Pricer(book)
     in_flight: list[UsageRecord] = []
     final: list[UsageRecord] = []
     elapsed = 0.0
@@ -91,7 +92,7 @@ def synthetic_calls(book: PriceBook, count: int) -> Synthetic:
             },
             DEFAULT_TOOL_FIELDS,
         )
-        final.append(build_record(meter, at, book, "request_start", LIMITS))
+        final.append(build_record(meter, at, pricer, "request_start", LIMITS))
         elapsed += time.perf_counter() - tick
         in_flight.append(UsageRecord.in_flight(meter, meter.started_at, book.digest))
     return Synthetic(in_flight, final, elapsed / max(count, 1))

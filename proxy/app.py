@@ -28,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from proxy.admission import Admission
 from proxy.auth import ClientKey, authenticate
-from proxy.budgets import BudgetGuard, SharedBudgetGuard
+from proxy.budgets import BudgetGuard, HoldStore, LedgerHolds, LocalHolds
 from proxy.config import ProxyConfig, check_references
 from proxy.errors import (
     HeadersTooLarge,
@@ -40,7 +40,7 @@ from proxy.errors import (
 from proxy.ledger.store import SpendReader
 from proxy.ledger.writer import LedgerStatus
 from proxy.metrics import MetricSources, ProxyMetrics
-from proxy.pricing import PriceBook
+from proxy.pricing import PriceBook, Pricer
 from proxy.records import ALWAYS_HEALTHY, LedgerHealth, RecordSink
 from proxy.relay import Endpoint, proxy_completion
 from proxy.upstream import AiohttpTransport, Transport, Upstream, refuse_redirect
@@ -51,7 +51,8 @@ class ProxyState:
     """Everything a request handler needs, built once at start-up by `create_app`."""
 
     config: ProxyConfig
-    book: PriceBook
+    pricer: Pricer
+    """The price book in use (`pricer.book`) and its memo of lookups."""
     upstream: Upstream
     sink: RecordSink
     metrics: ProxyMetrics
@@ -233,25 +234,17 @@ def create_app(
         ledger=ledger_status,
     )
     metrics = ProxyMetrics(registry, sources, shared_metrics_dir)
-    budgets: BudgetGuard
-    if shared_ledger is not None:
-        shared = SharedBudgetGuard(
-            config.budgets,
-            book,
-            shared_ledger,
-            config.billing_timezone,
-            config.policies,
-            owner=owner,
-        )
-        budgets = shared
+    pricer = Pricer(book)
+    holds: HoldStore = (
+        LocalHolds(spend) if shared_ledger is None else LedgerHolds(shared_ledger, owner=owner)
+    )
+    budgets = BudgetGuard(config.budgets, pricer, holds, config.billing_timezone, config.policies)
 
-        async def close_budgets(app: web.Application) -> AsyncIterator[None]:
-            yield
-            shared.close()
+    async def close_budgets(app: web.Application) -> AsyncIterator[None]:
+        yield
+        budgets.close()
 
-        app.cleanup_ctx.append(close_budgets)
-    else:
-        budgets = BudgetGuard(config.budgets, book, spend, config.billing_timezone, config.policies)
+    app.cleanup_ctx.append(close_budgets)
 
     async def upstream_session(app: web.Application) -> AsyncIterator[None]:
         upstream = Upstream(
@@ -261,7 +254,7 @@ def create_app(
         )
         app[STATE] = ProxyState(
             config=config,
-            book=book,
+            pricer=pricer,
             upstream=upstream,
             sink=sink,
             metrics=metrics,

@@ -40,7 +40,7 @@ import orjson
 from proxy.bounds import estimate_prompt
 from proxy.config import Limits
 from proxy.outcome import Failure, classify
-from proxy.pricing import PriceBook, price
+from proxy.pricing import Pricer
 from proxy.records import (
     CallRequest,
     Outcome,
@@ -247,7 +247,7 @@ def _no_price_reason(source: UsageSource, outcome: Outcome) -> str:
 
 
 def build_record(
-    meter: CallMeter, ended_at: datetime, book: PriceBook, price_at: str, limits: Limits
+    meter: CallMeter, ended_at: datetime, pricer: Pricer, price_at: str, limits: Limits
 ) -> UsageRecord:
     """The one usage record of a call, priced at the configured instant."""
     tokens, prompt, source, usage_flags = _usage_of(meter, limits)
@@ -258,7 +258,7 @@ def build_record(
     priced_at = meter.started_at if price_at == "request_start" else ended_at
     pricing = None
     if tokens is not None:
-        pricing = price(book, meter.model_requested, tokens, priced_at)
+        pricing = pricer.price(meter.model_requested, tokens, priced_at)
         flags.extend(pricing.flags)
     costs: dict[str, Decimal] = {}
     savings: dict[str, Decimal] = {}
@@ -288,12 +288,12 @@ def build_record(
         priced=priced,
         unpriced_reason=None if priced else reason,
         billed_model=pricing.billed_model if pricing else None,
-        price_version=pricing.version if pricing else None,
-        schedule_version=pricing.schedule_version if pricing else None,
+        price_version=pricing.version_id if pricing else None,
+        schedule_version=pricing.schedule_version_id if pricing else None,
         tier=pricing.tier if pricing else None,
         priced_at=priced_at if pricing else None,
         costs=costs,
         cache_savings=savings,
-        price_book=book.digest,
+        price_book=pricer.book.digest,
         flags=tuple(flags),
     )

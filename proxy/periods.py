@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from datetime import date, timedelta
+from typing import Literal
 
-from proxy.config import Period
+Period = Literal["day", "week", "month"]
 
 PERIODS: tuple[Period, ...] = ("day", "week", "month")
 

@@ -108,7 +108,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     try:
         config = load_config(args.config)
-        book = load_price_book(config.price_book)
+        book = load_price_book(config.price_book_files)
         check_references(config, currencies=book.currencies, tools=book.tool_fees)
     except ConfigError as exc:
         print(f"cannot start: {exc}", file=sys.stderr)

@@ -10,7 +10,7 @@ so the kernel spreads connections over the cores. What must agree across workers
   scrape lands on exports the sum over all of them: gauges through prometheus_client's
   multiprocess mode, per-call totals as files each worker rewrites every second
   (`proxy.metrics.sharing`);
-- hard budgets: reservations live in the ledger (`proxy.budgets.SharedBudgetGuard`);
+- hard budgets: reservations live in the ledger (`proxy.budgets.LedgerHolds`);
 - admission limits: each worker counts its calls in progress in its slot of a small mapped file
   in the same folder (`proxy.admission.SharedAdmission`), so ``limits.max_inflight`` and
   ``limits.max_inflight_per_team`` hold across all workers, to within N - 1 calls.
@@ -18,11 +18,11 @@ so the kernel spreads connections over the cores. What must agree across workers
 **A dead worker's state dies with it.** Every worker gets a fresh owner id (`OWNER_ENV`, new
 for each start) and a slot (`SLOT_ENV`); its ledger rows and budget holds carry the id. When
 the supervisor reaps a worker, whatever the exit (``kill -9`` included), it first releases
-that owner's budget holds and in-flight rows in one ledger transaction
-(`proxy.ledger.store.release_owner`) and zeroes its slot, so nothing of a dead worker keeps
-refusing calls; then it schedules a replacement. The release happens as soon as the
-supervisor sees the exit (a few milliseconds); if the ledger cannot be written then, it is
-retried every `RELEASE_RETRY` seconds, and the next start releases everything anyway.
+that owner's budget holds and in-flight rows in one ledger transaction (`proxy.worker_release`)
+and zeroes its slot, so nothing of a dead worker keeps refusing calls; then it schedules a
+replacement. The release happens as soon as the supervisor sees the exit (a few milliseconds);
+if the ledger cannot be written then, it is retried every second, and the next start releases
+everything anyway.
 
 **Restarts back off and never give up.** A replacement starts `FIRST_DELAY` after a death; each
 further death of a worker that lived less than `STABLE_AFTER` doubles the delay, up to
@@ -42,7 +42,6 @@ and exit rather than serve on unsupervised.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import os
@@ -50,7 +49,6 @@ import secrets
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -64,10 +62,9 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from proxy.admission import SharedAdmission
 from proxy.config import ProxyConfig
-from proxy.ledger.connection import connect
 from proxy.ledger.spill import EXIT_UNWRITTEN
-from proxy.ledger.store import release_owner
 from proxy.shared_counters import SharedCounters
+from proxy.worker_release import DeadOwners
 
 log = logging.getLogger("proxy.workers")
 
@@ -83,12 +80,6 @@ MAX_DELAY = 30.0
 """The longest delay, reached after seven quick deaths in a row."""
 STABLE_AFTER = 60.0
 """A worker that lived this long died of something new: its replacement waits `FIRST_DELAY`."""
-RELEASE_RETRY = 1.0
-"""Seconds between two attempts to release a dead worker's state while the ledger fails."""
-_RELEASE_WAIT = "PRAGMA busy_timeout = 1000"
-"""A release waits at most 1 s for the ledger's write lock (a worker waits 10 s): a short wait
-keeps the supervisor answering signals and deaths, and a failed release is retried anyway."""
-
 _SIGNALS = frozenset({signal.SIGCHLD, signal.SIGTERM, signal.SIGINT})
 _STOPS = frozenset({signal.SIGTERM, signal.SIGINT})
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -186,7 +177,6 @@ class _Supervisor:
         ]
         self._env = {**os.environ, MULTIPROC_ENV: str(folder)}
         self._folder = folder
-        self._ledger = config.ledger_path
         self._counters = counters
         self._mask = mask
         self._pid = os.getpid()
@@ -194,8 +184,7 @@ class _Supervisor:
             ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
         )
         self._slots: list[_Slot] = []
-        self._unreleased: dict[str, float] = {}
-        """Dead owners whose release failed -> when to try again (monotonic seconds)."""
+        self._dead = DeadOwners(config.ledger_path)
         self._stopping = False
         self._failed = False
         self._unwritten = False
@@ -215,7 +204,7 @@ class _Supervisor:
                 self._reap()
             elif info is not None:
                 self._stop(signal.Signals(info.si_signo))
-            self._retry_releases()
+            self._dead.retry_due()
             self._start_due()
         log.info("all workers stopped")
         return EXIT_UNWRITTEN if self._unwritten else 1 if self._failed else 0
@@ -224,7 +213,7 @@ class _Supervisor:
         """Seconds until something is due (a restart, a release to retry); None: nothing."""
         now = time.monotonic()
         dues = [slot.due for slot in self._slots if slot.due is not None]
-        dues += self._unreleased.values()
+        dues += self._dead.dues()
         return max(0.0, min(dues) - now) if dues else None
 
     def _start_due(self) -> None:
@@ -301,44 +290,7 @@ class _Supervisor:
             )
         mark_process_dead(pid, str(self._folder))  # type: ignore[no-untyped-call]
         self._counters.zero(slot.index)
-        self._release(slot.owner, retry=False)
-
-    def _release(self, owner: str, *, retry: bool) -> None:
-        """Release a dead worker's budget holds and in-flight calls (`release_owner`).
-
-        If the ledger cannot be written (locked past its busy timeout, disk full), the
-        replacement still starts, under a new owner id, and the release is retried every
-        `RELEASE_RETRY` seconds: serving goes on while the old holds wait to go.
-        """
-        try:
-            with contextlib.closing(connect(self._ledger)) as conn:
-                conn.execute(_RELEASE_WAIT)
-                calls, holds = release_owner(conn, owner)
-        except (sqlite3.Error, OSError):
-            if not retry:
-                log.exception(
-                    "cannot release the budget holds and calls of dead worker %s; "
-                    "retrying every %g s",
-                    owner,
-                    RELEASE_RETRY,
-                )
-            self._unreleased[owner] = time.monotonic() + RELEASE_RETRY
-            return
-        self._unreleased.pop(owner, None)
-        if calls or holds:
-            log.warning(
-                "released dead worker %s: %d call(s) in flight recorded as "
-                "'interrupted', %d budget hold(s) dropped",
-                owner,
-                calls,
-                holds,
-            )
-
-    def _retry_releases(self) -> None:
-        now = time.monotonic()
-        for owner, due in list(self._unreleased.items()):
-            if due <= now:
-                self._release(owner, retry=True)
+        self._dead.release(slot.owner)
 
     def _stop(self, signum: signal.Signals) -> None:
         log.info("%s: stopping the workers", signum.name)

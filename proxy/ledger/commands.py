@@ -223,7 +223,7 @@ def _warn_on_timezone(conn: sqlite3.Connection, config: ProxyConfig) -> None:
 
 def _book(config: ProxyConfig) -> PriceBook:
     try:
-        return load_price_book(config.price_book)
+        return load_price_book(config.price_book_files)
     except PriceBookError as exc:
         raise CommandFailed("\n".join(str(p) for p in exc.problems), EXIT_FAILED) from exc
 

@@ -26,7 +26,7 @@ from proxy.formats import ZERO, decimal_text, iso_instant
 from proxy.ledger.report import TimeRange, table
 from proxy.ledger.rows import RECORD_COLUMNS, cost_rows, stored_record, usage_row
 from proxy.ledger.store import add_spend
-from proxy.pricing import PriceBook, Pricing, price
+from proxy.pricing import PriceBook, Pricer, Pricing
 from proxy.pricing.engine import (
     FLAG_NO_HOLIDAY_CALENDAR,
     FLAG_REASONING_EXCEEDS_OUTPUT,
@@ -94,11 +94,12 @@ def is_price_flag(flag: str) -> bool:
 def plan_reprice(conn: sqlite3.Connection, book: PriceBook, time_range: TimeRange) -> Plan:
     """What re-pricing the rows in `time_range` with `book` would change. Reads only."""
     rows = load_rows(conn, time_range)
+    pricer = Pricer(book)  # one memo for the run: most rows share a model and an hour
     changes = []
     groups: dict[tuple[str, str], GroupDiff] = {}
     for old, day in rows:
         assert old.priced_at is not None  # `load_rows` gives every row the instant to keep
-        new = _repriced(old, price(book, old.model_requested, _tokens(old), old.priced_at))
+        new = _repriced(old, pricer.price(old.model_requested, _tokens(old), old.priced_at))
         changed = new != old
         if changed:
             changes.append(Change(old, new, day))
@@ -156,8 +157,8 @@ def _repriced(old: UsageRecord, pricing: Pricing) -> UsageRecord:
         priced=pricing.priced,
         unpriced_reason=pricing.reason,
         billed_model=pricing.billed_model,
-        price_version=pricing.version,
-        schedule_version=pricing.schedule_version,
+        price_version=pricing.version_id,
+        schedule_version=pricing.schedule_version_id,
         tier=pricing.tier,
         costs={c: cost.total for c, cost in pricing.costs.items()},
         cache_savings={c: cost.cache_savings for c, cost in pricing.costs.items()},

@@ -13,7 +13,7 @@ Tables:
 - ``spend_daily``: spend per team, billing day and currency, kept in the same transaction as the
   rows, so spend gauges and budgets read a handful of rows instead of scanning the ledger.
 - ``budget_holds``: what running calls may still cost, for hard budgets shared by several
-  workers (`proxy.budgets.SharedBudgetGuard`); a call's hold is dropped in the transaction that
+  workers (`proxy.budgets.LedgerHolds`); a call's hold is dropped in the transaction that
   stores its final record and adds its cost to ``spend_daily``. ``owner`` as in ``usage``.
 - ``meta``: schema version and the billing timezone ``spend_daily`` was built with.
 

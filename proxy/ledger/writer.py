@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import cast
 
+from proxy.config import DEFAULT_FLUSH_INTERVAL, DEFAULT_MAX_QUEUED_RECORDS
 from proxy.ledger.commit_health import CommitHealth
 from proxy.ledger.moved_file import FileWatch
 from proxy.ledger.store import LedgerStore
@@ -59,15 +60,6 @@ from proxy.records import Dispatched, UsageRecord
 
 log = logging.getLogger("proxy.ledger")
 
-DEFAULT_FLUSH_INTERVAL = 0.1
-DEFAULT_MAX_QUEUED_RECORDS = 50_000
-"""Records kept in memory while the ledger cannot commit, before every call is refused. A
-record takes about 1.5 KB, so about 75 MB at the bound: minutes of traffic for someone to
-free the disk, against memory that a proxy with 1,000 open streams uses anyway."""
-DEFAULT_SHUTDOWN_TIMEOUT = 10.0
-"""Seconds a stopping proxy waits for the ledger to commit. With `timeouts.drain` (30 s) it
-stays below the 60 s an orchestrator gives (docker-compose's ``stop_grace_period``), so the
-records it gives up on are saved rather than killed with the process."""
 MAX_BATCH = 100
 """Records per transaction. The writer holds the interpreter lock while it prepares a batch;
 small batches with a yield between them keep each hold under a millisecond, so the event loop

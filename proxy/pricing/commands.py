@@ -12,10 +12,10 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from proxy.pricing.engine import price
 from proxy.pricing.errors import PriceBookError
 from proxy.pricing.loader import load_price_book
 from proxy.pricing.model import PriceBook
+from proxy.pricing.pricer import price
 from proxy.pricing.render import quote_objects, quote_text, table_in_force
 from proxy.usage import TokenUsage
 
@@ -150,13 +150,22 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quote(args: argparse.Namespace) -> int:
+def _book_and_currencies(args: argparse.Namespace) -> tuple[PriceBook, list[str]] | int:
+    """The book and the currencies asked for, or the exit code when either is unusable."""
     book = _load(args.book)
     if book is None:
         return EXIT_BOOK_PROBLEMS
     currencies = _currencies(book, args.currency)
     if currencies is None:
         return 2
+    return book, currencies
+
+
+def _quote(args: argparse.Namespace) -> int:
+    found = _book_and_currencies(args)
+    if isinstance(found, int):
+        return found
+    book, currencies = found
     usage = TokenUsage(args.hit, args.miss, args.output, args.reasoning, args.tool_calls)
     pricing = price(book, args.model, usage, args.at)
     if args.format == "json":
@@ -167,11 +176,9 @@ def _quote(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    book = _load(args.book)
-    if book is None:
-        return EXIT_BOOK_PROBLEMS
-    currencies = _currencies(book, args.currency)
-    if currencies is None:
-        return 2
+    found = _book_and_currencies(args)
+    if isinstance(found, int):
+        return found
+    book, currencies = found
     print(table_in_force(book, args.at, currencies))
     return 0

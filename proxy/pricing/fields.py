@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -19,6 +19,13 @@ _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _HOURS = re.compile(r"^(\d{2}):(\d{2})\s*-\s*(\d{2}):(\d{2})$")
 _RATE_KEYS = ("cache_hit", "cache_miss", "output")
 _URL = re.compile(r"^https?://\S+$")
+PROVENANCE_KEYS = {"source", "confidence", "note"}
+"""Keys every entry may carry to say where it comes from (`Reader.provenance`)."""
+
+
+def utc_id(name: str, instant: datetime) -> str:
+    """The id of an entry that names none: ``deepseek-flash@2026-11-30T16:00:00Z``."""
+    return f"{name}@{instant.astimezone(UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}"
 
 
 class Reader:
@@ -45,6 +52,13 @@ class Reader:
             self.fail(entry, f"missing key {key!r}")
             ok = False
         return ok
+
+    def versions(self, raw: Any, entry: str) -> list[tuple[int, Any]]:
+        """The dated entries of a name, numbered for their entry paths."""
+        if not isinstance(raw, list) or not raw:
+            self.fail(entry, "expected a non-empty list of dated entries")
+            return []
+        return list(enumerate(raw))
 
     def text(self, value: Any, entry: str) -> str | None:
         if isinstance(value, str) and value.strip():
@@ -97,9 +111,7 @@ class Reader:
             raw = value
         else:
             return None
-        hit = self.money(raw["cache_hit"], f"{entry}.cache_hit")
-        miss = self.money(raw["cache_miss"], f"{entry}.cache_miss")
-        out = self.money(raw["output"], f"{entry}.output")
+        hit, miss, out = (self.money(raw[key], f"{entry}.{key}") for key in _RATE_KEYS)
         if hit is None or miss is None or out is None:
             return None
         return TokenRates(cache_hit=hit, cache_miss=miss, output=out)

@@ -72,8 +72,8 @@ RateCard = Mapping[str, TokenRates]
 class PriceVersion:
     """A model billed at its own rates from `effective` on.
 
-    Flat versions have no schedule and one tier named `FLAT_TIER`; tiered versions name a
-    schedule and carry explicit rates for every tier that schedule can produce.
+    Flat versions have no schedule and one rate card, for the tier `FLAT_TIER`; tiered versions
+    name a schedule and carry a rate card for every tier that schedule can produce.
     """
 
     id: str
@@ -81,7 +81,8 @@ class PriceVersion:
     effective: datetime
     label: str
     schedule: str | None
-    tiers: Mapping[str, RateCard]
+    rate_cards: Mapping[str, RateCard]
+    """Tier name -> its rates (one tier, `FLAT_TIER`, for flat prices)."""
     provenance: Provenance
 
 
@@ -202,9 +203,6 @@ class PriceBook:
     change_instants: tuple[int, ...] = field(init=False, repr=False, compare=False)
     """Every instant (POSIX microseconds) at which a model's era or a schedule's rule starts:
     between two of them, only the time of day and the calendar day can change a price."""
-    memo: dict[tuple[str, int], object] = field(init=False, repr=False, compare=False)
-    """The engine's cache of lookups per model and minute (`proxy.pricing.engine`); derived
-    from the fields above, so it never changes a result."""
 
     def __post_init__(self) -> None:
         starts = {
@@ -213,4 +211,3 @@ class PriceBook:
             for instant in timeline
         }
         object.__setattr__(self, "change_instants", tuple(sorted(starts)))
-        object.__setattr__(self, "memo", {})

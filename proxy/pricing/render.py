@@ -6,15 +6,9 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from proxy.pricing.engine import (
-    Pricing,
-    resolve,
-    schedule_version_at,
-    tier_at,
-    to_micros,
-    tool_fee_at,
-)
+from proxy.pricing.engine import resolve, schedule_version_at, tier_at, to_micros, tool_fee_at
 from proxy.pricing.model import FLAT_TIER, PriceBook, TokenRates
+from proxy.pricing.pricer import Pricing
 
 
 def decimal_text(value: Decimal) -> str:
@@ -37,8 +31,8 @@ def quote_objects(pricing: Pricing, currencies: list[str]) -> list[dict[str, Any
             "billed_model": pricing.billed_model,
             "currency": currency,
             "at": iso_utc(pricing.at),
-            "version": pricing.version,
-            "schedule_version": pricing.schedule_version,
+            "version": pricing.version_id,
+            "schedule_version": pricing.schedule_version_id,
             "tier": pricing.tier,
             "priced": pricing.priced,
         }
@@ -68,8 +62,8 @@ def quote_text(pricing: Pricing, currencies: list[str]) -> str:
     if not pricing.priced:
         lines.append(f"  not priced: {pricing.reason}")
         return "\n".join(lines)
-    rule = f" ({pricing.schedule_version})" if pricing.schedule_version else ""
-    lines.append(f"  billed as {pricing.billed_model}, version {pricing.version}")
+    rule = f" ({pricing.schedule_version_id})" if pricing.schedule_version_id else ""
+    lines.append(f"  billed as {pricing.billed_model}, version {pricing.version_id}")
     lines.append(f"  tier      {pricing.tier}{rule}")
     header = f"  {'':<11}" + "".join(f"{c:>16}" for c in currencies)
     lines.append(header)
@@ -107,7 +101,7 @@ def table_in_force(book: PriceBook, at: datetime, currencies: list[str]) -> str:
         if version.schedule is not None:
             rule = schedule_version_at(book, version.schedule, at_micros)
             current = tier_at(book, rule, at)[0] if rule is not None else ""
-        for i, (tier, card) in enumerate(sorted(version.tiers.items())):
+        for i, (tier, card) in enumerate(sorted(version.rate_cards.items())):
             mark = "*" if tier == current and version.schedule is not None else ""
             name, billed = (model, resolution.chain[-1]) if i == 0 else ("", "")
             cells = "".join(f"{_rates_text(card[c]):<22}" for c in currencies)

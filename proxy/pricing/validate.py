@@ -74,8 +74,8 @@ def _check_tiers(
         rule_end = _next_start(book.schedule_starts[version.schedule], rule_start)
         if (end is None or rule_start < end) and (rule_end is None or rule_end > start):
             produced |= rule.tier_names()
-    missing = produced - set(version.tiers)
-    unused = set(version.tiers) - produced
+    missing = produced - set(version.rate_cards)
+    unused = set(version.rate_cards) - produced
     if missing:
         fail(
             version,

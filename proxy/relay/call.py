@@ -87,7 +87,7 @@ async def proxy_completion(
         started_at=started_at,
         prompt_bound=size.prompt,
         output_bound=size.output,
-        price_book=state.book.digest,
+        price_book=state.pricer.book.digest,
     )
     _refuse_unrecordable(state, client.team)
     state.admission.enter(client.team)
@@ -193,7 +193,7 @@ def _submit(state: ProxyState, meter: CallMeter) -> UsageRecord | None:
     tick = time.perf_counter()
     try:
         record = build_record(
-            meter, state.clock(), state.book, state.config.price_at, state.config.limits
+            meter, state.clock(), state.pricer, state.config.price_at, state.config.limits
         )
         state.sink.submit(record)
         state.metrics.observe(record, meter.overhead_seconds + time.perf_counter() - tick)

@@ -79,9 +79,9 @@ async def post_all(
 def test_worst_cost_is_the_dearest_tier(book: PriceBook) -> None:
     resolution = resolve(book, "deepseek-flash", to_micros(PEAK))
     assert not isinstance(resolution, str)
-    tiers = list(resolution.version.tiers.values())
-    assert worst_cost(1000, 100, tiers, "CNY") == Decimal("0.0028")  # peak: 1000x2 + 100x8
-    assert worst_cost(1000, 100, tiers, "USD") == Decimal("0.00042")  # 1000x0.30 + 100x1.20
+    cards = list(resolution.version.rate_cards.values())
+    assert worst_cost(1000, 100, cards, "CNY") == Decimal("0.0028")  # peak: 1000x2 + 100x8
+    assert worst_cost(1000, 100, cards, "USD") == Decimal("0.00042")  # 1000x0.30 + 100x1.20
 
 
 async def test_concurrent_calls_cannot_overshoot(fake: FakeDeepSeek, book: PriceBook) -> None:

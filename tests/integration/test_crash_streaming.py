@@ -33,7 +33,7 @@ from pathlib import Path
 
 import httpx
 
-from proxy.ledger.writer import DEFAULT_FLUSH_INTERVAL
+from proxy.config import DEFAULT_FLUSH_INTERVAL
 from tests.support.fake_deepseek import FakeDeepSeek, running_fake
 from tests.support.fake_deepseek_shapes import RecordedRequest, Reply
 from tests.support.proxy_harness import TEAM_KEYS

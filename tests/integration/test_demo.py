@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from proxy.demo import run
+from proxy.demo import report, run, script
 from proxy.demo.simulated_deepseek import CACHE_UNIT_TOKENS, SimulatedDeepSeek, count_tokens
 
 CALL_LINE = re.compile(
@@ -61,7 +61,7 @@ def _section(out: str, heading: str) -> list[str]:
 
 def _report(out: str) -> tuple[list[str], list[list[str]], list[str]]:
     """The report's header, rows and total row, split into cells."""
-    lines = [line.split() for line in _section(out, run.REPORT_HEADING)]
+    lines = [line.split() for line in _section(out, report.REPORT_HEADING)]
     header = lines[0]
     total = next(line for line in lines if line[0] == "total")
     return header, lines[1 : lines.index(total)], total
@@ -70,7 +70,7 @@ def _report(out: str) -> tuple[list[str], list[list[str]], list[str]]:
 def test_every_scripted_call_succeeds(runs: list[tuple[str, Path]]) -> None:
     out, _ = runs[0]
     calls = [CALL_LINE.match(line) for line in _section(out, "Calls")[1:]]
-    assert len(calls) == len(run.SCRIPT) >= 12
+    assert len(calls) == len(script.SCRIPT) >= 12
     assert all(match is not None and match.group(6) == "200" for match in calls), out
     tiers = {match.group(7) for match in calls if match is not None}
     assert tiers == {"peak", "off_peak"}
@@ -90,7 +90,7 @@ def test_report_total_is_the_exact_sum_of_its_rows(runs: list[tuple[str, Path]])
         amounts = [Decimal(row[column]) for row in rows]
         assert all(amount > 0 for amount in amounts)
         assert sum(amounts, Decimal(0)) == Decimal(total[column])
-    assert int(total[2]) == len(run.SCRIPT)
+    assert int(total[2]) == len(script.SCRIPT)
 
 
 def test_ledger_has_every_call_priced_in_both_tiers(runs: list[tuple[str, Path]]) -> None:
@@ -100,7 +100,7 @@ def test_ledger_has_every_call_priced_in_both_tiers(runs: list[tuple[str, Path]]
             "cache_hit_tokens, reasoning_tokens FROM usage"
         ).fetchall()
         costs = db.execute("SELECT COUNT(*) FROM usage_cost").fetchone()[0]
-    assert len(rows) == len(run.SCRIPT)
+    assert len(rows) == len(script.SCRIPT)
     assert {row[:4] for row in rows} == {("final", "complete", "reported", 1)}
     assert {row[4] for row in rows} == {"peak", "off_peak"}
     assert costs == 2 * len(rows)  # CNY and USD for every call
@@ -124,7 +124,7 @@ def test_metrics_sample_is_printed(runs: list[tuple[str, Path]]) -> None:
 
 def test_calls_and_report_are_identical_on_two_runs(runs: list[tuple[str, Path]]) -> None:
     (first, _), (second, _) = runs
-    for heading in ("Calls", run.REPORT_HEADING):
+    for heading in ("Calls", report.REPORT_HEADING):
         assert _section(first, heading) == _section(second, heading)
 
 

@@ -32,7 +32,7 @@ from proxy.metrics import (
 )
 from proxy.metrics.sharing import SharedTotals
 from proxy.outcome import Failure
-from proxy.pricing import PriceBook
+from proxy.pricing import PriceBook, Pricer
 from proxy.records import Outcome, UsageRecord
 from tests.support.fake_deepseek import FakeDeepSeek, running_fake
 from tests.support.fake_deepseek_shapes import Reply
@@ -286,7 +286,7 @@ def test_spend_periods_follow_the_billing_timezone(tmp_path: Path, book: PriceBo
             upstream_status=200,
         )
         meter.reported = parse_usage(USAGE)
-        records.append(build_record(meter, meter.started_at, book, "request_start", LOOSE))
+        records.append(build_record(meter, meter.started_at, Pricer(book), "request_start", LOOSE))
     store.write([], records)
     now = datetime(2026, 11, 1, 15, 59, 30, tzinfo=UTC)  # still 2026-11-01 in Beijing
     registry = CollectorRegistry()
@@ -374,7 +374,9 @@ def _records(book: PriceBook, count: int, seed: int) -> list[UsageRecord]:
             meter.first_byte_at = started + timedelta(seconds=rng.choice([0.01, 0.3, 2, 700]))
         elapsed = rng.choice([0.05, 0.051, 1, 2.5, 7, 1800, 5000])
         records.append(
-            build_record(meter, started + timedelta(seconds=elapsed), book, "request_start", LOOSE)
+            build_record(
+                meter, started + timedelta(seconds=elapsed), Pricer(book), "request_start", LOOSE
+            )
         )
     return records
 

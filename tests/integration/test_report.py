@@ -86,8 +86,8 @@ def record(
         if priced
         else (pricing.reason if pricing else f"nothing billable: {outcome}"),
         billed_model=pricing.billed_model if pricing else None,
-        price_version=pricing.version if pricing else None,
-        schedule_version=pricing.schedule_version if pricing else None,
+        price_version=pricing.version_id if pricing else None,
+        schedule_version=pricing.schedule_version_id if pricing else None,
         tier=pricing.tier if pricing else None,
         priced_at=start if pricing else None,
         costs={c: cost.total for c, cost in pricing.costs.items()} if pricing else {},

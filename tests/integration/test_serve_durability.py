@@ -24,8 +24,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.config import DEFAULT_FLUSH_INTERVAL
 from proxy.ledger.spill import read_records
-from proxy.ledger.writer import DEFAULT_FLUSH_INTERVAL
 from proxy.pricing import PriceBook, price
 from proxy.usage import parse_usage
 from tests.support.fake_deepseek import running_fake

@@ -155,7 +155,7 @@ def one_call_budget(book: PriceBook) -> str:
     book, so the test does not depend on how the guard bounds the prompt)."""
     resolution = resolve(book, str(BIG["model"]), to_micros(datetime.now(UTC)))
     assert not isinstance(resolution, str)
-    output = max(rates["CNY"].output for rates in resolution.version.tiers.values())
+    output = max(rates["CNY"].output for rates in resolution.version.rate_cards.values())
     amount = output * BIG["max_tokens"] / 1_000_000 * 3 / 2
     return (
         "budgets:\n  alpha:\n"

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from proxy.config import Limits
 from proxy.ledger.store import SQLiteLedger
 from proxy.metering import CallMeter, build_record
-from proxy.pricing import PriceBook
+from proxy.pricing import PriceBook, Pricer
 from proxy.records import UsageRecord
 from proxy.usage import parse_usage
 
@@ -47,7 +47,9 @@ def record(book: PriceBook, request_id: str, started_at: datetime, team: str) ->
         price_book=book.digest,
     )
     meter.reported = parse_usage(USAGE)
-    return build_record(meter, started_at + timedelta(seconds=1), book, "request_start", LOOSE)
+    return build_record(
+        meter, started_at + timedelta(seconds=1), Pricer(book), "request_start", LOOSE
+    )
 
 
 def fill_to_the_limit(

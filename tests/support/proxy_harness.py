@@ -64,7 +64,7 @@ def make_config(upstream_url: str, book_files: tuple[Path, ...], **timeouts: flo
         port=0,
         upstream_base_url=upstream_url,
         upstream_key_env="UNUSED",
-        price_book=book_files,
+        price_book_files=book_files,
         price_at="request_start",
         keys=MappingProxyType(keys),
         teams=tuple(TEAM_KEYS),

@@ -24,7 +24,7 @@ def test_shipped_config_loads() -> None:
     assert (config.host, config.port) == ("127.0.0.1", 8080)
     assert config.upstream_base_url == "https://api.deepseek.com"
     assert config.upstream_key_env == "DEEPSEEK_API_KEY"
-    assert config.price_book == (ROOT / "config" / "pricing" / "deepseek.yaml",)
+    assert config.price_book_files == (ROOT / "config" / "pricing" / "deepseek.yaml",)
     assert config.price_at == "request_start"
     assert config.teams == ("example",)
     client = authenticate("Bearer sk-proxy-example-change-me", config.keys)

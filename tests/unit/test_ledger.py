@@ -20,7 +20,7 @@ from proxy.ledger.schema import SCHEMA_VERSION, SchemaTooNew
 from proxy.ledger.store import SQLiteLedger, release_owner
 from proxy.ledger.writer import LedgerWriter
 from proxy.metering import CallMeter, build_record
-from proxy.pricing import PriceBook
+from proxy.pricing import PriceBook, Pricer
 from proxy.records import FIELDS, UsageRecord
 from proxy.relay.request import new_request_id
 from proxy.usage import parse_usage
@@ -56,7 +56,7 @@ def meter(request_id: str, instant: datetime, team: str = "alpha") -> CallMeter:
 def final(book: PriceBook, request_id: str, instant: datetime, team: str = "alpha") -> UsageRecord:
     m = meter(request_id, instant, team)
     m.reported = parse_usage(USAGE)
-    return build_record(m, instant + timedelta(seconds=2), book, "request_start", LOOSE)
+    return build_record(m, instant + timedelta(seconds=2), Pricer(book), "request_start", LOOSE)
 
 
 def in_flight(book: PriceBook, request_id: str, instant: datetime) -> UsageRecord:

@@ -20,7 +20,7 @@ from proxy.metering import CallMeter, build_record
 from proxy.metrics import MetricSources, ProxyMetrics
 from proxy.metrics.contract import FAMILIES
 from proxy.outcome import Failure
-from proxy.pricing import PriceBook
+from proxy.pricing import PriceBook, Pricer
 from proxy.records import UsageRecord
 from tests.support.proxy_harness import PEAK
 
@@ -110,7 +110,7 @@ def call(
     if usage is not None:
         meter.take_usage(usage, {"web_search_requests": "search"})
         meter.flag("data_after_done")
-    return build_record(meter, PEAK + timedelta(seconds=1), book, "request_start", Limits())
+    return build_record(meter, PEAK + timedelta(seconds=1), Pricer(book), "request_start", Limits())
 
 
 def traffic(book: PriceBook) -> list[UsageRecord]:

@@ -36,4 +36,4 @@ def test_documented_price_change_loads_and_applies(tmp_path: Path) -> None:
     )
     assert before.costs["CNY"].total == Decimal(1)  # Monday 23:59 Beijing, off-peak
     assert after.costs["CNY"].total == Decimal("1.5")  # Tuesday 10:00 Beijing, peak
-    assert after.version == "deepseek-flash@2026-11-30T16:00:00Z"
+    assert after.version_id == "deepseek-flash@2026-11-30T16:00:00Z"

@@ -10,13 +10,15 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.pricing import Pricing, load_price_book, price
+from proxy.pricing import Pricer, load_price_book, price
 from proxy.pricing.engine import to_micros
 from proxy.pricing.model import AliasEra, PriceVersion, Retirement
 from proxy.usage import TokenUsage
 from tests.conftest import SHIPPED_BOOK
 
 BOOK = load_price_book([SHIPPED_BOOK])
+PRICER = Pricer(BOOK)
+"""Warm across examples, as the app's is across calls."""
 MODELS = [*sorted(BOOK.models), "unknown-model"]
 
 instants = st.datetimes(
@@ -93,22 +95,17 @@ def test_every_instant_resolves_to_exactly_one_era(
         return
     era = containing[0]
     if isinstance(era, PriceVersion):
-        assert pricing.version == era.id
+        assert pricing.version_id == era.id
     elif isinstance(era, Retirement):
         assert not pricing.priced
     else:
         assert isinstance(era, AliasEra)
         target = price(BOOK, era.target, TokenUsage(output=1), at)
-        assert (pricing.version, pricing.tier) == (target.version, target.tier)
+        assert (pricing.version_id, pricing.tier) == (target.version_id, target.tier)
     if pricing.priced:
         assert pricing.tier is not None
         starts = BOOK.model_starts[model]
         assert bisect_right(starts, t) >= 1
-
-
-def _fresh(model: str, usage: TokenUsage, at: datetime) -> Pricing:
-    BOOK.memo.clear()
-    return price(BOOK, model, usage, at)
 
 
 def _near_changes() -> list[datetime]:
@@ -128,16 +125,17 @@ def _near_changes() -> list[datetime]:
 
 
 def test_memo_gives_the_same_prices_as_fresh_lookups() -> None:
-    """The per-minute memo (`proxy.pricing.engine._context`) never changes a result: prices at
+    """The per-minute memo (`proxy.pricing.Pricer`) never changes a result: prices at
     every start (one microsecond either side, and at both ends of its minute) and at every
     half hour of a week, warm and in shuffled order, equal prices from an empty memo."""
     usage = TokenUsage(cache_hit=123_457, cache_miss=98_765, output=4_321, tool_calls={"search": 3})
     instants = _near_changes()
-    expected = {(m, at): _fresh(m, usage, at) for m in MODELS for at in instants}
+    expected = {(m, at): price(BOOK, m, usage, at) for m in MODELS for at in instants}
+    pricer = Pricer(BOOK)
     for at in [*reversed(instants), *instants]:
         for model in MODELS:
-            assert price(BOOK, model, usage, at) == expected[(model, at)], (model, at)
-    assert BOOK.memo  # the memo was used
+            assert pricer.price(model, usage, at) == expected[(model, at)], (model, at)
+    assert pricer.cached  # the memo was used
 
 
 @settings(max_examples=500)
@@ -145,8 +143,8 @@ def test_memo_gives_the_same_prices_as_fresh_lookups() -> None:
 def test_memo_agrees_with_fresh_lookups_anywhere(
     model: str, at: datetime, usage: TokenUsage
 ) -> None:
-    warm = price(BOOK, model, usage, at)
-    assert price(BOOK, model, usage, at) == warm == _fresh(model, usage, at)
+    warm = PRICER.price(model, usage, at)
+    assert PRICER.price(model, usage, at) == warm == price(BOOK, model, usage, at)
 
 
 MID_MINUTE_BOOK = """
@@ -194,18 +192,19 @@ def test_memo_skips_minutes_in_which_a_price_changes(tmp_path: Path) -> None:
     book = load_price_book([path])
     usage = TokenUsage(cache_hit=1_000_000, cache_miss=1_000_000, output=1_000_000)
     minute = datetime(2026, 3, 2, 1, 30, tzinfo=UTC)  # 09:30 in Beijing: peak either way
+    pricer = Pricer(book)
     seen = []
     for step in range(0, 60_000_000, 250_000):  # every quarter second, twice over
         at = minute + timedelta(microseconds=step)
         for model in ("alpha", "beta"):
-            first, again = price(book, model, usage, at), price(book, model, usage, at)
-            assert first == again
+            first = pricer.price(model, usage, at)
+            assert first == pricer.price(model, usage, at) == price(book, model, usage, at)
             seen.append(
                 (
                     model,
                     step,
                     first.priced,
-                    first.version,
+                    first.version_id,
                     first.costs["CNY"].total if first.priced else None,
                 )
             )
@@ -214,7 +213,7 @@ def test_memo_skips_minutes_in_which_a_price_changes(tmp_path: Path) -> None:
     assert alpha[40_250_000] == Decimal(24)  # the flat version from :40.000001
     beta = {step: priced for model, step, priced, _, _ in seen if model == "beta"}
     assert not beta[9_750_000] and beta[10_000_000]
-    assert not book.memo  # nothing of that minute was cached
+    assert pricer.cached == 0  # nothing of that minute was cached
     early = datetime(2026, 3, 2, 0, 30, tzinfo=UTC)  # 08:30 Beijing: off-peak under rule 1
-    assert price(book, "alpha", usage, early).costs["CNY"].total == Decimal(3)
-    assert book.memo
+    assert pricer.price("alpha", usage, early).costs["CNY"].total == Decimal(3)
+    assert pricer.cached == 1

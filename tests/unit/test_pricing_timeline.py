@@ -496,7 +496,7 @@ def test_timeline_row(
 def _applies(era: Era, pricing: Pricing) -> bool:
     """Whether `pricing` is what `era` produces: its own version, its alias, or no price."""
     if isinstance(era, PriceVersion):
-        return pricing.version == era.id
+        return pricing.version_id == era.id
     if isinstance(era, AliasEra):
         return pricing.priced and pricing.billed_model != era.model
     return not pricing.priced and "retired" in (pricing.reason or "")
@@ -569,10 +569,10 @@ def test_rule_versions_replayed_exactly(book: PriceBook) -> None:
     sunday_under_weekday_rule = price(
         book, "deepseek-v4-flash", TokenUsage(output=M), at("2026-08-22T16:00:00Z")
     )
-    assert saturday_under_everyday_rule.schedule_version == "peak-hours@2026-08-16T16:00:00Z"
-    assert sunday_under_weekday_rule.schedule_version == "peak-hours@2026-08-22T16:00:00Z"
+    assert saturday_under_everyday_rule.schedule_version_id == "peak-hours@2026-08-16T16:00:00Z"
+    assert sunday_under_weekday_rule.schedule_version_id == "peak-hours@2026-08-22T16:00:00Z"
     holiday_rule = price(book, "deepseek-flash", TokenUsage(output=M), at("2026-09-25T02:00:00Z"))
-    assert holiday_rule.schedule_version == "peak-hours@2026-09-20T16:00:00Z"
+    assert holiday_rule.schedule_version_id == "peak-hours@2026-09-20T16:00:00Z"
 
 
 @pytest.mark.parametrize(
@@ -618,7 +618,7 @@ def test_unpriced_never_zero(book: PriceBook, model: str, instant: str, reason: 
     assert not pricing.priced
     assert pricing.reason == reason
     assert dict(pricing.costs) == {}
-    assert pricing.version is None
+    assert pricing.version_id is None
 
 
 def test_exact_arithmetic_without_rounding(book: PriceBook) -> None:

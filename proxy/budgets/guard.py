@@ -1,0 +1,94 @@
+"""The budget guard: admits a call against its team's hard budgets before dispatch."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from zoneinfo import ZoneInfo
+
+from proxy.budgets.decide import CallSize, Refusal, Standing, decide
+from proxy.budgets.holds import HoldStore
+from proxy.config import DEFAULT_POLICY, Budget, TeamPolicy
+from proxy.errors import ModelNotPriced
+from proxy.pricing import Pricer
+from proxy.pricing.model import RateCard
+
+
+@dataclass(slots=True)
+class Reservation:
+    """What was held for one call, to settle when it ends."""
+
+    team: str
+    request_id: str
+    held: bool = False
+    """Whether the store holds amounts for the call (False once settled)."""
+    max_tokens: int | None = None
+    """The lowered ``max_tokens`` the call must be sent with (``lower_max_tokens``), or None."""
+
+
+class BudgetGuard:
+    """Hold-before-dispatch for hard budgets; `store` says where the holds live."""
+
+    def __init__(
+        self,
+        budgets: Sequence[Budget],
+        pricer: Pricer,
+        store: HoldStore,
+        timezone: ZoneInfo,
+        policies: Mapping[str, TeamPolicy] | None = None,
+    ) -> None:
+        self._pricer = pricer
+        self._store = store
+        self._tz = timezone
+        self._policies = dict(policies or {})
+        self._refusal = Refusal(timezone)
+        self._hard: dict[str, tuple[Budget, ...]] = {}
+        for budget in budgets:
+            if budget.hard:
+                self._hard[budget.team] = (*self._hard.get(budget.team, ()), budget)
+
+    def applies(self, team: str) -> bool:
+        """Whether the team has a hard budget (the request path skips the guard otherwise)."""
+        return team in self._hard
+
+    def rate_cards(self, model: str, now: datetime) -> list[RateCard]:
+        """The rate cards (one per tier) a call of `model` may be billed at now; 403 if it has
+        no price."""
+        resolution = self._pricer.resolve(model, now)
+        if isinstance(resolution, str):
+            raise ModelNotPriced(
+                f"model {model!r} has no price ({resolution}); a team with a hard budget can "
+                "only call models the price book prices"
+            )
+        return list(resolution.version.rate_cards.values())
+
+    async def reserve(
+        self, team: str, request_id: str, model: str, size: CallSize, now: datetime
+    ) -> Reservation:
+        """Admit the call (returning its reservation) or raise (402, 403, 503)."""
+        reservation = Reservation(team, request_id)
+        budgets = self._hard.get(team)
+        if not budgets:
+            return reservation
+        cards = self.rate_cards(model, now)
+        policy = self._policies.get(team, DEFAULT_POLICY)
+        refusal = self._refusal
+
+        def admit(standings: Sequence[Standing]) -> tuple[dict[str, Decimal], int | None]:
+            return decide(standings, size, cards, policy, refusal)
+
+        day = now.astimezone(self._tz).date()
+        reservation.max_tokens = await self._store.hold(team, request_id, day, budgets, admit)
+        reservation.held = True
+        return reservation
+
+    async def settle(self, reservation: Reservation, costs: Mapping[str, Decimal] | None) -> None:
+        """Replace the held amounts by the call's real cost (None: nothing billable)."""
+        if reservation.held:
+            reservation.held = False
+            await self._store.settle(reservation.request_id, costs)
+
+    def close(self) -> None:
+        self._store.close()
