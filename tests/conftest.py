@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from proxy.pricing import PriceBook, load_price_book
-from tests.support.fake_clients import AUTH
+from tests.support.fake_clients import UPSTREAM_AUTH
 from tests.support.fake_deepseek import FakeDeepSeek, running_fake
 from tests.support.fake_deepseek_shapes import FAKE_UPSTREAM_KEY
 
@@ -33,7 +33,7 @@ async def fake() -> AsyncIterator[FakeDeepSeek]:
 @pytest.fixture
 async def client(fake: FakeDeepSeek) -> AsyncIterator[httpx.AsyncClient]:
     """httpx straight to the fake DeepSeek, with its key."""
-    async with httpx.AsyncClient(base_url=fake.base_url, headers=AUTH) as http:
+    async with httpx.AsyncClient(base_url=fake.base_url, headers=UPSTREAM_AUTH) as http:
         yield http
 
 

@@ -29,18 +29,9 @@ from proxy.usage import TokenUsage
 from tests.support.fake_deepseek import FakeDeepSeek
 from tests.support.fake_deepseek_shapes import FAKE_UPSTREAM_KEY, Reply
 from tests.support.proxy_harness import PEAK, TEAM_KEYS, raw_request, running_proxy
+from tests.support.requests import CHAT, JSON_AUTH, SMALL_USAGE, STREAM
 
 KEY = TEAM_KEYS["alpha"]
-AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
-CHAT = {"model": "deepseek-flash", "messages": [{"role": "user", "content": "hi"}]}
-STREAM = {**CHAT, "stream": True}
-USAGE = {
-    "prompt_tokens": 10,
-    "completion_tokens": 2,
-    "prompt_cache_hit_tokens": 0,
-    "prompt_cache_miss_tokens": 10,
-    "total_tokens": 12,
-}
 
 
 def nested(depth: int) -> Any:
@@ -92,7 +83,7 @@ async def test_no_request_leaks_a_slot_or_a_hold(fake: FakeDeepSeek, book: Price
     failing = FailingSink(0)
     async with (
         running_proxy(fake.base_url, book, budgets=(budget,), sink=failing) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=AUTH, timeout=30) as http,
+        httpx.AsyncClient(base_url=proxy.url, headers=JSON_AUTH, timeout=30) as http,
     ):
         streams = [await http.post("/chat/completions", content=deep_body) for _ in range(260)]
         assert {r.status_code for r in streams} == {200}
@@ -135,7 +126,7 @@ async def test_duplicate_keys_reach_deepseek_as_the_proxy_read_them(
     )
     async with (
         running_proxy(fake.base_url, book) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http,
+        httpx.AsyncClient(base_url=proxy.url, headers=JSON_AUTH) as http,
     ):
         answer = await http.post("/chat/completions", content=sneaky)
         [record] = await proxy.sink.wait_for(1)
@@ -177,12 +168,12 @@ async def test_compressed_bodies_are_refused_unread(fake: FakeDeepSeek, book: Pr
             health = [await http.get("/healthz") for _ in range(20)]
         answered = await asyncio.gather(*bombs)
         signed = await http.post(
-            "/chat/completions", content=valid, headers={**AUTH, "Content-Encoding": "gzip"}
+            "/chat/completions", content=valid, headers={**JSON_AUTH, "Content-Encoding": "gzip"}
         )
         plain = await http.post(
             "/chat/completions",
             content=orjson.dumps(CHAT),
-            headers={**AUTH, "Content-Encoding": "identity"},
+            headers={**JSON_AUTH, "Content-Encoding": "identity"},
         )
     assert {r.status_code for r in health} == {200}
     assert [r.status_code for r in answered] == [401, 401, 404, 405]  # no key: auth first
@@ -258,13 +249,13 @@ async def test_upstream_key_echoed_in_a_success_never_reaches_the_client(
     echo = {"x-echo": f"key={FAKE_UPSTREAM_KEY}"}
     big = "y" * (70 << 10)  # past the one-write path: relayed as it arrives
     fake.enqueue(
-        Reply(content=["your key: ", FAKE_UPSTREAM_KEY], usage=USAGE, headers=echo),
-        Reply(content=["your key: ", FAKE_UPSTREAM_KEY], usage=USAGE, headers=echo),
-        Reply(content=[big, FAKE_UPSTREAM_KEY, big], usage=USAGE, headers=echo),
+        Reply(content=["your key: ", FAKE_UPSTREAM_KEY], usage=SMALL_USAGE, headers=echo),
+        Reply(content=["your key: ", FAKE_UPSTREAM_KEY], usage=SMALL_USAGE, headers=echo),
+        Reply(content=[big, FAKE_UPSTREAM_KEY, big], usage=SMALL_USAGE, headers=echo),
     )
     async with (
         running_proxy(fake.base_url, book) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http,
+        httpx.AsyncClient(base_url=proxy.url, headers=JSON_AUTH) as http,
     ):
         answers = [
             await http.post("/chat/completions", content=orjson.dumps(body))
@@ -289,13 +280,15 @@ async def test_client_and_upstream_strings_are_bounded(fake: FakeDeepSeek, book:
     (served model, trace id) is bounded too."""
     fake.enqueue(
         Reply(
-            raw_body=orjson.dumps({"model": "m" * 100_000, "choices": [], "usage": USAGE}),
+            raw_body=orjson.dumps({"model": "m" * 100_000, "choices": [], "usage": SMALL_USAGE}),
             headers={"x-ds-trace-id": "t" * 4000},
         ),
         Reply(
             raw_events=[
                 b"data: "
-                + orjson.dumps({"model": "\x1b[2J" + "m" * 500_000, "choices": [], "usage": USAGE})
+                + orjson.dumps(
+                    {"model": "\x1b[2J" + "m" * 500_000, "choices": [], "usage": SMALL_USAGE}
+                )
                 + b"\n\n",
                 b"data: [DONE]\n\n",
             ]
@@ -303,7 +296,7 @@ async def test_client_and_upstream_strings_are_bounded(fake: FakeDeepSeek, book:
     )
     async with (
         running_proxy(fake.base_url, book) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http,
+        httpx.AsyncClient(base_url=proxy.url, headers=JSON_AUTH) as http,
     ):
         refused = [
             await http.post("/chat/completions", content=orjson.dumps({**CHAT, "model": model}))
@@ -349,7 +342,7 @@ async def test_absurd_usage_is_cut_to_what_the_request_allows(
     fake.enqueue(Reply(usage=absurd), Reply(usage=quiet))
     async with (
         running_proxy(fake.base_url, book) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http,
+        httpx.AsyncClient(base_url=proxy.url, headers=JSON_AUTH) as http,
     ):
         for _ in range(2):
             assert (await http.post("/chat/completions", content=body)).status_code == 200
@@ -401,7 +394,7 @@ async def test_many_tool_names_cannot_widen_the_bound(fake: FakeDeepSeek, book: 
     )
     async with (
         running_proxy(fake.base_url, book) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http,
+        httpx.AsyncClient(base_url=proxy.url, headers=JSON_AUTH) as http,
     ):
         for _ in range(3):
             assert (await http.post("/chat/completions", content=body)).status_code == 200
@@ -432,11 +425,11 @@ async def test_usage_after_done_is_ignored(fake: FakeDeepSeek, book: PriceBook) 
         "model": "deepseek-flash",
         "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}],
     }
-    late = {**USAGE, "prompt_cache_miss_tokens": 1_000_000, "prompt_tokens": 1_000_000}
+    late = {**SMALL_USAGE, "prompt_cache_miss_tokens": 1_000_000, "prompt_tokens": 1_000_000}
     fake.enqueue(
         Reply(
             raw_events=[
-                event({**chunk, "usage": USAGE}),
+                event({**chunk, "usage": SMALL_USAGE}),
                 b"data: [DONE]\n\n",
                 event({**chunk, "choices": [], "usage": late}),
             ]
@@ -444,7 +437,7 @@ async def test_usage_after_done_is_ignored(fake: FakeDeepSeek, book: PriceBook) 
     )
     async with (
         running_proxy(fake.base_url, book) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http,
+        httpx.AsyncClient(base_url=proxy.url, headers=JSON_AUTH) as http,
     ):
         answer = await http.post("/chat/completions", content=orjson.dumps(STREAM))
         [record] = await proxy.sink.wait_for(1)
@@ -453,7 +446,7 @@ async def test_usage_after_done_is_ignored(fake: FakeDeepSeek, book: PriceBook) 
         )
     assert counted == 1
     assert answer.text.endswith("data: [DONE]\n\n") and answer.text.count("usage") == 1
-    assert (record.cache_miss_tokens, record.output_tokens) == (10, 2)
+    assert (record.cache_miss_tokens, record.output_tokens) == (36, 7)  # SMALL_USAGE
     assert record.outcome == "complete" and "data_after_done" in record.flags
     assert record.costs["CNY"] == Decimal("0.000036")  # 10 x 2 + 2 x 8 per million
 
@@ -463,10 +456,10 @@ async def test_an_estimate_never_passes_the_output_bound(
 ) -> None:
     """A stream of 60 chunks for ``max_tokens: 10``, cut before its usage: the estimate (one
     token per chunk) stops at 10, what the budget held and what DeepSeek can bill."""
-    fake.enqueue(Reply(content=["a"] * 60, usage=USAGE, cut_after_events=50))
+    fake.enqueue(Reply(content=["a"] * 60, usage=SMALL_USAGE, cut_after_events=50))
     async with (
         running_proxy(fake.base_url, book) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http,
+        httpx.AsyncClient(base_url=proxy.url, headers=JSON_AUTH) as http,
     ):
         await http.post("/chat/completions", content=orjson.dumps({**STREAM, "max_tokens": 10}))
         [record] = await proxy.sink.wait_for(1)
@@ -517,13 +510,13 @@ async def test_compressed_answers_are_decoded_or_refused(
                     "finish_reason": "stop",
                 }
             ],
-            "usage": USAGE,
+            "usage": SMALL_USAGE,
         }
     )
     events = (
         b'data: {"id":"c","model":"deepseek-flash","choices":[{"index":0,"delta":'
         b'{"content":"hi"},"finish_reason":"stop"}],"usage":'
-        + orjson.dumps(USAGE)
+        + orjson.dumps(SMALL_USAGE)
         + b"}\n\ndata: [DONE]\n\n"
     )
     gzipped = {"Content-Encoding": "gzip"}
@@ -535,7 +528,7 @@ async def test_compressed_answers_are_decoded_or_refused(
     )
     async with (
         running_proxy(fake.base_url, book) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http,
+        httpx.AsyncClient(base_url=proxy.url, headers=JSON_AUTH) as http,
     ):
         body = await http.post("/chat/completions", content=orjson.dumps(CHAT))
         stream = await http.post("/chat/completions", content=orjson.dumps(STREAM))
@@ -575,21 +568,21 @@ async def test_huge_answer_is_metered_from_its_ends(
                     "finish_reason": "stop",
                 }
             ],
-            "usage": USAGE,
+            "usage": SMALL_USAGE,
         }
     )
     fake.enqueue(Reply(raw_body=document))
     async with (
         running_proxy(fake.base_url, book) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=AUTH, timeout=60) as http,
+        httpx.AsyncClient(base_url=proxy.url, headers=JSON_AUTH, timeout=60) as http,
     ):
         answer = await http.post("/chat/completions", content=orjson.dumps(CHAT))
         [record] = await proxy.sink.wait_for(1)
     assert answer.content == document
     assert (record.usage_source, record.cache_miss_tokens, record.output_tokens) == (
         "reported",
-        10,
-        2,
+        36,
+        7,
     )
     assert record.model_served == "deepseek-flash"
     assert "response_body_too_large" in record.flags

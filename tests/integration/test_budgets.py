@@ -23,22 +23,9 @@ from proxy.pricing.engine import resolve, to_micros
 from tests.support.fake_deepseek import FakeDeepSeek
 from tests.support.fake_deepseek_shapes import Reply
 from tests.support.proxy_harness import PEAK, TEAM_KEYS, RunningProxy, running_proxy
+from tests.support.requests import BOUNDED_CALL_COST, BOUNDED_CHAT, BOUNDED_USAGE, JSON_AUTH
 
-AUTH = {"Authorization": f"Bearer {TEAM_KEYS['alpha']}", "Content-Type": "application/json"}
-USAGE = {
-    "prompt_tokens": 100,
-    "completion_tokens": 20,
-    "prompt_cache_hit_tokens": 0,
-    "prompt_cache_miss_tokens": 100,
-    "total_tokens": 120,
-}
 # At peak on deepseek-flash: 100 x 2 + 20 x 8 per million = 0.00036 CNY per call.
-CALL_COST = Decimal("0.00036")
-CHAT = {
-    "model": "deepseek-flash",
-    "max_tokens": 100,
-    "messages": [{"role": "user", "content": "x" * 92}],
-}
 TEMPLATE = 1024 + 8  # the bound's per-call headroom and one message (proxy/bounds.py)
 # Peak prices per million tokens (config/pricing/deepseek.yaml): cache miss, output.
 FLASH = (Decimal(2), Decimal(8))
@@ -69,7 +56,10 @@ async def post_all(
 ) -> list[httpx.Response]:
     """`count` identical calls at once, each on its own connection."""
     async with httpx.AsyncClient(
-        base_url=proxy.url, headers=AUTH, timeout=60, limits=httpx.Limits(max_connections=count)
+        base_url=proxy.url,
+        headers=JSON_AUTH,
+        timeout=60,
+        limits=httpx.Limits(max_connections=count),
     ) as http:
         return await asyncio.gather(
             *(http.post("/chat/completions", content=body(payload)) for _ in range(count))
@@ -90,9 +80,12 @@ async def test_concurrent_calls_cannot_overshoot(fake: FakeDeepSeek, book: Price
     admitted, and the spend never passes the budget."""
     budget = Budget("alpha", "month", Decimal("0.015"), "CNY", (), True)
     fake.enqueue(
-        *[Reply(usage=USAGE, chunk_interval=0.02, content=["a", "b", "c"]) for _ in range(100)]
+        *[
+            Reply(usage=BOUNDED_USAGE, chunk_interval=0.02, content=["a", "b", "c"])
+            for _ in range(100)
+        ]
     )
-    payload = {**CHAT, "stream": True}
+    payload = {**BOUNDED_CHAT, "stream": True}
     async with running_proxy(
         fake.base_url, book, budgets=(budget,), spend=spent_before("0.006")
     ) as proxy:
@@ -119,15 +112,16 @@ async def test_concurrent_calls_cannot_overshoot(fake: FakeDeepSeek, book: Price
 
 
 async def test_failed_calls_release_their_reservation(fake: FakeDeepSeek, book: PriceBook) -> None:
-    one = worst(CHAT, FLASH, 100)
-    budget = Budget("alpha", "day", one + CALL_COST, "CNY", (), True)
-    fake.enqueue(Reply(status=500), Reply(status=500), Reply(usage=USAGE))
+    one = worst(BOUNDED_CHAT, FLASH, 100)
+    budget = Budget("alpha", "day", one + BOUNDED_CALL_COST, "CNY", (), True)
+    fake.enqueue(Reply(status=500), Reply(status=500), Reply(usage=BOUNDED_USAGE))
     async with (
         running_proxy(fake.base_url, book, budgets=(budget,)) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http,
+        httpx.AsyncClient(base_url=proxy.url, headers=JSON_AUTH) as http,
     ):
         statuses = [
-            (await http.post("/chat/completions", content=body(CHAT))).status_code for _ in range(5)
+            (await http.post("/chat/completions", content=body(BOUNDED_CHAT))).status_code
+            for _ in range(5)
         ]
     # Each call needs `one` held; errors give it back, the success keeps 0.00036, and the
     # fourth (0.00036 + one <= budget) still fits; the fifth does not.
@@ -144,11 +138,11 @@ async def test_unpriced_model_is_refused_with_403_not_402(
         httpx.AsyncClient(base_url=proxy.url) as http,
     ):
         refused = await http.post(
-            "/chat/completions", json={**CHAT, "model": "gpt-4o"}, headers=AUTH
+            "/chat/completions", json={**BOUNDED_CHAT, "model": "gpt-4o"}, headers=JSON_AUTH
         )
         other_team = await http.post(
             "/chat/completions",
-            json={**CHAT, "model": "gpt-4o"},
+            json={**BOUNDED_CHAT, "model": "gpt-4o"},
             headers={"Authorization": f"Bearer {TEAM_KEYS['beta']}"},
         )
     assert refused.status_code == 403
@@ -167,9 +161,9 @@ async def test_budget_state_unreadable_fails_closed(fake: FakeDeepSeek, book: Pr
 
     async with (
         running_proxy(fake.base_url, book, budgets=(MONTH,), spend=broken) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http,
+        httpx.AsyncClient(base_url=proxy.url, headers=JSON_AUTH) as http,
     ):
-        response = await http.post("/chat/completions", json=CHAT)
+        response = await http.post("/chat/completions", json=BOUNDED_CHAT)
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "budget_unavailable"
     assert fake.requests == []
@@ -187,11 +181,11 @@ async def test_new_period_starts_from_the_ledger(fake: FakeDeepSeek, book: Price
         running_proxy(
             fake.base_url, book, budgets=(MONTH,), spend=ledger, clock=lambda: now[0]
         ) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http,
+        httpx.AsyncClient(base_url=proxy.url, headers=JSON_AUTH) as http,
     ):
-        late = await http.post("/chat/completions", json=CHAT)
+        late = await http.post("/chat/completions", json=BOUNDED_CHAT)
         now[0] = datetime(2026, 11, 30, 16, 0, tzinfo=UTC)  # December in Beijing
-        early = await http.post("/chat/completions", json=CHAT)
+        early = await http.post("/chat/completions", json=BOUNDED_CHAT)
     assert (late.status_code, early.status_code) == (402, 200)
     assert late.json()["error"]["budget"]["resets_at"] == "2026-12-01T00:00:00+08:00"
     assert (date(2026, 12, 1), date(2026, 12, 1)) in reads
@@ -340,7 +334,7 @@ async def test_refusal_names_the_currency_of_every_amount(
         running_proxy(
             fake.base_url, book, budgets=(budget_500(),), spend=spent_before("499.5")
         ) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http,
+        httpx.AsyncClient(base_url=proxy.url, headers=JSON_AUTH) as http,
     ):
         response = await http.post("/chat/completions", content=body(PRO_STREAM))
     message = response.json()["error"]["message"]

@@ -18,10 +18,7 @@ from proxy.pricing import PriceBook
 from tests.support.fake_deepseek import FakeDeepSeek
 from tests.support.fake_deepseek_shapes import Reply
 from tests.support.proxy_harness import TEAM_KEYS, running_proxy
-
-AUTH = {"Authorization": f"Bearer {TEAM_KEYS['alpha']}"}
-BETA = {"Authorization": f"Bearer {TEAM_KEYS['beta']}"}
-CHAT = {"model": "deepseek-flash", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+from tests.support.requests import AUTH, BETA_AUTH, STREAM
 
 
 async def test_oversized_headers_get_431(fake: FakeDeepSeek, book: PriceBook) -> None:
@@ -30,9 +27,9 @@ async def test_oversized_headers_get_431(fake: FakeDeepSeek, book: PriceBook) ->
         httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http,
     ):
         response = await http.post(
-            "/chat/completions", json=CHAT, headers={"X-Padding": "x" * 5000}
+            "/chat/completions", json=STREAM, headers={"X-Padding": "x" * 5000}
         )
-        fine = await http.post("/chat/completions", json=CHAT, headers={"X-Padding": "x" * 100})
+        fine = await http.post("/chat/completions", json=STREAM, headers={"X-Padding": "x" * 100})
     assert response.status_code == 431
     assert response.json()["error"]["code"] == "headers_too_large"
     assert fine.status_code == 200
@@ -108,18 +105,20 @@ async def test_overload_is_refused_fast_per_team_and_globally(
         httpx.AsyncClient(base_url=proxy.url, timeout=30) as http,
     ):
         running = [
-            asyncio.create_task(http.post("/chat/completions", json=CHAT, headers=AUTH))
+            asyncio.create_task(http.post("/chat/completions", json=STREAM, headers=AUTH))
             for _ in range(2)
         ]
         await fake.wait_for(lambda: len(fake.requests) == 2)
         started = time.monotonic()
-        team_full = await http.post("/chat/completions", json=CHAT, headers=AUTH)
-        beta_ok = asyncio.create_task(http.post("/chat/completions", json=CHAT, headers=BETA))
+        team_full = await http.post("/chat/completions", json=STREAM, headers=AUTH)
+        beta_ok = asyncio.create_task(
+            http.post("/chat/completions", json=STREAM, headers=BETA_AUTH)
+        )
         await fake.wait_for(lambda: len(fake.requests) == 3)
-        all_full = await http.post("/chat/completions", json=CHAT, headers=BETA)
+        all_full = await http.post("/chat/completions", json=STREAM, headers=BETA_AUTH)
         refused_in = time.monotonic() - started
         done = await asyncio.gather(*running, beta_ok)
-        after = await http.post("/chat/completions", json=CHAT, headers=AUTH)
+        after = await http.post("/chat/completions", json=STREAM, headers=AUTH)
     assert (team_full.status_code, all_full.status_code) == (503, 503)
     assert team_full.headers["Retry-After"] == "1"
     assert "team 'alpha' has 2 calls in progress" in team_full.json()["error"]["message"]
@@ -140,7 +139,7 @@ async def test_draining_refuses_new_calls_and_reports_not_ready(
         assert (await http.get("/readyz")).status_code == 200
         proxy.app[ADMISSION].draining = True
         ready = await http.get("/readyz")
-        call = await http.post("/chat/completions", json=CHAT)
+        call = await http.post("/chat/completions", json=STREAM)
         health = await http.get("/healthz")
     assert ready.status_code == 503 and ready.json() == {"status": "draining"}
     assert call.status_code == 503 and call.headers["Retry-After"] == "1"

@@ -33,16 +33,7 @@ from proxy.records import UsageRecord
 from tests.support.fake_deepseek import FakeDeepSeek, running_fake
 from tests.support.fake_deepseek_shapes import Reply
 from tests.support.proxy_harness import PEAK, TEAM_KEYS, running_proxy
-
-USAGE = {
-    "prompt_tokens": 1000,
-    "completion_tokens": 50,
-    "prompt_cache_hit_tokens": 640,
-    "prompt_cache_miss_tokens": 360,
-    "completion_tokens_details": {"reasoning_tokens": 20},
-    "total_tokens": 1050,
-}
-CHAT = {"model": "deepseek-flash", "messages": [{"role": "user", "content": "Say hello"}]}
+from tests.support.requests import CHAT, USAGE
 
 LOOSE = Limits()  # bounds far above these records' usage: nothing is cut
 

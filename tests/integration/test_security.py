@@ -25,17 +25,8 @@ from tests.conftest import ROOT
 from tests.support.fake_deepseek import FakeDeepSeek
 from tests.support.fake_deepseek_shapes import FAKE_UPSTREAM_KEY, Reply
 from tests.support.proxy_harness import TEAM_KEYS, raw_request, running_proxy
+from tests.support.requests import AUTH, CHAT, SMALL_USAGE, STREAM
 
-AUTH = {"Authorization": f"Bearer {TEAM_KEYS['alpha']}"}
-CHAT = {"model": "deepseek-flash", "messages": [{"role": "user", "content": "hi"}]}
-STREAM = {**CHAT, "stream": True}
-USAGE = {
-    "prompt_tokens": 10,
-    "completion_tokens": 2,
-    "prompt_cache_hit_tokens": 0,
-    "prompt_cache_miss_tokens": 10,
-    "total_tokens": 12,
-}
 CANARY = FAKE_UPSTREAM_KEY  # the proxy's upstream key in these tests: it must never surface
 
 
@@ -54,8 +45,8 @@ async def test_canary_key_appears_nowhere(
     store = SQLiteLedger(ledger, ZoneInfo("Asia/Shanghai"))
     writer = LedgerWriter(store)
     fake.enqueue(
-        Reply(usage=USAGE),
-        Reply(usage=USAGE),
+        Reply(usage=SMALL_USAGE),
+        Reply(usage=SMALL_USAGE),
         Reply(status=401),
         Reply(status=402),
         Reply(
@@ -63,7 +54,7 @@ async def test_canary_key_appears_nowhere(
             error_body=b'{"error":{"message":"bad key ' + CANARY.encode() + b' rejected"}}',
         ),
         Reply(status=429),
-        Reply(usage=USAGE, cut_after_events=2),
+        Reply(usage=SMALL_USAGE, cut_after_events=2),
         Reply(raw_body=b"\n\n{oops"),
     )
     seen: list[str] = []
@@ -126,7 +117,7 @@ async def test_ssrf_matrix_never_reaches_the_trap(
 ) -> None:
     target, hits = trap
     url = f"http://{target}"
-    fake.enqueue(*[Reply(usage=USAGE) for _ in range(6)], Reply(redirect_to=url + "/steal"))
+    fake.enqueue(*[Reply(usage=SMALL_USAGE) for _ in range(6)], Reply(redirect_to=url + "/steal"))
     key = TEAM_KEYS["alpha"].encode()
     async with (
         running_proxy(fake.base_url, book) as proxy,

@@ -30,15 +30,9 @@ from proxy.metering import CallMeter, build_record, in_flight_record
 from proxy.pricing import PriceBook
 from proxy.records import UsageRecord
 from proxy.usage import parse_usage
+from tests.support.requests import USAGE
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
-USAGE = {
-    "prompt_tokens": 1000,
-    "completion_tokens": 50,
-    "prompt_cache_hit_tokens": 640,
-    "prompt_cache_miss_tokens": 360,
-    "total_tokens": 1050,
-}
 
 LOOSE = Limits()  # bounds far above these records' usage: nothing is cut
 
