@@ -448,7 +448,8 @@ async def test_usage_after_done_is_ignored(fake: FakeDeepSeek, book: PriceBook) 
     assert answer.text.endswith("data: [DONE]\n\n") and answer.text.count("usage") == 1
     assert (record.cache_miss_tokens, record.output_tokens) == (36, 7)  # SMALL_USAGE
     assert record.outcome == "complete" and "data_after_done" in record.flags
-    assert record.costs["CNY"] == Decimal("0.000036")  # 10 x 2 + 2 x 8 per million
+    # 64 x 0.04 + 36 x 2 + 7 x 8 CNY per million
+    assert record.costs["CNY"] == Decimal("0.00013056")
 
 
 async def test_an_estimate_never_passes_the_output_bound(
