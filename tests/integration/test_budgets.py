@@ -22,7 +22,7 @@ from proxy.pricing import PriceBook
 from proxy.pricing.engine import resolve, to_micros
 from tests.support.fake_deepseek import FakeDeepSeek
 from tests.support.fake_deepseek_shapes import Reply
-from tests.support.proxy_harness import PEAK, TEAM_KEYS, RunningProxy, running_proxy
+from tests.support.proxy_harness import PEAK, TEAM_KEYS, RunningProxy, StartProxy
 from tests.support.requests import BOUNDED_CALL_COST, BOUNDED_CHAT, BOUNDED_USAGE, JSON_AUTH
 
 # At peak on deepseek-flash: 100 x 2 + 20 x 8 per million = 0.00036 CNY per call.
@@ -74,7 +74,9 @@ def test_worst_cost_is_the_dearest_tier(book: PriceBook) -> None:
     assert worst_cost(1000, 100, tiers, "USD") == Decimal("0.00042")  # 1000x0.30 + 100x1.20
 
 
-async def test_concurrent_calls_cannot_overshoot(fake: FakeDeepSeek, book: PriceBook) -> None:
+async def test_concurrent_calls_cannot_overshoot(
+    fake: FakeDeepSeek, start_proxy: StartProxy
+) -> None:
     """100 concurrent calls against a budget with 0.009 CNY left: only as many worst cases fit
     at once as the budget allows; as calls settle to their real cost (0.00036), more are
     admitted, and the spend never passes the budget."""
@@ -86,14 +88,12 @@ async def test_concurrent_calls_cannot_overshoot(fake: FakeDeepSeek, book: Price
         ]
     )
     payload = {**BOUNDED_CHAT, "stream": True}
-    async with running_proxy(
-        fake.base_url, book, budgets=(budget,), spend=spent_before("0.006")
-    ) as proxy:
-        responses = await post_all(proxy, payload, 100)
-        records = proxy.sink.records
-        refusals = proxy.registry.get_sample_value("llm_budget_refusals_total", {"team": "alpha"})
+    proxy = await start_proxy(budgets=(budget,), spend=spent_before("0.006"))
+    responses = await post_all(proxy, payload, 100)
     admitted = [r for r in responses if r.status_code == 200]
     refused = [r for r in responses if r.status_code == 402]
+    records = await proxy.sink.wait_for(len(admitted))
+    refusals = proxy.registry.get_sample_value("llm_budget_refusals_total", {"team": "alpha"})
     assert len(admitted) + len(refused) == 100
     assert len(records) == len(admitted) == len(fake.requests)
     spent = Decimal("0.006") + sum((r.costs["CNY"] for r in records), Decimal(0))
@@ -111,14 +111,14 @@ async def test_concurrent_calls_cannot_overshoot(fake: FakeDeepSeek, book: Price
     assert "team 'alpha' has spent" in error["message"]
 
 
-async def test_failed_calls_release_their_reservation(fake: FakeDeepSeek, book: PriceBook) -> None:
+async def test_failed_calls_release_their_reservation(
+    fake: FakeDeepSeek, start_proxy: StartProxy
+) -> None:
     one = worst(BOUNDED_CHAT, FLASH, 100)
     budget = Budget("alpha", "day", one + BOUNDED_CALL_COST, "CNY", (), True)
     fake.enqueue(Reply(status=500), Reply(status=500), Reply(usage=BOUNDED_USAGE))
-    async with (
-        running_proxy(fake.base_url, book, budgets=(budget,)) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=JSON_AUTH) as http,
-    ):
+    proxy = await start_proxy(budgets=(budget,))
+    async with httpx.AsyncClient(base_url=proxy.url, headers=JSON_AUTH) as http:
         statuses = [
             (await http.post("/chat/completions", content=body(BOUNDED_CHAT))).status_code
             for _ in range(5)
@@ -126,17 +126,15 @@ async def test_failed_calls_release_their_reservation(fake: FakeDeepSeek, book: 
     # Each call needs `one` held; errors give it back, the success keeps 0.00036, and the
     # fourth (0.00036 + one <= budget) still fits; the fifth does not.
     assert statuses == [500, 500, 200, 200, 402]
-    assert len(proxy.sink.records) == 4
+    assert len(await proxy.sink.wait_for(4)) == 4
 
 
 async def test_unpriced_model_is_refused_with_403_not_402(
-    fake: FakeDeepSeek, book: PriceBook
+    fake: FakeDeepSeek, book: PriceBook, start_proxy: StartProxy
 ) -> None:
     """A model the book cannot price is no money matter: 403, saying so."""
-    async with (
-        running_proxy(fake.base_url, book, budgets=(MONTH,)) as proxy,
-        httpx.AsyncClient(base_url=proxy.url) as http,
-    ):
+    proxy = await start_proxy(budgets=(MONTH,))
+    async with httpx.AsyncClient(base_url=proxy.url) as http:
         refused = await http.post(
             "/chat/completions", json={**BOUNDED_CHAT, "model": "gpt-4o"}, headers=JSON_AUTH
         )
@@ -155,21 +153,23 @@ async def test_unpriced_model_is_refused_with_403_not_402(
     assert proxy.registry.get_sample_value("llm_budget_refusals_total", {"team": "alpha"}) == 0
 
 
-async def test_budget_state_unreadable_fails_closed(fake: FakeDeepSeek, book: PriceBook) -> None:
+async def test_budget_state_unreadable_fails_closed(
+    fake: FakeDeepSeek, start_proxy: StartProxy
+) -> None:
     def broken(since: date, until: date) -> list[SpendRow]:
         raise OSError("disk gone")
 
-    async with (
-        running_proxy(fake.base_url, book, budgets=(MONTH,), spend=broken) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=JSON_AUTH) as http,
-    ):
+    proxy = await start_proxy(budgets=(MONTH,), spend=broken)
+    async with httpx.AsyncClient(base_url=proxy.url, headers=JSON_AUTH) as http:
         response = await http.post("/chat/completions", json=BOUNDED_CHAT)
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "budget_unavailable"
     assert fake.requests == []
 
 
-async def test_new_period_starts_from_the_ledger(fake: FakeDeepSeek, book: PriceBook) -> None:
+async def test_new_period_starts_from_the_ledger(
+    fake: FakeDeepSeek, start_proxy: StartProxy
+) -> None:
     now = [datetime(2026, 11, 30, 15, 59, tzinfo=UTC)]  # 23:59 on Nov 30 in Beijing
     reads: list[tuple[date, date]] = []
 
@@ -177,12 +177,8 @@ async def test_new_period_starts_from_the_ledger(fake: FakeDeepSeek, book: Price
         reads.append((since, until))
         return [SpendRow("alpha", since, "CNY", Decimal("0.0095"))] if since.month == 11 else []
 
-    async with (
-        running_proxy(
-            fake.base_url, book, budgets=(MONTH,), spend=ledger, clock=lambda: now[0]
-        ) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=JSON_AUTH) as http,
-    ):
+    proxy = await start_proxy(budgets=(MONTH,), spend=ledger, clock=lambda: now[0])
+    async with httpx.AsyncClient(base_url=proxy.url, headers=JSON_AUTH) as http:
         late = await http.post("/chat/completions", json=BOUNDED_CHAT)
         now[0] = datetime(2026, 11, 30, 16, 0, tzinfo=UTC)  # December in Beijing
         early = await http.post("/chat/completions", json=BOUNDED_CHAT)
@@ -195,7 +191,7 @@ async def test_new_period_starts_from_the_ledger(fake: FakeDeepSeek, book: Price
 
 
 async def test_tool_schemas_count_against_a_hard_budget(
-    fake: FakeDeepSeek, book: PriceBook
+    fake: FakeDeepSeek, start_proxy: StartProxy
 ) -> None:
     """The attack that spent 92 CNY of a 1 CNY budget: 400 KiB of tool schema per call and
     ``max_tokens: 1``, 100 calls at once. DeepSeek bills the schema as prompt (about 0.1 CNY a
@@ -215,9 +211,9 @@ async def test_tool_schemas_count_against_a_hard_budget(
     assert len(body(payload)) > 400 * 1024
     budget = Budget("alpha", "month", Decimal(1), "CNY", (), True)
     fake.enqueue(*[Reply(content=["a"], keepalive=1, keepalive_interval=2) for _ in range(100)])
-    async with running_proxy(fake.base_url, book, budgets=(budget,)) as proxy:
-        responses = await post_all(proxy, payload, 100)
-        records = await proxy.sink.wait_for(1)
+    proxy = await start_proxy(budgets=(budget,))
+    responses = await post_all(proxy, payload, 100)
+    records = await proxy.sink.wait_for(1)
     statuses = [r.status_code for r in responses]
     assert statuses.count(200) == 1 and statuses.count(402) == 99
     [record] = records
@@ -247,31 +243,27 @@ def budget_500() -> Budget:
 
 
 async def run_100(
-    fake: FakeDeepSeek, book: PriceBook, policy: TeamPolicy, spent: str
+    fake: FakeDeepSeek, start_proxy: StartProxy, policy: TeamPolicy, spent: str
 ) -> tuple[list[httpx.Response], RunningProxy]:
     fake.enqueue(
         *[Reply(content=["a", "b"], keepalive=1, keepalive_interval=HELD) for _ in range(100)]
     )
-    async with running_proxy(
-        fake.base_url,
-        book,
-        budgets=(budget_500(),),
-        spend=spent_before(spent),
-        policies={"alpha": policy},
-    ) as proxy:
-        responses = await post_all(proxy, PRO_STREAM, 100)
-        await proxy.sink.wait_for(sum(r.status_code == 200 for r in responses))
+    proxy = await start_proxy(
+        budgets=(budget_500(),), spend=spent_before(spent), policies={"alpha": policy}
+    )
+    responses = await post_all(proxy, PRO_STREAM, 100)
+    await proxy.sink.wait_for(sum(r.status_code == 200 for r in responses))
     spend = Decimal(spent) + sum((r.costs["CNY"] for r in proxy.sink.records), Decimal(0))
     assert spend <= Decimal(500)  # the overshoot bound of every policy: zero without tool fees
     return responses, proxy
 
 
 async def test_refuse_policy_reserves_the_maximum_output(
-    fake: FakeDeepSeek, book: PriceBook
+    fake: FakeDeepSeek, start_proxy: StartProxy
 ) -> None:
     """The default keeps the promise at the price of throughput: with nothing spent, only
     floor(500 / 10.6) calls without max_tokens can run at once."""
-    responses, _ = await run_100(fake, book, TeamPolicy(), "0")
+    responses, _ = await run_100(fake, start_proxy, TeamPolicy(), "0")
     one = worst(PRO_STREAM, PRO, MAX_OUTPUT)
     assert Decimal("10.6") < one < Decimal("10.7")
     statuses = [r.status_code for r in responses]
@@ -279,31 +271,35 @@ async def test_refuse_policy_reserves_the_maximum_output(
     assert statuses.count(402) == 53
 
 
-async def test_default_max_tokens_admits_every_call(fake: FakeDeepSeek, book: PriceBook) -> None:
+async def test_default_max_tokens_admits_every_call(
+    fake: FakeDeepSeek, start_proxy: StartProxy
+) -> None:
     """With default_max_tokens the worst case is real: all 100 run at once, each sent to
     DeepSeek with max_tokens 4096 and told so in a header."""
-    responses, _ = await run_100(fake, book, TeamPolicy(default_max_tokens=4096), "0")
+    responses, _ = await run_100(fake, start_proxy, TeamPolicy(default_max_tokens=4096), "0")
     assert [r.status_code for r in responses] == [200] * 100
     assert {r.headers["x-proxy-max-tokens"] for r in responses} == {"4096"}
     assert {json.loads(r.body)["max_tokens"] for r in fake.requests} == {4096}
 
 
-async def test_default_max_tokens_near_the_limit(fake: FakeDeepSeek, book: PriceBook) -> None:
+async def test_default_max_tokens_near_the_limit(
+    fake: FakeDeepSeek, start_proxy: StartProxy
+) -> None:
     """1 CNY left: exactly as many 4096-token worst cases as fit run; the rest get 402."""
-    responses, _ = await run_100(fake, book, TeamPolicy(default_max_tokens=4096), "499")
+    responses, _ = await run_100(fake, start_proxy, TeamPolicy(default_max_tokens=4096), "499")
     one = worst(PRO_STREAM, PRO, 4096)  # the client's body: what it asked for is the prompt
     statuses = [r.status_code for r in responses]
     assert statuses.count(200) == int(1 / one) == 8
 
 
 async def test_lower_max_tokens_admits_what_the_budget_can_pay(
-    fake: FakeDeepSeek, book: PriceBook
+    fake: FakeDeepSeek, start_proxy: StartProxy
 ) -> None:
     """1 CNY left and ``lower_max_tokens``: eight 4096-token calls fit whole; the ninth is
     admitted with max_tokens lowered to what is left; the rest are refused (too few tokens
     would be left to be worth sending)."""
     policy = TeamPolicy(default_max_tokens=4096, over_budget="lower_max_tokens")
-    responses, _ = await run_100(fake, book, policy, "499")
+    responses, _ = await run_100(fake, start_proxy, policy, "499")
     full = worst(PRO_STREAM, PRO, 4096)
     left = 1 - 8 * full
     prompt = len(body(PRO_STREAM)) + TEMPLATE
@@ -317,9 +313,13 @@ async def test_lower_max_tokens_admits_what_the_budget_can_pay(
     assert [r.status_code for r in responses].count(402) == 91
 
 
-async def test_lower_max_tokens_without_a_default(fake: FakeDeepSeek, book: PriceBook) -> None:
+async def test_lower_max_tokens_without_a_default(
+    fake: FakeDeepSeek, start_proxy: StartProxy
+) -> None:
     """No default and ``lower_max_tokens``: the first call takes what the budget can pay."""
-    responses, _ = await run_100(fake, book, TeamPolicy(over_budget="lower_max_tokens"), "499")
+    responses, _ = await run_100(
+        fake, start_proxy, TeamPolicy(over_budget="lower_max_tokens"), "499"
+    )
     prompt = len(body(PRO_STREAM)) + TEMPLATE
     lowered = int((1_000_000 - PRO[0] * prompt) / PRO[1])
     assert [r.headers.get("x-proxy-max-tokens") for r in responses if r.status_code == 200] == [
@@ -328,14 +328,10 @@ async def test_lower_max_tokens_without_a_default(fake: FakeDeepSeek, book: Pric
 
 
 async def test_refusal_names_the_currency_of_every_amount(
-    fake: FakeDeepSeek, book: PriceBook
+    fake: FakeDeepSeek, start_proxy: StartProxy
 ) -> None:
-    async with (
-        running_proxy(
-            fake.base_url, book, budgets=(budget_500(),), spend=spent_before("499.5")
-        ) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=JSON_AUTH) as http,
-    ):
+    proxy = await start_proxy(budgets=(budget_500(),), spend=spent_before("499.5"))
+    async with httpx.AsyncClient(base_url=proxy.url, headers=JSON_AUTH) as http:
         response = await http.post("/chat/completions", content=body(PRO_STREAM))
     message = response.json()["error"]["message"]
     one = worst(PRO_STREAM, PRO, MAX_OUTPUT)
@@ -348,29 +344,27 @@ async def test_refusal_names_the_currency_of_every_amount(
     assert re.findall(r"(?<![\d.])\d+(?:\.\d+)?(?![\d.]| CNY)", amounts) == []
 
 
-async def test_budget_metrics(fake: FakeDeepSeek, book: PriceBook) -> None:
+async def test_budget_metrics(fake: FakeDeepSeek, start_proxy: StartProxy) -> None:
     soft = Budget("beta", "week", Decimal("70"), "USD", (Decimal("50"), Decimal("87.5")), False)
-    async with running_proxy(fake.base_url, book, budgets=(MONTH, soft)) as proxy:
-        get = proxy.registry.get_sample_value
-        assert (
-            get("llm_team_budget", {"team": "alpha", "period": "month", "currency": "CNY"}) == 0.01
+    proxy = await start_proxy(budgets=(MONTH, soft))
+    get = proxy.registry.get_sample_value
+    assert get("llm_team_budget", {"team": "alpha", "period": "month", "currency": "CNY"}) == 0.01
+    assert (
+        get(
+            "llm_team_budget_threshold",
+            {"team": "alpha", "period": "month", "currency": "CNY", "threshold": "80"},
         )
-        assert (
-            get(
-                "llm_team_budget_threshold",
-                {"team": "alpha", "period": "month", "currency": "CNY", "threshold": "80"},
-            )
-            == 0.008
+        == 0.008
+    )
+    assert (
+        get(
+            "llm_team_budget_threshold",
+            {"team": "beta", "period": "week", "currency": "USD", "threshold": "87.5"},
         )
-        assert (
-            get(
-                "llm_team_budget_threshold",
-                {"team": "beta", "period": "week", "currency": "USD", "threshold": "87.5"},
-            )
-            == 61.25
-        )
-        assert get("llm_holiday_calendar_missing", {"schedule": "peak-hours"}) == 0
-        assert get("llm_holiday_calendar_missing", {"schedule": "night-discount"}) == 0
+        == 61.25
+    )
+    assert get("llm_holiday_calendar_missing", {"schedule": "peak-hours"}) == 0
+    assert get("llm_holiday_calendar_missing", {"schedule": "night-discount"}) == 0
 
 
 @pytest.mark.parametrize(

@@ -14,18 +14,15 @@ from proxy.admission import SharedAdmission, TeamsChanged
 from proxy.app import ADMISSION
 from proxy.config import Limits
 from proxy.errors import Overloaded
-from proxy.pricing import PriceBook
 from tests.support.fake_deepseek import FakeDeepSeek
 from tests.support.fake_deepseek_shapes import Reply
-from tests.support.proxy_harness import TEAM_KEYS, running_proxy
+from tests.support.proxy_harness import TEAM_KEYS, RunningProxy, StartProxy
 from tests.support.requests import AUTH, BETA_AUTH, STREAM
 
 
-async def test_oversized_headers_get_431(fake: FakeDeepSeek, book: PriceBook) -> None:
-    async with (
-        running_proxy(fake.base_url, book, limits=Limits(max_header_bytes=4096)) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http,
-    ):
+async def test_oversized_headers_get_431(fake: FakeDeepSeek, start_proxy: StartProxy) -> None:
+    proxy = await start_proxy(limits=Limits(max_header_bytes=4096))
+    async with httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http:
         response = await http.post(
             "/chat/completions", json=STREAM, headers={"X-Padding": "x" * 5000}
         )
@@ -59,51 +56,49 @@ async def _raw(port: int, data: bytes, *, pace: float = 0.0) -> tuple[bytes, flo
     return answer, time.monotonic() - started
 
 
-async def test_slowloris_headers_are_cut_off(fake: FakeDeepSeek, book: PriceBook) -> None:
-    async with running_proxy(fake.base_url, book, client_header=0.5) as proxy:
-        port = int(proxy.url.rsplit(":", 1)[1])
-        request = (
-            b"POST /chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-            + TEAM_KEYS["alpha"].encode()
-            + b"\r\n"
-            + b"X-Slow: "
-            + b"a" * 500
-        )
-        answer, elapsed = await _raw(port, request, pace=0.01)
+async def test_slowloris_headers_are_cut_off(fake: FakeDeepSeek, start_proxy: StartProxy) -> None:
+    proxy = await start_proxy(client_header=0.5)
+    port = int(proxy.url.rsplit(":", 1)[1])
+    request = (
+        b"POST /chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + TEAM_KEYS["alpha"].encode()
+        + b"\r\n"
+        + b"X-Slow: "
+        + b"a" * 500
+    )
+    answer, elapsed = await _raw(port, request, pace=0.01)
     assert answer == b""  # closed, never answered
     assert elapsed < 3  # well before the 5 s it would take to send everything
     assert fake.requests == []
 
 
-async def test_slow_body_gets_408(fake: FakeDeepSeek, book: PriceBook) -> None:
-    async with running_proxy(fake.base_url, book, client_body=0.3) as proxy:
-        port = int(proxy.url.rsplit(":", 1)[1])
-        head = (
-            b"POST /chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-            b"\r\nContent-Length: 1000\r\nAuthorization: Bearer "
-            + TEAM_KEYS["alpha"].encode()
-            + b"\r\n\r\n{"
-        )
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(head)
-        status = await asyncio.wait_for(reader.readline(), timeout=10)
-        writer.close()
-        await writer.wait_closed()
+async def test_slow_body_gets_408(fake: FakeDeepSeek, start_proxy: StartProxy) -> None:
+    proxy = await start_proxy(client_body=0.3)
+    port = int(proxy.url.rsplit(":", 1)[1])
+    head = (
+        b"POST /chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+        b"\r\nContent-Length: 1000\r\nAuthorization: Bearer "
+        + TEAM_KEYS["alpha"].encode()
+        + b"\r\n\r\n{"
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head)
+    status = await asyncio.wait_for(reader.readline(), timeout=10)
+    writer.close()
+    await writer.wait_closed()
     assert status.startswith(b"HTTP/1.1 408")
     assert fake.requests == []
 
 
 async def test_overload_is_refused_fast_per_team_and_globally(
-    fake: FakeDeepSeek, book: PriceBook
+    fake: FakeDeepSeek, start_proxy: StartProxy
 ) -> None:
     fake.enqueue(
         *[Reply(content=[str(i) for i in range(20)], chunk_interval=0.05) for _ in range(4)]
     )
     limits = Limits(max_inflight=3, max_inflight_per_team=2)
-    async with (
-        running_proxy(fake.base_url, book, limits=limits) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, timeout=30) as http,
-    ):
+    proxy = await start_proxy(limits=limits)
+    async with httpx.AsyncClient(base_url=proxy.url, timeout=30) as http:
         running = [
             asyncio.create_task(http.post("/chat/completions", json=STREAM, headers=AUTH))
             for _ in range(2)
@@ -130,12 +125,9 @@ async def test_overload_is_refused_fast_per_team_and_globally(
 
 
 async def test_draining_refuses_new_calls_and_reports_not_ready(
-    fake: FakeDeepSeek, book: PriceBook
+    fake: FakeDeepSeek, proxy: RunningProxy
 ) -> None:
-    async with (
-        running_proxy(fake.base_url, book) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http,
-    ):
+    async with httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http:
         assert (await http.get("/readyz")).status_code == 200
         proxy.app[ADMISSION].draining = True
         ready = await http.get("/readyz")

@@ -16,7 +16,7 @@ from proxy.pricing import PriceBook
 from proxy.records import LogSink
 from tests.support.fake_deepseek import FakeDeepSeek
 from tests.support.fake_deepseek_shapes import FAKE_UPSTREAM_KEY, Reply
-from tests.support.proxy_harness import TEAM_KEYS, RunningProxy, running_proxy
+from tests.support.proxy_harness import TEAM_KEYS, RunningProxy, StartProxy, running_proxy
 from tests.support.requests import AUTH, CHAT, SMALL_USAGE, STREAM
 
 
@@ -40,12 +40,6 @@ def chunk(
     if usage is not None or with_usage_key:
         body["usage"] = usage
     return body
-
-
-@pytest.fixture
-async def proxy(fake: FakeDeepSeek, book: PriceBook) -> AsyncIterator[RunningProxy]:
-    async with running_proxy(fake.base_url, book) as running:
-        yield running
 
 
 @pytest.fixture
@@ -155,12 +149,12 @@ async def _direct(fake: FakeDeepSeek, status: int) -> object:
     return response.json()
 
 
-async def test_upstream_401_never_echoes_the_key(fake: FakeDeepSeek, book: PriceBook) -> None:
+async def test_upstream_401_never_echoes_the_key(
+    fake: FakeDeepSeek, start_proxy: StartProxy
+) -> None:
     wrong_key = "sk-wrong-company-key-9z9z"
-    async with (
-        running_proxy(fake.base_url, book, api_key=wrong_key) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http,
-    ):
+    proxy = await start_proxy(api_key=wrong_key)
+    async with httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http:
         response = await http.post("/chat/completions", json=CHAT)
     assert response.status_code == 401
     assert "9z9z" not in response.text and wrong_key not in response.text
@@ -390,13 +384,11 @@ async def test_silent_upstream_is_504_without_retry(book: PriceBook) -> None:
 
 
 async def test_keepalive_comments_cannot_extend_the_wait(
-    fake: FakeDeepSeek, book: PriceBook
+    fake: FakeDeepSeek, start_proxy: StartProxy
 ) -> None:
     fake.enqueue(Reply(keepalive=10_000, keepalive_interval=0.01))
-    async with (
-        running_proxy(fake.base_url, book, first_byte=0.5, idle=5) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http,
-    ):
+    proxy = await start_proxy(first_byte=0.5, idle=5)
+    async with httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http:
         response = await http.post("/chat/completions", json=STREAM)
         [record] = await proxy.sink.wait_for(1)
     assert response.content.startswith(b": keep-alive\n\n")

@@ -4,17 +4,15 @@ every call leaves exactly one correct, priced usage record."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
 import openai
 import pytest
 
-from proxy.pricing import PriceBook
 from tests.support.fake_deepseek import FakeDeepSeek
 from tests.support.fake_deepseek_shapes import FAKE_UPSTREAM_KEY, Reply
-from tests.support.proxy_harness import TEAM_KEYS, RunningProxy, running_proxy
+from tests.support.proxy_harness import TEAM_KEYS, RunningProxy
 from tests.support.requests import CHAT, USAGE
 
 # 640 cache hits, 360 misses, 50 output tokens of which 20 reasoning, on deepseek-flash at peak:
@@ -23,12 +21,6 @@ SDK_USAGE = {**USAGE, "prompt_tokens_details": {"cached_tokens": 640}}
 """`USAGE` with the OpenAI field the SDK reads cache hits from."""
 COST = {"CNY": Decimal("0.0011456"), "USD": Decimal("0.00017184")}
 MESSAGES: list[Any] = CHAT["messages"]
-
-
-@pytest.fixture
-async def proxy(fake: FakeDeepSeek, book: PriceBook) -> AsyncIterator[RunningProxy]:
-    async with running_proxy(fake.base_url, book) as running:
-        yield running
 
 
 def assert_one_priced_record(

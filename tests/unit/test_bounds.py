@@ -21,12 +21,11 @@ from proxy.bounds import (
     prompt_bound,
 )
 from proxy.config import Limits
-from proxy.pricing import PriceBook
 from proxy.upstream import KeyMask
 from proxy.usage import estimate_tokens
 from tests.support.fake_deepseek import FakeDeepSeek
 from tests.support.fake_deepseek_shapes import Reply
-from tests.support.proxy_harness import TEAM_KEYS, running_proxy
+from tests.support.proxy_harness import TEAM_KEYS, RunningProxy
 
 LIMITS = Limits()
 TOOL = {
@@ -247,7 +246,7 @@ def test_the_estimate_never_exceeds_the_bound(
 
 
 async def test_lost_usage_is_estimated_from_the_whole_request(
-    fake: FakeDeepSeek, book: PriceBook
+    fake: FakeDeepSeek, proxy: RunningProxy
 ) -> None:
     """A stream with tool schemas cut before its usage: the estimate counts the schemas."""
     payload = {
@@ -258,7 +257,6 @@ async def test_lost_usage_is_estimated_from_the_whole_request(
     }
     fake.enqueue(Reply(content=["a", "b", "c"], cut_after_events=3))
     async with (
-        running_proxy(fake.base_url, book) as proxy,
         httpx.AsyncClient(
             base_url=proxy.url, headers={"Authorization": f"Bearer {TEAM_KEYS['alpha']}"}
         ) as http,
