@@ -176,7 +176,7 @@ async def test_cut_inside_response_headers_is_not_retried_by_the_sdk(book: Price
     ):
         c.fake.enqueue(*[slow_reply() for _ in range(3)])
         with pytest.raises(openai.APIStatusError):
-            await sdk.chat.completions.create(**STREAM)  # type: ignore[call-overload]
+            await sdk.chat.completions.create(**STREAM)
         records = await c.proxy.sink.wait_for(1)
         assert len(c.fake.requests) == 1, f"DeepSeek received the call {len(c.fake.requests)}x"
     [record] = records
@@ -244,7 +244,7 @@ async def test_blackhole_is_504_within_first_byte_and_not_retried(book: PriceBoo
     ):
         started = time.monotonic()
         with pytest.raises(openai.InternalServerError) as info:
-            await sdk.chat.completions.create(**STREAM)  # type: ignore[call-overload]
+            await sdk.chat.completions.create(**STREAM)
         elapsed = time.monotonic() - started
         record = await one_record(c)
         # The SDK would retry a 5xx twice; x-should-retry: false stops it. One connection,

@@ -17,6 +17,7 @@ import weakref
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import httpx
@@ -43,7 +44,7 @@ def auth(team: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {TEAM_KEYS[team]}"}
 
 
-def rows(path: Path, sql: str) -> list[tuple[object, ...]]:
+def rows(path: Path, sql: str) -> list[tuple[Any, ...]]:
     with contextlib.closing(sqlite3.connect(path)) as conn:
         return conn.execute(sql).fetchall()
 

@@ -29,7 +29,7 @@ from proxy.metrics import (
     ProxyMetrics,
 )
 from proxy.pricing import PriceBook
-from proxy.records import UsageRecord
+from proxy.records import Outcome, UsageRecord
 from tests.support.fake_deepseek import FakeDeepSeek, running_fake
 from tests.support.fake_deepseek_shapes import Reply
 from tests.support.proxy_harness import PEAK, TEAM_KEYS, RunningProxy, running_proxy
@@ -302,7 +302,7 @@ def _records(book: PriceBook, count: int, seed: int) -> list[UsageRecord]:
     records = []
     for i in range(count):
         started = PEAK + timedelta(seconds=i)
-        outcome = rng.choice(
+        outcome: Outcome = rng.choice(
             [
                 "complete",
                 "complete",
@@ -326,7 +326,7 @@ def _records(book: PriceBook, count: int, seed: int) -> list[UsageRecord]:
             prompt_bound=LOOSE.max_context_tokens,
             output_bound=LOOSE.max_output_tokens,
             outcome=outcome,
-        )  # type: ignore[arg-type]
+        )
         meter.upstream_status = {
             "upstream_error": rng.choice([400, 429, 500]),
             "connect_error": None,

@@ -278,7 +278,7 @@ async def test_cut_stream_gives_an_error_never_done(
     async with openai.AsyncOpenAI(
         base_url=proxy.url, api_key=TEAM_KEYS["alpha"], max_retries=0
     ) as client:
-        stream = await client.chat.completions.create(**STREAM)  # type: ignore[call-overload]
+        stream = await client.chat.completions.create(**STREAM)
         received = []
         with pytest.raises(openai.APIError) as info:
             async for part in stream:

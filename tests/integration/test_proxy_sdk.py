@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from tests.support.fake_deepseek import FakeDeepSeek
-from tests.support.fake_deepseek_shapes import FAKE_UPSTREAM_KEY, Reply
+from tests.support.fake_deepseek_shapes import FAKE_UPSTREAM_KEY, Reply, UsagePlacement
 from tests.support.proxy_harness import TEAM_KEYS, RunningProxy
 from tests.support.requests import CHAT, USAGE
 
@@ -64,7 +64,7 @@ async def test_non_streaming(
             base_url=proxy.url + suffix, api_key=TEAM_KEYS["alpha"], max_retries=0
         )
         with client:
-            completion = await asyncio.to_thread(client.chat.completions.create, **kwargs)
+            completion = await asyncio.to_thread(lambda: client.chat.completions.create(**kwargs))
     else:
         async with openai.AsyncOpenAI(
             base_url=proxy.url + suffix, api_key=TEAM_KEYS["alpha"], max_retries=0
@@ -111,7 +111,7 @@ async def _stream(
 async def test_streaming(
     fake: FakeDeepSeek,
     proxy: RunningProxy,
-    placement: str,
+    placement: UsagePlacement,
     include_usage: bool | None,
     suffix: str,
     sync: bool,
