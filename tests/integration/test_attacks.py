@@ -28,13 +28,7 @@ from proxy.records import Dispatched, UsageRecord
 from proxy.usage import TokenUsage
 from tests.support.fake_deepseek import FakeDeepSeek
 from tests.support.fake_deepseek_shapes import FAKE_UPSTREAM_KEY, Reply
-from tests.support.proxy_harness import (
-    PEAK,
-    TEAM_KEYS,
-    RunningProxy,
-    StartProxy,
-    raw_request,
-)
+from tests.support.proxy_harness import PEAK, TEAM_KEYS, RunningProxy, StartProxy, raw_request
 from tests.support.requests import CHAT, JSON_AUTH, SMALL_USAGE, STREAM
 
 KEY = TEAM_KEYS["alpha"]

@@ -41,6 +41,16 @@ SMALL_USAGE: dict[str, Any] = {
     "total_tokens": 107,
 }
 
+TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "lookup",
+        "description": "Find a row",
+        "parameters": {"type": "object", "properties": {"id": {"type": "string"}}},
+    },
+}
+"""A function tool's schema: DeepSeek bills every byte of it as prompt."""
+
 BOUNDED_CHAT: dict[str, Any] = {
     "model": "deepseek-flash",
     "max_tokens": 100,
