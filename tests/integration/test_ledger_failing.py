@@ -32,16 +32,12 @@ from proxy.records import UsageRecord
 from tests.support.fake_deepseek import FakeDeepSeek
 from tests.support.fake_deepseek_shapes import Reply
 from tests.support.ledger_faults import fill_to_the_limit, lift_the_limit, record
-from tests.support.proxy_harness import PEAK, TEAM_KEYS, running_proxy
-from tests.support.requests import BOUNDED_CALL_COST, BOUNDED_CHAT, BOUNDED_USAGE
+from tests.support.proxy_harness import PEAK, running_proxy
+from tests.support.requests import BOUNDED_CALL_COST, BOUNDED_CHAT, BOUNDED_USAGE, auth
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 MONTH = Budget("alpha", "month", Decimal("0.01"), "CNY", (), True)
 DEADLINE = 10.0
-
-
-def auth(team: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {TEAM_KEYS[team]}"}
 
 
 def rows(path: Path, sql: str) -> list[tuple[Any, ...]]:

@@ -32,14 +32,10 @@ from proxy.pricing import PriceBook
 from proxy.records import Outcome, UsageRecord
 from tests.support.fake_deepseek import FakeDeepSeek, running_fake
 from tests.support.fake_deepseek_shapes import Reply
-from tests.support.proxy_harness import PEAK, TEAM_KEYS, RunningProxy, running_proxy
-from tests.support.requests import CHAT, USAGE
+from tests.support.proxy_harness import PEAK, RunningProxy, running_proxy
+from tests.support.requests import CHAT, USAGE, auth
 
 LOOSE = Limits()  # bounds far above these records' usage: nothing is cut
-
-
-def auth(team: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {TEAM_KEYS[team]}"}
 
 
 def sample(registry: CollectorRegistry, name: str, **labels: str) -> float | None:

@@ -30,8 +30,7 @@ from proxy.pricing import PriceBook, price
 from proxy.usage import parse_usage
 from tests.support.fake_deepseek import running_fake
 from tests.support.fake_deepseek_shapes import Reply
-from tests.support.proxy_harness import TEAM_KEYS
-from tests.support.requests import AUTH, CHAT, STREAM, USAGE
+from tests.support.requests import AUTH, CHAT, STREAM, USAGE, auth
 from tests.support.serve_process import serve_process
 
 # The stated window (README, proxy/ledger/writer.py) is the flush interval plus the commit in
@@ -254,10 +253,6 @@ LEDGER_DRAIN = 2.0  # timeouts.drain of the ledger tests below, seconds
 GIVE_UP = 2.0
 MARGIN = 3.0  # interpreter start-up excluded: what a loaded machine may add to exiting
 SPILLED = re.compile(r"they are saved in (\S+) \(one JSON line each\)")
-
-
-def auth(team: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {TEAM_KEYS[team]}"}
 
 
 async def metric(http: httpx.AsyncClient, name: str) -> float:

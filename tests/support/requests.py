@@ -11,9 +11,14 @@ from typing import Any
 
 from tests.support.proxy_harness import TEAM_KEYS
 
-AUTH = {"Authorization": f"Bearer {TEAM_KEYS['alpha']}"}
-"""Team alpha's proxy key."""
-BETA_AUTH = {"Authorization": f"Bearer {TEAM_KEYS['beta']}"}
+
+def auth(team: str) -> dict[str, str]:
+    """The Authorization header of `team`'s proxy key (`TEAM_KEYS`)."""
+    return {"Authorization": f"Bearer {TEAM_KEYS[team]}"}
+
+
+AUTH = auth("alpha")
+BETA_AUTH = auth("beta")
 JSON_AUTH = {**AUTH, "Content-Type": "application/json"}
 """Team alpha, for bodies sent as raw bytes (``content=``) rather than through ``json=``."""
 
