@@ -81,7 +81,6 @@ def synthetic_calls(book: PriceBook, count: int) -> Synthetic:
             model_served="deepseek-flash",
             upstream_status=200,
             trace_id="bench-trace",
-            outcome="complete",
         )
         meter.take_usage(
             {

@@ -1,18 +1,22 @@
-"""Shared fixtures: the shipped price book (loaded once) and the fake DeepSeek."""
+"""Shared fixtures: the shipped price book (loaded once), the fake DeepSeek and the proxy in
+front of it."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
 
 from proxy.pricing import PriceBook, load_price_book
-from tests.support.fake_clients import AUTH
+from tests.support.fake_clients import UPSTREAM_AUTH
 from tests.support.fake_deepseek import FakeDeepSeek, running_fake
 from tests.support.fake_deepseek_shapes import FAKE_UPSTREAM_KEY
+from tests.support.proxy_harness import RunningProxy, StartProxy, running_proxy
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_BOOK = ROOT / "config" / "pricing" / "deepseek.yaml"
@@ -33,7 +37,7 @@ async def fake() -> AsyncIterator[FakeDeepSeek]:
 @pytest.fixture
 async def client(fake: FakeDeepSeek) -> AsyncIterator[httpx.AsyncClient]:
     """httpx straight to the fake DeepSeek, with its key."""
-    async with httpx.AsyncClient(base_url=fake.base_url, headers=AUTH) as http:
+    async with httpx.AsyncClient(base_url=fake.base_url, headers=UPSTREAM_AUTH) as http:
         yield http
 
 
@@ -44,3 +48,22 @@ async def sdk(fake: FakeDeepSeek) -> AsyncIterator[openai.AsyncOpenAI]:
         base_url=fake.base_url, api_key=FAKE_UPSTREAM_KEY, max_retries=0
     ) as api:
         yield api
+
+
+@pytest.fixture
+async def proxy(fake: FakeDeepSeek, book: PriceBook) -> AsyncIterator[RunningProxy]:
+    """The real proxy app on loopback in front of `fake`, with the harness's defaults."""
+    async with running_proxy(fake.base_url, book) as running:
+        yield running
+
+
+@pytest.fixture
+async def start_proxy(fake: FakeDeepSeek, book: PriceBook) -> AsyncIterator[StartProxy]:
+    """For tests that need other settings than `proxy`'s: ``await start_proxy(budgets=...)``
+    takes `running_proxy`'s keyword options; every proxy started is closed after the test."""
+    async with AsyncExitStack() as stack:
+
+        async def start(**options: Any) -> RunningProxy:
+            return await stack.enter_async_context(running_proxy(fake.base_url, book, **options))
+
+        yield start

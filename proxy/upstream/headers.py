@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from multidict import MultiMapping
+
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -50,12 +52,13 @@ _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "content-encoding", "set-cookie
 
 def hop_by_hop(headers: Mapping[str, str]) -> frozenset[str]:
     """Hop-by-hop names for one message: the fixed set and any named in ``Connection``."""
-    named = {
-        token.strip().lower()
-        for value in [headers.get("Connection", "")]
-        for token in value.split(",")
-        if token.strip()
-    }
+    lines = (
+        headers.getall("Connection", ())
+        if isinstance(headers, MultiMapping)
+        else [headers.get("Connection", "")]
+    )  # RFC 9110 5.3: the list may be split over several field lines, each counts
+    named = {token.strip().lower() for value in lines for token in value.split(",")}
+    named.discard("")
     return HOP_BY_HOP | named
 
 

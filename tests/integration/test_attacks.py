@@ -28,19 +28,10 @@ from proxy.records import Dispatched, UsageRecord
 from proxy.usage import TokenUsage
 from tests.support.fake_deepseek import FakeDeepSeek
 from tests.support.fake_deepseek_shapes import FAKE_UPSTREAM_KEY, Reply
-from tests.support.proxy_harness import PEAK, TEAM_KEYS, raw_request, running_proxy
+from tests.support.proxy_harness import PEAK, TEAM_KEYS, RunningProxy, StartProxy, raw_request
+from tests.support.requests import CHAT, JSON_AUTH, SMALL_USAGE, STREAM
 
 KEY = TEAM_KEYS["alpha"]
-AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
-CHAT = {"model": "deepseek-flash", "messages": [{"role": "user", "content": "hi"}]}
-STREAM = {**CHAT, "stream": True}
-USAGE = {
-    "prompt_tokens": 10,
-    "completion_tokens": 2,
-    "prompt_cache_hit_tokens": 0,
-    "prompt_cache_miss_tokens": 10,
-    "total_tokens": 12,
-}
 
 
 def nested(depth: int) -> Any:
@@ -72,7 +63,9 @@ class FailingSink:
         """Final records are not this sink's concern."""
 
 
-async def test_no_request_leaks_a_slot_or_a_hold(fake: FakeDeepSeek, book: PriceBook) -> None:
+async def test_no_request_leaks_a_slot_or_a_hold(
+    fake: FakeDeepSeek, start_proxy: StartProxy
+) -> None:
     """More than `max_inflight_per_team` (250) requests of three kinds that broke the gate: a
     stream nested deeper than orjson writes (once crashed in the include_usage rewrite), the
     same with ``stream_options`` set (its rewrite must fail cleanly: 400), and calls hit by a
@@ -90,10 +83,8 @@ async def test_no_request_leaks_a_slot_or_a_hold(fake: FakeDeepSeek, book: Price
     ) / 1_000_000
     budget = Budget("alpha", "month", worst * Decimal("1.5") + Decimal("0.01"), "CNY", (), True)
     failing = FailingSink(0)
-    async with (
-        running_proxy(fake.base_url, book, budgets=(budget,), sink=failing) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=AUTH, timeout=30) as http,
-    ):
+    proxy = await start_proxy(budgets=(budget,), sink=failing)
+    async with httpx.AsyncClient(base_url=proxy.url, headers=JSON_AUTH, timeout=30) as http:
         streams = [await http.post("/chat/completions", content=deep_body) for _ in range(260)]
         assert {r.status_code for r in streams} == {200}
         assert all(r.text.endswith("data: [DONE]\n\n") for r in streams)
@@ -115,7 +106,7 @@ async def test_no_request_leaks_a_slot_or_a_hold(fake: FakeDeepSeek, book: Price
     assert sent == b'{"stream_options":{"include_usage":true},' + deep_body[1:]
     # every in-flight row a sink was given was replaced by a final record, the failed
     # dispatches' too (nothing billable: DeepSeek never saw them)
-    records = proxy.sink.records
+    records = await proxy.sink.wait_for(521)
     assert sorted(r.request_id for r in records) == sorted(
         r.request_id for r in proxy.sink.in_flight
     )
@@ -124,7 +115,7 @@ async def test_no_request_leaks_a_slot_or_a_hold(fake: FakeDeepSeek, book: Price
 
 
 async def test_duplicate_keys_reach_deepseek_as_the_proxy_read_them(
-    fake: FakeDeepSeek, book: PriceBook
+    fake: FakeDeepSeek, proxy: RunningProxy
 ) -> None:
     """JSON leaves duplicate keys to the parser: the proxy keeps the last, DeepSeek might keep
     the first, and would then bill a model the proxy did not price or a length its budget did
@@ -133,10 +124,7 @@ async def test_duplicate_keys_reach_deepseek_as_the_proxy_read_them(
         b'{"model":"deepseek-v4-pro","max_tokens":393216,"messages":[{"role":"user",'
         b'"content":"hi"}],"model":"deepseek-flash","max_tokens":10}'
     )
-    async with (
-        running_proxy(fake.base_url, book) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http,
-    ):
+    async with httpx.AsyncClient(base_url=proxy.url, headers=JSON_AUTH) as http:
         answer = await http.post("/chat/completions", content=sneaky)
         [record] = await proxy.sink.wait_for(1)
     assert answer.status_code == 200
@@ -158,16 +146,15 @@ def gzip_of_zeros(size: int) -> bytes:
     return b"".join(parts)
 
 
-async def test_compressed_bodies_are_refused_unread(fake: FakeDeepSeek, book: PriceBook) -> None:
+async def test_compressed_bodies_are_refused_unread(
+    fake: FakeDeepSeek, proxy: RunningProxy
+) -> None:
     """A compressed body is a 415 without being inflated (before or after auth): bombs sent
     with no key stall nothing, and a valid gzip body is never forwarded inflated."""
     bomb = gzip_of_zeros(256 << 20)
     assert len(bomb) < 1 << 20
     valid = gzip.compress(orjson.dumps(CHAT))
-    async with (
-        running_proxy(fake.base_url, book) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, timeout=30) as http,
-    ):
+    async with httpx.AsyncClient(base_url=proxy.url, timeout=30) as http:
         bombs = [
             asyncio.create_task(http.post(path, content=bomb, headers={"Content-Encoding": "gzip"}))
             for path in ("/chat/completions", "/v1/chat/completions", "/nope", "/models")
@@ -177,12 +164,12 @@ async def test_compressed_bodies_are_refused_unread(fake: FakeDeepSeek, book: Pr
             health = [await http.get("/healthz") for _ in range(20)]
         answered = await asyncio.gather(*bombs)
         signed = await http.post(
-            "/chat/completions", content=valid, headers={**AUTH, "Content-Encoding": "gzip"}
+            "/chat/completions", content=valid, headers={**JSON_AUTH, "Content-Encoding": "gzip"}
         )
         plain = await http.post(
             "/chat/completions",
             content=orjson.dumps(CHAT),
-            headers={**AUTH, "Content-Encoding": "identity"},
+            headers={**JSON_AUTH, "Content-Encoding": "identity"},
         )
     assert {r.status_code for r in health} == {200}
     assert [r.status_code for r in answered] == [401, 401, 404, 405]  # no key: auth first
@@ -213,11 +200,10 @@ MALFORMED = [
 
 
 async def test_malformed_requests_never_echo_the_client_key(
-    fake: FakeDeepSeek, book: PriceBook, caplog: pytest.LogCaptureFixture
+    fake: FakeDeepSeek, proxy: RunningProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level("DEBUG")  # every logger, every level
-    async with running_proxy(fake.base_url, book) as proxy:
-        answers = [await raw_request(proxy.url, request, whole=True) for request in MALFORMED]
+    answers = [await raw_request(proxy.url, request, whole=True) for request in MALFORMED]
     for answer in answers:
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.split(b" ")[1] in (b"400", b"431"), head
@@ -231,19 +217,18 @@ async def test_malformed_requests_never_echo_the_client_key(
     assert fake.requests == []
 
 
-async def test_non_utf8_authorization_is_a_401(fake: FakeDeepSeek, book: PriceBook) -> None:
-    async with running_proxy(fake.base_url, book) as proxy:
-        answers = [
-            await raw_request(
-                proxy.url,
-                (
-                    b"POST /chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                    b"Authorization: Bearer " + token + b"\r\nContent-Length: 2\r\n\r\n{}"
-                ),
-                whole=True,
-            )
-            for token in (b"\xff\xfe", KEY.encode() + b"\xc3\x28", b"sk-\x80proxy")
-        ]
+async def test_non_utf8_authorization_is_a_401(fake: FakeDeepSeek, proxy: RunningProxy) -> None:
+    answers = [
+        await raw_request(
+            proxy.url,
+            (
+                b"POST /chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                b"Authorization: Bearer " + token + b"\r\nContent-Length: 2\r\n\r\n{}"
+            ),
+            whole=True,
+        )
+        for token in (b"\xff\xfe", KEY.encode() + b"\xc3\x28", b"sk-\x80proxy")
+    ]
     for answer in answers:
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 401 "), head
@@ -251,21 +236,18 @@ async def test_non_utf8_authorization_is_a_401(fake: FakeDeepSeek, book: PriceBo
 
 
 async def test_upstream_key_echoed_in_a_success_never_reaches_the_client(
-    fake: FakeDeepSeek, book: PriceBook
+    fake: FakeDeepSeek, proxy: RunningProxy
 ) -> None:
     """DeepSeek never does this, but if it echoed the key in a 200 (body, stream or header),
     the client would get asterisks of the same length in its place."""
     echo = {"x-echo": f"key={FAKE_UPSTREAM_KEY}"}
     big = "y" * (70 << 10)  # past the one-write path: relayed as it arrives
     fake.enqueue(
-        Reply(content=["your key: ", FAKE_UPSTREAM_KEY], usage=USAGE, headers=echo),
-        Reply(content=["your key: ", FAKE_UPSTREAM_KEY], usage=USAGE, headers=echo),
-        Reply(content=[big, FAKE_UPSTREAM_KEY, big], usage=USAGE, headers=echo),
+        Reply(content=["your key: ", FAKE_UPSTREAM_KEY], usage=SMALL_USAGE, headers=echo),
+        Reply(content=["your key: ", FAKE_UPSTREAM_KEY], usage=SMALL_USAGE, headers=echo),
+        Reply(content=[big, FAKE_UPSTREAM_KEY, big], usage=SMALL_USAGE, headers=echo),
     )
-    async with (
-        running_proxy(fake.base_url, book) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http,
-    ):
+    async with httpx.AsyncClient(base_url=proxy.url, headers=JSON_AUTH) as http:
         answers = [
             await http.post("/chat/completions", content=orjson.dumps(body))
             for body in (CHAT, STREAM, CHAT)
@@ -283,28 +265,29 @@ async def test_upstream_key_echoed_in_a_success_never_reaches_the_client(
 # --- 7. no client can fill the disk --------------------------------------------------------
 
 
-async def test_client_and_upstream_strings_are_bounded(fake: FakeDeepSeek, book: PriceBook) -> None:
+async def test_client_and_upstream_strings_are_bounded(
+    fake: FakeDeepSeek, proxy: RunningProxy
+) -> None:
     """`model` is stored: over 256 characters or with control characters it is a 400, and
     nothing reaches DeepSeek or the ledger. What DeepSeek sends back and the ledger stores
     (served model, trace id) is bounded too."""
     fake.enqueue(
         Reply(
-            raw_body=orjson.dumps({"model": "m" * 100_000, "choices": [], "usage": USAGE}),
+            raw_body=orjson.dumps({"model": "m" * 100_000, "choices": [], "usage": SMALL_USAGE}),
             headers={"x-ds-trace-id": "t" * 4000},
         ),
         Reply(
             raw_events=[
                 b"data: "
-                + orjson.dumps({"model": "\x1b[2J" + "m" * 500_000, "choices": [], "usage": USAGE})
+                + orjson.dumps(
+                    {"model": "\x1b[2J" + "m" * 500_000, "choices": [], "usage": SMALL_USAGE}
+                )
                 + b"\n\n",
                 b"data: [DONE]\n\n",
             ]
         ),
     )
-    async with (
-        running_proxy(fake.base_url, book) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http,
-    ):
+    async with httpx.AsyncClient(base_url=proxy.url, headers=JSON_AUTH) as http:
         refused = [
             await http.post("/chat/completions", content=orjson.dumps({**CHAT, "model": model}))
             for model in ("m" * 257, "deepseek-flash\x1b[2J", "deepseek\nflash", "m" * (900 << 10))
@@ -330,7 +313,7 @@ def flash_cost(book: PriceBook, usage: TokenUsage) -> Decimal:
 
 
 async def test_absurd_usage_is_cut_to_what_the_request_allows(
-    fake: FakeDeepSeek, book: PriceBook
+    fake: FakeDeepSeek, book: PriceBook, proxy: RunningProxy
 ) -> None:
     """99M cache hits, 99M misses, 99M output tokens and 99M searches on a small call with
     ``max_tokens: 100`` once recorded 495,990 CNY. Each count is now cut to what the request
@@ -347,10 +330,7 @@ async def test_absurd_usage_is_cut_to_what_the_request_allows(
     payload = {**CHAT, "max_tokens": 100}
     body = orjson.dumps(payload)
     fake.enqueue(Reply(usage=absurd), Reply(usage=quiet))
-    async with (
-        running_proxy(fake.base_url, book) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http,
-    ):
+    async with httpx.AsyncClient(base_url=proxy.url, headers=JSON_AUTH) as http:
         for _ in range(2):
             assert (await http.post("/chat/completions", content=body)).status_code == 200
         searched, plain = await proxy.sink.wait_for(2)
@@ -381,7 +361,9 @@ async def test_absurd_usage_is_cut_to_what_the_request_allows(
         assert "usage_exceeds_bound" in record.flags
 
 
-async def test_many_tool_names_cannot_widen_the_bound(fake: FakeDeepSeek, book: PriceBook) -> None:
+async def test_many_tool_names_cannot_widen_the_bound(
+    fake: FakeDeepSeek, proxy: RunningProxy
+) -> None:
     """The tool-call cap is for all tools together, so sixteen made-up tool names of 32 calls
     each widen the bound no more than one tool's 32; seventeen names, or one that is not
     short printable text, make the usage untrusted altogether (estimated, flagged)."""
@@ -399,10 +381,7 @@ async def test_many_tool_names_cannot_widen_the_bound(fake: FakeDeepSeek, book: 
         Reply(usage={**absurd, "server_tool_use": {**sixteen, "t16": 1}}),
         Reply(usage={**absurd, "server_tool_use": {"\x1b[2J" + "x" * 100: 1}}),
     )
-    async with (
-        running_proxy(fake.base_url, book) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http,
-    ):
+    async with httpx.AsyncClient(base_url=proxy.url, headers=JSON_AUTH) as http:
         for _ in range(3):
             assert (await http.post("/chat/completions", content=body)).status_code == 200
         capped, *untrusted = await proxy.sink.wait_for(3)
@@ -418,7 +397,7 @@ async def test_many_tool_names_cannot_widen_the_bound(fake: FakeDeepSeek, book: 
         assert record.tool_calls == {} and not any("\x1b" in f for f in record.flags)
 
 
-async def test_usage_after_done_is_ignored(fake: FakeDeepSeek, book: PriceBook) -> None:
+async def test_usage_after_done_is_ignored(fake: FakeDeepSeek, proxy: RunningProxy) -> None:
     """Events after ``[DONE]`` are neither billed nor relayed: once, a usage chunk there
     turned a 0.00006 CNY call into 10 CNY."""
 
@@ -432,20 +411,17 @@ async def test_usage_after_done_is_ignored(fake: FakeDeepSeek, book: PriceBook) 
         "model": "deepseek-flash",
         "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}],
     }
-    late = {**USAGE, "prompt_cache_miss_tokens": 1_000_000, "prompt_tokens": 1_000_000}
+    late = {**SMALL_USAGE, "prompt_cache_miss_tokens": 1_000_000, "prompt_tokens": 1_000_000}
     fake.enqueue(
         Reply(
             raw_events=[
-                event({**chunk, "usage": USAGE}),
+                event({**chunk, "usage": SMALL_USAGE}),
                 b"data: [DONE]\n\n",
                 event({**chunk, "choices": [], "usage": late}),
             ]
         )
     )
-    async with (
-        running_proxy(fake.base_url, book) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http,
-    ):
+    async with httpx.AsyncClient(base_url=proxy.url, headers=JSON_AUTH) as http:
         answer = await http.post("/chat/completions", content=orjson.dumps(STREAM))
         [record] = await proxy.sink.wait_for(1)
         counted = proxy.registry.get_sample_value(
@@ -453,27 +429,25 @@ async def test_usage_after_done_is_ignored(fake: FakeDeepSeek, book: PriceBook) 
         )
     assert counted == 1
     assert answer.text.endswith("data: [DONE]\n\n") and answer.text.count("usage") == 1
-    assert (record.cache_miss_tokens, record.output_tokens) == (10, 2)
+    assert (record.cache_miss_tokens, record.output_tokens) == (36, 7)  # SMALL_USAGE
     assert record.outcome == "complete" and "data_after_done" in record.flags
-    assert record.costs["CNY"] == Decimal("0.000036")  # 10 x 2 + 2 x 8 per million
+    # 64 x 0.04 + 36 x 2 + 7 x 8 CNY per million
+    assert record.costs["CNY"] == Decimal("0.00013056")
 
 
 async def test_an_estimate_never_passes_the_output_bound(
-    fake: FakeDeepSeek, book: PriceBook
+    fake: FakeDeepSeek, proxy: RunningProxy
 ) -> None:
     """A stream of 60 chunks for ``max_tokens: 10``, cut before its usage: the estimate (one
     token per chunk) stops at 10, what the budget held and what DeepSeek can bill."""
-    fake.enqueue(Reply(content=["a"] * 60, usage=USAGE, cut_after_events=50))
-    async with (
-        running_proxy(fake.base_url, book) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http,
-    ):
+    fake.enqueue(Reply(content=["a"] * 60, usage=SMALL_USAGE, cut_after_events=50))
+    async with httpx.AsyncClient(base_url=proxy.url, headers=JSON_AUTH) as http:
         await http.post("/chat/completions", content=orjson.dumps({**STREAM, "max_tokens": 10}))
         [record] = await proxy.sink.wait_for(1)
     assert (record.usage_source, record.output_tokens) == ("estimated", 10)
 
 
-async def test_endless_event_is_cut_not_buffered(fake: FakeDeepSeek, book: PriceBook) -> None:
+async def test_endless_event_is_cut_not_buffered(fake: FakeDeepSeek, proxy: RunningProxy) -> None:
     """An SSE line that never ends grows to 1 MiB at most: then the client gets an error
     event (no [DONE]) and the record is flagged."""
     fake.enqueue(
@@ -484,10 +458,7 @@ async def test_endless_event_is_cut_not_buffered(fake: FakeDeepSeek, book: Price
             ]
         )
     )
-    async with (
-        running_proxy(fake.base_url, book) as proxy,
-        openai.AsyncOpenAI(base_url=proxy.url, api_key=KEY, max_retries=0) as client,
-    ):
+    async with openai.AsyncOpenAI(base_url=proxy.url, api_key=KEY, max_retries=0) as client:
         stream = await client.chat.completions.create(
             model="deepseek-flash", messages=[{"role": "user", "content": "hi"}], stream=True
         )
@@ -500,7 +471,7 @@ async def test_endless_event_is_cut_not_buffered(fake: FakeDeepSeek, book: Price
 
 
 async def test_compressed_answers_are_decoded_or_refused(
-    fake: FakeDeepSeek, book: PriceBook
+    fake: FakeDeepSeek, proxy: RunningProxy
 ) -> None:
     """DeepSeek is asked for identity; a gzip answer anyway is relayed inflated (and metered),
     never as compressed bytes without their header; an encoding the proxy cannot undo is a
@@ -517,13 +488,13 @@ async def test_compressed_answers_are_decoded_or_refused(
                     "finish_reason": "stop",
                 }
             ],
-            "usage": USAGE,
+            "usage": SMALL_USAGE,
         }
     )
     events = (
         b'data: {"id":"c","model":"deepseek-flash","choices":[{"index":0,"delta":'
         b'{"content":"hi"},"finish_reason":"stop"}],"usage":'
-        + orjson.dumps(USAGE)
+        + orjson.dumps(SMALL_USAGE)
         + b"}\n\ndata: [DONE]\n\n"
     )
     gzipped = {"Content-Encoding": "gzip"}
@@ -533,10 +504,7 @@ async def test_compressed_answers_are_decoded_or_refused(
         Reply(raw_body=b"\x1b\x00 brotli?", headers={"Content-Encoding": "br"}),
         Reply(status=400, error_body=b"\x1b\x00 brotli error?", headers={"Content-Encoding": "br"}),
     )
-    async with (
-        running_proxy(fake.base_url, book) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http,
-    ):
+    async with httpx.AsyncClient(base_url=proxy.url, headers=JSON_AUTH) as http:
         body = await http.post("/chat/completions", content=orjson.dumps(CHAT))
         stream = await http.post("/chat/completions", content=orjson.dumps(STREAM))
         brotli = await http.post("/chat/completions", content=orjson.dumps(CHAT))
@@ -558,7 +526,7 @@ async def test_compressed_answers_are_decoded_or_refused(
 
 
 async def test_huge_answer_is_metered_from_its_ends(
-    fake: FakeDeepSeek, book: PriceBook, tmp_path: Path
+    fake: FakeDeepSeek, proxy: RunningProxy, tmp_path: Path
 ) -> None:
     """A 200 body past 4 MiB is relayed whole but kept only by its ends: the usage at its
     end is still found (bounded memory is measured in bench/, with 100 MB bodies)."""
@@ -575,21 +543,18 @@ async def test_huge_answer_is_metered_from_its_ends(
                     "finish_reason": "stop",
                 }
             ],
-            "usage": USAGE,
+            "usage": SMALL_USAGE,
         }
     )
     fake.enqueue(Reply(raw_body=document))
-    async with (
-        running_proxy(fake.base_url, book) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=AUTH, timeout=60) as http,
-    ):
+    async with httpx.AsyncClient(base_url=proxy.url, headers=JSON_AUTH, timeout=60) as http:
         answer = await http.post("/chat/completions", content=orjson.dumps(CHAT))
         [record] = await proxy.sink.wait_for(1)
     assert answer.content == document
     assert (record.usage_source, record.cache_miss_tokens, record.output_tokens) == (
         "reported",
-        10,
-        2,
+        36,
+        7,
     )
     assert record.model_served == "deepseek-flash"
     assert "response_body_too_large" in record.flags

@@ -8,37 +8,20 @@ import json
 import re
 from datetime import UTC, date, datetime
 from decimal import ROUND_FLOOR, Decimal
-from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
-import pytest
 
-from proxy.budgets import MIN_LOWERED_OUTPUT, worst_cost
-from proxy.config import Budget, ConfigError, TeamPolicy, load_config
+from proxy.budgets import MIN_LOWERED_OUTPUT
+from proxy.config import Budget, TeamPolicy
 from proxy.ledger.store import SpendRow
 from proxy.pricing import PriceBook
-from proxy.pricing.engine import resolve, to_micros
 from tests.support.fake_deepseek import FakeDeepSeek
 from tests.support.fake_deepseek_shapes import Reply
-from tests.support.proxy_harness import PEAK, TEAM_KEYS, RunningProxy, running_proxy
+from tests.support.proxy_harness import TEAM_KEYS, RunningProxy, StartProxy
+from tests.support.requests import BOUNDED_CALL_COST, BOUNDED_CHAT, BOUNDED_USAGE, JSON_AUTH
 
-AUTH = {"Authorization": f"Bearer {TEAM_KEYS['alpha']}", "Content-Type": "application/json"}
-USAGE = {
-    "prompt_tokens": 100,
-    "completion_tokens": 20,
-    "prompt_cache_hit_tokens": 0,
-    "prompt_cache_miss_tokens": 100,
-    "total_tokens": 120,
-}
-# At peak on deepseek-flash: 100 x 2 + 20 x 8 per million = 0.00036 CNY per call.
-CALL_COST = Decimal("0.00036")
-CHAT = {
-    "model": "deepseek-flash",
-    "max_tokens": 100,
-    "messages": [{"role": "user", "content": "x" * 92}],
-}
 TEMPLATE = 1024 + 8  # the bound's per-call headroom and one message (proxy/bounds.py)
 # Peak prices per million tokens (config/pricing/deepseek.yaml): cache miss, output.
 FLASH = (Decimal(2), Decimal(8))
@@ -69,38 +52,36 @@ async def post_all(
 ) -> list[httpx.Response]:
     """`count` identical calls at once, each on its own connection."""
     async with httpx.AsyncClient(
-        base_url=proxy.url, headers=AUTH, timeout=60, limits=httpx.Limits(max_connections=count)
+        base_url=proxy.url,
+        headers=JSON_AUTH,
+        timeout=60,
+        limits=httpx.Limits(max_connections=count),
     ) as http:
         return await asyncio.gather(
             *(http.post("/chat/completions", content=body(payload)) for _ in range(count))
         )
 
 
-def test_worst_cost_is_the_dearest_tier(book: PriceBook) -> None:
-    resolution = resolve(book, "deepseek-flash", to_micros(PEAK))
-    assert not isinstance(resolution, str)
-    cards = list(resolution.version.rate_cards.values())
-    assert worst_cost(1000, 100, cards, "CNY") == Decimal("0.0028")  # peak: 1000x2 + 100x8
-    assert worst_cost(1000, 100, cards, "USD") == Decimal("0.00042")  # 1000x0.30 + 100x1.20
-
-
-async def test_concurrent_calls_cannot_overshoot(fake: FakeDeepSeek, book: PriceBook) -> None:
+async def test_concurrent_calls_cannot_overshoot(
+    fake: FakeDeepSeek, start_proxy: StartProxy
+) -> None:
     """100 concurrent calls against a budget with 0.009 CNY left: only as many worst cases fit
     at once as the budget allows; as calls settle to their real cost (0.00036), more are
     admitted, and the spend never passes the budget."""
     budget = Budget("alpha", "month", Decimal("0.015"), "CNY", (), True)
     fake.enqueue(
-        *[Reply(usage=USAGE, chunk_interval=0.02, content=["a", "b", "c"]) for _ in range(100)]
+        *[
+            Reply(usage=BOUNDED_USAGE, chunk_interval=0.02, content=["a", "b", "c"])
+            for _ in range(100)
+        ]
     )
-    payload = {**CHAT, "stream": True}
-    async with running_proxy(
-        fake.base_url, book, budgets=(budget,), spend=spent_before("0.006")
-    ) as proxy:
-        responses = await post_all(proxy, payload, 100)
-        records = proxy.sink.records
-        refusals = proxy.registry.get_sample_value("llm_budget_refusals_total", {"team": "alpha"})
+    payload = {**BOUNDED_CHAT, "stream": True}
+    proxy = await start_proxy(budgets=(budget,), spend=spent_before("0.006"))
+    responses = await post_all(proxy, payload, 100)
     admitted = [r for r in responses if r.status_code == 200]
     refused = [r for r in responses if r.status_code == 402]
+    records = await proxy.sink.wait_for(len(admitted))
+    refusals = proxy.registry.get_sample_value("llm_budget_refusals_total", {"team": "alpha"})
     assert len(admitted) + len(refused) == 100
     assert len(records) == len(admitted) == len(fake.requests)
     spent = Decimal("0.006") + sum((r.costs["CNY"] for r in records), Decimal(0))
@@ -118,37 +99,36 @@ async def test_concurrent_calls_cannot_overshoot(fake: FakeDeepSeek, book: Price
     assert "team 'alpha' has spent" in error["message"]
 
 
-async def test_failed_calls_release_their_reservation(fake: FakeDeepSeek, book: PriceBook) -> None:
-    one = worst(CHAT, FLASH, 100)
-    budget = Budget("alpha", "day", one + CALL_COST, "CNY", (), True)
-    fake.enqueue(Reply(status=500), Reply(status=500), Reply(usage=USAGE))
-    async with (
-        running_proxy(fake.base_url, book, budgets=(budget,)) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http,
-    ):
+async def test_failed_calls_release_their_reservation(
+    fake: FakeDeepSeek, start_proxy: StartProxy
+) -> None:
+    one = worst(BOUNDED_CHAT, FLASH, 100)
+    budget = Budget("alpha", "day", one + BOUNDED_CALL_COST, "CNY", (), True)
+    fake.enqueue(Reply(status=500), Reply(status=500), Reply(usage=BOUNDED_USAGE))
+    proxy = await start_proxy(budgets=(budget,))
+    async with httpx.AsyncClient(base_url=proxy.url, headers=JSON_AUTH) as http:
         statuses = [
-            (await http.post("/chat/completions", content=body(CHAT))).status_code for _ in range(5)
+            (await http.post("/chat/completions", content=body(BOUNDED_CHAT))).status_code
+            for _ in range(5)
         ]
     # Each call needs `one` held; errors give it back, the success keeps 0.00036, and the
     # fourth (0.00036 + one <= budget) still fits; the fifth does not.
     assert statuses == [500, 500, 200, 200, 402]
-    assert len(proxy.sink.records) == 4
+    assert len(await proxy.sink.wait_for(4)) == 4
 
 
 async def test_unpriced_model_is_refused_with_403_not_402(
-    fake: FakeDeepSeek, book: PriceBook
+    fake: FakeDeepSeek, book: PriceBook, start_proxy: StartProxy
 ) -> None:
     """A model the book cannot price is no money matter: 403, saying so."""
-    async with (
-        running_proxy(fake.base_url, book, budgets=(MONTH,)) as proxy,
-        httpx.AsyncClient(base_url=proxy.url) as http,
-    ):
+    proxy = await start_proxy(budgets=(MONTH,))
+    async with httpx.AsyncClient(base_url=proxy.url) as http:
         refused = await http.post(
-            "/chat/completions", json={**CHAT, "model": "gpt-4o"}, headers=AUTH
+            "/chat/completions", json={**BOUNDED_CHAT, "model": "gpt-4o"}, headers=JSON_AUTH
         )
         other_team = await http.post(
             "/chat/completions",
-            json={**CHAT, "model": "gpt-4o"},
+            json={**BOUNDED_CHAT, "model": "gpt-4o"},
             headers={"Authorization": f"Bearer {TEAM_KEYS['beta']}"},
         )
     assert refused.status_code == 403
@@ -161,21 +141,23 @@ async def test_unpriced_model_is_refused_with_403_not_402(
     assert proxy.registry.get_sample_value("llm_budget_refusals_total", {"team": "alpha"}) == 0
 
 
-async def test_budget_state_unreadable_fails_closed(fake: FakeDeepSeek, book: PriceBook) -> None:
+async def test_budget_state_unreadable_fails_closed(
+    fake: FakeDeepSeek, start_proxy: StartProxy
+) -> None:
     def broken(since: date, until: date) -> list[SpendRow]:
         raise OSError("disk gone")
 
-    async with (
-        running_proxy(fake.base_url, book, budgets=(MONTH,), spend=broken) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http,
-    ):
-        response = await http.post("/chat/completions", json=CHAT)
+    proxy = await start_proxy(budgets=(MONTH,), spend=broken)
+    async with httpx.AsyncClient(base_url=proxy.url, headers=JSON_AUTH) as http:
+        response = await http.post("/chat/completions", json=BOUNDED_CHAT)
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "budget_unavailable"
     assert fake.requests == []
 
 
-async def test_new_period_starts_from_the_ledger(fake: FakeDeepSeek, book: PriceBook) -> None:
+async def test_new_period_starts_from_the_ledger(
+    fake: FakeDeepSeek, start_proxy: StartProxy
+) -> None:
     now = [datetime(2026, 11, 30, 15, 59, tzinfo=UTC)]  # 23:59 on Nov 30 in Beijing
     reads: list[tuple[date, date]] = []
 
@@ -183,15 +165,11 @@ async def test_new_period_starts_from_the_ledger(fake: FakeDeepSeek, book: Price
         reads.append((since, until))
         return [SpendRow("alpha", since, "CNY", Decimal("0.0095"))] if since.month == 11 else []
 
-    async with (
-        running_proxy(
-            fake.base_url, book, budgets=(MONTH,), spend=ledger, clock=lambda: now[0]
-        ) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http,
-    ):
-        late = await http.post("/chat/completions", json=CHAT)
+    proxy = await start_proxy(budgets=(MONTH,), spend=ledger, clock=lambda: now[0])
+    async with httpx.AsyncClient(base_url=proxy.url, headers=JSON_AUTH) as http:
+        late = await http.post("/chat/completions", json=BOUNDED_CHAT)
         now[0] = datetime(2026, 11, 30, 16, 0, tzinfo=UTC)  # December in Beijing
-        early = await http.post("/chat/completions", json=CHAT)
+        early = await http.post("/chat/completions", json=BOUNDED_CHAT)
     assert (late.status_code, early.status_code) == (402, 200)
     assert late.json()["error"]["budget"]["resets_at"] == "2026-12-01T00:00:00+08:00"
     assert (date(2026, 12, 1), date(2026, 12, 1)) in reads
@@ -201,7 +179,7 @@ async def test_new_period_starts_from_the_ledger(fake: FakeDeepSeek, book: Price
 
 
 async def test_tool_schemas_count_against_a_hard_budget(
-    fake: FakeDeepSeek, book: PriceBook
+    fake: FakeDeepSeek, start_proxy: StartProxy
 ) -> None:
     """The attack that spent 92 CNY of a 1 CNY budget: 400 KiB of tool schema per call and
     ``max_tokens: 1``, 100 calls at once. DeepSeek bills the schema as prompt (about 0.1 CNY a
@@ -221,9 +199,9 @@ async def test_tool_schemas_count_against_a_hard_budget(
     assert len(body(payload)) > 400 * 1024
     budget = Budget("alpha", "month", Decimal(1), "CNY", (), True)
     fake.enqueue(*[Reply(content=["a"], keepalive=1, keepalive_interval=2) for _ in range(100)])
-    async with running_proxy(fake.base_url, book, budgets=(budget,)) as proxy:
-        responses = await post_all(proxy, payload, 100)
-        records = await proxy.sink.wait_for(1)
+    proxy = await start_proxy(budgets=(budget,))
+    responses = await post_all(proxy, payload, 100)
+    records = await proxy.sink.wait_for(1)
     statuses = [r.status_code for r in responses]
     assert statuses.count(200) == 1 and statuses.count(402) == 99
     [record] = records
@@ -253,31 +231,27 @@ def budget_500() -> Budget:
 
 
 async def run_100(
-    fake: FakeDeepSeek, book: PriceBook, policy: TeamPolicy, spent: str
+    fake: FakeDeepSeek, start_proxy: StartProxy, policy: TeamPolicy, spent: str
 ) -> tuple[list[httpx.Response], RunningProxy]:
     fake.enqueue(
         *[Reply(content=["a", "b"], keepalive=1, keepalive_interval=HELD) for _ in range(100)]
     )
-    async with running_proxy(
-        fake.base_url,
-        book,
-        budgets=(budget_500(),),
-        spend=spent_before(spent),
-        policies={"alpha": policy},
-    ) as proxy:
-        responses = await post_all(proxy, PRO_STREAM, 100)
-        await proxy.sink.wait_for(sum(r.status_code == 200 for r in responses))
+    proxy = await start_proxy(
+        budgets=(budget_500(),), spend=spent_before(spent), policies={"alpha": policy}
+    )
+    responses = await post_all(proxy, PRO_STREAM, 100)
+    await proxy.sink.wait_for(sum(r.status_code == 200 for r in responses))
     spend = Decimal(spent) + sum((r.costs["CNY"] for r in proxy.sink.records), Decimal(0))
     assert spend <= Decimal(500)  # the overshoot bound of every policy: zero without tool fees
     return responses, proxy
 
 
 async def test_refuse_policy_reserves_the_maximum_output(
-    fake: FakeDeepSeek, book: PriceBook
+    fake: FakeDeepSeek, start_proxy: StartProxy
 ) -> None:
     """The default keeps the promise at the price of throughput: with nothing spent, only
     floor(500 / 10.6) calls without max_tokens can run at once."""
-    responses, _ = await run_100(fake, book, TeamPolicy(), "0")
+    responses, _ = await run_100(fake, start_proxy, TeamPolicy(), "0")
     one = worst(PRO_STREAM, PRO, MAX_OUTPUT)
     assert Decimal("10.6") < one < Decimal("10.7")
     statuses = [r.status_code for r in responses]
@@ -285,31 +259,35 @@ async def test_refuse_policy_reserves_the_maximum_output(
     assert statuses.count(402) == 53
 
 
-async def test_default_max_tokens_admits_every_call(fake: FakeDeepSeek, book: PriceBook) -> None:
+async def test_default_max_tokens_admits_every_call(
+    fake: FakeDeepSeek, start_proxy: StartProxy
+) -> None:
     """With default_max_tokens the worst case is real: all 100 run at once, each sent to
     DeepSeek with max_tokens 4096 and told so in a header."""
-    responses, _ = await run_100(fake, book, TeamPolicy(default_max_tokens=4096), "0")
+    responses, _ = await run_100(fake, start_proxy, TeamPolicy(default_max_tokens=4096), "0")
     assert [r.status_code for r in responses] == [200] * 100
     assert {r.headers["x-proxy-max-tokens"] for r in responses} == {"4096"}
     assert {json.loads(r.body)["max_tokens"] for r in fake.requests} == {4096}
 
 
-async def test_default_max_tokens_near_the_limit(fake: FakeDeepSeek, book: PriceBook) -> None:
+async def test_default_max_tokens_near_the_limit(
+    fake: FakeDeepSeek, start_proxy: StartProxy
+) -> None:
     """1 CNY left: exactly as many 4096-token worst cases as fit run; the rest get 402."""
-    responses, _ = await run_100(fake, book, TeamPolicy(default_max_tokens=4096), "499")
+    responses, _ = await run_100(fake, start_proxy, TeamPolicy(default_max_tokens=4096), "499")
     one = worst(PRO_STREAM, PRO, 4096)  # the client's body: what it asked for is the prompt
     statuses = [r.status_code for r in responses]
     assert statuses.count(200) == int(1 / one) == 8
 
 
 async def test_lower_max_tokens_admits_what_the_budget_can_pay(
-    fake: FakeDeepSeek, book: PriceBook
+    fake: FakeDeepSeek, start_proxy: StartProxy
 ) -> None:
     """1 CNY left and ``lower_max_tokens``: eight 4096-token calls fit whole; the ninth is
     admitted with max_tokens lowered to what is left; the rest are refused (too few tokens
     would be left to be worth sending)."""
     policy = TeamPolicy(default_max_tokens=4096, over_budget="lower_max_tokens")
-    responses, _ = await run_100(fake, book, policy, "499")
+    responses, _ = await run_100(fake, start_proxy, policy, "499")
     full = worst(PRO_STREAM, PRO, 4096)
     left = 1 - 8 * full
     prompt = len(body(PRO_STREAM)) + TEMPLATE
@@ -323,9 +301,13 @@ async def test_lower_max_tokens_admits_what_the_budget_can_pay(
     assert [r.status_code for r in responses].count(402) == 91
 
 
-async def test_lower_max_tokens_without_a_default(fake: FakeDeepSeek, book: PriceBook) -> None:
+async def test_lower_max_tokens_without_a_default(
+    fake: FakeDeepSeek, start_proxy: StartProxy
+) -> None:
     """No default and ``lower_max_tokens``: the first call takes what the budget can pay."""
-    responses, _ = await run_100(fake, book, TeamPolicy(over_budget="lower_max_tokens"), "499")
+    responses, _ = await run_100(
+        fake, start_proxy, TeamPolicy(over_budget="lower_max_tokens"), "499"
+    )
     prompt = len(body(PRO_STREAM)) + TEMPLATE
     lowered = int((1_000_000 - PRO[0] * prompt) / PRO[1])
     assert [r.headers.get("x-proxy-max-tokens") for r in responses if r.status_code == 200] == [
@@ -334,14 +316,10 @@ async def test_lower_max_tokens_without_a_default(fake: FakeDeepSeek, book: Pric
 
 
 async def test_refusal_names_the_currency_of_every_amount(
-    fake: FakeDeepSeek, book: PriceBook
+    fake: FakeDeepSeek, start_proxy: StartProxy
 ) -> None:
-    async with (
-        running_proxy(
-            fake.base_url, book, budgets=(budget_500(),), spend=spent_before("499.5")
-        ) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http,
-    ):
+    proxy = await start_proxy(budgets=(budget_500(),), spend=spent_before("499.5"))
+    async with httpx.AsyncClient(base_url=proxy.url, headers=JSON_AUTH) as http:
         response = await http.post("/chat/completions", content=body(PRO_STREAM))
     message = response.json()["error"]["message"]
     one = worst(PRO_STREAM, PRO, MAX_OUTPUT)
@@ -354,133 +332,24 @@ async def test_refusal_names_the_currency_of_every_amount(
     assert re.findall(r"(?<![\d.])\d+(?:\.\d+)?(?![\d.]| CNY)", amounts) == []
 
 
-async def test_budget_metrics(fake: FakeDeepSeek, book: PriceBook) -> None:
+async def test_budget_metrics(fake: FakeDeepSeek, start_proxy: StartProxy) -> None:
     soft = Budget("beta", "week", Decimal("70"), "USD", (Decimal("50"), Decimal("87.5")), False)
-    async with running_proxy(fake.base_url, book, budgets=(MONTH, soft)) as proxy:
-        get = proxy.registry.get_sample_value
-        assert (
-            get("llm_team_budget", {"team": "alpha", "period": "month", "currency": "CNY"}) == 0.01
+    proxy = await start_proxy(budgets=(MONTH, soft))
+    get = proxy.registry.get_sample_value
+    assert get("llm_team_budget", {"team": "alpha", "period": "month", "currency": "CNY"}) == 0.01
+    assert (
+        get(
+            "llm_team_budget_threshold",
+            {"team": "alpha", "period": "month", "currency": "CNY", "threshold": "80"},
         )
-        assert (
-            get(
-                "llm_team_budget_threshold",
-                {"team": "alpha", "period": "month", "currency": "CNY", "threshold": "80"},
-            )
-            == 0.008
+        == 0.008
+    )
+    assert (
+        get(
+            "llm_team_budget_threshold",
+            {"team": "beta", "period": "week", "currency": "USD", "threshold": "87.5"},
         )
-        assert (
-            get(
-                "llm_team_budget_threshold",
-                {"team": "beta", "period": "week", "currency": "USD", "threshold": "87.5"},
-            )
-            == 61.25
-        )
-        assert get("llm_holiday_calendar_missing", {"schedule": "peak-hours"}) == 0
-        assert get("llm_holiday_calendar_missing", {"schedule": "night-discount"}) == 0
-
-
-@pytest.mark.parametrize(
-    ("text", "key", "reason"),
-    [
-        (
-            "budgets: {gamma: [{period: day, amount: 1, currency: CNY}]}",
-            "budgets.gamma",
-            "not a team defined under 'teams'",
-        ),
-        (
-            "budgets: {a: [{period: year, amount: 1, currency: CNY}]}",
-            "budgets.a[0].period",
-            "expected day, week or month, got 'year'",
-        ),
-        (
-            "budgets: {a: [{period: day, amount: -1, currency: CNY}]}",
-            "budgets.a[0].amount",
-            "must be positive",
-        ),
-        (
-            "budgets: {a: [{period: day, amount: 1, currency: CNY, soft: [120]}]}",
-            "budgets.a[0].soft",
-            "percentages must lie between 0 and 100",
-        ),
-        (
-            "budgets: {a: [{period: day, amount: 1, currency: CNY, hard: yes please}]}",
-            "budgets.a[0].hard",
-            "expected true or false",
-        ),
-        (
-            "budgets: {a: [{period: day, amount: 1, currency: CNY}, {period: day, amount: 2, "
-            "currency: USD}]}",
-            "budgets.a[1].period",
-            "already has a day budget",
-        ),
-    ],
-)
-def test_budget_config_errors(tmp_path: Path, text: str, key: str, reason: str) -> None:
-    path = tmp_path / "proxy.yaml"
-    path.write_text(
-        "pricing: {book: [book.yaml]}\nteams:\n  a:\n    keys: ['sha256:"
-        + "ab" * 32
-        + "']\n"
-        + text
-        + "\n",
-        encoding="utf-8",
+        == 61.25
     )
-    (tmp_path / "book.yaml").write_text("currencies: [CNY]\n")
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    assert (info.value.key, reason in info.value.reason) == (key, True)
-
-
-@pytest.mark.parametrize(
-    ("team", "key", "reason"),
-    [
-        ("default_max_tokens: 0", "teams.a.default_max_tokens", "expected a positive whole number"),
-        (
-            "default_max_tokens: '4096'",
-            "teams.a.default_max_tokens",
-            "expected a positive whole number",
-        ),
-        (
-            "over_budget: lower",
-            "teams.a.over_budget",
-            "expected refuse or lower_max_tokens, got 'lower'",
-        ),
-        ("max_tokens: 5", "teams.a.max_tokens", "unknown key"),
-    ],
-)
-def test_team_policy_config_errors(tmp_path: Path, team: str, key: str, reason: str) -> None:
-    path = tmp_path / "proxy.yaml"
-    path.write_text(
-        "pricing: {book: [book.yaml]}\nteams:\n  a:\n    keys: ['sha256:"
-        + "ab" * 32
-        + f"']\n    {team}\n",
-        encoding="utf-8",
-    )
-    (tmp_path / "book.yaml").write_text("currencies: [CNY]\n")
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    assert info.value.key == key and reason in info.value.reason
-
-
-def test_budget_config_parses(tmp_path: Path) -> None:
-    path = tmp_path / "proxy.yaml"
-    path.write_text(
-        "pricing: {book: [book.yaml]}\nteams:\n  a:\n    keys: ['sha256:"
-        + "ab" * 32
-        + "']\n    default_max_tokens: 8192\n"
-        "    over_budget: lower_max_tokens\n  b:\n    keys: ['sha256:"
-        + "cd"
-        * 32
-        + "']\nbudgets:\n  a:\n    - {period: month, amount: 500.50, "
-        "currency: cny, soft: [80, 50], hard: true}\n",
-        encoding="utf-8",
-    )
-    (tmp_path / "book.yaml").write_text("currencies: [CNY]\n")
-    config = load_config(path)
-    [budget] = config.budgets
-    assert budget == Budget(
-        "a", "month", Decimal("500.50"), "CNY", (Decimal(50), Decimal(80)), True
-    )
-    assert json.dumps(str(budget.amount)) == '"500.50"'
-    assert config.policy("a") == TeamPolicy(8192, "lower_max_tokens")
-    assert config.policy("b") == TeamPolicy(None, "refuse")
+    assert get("llm_holiday_calendar_missing", {"schedule": "peak-hours"}) == 0
+    assert get("llm_holiday_calendar_missing", {"schedule": "night-discount"}) == 0

@@ -36,7 +36,7 @@ import httpx
 from proxy.config import DEFAULT_FLUSH_INTERVAL
 from tests.support.fake_deepseek import FakeDeepSeek, running_fake
 from tests.support.fake_deepseek_shapes import RecordedRequest, Reply
-from tests.support.proxy_harness import TEAM_KEYS
+from tests.support.requests import AUTH, STREAM, USAGE
 from tests.support.serve_process import ServeProcess, serve_process
 
 SEED = 20261102
@@ -45,19 +45,6 @@ WORKERS = 8
 LONG = 2  # of the workers, those whose stream outlives the round (in flight at every kill)
 WINDOW = DEFAULT_FLUSH_INTERVAL + 1.0  # the stated window plus a commit allowance (CI machines)
 TAG = "X-Test-Call"
-AUTH = {"Authorization": f"Bearer {TEAM_KEYS['alpha']}"}
-STREAM = {
-    "model": "deepseek-flash",
-    "messages": [{"role": "user", "content": "hi"}],
-    "stream": True,
-}
-USAGE = {
-    "prompt_tokens": 1000,
-    "completion_tokens": 50,
-    "prompt_cache_hit_tokens": 640,
-    "prompt_cache_miss_tokens": 360,
-    "total_tokens": 1050,
-}
 
 
 class ArrivalLog(list[RecordedRequest]):

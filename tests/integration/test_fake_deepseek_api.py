@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from tests.support.fake_clients import AUTH, chat
+from tests.support.fake_clients import UPSTREAM_AUTH, chat
 from tests.support.fake_deepseek import FakeDeepSeek
 from tests.support.fake_deepseek_shapes import (
     BALANCE,
@@ -92,7 +92,7 @@ async def test_wrong_or_missing_key_is_401_echoing_its_last_4_characters(
         None,
         None,
     ]
-    async with httpx.AsyncClient(base_url=fake.base_url, headers=AUTH) as http:
+    async with httpx.AsyncClient(base_url=fake.base_url, headers=UPSTREAM_AUTH) as http:
         response = await http.post("/chat/completions", json=chat())
     assert response.json()["choices"][0]["message"]["content"] == "kept"
 
@@ -234,7 +234,7 @@ async def test_connections_are_counted(fake: FakeDeepSeek, client: httpx.AsyncCl
     await client.get("/models")
     await client.get("/models")
     assert fake.connections_seen == 1  # the pooled connection was reused
-    async with httpx.AsyncClient(base_url=fake.base_url, headers=AUTH) as other:
+    async with httpx.AsyncClient(base_url=fake.base_url, headers=UPSTREAM_AUTH) as other:
         await other.get("/models")
     assert fake.connections_seen == 2
 

@@ -31,18 +31,8 @@ from tests.support.fake_deepseek import FakeDeepSeek, running_fake
 from tests.support.fake_deepseek_shapes import Reply
 from tests.support.faulty_tcp import CutMode, Fault, FaultyTcp, faulty_tcp
 from tests.support.proxy_harness import PEAK, TEAM_KEYS, RunningProxy, running_proxy
+from tests.support.requests import AUTH, PROMPT, SMALL_USAGE, STREAM
 
-AUTH = {"Authorization": f"Bearer {TEAM_KEYS['alpha']}"}
-PROMPT = "Say hello"
-CHAT = {"model": "deepseek-flash", "messages": [{"role": "user", "content": PROMPT}]}
-STREAM = {**CHAT, "stream": True}
-USAGE = {
-    "prompt_tokens": 100,
-    "completion_tokens": 7,
-    "prompt_cache_hit_tokens": 64,
-    "prompt_cache_miss_tokens": 36,
-    "total_tokens": 107,
-}
 # Replies are 20 content events of ~330 bytes after ~250 bytes of headers: a cut after 2,000
 # bytes falls inside the body, a cut after 20 inside the status line / headers.
 MID_BODY = 2000
@@ -73,7 +63,9 @@ async def chain(
 
 
 def slow_reply(pieces: int = 20, interval: float = 0.01) -> Reply:
-    return Reply(content=[f"w{i}" for i in range(pieces)], usage=USAGE, chunk_interval=interval)
+    return Reply(
+        content=[f"w{i}" for i in range(pieces)], usage=SMALL_USAGE, chunk_interval=interval
+    )
 
 
 def data_events(body: bytes) -> list[bytes]:
@@ -184,7 +176,7 @@ async def test_cut_inside_response_headers_is_not_retried_by_the_sdk(book: Price
     ):
         c.fake.enqueue(*[slow_reply() for _ in range(3)])
         with pytest.raises(openai.APIStatusError):
-            await sdk.chat.completions.create(**STREAM)  # type: ignore[call-overload]
+            await sdk.chat.completions.create(**STREAM)
         records = await c.proxy.sink.wait_for(1)
         assert len(c.fake.requests) == 1, f"DeepSeek received the call {len(c.fake.requests)}x"
     [record] = records
@@ -252,7 +244,7 @@ async def test_blackhole_is_504_within_first_byte_and_not_retried(book: PriceBoo
     ):
         started = time.monotonic()
         with pytest.raises(openai.InternalServerError) as info:
-            await sdk.chat.completions.create(**STREAM)  # type: ignore[call-overload]
+            await sdk.chat.completions.create(**STREAM)
         elapsed = time.monotonic() - started
         record = await one_record(c)
         # The SDK would retry a 5xx twice; x-should-retry: false stops it. One connection,

@@ -17,6 +17,7 @@ import weakref
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import httpx
@@ -30,25 +31,16 @@ from proxy.records import UsageRecord
 from proxy.relay.request import new_request_id
 from tests.support.fake_deepseek import FakeDeepSeek
 from tests.support.fake_deepseek_shapes import Reply
-from tests.support.ledger_faults import USAGE, fill_to_the_limit, lift_the_limit, record
-from tests.support.proxy_harness import PEAK, TEAM_KEYS, running_proxy
+from tests.support.ledger_faults import fill_to_the_limit, lift_the_limit, record
+from tests.support.proxy_harness import PEAK, running_proxy
+from tests.support.requests import BOUNDED_CALL_COST, BOUNDED_CHAT, BOUNDED_USAGE, auth
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
-CALL_COST = Decimal("0.00036")  # `USAGE` at peak on deepseek-flash, CNY
-CHAT = {
-    "model": "deepseek-flash",
-    "max_tokens": 100,
-    "messages": [{"role": "user", "content": "x" * 92}],
-}
 MONTH = Budget("alpha", "month", Decimal("0.01"), "CNY", (), True)
 DEADLINE = 10.0
 
 
-def auth(team: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {TEAM_KEYS[team]}"}
-
-
-def rows(path: Path, sql: str) -> list[tuple[object, ...]]:
+def rows(path: Path, sql: str) -> list[tuple[Any, ...]]:
     with contextlib.closing(sqlite3.connect(path)) as conn:
         return conn.execute(sql).fetchall()
 
@@ -126,7 +118,7 @@ def test_failed_writes_are_held_and_committed_once_when_the_ledger_recovers(
     [(spend,)] = rows(
         path, "SELECT amount FROM spend_daily WHERE team = 'beta' AND currency = 'CNY'"
     )
-    assert Decimal(str(spend)) == cost(fillers) + 5 * CALL_COST
+    assert Decimal(str(spend)) == cost(fillers) + 5 * BOUNDED_CALL_COST
 
 
 def test_a_dispatched_call_is_not_kept_while_the_ledger_fails(
@@ -236,7 +228,7 @@ async def test_a_ledger_that_cannot_commit_fails_closed_for_hard_budgets_only(
     path = tmp_path / "ledger.sqlite3"
     store, fillers = full_ledger(path, book)
     writer = LedgerWriter(store, flush_interval=0.01, max_queued_records=4)
-    fake.enqueue(*[Reply(usage=USAGE) for _ in range(8)])
+    fake.enqueue(*[Reply(usage=BOUNDED_USAGE) for _ in range(8)])
     served: list[str] = []
     try:
         async with (
@@ -250,7 +242,9 @@ async def test_a_ledger_that_cannot_commit_fails_closed_for_hard_budgets_only(
                 return proxy.registry.get_sample_value(name)
 
             async def call(team: str) -> httpx.Response:
-                response = await http.post("/chat/completions", json=CHAT, headers=auth(team))
+                response = await http.post(
+                    "/chat/completions", json=BOUNDED_CHAT, headers=auth(team)
+                )
                 if response.status_code == 200:
                     served.append(response.headers["x-request-id"])
                 return response
@@ -307,5 +301,5 @@ async def test_a_ledger_that_cannot_commit_fails_closed_for_hard_budgets_only(
     spend = dict(rows(path, "SELECT team, amount FROM spend_daily WHERE currency = 'CNY'"))
     assert {team: Decimal(str(amount)) for team, amount in spend.items()} == {
         "alpha": Decimal("0.00036"),
-        "beta": cost(fillers) + 5 * CALL_COST,
+        "beta": cost(fillers) + 5 * BOUNDED_CALL_COST,
     }

@@ -5,34 +5,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from pathlib import Path
 
 import httpx
-import pytest
 
-from proxy.admission import SharedAdmission, TeamsChanged
 from proxy.app import ADMISSION
 from proxy.config import Limits
-from proxy.errors import Overloaded
-from proxy.pricing import PriceBook
 from tests.support.fake_deepseek import FakeDeepSeek
 from tests.support.fake_deepseek_shapes import Reply
-from tests.support.proxy_harness import TEAM_KEYS, running_proxy
-
-AUTH = {"Authorization": f"Bearer {TEAM_KEYS['alpha']}"}
-BETA = {"Authorization": f"Bearer {TEAM_KEYS['beta']}"}
-CHAT = {"model": "deepseek-flash", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+from tests.support.proxy_harness import TEAM_KEYS, RunningProxy, StartProxy
+from tests.support.requests import AUTH, BETA_AUTH, STREAM
 
 
-async def test_oversized_headers_get_431(fake: FakeDeepSeek, book: PriceBook) -> None:
-    async with (
-        running_proxy(fake.base_url, book, limits=Limits(max_header_bytes=4096)) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http,
-    ):
+async def test_oversized_headers_get_431(fake: FakeDeepSeek, start_proxy: StartProxy) -> None:
+    proxy = await start_proxy(limits=Limits(max_header_bytes=4096))
+    async with httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http:
         response = await http.post(
-            "/chat/completions", json=CHAT, headers={"X-Padding": "x" * 5000}
+            "/chat/completions", json=STREAM, headers={"X-Padding": "x" * 5000}
         )
-        fine = await http.post("/chat/completions", json=CHAT, headers={"X-Padding": "x" * 100})
+        fine = await http.post("/chat/completions", json=STREAM, headers={"X-Padding": "x" * 100})
     assert response.status_code == 431
     assert response.json()["error"]["code"] == "headers_too_large"
     assert fine.status_code == 200
@@ -62,64 +52,64 @@ async def _raw(port: int, data: bytes, *, pace: float = 0.0) -> tuple[bytes, flo
     return answer, time.monotonic() - started
 
 
-async def test_slowloris_headers_are_cut_off(fake: FakeDeepSeek, book: PriceBook) -> None:
-    async with running_proxy(fake.base_url, book, client_header=0.5) as proxy:
-        port = int(proxy.url.rsplit(":", 1)[1])
-        request = (
-            b"POST /chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-            + TEAM_KEYS["alpha"].encode()
-            + b"\r\n"
-            + b"X-Slow: "
-            + b"a" * 500
-        )
-        answer, elapsed = await _raw(port, request, pace=0.01)
+async def test_slowloris_headers_are_cut_off(fake: FakeDeepSeek, start_proxy: StartProxy) -> None:
+    proxy = await start_proxy(client_header=0.5)
+    port = int(proxy.url.rsplit(":", 1)[1])
+    request = (
+        b"POST /chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + TEAM_KEYS["alpha"].encode()
+        + b"\r\n"
+        + b"X-Slow: "
+        + b"a" * 500
+    )
+    answer, elapsed = await _raw(port, request, pace=0.01)
     assert answer == b""  # closed, never answered
     assert elapsed < 3  # well before the 5 s it would take to send everything
     assert fake.requests == []
 
 
-async def test_slow_body_gets_408(fake: FakeDeepSeek, book: PriceBook) -> None:
-    async with running_proxy(fake.base_url, book, client_body=0.3) as proxy:
-        port = int(proxy.url.rsplit(":", 1)[1])
-        head = (
-            b"POST /chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-            b"\r\nContent-Length: 1000\r\nAuthorization: Bearer "
-            + TEAM_KEYS["alpha"].encode()
-            + b"\r\n\r\n{"
-        )
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(head)
-        status = await asyncio.wait_for(reader.readline(), timeout=10)
-        writer.close()
-        await writer.wait_closed()
+async def test_slow_body_gets_408(fake: FakeDeepSeek, start_proxy: StartProxy) -> None:
+    proxy = await start_proxy(client_body=0.3)
+    port = int(proxy.url.rsplit(":", 1)[1])
+    head = (
+        b"POST /chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+        b"\r\nContent-Length: 1000\r\nAuthorization: Bearer "
+        + TEAM_KEYS["alpha"].encode()
+        + b"\r\n\r\n{"
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head)
+    status = await asyncio.wait_for(reader.readline(), timeout=10)
+    writer.close()
+    await writer.wait_closed()
     assert status.startswith(b"HTTP/1.1 408")
     assert fake.requests == []
 
 
 async def test_overload_is_refused_fast_per_team_and_globally(
-    fake: FakeDeepSeek, book: PriceBook
+    fake: FakeDeepSeek, start_proxy: StartProxy
 ) -> None:
     fake.enqueue(
         *[Reply(content=[str(i) for i in range(20)], chunk_interval=0.05) for _ in range(4)]
     )
     limits = Limits(max_inflight=3, max_inflight_per_team=2)
-    async with (
-        running_proxy(fake.base_url, book, limits=limits) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, timeout=30) as http,
-    ):
+    proxy = await start_proxy(limits=limits)
+    async with httpx.AsyncClient(base_url=proxy.url, timeout=30) as http:
         running = [
-            asyncio.create_task(http.post("/chat/completions", json=CHAT, headers=AUTH))
+            asyncio.create_task(http.post("/chat/completions", json=STREAM, headers=AUTH))
             for _ in range(2)
         ]
         await fake.wait_for(lambda: len(fake.requests) == 2)
         started = time.monotonic()
-        team_full = await http.post("/chat/completions", json=CHAT, headers=AUTH)
-        beta_ok = asyncio.create_task(http.post("/chat/completions", json=CHAT, headers=BETA))
+        team_full = await http.post("/chat/completions", json=STREAM, headers=AUTH)
+        beta_ok = asyncio.create_task(
+            http.post("/chat/completions", json=STREAM, headers=BETA_AUTH)
+        )
         await fake.wait_for(lambda: len(fake.requests) == 3)
-        all_full = await http.post("/chat/completions", json=CHAT, headers=BETA)
+        all_full = await http.post("/chat/completions", json=STREAM, headers=BETA_AUTH)
         refused_in = time.monotonic() - started
         done = await asyncio.gather(*running, beta_ok)
-        after = await http.post("/chat/completions", json=CHAT, headers=AUTH)
+        after = await http.post("/chat/completions", json=STREAM, headers=AUTH)
     assert (team_full.status_code, all_full.status_code) == (503, 503)
     assert team_full.headers["Retry-After"] == "1"
     assert "team 'alpha' has 2 calls in progress" in team_full.json()["error"]["message"]
@@ -131,52 +121,16 @@ async def test_overload_is_refused_fast_per_team_and_globally(
 
 
 async def test_draining_refuses_new_calls_and_reports_not_ready(
-    fake: FakeDeepSeek, book: PriceBook
+    fake: FakeDeepSeek, proxy: RunningProxy
 ) -> None:
-    async with (
-        running_proxy(fake.base_url, book) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http,
-    ):
+    async with httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http:
         assert (await http.get("/readyz")).status_code == 200
         proxy.app[ADMISSION].draining = True
         ready = await http.get("/readyz")
-        call = await http.post("/chat/completions", json=CHAT)
+        call = await http.post("/chat/completions", json=STREAM)
         health = await http.get("/healthz")
     assert ready.status_code == 503 and ready.json() == {"status": "draining"}
     assert call.status_code == 503 and call.headers["Retry-After"] == "1"
     assert call.headers["Connection"] == "close"  # go elsewhere: this instance is stopping
     assert health.status_code == 200
     assert fake.requests == []
-
-
-def test_shared_admission_holds_the_limits_over_every_worker(tmp_path: Path) -> None:
-    """Two workers' `SharedAdmission` on one counters file (``serve --workers 2``): each counts
-    in its own slot and checks the sums; a dead worker's zeroed slot frees its share."""
-    limits = Limits(max_inflight=5, max_inflight_per_team=3)
-    supervisor = SharedAdmission.create(tmp_path, 2, ("alpha", "beta"))
-    one, two = (SharedAdmission.join(tmp_path, slot, limits, ("alpha", "beta")) for slot in (0, 1))
-    one.enter("alpha")
-    two.enter("alpha")
-    one.enter("alpha")
-    with pytest.raises(Overloaded, match="team 'alpha' has 3 calls in progress"):
-        two.enter("alpha")
-    two.enter("beta")
-    two.enter("beta")
-    with pytest.raises(Overloaded, match="the proxy's workers have 5 calls in progress"):
-        one.enter("beta")
-    two.leave("beta")
-    one.enter("beta")
-    assert (one.in_flight(), two.in_flight()) == ({"alpha": 2, "beta": 1}, {"alpha": 1, "beta": 1})
-    supervisor.zero(0)  # the first worker died: its calls no longer count
-    replacement = SharedAdmission.join(tmp_path, 0, limits, ("alpha", "beta"))
-    replacement.enter("alpha")
-    replacement.enter("alpha")
-    assert (replacement.in_flight(), two.in_flight()) == ({"alpha": 2}, {"alpha": 1, "beta": 1})
-
-
-def test_a_worker_with_other_teams_cannot_join(tmp_path: Path) -> None:
-    """The configuration file was edited while the service ran: a replacement worker reading
-    other teams would count into other teams' columns, so it refuses to start."""
-    SharedAdmission.create(tmp_path, 2, ("alpha", "beta"))
-    with pytest.raises(TeamsChanged, match="restart the service"):
-        SharedAdmission.join(tmp_path, 1, Limits(), ("beta", "alpha"))

@@ -36,23 +36,10 @@ from proxy.pricing import PriceBook, Pricer
 from proxy.records import Outcome, UsageRecord
 from tests.support.fake_deepseek import FakeDeepSeek, running_fake
 from tests.support.fake_deepseek_shapes import Reply
-from tests.support.proxy_harness import PEAK, TEAM_KEYS, running_proxy
-
-USAGE = {
-    "prompt_tokens": 1000,
-    "completion_tokens": 50,
-    "prompt_cache_hit_tokens": 640,
-    "prompt_cache_miss_tokens": 360,
-    "completion_tokens_details": {"reasoning_tokens": 20},
-    "total_tokens": 1050,
-}
-CHAT = {"model": "deepseek-flash", "messages": [{"role": "user", "content": "Say hello"}]}
+from tests.support.proxy_harness import PEAK, RunningProxy, running_proxy
+from tests.support.requests import CHAT, USAGE, auth
 
 LOOSE = Limits()  # bounds far above these records' usage: nothing is cut
-
-
-def auth(team: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {TEAM_KEYS[team]}"}
 
 
 def sample(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
@@ -206,19 +193,16 @@ def _series(registry: CollectorRegistry) -> int:
 
 
 async def test_random_models_and_paths_leave_series_flat(
-    fake: FakeDeepSeek, book: PriceBook
+    fake: FakeDeepSeek, proxy: RunningProxy
 ) -> None:
     rng = random.Random(7)  # noqa: S311 - reproducible noise, not a secret
 
     def noise() -> str:
         return "".join(rng.choices(string.ascii_letters + string.digits + "-._/", k=12))
 
-    async with (
-        running_proxy(fake.base_url, book) as proxy,
-        httpx.AsyncClient(
-            base_url=proxy.url, headers=auth("alpha"), limits=httpx.Limits(max_connections=32)
-        ) as http,
-    ):
+    async with httpx.AsyncClient(
+        base_url=proxy.url, headers=auth("alpha"), limits=httpx.Limits(max_connections=32)
+    ) as http:
         for model in ("deepseek-flash", "unknown-warmup"):
             await http.post("/chat/completions", json={**CHAT, "model": model})
         await proxy.sink.wait_for(2)
@@ -539,13 +523,12 @@ def _samples(collector: Collector) -> dict[tuple[str, tuple[tuple[str, str], ...
     }
 
 
-async def test_inflight_gauge_counts_calls_in_progress(fake: FakeDeepSeek, book: PriceBook) -> None:
+async def test_inflight_gauge_counts_calls_in_progress(
+    fake: FakeDeepSeek, proxy: RunningProxy
+) -> None:
     """Read from the admission counts at scrape time: 1 while a stream is open, 0 after."""
     fake.enqueue(Reply(usage=USAGE, content=["a", "b", "c"], chunk_interval=0.3))
-    async with (
-        running_proxy(fake.base_url, book) as proxy,
-        httpx.AsyncClient(base_url=proxy.url) as http,
-    ):
+    async with httpx.AsyncClient(base_url=proxy.url) as http:
 
         async def gauge() -> dict[str, float]:
             text = (await http.get("/metrics")).text

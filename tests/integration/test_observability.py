@@ -42,6 +42,7 @@ from tests.conftest import ROOT
 from tests.support.fake_deepseek import FakeDeepSeek
 from tests.support.fake_deepseek_shapes import Reply
 from tests.support.proxy_harness import OFF_PEAK, PEAK, TEAM_KEYS, RunningProxy, running_proxy
+from tests.support.requests import CHAT, USAGE
 
 PROMETHEUS_DIR = ROOT / "config" / "prometheus"
 ALERTS = PROMETHEUS_DIR / "alerts.yml"
@@ -51,15 +52,6 @@ DASHBOARD = ROOT / "config" / "grafana" / "dashboards" / "deepseek-proxy.json"
 INSTALL = "apt-get install prometheus prometheus-alertmanager"
 T = TypeVar("T")
 
-USAGE = {
-    "prompt_tokens": 1000,
-    "completion_tokens": 50,
-    "prompt_cache_hit_tokens": 640,
-    "prompt_cache_miss_tokens": 360,
-    "completion_tokens_details": {"reasoning_tokens": 20},
-    "total_tokens": 1050,
-}
-CHAT = {"model": "deepseek-flash", "messages": [{"role": "user", "content": "Say hello"}]}
 CALLS_PER_ROUND = 10
 DEADLINE = 30.0  # seconds; the whole live test takes about ten
 POLL = 0.1

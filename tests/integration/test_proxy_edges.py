@@ -16,18 +16,8 @@ from proxy.records import LogSink
 from proxy.relay.deadline import Deadline
 from tests.support.fake_deepseek import FakeDeepSeek
 from tests.support.fake_deepseek_shapes import FAKE_UPSTREAM_KEY, Reply
-from tests.support.proxy_harness import TEAM_KEYS, RunningProxy, running_proxy
-
-AUTH = {"Authorization": f"Bearer {TEAM_KEYS['alpha']}"}
-CHAT = {"model": "deepseek-flash", "messages": [{"role": "user", "content": "Say hello"}]}
-STREAM = {**CHAT, "stream": True}
-USAGE = {
-    "prompt_tokens": 100,
-    "completion_tokens": 7,
-    "prompt_cache_hit_tokens": 64,
-    "prompt_cache_miss_tokens": 36,
-    "total_tokens": 107,
-}
+from tests.support.proxy_harness import TEAM_KEYS, RunningProxy, StartProxy, running_proxy
+from tests.support.requests import AUTH, CHAT, SMALL_USAGE, STREAM
 
 
 def sse(obj: object) -> bytes:
@@ -53,12 +43,6 @@ def chunk(
 
 
 @pytest.fixture
-async def proxy(fake: FakeDeepSeek, book: PriceBook) -> AsyncIterator[RunningProxy]:
-    async with running_proxy(fake.base_url, book) as running:
-        yield running
-
-
-@pytest.fixture
 async def http(proxy: RunningProxy) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=proxy.url, headers=AUTH, timeout=10) as client:
         yield client
@@ -71,7 +55,7 @@ async def test_stream_bytes_are_relayed_exactly(
         b": keep-alive\r\n\r\n",
         b": keep-alive\r\n\r\n",
         sse(chunk("Hi")).replace(b"\n", b"\r\n"),
-        sse(chunk("", "stop", USAGE)).replace(b"\n", b"\r\n"),
+        sse(chunk("", "stop", SMALL_USAGE)).replace(b"\n", b"\r\n"),
         b"data: [DONE]\r\n\r\n",
     ]
     fake.enqueue(Reply(raw_events=events))
@@ -96,7 +80,7 @@ async def test_usage_only_chunk_dropped_only_when_not_asked(
             "created": 1,
             "model": "deepseek-flash",
             "choices": [],
-            "usage": USAGE,
+            "usage": SMALL_USAGE,
         }
     )
     events = [
@@ -119,7 +103,7 @@ async def test_usage_only_chunk_dropped_only_when_not_asked(
 async def test_blank_keepalive_lines_reach_the_client_before_the_body(
     fake: FakeDeepSeek, proxy: RunningProxy, http: httpx.AsyncClient
 ) -> None:
-    fake.enqueue(Reply(keepalive=3, keepalive_interval=0.3, usage=USAGE))
+    fake.enqueue(Reply(keepalive=3, keepalive_interval=0.3, usage=SMALL_USAGE))
     async with http.stream("POST", "/chat/completions", json=CHAT) as response:
         raw = response.aiter_raw()
         first = await anext(raw)
@@ -127,7 +111,7 @@ async def test_blank_keepalive_lines_reach_the_client_before_the_body(
         assert fake.finished == []
         rest = first + b"".join([part async for part in raw])
     assert rest.startswith(b"\n\n\n{")
-    assert json.loads(rest)["usage"] == USAGE
+    assert json.loads(rest)["usage"] == SMALL_USAGE
     [record] = await proxy.sink.wait_for(1)
     assert record.outcome == "complete"
     assert record.first_byte_at is not None
@@ -165,12 +149,12 @@ async def _direct(fake: FakeDeepSeek, status: int) -> object:
     return response.json()
 
 
-async def test_upstream_401_never_echoes_the_key(fake: FakeDeepSeek, book: PriceBook) -> None:
+async def test_upstream_401_never_echoes_the_key(
+    fake: FakeDeepSeek, start_proxy: StartProxy
+) -> None:
     wrong_key = "sk-wrong-company-key-9z9z"
-    async with (
-        running_proxy(fake.base_url, book, api_key=wrong_key) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http,
-    ):
+    proxy = await start_proxy(api_key=wrong_key)
+    async with httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http:
         response = await http.post("/chat/completions", json=CHAT)
     assert response.status_code == 401
     assert "9z9z" not in response.text and wrong_key not in response.text
@@ -263,7 +247,7 @@ async def test_oversized_body_is_413_without_upstream(
 async def test_client_key_and_hop_by_hop_headers_never_go_upstream(
     fake: FakeDeepSeek, proxy: RunningProxy, http: httpx.AsyncClient
 ) -> None:
-    fake.enqueue(Reply(usage=USAGE))
+    fake.enqueue(Reply(usage=SMALL_USAGE))
     headers = {
         "Connection": "keep-alive, X-Secret-Hop",
         "X-Secret-Hop": "1",
@@ -290,11 +274,11 @@ async def test_client_key_and_hop_by_hop_headers_never_go_upstream(
 async def test_cut_stream_gives_an_error_never_done(
     fake: FakeDeepSeek, proxy: RunningProxy
 ) -> None:
-    fake.enqueue(Reply(content=["a", "b", "c", "d", "e"], usage=USAGE, cut_after_events=4))
+    fake.enqueue(Reply(content=["a", "b", "c", "d", "e"], usage=SMALL_USAGE, cut_after_events=4))
     async with openai.AsyncOpenAI(
         base_url=proxy.url, api_key=TEAM_KEYS["alpha"], max_retries=0
     ) as client:
-        stream = await client.chat.completions.create(**STREAM)  # type: ignore[call-overload]
+        stream = await client.chat.completions.create(**STREAM)
         received = []
         with pytest.raises(openai.APIError) as info:
             async for part in stream:
@@ -324,7 +308,7 @@ async def test_cut_stream_raw_bytes_have_no_done(
 async def test_cut_json_body_is_an_error_for_the_client(
     fake: FakeDeepSeek, proxy: RunningProxy, http: httpx.AsyncClient
 ) -> None:
-    fake.enqueue(Reply(usage=USAGE, cut_after_events=1))
+    fake.enqueue(Reply(usage=SMALL_USAGE, cut_after_events=1))
     with pytest.raises(httpx.HTTPError):
         await http.post("/chat/completions", json=CHAT)
     [record] = await proxy.sink.wait_for(1)
@@ -334,7 +318,9 @@ async def test_cut_json_body_is_an_error_for_the_client(
 async def test_client_disconnect_keeps_reading_for_real_usage(
     fake: FakeDeepSeek, proxy: RunningProxy
 ) -> None:
-    fake.enqueue(Reply(content=[f"w{i}" for i in range(20)], usage=USAGE, chunk_interval=0.02))
+    fake.enqueue(
+        Reply(content=[f"w{i}" for i in range(20)], usage=SMALL_USAGE, chunk_interval=0.02)
+    )
     async with (
         httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http,
         http.stream("POST", "/chat/completions", json=STREAM) as response,
@@ -398,13 +384,11 @@ async def test_silent_upstream_is_504_without_retry(book: PriceBook) -> None:
 
 
 async def test_keepalive_comments_cannot_extend_the_wait(
-    fake: FakeDeepSeek, book: PriceBook
+    fake: FakeDeepSeek, start_proxy: StartProxy
 ) -> None:
     fake.enqueue(Reply(keepalive=10_000, keepalive_interval=0.01))
-    async with (
-        running_proxy(fake.base_url, book, first_byte=0.5, idle=5) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http,
-    ):
+    proxy = await start_proxy(first_byte=0.5, idle=5)
+    async with httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http:
         response = await http.post("/chat/completions", json=STREAM)
         [record] = await proxy.sink.wait_for(1)
     assert response.content.startswith(b": keep-alive\n\n")
@@ -418,14 +402,14 @@ async def test_malformed_upstream_never_records_a_wrong_cost(
 ) -> None:
     fake.enqueue(
         Reply(raw_body=b"\n\n{this is not json"),
-        Reply(usage={**USAGE, "completion_tokens": -5}),
-        Reply(usage={**USAGE, "prompt_tokens": 10**12}),
-        Reply(usage=USAGE, usage_placement="twice"),
+        Reply(usage={**SMALL_USAGE, "completion_tokens": -5}),
+        Reply(usage={**SMALL_USAGE, "prompt_tokens": 10**12}),
+        Reply(usage=SMALL_USAGE, usage_placement="twice"),
         Reply(
             raw_events=[
                 sse(chunk("Hi")),
                 b'data: {"usage": broken\n\n',
-                sse(chunk("", "stop", USAGE)),
+                sse(chunk("", "stop", SMALL_USAGE)),
                 b"data: [DONE]\n\n",
             ]
         ),
@@ -448,7 +432,9 @@ async def test_malformed_upstream_never_records_a_wrong_cost(
 async def test_unpriced_and_mismatched_usage_are_flagged(
     fake: FakeDeepSeek, proxy: RunningProxy, http: httpx.AsyncClient
 ) -> None:
-    fake.enqueue(Reply(usage=USAGE), Reply(usage={**USAGE, "prompt_cache_miss_tokens": 40}))
+    fake.enqueue(
+        Reply(usage=SMALL_USAGE), Reply(usage={**SMALL_USAGE, "prompt_cache_miss_tokens": 40})
+    )
     await http.post("/chat/completions", json={**CHAT, "model": "deepseek-chat"})
     await http.post("/chat/completions", json=CHAT)
     retired, mismatch = await proxy.sink.wait_for(2)
@@ -470,7 +456,7 @@ async def test_unpriced_and_mismatched_usage_are_flagged(
 async def test_server_tool_calls_are_billed(
     fake: FakeDeepSeek, proxy: RunningProxy, http: httpx.AsyncClient
 ) -> None:
-    fake.enqueue(Reply(usage=USAGE, server_tool_use={"web_search_requests": 2}))
+    fake.enqueue(Reply(usage=SMALL_USAGE, server_tool_use={"web_search_requests": 2}))
     await http.post("/chat/completions", json=CHAT)
     [record] = await proxy.sink.wait_for(1)
     assert dict(record.tool_calls) == {"search": 2}
@@ -498,7 +484,7 @@ async def test_upstream_redirect_is_never_followed(
 async def test_rewritten_body_has_a_correct_content_length(
     fake: FakeDeepSeek, proxy: RunningProxy, http: httpx.AsyncClient
 ) -> None:
-    fake.enqueue(Reply(usage=USAGE))
+    fake.enqueue(Reply(usage=SMALL_USAGE))
     await http.post(
         "/chat/completions", json={**STREAM, "messages": [{"role": "user", "content": "héllo ☃"}]}
     )
@@ -514,7 +500,7 @@ async def test_usage_records_are_one_json_log_line_each(
     http: httpx.AsyncClient,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    fake.enqueue(Reply(usage=USAGE))
+    fake.enqueue(Reply(usage=SMALL_USAGE))
     await http.post("/chat/completions", json=CHAT)
     [record] = await proxy.sink.wait_for(1)
     caplog.set_level("DEBUG", logger="proxy.usage")
@@ -534,7 +520,7 @@ async def test_hop_by_hop_headers_from_upstream_are_dropped(
 ) -> None:
     fake.enqueue(
         Reply(
-            usage=USAGE,
+            usage=SMALL_USAGE,
             headers={
                 "Connection": "X-Upstream-Hop",
                 "X-Upstream-Hop": "1",

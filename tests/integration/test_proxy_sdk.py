@@ -4,37 +4,23 @@ every call leaves exactly one correct, priced usage record."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
 import openai
 import pytest
 
-from proxy.pricing import PriceBook
 from tests.support.fake_deepseek import FakeDeepSeek
-from tests.support.fake_deepseek_shapes import FAKE_UPSTREAM_KEY, Reply
-from tests.support.proxy_harness import TEAM_KEYS, RunningProxy, running_proxy
+from tests.support.fake_deepseek_shapes import FAKE_UPSTREAM_KEY, Reply, UsagePlacement
+from tests.support.proxy_harness import TEAM_KEYS, RunningProxy
+from tests.support.requests import CHAT, USAGE
 
 # 640 cache hits, 360 misses, 50 output tokens of which 20 reasoning, on deepseek-flash at peak:
 # CNY 640 x 0.04 + 360 x 2 + 50 x 8 per million; USD 640 x 0.006 + 360 x 0.30 + 50 x 1.20.
-USAGE = {
-    "prompt_tokens": 1000,
-    "completion_tokens": 50,
-    "total_tokens": 1050,
-    "prompt_tokens_details": {"cached_tokens": 640},
-    "prompt_cache_hit_tokens": 640,
-    "prompt_cache_miss_tokens": 360,
-    "completion_tokens_details": {"reasoning_tokens": 20},
-}
+SDK_USAGE = {**USAGE, "prompt_tokens_details": {"cached_tokens": 640}}
+"""`USAGE` with the OpenAI field the SDK reads cache hits from."""
 COST = {"CNY": Decimal("0.0011456"), "USD": Decimal("0.00017184")}
-MESSAGES: list[Any] = [{"role": "user", "content": "Say hello"}]
-
-
-@pytest.fixture
-async def proxy(fake: FakeDeepSeek, book: PriceBook) -> AsyncIterator[RunningProxy]:
-    async with running_proxy(fake.base_url, book) as running:
-        yield running
+MESSAGES: list[Any] = CHAT["messages"]
 
 
 def assert_one_priced_record(
@@ -69,14 +55,16 @@ def assert_one_priced_record(
 async def test_non_streaming(
     fake: FakeDeepSeek, proxy: RunningProxy, suffix: str, sync: bool
 ) -> None:
-    fake.enqueue(Reply(content=["Hello", " world"], reasoning=["Think"], usage=USAGE, keepalive=2))
+    fake.enqueue(
+        Reply(content=["Hello", " world"], reasoning=["Think"], usage=SDK_USAGE, keepalive=2)
+    )
     kwargs: dict[str, Any] = {"model": "deepseek-flash", "messages": MESSAGES}
     if sync:
         client = openai.OpenAI(
             base_url=proxy.url + suffix, api_key=TEAM_KEYS["alpha"], max_retries=0
         )
         with client:
-            completion = await asyncio.to_thread(client.chat.completions.create, **kwargs)
+            completion = await asyncio.to_thread(lambda: client.chat.completions.create(**kwargs))
     else:
         async with openai.AsyncOpenAI(
             base_url=proxy.url + suffix, api_key=TEAM_KEYS["alpha"], max_retries=0
@@ -123,7 +111,7 @@ async def _stream(
 async def test_streaming(
     fake: FakeDeepSeek,
     proxy: RunningProxy,
-    placement: str,
+    placement: UsagePlacement,
     include_usage: bool | None,
     suffix: str,
     sync: bool,
@@ -132,7 +120,7 @@ async def test_streaming(
         Reply(
             content=["Hel", "lo", " world"],
             reasoning=["a", "b"],
-            usage=USAGE,
+            usage=SDK_USAGE,
             usage_placement=placement,
             keepalive=2,
         )
@@ -164,7 +152,7 @@ async def test_streaming(
 
 
 async def test_stream_options_other_keys_are_kept(fake: FakeDeepSeek, proxy: RunningProxy) -> None:
-    fake.enqueue(Reply(usage=USAGE))
+    fake.enqueue(Reply(usage=SDK_USAGE))
     await _stream(proxy, "", False, {"include_usage": False, "continuous_usage_stats": False})
     body = fake.requests[0].json
     assert body["stream_options"] == {"include_usage": True, "continuous_usage_stats": False}
@@ -172,7 +160,7 @@ async def test_stream_options_other_keys_are_kept(fake: FakeDeepSeek, proxy: Run
 
 
 async def test_fim_through_beta(fake: FakeDeepSeek, proxy: RunningProxy) -> None:
-    fake.enqueue(Reply(content=["return a + b"], usage=USAGE))
+    fake.enqueue(Reply(content=["return a + b"], usage=SDK_USAGE))
     async with openai.AsyncOpenAI(
         base_url=proxy.url + "/beta", api_key=TEAM_KEYS["alpha"], max_retries=0
     ) as client:
@@ -186,7 +174,7 @@ async def test_fim_through_beta(fake: FakeDeepSeek, proxy: RunningProxy) -> None
 
 
 async def test_fim_streaming(fake: FakeDeepSeek, proxy: RunningProxy) -> None:
-    fake.enqueue(Reply(content=["return", " a + b"], usage=USAGE))
+    fake.enqueue(Reply(content=["return", " a + b"], usage=SDK_USAGE))
     async with openai.AsyncOpenAI(
         base_url=proxy.url + "/beta", api_key=TEAM_KEYS["beta"], max_retries=0
     ) as client:

@@ -7,246 +7,20 @@ the comments, and compared as exact decimal text.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
 import subprocess
 import sys
-from collections.abc import Mapping
-from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from zoneinfo import ZoneInfo
 
 import pytest
 
-from proxy.ledger import commands
 from proxy.ledger.store import SQLiteLedger
-from proxy.pricing import PriceBook, price
-from proxy.records import Outcome, UsageRecord, UsageSource
-from proxy.usage import TokenUsage
+from proxy.pricing import PriceBook
 from tests.conftest import ROOT, SHIPPED_BOOK
-
-BEIJING = ZoneInfo("Asia/Shanghai")
-KEY_HASH = "sha256:" + "ab" * 32
-
-
-def at(text: str) -> datetime:
-    return datetime.fromisoformat(text)
-
-
-def record(
-    book: PriceBook,
-    request_id: str,
-    team: str,
-    model: str,
-    started: str,
-    *,
-    hit: int = 0,
-    miss: int = 0,
-    out: int = 0,
-    reasoning: int = 0,
-    tools: Mapping[str, int] | None = None,
-    source: UsageSource = "reported",
-    outcome: Outcome = "complete",
-) -> UsageRecord:
-    """A final record priced as `proxy.metering.build_record` prices one (at its start)."""
-    start = at(started)
-    tokens = (
-        TokenUsage(hit, miss, out, reasoning, tools or {})
-        if source in ("reported", "estimated")
-        else None
-    )
-    pricing = price(book, model, tokens, start) if tokens is not None else None
-    priced = pricing is not None and pricing.priced
-    return UsageRecord(
-        request_id=request_id,
-        team=team,
-        key_id="k_abababab",
-        endpoint="chat",
-        stream=False,
-        model_requested=model,
-        model_served=model,
-        started_at=start,
-        first_byte_at=start,
-        ended_at=start,
-        cache_hit_tokens=tokens.cache_hit if tokens else None,
-        cache_miss_tokens=tokens.cache_miss if tokens else None,
-        output_tokens=tokens.output if tokens else None,
-        reasoning_tokens=tokens.reasoning if tokens else None,
-        prompt_tokens=tokens.prompt if tokens else None,
-        tool_calls=dict(tokens.tool_calls) if tokens else {},
-        upstream_status=200,
-        upstream_trace_id=None,
-        outcome=outcome,
-        usage_source=source,
-        priced=priced,
-        unpriced_reason=None
-        if priced
-        else (pricing.reason if pricing else f"nothing billable: {outcome}"),
-        billed_model=pricing.billed_model if pricing else None,
-        price_version=pricing.version_id if pricing else None,
-        schedule_version=pricing.schedule_version_id if pricing else None,
-        tier=pricing.tier if pricing else None,
-        priced_at=start if pricing else None,
-        costs={c: cost.total for c, cost in pricing.costs.items()} if pricing else {},
-        cache_savings={c: cost.cache_savings for c, cost in pricing.costs.items()}
-        if pricing
-        else {},
-        price_book=book.digest,
-        flags=pricing.flags if pricing else (),
-    )
-
-
-def in_flight(book: PriceBook, request_id: str, team: str, model: str, started: str) -> UsageRecord:
-    start = at(started)
-    return UsageRecord(
-        request_id=request_id,
-        team=team,
-        key_id="k_abababab",
-        endpoint="chat",
-        stream=True,
-        model_requested=model,
-        model_served=None,
-        started_at=start,
-        first_byte_at=None,
-        ended_at=start,
-        cache_hit_tokens=None,
-        cache_miss_tokens=None,
-        output_tokens=None,
-        reasoning_tokens=None,
-        prompt_tokens=None,
-        tool_calls={},
-        upstream_status=None,
-        upstream_trace_id=None,
-        outcome="in_flight",
-        usage_source="unknown",
-        priced=False,
-        unpriced_reason="in flight: the call had not ended",
-        billed_model=None,
-        price_version=None,
-        schedule_version=None,
-        tier=None,
-        priced_at=None,
-        costs={},
-        cache_savings={},
-        price_book=book.digest,
-        flags=(),
-    )
-
-
-def sample_rows(book: PriceBook) -> tuple[list[UsageRecord], list[UsageRecord]]:
-    """(pending, final) records. Rates (CNY | USD per 1M tokens, hit / miss / output):
-    deepseek-flash off-peak 0.02/1/4 | 0.003/0.15/0.60; deepseek-v4-pro peak 0.3/9/27 |
-    0.044/1.32/3.96; search 5 CNY | 0.75 USD per 1000 calls."""
-    final = [
-        # Sunday 23:59:59 Beijing, off-peak: 0.0002 + 0.002 + 0.002 = 0.0042 CNY;
-        # 0.00003 + 0.0003 + 0.0003 = 0.00063 USD. Billing day 2026-11-01.
-        record(
-            book,
-            "r1",
-            "alpha",
-            "deepseek-flash",
-            "2026-11-01T15:59:59+00:00",
-            hit=10_000,
-            miss=2_000,
-            out=500,
-            reasoning=100,
-        ),
-        # One second later: Monday 00:00 Beijing, billing day 2026-11-02, off-peak:
-        # 0.001 + 0.004 + 0.01 (2 searches) = 0.015 CNY; 0.00015 + 0.0006 + 0.0015 = 0.00225 USD.
-        record(
-            book,
-            "r2",
-            "alpha",
-            "deepseek-flash",
-            "2026-11-01T16:00:00+00:00",
-            miss=1_000,
-            out=1_000,
-            tools={"search": 2},
-        ),
-        # Monday 10:00 Beijing, peak: 0.0003 + 0.009 + 0.0027 = 0.012 CNY;
-        # 0.000044 + 0.00132 + 0.000396 = 0.00176 USD.
-        record(
-            book,
-            "r3",
-            "beta",
-            "deepseek-v4-pro",
-            "2026-11-02T02:00:00+00:00",
-            hit=1_000,
-            miss=1_000,
-            out=100,
-        ),
-        # Monday 11:00 Beijing, peak, estimated: 0.0045 + 0.00054 = 0.00504 CNY;
-        # 0.00066 + 0.0000792 = 0.0007392 USD.
-        record(
-            book,
-            "r4",
-            "beta",
-            "deepseek-v4-pro",
-            "2026-11-02T03:00:00+00:00",
-            miss=500,
-            out=20,
-            source="estimated",
-            outcome="upstream_cut",
-        ),
-        # A model the shipped book does not know: usage, but unpriced.
-        record(book, "r5", "beta", "deepseek-next", "2026-11-02T05:00:00+00:00", miss=100, out=10),
-        # DeepSeek never received it: nothing billable, not "unpriced".
-        record(
-            book,
-            "r6",
-            "beta",
-            "deepseek-v4-pro",
-            "2026-11-02T06:00:00+00:00",
-            source="none",
-            outcome="connect_error",
-        ),
-    ]
-    pending = [in_flight(book, "r7", "alpha", "deepseek-flash", "2026-11-02T04:00:00+00:00")]
-    return pending, final
-
-
-def write_config(folder: Path, book_text: str) -> Path:
-    """A config in `folder` naming its own price book and a ledger beside it."""
-    (folder / "book.yaml").write_text(book_text, encoding="utf-8")
-    config = folder / "proxy.yaml"
-    config.write_text(
-        "pricing: {book: [book.yaml]}\n"
-        f"teams:\n  alpha:\n    keys: ['{KEY_HASH}']\n"
-        f"  beta:\n    keys: ['sha256:{'cd' * 32}']\n"
-        "ledger: {path: ledger.sqlite3, billing_timezone: Asia/Shanghai}\n",
-        encoding="utf-8",
-    )
-    return config
-
-
-@pytest.fixture
-def config(tmp_path: Path, book: PriceBook) -> Path:
-    """A config and a ledger holding `sample_rows`, priced with the shipped book."""
-    path = write_config(tmp_path, SHIPPED_BOOK.read_text(encoding="utf-8"))
-    ledger = SQLiteLedger(tmp_path / "ledger.sqlite3", BEIJING)
-    ledger.write(*sample_rows(book))
-    ledger.close()
-    return path
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """Run a command in-process through a parser holding only the ledger commands."""
-    parser = argparse.ArgumentParser()
-    commands.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    code: int = args.handler(args)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def report_json(capsys: pytest.CaptureFixture[str], config: Path, *argv: str) -> dict[str, object]:
-    code, out, err = run(capsys, "report", "--config", str(config), "--format", "json", *argv)
-    assert code == 0, err
-    result: dict[str, object] = json.loads(out)
-    return result
+from tests.support.ledger_rows import BEIJING, record, report_json, run, write_config
 
 
 def assert_total_is_sum(report: dict[str, object]) -> None:
@@ -262,8 +36,10 @@ def assert_total_is_sum(report: dict[str, object]) -> None:
             assert value == sum(r[name] for r in rows)
 
 
-def test_report_json_by_team_and_model(capsys: pytest.CaptureFixture[str], config: Path) -> None:
-    report = report_json(capsys, config)
+def test_report_json_by_team_and_model(
+    capsys: pytest.CaptureFixture[str], ledger_config: Path
+) -> None:
+    report = report_json(capsys, ledger_config)
     assert report == {
         "since": None,
         "until": None,
@@ -323,8 +99,8 @@ def test_report_json_by_team_and_model(capsys: pytest.CaptureFixture[str], confi
     assert_total_is_sum(report)
 
 
-def test_report_table(capsys: pytest.CaptureFixture[str], config: Path) -> None:
-    code, out, _ = run(capsys, "report", "--config", str(config))
+def test_report_table(capsys: pytest.CaptureFixture[str], ledger_config: Path) -> None:
+    code, out, _ = run(capsys, "report", "--config", str(ledger_config))
     assert code == 0
     assert out.splitlines() == [
         "Calls started from the first row until the last row (exclusive)",
@@ -342,10 +118,10 @@ def test_report_table(capsys: pytest.CaptureFixture[str], config: Path) -> None:
 
 
 def test_report_csv_total_is_the_exact_sum(
-    capsys: pytest.CaptureFixture[str], config: Path
+    capsys: pytest.CaptureFixture[str], ledger_config: Path
 ) -> None:
     code, out, _ = run(
-        capsys, "report", "--config", str(config), "--format", "csv", "--by", "model"
+        capsys, "report", "--config", str(ledger_config), "--format", "csv", "--by", "model"
     )
     assert code == 0
     rows = list(csv.reader(io.StringIO(out)))
@@ -375,10 +151,10 @@ def test_report_csv_total_is_the_exact_sum(
 
 
 def test_by_day_splits_at_beijing_midnight(
-    capsys: pytest.CaptureFixture[str], config: Path
+    capsys: pytest.CaptureFixture[str], ledger_config: Path
 ) -> None:
     """15:59:59Z and 16:00:00Z on 2026-11-01 are 23:59:59 and 00:00 in Beijing."""
-    report = report_json(capsys, config, "--by", "day")
+    report = report_json(capsys, ledger_config, "--by", "day")
     assert report["rows"] == [
         {
             "day": "2026-11-01",
@@ -407,9 +183,9 @@ def test_by_day_splits_at_beijing_midnight(
 
 
 def test_by_team_model_and_day_sorted_by_keys(
-    capsys: pytest.CaptureFixture[str], config: Path
+    capsys: pytest.CaptureFixture[str], ledger_config: Path
 ) -> None:
-    report = report_json(capsys, config, "--by", "day,team,model")
+    report = report_json(capsys, ledger_config, "--by", "day,team,model")
     rows = report["rows"]
     assert isinstance(rows, list)
     assert [(r["day"], r["team"], r["model"], r["requests"]) for r in rows] == [
@@ -422,11 +198,18 @@ def test_by_team_model_and_day_sorted_by_keys(
 
 
 def test_since_date_is_beijing_midnight_and_until_is_exclusive(
-    capsys: pytest.CaptureFixture[str], config: Path
+    capsys: pytest.CaptureFixture[str], ledger_config: Path
 ) -> None:
     """--since 2026-11-02 is 2026-11-01T16:00Z: r1 is out, r2 in; r4 starts at --until: out."""
     report = report_json(
-        capsys, config, "--since", "2026-11-02", "--until", "2026-11-02T03:00:00Z", "--by", "team"
+        capsys,
+        ledger_config,
+        "--since",
+        "2026-11-02",
+        "--until",
+        "2026-11-02T03:00:00Z",
+        "--by",
+        "team",
     )
     assert report["since"] == "2026-11-01T16:00:00Z"
     assert report["until"] == "2026-11-02T03:00:00Z"
@@ -476,16 +259,16 @@ def test_since_date_is_beijing_midnight_and_until_is_exclusive(
     ],
 )
 def test_range_bounds(
-    capsys: pytest.CaptureFixture[str], config: Path, bounds: tuple[str, ...], requests: int
+    capsys: pytest.CaptureFixture[str], ledger_config: Path, bounds: tuple[str, ...], requests: int
 ) -> None:
-    report = report_json(capsys, config, *bounds)
+    report = report_json(capsys, ledger_config, *bounds)
     total = report["total"]
     assert isinstance(total, dict)
     assert total["requests"] == requests
 
 
-def test_one_currency(capsys: pytest.CaptureFixture[str], config: Path) -> None:
-    report = report_json(capsys, config, "--currency", "usd", "--by", "team")
+def test_one_currency(capsys: pytest.CaptureFixture[str], ledger_config: Path) -> None:
+    report = report_json(capsys, ledger_config, "--currency", "usd", "--by", "team")
     assert report["currencies"] == ["USD"]
     rows = report["rows"]
     assert isinstance(rows, list)
@@ -502,8 +285,10 @@ def test_one_currency(capsys: pytest.CaptureFixture[str], config: Path) -> None:
     }
 
 
-def test_unknown_currency_is_refused(capsys: pytest.CaptureFixture[str], config: Path) -> None:
-    code, out, err = run(capsys, "report", "--config", str(config), "--currency", "EUR")
+def test_unknown_currency_is_refused(
+    capsys: pytest.CaptureFixture[str], ledger_config: Path
+) -> None:
+    code, out, err = run(capsys, "report", "--config", str(ledger_config), "--currency", "EUR")
     assert (code, out) == (2, "")
     assert err == "unknown currency 'EUR'; the ledger has CNY, USD\n"
 
@@ -529,23 +314,30 @@ def test_missing_ledger_exits_1_and_creates_nothing(
     ],
 )
 def test_bad_arguments_exit_2(
-    capsys: pytest.CaptureFixture[str], config: Path, argv: tuple[str, ...]
+    capsys: pytest.CaptureFixture[str], ledger_config: Path, argv: tuple[str, ...]
 ) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        run(capsys, "report", "--config", str(config), *argv)
+        run(capsys, "report", "--config", str(ledger_config), *argv)
     assert exit_info.value.code == 2
 
 
-def test_empty_range_is_refused(capsys: pytest.CaptureFixture[str], config: Path) -> None:
+def test_empty_range_is_refused(capsys: pytest.CaptureFixture[str], ledger_config: Path) -> None:
     code, _, err = run(
-        capsys, "report", "--config", str(config), "--since", "2026-11-02", "--until", "2026-11-02"
+        capsys,
+        "report",
+        "--config",
+        str(ledger_config),
+        "--since",
+        "2026-11-02",
+        "--until",
+        "2026-11-02",
     )
     assert code == 2
     assert err.startswith("--since (2026-11-02T00:00:00+08:00) must be before --until")
 
 
-def test_report_subprocess(config: Path) -> None:
-    """``python -m proxy report`` once the command is wired into `proxy.cli`."""
+def test_report_subprocess(ledger_config: Path) -> None:
+    """``python -m proxy report`` in a real interpreter, through `proxy.cli`'s registration."""
 
     def proxy(*argv: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -556,9 +348,7 @@ def test_report_subprocess(config: Path) -> None:
             check=False,
         )
 
-    if proxy("report", "--help").returncode != 0:
-        pytest.skip("the report command is not registered in proxy/cli.py yet")
-    result = proxy("report", "--config", str(config), "--format", "json", "--by", "team")
+    result = proxy("report", "--config", str(ledger_config), "--format", "json", "--by", "team")
     assert result.returncode == 0, result.stderr
     total = json.loads(result.stdout)["total"]
     assert total["cost"] == {"CNY": "0.03624", "USD": "0.0053792"}

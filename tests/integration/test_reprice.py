@@ -26,9 +26,7 @@ import pytest
 from proxy.ledger.store import SQLiteLedger
 from proxy.pricing import PriceBook, load_price_book
 from tests.conftest import SHIPPED_BOOK
-from tests.integration.test_report import config, record, report_json, run, write_config
-
-__all__ = ["config"]  # the fixture, shared with test_report
+from tests.support.ledger_rows import record, report_json, run, write_config
 
 PRO_ANCHOR = (
     "      note: Today's page lists these rates (DeepSeek-V4-Pro-0813); the start "
@@ -68,10 +66,10 @@ def corrected_text() -> str:
 
 
 @pytest.fixture
-def corrected(config: Path) -> Path:
+def corrected(ledger_config: Path) -> Path:
     """The sample ledger (priced with the shipped book), its config now naming the new book."""
-    (config.parent / "book.yaml").write_text(corrected_text(), encoding="utf-8")
-    return config
+    (ledger_config.parent / "book.yaml").write_text(corrected_text(), encoding="utf-8")
+    return ledger_config
 
 
 @pytest.fixture
@@ -79,18 +77,18 @@ def new_book(corrected: Path) -> PriceBook:
     return load_price_book([corrected.parent / "book.yaml"])
 
 
-def query(config: Path, sql: str) -> list[tuple[object, ...]]:
-    with closing(sqlite3.connect(config.parent / "ledger.sqlite3")) as conn:
+def query(ledger_config: Path, sql: str) -> list[tuple[object, ...]]:
+    with closing(sqlite3.connect(ledger_config.parent / "ledger.sqlite3")) as conn:
         return conn.execute(sql).fetchall()
 
 
-def snapshot(config: Path) -> dict[str, list[tuple[object, ...]]]:
+def snapshot(ledger_config: Path) -> dict[str, list[tuple[object, ...]]]:
     tables = ("usage", "usage_cost", "cost_history", "spend_daily")
-    return {t: query(config, f"SELECT * FROM {t} ORDER BY 1, 2, 3") for t in tables}  # noqa: S608
+    return {t: query(ledger_config, f"SELECT * FROM {t} ORDER BY 1, 2, 3") for t in tables}  # noqa: S608
 
 
-def spend(config: Path) -> list[tuple[object, ...]]:
-    return query(config, "SELECT * FROM spend_daily ORDER BY team, day, currency")
+def spend(ledger_config: Path) -> list[tuple[object, ...]]:
+    return query(ledger_config, "SELECT * FROM spend_daily ORDER BY team, day, currency")
 
 
 EXPECTED_DIFF = [
@@ -341,13 +339,13 @@ def test_a_second_apply_changes_nothing(
 
 
 def test_the_book_that_priced_the_rows_changes_nothing(
-    capsys: pytest.CaptureFixture[str], config: Path
+    capsys: pytest.CaptureFixture[str], ledger_config: Path
 ) -> None:
-    before = snapshot(config)
-    code, out, _ = run(capsys, "reprice", "--config", str(config), "--apply")
+    before = snapshot(ledger_config)
+    code, out, _ = run(capsys, "reprice", "--config", str(ledger_config), "--apply")
     assert code == 0
     assert "; 0 priced differently" in out.splitlines()[0]
-    assert snapshot(config) == before
+    assert snapshot(ledger_config) == before
 
 
 def test_range_limits_what_is_repriced(capsys: pytest.CaptureFixture[str], corrected: Path) -> None:
@@ -419,23 +417,23 @@ def test_range_limits_what_is_repriced(capsys: pytest.CaptureFixture[str], corre
 
 
 def test_a_bad_book_exits_1_with_its_problems(
-    capsys: pytest.CaptureFixture[str], config: Path
+    capsys: pytest.CaptureFixture[str], ledger_config: Path
 ) -> None:
-    bad = config.parent / "book.yaml"
+    bad = ledger_config.parent / "book.yaml"
     bad.write_text(
         "currencies: [CNY]\nmodels:\n  x:\n    - from: 2026-01-01\n"
         "      rates: {CNY: -1 / 1 / 1}\n      source: https://e.x/\n"
         "      confidence: verified\n",
         encoding="utf-8",
     )
-    before = snapshot(config)
-    code, out, err = run(capsys, "reprice", "--config", str(config), "--apply")
+    before = snapshot(ledger_config)
+    code, out, err = run(capsys, "reprice", "--config", str(ledger_config), "--apply")
     assert (code, out) == (1, "")
     assert err.splitlines() == [
         f"{bad}: models.x[0].from: instant '2026-01-01' has no timezone offset; add Z or +08:00",
         f"{bad}: models.x[0].rates.CNY.cache_hit: negative rate '-1'",
     ]
-    assert snapshot(config) == before
+    assert snapshot(ledger_config) == before
 
 
 def test_missing_ledger_exits_1(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

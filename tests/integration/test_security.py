@@ -24,18 +24,9 @@ from proxy.records import FanOut, LogSink
 from tests.conftest import ROOT
 from tests.support.fake_deepseek import FakeDeepSeek
 from tests.support.fake_deepseek_shapes import FAKE_UPSTREAM_KEY, Reply
-from tests.support.proxy_harness import TEAM_KEYS, raw_request, running_proxy
+from tests.support.proxy_harness import TEAM_KEYS, RunningProxy, raw_request, running_proxy
+from tests.support.requests import AUTH, CHAT, SMALL_USAGE, STREAM
 
-AUTH = {"Authorization": f"Bearer {TEAM_KEYS['alpha']}"}
-CHAT = {"model": "deepseek-flash", "messages": [{"role": "user", "content": "hi"}]}
-STREAM = {**CHAT, "stream": True}
-USAGE = {
-    "prompt_tokens": 10,
-    "completion_tokens": 2,
-    "prompt_cache_hit_tokens": 0,
-    "prompt_cache_miss_tokens": 10,
-    "total_tokens": 12,
-}
 CANARY = FAKE_UPSTREAM_KEY  # the proxy's upstream key in these tests: it must never surface
 
 
@@ -54,8 +45,8 @@ async def test_canary_key_appears_nowhere(
     store = SQLiteLedger(ledger, ZoneInfo("Asia/Shanghai"))
     writer = LedgerWriter(store)
     fake.enqueue(
-        Reply(usage=USAGE),
-        Reply(usage=USAGE),
+        Reply(usage=SMALL_USAGE),
+        Reply(usage=SMALL_USAGE),
         Reply(status=401),
         Reply(status=402),
         Reply(
@@ -63,7 +54,7 @@ async def test_canary_key_appears_nowhere(
             error_body=b'{"error":{"message":"bad key ' + CANARY.encode() + b' rejected"}}',
         ),
         Reply(status=429),
-        Reply(usage=USAGE, cut_after_events=2),
+        Reply(usage=SMALL_USAGE, cut_after_events=2),
         Reply(raw_body=b"\n\n{oops"),
     )
     seen: list[str] = []
@@ -122,16 +113,13 @@ async def trap() -> AsyncIterator[tuple[str, list[int]]]:
 
 
 async def test_ssrf_matrix_never_reaches_the_trap(
-    fake: FakeDeepSeek, book: PriceBook, trap: tuple[str, list[int]]
+    fake: FakeDeepSeek, proxy: RunningProxy, trap: tuple[str, list[int]]
 ) -> None:
     target, hits = trap
     url = f"http://{target}"
-    fake.enqueue(*[Reply(usage=USAGE) for _ in range(6)], Reply(redirect_to=url + "/steal"))
+    fake.enqueue(*[Reply(usage=SMALL_USAGE) for _ in range(6)], Reply(redirect_to=url + "/steal"))
     key = TEAM_KEYS["alpha"].encode()
-    async with (
-        running_proxy(fake.base_url, book) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http,
-    ):
+    async with httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http:
         statuses = [
             (await http.post("/chat/completions", json={**CHAT, "api_base": url})).status_code,
             (await http.post("/chat/completions", json={**CHAT, "base_url": url})).status_code,
@@ -185,7 +173,9 @@ async def test_ssrf_matrix_never_reaches_the_trap(
     assert {r.path for r in fake.requests} <= {"/chat/completions", "/beta/chat/completions"}
 
 
-async def test_any_authorization_header_is_a_clean_401(fake: FakeDeepSeek, book: PriceBook) -> None:
+async def test_any_authorization_header_is_a_clean_401(
+    fake: FakeDeepSeek, proxy: RunningProxy
+) -> None:
     rng = random.Random(42208)  # noqa: S311 - reproducible fuzzing, not a secret
     alphabet = [chr(c) for c in range(0x20, 0x7F)] + ["\t", "é", "ÿ", "\x80"]
     nasty = [
@@ -206,35 +196,31 @@ async def test_any_authorization_header_is_a_clean_401(fake: FakeDeepSeek, book:
         "Bearer " + TEAM_KEYS["alpha"].upper(),
     ]
     nasty += ["".join(rng.choices(alphabet, k=rng.randint(1, 300))) for _ in range(300)]
-    async with running_proxy(fake.base_url, book) as proxy:
-        for value in nasty:
-            # Raw bytes, so values an HTTP client library would refuse reach the proxy too.
-            answer = await raw_request(
-                proxy.url,
-                b"POST /chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close"
-                b"\r\nAuthorization: "
-                + value.encode("latin-1")
-                + b"\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
-            )
-            head, _, body = answer.partition(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 401 "), (value, head[:40])
-            assert json.loads(body)["error"]["code"] == "invalid_api_key"
-            if len(value.strip()) > 6:
-                assert value.strip().encode("latin-1") not in body
+    for value in nasty:
+        # Raw bytes, so values an HTTP client library would refuse reach the proxy too.
+        answer = await raw_request(
+            proxy.url,
+            b"POST /chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close"
+            b"\r\nAuthorization: "
+            + value.encode("latin-1")
+            + b"\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+        )
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 401 "), (value, head[:40])
+        assert json.loads(body)["error"]["code"] == "invalid_api_key"
+        if len(value.strip()) > 6:
+            assert value.strip().encode("latin-1") not in body
     assert fake.requests == []
     assert proxy.sink.records == []
 
 
-async def test_non_utf8_upstream_data_is_harmless(fake: FakeDeepSeek, book: PriceBook) -> None:
+async def test_non_utf8_upstream_data_is_harmless(fake: FakeDeepSeek, proxy: RunningProxy) -> None:
     fake.enqueue(
         Reply(raw_body=b'\xff\xfe\x00{"usage": \xc3\x28}'),
         Reply(raw_events=[b'data: \xff\xfe{"usage":{}}\n\n', b"data: [DONE]\n\n"]),
         Reply(status=500, error_body=b"\xff\xfe\xfd"),
     )
-    async with (
-        running_proxy(fake.base_url, book) as proxy,
-        httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http,
-    ):
+    async with httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http:
         body = await http.post("/chat/completions", json=CHAT)
         stream = await http.post("/chat/completions", json=STREAM)
         error = await http.post("/chat/completions", json=CHAT)

@@ -30,22 +30,9 @@ from proxy.pricing import PriceBook, price
 from proxy.usage import parse_usage
 from tests.support.fake_deepseek import running_fake
 from tests.support.fake_deepseek_shapes import Reply
-from tests.support.proxy_harness import TEAM_KEYS
+from tests.support.requests import AUTH, CHAT, STREAM, USAGE, auth
 from tests.support.serve_process import serve_process
 
-AUTH = {"Authorization": f"Bearer {TEAM_KEYS['alpha']}"}
-USAGE = {
-    "prompt_tokens": 1000,
-    "completion_tokens": 50,
-    "prompt_cache_hit_tokens": 640,
-    "prompt_cache_miss_tokens": 360,
-    "total_tokens": 1050,
-}
-STREAM = {
-    "model": "deepseek-flash",
-    "messages": [{"role": "user", "content": "hi"}],
-    "stream": True,
-}
 # The stated window (README, proxy/ledger/writer.py) is the flush interval plus the commit in
 # progress; the commit allowance here is generous for a loaded CI machine.
 WINDOW = DEFAULT_FLUSH_INTERVAL + 1.0
@@ -262,15 +249,10 @@ async def test_drain_ends_when_the_last_call_does(tmp_path: Path) -> None:
 
 
 # --- the ledger failing: loud and bounded, never a hang -------------------------------------------
-CHAT = {"model": "deepseek-flash", "messages": [{"role": "user", "content": "hi"}]}
 LEDGER_DRAIN = 2.0  # timeouts.drain of the ledger tests below, seconds
 GIVE_UP = 2.0
 MARGIN = 3.0  # interpreter start-up excluded: what a loaded machine may add to exiting
 SPILLED = re.compile(r"they are saved in (\S+) \(one JSON line each\)")
-
-
-def auth(team: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {TEAM_KEYS[team]}"}
 
 
 async def metric(http: httpx.AsyncClient, name: str) -> float:

@@ -50,6 +50,10 @@ READ_PAUSE = 0.02  # ... every 20 ms: ~3 kB/s
 KERNEL_SLACK = 256 * 1024
 HELD_BOUND = 2 * 1024 * 1024
 PROC_NET_TCP = Path("/proc/net/tcp")
+LINUX_ONLY = pytest.mark.skipif(
+    sys.platform != "linux",
+    reason="socket queues are read from /proc/net/tcp (Linux only; CI runs on Linux)",
+)
 
 
 @dataclass
@@ -196,7 +200,7 @@ async def record_after_leaving(s: Setup, client: SlowClient) -> tuple[UsageRecor
     return record, time.monotonic() - left
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="socket queues are read from /proc/net/tcp")
+@LINUX_ONLY
 async def test_slow_reader_gets_backpressure_then_usage_is_read_on(book: PriceBook) -> None:
     """Backpressure while the client is slow; once it leaves, the proxy reads the rest of the
     stream (well within the grace time) and records DeepSeek's real usage."""
@@ -215,7 +219,7 @@ async def test_slow_reader_gets_backpressure_then_usage_is_read_on(book: PriceBo
     assert record.priced and all(cost > 0 for cost in record.costs.values())
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="socket queues are read from /proc/net/tcp")
+@LINUX_ONLY
 async def test_slow_reader_leaving_a_stalled_stream_is_recorded_at_the_grace(
     book: PriceBook,
 ) -> None:

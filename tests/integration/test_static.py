@@ -1,4 +1,5 @@
-"""ruff and mypy --strict over the package: style and typing are part of the build."""
+"""ruff (lint and format) and mypy --strict over the package, its tests and the benchmark:
+style and typing are part of the build."""
 
 from __future__ import annotations
 
@@ -18,11 +19,19 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+CODE = ("proxy", "tests", "bench")
+
+
 def test_ruff_clean() -> None:
-    result = _run("ruff", "check", "proxy", "tests", "bench")
+    result = _run("ruff", "check", *CODE)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ruff_formatted() -> None:
+    result = _run("ruff", "format", "--check", *CODE)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_mypy_strict_clean() -> None:
-    result = _run("mypy", "--strict", "proxy")
+    result = _run("mypy", "--strict", *CODE)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -30,7 +30,7 @@ from proxy.pricing.engine import resolve, to_micros
 from tests.conftest import ROOT
 from tests.support.fake_deepseek import running_fake
 from tests.support.fake_deepseek_shapes import FAKE_UPSTREAM_KEY, Reply
-from tests.support.proxy_harness import TEAM_KEYS
+from tests.support.requests import AUTH, BOUNDED_CHAT, BOUNDED_USAGE
 from tests.support.serve_process import (
     ServeProcess,
     eventually,
@@ -39,20 +39,6 @@ from tests.support.serve_process import (
     worker_pids,
     write_config,
 )
-
-AUTH = {"Authorization": f"Bearer {TEAM_KEYS['alpha']}"}
-USAGE = {
-    "prompt_tokens": 100,
-    "completion_tokens": 20,
-    "prompt_cache_hit_tokens": 0,
-    "prompt_cache_miss_tokens": 100,
-    "total_tokens": 120,
-}
-CHAT = {
-    "model": "deepseek-flash",
-    "max_tokens": 100,
-    "messages": [{"role": "user", "content": "x" * 92}],
-}
 
 
 def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
@@ -71,11 +57,13 @@ def ledger(path: Path, sql: str, *params: object) -> list[tuple[object, ...]]:
 
 async def test_two_workers_share_ledger_and_metrics(tmp_path: Path) -> None:
     async with running_fake() as fake:
-        fake.enqueue(*[Reply(usage=USAGE) for _ in range(40)])
+        fake.enqueue(*[Reply(usage=BOUNDED_USAGE) for _ in range(40)])
         async with serve_process(tmp_path, fake.base_url, workers=2) as serve:
             for _ in range(40):  # a new connection each: the kernel spreads them over workers
                 async with httpx.AsyncClient(base_url=serve.url, headers=AUTH) as http:
-                    assert (await http.post("/chat/completions", json=CHAT)).status_code == 200
+                    assert (
+                        await http.post("/chat/completions", json=BOUNDED_CHAT)
+                    ).status_code == 200
             costs = await asyncio.to_thread(
                 ledger, serve.ledger, "SELECT amount FROM usage_cost WHERE currency = 'CNY'"
             )
@@ -112,13 +100,18 @@ async def test_hard_budget_is_shared_by_the_workers(tmp_path: Path) -> None:
     )
     async with running_fake() as fake:
         fake.enqueue(
-            *[Reply(usage=USAGE, chunk_interval=0.01, content=["a", "b"]) for _ in range(60)]
+            *[
+                Reply(usage=BOUNDED_USAGE, chunk_interval=0.01, content=["a", "b"])
+                for _ in range(60)
+            ]
         )
         async with serve_process(tmp_path, fake.base_url, workers=2, extra_config=budget) as serve:
 
             async def one() -> int:
                 async with httpx.AsyncClient(base_url=serve.url, headers=AUTH, timeout=30) as http:
-                    response = await http.post("/chat/completions", json={**CHAT, "stream": True})
+                    response = await http.post(
+                        "/chat/completions", json={**BOUNDED_CHAT, "stream": True}
+                    )
                     return response.status_code
 
             statuses = await asyncio.gather(*(one() for _ in range(60)))
@@ -134,7 +127,7 @@ async def test_hard_budget_is_shared_by_the_workers(tmp_path: Path) -> None:
     assert ledger(serve.ledger, "SELECT count(*) FROM budget_holds") == [(0,)]
 
 
-async def post(url: str, payload: dict[str, object] = CHAT) -> httpx.Response:
+async def post(url: str, payload: dict[str, object] = BOUNDED_CHAT) -> httpx.Response:
     """One call on a new connection (the kernel picks the worker per connection)."""
     async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=30) as http:
         return await http.post("/chat/completions", json=payload)
@@ -145,7 +138,7 @@ RELEASE_DEADLINE = 3.0
 rest is an allowance for a loaded CI machine."""
 
 
-BIG = {**CHAT, "max_tokens": 100_000}
+BIG = {**BOUNDED_CHAT, "max_tokens": 100_000}
 """A call whose worst case is nearly all output: its prompt bound is worth well under 1% of it."""
 
 
@@ -213,7 +206,7 @@ async def test_a_killed_worker_releases_its_holds_and_calls(
     tmp_path: Path, book: PriceBook
 ) -> None:
     async with running_fake() as fake:
-        fake.enqueue(Reply(usage=USAGE, content=["a"] * 600, chunk_interval=0.05))
+        fake.enqueue(Reply(usage=BOUNDED_USAGE, content=["a"] * 600, chunk_interval=0.05))
         async with serve_process(
             tmp_path, fake.base_url, workers=2, extra_config=one_call_budget(book)
         ) as serve:
@@ -242,7 +235,7 @@ async def test_a_release_the_ledger_refuses_is_retried(tmp_path: Path, book: Pri
     one call per team, the last call's admission also shows the dead worker's count gone."""
     config = one_call_budget(book) + "limits: {max_inflight_per_team: 1}\n"
     async with running_fake() as fake:
-        fake.enqueue(Reply(usage=USAGE, content=["a"] * 600, chunk_interval=0.05))
+        fake.enqueue(Reply(usage=BOUNDED_USAGE, content=["a"] * 600, chunk_interval=0.05))
         async with serve_process(tmp_path, fake.base_url, workers=2, extra_config=config) as serve:
 
             async def refused() -> bool:
@@ -365,7 +358,10 @@ both workers (all 16 on one worker has a chance of 2 in 65,536)."""
 async def test_inflight_limits_hold_across_workers(tmp_path: Path) -> None:
     async with running_fake() as fake:
         fake.enqueue(
-            *[Reply(usage=USAGE, content=["a"] * 40, chunk_interval=0.1) for _ in range(STREAMS)]
+            *[
+                Reply(usage=BOUNDED_USAGE, content=["a"] * 40, chunk_interval=0.1)
+                for _ in range(STREAMS)
+            ]
         )
         async with serve_process(
             tmp_path, fake.base_url, workers=2, extra_config="limits: {max_inflight_per_team: 4}\n"
@@ -377,7 +373,7 @@ async def test_inflight_limits_hold_across_workers(tmp_path: Path) -> None:
                 async with (
                     httpx.AsyncClient(base_url=serve.url, headers=AUTH, timeout=30) as http,
                     http.stream(
-                        "POST", "/chat/completions", json={**CHAT, "stream": True}
+                        "POST", "/chat/completions", json={**BOUNDED_CHAT, "stream": True}
                     ) as response,
                 ):
                     answered.append(response.status_code)
@@ -407,7 +403,7 @@ async def test_ledger_metrics_speak_for_every_worker(tmp_path: Path) -> None:
     worker answers a scrape, the ledger is reported not committing, what waits is summed, and
     that worker still exits, saving what it could not write."""
     async with running_fake() as fake:
-        fake.enqueue(*[Reply(usage=USAGE) for _ in range(100)])
+        fake.enqueue(*[Reply(usage=BOUNDED_USAGE) for _ in range(100)])
         async with serve_process(
             tmp_path,
             fake.base_url,
@@ -449,7 +445,7 @@ async def test_ledger_metrics_speak_for_every_worker(tmp_path: Path) -> None:
             async with asyncio.timeout(30):
                 while (await scrape())["llm_ledger_committing"] != 0:
                     async with httpx.AsyncClient(base_url=serve.url, headers=AUTH) as http:
-                        response = await http.post("/chat/completions", json=CHAT)
+                        response = await http.post("/chat/completions", json=BOUNDED_CHAT)
                         assert response.status_code == 200
                         sent.append(response.headers["x-request-id"])
             for _ in range(8):  # new connections: the kernel picks either worker

@@ -7,7 +7,7 @@ from typing import Any
 
 from tests.support.fake_deepseek_shapes import FAKE_UPSTREAM_KEY
 
-AUTH = {"Authorization": f"Bearer {FAKE_UPSTREAM_KEY}"}
+UPSTREAM_AUTH = {"Authorization": f"Bearer {FAKE_UPSTREAM_KEY}"}
 LONG_PROMPT = "x" * 1000  # 251 prompt tokens: long enough for a 64-token cache hit
 
 

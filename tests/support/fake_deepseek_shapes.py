@@ -129,7 +129,7 @@ class RecordedRequest:
     path: str
     headers: dict[str, str]
     body: bytes
-    json: Any | None
+    json: Any
     id: str
 
 

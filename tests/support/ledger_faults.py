@@ -17,21 +17,14 @@ from proxy.metering import CallMeter, build_record
 from proxy.pricing import PriceBook, Pricer
 from proxy.records import UsageRecord
 from proxy.usage import parse_usage
+from tests.support.requests import BOUNDED_USAGE
 
 FULL = "database or disk is full"
-USAGE = {
-    "prompt_tokens": 100,
-    "completion_tokens": 20,
-    "prompt_cache_hit_tokens": 0,
-    "prompt_cache_miss_tokens": 100,
-    "total_tokens": 120,
-}
-"""At peak on deepseek-flash: 100 x 2 + 20 x 8 CNY per million = 0.00036 CNY a call."""
 LOOSE = Limits()  # bounds far above these records' usage: nothing is cut
 
 
 def record(book: PriceBook, request_id: str, started_at: datetime, team: str) -> UsageRecord:
-    """A complete call with `USAGE`, priced at its start."""
+    """A complete call with `BOUNDED_USAGE`, priced at its start."""
     meter = CallMeter(
         request_id=request_id,
         team=team,
@@ -46,7 +39,7 @@ def record(book: PriceBook, request_id: str, started_at: datetime, team: str) ->
         upstream_status=200,
         price_book=book.digest,
     )
-    meter.reported = parse_usage(USAGE)
+    meter.reported = parse_usage(BOUNDED_USAGE)
     return build_record(
         meter, started_at + timedelta(seconds=1), Pricer(book), "request_start", LOOSE
     )

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
 from aiohttp import web
@@ -84,6 +85,13 @@ class RunningProxy:
     config: ProxyConfig
     registry: CollectorRegistry
     app: web.Application
+
+
+class StartProxy(Protocol):
+    """The `start_proxy` fixture: `running_proxy` in front of the test's fake DeepSeek, with the
+    options given (budgets, limits, a clock, timeouts ...), closed when the test ends."""
+
+    async def __call__(self, **options: Any) -> RunningProxy: ...
 
 
 @asynccontextmanager

@@ -24,7 +24,8 @@ from proxy.budgets import (
 )
 from proxy.budgets.decide import Refusal
 from proxy.config import DEFAULT_POLICY, Budget
-from proxy.ledger.store import SpendRow, SQLiteLedger, Transaction, add_spend, connect
+from proxy.ledger.connection import Transaction, connect
+from proxy.ledger.store import SpendRow, SQLiteLedger, add_spend
 from proxy.pricing.model import TokenRates
 
 BEIJING = ZoneInfo("Asia/Shanghai")

@@ -9,6 +9,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -24,15 +25,9 @@ from proxy.pricing import PriceBook, Pricer
 from proxy.records import FIELDS, UsageRecord
 from proxy.relay.request import new_request_id
 from proxy.usage import parse_usage
+from tests.support.requests import USAGE
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
-USAGE = {
-    "prompt_tokens": 1000,
-    "completion_tokens": 50,
-    "prompt_cache_hit_tokens": 640,
-    "prompt_cache_miss_tokens": 360,
-    "total_tokens": 1050,
-}
 
 LOOSE = Limits()  # bounds far above these records' usage: nothing is cut
 
@@ -63,7 +58,7 @@ def in_flight(book: PriceBook, request_id: str, instant: datetime) -> UsageRecor
     return UsageRecord.in_flight(meter(request_id, instant), instant, book.digest)
 
 
-def rows(path: Path, sql: str) -> list[tuple[object, ...]]:
+def rows(path: Path, sql: str) -> list[tuple[Any, ...]]:
     with sqlite3.connect(path) as conn:
         return conn.execute(sql).fetchall()
 
