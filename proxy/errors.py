@@ -1,14 +1,15 @@
 """Errors the proxy itself answers with, and the one place that shapes them like OpenAI's.
 
     ProxyError                  status, OpenAI `type` and `code`, whether an SDK may retry
-    ├── BadRequest              400  the body is not a JSON object, or lacks what we need
+    ├── InvalidRequest               the request cannot be served as it is
+    │   ├── BadRequest          400  the body is not a JSON object, or lacks what we need
+    │   ├── ModelNotPriced      403  a team with a hard budget asked for a model without a price
+    │   ├── NotFound            404  no such route (upstream is never asked)
+    │   ├── RequestTimeout      408  the request body did not arrive in time
+    │   ├── PayloadTooLarge     413  request body over the configured limit
+    │   ├── UnsupportedEncoding 415  a compressed request body (never inflated)
+    │   └── HeadersTooLarge     431  request headers over the configured limit
     ├── Unauthorized            401  missing or unknown client key
-    ├── ModelNotPriced          403  a team with a hard budget asked for a model without a price
-    ├── NotFound                404  no such route (upstream is never asked)
-    ├── RequestTimeout          408  the request body did not arrive in time
-    ├── PayloadTooLarge         413  request body over the configured limit
-    ├── UnsupportedEncoding     415  a compressed request body (never inflated)
-    ├── HeadersTooLarge         431  request headers over the configured limit
     ├── InternalError           500  a bug in the proxy; everything the call held is released
     ├── Overloaded              503  too many calls in progress
     │   └── Draining            503  shutting down (and the connection is closed after it)
@@ -52,53 +53,63 @@ class ProxyError(Exception):
         self.message = message
 
 
-class BadRequest(ProxyError):
-    status = 400
+class InvalidRequest(ProxyError):
+    """The client's request cannot be served as it is (OpenAI's ``invalid_request_error``)."""
+
     error_type = "invalid_request_error"
+
+
+class BadRequest(InvalidRequest):
+    """The body is not a JSON object, or lacks what the proxy needs (``model``)."""
+
+    status = 400
     code = "invalid_request"
 
 
 class Unauthorized(ProxyError):
+    """No client key, or one the configuration does not know."""
+
     status = 401
     error_type = "authentication_error"
     code = "invalid_api_key"
 
 
-class NotFound(ProxyError):
+class NotFound(InvalidRequest):
+    """No such route: DeepSeek is never asked about paths the proxy does not serve."""
+
     status = 404
-    error_type = "invalid_request_error"
     code = "not_found"
 
 
-class PayloadTooLarge(ProxyError):
+class PayloadTooLarge(InvalidRequest):
+    """The body is over ``limits.max_request_bytes``; sending it again cannot help."""
+
     status = 413
-    error_type = "invalid_request_error"
     code = "payload_too_large"
     retry = False
 
 
-class ModelNotPriced(ProxyError):
+class ModelNotPriced(InvalidRequest):
     """A team with a hard budget asked for a model the price book cannot price: the call's
     worst case cannot be bounded, so it is refused. Not 402: nothing was spent, and a retry
     cannot succeed until the book knows the model."""
 
     status = 403
-    error_type = "invalid_request_error"
     code = "model_not_priced"
     retry = False
 
 
-class RequestTimeout(ProxyError):
+class RequestTimeout(InvalidRequest):
+    """The body did not arrive within ``timeouts.client_body``."""
+
     status = 408
-    error_type = "invalid_request_error"
     code = "request_timeout"
 
 
-class UnsupportedEncoding(ProxyError):
+class UnsupportedEncoding(InvalidRequest):
     """A compressed request body: refused before it is read, so it is never inflated."""
 
     status = 415
-    error_type = "invalid_request_error"
     code = "unsupported_content_encoding"
     retry = False
     headers = MappingProxyType({"Accept-Encoding": "identity"})  # RFC 9110 15.5.16
@@ -113,9 +124,10 @@ class InternalError(ProxyError):
     code = "internal_error"
 
 
-class HeadersTooLarge(ProxyError):
+class HeadersTooLarge(InvalidRequest):
+    """The headers are over ``limits.max_header_bytes``."""
+
     status = 431
-    error_type = "invalid_request_error"
     code = "headers_too_large"
     retry = False
 
@@ -159,6 +171,8 @@ class UpstreamFailure(ProxyError):
 
 
 class UpstreamUnavailable(UpstreamFailure):
+    """No connection to DeepSeek could be made: nothing was sent, so a retry is safe."""
+
     status = 502
     code = "upstream_unavailable"
     failure = "unreachable"
@@ -193,6 +207,9 @@ class UpstreamBadResponse(UpstreamFailure):
 
 
 class UpstreamTimeout(UpstreamFailure):
+    """DeepSeek did not answer, or finish, in time: it may be working on (and billing) the
+    call, so an SDK must not send it again."""
+
     status = 504
     code = "upstream_timeout"
     retry = False

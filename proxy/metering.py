@@ -75,6 +75,8 @@ class CallMeter(CallRequest):
     first_byte_at: datetime | None = None
     model_served: str | None = None
     upstream_status: int | None = None
+    client_status: int | None = None
+    """The status the proxy sent the client (`UsageRecord.client_status`)."""
     trace_id: str | None = None
     failure: Failure | None = None
     """What ended the call early, if anything (`proxy.outcome`)."""
@@ -282,6 +284,7 @@ def build_record(
         prompt_tokens=prompt,
         tool_calls=dict(tokens.tool_calls) if tokens and tokens.tool_calls else {},
         upstream_status=meter.upstream_status,
+        client_status=meter.client_status,
         upstream_trace_id=meter.trace_id,
         outcome=meter.outcome,
         usage_source=source,

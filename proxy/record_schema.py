@@ -193,14 +193,15 @@ def checked_values(fields: tuple[Field, ...], data: object) -> dict[str, Any]:
     if not isinstance(data, Mapping):
         raise ValueError(f"expected a JSON object, got {type(data).__name__}")
     names = [f.name for f in fields]
-    missing = [name for name in names if name not in data]
+    # An optional field may be absent: spill lines written before it existed lack it.
+    missing = [f.name for f in fields if f.name not in data and f.kind.empty is not None]
     unknown = [name for name in data if name not in names]
     if missing or unknown:
         raise ValueError(f"missing fields {missing}, unknown fields {unknown}")
     values = {}
     for field in fields:
         try:
-            values[field.name] = field.kind.check(data[field.name])
+            values[field.name] = field.kind.check(data[field.name]) if field.name in data else None
         except ValueError as exc:
             raise ValueError(f"{field.name}: {exc}") from None
     return values

@@ -123,6 +123,12 @@ class UsageRecord(CallRequest):
     """As DeepSeek reported it; may differ from hit + miss (then flagged)."""
     tool_calls: Mapping[str, int]
     upstream_status: int | None
+    client_status: int | None
+    """The HTTP status the proxy sent the client: DeepSeek's, or the proxy's own error when it
+    answered in DeepSeek's stead (a redirect refused, an answer it could not read or wait for
+    before it began). Recorded by the relay, never re-derived: a 200 from DeepSeek may have
+    reached the client as a 502. None if nothing was sent (a call cancelled by a stopping
+    proxy before its answer began, an ``in_flight`` row, a row of a ledger before v3)."""
     upstream_trace_id: str | None
     outcome: Outcome
     usage_source: UsageSource
@@ -161,16 +167,6 @@ class UsageRecord(CallRequest):
     def billable(self) -> bool:
         """Whether DeepSeek may bill the call (`billable`)."""
         return billable(self.usage_source)
-
-    @property
-    def client_status(self) -> int:
-        """The HTTP status the client received: DeepSeek's, or the proxy's own 504 (timeout)
-        or 502 (anything else) when DeepSeek gave none it could pass on (redirects are
-        refused)."""
-        status = self.upstream_status
-        if status is not None and not 300 <= status < 400:
-            return status
-        return 504 if self.outcome == "timeout" else 502
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict; instants as ISO 8601 UTC, money as decimal strings."""

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from proxy.ledger.connection import Transaction
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _IN_FLIGHT_INDEX = "CREATE INDEX usage_in_flight ON usage (owner) WHERE state = 'in_flight'"
 """The calls running (or left running by a dead process): a few rows however large the ledger,
@@ -71,7 +71,8 @@ _SCHEMA = (
     priced_at TEXT,
     price_book TEXT NOT NULL,
     flags TEXT NOT NULL,                       -- JSON list
-    owner TEXT                                 -- the process that wrote the row (NULL: v1)
+    owner TEXT,                                -- the process that wrote the row (NULL: v1)
+    client_status INTEGER                      -- the status the client got (NULL: v1, v2)
 )""",
     "CREATE INDEX usage_started ON usage (started_at)",
     "CREATE INDEX usage_team_day ON usage (team, billing_day)",
@@ -120,6 +121,9 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE budget_holds ADD COLUMN owner TEXT",
         _IN_FLIGHT_INDEX,
     ),
+    # 2 -> 3: the status the client got is recorded, not re-derived (it may differ from
+    # DeepSeek's when the proxy answered in its stead).
+    2: ("ALTER TABLE usage ADD COLUMN client_status INTEGER",),
 }
 """Version -> the statements that bring a ledger of that version to the next one."""
 

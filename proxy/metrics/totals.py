@@ -48,6 +48,10 @@ from proxy.metrics.contract import (
 )
 from proxy.records import UsageRecord
 
+NO_STATUS = "none"
+"""The `status` label of a call whose client was sent nothing (cancelled by a stopping proxy
+before its answer began)."""
+
 Labels = tuple[str, ...]
 Histogram = tuple[list[int], float]
 """A count per bucket (not cumulative, the last one +Inf) and the sum."""
@@ -106,7 +110,7 @@ class CallTotals(Collector):
     workers' to them with ``serve --workers N``)."""
 
     def __init__(self) -> None:
-        self._slots: dict[tuple[str, str, str, int, bool], _Slot] = {}
+        self._slots: dict[tuple[str, str, str, int | None, bool], _Slot] = {}
         self._counters: dict[str, dict[Labels, int]] = {
             TOOL_CALLS.name: {},
             USAGE_MISSING.name: {},
@@ -172,7 +176,8 @@ class CallTotals(Collector):
         """This process's totals, by family and label values."""
         tables: Tables = {f.name: {} for f in PER_CALL}
         for (team, model, endpoint, status, stream), slot in self._slots.items():
-            add(tables[REQUESTS.name], (team, model, endpoint, str(status)), slot.requests)
+            label = NO_STATUS if status is None else str(status)
+            add(tables[REQUESTS.name], (team, model, endpoint, label), slot.requests)
             if slot.with_tokens:
                 for kind, amount in (
                     ("input_cache_hit", slot.hit),

@@ -109,6 +109,7 @@ async def proxy_completion(
         except asyncio.CancelledError:
             meter.failure = "aborted"
             raise
+        meter.client_status = response.status
         await _send_now(request, response)  # a cancel here finds the call already over
         return response
     except (ProxyError, asyncio.CancelledError):
@@ -118,6 +119,7 @@ async def proxy_completion(
             meter.failure = "cut"  # the answer was not seen whole: its usage is estimated
         if exchange is not None and exchange.answer_started:
             raise  # the answer is under way: aiohttp drops the connection, the client sees it
+        meter.client_status = InternalError.status
         log.exception("request %s failed inside the proxy", meter.request_id)
         raise InternalError(
             f"the proxy failed while handling this call (request "

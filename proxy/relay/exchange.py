@@ -169,6 +169,7 @@ class Exchange:
         response = self.response = web.StreamResponse(status=answer.status, headers=headers)
         if not answer.is_stream and length is not None:
             response.content_length = length
+        meter.client_status = answer.status  # from here the client has it (or has gone)
         try:
             await response.prepare(self.request)
         except ConnectionError:  # the client left before the answer began: meter it anyway

@@ -24,7 +24,7 @@ import aiohttp
 from yarl import URL
 
 from proxy.config import Timeouts
-from proxy.errors import UpstreamCut, UpstreamTimeout, UpstreamUnavailable
+from proxy.errors import UpstreamCut, UpstreamFailure, UpstreamTimeout, UpstreamUnavailable
 from proxy.upstream.answer import UpstreamAnswer
 
 
@@ -76,15 +76,8 @@ class AiohttpTransport:
             )
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             raise UpstreamUnavailable(f"cannot reach DeepSeek: {type(exc).__name__}") from exc
-        except TimeoutError as exc:
-            raise UpstreamTimeout(
-                "DeepSeek did not answer in time; the call may still be billed"
-            ) from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise UpstreamCut(
-                f"the connection to DeepSeek broke before it answered "
-                f"({type(exc).__name__}); the call may still be billed"
-            ) from exc
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise _lost(exc, "DeepSeek did not answer in time", "before it answered") from exc
         return UpstreamAnswer(response.status, response.headers, _AiohttpBody(response))
 
     async def close(self) -> None:
@@ -107,14 +100,9 @@ class _AiohttpBody:
     async def __anext__(self) -> bytes:
         try:
             chunk = await self._content.readany()
-        except TimeoutError as exc:  # sock_read: silent for longer than timeouts.idle
-            raise UpstreamTimeout(
-                "DeepSeek went silent in the middle of its answer; the call may still be billed"
-            ) from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise UpstreamCut(
-                f"the connection to DeepSeek broke in the middle of its answer "
-                f"({type(exc).__name__}); the call may still be billed"
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:  # timeout: sock_read (idle)
+            raise _lost(
+                exc, "DeepSeek went silent in the middle of its answer", "in the middle of it"
             ) from exc
         if not chunk:
             raise StopAsyncIteration
@@ -123,3 +111,15 @@ class _AiohttpBody:
     async def close(self) -> None:
         self._response.release()
         await self._response.wait_for_close()
+
+
+def _lost(exc: BaseException, silent: str, broke: str) -> UpstreamFailure:
+    """What a timeout or a broken connection means for a call DeepSeek may have received: it
+    may be billed, so neither is retried (a timeout is checked first: aiohttp's own are
+    client errors too)."""
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout(f"{silent}; the call may still be billed")
+    return UpstreamCut(
+        f"the connection to DeepSeek broke {broke} ({type(exc).__name__}); the call may still "
+        "be billed"
+    )

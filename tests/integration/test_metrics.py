@@ -341,6 +341,9 @@ def _records(book: PriceBook, count: int, seed: int) -> list[UsageRecord]:
             "connect_error": None,
             "timeout": None,
         }.get(outcome, 200)
+        meter.client_status = rng.choice(  # what the relay recorded it sent; None: nothing
+            [meter.upstream_status or (504 if outcome == "timeout" else 502), None]
+        )
         if outcome in ("complete", "client_disconnected") or rng.random() < 0.2:
             usage = {
                 **USAGE,
@@ -401,12 +404,8 @@ def _reference(
     errors = Counter("llm_upstream_errors", "", ["reason"], registry=registry)
     for record, spent in zip(records, overheads, strict=True):
         team, name = record.team, model(record.model_requested)
-        status = (
-            record.upstream_status
-            if record.upstream_status
-            else (504 if record.outcome == "timeout" else 502)
-        )
-        requests.labels(team, name, record.endpoint, str(status)).inc()
+        status = "none" if record.client_status is None else str(record.client_status)
+        requests.labels(team, name, record.endpoint, status).inc()
         if record.cache_hit_tokens is not None:
             tokens.labels(team, name, "input_cache_hit").inc(record.cache_hit_tokens)
             tokens.labels(team, name, "input_cache_miss").inc(record.cache_miss_tokens or 0)

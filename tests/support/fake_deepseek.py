@@ -31,7 +31,7 @@ import contextlib
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -64,11 +64,25 @@ _FLUSH_POLLS: Final = 1000
 
 
 @dataclass(frozen=True, slots=True)
-class _Write:
+class Write:
     """One write of a response body, after a pause (the fake's pacing, never a test's wait)."""
 
     delay: float
     data: bytes
+
+
+@dataclass(slots=True)
+class PlannedAnswer:
+    """Everything about one answer, decided when the request arrives (`FakeDeepSeek.answer`)."""
+
+    record: RecordedRequest
+    status: int
+    headers: dict[str, str]
+    writes: list[Write]
+    cut_at: int | None = None
+    """Index of the write before which the connection is cut (len(writes): after the last)."""
+    whole: bytes | None = None
+    """A body sent in one piece, with its Content-Length (errors, model list, balance)."""
 
 
 class _Rejected(Exception):
@@ -80,7 +94,7 @@ class _Rejected(Exception):
         self.body = body
 
 
-_Handler = Callable[[web.Request, RecordedRequest], Awaitable[web.StreamResponse]]
+_Route = Callable[[RecordedRequest], "PlannedAnswer"]
 
 
 class FakeDeepSeek:
@@ -101,7 +115,7 @@ class FakeDeepSeek:
         self._runner: web.AppRunner | None = None
         self._server: asyncio.Server | None = None
         self._base_url: str | None = None
-        self._routes: dict[tuple[str, str], _Handler] = {
+        self._routes: dict[tuple[str, str], _Route] = {
             ("POST", "/chat/completions"): self._chat,
             ("POST", "/v1/chat/completions"): self._chat,
             ("POST", "/beta/chat/completions"): self._chat,
@@ -169,42 +183,51 @@ class FakeDeepSeek:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
+        return await self._send(
+            request, self.answer(request.method, request.path, request.headers, body)
+        )
+
+    def answer(
+        self, method: str, path: str, headers: Mapping[str, str], body: bytes
+    ) -> PlannedAnswer:
+        """Record one request and decide the whole answer: status, headers and every write.
+
+        The server sends the plan on a socket (`_send`); `tests.support.memory_transport` hands
+        it to the proxy without one, so both transports answer exactly alike."""
         record = RecordedRequest(
-            method=request.method,
-            path=request.path,
-            headers={str(name): value for name, value in request.headers.items()},
+            method=method,
+            path=path,
+            headers={str(name): value for name, value in headers.items()},
             body=body,
             json=parse_json(body),
             id=str(uuid.uuid4()),
         )
         self.requests.append(record)
         try:
-            route = self._routes.get((request.method, request.path))
+            route = self._routes.get((method, path))
             if route is None:
-                raise _Rejected(404, error_body(404, message=f"Not Found: {request.path}"))
-            authorization = request.headers.get("Authorization", "")
+                raise _Rejected(404, error_body(404, message=f"Not Found: {path}"))
+            authorization = headers.get("Authorization", "")
             if authorization != f"Bearer {FAKE_UPSTREAM_KEY}":
                 key = authorization.removeprefix("Bearer ").strip()
                 raise _Rejected(401, error_body(401, key=key))
-            return await route(request, record)
+            return route(record)
         except _Rejected as rejected:
-            return await self._send_error(request, record, rejected.status, rejected.body, {})
+            return _error(record, rejected.status, rejected.body, {})
 
-    async def _chat(self, request: web.Request, record: RecordedRequest) -> web.StreamResponse:
-        return await self._completion(request, record, fim=False)
+    def _chat(self, record: RecordedRequest) -> PlannedAnswer:
+        return self._completion(record, fim=False)
 
-    async def _fim(self, request: web.Request, record: RecordedRequest) -> web.StreamResponse:
-        return await self._completion(request, record, fim=True)
+    def _fim(self, record: RecordedRequest) -> PlannedAnswer:
+        return self._completion(record, fim=True)
 
-    async def _models(self, request: web.Request, record: RecordedRequest) -> web.StreamResponse:
-        return await self._send_json(request, record, MODELS)
+    def _models(self, record: RecordedRequest) -> PlannedAnswer:
+        return _json(record, MODELS)
 
-    async def _balance(self, request: web.Request, record: RecordedRequest) -> web.StreamResponse:
-        return await self._send_json(request, record, BALANCE)
+    def _balance(self, record: RecordedRequest) -> PlannedAnswer:
+        return _json(record, BALANCE)
 
-    async def _completion(
-        self, request: web.Request, record: RecordedRequest, *, fim: bool
-    ) -> web.StreamResponse:
+    def _completion(self, record: RecordedRequest, *, fim: bool) -> PlannedAnswer:
         data = _validate(record.json, fim=fim)
         stream = data.get("stream") is True
         options = data.get("stream_options")
@@ -212,26 +235,25 @@ class FakeDeepSeek:
         reply = within_max_tokens(data, self._queue.popleft() if self._queue else Reply())
 
         if reply.redirect_to is not None:
-            headers = {**reply.headers, "Location": reply.redirect_to}
-            return await self._send_error(request, record, 307, b"", headers)
+            return _error(record, 307, b"", {**reply.headers, "Location": reply.redirect_to})
         if reply.status >= 400:
-            authorization = request.headers.get("Authorization", "")
+            authorization = record.headers.get("Authorization", "")
             body = (
                 reply.error_body
                 if reply.error_body is not None
                 else error_body(reply.status, key=authorization.removeprefix("Bearer ").strip())
             )
-            return await self._send_error(request, record, reply.status, body, reply.headers)
+            return _error(record, reply.status, body, reply.headers)
 
         created = int(time.time())
         model = str(data["model"])
         usage = reported_usage(data, reply)
-        response = web.StreamResponse(status=reply.status, headers=_trace_headers(reply.headers))
+        headers = _trace_headers(reply.headers)
         ending = reply.line_ending.encode()
-        writes: list[_Write] = []
+        writes: list[Write] = []
         if stream:
-            response.headers["Content-Type"] = "text/event-stream; charset=utf-8"
-            response.headers["Cache-Control"] = "no-cache"
+            headers["Content-Type"] = "text/event-stream; charset=utf-8"
+            headers["Cache-Control"] = "no-cache"
             writes += _keepalives(reply, b": keep-alive" + ending * 2)
             if reply.raw_events is not None:
                 events = list(reply.raw_events)
@@ -253,11 +275,11 @@ class FakeDeepSeek:
                 events.append(b"data: [DONE]" + ending * 2)
             first_delay = reply.keepalive_interval if reply.keepalive else 0.0
             writes += [
-                _Write(first_delay if index == 0 else reply.chunk_interval, event)
+                Write(first_delay if index == 0 else reply.chunk_interval, event)
                 for index, event in enumerate(events)
             ]
         else:
-            response.headers["Content-Type"] = "application/json"
+            headers["Content-Type"] = "application/json"
             writes += _keepalives(reply, b"\n")
             document = (
                 reply.raw_body
@@ -278,40 +300,12 @@ class FakeDeepSeek:
             if reply.cut_after_events is not None:
                 document = document[: len(document) // 2]
                 cut_at = len(writes) + 1
-            writes.append(_Write(first_delay, document))
-        return await self._send(request, record, response, writes, cut_at)
+            writes.append(Write(first_delay, document))
+        return PlannedAnswer(record, reply.status, headers, writes, cut_at)
 
     # --- sending, with disconnect tracking -----------------------------------------------------
 
-    async def _send_json(
-        self, request: web.Request, record: RecordedRequest, value: Any
-    ) -> web.StreamResponse:
-        response = web.Response(
-            body=dumps(value), content_type="application/json", headers=_trace_headers({})
-        )
-        return await self._send(request, record, response, [], None)
-
-    async def _send_error(
-        self,
-        request: web.Request,
-        record: RecordedRequest,
-        status: int,
-        body: bytes,
-        headers: dict[str, str],
-    ) -> web.StreamResponse:
-        response = web.Response(status=status, body=body, headers=_trace_headers(headers))
-        if body:
-            response.content_type = "application/json"
-        return await self._send(request, record, response, [], None)
-
-    async def _send(
-        self,
-        request: web.Request,
-        record: RecordedRequest,
-        response: web.StreamResponse,
-        writes: list[_Write],
-        cut_at: int | None,
-    ) -> web.StreamResponse:
+    async def _send(self, request: web.Request, planned: PlannedAnswer) -> web.StreamResponse:
         """Send headers, then each write in turn; record how it ended.
 
         aiohttp (3.9+, ``handler_cancellation=False``) does not cancel a handler when its client
@@ -319,6 +313,14 @@ class FakeDeepSeek:
         ClientConnectionResetError subclasses it). CancelledError still comes if the handler is
         cancelled, e.g. by `close` during a slow stream; both count as disconnects.
         """
+        record, writes, cut_at = planned.record, planned.writes, planned.cut_at
+        response: web.StreamResponse
+        if planned.whole is not None:
+            response = web.Response(
+                status=planned.status, headers=planned.headers, body=planned.whole
+            )
+        else:
+            response = web.StreamResponse(status=planned.status, headers=planned.headers)
         try:
             await response.prepare(request)
             for index, write in enumerate(writes):
@@ -382,9 +384,23 @@ def _validate(body: Any, *, fim: bool) -> dict[str, Any]:
     return body
 
 
-def _keepalives(reply: Reply, line: bytes) -> list[_Write]:
+def _json(record: RecordedRequest, value: Any) -> PlannedAnswer:
+    headers = {**_trace_headers({}), "Content-Type": "application/json"}
+    return PlannedAnswer(record, 200, headers, [], whole=dumps(value))
+
+
+def _error(
+    record: RecordedRequest, status: int, body: bytes, extra: dict[str, str]
+) -> PlannedAnswer:
+    headers = _trace_headers(extra)
+    if body:
+        headers["Content-Type"] = "application/json"
+    return PlannedAnswer(record, status, headers, [], whole=body)
+
+
+def _keepalives(reply: Reply, line: bytes) -> list[Write]:
     return [
-        _Write(reply.keepalive_interval if index else 0.0, line) for index in range(reply.keepalive)
+        Write(reply.keepalive_interval if index else 0.0, line) for index in range(reply.keepalive)
     ]
 
 

@@ -24,6 +24,7 @@ from proxy.ledger.writer import LedgerWriter
 from proxy.listener import ProxySite, make_runner
 from proxy.pricing import PriceBook
 from proxy.records import Dispatched, FanOut, RecordSink, UsageRecord
+from proxy.upstream import Transport
 from proxy.usage import DEFAULT_TOOL_FIELDS
 from tests.support.fake_deepseek_shapes import FAKE_UPSTREAM_KEY
 
@@ -107,10 +108,12 @@ async def running_proxy(
     limits: Limits | None = None,
     policies: Mapping[str, TeamPolicy] | None = None,
     ledger: LedgerWriter | None = None,
+    transport: Transport | None = None,
     **timeouts: float,
 ) -> AsyncIterator[RunningProxy]:
     """The real app on a free loopback port. Records go to `proxy.sink` and to `sink`;
-    `ledger` (a writer, usually `sink` too) gives the app its health and figures."""
+    `ledger` (a writer, usually `sink` too) gives the app its health and figures;
+    `transport` replaces aiohttp's to DeepSeek (`tests.support.memory_transport`)."""
     config = make_config(upstream_url, tuple(Path(f) for f in book.files), **timeouts)
     config = replace(
         config,
@@ -131,6 +134,7 @@ async def running_proxy(
         spend=spend,
         ledger=ledger,
         ledger_status=ledger.status if ledger else None,
+        transport=transport,
     )
     runner = make_runner(app, config)
     await runner.setup()
