@@ -36,8 +36,12 @@ class Services:
 
 
 def _has_admission_limits(proxy_root: Path) -> bool:
-    source = proxy_root / "proxy" / "config.py"
-    return source.exists() and "max_inflight_per_team" in source.read_text(encoding="utf-8")
+    """Whether the proxy's config (a module, later a package) knows the admission limits."""
+    sources = [proxy_root / "proxy" / "config.py", *(proxy_root / "proxy" / "config").glob("*.py")]
+    return any(
+        source.exists() and "max_inflight_per_team" in source.read_text(encoding="utf-8")
+        for source in sources
+    )
 
 
 def write_proxy_config(

@@ -29,6 +29,7 @@ from proxy.metering import CallMeter
 from proxy.pricing import PriceBook
 from proxy.records import UsageRecord
 from proxy.relay.request import new_request_id
+from tests.support.calls import call_meter
 from tests.support.fake_deepseek import FakeDeepSeek
 from tests.support.fake_deepseek_shapes import Reply
 from tests.support.ledger_faults import fill_to_the_limit, lift_the_limit, record
@@ -60,19 +61,7 @@ async def eventually(condition: Callable[[], bool], what: str) -> None:
 
 
 def meter(request_id: str, team: str = "beta") -> CallMeter:
-    return CallMeter(
-        request_id=request_id,
-        team=team,
-        key_id="k_00000000",
-        endpoint="chat",
-        stream=False,
-        model_requested="deepseek-flash",
-        payload={},
-        started_at=PEAK,
-        prompt_bound=1 << 20,
-        output_bound=1 << 16,
-        price_book="digest",
-    )
+    return call_meter(request_id, team=team, price_book="digest")
 
 
 def cost(records: list[UsageRecord]) -> Decimal:

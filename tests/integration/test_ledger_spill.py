@@ -18,10 +18,10 @@ import pytest
 from proxy.cli import main
 from proxy.ledger.spill import read_records, spill
 from proxy.ledger.store import SQLiteLedger
-from proxy.metering import CallMeter
 from proxy.pricing import PriceBook
 from proxy.records import UsageRecord
 from proxy.relay.request import new_request_id
+from tests.support.calls import call_meter
 from tests.support.ledger_faults import record
 from tests.support.proxy_harness import PEAK
 from tests.support.serve_process import write_config
@@ -71,18 +71,7 @@ def test_spilled_records_go_back_once(
     store.write([], already[:1])  # one made it before the ledger failed
     store.close()
     running = UsageRecord.in_flight(
-        CallMeter(
-            request_id=new_request_id(),
-            team="beta",
-            key_id="k_00000000",
-            endpoint="chat",
-            stream=True,
-            model_requested="deepseek-flash",
-            payload={},
-            started_at=PEAK,
-            prompt_bound=1 << 20,
-            output_bound=1 << 16,
-        ),
+        call_meter(new_request_id(), team="beta", stream=True),
         PEAK,
         book.digest,
     )
@@ -197,18 +186,7 @@ def test_a_spilled_call_ended_by_a_restart_is_restored(
     store.write(
         [
             UsageRecord.in_flight(
-                CallMeter(
-                    request_id=call.request_id,
-                    team="beta",
-                    key_id="k_00000000",
-                    endpoint="chat",
-                    stream=False,
-                    model_requested="deepseek-flash",
-                    payload={},
-                    started_at=PEAK,
-                    prompt_bound=1 << 20,
-                    output_bound=1 << 16,
-                ),
+                call_meter(call.request_id, team="beta"),
                 PEAK,
                 book.digest,
             )

@@ -34,6 +34,7 @@ from proxy.metrics.sharing import SharedTotals
 from proxy.outcome import Failure
 from proxy.pricing import PriceBook, Pricer
 from proxy.records import Outcome, UsageRecord
+from tests.support.calls import call_meter
 from tests.support.fake_deepseek import FakeDeepSeek, running_fake
 from tests.support.fake_deepseek_shapes import Reply
 from tests.support.proxy_harness import PEAK, RunningProxy, running_proxy
@@ -256,19 +257,7 @@ def test_spend_periods_follow_the_billing_timezone(tmp_path: Path, book: PriceBo
     store = SQLiteLedger(tmp_path / "l.sqlite3", ZoneInfo("Asia/Shanghai"))
     records = []
     for instant in ("2026-10-31T15:59:59Z", "2026-10-31T16:00:00Z", "2026-11-01T15:59:00Z"):
-        meter = CallMeter(
-            request_id=instant,
-            team="alpha",
-            key_id="k_00000000",
-            endpoint="chat",
-            stream=False,
-            model_requested="deepseek-flash",
-            payload={},
-            started_at=datetime.fromisoformat(instant),
-            prompt_bound=LOOSE.max_context_tokens,
-            output_bound=LOOSE.max_output_tokens,
-            upstream_status=200,
-        )
+        meter = call_meter(instant, started_at=datetime.fromisoformat(instant), upstream_status=200)
         meter.reported = parse_usage(USAGE)
         records.append(build_record(meter, meter.started_at, Pricer(book), "request_start", LOOSE))
     store.write([], records)

@@ -13,10 +13,11 @@ from datetime import datetime, timedelta
 
 from proxy.config import Limits
 from proxy.ledger.store import SQLiteLedger
-from proxy.metering import CallMeter, build_record
+from proxy.metering import build_record
 from proxy.pricing import PriceBook, Pricer
 from proxy.records import UsageRecord
 from proxy.usage import parse_usage
+from tests.support.calls import call_meter
 from tests.support.requests import BOUNDED_USAGE
 
 FULL = "database or disk is full"
@@ -25,19 +26,8 @@ LOOSE = Limits()  # bounds far above these records' usage: nothing is cut
 
 def record(book: PriceBook, request_id: str, started_at: datetime, team: str) -> UsageRecord:
     """A complete call with `BOUNDED_USAGE`, priced at its start."""
-    meter = CallMeter(
-        request_id=request_id,
-        team=team,
-        key_id="k_00000000",
-        endpoint="chat",
-        stream=False,
-        model_requested="deepseek-flash",
-        payload={},
-        started_at=started_at,
-        prompt_bound=LOOSE.max_context_tokens,
-        output_bound=LOOSE.max_output_tokens,
-        upstream_status=200,
-        price_book=book.digest,
+    meter = call_meter(
+        request_id, team=team, started_at=started_at, upstream_status=200, price_book=book.digest
     )
     meter.reported = parse_usage(BOUNDED_USAGE)
     return build_record(

@@ -25,6 +25,7 @@ from proxy.pricing import PriceBook, Pricer
 from proxy.records import FIELDS, UsageRecord
 from proxy.relay.request import new_request_id
 from proxy.usage import parse_usage
+from tests.support.calls import call_meter
 from tests.support.requests import USAGE
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
@@ -33,19 +34,7 @@ LOOSE = Limits()  # bounds far above these records' usage: nothing is cut
 
 
 def meter(request_id: str, instant: datetime, team: str = "alpha") -> CallMeter:
-    return CallMeter(
-        request_id=request_id,
-        team=team,
-        key_id="k_00000000",
-        endpoint="chat",
-        stream=False,
-        model_requested="deepseek-flash",
-        payload={},
-        started_at=instant,
-        prompt_bound=LOOSE.max_context_tokens,
-        output_bound=LOOSE.max_output_tokens,
-        upstream_status=200,
-    )
+    return call_meter(request_id, team=team, started_at=instant, upstream_status=200)
 
 
 def final(book: PriceBook, request_id: str, instant: datetime, team: str = "alpha") -> UsageRecord:

@@ -16,12 +16,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import Budget, Limits
 from proxy.ledger.writer import LedgerStatus
-from proxy.metering import CallMeter, build_record
+from proxy.metering import build_record
 from proxy.metrics import MetricSources, ProxyMetrics
 from proxy.metrics.contract import FAMILIES
 from proxy.outcome import Failure
 from proxy.pricing import PriceBook, Pricer
 from proxy.records import UsageRecord
+from tests.support.calls import call_meter
 from tests.support.proxy_harness import PEAK
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
@@ -92,17 +93,11 @@ USAGE = {
 def call(
     book: PriceBook, failure: Failure | None, model: str, status: int, usage: object = None
 ) -> UsageRecord:
-    meter = CallMeter(
-        request_id=failure or f"http_{status}",
-        team="alpha",
-        key_id="k_00000000",
-        endpoint="chat",
+    meter = call_meter(
+        failure or f"http_{status}",
         stream=True,
-        model_requested=model,
+        model=model,
         payload={"messages": [{"role": "user", "content": "hi"}]},
-        started_at=PEAK,
-        prompt_bound=Limits().max_context_tokens,
-        output_bound=Limits().max_output_tokens,
         failure=failure,
         upstream_status=status,
         first_byte_at=PEAK + timedelta(seconds=0.2),

@@ -5,7 +5,6 @@ Events are cut from bytes by the real `SSESplitter`, as the relay cuts them."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -24,24 +23,14 @@ from proxy.metering import (
 from proxy.relay.request import usage_option, wants_usage
 from proxy.sse import Event, SSESplitter
 from proxy.usage import DEFAULT_TOOL_FIELDS, TokenUsage
+from tests.support.calls import call_meter
 from tests.support.requests import SMALL_USAGE, STREAM
 
 LIMITS = Limits()
 
 
 def meter() -> CallMeter:
-    return CallMeter(
-        request_id="r1",
-        team="alpha",
-        key_id="k_00000000",
-        endpoint="chat",
-        stream=True,
-        model_requested="deepseek-flash",
-        payload=STREAM,
-        started_at=datetime(2026, 11, 2, 1, 30, tzinfo=UTC),
-        prompt_bound=LIMITS.max_context_tokens,
-        output_bound=LIMITS.max_output_tokens,
-    )
+    return call_meter(stream=True, payload=STREAM)
 
 
 def event(raw: bytes) -> Event:
