@@ -3,7 +3,7 @@ front of it."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from proxy.pricing import PriceBook, load_price_book
 from tests.support.fake_clients import UPSTREAM_AUTH
 from tests.support.fake_deepseek import FakeDeepSeek, running_fake
 from tests.support.fake_deepseek_shapes import FAKE_UPSTREAM_KEY
+from tests.support.postgres import Postgres, require_postgres, running_postgres
 from tests.support.proxy_harness import RunningProxy, StartProxy, running_proxy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,6 +26,16 @@ SHIPPED_BOOK = ROOT / "config" / "pricing" / "deepseek.yaml"
 @pytest.fixture(scope="session")
 def book() -> PriceBook:
     return load_price_book([SHIPPED_BOOK])
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """One real PostgreSQL for the session (tests/support/postgres.py); each test that uses it
+    makes its own database. Skipped where the server binaries are missing, except in CI
+    (``CI`` set), where a missing PostgreSQL is a failure: CI must run these tests."""
+    require_postgres()
+    with running_postgres() as server:
+        yield server
 
 
 @pytest.fixture
