@@ -45,6 +45,9 @@ class Kind:
     """Its value in an ``in_flight`` record (no usage, no price yet)."""
     stored: bool = True
     """False: kept in a table of its own (money: ``usage_cost``), not a ``usage`` column."""
+    pg_type: str = "text"
+    """Its column type in the PostgreSQL ledger (`proxy.ledger.pg_schema`), which stores each
+    field natively (SQLite's columns hold text for what SQLite has no type for)."""
 
 
 def _unexpected(value: Any) -> ValueError:
@@ -120,18 +123,19 @@ def _choice(choices: tuple[str, ...]) -> Kind:
 
 
 _TEXT = Kind(_text)
-_COUNT = Kind(_count)
+_COUNT = Kind(_count, pg_type="bigint")
 _INSTANT = Kind(
     _instant,
     to_json=iso_instant,
     to_column=lambda instant: iso_instant(instant, fixed_width=True),
     from_column=datetime.fromisoformat,
+    pg_type="timestamptz",
 )
 _KINDS: Mapping[object, Kind] = {
     str: _TEXT,
     str | None: _optional(_TEXT),
     int | None: _optional(_COUNT),
-    bool: Kind(_flag, to_column=int, from_column=bool),
+    bool: Kind(_flag, to_column=int, from_column=bool, pg_type="boolean"),
     datetime: _INSTANT,
     datetime | None: _optional(_INSTANT),
     Mapping[str, int]: Kind(
@@ -140,6 +144,7 @@ _KINDS: Mapping[object, Kind] = {
         to_column=lambda tools: json.dumps(dict(tools), sort_keys=True) if tools else "{}",
         from_column=json.loads,
         empty={},
+        pg_type="jsonb",
     ),
     tuple[str, ...]: Kind(
         _flags,
@@ -147,6 +152,7 @@ _KINDS: Mapping[object, Kind] = {
         to_column=lambda flags: json.dumps(list(flags)) if flags else "[]",
         from_column=lambda text: tuple(json.loads(text)),
         empty=(),
+        pg_type="jsonb",
     ),
     Mapping[str, Decimal]: Kind(
         _money,

@@ -21,6 +21,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,13 @@ class Postgres:
     def url(self) -> str:
         """A ``postgresql://`` URL to the test database."""
         return f"postgresql://{USER}@{self.host}:{self.port}/{DATABASE}"
+
+    def new_database(self) -> str:
+        """A fresh, empty database of its own (tests share the server, never a database);
+        returns its URL."""
+        name = f"test_{uuid.uuid4().hex[:12]}"
+        self.psql(f"CREATE DATABASE {name}", database="postgres")
+        return f"postgresql://{USER}@{self.host}:{self.port}/{name}"
 
     def psql(self, sql: str, database: str = DATABASE) -> str:
         """Run `sql` with ``psql`` (unaligned, tuples only) and return its output."""

@@ -1,0 +1,134 @@
+"""The ledger's tables in PostgreSQL (step 3: replicas share one ledger), and their migrations.
+
+The same tables as the SQLite ledger (`proxy.ledger.schema`), under the same schema version
+numbers, so a ledger copied from one to the other means the same thing. The ``usage`` table's
+columns come from the record's own fields (`proxy.records.FIELDS`), each in its native type
+(`Kind.pg_type`: ``timestamptz``, ``bigint``, ``boolean``, ``jsonb``), money is ``numeric``
+(exact, as the SQLite ledger's decimal text is), and ``billing_day`` a ``date``.
+
+Several replicas may start at once against a new or older database: `migrate` runs inside one
+transaction holding a transaction-level advisory lock, so the first creates or migrates and the
+others then find the schema current. A database written by a newer proxy is refused, as the
+SQLite ledger refuses a newer file.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from proxy.ledger.rows import LEDGER_COLUMNS
+from proxy.records import FIELDS
+
+SCHEMA_VERSION = 3
+"""The first PostgreSQL schema is version 3, the SQLite ledger's current one: both say the
+same of a ledger's contents at a version."""
+
+MIGRATION_LOCK = 0x7072_6F78_7931
+"""The advisory-lock key every replica takes while it creates or migrates the schema."""
+
+_LEDGER_TYPES = {"state": "text NOT NULL", "billing_day": "date NOT NULL", "owner": "text"}
+assert tuple(_LEDGER_TYPES) == LEDGER_COLUMNS, "the ledger's own columns are SQLite's"
+
+
+def _usage_table() -> str:
+    columns = [
+        f"{field.name} {field.kind.pg_type}{'' if field.kind.empty is None else ' NOT NULL'}"
+        for field in FIELDS
+        if field.kind.stored
+    ]
+    columns += [f"{name} {kind}" for name, kind in _LEDGER_TYPES.items()]
+    columns.append("PRIMARY KEY (request_id)")
+    return "CREATE TABLE usage (\n    " + ",\n    ".join(columns) + "\n)"
+
+
+SCHEMA: tuple[str, ...] = (
+    "CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL)",
+    _usage_table(),
+    "CREATE INDEX usage_started ON usage (started_at)",
+    "CREATE INDEX usage_team_day ON usage (team, billing_day)",
+    "CREATE INDEX usage_in_flight ON usage (owner) WHERE state = 'in_flight'",
+    """CREATE TABLE usage_cost (
+    request_id text NOT NULL REFERENCES usage (request_id),
+    currency text NOT NULL,
+    amount numeric NOT NULL,
+    cache_savings numeric NOT NULL,
+    PRIMARY KEY (request_id, currency)
+)""",
+    """CREATE TABLE cost_history (
+    request_id text NOT NULL,
+    currency text NOT NULL,
+    amount numeric,
+    price_book text NOT NULL,
+    price_version text,
+    replaced_at timestamptz NOT NULL,
+    replaced_by_book text NOT NULL
+)""",
+    """CREATE TABLE budget_holds (
+    request_id text NOT NULL,
+    team text NOT NULL,
+    currency text NOT NULL,
+    day date NOT NULL,
+    amount numeric NOT NULL,
+    owner text,
+    PRIMARY KEY (request_id, currency)
+)""",
+    "CREATE INDEX budget_holds_team ON budget_holds (team, currency, day)",
+    """CREATE TABLE spend_daily (
+    team text NOT NULL,
+    day date NOT NULL,
+    currency text NOT NULL,
+    amount numeric NOT NULL,
+    PRIMARY KEY (team, day, currency)
+)""",
+)
+"""The current schema, one statement each."""
+
+MIGRATIONS: dict[int, tuple[str, ...]] = {}
+"""Version -> the statements that bring a database of that version to the next one (none yet:
+version 3 is the first PostgreSQL schema)."""
+
+
+class SchemaTooNew(Exception):
+    """The database was written by a newer proxy, with a schema this code does not know."""
+
+    def __init__(self, where: str, found: int) -> None:
+        super().__init__(
+            f"the PostgreSQL ledger {where} has schema version {found}, newer than this proxy "
+            f"knows ({SCHEMA_VERSION}): run the proxy version that wrote it, or a newer one"
+        )
+        self.found = found
+
+
+class Connection(Protocol):
+    """What `migrate` needs of a database connection (asyncpg's has it)."""
+
+    def transaction(self) -> Any: ...
+
+    async def execute(self, query: str, *args: object) -> str: ...
+
+    async def fetchval(self, query: str, *args: object) -> Any: ...
+
+
+async def migrate(conn: Connection, where: str) -> int:
+    """Create the schema in an empty database, or bring an older one to `SCHEMA_VERSION`;
+    returns the version found (0: none). `where` names the database in errors (no password)."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+        exists = await conn.fetchval("SELECT to_regclass('meta') IS NOT NULL")
+        if not exists:
+            for statement in SCHEMA:
+                await conn.execute(statement)
+            found = 0
+        else:
+            found = int(await conn.fetchval("SELECT value FROM meta WHERE key = 'schema_version'"))
+            if found > SCHEMA_VERSION:
+                raise SchemaTooNew(where, found)
+            for version in range(found, SCHEMA_VERSION):
+                for statement in MIGRATIONS[version]:
+                    await conn.execute(statement)
+        await conn.execute(
+            "INSERT INTO meta VALUES ('schema_version', $1) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            str(SCHEMA_VERSION),
+        )
+    return found
