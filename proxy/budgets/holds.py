@@ -3,8 +3,9 @@
 A store reads a team's standings, lets the guard's `Admit` decide, and records the holds it
 returns, all in one atomic step, so no concurrent call can slip between check and hold.
 `LocalHolds` keeps them in this process (the step has no ``await``, so it is atomic on the event
-loop); `proxy.budgets.ledger_holds.LedgerHolds` keeps them in the shared ledger for
-``serve --workers N``.
+loop); `proxy.budgets.ledger_holds.LedgerHolds` keeps them in the shared SQLite ledger for
+``serve --workers N``; `proxy.budgets.pg_holds.PostgresHolds` in a PostgreSQL ledger shared by
+replicas.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ Admit = Callable[[Sequence[Standing]], tuple[dict[str, Decimal], int | None]]
 
 
 class HoldStore(Protocol):
-    """Storage of hard-budget holds (in process, shared ledger; PostgreSQL in step 3)."""
+    """Storage of hard-budget holds (in process, shared SQLite ledger, PostgreSQL)."""
 
     async def hold(
         self, team: str, request_id: str, day: date, budgets: Sequence[Budget], admit: Admit

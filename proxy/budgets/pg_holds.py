@@ -1,0 +1,117 @@
+"""Hard-budget holds in a PostgreSQL ledger, shared by every replica (step 3).
+
+The check and the hold are one transaction that first takes a transaction-level advisory lock
+on the team: two replicas admitting calls of one team run one after the other, the second
+seeing the first's hold, so N replicas x M concurrent calls cannot pass a budget by more than
+one call's worst case (the bound the guard states). The reads come after the lock, each a fresh
+snapshot under READ COMMITTED, so they see every hold committed before the lock was granted;
+the decision itself stays in Python (`proxy.budgets.decide`, with the team's policy), between
+the read and the insert. Measured on loopback (bench/RESULTS.md, issue 13): asyncpg, chosen
+for the least CPU per admission on the event loop.
+
+A call's holds carry `owner` (this replica's id), so the survivors can release those of a
+replica that died. Settling is idempotent on the request id: an update of the call's rows, or
+their deletion when nothing is billable.
+
+While the database cannot be reached or answers with an error, `hold` raises
+`BudgetUnavailable` (503, fail closed) after at most `ACQUIRE_TIMEOUT` seconds of waiting for
+a connection.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from datetime import date
+from decimal import Decimal
+from typing import Any
+
+import asyncpg  # type: ignore[import-untyped]
+
+from proxy.budgets.decide import BudgetUnavailable, Standing
+from proxy.budgets.holds import Admit
+from proxy.config import Budget
+from proxy.periods import period_start
+
+log = logging.getLogger("proxy.budgets")
+
+ACQUIRE_TIMEOUT = 2.0
+"""Seconds a call waits for a database connection before its admission fails closed."""
+_LOCK_SPACE = 0x6275_6467
+"""Second key of the per-team advisory lock, so it cannot collide with other users' locks."""
+
+_LOCK = "SELECT pg_advisory_xact_lock($1::int, hashtext($2))"
+_STANDINGS = """
+SELECT
+    COALESCE((SELECT sum(amount) FROM spend_daily
+              WHERE team = $1 AND currency = b.currency AND day BETWEEN b.first AND $4), 0),
+    COALESCE((SELECT sum(amount) FROM budget_holds
+              WHERE team = $1 AND currency = b.currency AND day >= b.first), 0)
+FROM unnest($2::text[], $3::date[]) WITH ORDINALITY AS b(currency, first, position)
+ORDER BY b.position"""
+_INSERT = """
+INSERT INTO budget_holds (request_id, team, currency, day, amount, owner)
+SELECT $1, $2, h.currency, $3, h.amount, $4
+FROM unnest($5::text[], $6::numeric[]) AS h(currency, amount)"""
+_DROP = "DELETE FROM budget_holds WHERE request_id = $1"
+_SETTLE = """
+UPDATE budget_holds SET amount = c.amount
+FROM unnest($2::text[], $3::numeric[]) AS c(currency, amount)
+WHERE budget_holds.request_id = $1 AND budget_holds.currency = c.currency"""
+
+_UNREACHABLE = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+"""What a lost or failing database raises (a refused connection is an OSError)."""
+
+
+class PostgresHolds:
+    """Holds in the PostgreSQL ledger behind `pool`, marked with `owner`."""
+
+    def __init__(self, pool: Any, *, owner: str | None = None) -> None:
+        self._pool = pool
+        self._owner = owner
+
+    async def hold(
+        self, team: str, request_id: str, day: date, budgets: Sequence[Budget], admit: Admit
+    ) -> int | None:
+        starts = [period_start(day, budget.period) for budget in budgets]
+        try:
+            async with (
+                self._pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn,
+                conn.transaction(),
+            ):
+                await conn.execute(_LOCK, _LOCK_SPACE, team)
+                rows = await conn.fetch(
+                    _STANDINGS, team, [b.currency for b in budgets], starts, day
+                )
+                standings = [
+                    Standing(budget, start, Decimal(spent), Decimal(held))
+                    for budget, start, (spent, held) in zip(budgets, starts, rows, strict=True)
+                ]
+                holds, lowered = admit(standings)  # BudgetExceeded rolls the transaction back
+                if holds:
+                    await conn.execute(
+                        _INSERT,
+                        request_id,
+                        team,
+                        day,
+                        self._owner,
+                        list(holds),
+                        list(holds.values()),
+                    )
+        except _UNREACHABLE as exc:
+            log.exception("cannot read or write budget holds in PostgreSQL")
+            raise BudgetUnavailable() from exc
+        return lowered
+
+    async def settle(self, request_id: str, costs: Mapping[str, Decimal] | None) -> None:
+        try:
+            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+                if costs is None:
+                    await conn.execute(_DROP, request_id)
+                else:
+                    await conn.execute(_SETTLE, request_id, list(costs), list(costs.values()))
+        except _UNREACHABLE:
+            log.exception("cannot settle budget hold of %s", request_id)
+
+    def close(self) -> None:
+        """The pool belongs to whoever opened it (the app, which closes it last)."""
