@@ -30,7 +30,7 @@ import asyncpg  # type: ignore[import-untyped]
 from proxy.formats import ZERO
 from proxy.ledger import pg_schema
 from proxy.ledger.rows import COLUMNS
-from proxy.ledger.store import SpendRow
+from proxy.ledger.store import INTERRUPTED_REASON, SpendRow
 from proxy.records import FIELDS, UsageRecord
 
 _T = TypeVar("_T")
@@ -61,6 +61,11 @@ _ADD_SPEND = (
     "DO UPDATE SET amount = spend_daily.amount + excluded.amount"
 )
 _DROP_HOLDS = "DELETE FROM budget_holds WHERE request_id = ANY($1::text[])"
+_INTERRUPT = (
+    "UPDATE usage SET state = 'final', outcome = 'interrupted', unpriced_reason = $2 "
+    "WHERE state = 'in_flight' AND owner = $1"
+)
+_RELEASE_HOLDS = "DELETE FROM budget_holds WHERE owner = $1"
 _SPEND = "SELECT team, day, currency, amount FROM spend_daily WHERE day BETWEEN $1 AND $2"
 
 
@@ -135,6 +140,20 @@ class PostgresLedger:
             if spend:
                 await conn.executemany(_ADD_SPEND, [(*key, delta) for key, delta in spend.items()])
             await conn.execute(_DROP_HOLDS, [r.request_id for r in final])
+
+    def release_owner(self, owner: str) -> tuple[int, int]:
+        """End what a dead replica or worker left, in one transaction: its ``in_flight`` rows
+        become final ``interrupted`` rows (usage unknown, never priced) and its holds are
+        dropped. Returns (calls ended, holds dropped). Always one named owner: replicas share
+        the database, so a starting one can never assume the others are dead (SQLite's
+        start-up recovery of every owner has no PostgreSQL counterpart)."""
+        return self._wait(self._release(owner))
+
+    async def _release(self, owner: str) -> tuple[int, int]:
+        async with self._conn.transaction():
+            calls = await self._conn.execute(_INTERRUPT, owner, INTERRUPTED_REASON)
+            holds = await self._conn.execute(_RELEASE_HOLDS, owner)
+        return int(calls.rsplit(" ", 1)[1]), int(holds.rsplit(" ", 1)[1])
 
     def spend(self, since: date, until: date) -> list[SpendRow]:
         """Daily spend rows with ``since <= day <= until`` (billing days)."""

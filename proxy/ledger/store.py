@@ -39,9 +39,10 @@ from proxy.ledger.rows import (
 from proxy.ledger.schema import migrate
 from proxy.records import UsageRecord
 
+INTERRUPTED_REASON = "the proxy process stopped before the call ended; usage unknown"
+"""Why a call its serving process left ``in_flight`` was never priced (both ledgers say it)."""
 _INTERRUPT = (
-    "UPDATE usage SET state = 'final', outcome = 'interrupted', "
-    "unpriced_reason = 'the proxy process stopped before the call ended; usage unknown' "
+    "UPDATE usage SET state = 'final', outcome = 'interrupted', unpriced_reason = ?2 "
     "WHERE state = 'in_flight' AND (?1 IS NULL OR owner = ?1)"
 )
 _DROP_HOLDS = "DELETE FROM budget_holds WHERE ?1 IS NULL OR owner = ?1"
@@ -58,7 +59,7 @@ def release_owner(conn: sqlite3.Connection, owner: str | None) -> tuple[int, int
     still settle its holds and finish its rows.
     """
     with Transaction(conn):
-        calls = conn.execute(_INTERRUPT, (owner,)).rowcount
+        calls = conn.execute(_INTERRUPT, (owner, INTERRUPTED_REASON)).rowcount
         holds = conn.execute(_DROP_HOLDS, (owner,)).rowcount
     return calls, holds
 

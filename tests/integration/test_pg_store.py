@@ -97,6 +97,25 @@ def test_holds_go_in_the_transaction_that_adds_the_spend(
     assert postgres.psql("SELECT request_id FROM budget_holds", database) == "r2"
 
 
+def test_a_dead_owners_calls_end_and_its_holds_go_and_no_one_elses(
+    ledgers: tuple[SQLiteLedger, PostgresLedger], book: PriceBook, postgres: Postgres
+) -> None:
+    _, pg = ledgers
+    database = pg.url.rsplit("/", 1)[1]
+    call = record(book, "r1", PEAK, "alpha")
+    pg.write([UsageRecord.in_flight(call, call.started_at, book.digest)], [])  # owner w1
+    postgres.psql(
+        "INSERT INTO budget_holds VALUES ('r1', 'alpha', 'CNY', '2026-11-02', 0.5, 'w1'), "
+        "('r9', 'alpha', 'CNY', '2026-11-02', 0.5, 'w2')",
+        database,
+    )
+    assert pg.release_owner("w2") == (0, 1)
+    assert pg.release_owner("w1") == (1, 1)
+    assert pg.release_owner("w1") == (0, 0)
+    assert stored(postgres, pg) == ["r1|final|interrupted|w1"]
+    assert postgres.psql("SELECT count(*) FROM budget_holds", database) == "0"
+
+
 def test_a_password_never_shows() -> None:
     assert shown_url("postgresql://proxy:s3cret@db.internal:5432/ledger") == (
         "postgresql://proxy:***@db.internal:5432/ledger"
