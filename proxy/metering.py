@@ -181,14 +181,14 @@ class StreamMeter:
 
 
 def _usage_of(
-    meter: CallMeter, limits: Limits
+    meter: CallMeter, outcome: Outcome, limits: Limits
 ) -> tuple[TokenUsage | None, int | None, UsageSource, tuple[str, ...]]:
     """The call's billable counts, the ``prompt_tokens`` to record, where they came from, and
-    flags about them."""
+    flags about them (`outcome`: how the call ended)."""
     if meter.reported is not None:
         tokens, flags = _within_bounds(meter, meter.reported.tokens, limits)
         return tokens, meter.reported.prompt_tokens, "reported", flags
-    if meter.outcome in ("connect_error", "upstream_error"):
+    if outcome in ("connect_error", "upstream_error"):
         return None, None, "none", ()
     prompt, flags = estimate_prompt(meter.payload, limits)
     if not prompt and not meter.output_chunks:
@@ -252,7 +252,8 @@ def build_record(
     meter: CallMeter, ended_at: datetime, pricer: Pricer, price_at: str, limits: Limits
 ) -> UsageRecord:
     """The one usage record of a call, priced at the configured instant."""
-    tokens, prompt, source, usage_flags = _usage_of(meter, limits)
+    outcome = meter.outcome  # classified once, from the relay's facts
+    tokens, prompt, source, usage_flags = _usage_of(meter, outcome, limits)
     flags = list(meter.flags)
     if meter.reported is not None:
         flags.extend(meter.reported.flags)
@@ -270,7 +271,7 @@ def build_record(
             savings[currency] = cost.cache_savings
         priced, reason = pricing.priced, pricing.reason
     else:
-        priced, reason = False, _no_price_reason(source, meter.outcome)
+        priced, reason = False, _no_price_reason(source, outcome)
     return UsageRecord(
         *request_fields(meter),
         model_served=meter.model_served,
@@ -286,7 +287,7 @@ def build_record(
         upstream_status=meter.upstream_status,
         client_status=meter.client_status,
         upstream_trace_id=meter.trace_id,
-        outcome=meter.outcome,
+        outcome=outcome,
         usage_source=source,
         priced=priced,
         unpriced_reason=None if priced else reason,

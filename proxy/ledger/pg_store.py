@@ -29,25 +29,18 @@ import asyncpg  # type: ignore[import-untyped]
 
 from proxy.formats import ZERO
 from proxy.ledger import pg_schema
-from proxy.ledger.rows import COLUMNS
+from proxy.ledger.rows import COLUMNS, ON_CONFLICT_USAGE, STORED_FIELDS, stored_values
 from proxy.ledger.store import INTERRUPTED_REASON, SpendRow
-from proxy.records import FIELDS, UsageRecord
+from proxy.records import UsageRecord
 
 _T = TypeVar("_T")
-_STORED = tuple(field for field in FIELDS if field.kind.stored)
-_JSON = tuple(index for index, field in enumerate(_STORED) if field.kind.pg_type == "jsonb")
+_JSON = tuple(index for index, field in enumerate(STORED_FIELDS) if field.kind.pg_type == "jsonb")
 _COLUMN_LIST = ", ".join(COLUMNS)
 _PLACES = ", ".join(
     f"${i}::jsonb" if i - 1 in _JSON else f"${i}" for i in range(1, len(COLUMNS) + 1)
 )
 # Built from the record's field names, never from input; values are parameters.
-_UPSERT_USAGE = (
-    f"INSERT INTO usage ({_COLUMN_LIST}) VALUES ({_PLACES}) "  # noqa: S608
-    "ON CONFLICT (request_id) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in COLUMNS if c != "request_id")
-    + " WHERE excluded.state = 'final' AND (usage.state = 'in_flight'"
-    " OR (usage.outcome = 'interrupted' AND usage.usage_source = 'unknown'))"
-)
+_UPSERT_USAGE = f"INSERT INTO usage ({_COLUMN_LIST}) VALUES ({_PLACES})" + ON_CONFLICT_USAGE  # noqa: S608
 _SETTLED = (
     "SELECT request_id FROM usage WHERE state = 'final' AND request_id = ANY($1::text[]) "
     "AND NOT (outcome = 'interrupted' AND usage_source = 'unknown')"
@@ -105,7 +98,7 @@ class PostgresLedger:
         return instant.astimezone(self.billing_timezone).date()
 
     def _row(self, record: UsageRecord, state: str) -> list[Any]:
-        row = [getattr(record, name) for name in (f.name for f in _STORED)]
+        row = list(stored_values(record))
         for index in _JSON:
             value = row[index]
             row[index] = json.dumps(dict(value) if isinstance(value, Mapping) else list(value))

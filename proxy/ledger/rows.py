@@ -20,20 +20,22 @@ from proxy.formats import ZERO, decimal_text
 from proxy.ledger.connection import statement_sizes
 from proxy.records import FIELDS, UNBILLABLE_SOURCES, UsageRecord
 
-_STORED = tuple(field for field in FIELDS if field.kind.stored)
-RECORD_COLUMNS = tuple(field.name for field in _STORED)
+STORED_FIELDS = tuple(field for field in FIELDS if field.kind.stored)
+"""The record's fields that are ``usage`` columns (money goes to ``usage_cost``)."""
+RECORD_COLUMNS = tuple(field.name for field in STORED_FIELDS)
 """The ``usage`` columns that hold a record's fields, in the record's order."""
 LEDGER_COLUMNS = ("state", "billing_day", "owner")
 COLUMNS = (*RECORD_COLUMNS, *LEDGER_COLUMNS)
 """Every ``usage`` column, in the order of `usage_row`'s values."""
 
-_values = operator.attrgetter(*RECORD_COLUMNS)
+stored_values = operator.attrgetter(*RECORD_COLUMNS)
+"""A record's `RECORD_COLUMNS` values, as the record holds them, in one call."""
 _TO_COLUMN = tuple(
     (index, field.kind.to_column)
-    for index, field in enumerate(_STORED)
+    for index, field in enumerate(STORED_FIELDS)
     if field.kind.to_column is not None
 )
-_FROM_COLUMN = tuple((field.name, field.kind.from_column) for field in _STORED)
+_FROM_COLUMN = tuple((field.name, field.kind.from_column) for field in STORED_FIELDS)
 
 # Built from the record's field names, never from input; values are parameters.
 INSERT_USAGE = f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES "  # noqa: S608
@@ -56,7 +58,7 @@ def usage_row(record: UsageRecord, state: str, day: str, owner: str | None) -> l
     """The values of `COLUMNS` for a record. On the ledger thread's path for every call: the
     fields are read in one `operator.attrgetter` call and only those stored as other than
     themselves (flags, instants, JSON) are converted."""
-    row = list(_values(record))
+    row = list(stored_values(record))
     for index, convert in _TO_COLUMN:
         value = row[index]
         if value is not None:

@@ -14,7 +14,7 @@ import pytest
 
 from proxy.ledger import commands
 from proxy.pricing import PriceBook, price
-from proxy.records import Outcome, UsageRecord, UsageSource
+from proxy.records import CallRequest, Outcome, UsageRecord, UsageSource
 from proxy.usage import TokenUsage
 from tests.support.config_files import KEY_HASH
 
@@ -90,41 +90,8 @@ def record(
 
 
 def in_flight(book: PriceBook, request_id: str, team: str, model: str, started: str) -> UsageRecord:
-    start = at(started)
-    return UsageRecord(
-        request_id=request_id,
-        team=team,
-        key_id="k_abababab",
-        endpoint="chat",
-        stream=True,
-        model_requested=model,
-        model_served=None,
-        started_at=start,
-        first_byte_at=None,
-        ended_at=start,
-        cache_hit_tokens=None,
-        cache_miss_tokens=None,
-        output_tokens=None,
-        reasoning_tokens=None,
-        prompt_tokens=None,
-        tool_calls={},
-        upstream_status=None,
-        client_status=None,
-        upstream_trace_id=None,
-        outcome="in_flight",
-        usage_source="unknown",
-        priced=False,
-        unpriced_reason="in flight: the call had not ended",
-        billed_model=None,
-        price_version=None,
-        schedule_version=None,
-        tier=None,
-        priced_at=None,
-        costs={},
-        cache_savings={},
-        price_book=book.digest,
-        flags=(),
-    )
+    call = CallRequest(request_id, team, "k_abababab", "chat", True, model)
+    return UsageRecord.in_flight(call, at(started), book.digest)
 
 
 def sample_rows(book: PriceBook) -> tuple[list[UsageRecord], list[UsageRecord]]:
