@@ -11,6 +11,7 @@ from proxy.config.loader import check_references, load_config
 from proxy.config.model import (
     DEFAULT_CONFIG,
     DEFAULT_FLUSH_INTERVAL,
+    DEFAULT_LEASE,
     DEFAULT_LEDGER,
     DEFAULT_MAX_QUEUED_RECORDS,
     DEFAULT_POLICY,
@@ -28,6 +29,7 @@ from proxy.config.model import (
 __all__ = [
     "DEFAULT_CONFIG",
     "DEFAULT_FLUSH_INTERVAL",
+    "DEFAULT_LEASE",
     "DEFAULT_LEDGER",
     "DEFAULT_MAX_QUEUED_RECORDS",
     "DEFAULT_POLICY",

@@ -13,6 +13,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from proxy.config.fields import Reader
 from proxy.config.model import (
     DEFAULT_FLUSH_INTERVAL,
+    DEFAULT_LEASE,
     DEFAULT_LEDGER,
     DEFAULT_MAX_QUEUED_RECORDS,
     DEFAULT_SHUTDOWN_TIMEOUT,
@@ -60,7 +61,15 @@ def load_config(path: Path) -> ProxyConfig:
     reader.keys(
         ledger,
         "ledger",
-        {"path", "flush_interval", "billing_timezone", "max_queued_records", "shutdown_timeout"},
+        {
+            "path",
+            "url",
+            "flush_interval",
+            "billing_timezone",
+            "max_queued_records",
+            "shutdown_timeout",
+            "lease",
+        },
     )
     reader.keys(listen, "listen", {"host", "port"})
     reader.keys(upstream, "upstream", {"base_url", "api_key_env"})
@@ -88,6 +97,7 @@ def load_config(path: Path) -> ProxyConfig:
             path, "pricing.price_at", f"expected request_start or response_end, got {price_at!r}"
         )
     keys, teams, policies = read_teams(reader, raw.get("teams"))
+    ledger_path, ledger_url = _ledger_location(reader, ledger)
     return ProxyConfig(
         path=path,
         host=reader.text(listen.get("host", "127.0.0.1"), "listen.host"),
@@ -105,7 +115,9 @@ def load_config(path: Path) -> ProxyConfig:
             **{name: reader.positive_int(value, f"limits.{name}") for name, value in limits.items()}
         ),
         tool_fields=MappingProxyType({**DEFAULT_TOOL_FIELDS, **_tool_fields(reader, usage)}),
-        ledger_path=path.parent / reader.text(ledger.get("path", DEFAULT_LEDGER), "ledger.path"),
+        ledger_path=ledger_path,
+        ledger_url=ledger_url,
+        ledger_lease=reader.seconds(ledger.get("lease", DEFAULT_LEASE), "ledger.lease"),
         flush_interval=reader.seconds(
             ledger.get("flush_interval", DEFAULT_FLUSH_INTERVAL), "ledger.flush_interval"
         ),
@@ -158,6 +170,46 @@ def _base_url(reader: Reader, value: Any) -> str:
     if parts.query or parts.fragment or parts.username or parts.password:
         raise reader.fail("upstream.base_url", "must not carry a query, fragment or credentials")
     return text.rstrip("/")
+
+
+def _ledger_location(reader: Reader, ledger: Mapping[str, Any]) -> tuple[Path, str | None]:
+    """The SQLite file (`ledger.path`, or a ``sqlite:///`` `ledger.url`) and the PostgreSQL URL.
+
+    ``sqlite:///data/l.db`` is relative to the config file, ``sqlite:////var/l.db`` absolute
+    (SQLAlchemy's spelling, which users know). A PostgreSQL URL must not carry a password: the
+    config file holds no secrets, and libpq's ``PGPASSWORD`` and ``~/.pgpass`` (which asyncpg
+    reads) keep it out. With PostgreSQL, `ledger.path` still names the local folder where a
+    stopping proxy saves the records it could not write (`ProxyConfig.spill_anchor`).
+    """
+    folder = reader.path.parent
+    path = folder / reader.text(ledger.get("path", DEFAULT_LEDGER), "ledger.path")
+    if "url" not in ledger:
+        return path, None
+    url = reader.text(ledger["url"], "ledger.url")
+    if url.startswith("sqlite:///"):
+        if "path" in ledger:
+            raise reader.fail("ledger.url", "set ledger.path or a sqlite:/// ledger.url, not both")
+        return folder / url.removeprefix("sqlite:///"), None
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+    except ValueError as exc:
+        raise reader.fail("ledger.url", f"not a valid URL: {exc}") from None
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise reader.fail(
+            "ledger.url",
+            f"expected postgresql://user@host:port/database or sqlite:///path, got scheme "
+            f"{parts.scheme or '(none)'!r}",
+        )
+    if parts.password is not None:
+        raise reader.fail(
+            "ledger.url",
+            "must not carry a password (the config holds no secrets): set PGPASSWORD in "
+            "the proxy's environment or use ~/.pgpass",
+        )
+    if not parts.hostname and "host=" not in parts.query:
+        raise reader.fail("ledger.url", "names no host")
+    return path, url
 
 
 def _book_paths(reader: Reader, value: Any) -> tuple[Path, ...]:

@@ -17,6 +17,10 @@ DEFAULT_CONFIG = Path("config/proxy.yaml")
 DEFAULT_LEDGER = "../data/ledger.sqlite3"
 """Relative to the config file: ``config/proxy.yaml`` -> ``data/ledger.sqlite3``."""
 DEFAULT_FLUSH_INTERVAL = 0.1
+DEFAULT_LEASE = 15.0
+"""Seconds a replica's claim on its calls and budget holds lasts in a PostgreSQL ledger unless
+renewed (every third of it): a replica that dies is released by the survivors within
+`lease` plus a third of it (`proxy.ledger.leases`)."""
 DEFAULT_MAX_QUEUED_RECORDS = 50_000
 """Records kept in memory while the ledger cannot commit, before every call is refused. A
 record takes about 1.5 KB, so about 75 MB at the bound: minutes of traffic for someone to
@@ -153,6 +157,28 @@ class ProxyConfig:
     ledger_shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     """On SIGTERM, after the drain, how long the ledger may take to commit before the records
     it could not write are saved to a spill file beside it."""
+    ledger_url: str | None = None
+    """A PostgreSQL ledger (``postgresql://user@host:port/db``, never with a password: libpq's
+    ``PGPASSWORD`` or ``~/.pgpass`` give it), shared by every replica; None: the SQLite file at
+    `ledger_path`."""
+    ledger_lease: float = DEFAULT_LEASE
+    """With a PostgreSQL ledger: seconds a replica's claim on its calls and holds lasts unless
+    renewed (`DEFAULT_LEASE`)."""
+
+    @property
+    def spill_anchor(self) -> Path:
+        """The path whose folder and name the files of records the ledger could not take are
+        named after (``<anchor>.unwritten-...jsonl``): the SQLite file itself; for a
+        PostgreSQL ledger, ``postgresql-ledger`` in the folder `ledger.path` names, a local
+        disk the server's outage cannot take away."""
+        if self.ledger_url is None:
+            return self.ledger_path
+        return self.ledger_path.with_name("postgresql-ledger")
+
+    @property
+    def ledger_shown(self) -> str:
+        """The ledger as logs and messages name it."""
+        return str(self.ledger_path) if self.ledger_url is None else self.ledger_url
 
     def policy(self, team: str) -> TeamPolicy:
         return self.policies.get(team, DEFAULT_POLICY)

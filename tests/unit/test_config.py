@@ -114,6 +114,28 @@ def test_a_stop_ends_within_the_compose_grace_period() -> None:
             "ledger.shutdown_timeout",
             "expected seconds, got 'soon'",
         ),
+        (
+            ONE_TEAM + "ledger: {url: 'postgresql://proxy:hunter2@db/ledger'}\n",
+            "ledger.url",
+            "must not carry a password (the config holds no secrets): set PGPASSWORD",
+        ),
+        (
+            ONE_TEAM + "ledger: {url: 'mysql://db/ledger'}\n",
+            "ledger.url",
+            "expected postgresql://user@host:port/database or sqlite:///path, got scheme 'mysql'",
+        ),
+        (
+            ONE_TEAM + "ledger: {url: 'postgresql://db:port/ledger'}\n",
+            "ledger.url",
+            "not a valid URL",
+        ),
+        (ONE_TEAM + "ledger: {url: 'postgresql:///ledger'}\n", "ledger.url", "names no host"),
+        (
+            ONE_TEAM + "ledger: {url: 'sqlite:///a.db', path: b.db}\n",
+            "ledger.url",
+            "set ledger.path or a sqlite:/// ledger.url, not both",
+        ),
+        (ONE_TEAM + "ledger: {lease: -1}\n", "ledger.lease", "expected a positive number"),
     ],
 )
 def test_config_errors(tmp_path: Path, text: str, key: str, reason: str) -> None:
@@ -148,3 +170,26 @@ def test_lower_case_currency_is_the_book_currency(tmp_path: Path) -> None:
     )
     [budget] = load_config(path).budgets
     assert budget.currency == "CNY"
+
+
+def test_ledger_locations(tmp_path: Path) -> None:
+    """SQLite by default, relative to the config; ``sqlite:///`` relative, ``sqlite:////``
+    absolute; a PostgreSQL URL keeps ``ledger.path``'s folder for the records it could not
+    write, and is named in messages as written (it holds no password)."""
+    default = load_config(config_with_shipped_book(tmp_path, ONE_TEAM))
+    assert (default.ledger_url, default.ledger_path) == (None, tmp_path / "../data/ledger.sqlite3")
+    assert default.spill_anchor == default.ledger_path
+    relative = load_config(
+        config_with_shipped_book(tmp_path, ONE_TEAM + "ledger: {url: 'sqlite:///x/l.db'}\n")
+    )
+    assert (relative.ledger_url, relative.ledger_path) == (None, tmp_path / "x/l.db")
+    absolute = load_config(
+        config_with_shipped_book(tmp_path, ONE_TEAM + "ledger: {url: 'sqlite:////var/l.db'}\n")
+    )
+    assert absolute.ledger_path == Path("/var/l.db")
+    url = "postgresql://proxy@db.internal:5432/ledger"
+    shared = load_config(
+        config_with_shipped_book(tmp_path, ONE_TEAM + f"ledger: {{url: '{url}', lease: 6}}\n")
+    )
+    assert (shared.ledger_url, shared.ledger_shown, shared.ledger_lease) == (url, url, 6.0)
+    assert shared.spill_anchor == tmp_path / "../data/postgresql-ledger"
