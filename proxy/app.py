@@ -29,6 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from proxy.admission import Admission
 from proxy.auth import ClientKey, authenticate
 from proxy.budgets import BudgetGuard, HoldStore, LedgerHolds, LocalHolds
+from proxy.budgets.pg_holds import PostgresHolds
 from proxy.config import ProxyConfig, check_references
 from proxy.errors import (
     HeadersTooLarge,
@@ -199,6 +200,7 @@ def create_app(
     clock: Callable[[], datetime] = _utc_now,
     shared_metrics_dir: Path | None = None,
     shared_ledger: Path | None = None,
+    shared_url: str | None = None,
     owner: str | None = None,
     admission: Admission | None = None,
     ledger: LedgerHealth | None = None,
@@ -211,7 +213,9 @@ def create_app(
     the ledger for `llm_team_spend` (omitted when there is no ledger). With several workers
     (``serve --workers N``), `shared_metrics_dir` is the folder they share metrics through,
     `shared_ledger` the ledger that holds their hard-budget reservations (each marked with
-    `owner`, this worker's id) and `admission` counts calls across the workers
+    `owner`, this worker's id); `shared_url` a PostgreSQL ledger shared by replicas, which then
+    holds the reservations of every replica (and worker) instead; `admission` counts calls
+    across the workers
     (`proxy.admission.SharedAdmission`); by default it counts this process's own. `ledger`
     says whether the ledger can take records (None: always, as for a sink that cannot fail),
     and `ledger_status` gives its figures for the ``llm_ledger_*`` metrics (the ledger's
@@ -235,16 +239,21 @@ def create_app(
     )
     metrics = ProxyMetrics(registry, sources, shared_metrics_dir)
     pricer = Pricer(book)
-    holds: HoldStore = (
-        LocalHolds(spend) if shared_ledger is None else LedgerHolds(shared_ledger, owner=owner)
-    )
+    holds: HoldStore
+    if shared_url is not None:
+        holds = PostgresHolds(url=shared_url, owner=owner)
+    elif shared_ledger is not None:
+        holds = LedgerHolds(shared_ledger, owner=owner)
+    else:
+        holds = LocalHolds(spend)
     budgets = BudgetGuard(config.budgets, pricer, holds, config.billing_timezone, config.policies)
 
-    async def close_budgets(app: web.Application) -> AsyncIterator[None]:
+    async def budget_holds(app: web.Application) -> AsyncIterator[None]:
+        await budgets.open()
         yield
-        budgets.close()
+        await budgets.close()
 
-    app.cleanup_ctx.append(close_budgets)
+    app.cleanup_ctx.append(budget_holds)
 
     async def upstream_session(app: web.Application) -> AsyncIterator[None]:
         upstream = Upstream(

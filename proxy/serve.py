@@ -38,7 +38,7 @@ from proxy.config import (
 )
 from proxy.ledger.schema import SchemaTooNew
 from proxy.ledger.spill import EXIT_UNWRITTEN, spill
-from proxy.ledger.store import SQLiteLedger
+from proxy.ledger.store import LedgerStore, SQLiteLedger
 from proxy.ledger.writer import LedgerWriter
 from proxy.listener import ListenError, ProxySite, make_runner
 from proxy.pricing import PriceBookError, load_price_book
@@ -141,22 +141,10 @@ def _serve(args: argparse.Namespace) -> int:
     # The owner id marks this process's ledger rows and budget holds (`proxy.workers`).
     owner = os.environ[OWNER_ENV] if args.worker else new_owner()
     try:
-        # A worker joins running siblings: recovering would end their calls.
-        store = SQLiteLedger(
-            config.ledger_path, config.billing_timezone, recover=not args.worker, owner=owner
-        )
-    except (OSError, sqlite3.Error, SchemaTooNew) as exc:
-        print(
-            f"cannot start: {config.path}: ledger.path: cannot open {config.ledger_path}: {exc}",
-            file=sys.stderr,
-        )
+        store = _open_ledger(config, owner, worker=args.worker)
+    except _CannotOpen as exc:
+        print(f"cannot start: {exc}", file=sys.stderr)
         return 2
-    if store.interrupted:
-        log.warning(
-            "%d call(s) were still in flight when the proxy last stopped; they are "
-            "recorded as 'interrupted' with unknown usage",
-            store.interrupted,
-        )
     log.info(
         "proxy for %s on http://%s:%d, %d team(s), price book %s, ledger %s",
         config.upstream_base_url,
@@ -164,7 +152,7 @@ def _serve(args: argparse.Namespace) -> int:
         config.port,
         len(config.teams),
         book.digest[:12],
-        config.ledger_path,
+        config.ledger_shown,
     )
     if supervisor:
         store.close()
@@ -181,7 +169,8 @@ def _serve(args: argparse.Namespace) -> int:
         sink,
         spend=store.spend,
         shared_metrics_dir=shared,
-        shared_ledger=config.ledger_path if args.worker else None,
+        shared_ledger=config.ledger_path if args.worker and config.ledger_url is None else None,
+        shared_url=config.ledger_url,
         owner=owner,
         admission=admission,
         ledger=writer,
@@ -198,8 +187,50 @@ def _serve(args: argparse.Namespace) -> int:
         # commit cannot keep the process from exiting before the orchestrator kills it.
         unwritten = writer.close(config.ledger_shutdown_timeout)
         if unwritten:
-            spill(unwritten, config.ledger_path, config.path, datetime.now(UTC))
+            spill(unwritten, config.spill_anchor, config.path, datetime.now(UTC))
     return EXIT_UNWRITTEN if unwritten else 0
+
+
+class _CannotOpen(Exception):
+    """The ledger cannot be opened: the config file, key, ledger and reason."""
+
+
+def _open_ledger(config: ProxyConfig, owner: str, *, worker: bool) -> LedgerStore:
+    """The configured ledger, created or migrated, this process's `owner` on its rows.
+
+    A SQLite ledger is recovered by the first process to open it (a worker joins running
+    siblings, whose calls recovering would end). A PostgreSQL ledger is never recovered
+    wholesale, since other replicas may be running: this process takes a lease, and the
+    replicas release a dead one's calls and holds when its lease runs out
+    (`proxy.ledger.leases`).
+    """
+    if config.ledger_url is not None:
+        from proxy.ledger.pg_store import OPEN_ERRORS, PostgresLedger, shown_url
+
+        try:
+            return PostgresLedger(
+                config.ledger_url, config.billing_timezone, owner=owner, lease=config.ledger_lease
+            )
+        except OPEN_ERRORS as exc:
+            raise _CannotOpen(
+                f"{config.path}: ledger.url: cannot open {shown_url(config.ledger_url)}: "
+                f"{str(exc) or type(exc).__name__}"
+            ) from exc
+    try:
+        store = SQLiteLedger(
+            config.ledger_path, config.billing_timezone, recover=not worker, owner=owner
+        )
+    except (OSError, sqlite3.Error, SchemaTooNew) as exc:
+        raise _CannotOpen(
+            f"{config.path}: ledger.path: cannot open {config.ledger_path}: {exc}"
+        ) from exc
+    if store.interrupted:
+        log.warning(
+            "%d call(s) were still in flight when the proxy last stopped; they are "
+            "recorded as 'interrupted' with unknown usage",
+            store.interrupted,
+        )
+    return store
 
 
 GC_THRESHOLDS = (50_000, 20, 10)

@@ -1,19 +1,22 @@
 """Releasing what a dead worker of ``serve --workers N`` left in the shared ledger.
 
 A worker's budget holds and in-flight rows carry its owner id; when the supervisor reaps it, it
-releases them in one ledger transaction (`proxy.ledger.store.release_owner`) so nothing of a
-dead worker keeps refusing calls. If the ledger cannot be written then, the release is retried
-every `RELEASE_RETRY` seconds while the service goes on (`proxy.workers`).
+releases them in one ledger transaction (`proxy.ledger.store.release_owner`, or
+`proxy.ledger.pg_store.release_dead` for a PostgreSQL ledger, where the other replicas would
+otherwise release the worker only when its lease runs out) so nothing of a dead worker keeps
+refusing calls. If the ledger cannot be written then, the release is retried every
+`RELEASE_RETRY` seconds while the service goes on (`proxy.workers`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from proxy.config import ProxyConfig
 from proxy.ledger.connection import connect
 from proxy.ledger.store import release_owner
 
@@ -26,11 +29,34 @@ _RELEASE_WAIT = "PRAGMA busy_timeout = 1000"
 keeps the supervisor answering signals and deaths, and a failed release is retried anyway."""
 
 
+Release = Callable[[str], tuple[int, int]]
+"""Releases one owner's calls and holds: (calls ended, holds dropped); raises on failure."""
+
+
+def sqlite_release(ledger: Path) -> Release:
+    def release(owner: str) -> tuple[int, int]:
+        with contextlib.closing(connect(ledger)) as conn:
+            conn.execute(_RELEASE_WAIT)
+            return release_owner(conn, owner)
+
+    return release
+
+
+def ledger_release(config: ProxyConfig) -> Release:
+    """How the supervisor releases a dead worker in the configured ledger."""
+    if config.ledger_url is None:
+        return sqlite_release(config.ledger_path)
+    from proxy.ledger.pg_store import release_dead  # asyncpg only when it is used
+
+    url = config.ledger_url
+    return lambda owner: release_dead(url, owner)
+
+
 class DeadOwners:
     """The owner ids of dead workers whose release failed, each with when to try again."""
 
-    def __init__(self, ledger: Path) -> None:
-        self._ledger = ledger
+    def __init__(self, release: Release) -> None:
+        self._release = release
         self._due: dict[str, float] = {}
         """Owner -> when to try again (monotonic seconds)."""
 
@@ -46,10 +72,8 @@ class DeadOwners:
         `RELEASE_RETRY` seconds: serving goes on while the old holds wait to go.
         """
         try:
-            with contextlib.closing(connect(self._ledger)) as conn:
-                conn.execute(_RELEASE_WAIT)
-                calls, holds = release_owner(conn, owner)
-        except (sqlite3.Error, OSError):
+            calls, holds = self._release(owner)
+        except Exception:  # the ledger's errors, whichever ledger: retry soon
             if not retry:
                 log.exception(
                     "cannot release the budget holds and calls of dead worker %s; "

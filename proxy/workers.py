@@ -64,7 +64,7 @@ from proxy.admission import SharedAdmission
 from proxy.config import ProxyConfig
 from proxy.ledger.spill import EXIT_UNWRITTEN
 from proxy.shared_counters import SharedCounters
-from proxy.worker_release import DeadOwners
+from proxy.worker_release import DeadOwners, ledger_release
 
 log = logging.getLogger("proxy.workers")
 
@@ -184,7 +184,7 @@ class _Supervisor:
             ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
         )
         self._slots: list[_Slot] = []
-        self._dead = DeadOwners(config.ledger_path)
+        self._dead = DeadOwners(ledger_release(config))
         self._stopping = False
         self._failed = False
         self._unwritten = False

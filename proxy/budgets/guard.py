@@ -90,5 +90,8 @@ class BudgetGuard:
             reservation.held = False
             await self._store.settle(reservation.request_id, costs)
 
-    def close(self) -> None:
-        self._store.close()
+    async def open(self) -> None:
+        await self._store.open()
+
+    async def close(self) -> None:
+        await self._store.close()

@@ -46,7 +46,11 @@ class HoldStore(Protocol):
         """Replace a call's holds by its real cost (None: nothing billable, drop them)."""
         ...
 
-    def close(self) -> None: ...
+    async def open(self) -> None:
+        """Connect, at start-up on the serving loop (the holds' connections live there)."""
+        ...
+
+    async def close(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -90,7 +94,10 @@ class LocalHolds:
                 # workers' store and every restart read (see `proxy.budgets`).
                 state.spent += costs.get(state.budget.currency, ZERO)
 
-    def close(self) -> None:
+    async def open(self) -> None:
+        """Nothing to connect to."""
+
+    async def close(self) -> None:
         """Nothing to release: the holds die with the process."""
 
     def _standing(self, state: _State, day: date) -> Standing:

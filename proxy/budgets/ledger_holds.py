@@ -71,7 +71,10 @@ class LedgerHolds:
         except sqlite3.Error:
             log.exception("cannot settle budget hold of %s", request_id)
 
-    def close(self) -> None:
+    async def open(self) -> None:
+        """The connection was opened with the store."""
+
+    async def close(self) -> None:
         self._executor.shutdown()
         self._conn.close()
 

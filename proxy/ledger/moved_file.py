@@ -14,7 +14,7 @@ import logging
 from datetime import UTC, datetime
 
 from proxy.ledger.spill import beside
-from proxy.ledger.store import LedgerStore
+from proxy.ledger.store import FileLedger, LedgerStore
 
 log = logging.getLogger("proxy.ledger")
 
@@ -23,10 +23,11 @@ MAX_COPY_RETRY_DELAY = 60.0
 
 
 class FileWatch:
-    """Watches one store's file from the writer's thread, and rescues it once it is gone."""
+    """Watches one store's file from the writer's thread, and rescues it once it is gone; a
+    store without a file (PostgreSQL) has nothing to watch."""
 
     def __init__(self, store: LedgerStore) -> None:
-        self.store = store
+        self.file = store if isinstance(store, FileLedger) else None
         self.detached = False
         """The ledger's file is gone: it is never written again."""
         self.copy_at: float | None = None
@@ -37,10 +38,10 @@ class FileWatch:
     def check(self, now: float, held: int, capacity: int) -> None:
         """At most every `FILE_CHECK_INTERVAL`: has the file gone? Then, or later if a copy
         failed, save a copy."""
-        if now < self._check_at:
+        if self.file is None or now < self._check_at:
             return
         self._check_at = now + FILE_CHECK_INTERVAL
-        if not self.detached and self.store.moved():
+        if not self.detached and self.file.moved():
             self.detached = True
             self.copy_at = now
             log.error(
@@ -50,7 +51,7 @@ class FileWatch:
                 "refused. Records wait in memory (%d now, at most %d) and are saved "
                 "beside the ledger when the proxy stops; restarting it opens a ledger "
                 "at the path again",
-                self.store.path,
+                self.file.path,
                 held,
                 capacity,
             )
@@ -59,10 +60,11 @@ class FileWatch:
 
     def save_copy(self, now: float) -> None:
         """Save what the deleted ledger holds, through the connection that still has it."""
-        path = self.store.path
+        assert self.file is not None, "only a file is copied"
+        path = self.file.path
         target = beside(path, "recovered", datetime.now(UTC))
         try:
-            self.store.save_copy(target)
+            self.file.save_copy(target)
         except Exception as exc:  # a full disk, most likely: try again, less and less often
             self.copy_at = now + self._copy_delay
             log.error(

@@ -1,7 +1,10 @@
 """The ledger's tables in PostgreSQL (step 3: replicas share one ledger), and their migrations.
 
-The same tables as the SQLite ledger (`proxy.ledger.schema`), under the same schema version
-numbers, so a ledger copied from one to the other means the same thing. The ``usage`` table's
+The same tables as the SQLite ledger (`proxy.ledger.schema`), so a ledger copied from one to
+the other means the same thing, plus ``replicas``: the leases by which replicas sharing the
+database release a dead one's calls and holds (`proxy.ledger.leases`), which a ledger of one
+machine does not need. Versions count on from SQLite's: version 3 is the SQLite ledger's
+version 3 in PostgreSQL, version 4 adds ``replicas``. The ``usage`` table's
 columns come from the record's own fields (`proxy.records.FIELDS`), each in its native type
 (`Kind.pg_type`: ``timestamptz``, ``bigint``, ``boolean``, ``jsonb``), money is ``numeric``
 (exact, as the SQLite ledger's decimal text is), and ``billing_day`` a ``date``.
@@ -19,9 +22,9 @@ from typing import Any, Protocol
 from proxy.ledger.rows import LEDGER_COLUMNS
 from proxy.records import FIELDS
 
-SCHEMA_VERSION = 3
-"""The first PostgreSQL schema is version 3, the SQLite ledger's current one: both say the
-same of a ledger's contents at a version."""
+SCHEMA_VERSION = 4
+"""Version 3 was the first PostgreSQL schema (the SQLite ledger's version 3); 4 adds the
+replicas' leases."""
 
 MIGRATION_LOCK = 0x7072_6F78_7931
 """The advisory-lock key every replica takes while it creates or migrates the schema."""
@@ -41,7 +44,7 @@ def _usage_table() -> str:
     return "CREATE TABLE usage (\n    " + ",\n    ".join(columns) + "\n)"
 
 
-SCHEMA: tuple[str, ...] = (
+_LEDGER: tuple[str, ...] = (
     "CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL)",
     _usage_table(),
     "CREATE INDEX usage_started ON usage (started_at)",
@@ -81,11 +84,22 @@ SCHEMA: tuple[str, ...] = (
     PRIMARY KEY (team, day, currency)
 )""",
 )
+_REPLICAS = (
+    "CREATE INDEX budget_holds_owner ON budget_holds (owner)",
+    """CREATE TABLE replicas (
+    owner text PRIMARY KEY,
+    host text NOT NULL,
+    started_at timestamptz NOT NULL,
+    lease_until timestamptz NOT NULL
+)""",
+)
+SCHEMA: tuple[str, ...] = (*_LEDGER, *_REPLICAS)
 """The current schema, one statement each."""
 
-MIGRATIONS: dict[int, tuple[str, ...]] = {}
-"""Version -> the statements that bring a database of that version to the next one (none yet:
-version 3 is the first PostgreSQL schema)."""
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    3: _REPLICAS,
+}
+"""Version -> the statements that bring a database of that version to the next one."""
 
 
 class SchemaTooNew(Exception):

@@ -1,7 +1,7 @@
 """The ledger store: usage records on disk, exactly, behind a small interface.
 
-`LedgerStore` is what the rest of the proxy uses; `SQLiteLedger` is the embedded default (a
-server database can implement the same interface later). Money is stored as decimal text and
+`LedgerStore` is what the rest of the proxy uses; `SQLiteLedger` is the embedded default, and
+`proxy.ledger.pg_store.PostgresLedger` the one replicas share. Money is stored as decimal text and
 summed with an exact `Decimal` aggregate (`decimal_sum`), never as floats. The tables are
 described in `proxy.ledger.schema`, the rows in `proxy.ledger.rows`.
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 from zoneinfo import ZoneInfo
 
 from proxy.formats import ZERO, decimal_text
@@ -90,20 +90,27 @@ SpendReader = Callable[[date, date], Sequence[SpendRow]]
 
 
 class LedgerStore(Protocol):
-    """What the proxy needs from a ledger (the SQLite one below is the default)."""
-
-    path: Path
-    """Where the ledger lives; what is rescued from it is saved beside it."""
+    """What the proxy needs from a ledger: the SQLite one below (the default), or
+    `proxy.ledger.pg_store.PostgresLedger`."""
 
     def write(self, pending: Sequence[UsageRecord], final: Sequence[UsageRecord]) -> None: ...
 
     def spend(self, since: date, until: date) -> list[SpendRow]: ...
 
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class FileLedger(LedgerStore, Protocol):
+    """A ledger in a local file, which can be deleted or replaced under the running proxy
+    (`proxy.ledger.moved_file`); a server database cannot."""
+
+    path: Path
+    """Where the ledger lives; what is rescued from it is saved beside it."""
+
     def moved(self) -> bool: ...
 
     def save_copy(self, target: Path) -> None: ...
-
-    def close(self) -> None: ...
 
 
 class SQLiteLedger:

@@ -9,6 +9,7 @@ by identity (``eq=False``): a registry keeps its collectors in a dictionary.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,6 +35,8 @@ from proxy.metrics.contract import (
 from proxy.periods import PERIODS, period_start
 from proxy.pricing import PriceBook
 from proxy.pricing.engine import schedule_version_at, to_micros
+
+log = logging.getLogger("proxy.metrics")
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -80,7 +83,11 @@ class LedgerCollector(Collector):
 @dataclass(frozen=True, slots=True, eq=False)
 class SpendCollector(Collector):
     """`llm_team_spend`: today's, this week's and this month's spend per team, from the
-    ledger, so it is right after a restart."""
+    ledger, so it is right after a restart.
+
+    A ledger that cannot be read (a PostgreSQL server away) leaves the family out of that
+    scrape rather than failing it: the rest of ``/metrics``, ``llm_ledger_committing`` first,
+    is what says the ledger is in trouble."""
 
     spend: SpendReader
     teams: Sequence[str]
@@ -97,7 +104,12 @@ class SpendCollector(Collector):
             for period in PERIODS
             for currency in self.currencies
         }
-        for row in self.spend(min(starts.values()), today):
+        try:
+            rows = self.spend(min(starts.values()), today)
+        except Exception:
+            log.exception("cannot read spend from the ledger for llm_team_spend")
+            return
+        for row in rows:
             for period, start in starts.items():
                 key = (row.team, period, row.currency)
                 if row.day >= start and key in totals:

@@ -60,7 +60,7 @@ async def holds(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         LocalHolds(ledger.spend) if request.param == "local" else LedgerHolds(path, owner="w0")
     )
     yield store
-    store.close()
+    await store.close()
     ledger.close()
 
 
@@ -107,4 +107,4 @@ async def test_unreadable_state_fails_closed(tmp_path: Path) -> None:
     for store in (LocalHolds(unreadable), LedgerHolds(not_a_ledger)):
         with pytest.raises(BudgetUnavailable):
             await store.hold("alpha", "r1", DAY, (DAILY,), Admit())
-        store.close()
+        await store.close()
