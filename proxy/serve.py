@@ -36,6 +36,7 @@ from proxy.config import (
     check_references,
     load_config,
 )
+from proxy.ledger.pg_store import OPEN_ERRORS, PostgresLedger, shown_url
 from proxy.ledger.schema import SchemaTooNew
 from proxy.ledger.spill import EXIT_UNWRITTEN, spill
 from proxy.ledger.store import LedgerStore, SQLiteLedger
@@ -205,8 +206,6 @@ def _open_ledger(config: ProxyConfig, owner: str, *, worker: bool) -> LedgerStor
     (`proxy.ledger.leases`).
     """
     if config.ledger_url is not None:
-        from proxy.ledger.pg_store import OPEN_ERRORS, PostgresLedger, shown_url
-
         try:
             return PostgresLedger(
                 config.ledger_url, config.billing_timezone, owner=owner, lease=config.ledger_lease

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from proxy.config import ProxyConfig
 from proxy.ledger.connection import connect
+from proxy.ledger.pg_store import release_dead
 from proxy.ledger.store import release_owner
 
 log = logging.getLogger("proxy.workers")
@@ -46,8 +47,6 @@ def ledger_release(config: ProxyConfig) -> Release:
     """How the supervisor releases a dead worker in the configured ledger."""
     if config.ledger_url is None:
         return sqlite_release(config.ledger_path)
-    from proxy.ledger.pg_store import release_dead  # asyncpg only when it is used
-
     url = config.ledger_url
     return lambda owner: release_dead(url, owner)
 

@@ -38,10 +38,14 @@ class BudgetExceeded(ProxyError):
 
 
 class BudgetUnavailable(ProxyError):
+    """The budget state cannot be read or held (a SQLite ledger that cannot be read, a
+    PostgreSQL server away): the call is refused before anything reaches DeepSeek (fail
+    closed), so a retry is safe; ``Retry-After`` says when one is worth it."""
+
     status = 503
     error_type = "server_error"
     code = "budget_unavailable"
-    retry = False
+    retry_after = 5
 
     def __init__(self, message: str = UNREADABLE) -> None:
         super().__init__(message)

@@ -14,8 +14,10 @@ replica that died. Settling is idempotent on the request id: an update of the ca
 their deletion when nothing is billable.
 
 While the database cannot be reached or answers with an error, `hold` raises
-`BudgetUnavailable` (503, fail closed) after at most `ACQUIRE_TIMEOUT` seconds of waiting for
-a connection.
+`BudgetUnavailable` (503 with ``Retry-After``, fail closed) after at most `ACQUIRE_TIMEOUT`
+seconds of waiting for a connection. A connection the server closed (it restarted) is found
+broken only when used: `hold` then tries once more on a fresh one, so the first calls after an
+outage are not refused for it.
 """
 
 from __future__ import annotations
@@ -69,6 +71,9 @@ WHERE budget_holds.request_id = $1 AND budget_holds.currency = c.currency"""
 
 _UNREACHABLE = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 """What a lost or failing database raises (a refused connection is an OSError)."""
+_BROKEN = (asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError)
+"""What using a connection the server has closed raises. Trying again is safe: a hold is
+keyed by the request id, so one that did commit makes the retry fail, never hold twice."""
 
 
 async def _keep_session(conn: Any) -> None:
@@ -105,32 +110,44 @@ class PostgresHolds:
     ) -> int | None:
         starts = [period_start(day, budget.period) for budget in budgets]
         try:
-            async with (
-                self._pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn,
-                conn.transaction(),
-            ):
-                await conn.execute(_LOCK, _LOCK_SPACE, team)
-                rows = await conn.fetch(
-                    _STANDINGS, team, [b.currency for b in budgets], starts, day
-                )
-                standings = [
-                    Standing(budget, start, Decimal(spent), Decimal(held))
-                    for budget, start, (spent, held) in zip(budgets, starts, rows, strict=True)
-                ]
-                holds, lowered = admit(standings)  # BudgetExceeded rolls the transaction back
-                if holds:
-                    await conn.execute(
-                        _INSERT,
-                        request_id,
-                        team,
-                        day,
-                        self._owner,
-                        list(holds),
-                        list(holds.values()),
-                    )
-        except _UNREACHABLE as exc:
-            log.exception("cannot read or write budget holds in PostgreSQL")
+            try:
+                return await self._hold(team, request_id, day, budgets, starts, admit)
+            except _BROKEN:  # a connection from before a restart: once more, on a new one
+                return await self._hold(team, request_id, day, budgets, starts, admit)
+        except _UNREACHABLE as exc:  # one line per refused call: no traceback
+            log.error("cannot hold budget for %s in PostgreSQL: %r", request_id, exc)
             raise BudgetUnavailable() from exc
+
+    async def _hold(
+        self,
+        team: str,
+        request_id: str,
+        day: date,
+        budgets: Sequence[Budget],
+        starts: Sequence[date],
+        admit: Admit,
+    ) -> int | None:
+        async with (
+            self._pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn,
+            conn.transaction(),
+        ):
+            await conn.execute(_LOCK, _LOCK_SPACE, team)
+            rows = await conn.fetch(_STANDINGS, team, [b.currency for b in budgets], starts, day)
+            standings = [
+                Standing(budget, start, Decimal(spent), Decimal(held))
+                for budget, start, (spent, held) in zip(budgets, starts, rows, strict=True)
+            ]
+            holds, lowered = admit(standings)  # BudgetExceeded rolls the transaction back
+            if holds:
+                await conn.execute(
+                    _INSERT,
+                    request_id,
+                    team,
+                    day,
+                    self._owner,
+                    list(holds),
+                    list(holds.values()),
+                )
         return lowered
 
     async def settle(self, request_id: str, costs: Mapping[str, Decimal] | None) -> None:
@@ -140,8 +157,8 @@ class PostgresHolds:
                     await conn.execute(_DROP, request_id)
                 else:
                     await conn.execute(_SETTLE, request_id, list(costs), list(costs.values()))
-        except _UNREACHABLE:
-            log.exception("cannot settle budget hold of %s", request_id)
+        except _UNREACHABLE as exc:  # the ledger's write drops the hold anyway
+            log.error("cannot settle budget hold of %s in PostgreSQL: %r", request_id, exc)
 
     async def close(self) -> None:
         """Close the pool this store opened (one it was given belongs to the giver)."""

@@ -44,8 +44,7 @@ VALUES ($1, $2, now(), now() + make_interval(secs => $3))
 ON CONFLICT (owner) DO UPDATE SET lease_until = excluded.lease_until
 RETURNING (xmax = 0) AS inserted"""
 _EXPIRED = (
-    "SELECT owner FROM replicas WHERE lease_until < now() AND owner <> $1 "
-    "FOR UPDATE SKIP LOCKED"
+    "SELECT owner FROM replicas WHERE lease_until < now() AND owner <> $1 FOR UPDATE SKIP LOCKED"
 )
 _DEAD = """
 SELECT owner FROM (

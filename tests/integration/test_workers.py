@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -26,8 +25,8 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.pricing import PriceBook
-from proxy.pricing.engine import resolve, to_micros
 from tests.conftest import ROOT
+from tests.support.budget_configs import BIG, one_call_budget
 from tests.support.fake_deepseek import running_fake
 from tests.support.fake_deepseek_shapes import FAKE_UPSTREAM_KEY, Reply
 from tests.support.requests import AUTH, BOUNDED_CHAT, BOUNDED_USAGE
@@ -136,24 +135,6 @@ async def post(url: str, payload: dict[str, object] = BOUNDED_CHAT) -> httpx.Res
 RELEASE_DEADLINE = 3.0
 """The stated bound is "as soon as the supervisor sees the exit" (well under a second); the
 rest is an allowance for a loaded CI machine."""
-
-
-BIG = {**BOUNDED_CHAT, "max_tokens": 100_000}
-"""A call whose worst case is nearly all output: its prompt bound is worth well under 1% of it."""
-
-
-def one_call_budget(book: PriceBook) -> str:
-    """Config for a hard budget of team alpha with room for one `BIG` call, not for two: one
-    and a half times its output at the dearest output price in force (taken from the price
-    book, so the test does not depend on how the guard bounds the prompt)."""
-    resolution = resolve(book, str(BIG["model"]), to_micros(datetime.now(UTC)))
-    assert not isinstance(resolution, str)
-    output = max(rates["CNY"].output for rates in resolution.version.rate_cards.values())
-    amount = output * BIG["max_tokens"] / 1_000_000 * 3 / 2
-    return (
-        "budgets:\n  alpha:\n"
-        f"    - {{period: month, amount: '{amount}', currency: CNY, hard: true}}\n"
-    )
 
 
 @contextlib.asynccontextmanager

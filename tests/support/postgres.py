@@ -41,6 +41,8 @@ class Postgres:
     port: int
     data: Path
     bindir: Path
+    options: str = ""
+    """The server's command-line options (`start` starts it with the same)."""
 
     @property
     def url(self) -> str:
@@ -53,6 +55,24 @@ class Postgres:
         name = f"test_{uuid.uuid4().hex[:12]}"
         self.psql(f"CREATE DATABASE {name}", database="postgres")
         return f"postgresql://{USER}@{self.host}:{self.port}/{name}"
+
+    def stop(self) -> None:
+        """Stop the server (``fast``: connections are cut, as when a database goes down)."""
+        _run(
+            self.bindir,
+            os.geteuid() == 0,
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-m",
+            "fast",
+            "-w",
+            "stop",
+        )
+
+    def start(self) -> None:
+        """Start it again, on the same port, with the same data."""
+        _start(self.bindir, os.geteuid() == 0, self.data, self.options)
 
     def psql(self, sql: str, database: str = DATABASE) -> str:
         """Run `sql` with ``psql`` (unaligned, tuples only) and return its output."""
@@ -140,28 +160,33 @@ def running_postgres(*, durable: bool = False) -> Iterator[Postgres]:
             "--no-sync",
             "--no-instructions",
         )
-        _run(
-            bindir,
-            as_root,
-            "pg_ctl",
-            "-D",
-            str(data),
-            "-o",
-            options,
-            "-l",
-            str(base / "server.log"),
-            "-w",
-            "-t",
-            "60",
-            "start",
-        )
-        server = Postgres("127.0.0.1", port, data, bindir)
+        _start(bindir, as_root, data, options)
+        server = Postgres("127.0.0.1", port, data, bindir, options)
         server.psql(f"CREATE DATABASE {DATABASE}", database="postgres")
         yield server
     finally:
         if (data / "postmaster.pid").exists():
             _run(bindir, as_root, "pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop")
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _start(bindir: Path, as_root: bool, data: Path, options: str) -> None:
+    log = data.parent / "server.log"
+    _run(
+        bindir,
+        as_root,
+        "pg_ctl",
+        "-D",
+        str(data),
+        "-o",
+        options,
+        "-l",
+        str(log),
+        "-w",
+        "-t",
+        "60",
+        "start",
+    )
 
 
 def _run(bindir: Path, as_root: bool, program: str, *args: str) -> None:
