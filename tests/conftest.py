@@ -16,6 +16,8 @@ from proxy.pricing import PriceBook, load_price_book
 from tests.support.fake_clients import UPSTREAM_AUTH
 from tests.support.fake_deepseek import FakeDeepSeek, running_fake
 from tests.support.fake_deepseek_shapes import FAKE_UPSTREAM_KEY
+from tests.support.ledger_backends import BACKENDS, LedgerBackend, check_ledger
+from tests.support.ledger_backends import ledger_backend as ledger_backend_of
 from tests.support.postgres import Postgres, require_postgres, running_postgres
 from tests.support.proxy_harness import RunningProxy, StartProxy, running_proxy
 
@@ -61,20 +63,46 @@ async def sdk(fake: FakeDeepSeek) -> AsyncIterator[openai.AsyncOpenAI]:
         yield api
 
 
+@pytest.fixture(params=BACKENDS)
+def ledger_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LedgerBackend]:
+    """A fresh ledger of each kind in turn (tests/support/ledger_backends.py): the tests that
+    run a proxy run on SQLite and on PostgreSQL."""
+    server = request.getfixturevalue("postgres") if request.param == "postgresql" else None
+    with ledger_backend_of(request.param, tmp_path, server) as backend:
+        yield backend
+
+
 @pytest.fixture
-async def proxy(fake: FakeDeepSeek, book: PriceBook) -> AsyncIterator[RunningProxy]:
-    """The real proxy app on loopback in front of `fake`, with the harness's defaults."""
-    async with running_proxy(fake.base_url, book) as running:
+async def proxy(
+    fake: FakeDeepSeek, book: PriceBook, ledger_backend: LedgerBackend
+) -> AsyncIterator[RunningProxy]:
+    """The real proxy app on loopback in front of `fake`, with the harness's defaults, its
+    records in `ledger_backend`, which must hold exactly them when the test ends."""
+    async with running_proxy(fake.base_url, book, **ledger_backend.options()) as running:
         yield running
+    check_ledger(ledger_backend, running.sink.records)
 
 
 @pytest.fixture
-async def start_proxy(fake: FakeDeepSeek, book: PriceBook) -> AsyncIterator[StartProxy]:
+async def start_proxy(
+    fake: FakeDeepSeek, book: PriceBook, ledger_backend: LedgerBackend
+) -> AsyncIterator[StartProxy]:
     """For tests that need other settings than `proxy`'s: ``await start_proxy(budgets=...)``
-    takes `running_proxy`'s keyword options; every proxy started is closed after the test."""
+    takes `running_proxy`'s keyword options; every proxy started is closed after the test.
+    Unless the test brings its own sink, ledger or spend, the first proxy it starts records
+    into `ledger_backend`, checked as `proxy`'s is."""
+    started: list[RunningProxy] = []
     async with AsyncExitStack() as stack:
 
         async def start(**options: Any) -> RunningProxy:
-            return await stack.enter_async_context(running_proxy(fake.base_url, book, **options))
+            own = {"sink", "ledger", "spend"} & set(options)
+            if not own and not started:
+                options = {**ledger_backend.options(), **options}
+            running = await stack.enter_async_context(running_proxy(fake.base_url, book, **options))
+            if not own and not started:
+                started.append(running)
+            return running
 
         yield start
+    for running in started:
+        check_ledger(ledger_backend, running.sink.records)

@@ -109,11 +109,14 @@ async def running_proxy(
     policies: Mapping[str, TeamPolicy] | None = None,
     ledger: LedgerWriter | None = None,
     transport: Transport | None = None,
+    shared_url: str | None = None,
+    owner: str | None = None,
     **timeouts: float,
 ) -> AsyncIterator[RunningProxy]:
     """The real app on a free loopback port. Records go to `proxy.sink` and to `sink`;
     `ledger` (a writer, usually `sink` too) gives the app its health and figures;
-    `transport` replaces aiohttp's to DeepSeek (`tests.support.memory_transport`)."""
+    `transport` replaces aiohttp's to DeepSeek (`tests.support.memory_transport`);
+    `shared_url` puts the budget holds in that PostgreSQL ledger, marked with `owner`."""
     config = make_config(upstream_url, tuple(Path(f) for f in book.files), **timeouts)
     config = replace(
         config,
@@ -135,6 +138,8 @@ async def running_proxy(
         ledger=ledger,
         ledger_status=ledger.status if ledger else None,
         transport=transport,
+        shared_url=shared_url,
+        owner=owner,
     )
     runner = make_runner(app, config)
     await runner.setup()
