@@ -9,6 +9,15 @@ the decision itself stays in Python (`proxy.budgets.decide`, with the team's pol
 the read and the insert. Measured on loopback (bench/RESULTS.md, issue 13): asyncpg, chosen
 for the least CPU per admission on the event loop.
 
+An admission costs four round trips: ``BEGIN`` and the lock in one simple query, the
+standings, the insert, ``COMMIT``. The store's own connections commit without waiting for the
+server's disk (``synchronous_commit = off``): a hold is visible to every replica the moment
+it commits either way, and only matters while its call runs; a PostgreSQL crash may forget the
+holds of the last fraction of a second (at most three ``wal_writer_delay``, 0.6 s by default),
+so calls admitted in that instant could pass a budget by their worst cases. Waiting for the
+disk cost about 1 ms per admission on this machine (bench/RESULTS.md). The ledger's records,
+the money itself, are committed durably (`proxy.ledger.pg_store`).
+
 A call's holds carry `owner` (this replica's id), so the survivors can release those of a
 replica that died. Settling is idempotent on the request id: an update of the call's rows, or
 their deletion when nothing is billable.
@@ -22,7 +31,9 @@ outage are not refused for it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import zlib
 from collections.abc import Mapping, Sequence
 from datetime import date
 from decimal import Decimal
@@ -33,6 +44,7 @@ import asyncpg  # type: ignore[import-untyped]
 from proxy.budgets.decide import BudgetUnavailable, Standing
 from proxy.budgets.holds import Admit
 from proxy.config import Budget
+from proxy.formats import ZERO
 from proxy.periods import period_start
 
 log = logging.getLogger("proxy.budgets")
@@ -48,17 +60,16 @@ POOL_SIZE = (2, 16)
 (about 0.3 ms on loopback); 16 admit thousands of calls a second, and the per-team lock
 serialises one team's admissions anyway."""
 _LOCK_SPACE = 0x6275_6467
-"""Second key of the per-team advisory lock, so it cannot collide with other users' locks."""
-
-_LOCK = "SELECT pg_advisory_xact_lock($1::int, hashtext($2))"
+"""First key of the per-team advisory lock, so it cannot collide with other users' locks."""
 _STANDINGS = """
-SELECT
-    COALESCE((SELECT sum(amount) FROM spend_daily
-              WHERE team = $1 AND currency = b.currency AND day BETWEEN b.first AND $4), 0),
-    COALESCE((SELECT sum(amount) FROM budget_holds
-              WHERE team = $1 AND currency = b.currency AND day >= b.first), 0)
-FROM unnest($2::text[], $3::date[]) WITH ORDINALITY AS b(currency, first, position)
-ORDER BY b.position"""
+SELECT false, currency, day, sum(amount) FROM spend_daily
+WHERE team = $1 AND day BETWEEN $2 AND $3 GROUP BY currency, day
+UNION ALL
+SELECT true, currency, day, sum(amount) FROM budget_holds
+WHERE team = $1 AND day >= $2 GROUP BY currency, day"""
+"""The team's spend and holds per currency and day since the earliest period start; each
+budget's standing is summed from them in Python (one plain indexed read: half the time of
+summing per budget in SQL, measured)."""
 _INSERT = """
 INSERT INTO budget_holds (request_id, team, currency, day, amount, owner)
 SELECT $1, $2, h.currency, $3, h.amount, $4
@@ -76,10 +87,36 @@ _BROKEN = (asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError)
 keyed by the request id, so one that did commit makes the retry fail, never hold twice."""
 
 
+def _begin_locked(team: str) -> str:
+    """``BEGIN`` and the team's advisory lock, one simple query (one round trip). The second
+    key is the team name's CRC-32 as a signed 32-bit integer: computed here, so the text sent
+    holds only digits; two teams sharing one would only wait for each other."""
+    key = zlib.crc32(team.encode()) - (1 << 31)
+    return f"BEGIN; SELECT pg_advisory_xact_lock({_LOCK_SPACE}, {key})"
+
+
+async def _no_disk_wait(conn: Any) -> None:
+    """A new connection of the holds' pool commits without waiting for the disk."""
+    await conn.execute("SET synchronous_commit TO off")
+
+
 async def _keep_session(conn: Any) -> None:
     """Return a connection to the pool as it is. asyncpg's default reset costs a round trip
     per release (unlisten, close cursors, unlock session locks); the holds set no session
     state and take only transaction-level locks, which end with their transaction."""
+
+
+def _standing(budget: Budget, start: date, rows: Sequence[Any]) -> Standing:
+    """A budget's standing from `_STANDINGS`' rows: spend and holds in its currency since its
+    period started."""
+    spent = held = ZERO
+    for is_hold, currency, day, amount in rows:
+        if currency == budget.currency and day >= start:
+            if is_hold:
+                held += amount
+            else:
+                spent += amount
+    return Standing(budget, start, spent, held)
 
 
 class PostgresHolds:
@@ -103,6 +140,7 @@ class PostgresHolds:
                 timeout=ACQUIRE_TIMEOUT,
                 command_timeout=COMMAND_TIMEOUT,
                 reset=_keep_session,
+                init=_no_disk_wait,
             )
 
     async def hold(
@@ -127,27 +165,32 @@ class PostgresHolds:
         starts: Sequence[date],
         admit: Admit,
     ) -> int | None:
-        async with (
-            self._pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn,
-            conn.transaction(),
-        ):
-            await conn.execute(_LOCK, _LOCK_SPACE, team)
-            rows = await conn.fetch(_STANDINGS, team, [b.currency for b in budgets], starts, day)
-            standings = [
-                Standing(budget, start, Decimal(spent), Decimal(held))
-                for budget, start, (spent, held) in zip(budgets, starts, rows, strict=True)
-            ]
-            holds, lowered = admit(standings)  # BudgetExceeded rolls the transaction back
-            if holds:
-                await conn.execute(
-                    _INSERT,
-                    request_id,
-                    team,
-                    day,
-                    self._owner,
-                    list(holds),
-                    list(holds.values()),
-                )
+        async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+            await conn.execute(_begin_locked(team))
+            try:
+                rows = await conn.fetch(_STANDINGS, team, min(starts), day)
+                standings = [
+                    _standing(budget, start, rows)
+                    for budget, start in zip(budgets, starts, strict=True)
+                ]
+                holds, lowered = admit(standings)  # BudgetExceeded rolls back, below
+                if holds:
+                    await conn.execute(
+                        _INSERT,
+                        request_id,
+                        team,
+                        day,
+                        self._owner,
+                        list(holds),
+                        list(holds.values()),
+                    )
+                await conn.execute("COMMIT")
+            except BaseException:
+                # A broken connection cannot roll back; the pool then closes it, which ends
+                # the transaction on the server all the same.
+                with contextlib.suppress(Exception):
+                    await conn.execute("ROLLBACK")
+                raise
         return lowered
 
     async def settle(self, request_id: str, costs: Mapping[str, Decimal] | None) -> None:
