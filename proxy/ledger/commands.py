@@ -1,4 +1,4 @@
-"""``python -m proxy report|reprice|ledger-replay``: the ledger from the command line.
+"""``python -m proxy report|reprice|ledger-replay|ledger-copy``: the ledger from the command line.
 
 All read the proxy's configuration for the ledger (``ledger.path``, or a PostgreSQL
 ``ledger.url``), the billing timezone (a date bound such as ``2026-11-01`` means 00:00 of that
@@ -12,6 +12,9 @@ transactions that the proxy's writes wait for or commute with.
 files, or a log holding them; `proxy.ledger.spill`). Named for what it writes into, beside
 ``report`` and ``reprice``, rather than a bare ``replay``, which could be taken for replaying
 calls to DeepSeek.
+
+``ledger-copy --from FILE`` copies an existing SQLite ledger into the configured PostgreSQL
+ledger (`proxy.ledger.pg_copy`): idempotent, in batches that an interrupted copy resumes from.
 
 Exit codes: 0 success; 1 no ledger where the config points (a missing file, a database without
 the ledger's tables: nothing is created), a ledger that cannot be reached or read (one line
@@ -32,7 +35,8 @@ from pathlib import Path
 
 from proxy.config import DEFAULT_CONFIG, ConfigError, ProxyConfig, load_config
 from proxy.ledger import pg_queries, pg_schema, schema
-from proxy.ledger.pg_queries import open_postgres
+from proxy.ledger.pg_copy import BATCH, NotALedger, copy_rows, open_source, source_timezone
+from proxy.ledger.pg_queries import PostgresQueries, open_postgres
 from proxy.ledger.pg_store import PostgresLedger
 from proxy.ledger.queries import LedgerUnusable, NoLedger, Queries, open_sqlite
 from proxy.ledger.report import (
@@ -54,6 +58,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 LEDGER_ERRORS = (
     NoLedger,
+    NotALedger,
     LedgerUnusable,
     schema.SchemaTooNew,
     pg_schema.SchemaTooNew,
@@ -116,6 +121,38 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     replay_.set_defaults(handler=_guarded(_replay))
 
+    copy = commands.add_parser(
+        "ledger-copy",
+        help="copy a SQLite ledger into the configured PostgreSQL ledger",
+        description="Copy every final row of a SQLite ledger (costs, cache savings, flags, "
+        "cost_history) into the PostgreSQL ledger that the config's ledger.url names, adding "
+        "their costs to its daily spend. Idempotent: rows already there are left alone, so "
+        "running it again, or after an interrupted copy, copies only what is missing. Rows "
+        "still in flight are not copied: stop the proxy using the file first.",
+    )
+    copy.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG,
+        help=f"configuration file naming the PostgreSQL ledger (default: {DEFAULT_CONFIG})",
+    )
+    copy.add_argument(
+        "--from",
+        dest="source",
+        type=Path,
+        required=True,
+        metavar="SQLITE_FILE",
+        help="the SQLite ledger to copy (opened read-only: never changed)",
+    )
+    copy.add_argument(
+        "--batch",
+        type=_positive,
+        default=BATCH,
+        metavar="ROWS",
+        help=f"rows per transaction (default: {BATCH})",
+    )
+    copy.set_defaults(handler=_guarded(_copy))
+
 
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -143,6 +180,16 @@ def _bound(text: str) -> date:
         raise argparse.ArgumentTypeError(
             f"expected an ISO date or an ISO instant with offset, got {text!r}: {exc}"
         ) from None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
 
 
 def _groups(text: str) -> tuple[str, ...]:
@@ -295,3 +342,46 @@ def _store(config: ProxyConfig) -> SQLiteLedger | PostgresLedger:
     if config.ledger_url is None:
         return SQLiteLedger(config.ledger_path, config.billing_timezone, recover=False)
     return PostgresLedger(config.ledger_url, config.billing_timezone)
+
+
+def _copy(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if config.ledger_url is None:
+        raise CommandFailed(
+            f"{args.config}: ledger-copy copies into a PostgreSQL ledger, and the config's "
+            f"ledger is the SQLite file {config.ledger_path}: set ledger.url to "
+            "postgresql://user@host:port/database",
+            EXIT_USAGE,
+        )
+    source_path: Path = args.source
+    with closing(open_source(source_path)) as source:
+        kept_in = source_timezone(source)
+        configured = str(config.billing_timezone.key)
+        if kept_in not in (None, configured):
+            print(
+                f"note: {source_path} keeps billing days in {kept_in}; the copy's are in "
+                f"{configured}, the config's ledger.billing_timezone",
+                file=sys.stderr,
+            )
+        with closing(PostgresQueries(config.ledger_url)) as target:
+            target.migrate()
+            copied = present = in_flight = 0
+            try:
+                for batch in copy_rows(source, target, config.billing_timezone, args.batch):
+                    copied += batch.copied
+                    present += batch.present
+                    in_flight += batch.in_flight
+            except sqlite3.Error as exc:  # the source (the target's errors are translated)
+                raise LedgerUnusable(str(source_path), exc) from exc
+    print(
+        f"{copied + present} final row(s) in {source_path}: {copied} copied to "
+        f"{target.where}, {present} already there"
+    )
+    if in_flight:
+        print(
+            f"warning: {in_flight} in-flight row(s) not copied: a proxy is still serving from "
+            f"{source_path}, or one stopped during those calls. Stop the proxy; its next start "
+            "on the file ends them as interrupted; then run ledger-copy again to copy them.",
+            file=sys.stderr,
+        )
+    return 0
