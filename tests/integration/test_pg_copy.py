@@ -27,8 +27,8 @@ from proxy.ledger.store import SQLiteLedger
 from proxy.pricing import PriceBook
 from tests.conftest import SHIPPED_BOOK
 from tests.integration.test_reprice import corrected_text
-from tests.support.ledger_rows import BEIJING, record, run, sample_rows, write_config
-from tests.support.ledger_tables import Tables, pg_tables, sqlite_tables
+from tests.support.ledger_rows import BEIJING, in_flight, record, run, sample_rows, write_config
+from tests.support.ledger_tables import Tables, pg_execute, pg_tables, sqlite_tables
 from tests.support.postgres import Postgres, free_port
 
 
@@ -348,3 +348,27 @@ def test_billing_days_are_the_configured_timezones(
         ("alpha", "2026-11-02", "CNY"): Decimal("0.015"),
         ("alpha", "2026-11-02", "USD"): Decimal("0.00225"),
     }
+
+
+def test_a_batch_that_fails_leaves_nothing_of_itself(
+    capsys: pytest.CaptureFixture[str], copying: Copying, book: PriceBook
+) -> None:
+    """r1 is in PostgreSQL in flight, with a cost row it should not have: writing r1's costs
+    fails, and the whole first batch (r1 and r2, their history and spend) is rolled back."""
+    target = PostgresQueries(copying.url)
+    target.migrate()
+    target.close()
+    r1 = in_flight(book, "r1", "alpha", "deepseek-flash", "2026-11-01T15:59:59+00:00")
+    store = PostgresLedger(copying.url, BEIJING)
+    store.write([r1], [])
+    store.close()
+    pg_execute(copying.url, "INSERT INTO usage_cost VALUES ('r1', 'CNY', 1, 0)")
+    before = pg_tables(copying.url)
+    code, out, err = copying.copy(capsys, "--batch", "2")
+    assert (code, out) == (1, "")
+    assert err == (
+        f"cannot use the ledger at {copying.url}: duplicate key value violates unique "
+        'constraint "usage_cost_pkey" DETAIL:  Key (request_id, currency)=(r1, CNY) already '
+        "exists.\n"
+    )
+    assert pg_tables(copying.url) == before
