@@ -1,10 +1,12 @@
 """Spend and tokens from the ledger, grouped and summed exactly (``python -m proxy report``).
 
-The ledger is read with plain queries on a connection from `connect`, never through
-`SQLiteLedger`: opening that one recovers ``in_flight`` rows, which would mark a running proxy's
-live calls ``interrupted``. Costs are summed as decimal text with the ledger's `decimal_sum`
-aggregate, then as `Decimal`, never as floats, so the total is exactly the sum of the lines in
-every format.
+The ledger, SQLite or PostgreSQL, is read with plain queries (`proxy.ledger.queries`), never
+through a store: opening the SQLite store recovers ``in_flight`` rows, which would mark a
+running proxy's live calls ``interrupted``. Costs are summed exactly by the database (SQLite's
+`decimal_sum` over decimal text, PostgreSQL's ``sum`` over ``numeric``), then as `Decimal`,
+never as floats, so the total is exactly the sum of the lines in every format, and the same
+text from either ledger. Lines are sorted here, by code point, not by the database (whose
+collation may differ).
 
 A line counts every row dispatched in the range, ``in_flight`` ones included (DeepSeek saw those
 calls); rows with no token counts add 0 tokens and show up in `unpriced` instead.
@@ -15,7 +17,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time
@@ -25,6 +26,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from proxy.formats import ZERO, decimal_text, iso_instant
+from proxy.ledger.queries import Queries
 from proxy.ledger.rows import BILLABLE_SQL
 
 GROUP_COLUMNS: Mapping[str, str] = MappingProxyType(
@@ -39,16 +41,17 @@ DEFAULT_GROUPS = ("team", "model")
 TOKEN_FIELDS = ("cache_hit", "cache_miss", "output", "reasoning")
 COUNT_FIELDS = ("requests", *TOKEN_FIELDS, "unpriced", "estimated")
 
-# One SQL expression per COUNT_FIELDS entry, in the same order. NULL token counts (unknown usage,
-# calls still in flight) add nothing; such rows are counted by `unpriced`.
+# One SQL expression per COUNT_FIELDS entry, in the same order, valid in both ledgers (``priced``
+# is an integer in SQLite, a boolean in PostgreSQL: ``NOT priced`` reads both). NULL token counts
+# (unknown usage, calls still in flight) add nothing; such rows are counted by `unpriced`.
 _COUNT_SQL = (
     "COUNT(*)",
     "SUM(COALESCE(cache_hit_tokens, 0))",
     "SUM(COALESCE(cache_miss_tokens, 0))",
     "SUM(COALESCE(output_tokens, 0))",
     "SUM(COALESCE(reasoning_tokens, 0))",
-    f"SUM(priced = 0 AND {BILLABLE_SQL})",
-    "SUM(usage_source = 'estimated')",
+    f"COUNT(*) FILTER (WHERE NOT priced AND {BILLABLE_SQL})",
+    "COUNT(*) FILTER (WHERE usage_source = 'estimated')",
 )
 
 
@@ -80,18 +83,15 @@ class TimeRange:
     since: datetime | None = None
     until: datetime | None = None
 
-    def where(self) -> tuple[str, list[str]]:
-        """A SQL condition on ``started_at`` and its parameters.
-
-        Stored instants are fixed-width UTC text (`iso_instant`), so comparing text compares
-        time.
-        """
-        clauses = ["1"]
-        params: list[str] = []
+    def where(self) -> tuple[str, list[datetime]]:
+        """A SQL condition on ``started_at`` and its parameters, instants that each ledger
+        binds as it stores them (SQLite: fixed-width UTC text, whose order is time's)."""
+        clauses = ["TRUE"]
+        params: list[datetime] = []
         for condition, bound in (("started_at >= ?", self.since), ("started_at < ?", self.until)):
             if bound is not None:
                 clauses.append(condition)
-                params.append(iso_instant(bound, fixed_width=True))
+                params.append(bound)
         return " AND ".join(clauses), params
 
 
@@ -115,35 +115,38 @@ class Report:
     total: Line
 
 
-def ledger_currencies(conn: sqlite3.Connection) -> tuple[str, ...]:
+def ledger_currencies(queries: Queries) -> tuple[str, ...]:
     """Every currency the ledger holds a cost in, sorted."""
-    rows = conn.execute("SELECT DISTINCT currency FROM usage_cost ORDER BY currency").fetchall()
-    return tuple(str(r[0]) for r in rows)
+    rows = queries.execute("SELECT DISTINCT currency FROM usage_cost")
+    return tuple(sorted(str(r[0]) for r in rows))
 
 
 def build_report(
-    conn: sqlite3.Connection, time_range: TimeRange, by: Sequence[str], currencies: Sequence[str]
+    queries: Queries, time_range: TimeRange, by: Sequence[str], currencies: Sequence[str]
 ) -> Report:
     """Sum the ledger's rows in `time_range`, grouped by the `by` keys (sorted by them)."""
     keys = ", ".join(GROUP_COLUMNS[k] for k in by)  # KeyError on any name not in the table
     where, params = time_range.where()
-    # The interpolated names come from GROUP_COLUMNS and _COUNT_SQL only; values are parameters.
-    count_rows = conn.execute(
+    money = queries.money_sum("amount")
+    # The interpolated names come from GROUP_COLUMNS, _COUNT_SQL and the ledger's exact sum
+    # only; values are parameters.
+    count_rows = queries.execute(
         f"SELECT {keys}, {', '.join(_COUNT_SQL)} FROM usage WHERE {where} "  # noqa: S608
-        f"GROUP BY {keys} ORDER BY {keys}",
+        f"GROUP BY {keys}",
         params,
-    ).fetchall()
-    cost_rows = conn.execute(
-        f"SELECT {keys}, currency, decimal_sum(amount) FROM usage "  # noqa: S608
+    )
+    cost_rows = queries.execute(
+        f"SELECT {keys}, currency, {money} FROM usage "  # noqa: S608
         f"JOIN usage_cost USING (request_id) WHERE {where} GROUP BY {keys}, currency",
         params,
-    ).fetchall()
+    )
     width = len(by)
     costs: dict[tuple[str, ...], dict[str, Decimal]] = {}
     for row in cost_rows:
-        costs.setdefault(tuple(row[:width]), {})[row[width]] = Decimal(row[width + 1])
+        group = tuple(str(k) for k in row[:width])  # a day is a `date` in PostgreSQL
+        costs.setdefault(group, {})[row[width]] = Decimal(row[width + 1])
     lines = []
-    for row in count_rows:
+    for row in sorted(count_rows, key=lambda r: tuple(str(k) for k in r[:width])):
         group = tuple(str(k) for k in row[:width])
         spent = costs.get(group, {})
         lines.append(

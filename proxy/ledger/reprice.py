@@ -3,9 +3,10 @@
 When the book is corrected (a rate was misquoted, a holiday calendar arrives, a change's start
 instant becomes known), the rows it priced are priced again from their stored tokens at the
 instant that priced them the first time. `plan_reprice` computes what would change, without
-writing; `apply_plan` writes it. The command runs both inside one ``BEGIN IMMEDIATE``
-transaction, so the rows it read are the rows it rewrites and the proxy's writer (which waits on
-the lock and retries) never sees half a re-pricing.
+writing; `apply_plan` writes it. The command runs both inside one transaction
+(`Queries.transaction`: SQLite's ``BEGIN IMMEDIATE``, PostgreSQL's under the ledger commands'
+lock), so the rows it read are the rows it rewrites and no one sees half a re-pricing. Both
+ledgers are read and written by the same code, through `proxy.ledger.queries`.
 
 Only the pricing outcome is compared (priced or not and why, billed model, versions, tier,
 amounts, savings and the engine's flags), never the book's digest: a row the new book prices
@@ -16,16 +17,15 @@ nothing. Every replaced amount goes to ``cost_history`` first, so no past figure
 from __future__ import annotations
 
 import dataclasses
-import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 
-from proxy.formats import ZERO, decimal_text, iso_instant
+from proxy.formats import ZERO, decimal_text
+from proxy.ledger.queries import Queries, record_values
 from proxy.ledger.report import TimeRange, table
-from proxy.ledger.rows import RECORD_COLUMNS, cost_rows, stored_record, usage_row
-from proxy.ledger.store import add_spend
+from proxy.ledger.rows import RECORD_COLUMNS
 from proxy.pricing import PriceBook, Pricer, Pricing
 from proxy.pricing.engine import (
     FLAG_NO_HOLIDAY_CALENDAR,
@@ -56,7 +56,7 @@ class Change:
 
     old: UsageRecord
     new: UsageRecord
-    day: str
+    day: date
 
 
 @dataclass(slots=True)
@@ -91,9 +91,9 @@ def is_price_flag(flag: str) -> bool:
     )
 
 
-def plan_reprice(conn: sqlite3.Connection, book: PriceBook, time_range: TimeRange) -> Plan:
+def plan_reprice(queries: Queries, book: PriceBook, time_range: TimeRange) -> Plan:
     """What re-pricing the rows in `time_range` with `book` would change. Reads only."""
-    rows = load_rows(conn, time_range)
+    rows = load_rows(queries, time_range)
     pricer = Pricer(book)  # one memo for the run: most rows share a model and an hour
     changes = []
     groups: dict[tuple[str, str], GroupDiff] = {}
@@ -111,7 +111,7 @@ def plan_reprice(conn: sqlite3.Connection, book: PriceBook, time_range: TimeRang
     )
 
 
-def load_rows(conn: sqlite3.Connection, time_range: TimeRange) -> list[tuple[UsageRecord, str]]:
+def load_rows(queries: Queries, time_range: TimeRange) -> list[tuple[UsageRecord, date]]:
     """Every row in range that has token counts, as its record and billing day, oldest
     first. A record's `priced_at` is the instant that priced it (``priced_at``, else
     ``started_at``): re-pricing keeps it."""
@@ -120,7 +120,7 @@ def load_rows(conn: sqlite3.Connection, time_range: TimeRange) -> list[tuple[Usa
     costs: dict[str, dict[str, Decimal]] = {}
     savings: dict[str, dict[str, Decimal]] = {}
     # Only constant SQL text is interpolated; the range bounds are parameters.
-    for request_id, currency, amount, saved in conn.execute(
+    for request_id, currency, amount, saved in queries.execute(
         "SELECT request_id, currency, amount, cache_savings FROM usage_cost WHERE "  # noqa: S608
         f"request_id IN (SELECT request_id FROM usage WHERE {condition})",
         params,
@@ -128,16 +128,16 @@ def load_rows(conn: sqlite3.Connection, time_range: TimeRange) -> list[tuple[Usa
         costs.setdefault(request_id, {})[currency] = Decimal(amount)
         savings.setdefault(request_id, {})[currency] = Decimal(saved)
     rows = []
-    for *values, day in conn.execute(
+    for *values, day in queries.execute(
         f"SELECT {', '.join(RECORD_COLUMNS)}, billing_day FROM usage "  # noqa: S608
         f"WHERE {condition} ORDER BY started_at, request_id",
         params,
     ):
         request_id = values[0]
-        record = stored_record(values, costs.get(request_id, {}), savings.get(request_id, {}))
+        record = queries.record(values, costs.get(request_id, {}), savings.get(request_id, {}))
         if record.priced_at is None:
             record = dataclasses.replace(record, priced_at=record.started_at)
-        rows.append((record, day))
+        rows.append((record, queries.day(day)))
     return rows
 
 
@@ -182,15 +182,14 @@ def _currencies(book: PriceBook, groups: Iterable[GroupDiff]) -> tuple[str, ...]
     return (*book.currencies, *sorted(extra))
 
 
-def apply_plan(conn: sqlite3.Connection, plan: Plan, replaced_at: datetime) -> None:
+def apply_plan(queries: Queries, plan: Plan, replaced_at: datetime) -> None:
     """Write a plan: history first, then costs, rows and daily spend (caller holds the
     transaction, the same one `plan_reprice` read in)."""
-    stamp = iso_instant(replaced_at, fixed_width=True)
-    spend: dict[tuple[str, str, str], Decimal] = {}
+    spend: dict[tuple[str, date, str], Decimal] = {}
     for change in plan.changes:
-        _keep_history(conn, change, stamp, plan.book_digest)
-        _replace_costs(conn, change)
-        _update_row(conn, change, plan.book_digest)
+        _keep_history(queries, change, replaced_at, plan.book_digest)
+        _replace_costs(queries, change)
+        _update_row(queries, change, plan.book_digest)
         old, new = change.old.costs, change.new.costs
         for currency in {*old, *new}:
             key = (change.old.team, change.day, currency)
@@ -198,37 +197,44 @@ def apply_plan(conn: sqlite3.Connection, plan: Plan, replaced_at: datetime) -> N
             spend[key] = spend.get(key, ZERO) + delta
     for (team, day, currency), delta in sorted(spend.items()):
         if delta != 0:
-            add_spend(conn, team, day, currency, delta)
+            queries.add_spend(team, day, currency, delta)
 
 
-def _keep_history(conn: sqlite3.Connection, change: Change, stamp: str, new_book: str) -> None:
+def _keep_history(queries: Queries, change: Change, stamp: datetime, new_book: str) -> None:
     """One history row per currency the row had or gets (NULL: it had no price in it)."""
     old = change.old
-    for currency in sorted({*old.costs, *change.new.costs}):
-        amount = old.costs.get(currency)
-        conn.execute(
-            "INSERT INTO cost_history VALUES (?, ?, ?, ?, ?, ?, ?)",
+    queries.executemany(
+        "INSERT INTO cost_history VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [
             (
                 old.request_id,
                 currency,
-                None if amount is None else decimal_text(amount),
+                old.costs.get(currency),
                 old.price_book,
                 old.price_version,
                 stamp,
                 new_book,
-            ),
-        )
+            )
+            for currency in sorted({*old.costs, *change.new.costs})
+        ],
+    )
 
 
-def _replace_costs(conn: sqlite3.Connection, change: Change) -> None:
-    conn.execute("DELETE FROM usage_cost WHERE request_id = ?", (change.old.request_id,))
-    conn.executemany("INSERT INTO usage_cost VALUES (?, ?, ?, ?)", cost_rows(change.new))
+def _replace_costs(queries: Queries, change: Change) -> None:
+    new = change.new
+    queries.execute("DELETE FROM usage_cost WHERE request_id = ?", (new.request_id,))
+    queries.executemany(
+        "INSERT INTO usage_cost VALUES (?, ?, ?, ?)",
+        [
+            (new.request_id, currency, amount, new.cache_savings.get(currency, ZERO))
+            for currency, amount in new.costs.items()
+        ],
+    )
 
 
-def _update_row(conn: sqlite3.Connection, change: Change, new_book: str) -> None:
+def _update_row(queries: Queries, change: Change, new_book: str) -> None:
     new = dataclasses.replace(change.new, price_book=new_book)
-    values = usage_row(new, "final", change.day, None)[1 : len(RECORD_COLUMNS)]
-    conn.execute(_UPDATE_ROW, (*values, new.request_id))
+    queries.execute(_UPDATE_ROW, (*record_values(new)[1:], new.request_id))
 
 
 def render_plan(plan: Plan) -> str:

@@ -12,9 +12,10 @@ UTC instant and the process id, so several workers (``serve --workers N``) never
   one ``unwritten ledger record: {...}`` line instead, so a log pipeline still has it.
 
 ``python -m proxy ledger-replay FILE...`` (`proxy.ledger.commands`) reads either kind of file
-(`read_records`) and writes the records through the store's normal path (`replay`): daily
-spend stays consistent, and a record whose final row is already there is not written twice,
-so replaying a file again, or one whose records partly made it, is harmless.
+(`read_records`) and writes the records through the store's normal path (`replay`), into the
+SQLite or the PostgreSQL ledger: daily spend stays consistent, and a record whose final row is
+already there is not written twice, so replaying a file again, or one whose records partly
+made it, is harmless.
 """
 
 from __future__ import annotations
@@ -28,11 +29,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from zoneinfo import ZoneInfo
+from typing import Protocol
 
-from proxy.ledger.connection import connect
-from proxy.ledger.rows import settled_ids
-from proxy.ledger.store import SQLiteLedger
+from proxy.ledger.queries import Queries, settled
 from proxy.records import UsageRecord
 
 log = logging.getLogger("proxy.ledger")
@@ -137,12 +136,20 @@ class Replayed:
     """Records whose final row was already there (left as they were)."""
 
 
-def replay(ledger: Path, timezone: ZoneInfo, records: Sequence[UsageRecord]) -> Replayed:
-    """Write spilled records into the ledger through its normal write path.
+class Writes(Protocol):
+    """The store's write path (`proxy.ledger.store.SQLiteLedger`, `PostgresLedger`)."""
+
+    def write(self, pending: Sequence[UsageRecord], final: Sequence[UsageRecord]) -> None: ...
+
+
+def replay(queries: Queries, store: Writes, records: Sequence[UsageRecord]) -> Replayed:
+    """Write spilled records into the ledger `queries` reads, through `store`'s normal write
+    path (a store that ends no running proxy's calls when it opens).
 
     A spilled ``in_flight`` record is a call whose final record never came: it is written as
-    the store's recovery would end it, ``interrupted`` with unknown usage. Safe while the proxy
-    runs (the store's transactions wait for each other) and safe to repeat.
+    the store's recovery would end it, ``interrupted`` with unknown usage, which any final row
+    of the call settles. Safe while the proxy runs (the store's transactions wait for each
+    other) and safe to repeat.
     """
     finals: dict[str, UsageRecord] = {}
     for record in sorted(records, key=lambda r: r.outcome != "in_flight"):  # finals win
@@ -151,19 +158,8 @@ def replay(ledger: Path, timezone: ZoneInfo, records: Sequence[UsageRecord]) -> 
             if record.outcome == "in_flight"
             else record
         )
-    with contextlib.closing(connect(ledger)) as reader:
-        present = settled_ids(reader, list(finals))
-        # A call that never ended is settled by any final row, recovery's included.
-        present |= settled_ids(
-            reader,
-            [i for i, r in finals.items() if i not in present and r.outcome == "interrupted"],
-            interrupted=True,
-        )
-    store = SQLiteLedger(ledger, timezone, recover=False)  # never end a running proxy's calls
-    try:
-        batch = [record for request_id, record in finals.items() if request_id not in present]
-        for start in range(0, len(batch), REPLAY_BATCH):
-            store.write([], batch[start : start + REPLAY_BATCH])
-    finally:
-        store.close()
+    present = settled(queries, list(finals.values()))
+    batch = [record for request_id, record in finals.items() if request_id not in present]
+    for start in range(0, len(batch), REPLAY_BATCH):
+        store.write([], batch[start : start + REPLAY_BATCH])
     return Replayed(written=len(finals) - len(present), present=len(present))

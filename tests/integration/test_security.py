@@ -255,8 +255,9 @@ def test_no_eval_exec_or_unsafe_yaml() -> None:
 
 # SQL text may be assembled only from these reviewed pieces: column names picked from a fixed
 # mapping (`report.GROUP_COLUMNS`), constant column and aggregate lists, `reprice`'s constant
-# condition, `TimeRange.where()`, which yields constant clauses with `?` placeholders, and
-# `marks`, a run of `?` placeholders (`proxy.ledger.rows.settled_ids`).
+# condition, `TimeRange.where()`, which yields constant clauses with `?` placeholders,
+# `marks`, a run of `?` placeholders (`proxy.ledger.rows.settled_ids`), and `money`, the
+# ledger's exact sum of the amount column (`Queries.money_sum`: a constant per database).
 # Everything else is a parameter.
 REVIEWED_INTERPOLATIONS = {
     "keys",
@@ -265,6 +266,7 @@ REVIEWED_INTERPOLATIONS = {
     "condition",
     "', '.join(RECORD_COLUMNS)",
     "marks",
+    "money",
 }
 
 

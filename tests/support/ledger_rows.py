@@ -166,15 +166,17 @@ def sample_rows(book: PriceBook) -> tuple[list[UsageRecord], list[UsageRecord]]:
     return pending, final
 
 
-def write_config(folder: Path, book_text: str) -> Path:
-    """A config in `folder` naming its own price book and a ledger beside it."""
+def write_config(folder: Path, book_text: str, *, url: str | None = None) -> Path:
+    """A config in `folder` naming its own price book and a ledger: the SQLite file beside it,
+    or the PostgreSQL database at `url`."""
     (folder / "book.yaml").write_text(book_text, encoding="utf-8")
     config = folder / "proxy.yaml"
+    where = "path: ledger.sqlite3" if url is None else f"url: '{url}'"
     config.write_text(
         "pricing: {book: [book.yaml]}\n"
         f"teams:\n  alpha:\n    keys: ['{KEY_HASH}']\n"
         f"  beta:\n    keys: ['sha256:{'cd' * 32}']\n"
-        "ledger: {path: ledger.sqlite3, billing_timezone: Asia/Shanghai}\n",
+        f"ledger: {{{where}, billing_timezone: Asia/Shanghai}}\n",
         encoding="utf-8",
     )
     return config
