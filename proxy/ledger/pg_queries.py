@@ -158,5 +158,9 @@ def open_postgres(url: str) -> PostgresQueries:
     except BaseException:
         queries.close()
         raise
-    check_version(queries, lambda found: pg_schema.SchemaTooNew(queries.where, found))
+    check_version(
+        queries,
+        pg_schema.SCHEMA_VERSION,
+        lambda found: pg_schema.SchemaTooNew(queries.where, found),
+    )
     return queries

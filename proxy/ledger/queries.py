@@ -190,17 +190,18 @@ def open_sqlite(path: Path) -> SQLiteQueries:
     except sqlite3.Error as exc:
         raise LedgerUnusable(str(path), exc) from exc
     queries = SQLiteQueries(conn, str(path))
-    check_version(queries, lambda found: schema.SchemaTooNew(path, found))
+    check_version(queries, schema.SCHEMA_VERSION, lambda found: schema.SchemaTooNew(path, found))
     return queries
 
 
-def check_version(queries: Queries, too_new: Callable[[int], Exception]) -> None:
-    """Refuse (and close) a ledger whose schema is newer than this proxy knows: its columns may
-    mean what this code cannot know. A ledger without the version row is version 1."""
+def check_version(queries: Queries, known: int, too_new: Callable[[int], Exception]) -> None:
+    """Refuse (and close) a ledger whose schema is newer than `known`, the newest this proxy
+    knows for its kind: its columns may mean what this code cannot know. A ledger without the
+    version row is version 1."""
     try:
         rows = queries.execute("SELECT value FROM meta WHERE key = 'schema_version'")
         found = int(rows[0][0]) if rows else 1
-        if found > schema.SCHEMA_VERSION:
+        if found > known:
             raise too_new(found)
     except BaseException:
         queries.close()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from proxy.ledger import pg_schema
 from proxy.ledger.pg_store import PostgresLedger
 from proxy.ledger.spill import spill
 from proxy.ledger.store import SQLiteLedger
@@ -279,10 +280,12 @@ def test_a_database_without_the_ledger_is_no_ledger_and_stays_empty(
 def test_a_ledger_written_by_a_newer_proxy_is_refused(
     capsys: pytest.CaptureFixture[str], ledgers: Ledgers
 ) -> None:
-    pg_execute(ledgers.url, "UPDATE meta SET value = '4' WHERE key = 'schema_version'")
+    newer = pg_schema.SCHEMA_VERSION + 1
+    pg_execute(ledgers.url, f"UPDATE meta SET value = '{newer}' WHERE key = 'schema_version'")  # noqa: S608
     code, out, err = run(capsys, "report", "--config", str(ledgers.pg))
     assert (code, out) == (1, "")
     assert err == (
-        f"the PostgreSQL ledger {ledgers.url} has schema version 4, newer than this proxy "
-        "knows (3): run the proxy version that wrote it, or a newer one\n"
+        f"the PostgreSQL ledger {ledgers.url} has schema version {newer}, newer than this "
+        f"proxy knows ({pg_schema.SCHEMA_VERSION}): run the proxy version that wrote it, or a "
+        "newer one\n"
     )
