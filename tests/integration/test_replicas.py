@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
@@ -27,6 +29,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.pricing import PriceBook
+from tests.conftest import ROOT
 from tests.support.budget_configs import BIG, one_call_budget
 from tests.support.fake_deepseek import FakeDeepSeek, running_fake
 from tests.support.fake_deepseek_shapes import Reply
@@ -73,6 +76,27 @@ async def replicas(
                 )
             )
         yield started
+
+
+async def report(config: Path) -> dict[str, Any]:
+    """``python -m proxy report --format json`` with `config`, as an operator runs it."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "report",
+        "--config",
+        str(config),
+        "--format",
+        "json",
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+    result: dict[str, Any] = json.loads(out)
+    return result
 
 
 def metric(text: str, name: str) -> float:
@@ -125,6 +149,11 @@ async def test_two_replicas_share_one_hard_budget(tmp_path: Path, postgres: Post
     assert await query(url, "SELECT count(DISTINCT owner) FROM usage") == [(2,)]
     assert await query(url, "SELECT count(*) FROM budget_holds") == [(0,)]
     assert await query(url, "SELECT count(*) FROM replicas") == [(0,)]  # both left cleanly
+    # ``report`` through either replica's config: every call once, the exact spend.
+    reports = [await report(folder / "proxy.yaml") for folder in (a.log.parent, b.log.parent)]
+    assert reports[0] == reports[1]
+    total = reports[0]["total"]
+    assert (total["requests"], Decimal(total["cost"]["CNY"])) == (len(admitted), spent)
 
 
 async def test_a_killed_replica_is_released_by_the_other_within_the_lease(
