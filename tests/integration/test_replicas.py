@@ -35,7 +35,13 @@ from tests.support.fake_deepseek import FakeDeepSeek, running_fake
 from tests.support.fake_deepseek_shapes import Reply
 from tests.support.postgres import Postgres, require_postgres, running_postgres
 from tests.support.requests import AUTH, BETA_AUTH, BOUNDED_CHAT, BOUNDED_USAGE
-from tests.support.serve_process import ServeProcess, eventually, serve_process
+from tests.support.serve_process import (
+    ServeProcess,
+    eventually,
+    serve_process,
+    worker_owner,
+    worker_pids,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -278,3 +284,53 @@ async def test_losing_postgresql_loses_nothing(tmp_path: Path, own_postgres: Pos
     )
     assert sorted(cny) == costs
     assert [team for team, _ in costs] == ["alpha", "beta"]
+
+
+async def test_workers_on_postgresql_release_a_killed_worker_at_once(
+    tmp_path: Path, postgres: Postgres, book: PriceBook
+) -> None:
+    """``serve --workers 2`` on a PostgreSQL ledger: the supervisor releases a worker killed
+    while holding the team's whole budget as soon as it sees the exit (the lease here is a
+    minute, so only the supervisor can have done it in time), and the team is served again."""
+    url = postgres.new_database()
+    async with running_fake() as fake:
+        fake.enqueue(Reply(usage=BOUNDED_USAGE, content=["a"] * 600, chunk_interval=0.05))
+        async with serve_process(
+            tmp_path,
+            fake.base_url,
+            workers=2,
+            extra_config=one_call_budget(book),
+            ledger_config=f"url: '{url}', lease: 60",
+        ) as serve:
+            async with (
+                httpx.AsyncClient(base_url=serve.url, headers=AUTH, timeout=30) as http,
+                http.stream("POST", "/chat/completions", json={**BIG, "stream": True}) as held,
+            ):
+                assert held.status_code == 200
+                request_id = held.headers["x-request-id"]
+
+                async def holder() -> list[tuple[Any, ...]]:
+                    return await query(
+                        url,
+                        "SELECT h.owner FROM budget_holds h JOIN usage u USING (request_id) "
+                        "WHERE u.state = 'in_flight' AND request_id = $1",
+                        request_id,
+                    )
+
+                [(owner,)] = await eventually(holder, "the call's row and hold")
+                [pid] = [p for p in worker_pids(serve.process.pid) if worker_owner(p) == owner]
+                assert (await post(serve.url, **BIG)).status_code == 402  # no room left
+                os.kill(pid, signal.SIGKILL)
+
+            async def released() -> bool:
+                rows = await query(
+                    url, "SELECT outcome FROM usage WHERE request_id = $1", request_id
+                )
+                holds = await query(url, "SELECT count(*) FROM budget_holds")
+                return rows == [("interrupted",)] and holds == [(0,)]
+
+            await eventually(released, "the dead worker released", RELEASE_ALLOWANCE)
+            assert (await post(serve.url, **BIG)).status_code == 200
+            serve.process.send_signal(signal.SIGTERM)
+            assert await serve.process.wait() == 0
+    assert f"worker {pid} " in serve.log.read_text()
