@@ -164,7 +164,11 @@ def test_grafana_provisions_the_datasource_and_the_dashboard() -> None:
         for panel in dashboard["panels"]
         if "datasource" in panel
     }
-    assert sources == {json.dumps({"type": "prometheus", "uid": datasource["uid"]}, sort_keys=True)}
+    # Every panel queries the Prometheus the first variable picks, by default this one.
+    assert sources == {json.dumps({"type": "prometheus", "uid": "${datasource}"}, sort_keys=True)}
+    picker = dashboard["templating"]["list"][0]
+    assert (picker["type"], picker["query"]) == ("datasource", datasource["type"])
+    assert picker["current"]["value"] == datasource["uid"]
     home = service("grafana")["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert in_container("grafana", home).is_file()
 

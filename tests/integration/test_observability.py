@@ -153,8 +153,37 @@ def test_alertmanager_routes_by_team_and_severity(labels: list[str], receivers: 
     assert receivers in output.splitlines()
 
 
-def test_dashboard_variables_are_multi_value_and_used() -> None:
+def label_variables() -> list[dict[str, Any]]:
+    """The dashboard's variables that select label values (the first one picks the
+    Prometheus)."""
     variables = json.loads(DASHBOARD.read_text())["templating"]["list"]
+    return [variable for variable in variables if variable["type"] != "datasource"]
+
+
+def test_every_panel_and_variable_queries_the_chosen_prometheus() -> None:
+    """One dashboard for the single proxy's Prometheus and the replica stack's: the first
+    variable picks which, and every panel, query and variable follows it."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    first, *others = dashboard["templating"]["list"]
+    assert (first["name"], first["type"], first["query"]) == (
+        "datasource",
+        "datasource",
+        "prometheus",
+    )
+    assert first["current"]["value"] == "prometheus"  # the single stack's, the default
+    chosen = {"type": "prometheus", "uid": "${datasource}"}
+    for panel in dashboard_panels():
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"] == chosen, panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"] == chosen, (panel["title"], target["refId"])
+    for variable in others:
+        assert variable["datasource"] == chosen, variable["name"]
+
+
+def test_dashboard_variables_are_multi_value_and_used() -> None:
+    variables = label_variables()
     assert [variable["name"] for variable in variables] == ["team", "model", "currency"]
     exprs = " ".join(
         target["expr"] for panel in dashboard_panels() for target in panel.get("targets", [])
@@ -478,7 +507,7 @@ async def test_dashboard_and_alerts_on_a_real_prometheus(
         "model": {"deepseek-flash", "deepseek-v4-pro", "other"},
         "currency": {"CNY", "USD"},
     }
-    for variable in json.loads(DASHBOARD.read_text())["templating"]["list"]:
+    for variable in label_variables():
         match = re.fullmatch(r"label_values\((.+), (\w+)\)", variable["definition"])
         assert match is not None, variable["definition"]
         selector, label = match.groups()
