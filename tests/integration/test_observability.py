@@ -95,9 +95,10 @@ def dashboard_panels() -> Iterator[dict[str, Any]]:
 # --- static checks with promtool and amtool ------------------------------------------------------
 
 
-def test_prometheus_config_is_valid() -> None:
+@pytest.mark.parametrize("name", ["prometheus.yml", "prometheus.replicas.yml"])
+def test_prometheus_config_is_valid(name: str) -> None:
     # rule_files resolve next to the file; the targets are compose service names.
-    output = run(tool("promtool"), "check", "config", str(PROMETHEUS_DIR / "prometheus.yml"))
+    output = run(tool("promtool"), "check", "config", str(PROMETHEUS_DIR / name))
     assert "1 rule files found" in output
 
 
