@@ -1,10 +1,12 @@
 """Alerts, alert routing and the Grafana dashboard, checked with the real Prometheus tools.
 
 `promtool` and `amtool` validate the files and run the alerts' unit tests
-(`config/prometheus/alerts_test.yml`). Then a real Prometheus scrapes the real proxy (in this
-process, against the fake DeepSeek, with a real ledger) every second, and every query of the
-dashboard must return data and every alert rule must evaluate without error: a renamed metric
-or label, or a join that matches many-to-many, fails here rather than in production.
+(`config/prometheus/alerts_test.yml`). Then a real Prometheus scrapes two replicas of the real
+proxy (in this process, against the fake DeepSeek, sharing one real ledger) every second, and
+every query of the dashboard must return data and every alert rule must evaluate without
+error: a renamed metric or label, or a join that matches many-to-many (as a join of two
+replicas' spend would), fails here rather than in production. The dashboard's budget figures
+must equal the ledger's, not twice them, and a team over budget must alert once.
 
 The tools come from Debian's `prometheus` and `prometheus-alertmanager` packages (`.ci/run`
 installs them). Without them the tests are skipped locally, and fail in CI.
@@ -53,6 +55,7 @@ INSTALL = "apt-get install prometheus prometheus-alertmanager"
 T = TypeVar("T")
 
 CALLS_PER_ROUND = 10
+REPLICAS = 2
 DEADLINE = 30.0  # seconds; the whole live test takes about ten
 POLL = 0.1
 # Prometheus stamps a scrape with its scheduled instant when it starts within 2 ms of it, so a
@@ -92,9 +95,10 @@ def dashboard_panels() -> Iterator[dict[str, Any]]:
 # --- static checks with promtool and amtool ------------------------------------------------------
 
 
-def test_prometheus_config_is_valid() -> None:
+@pytest.mark.parametrize("name", ["prometheus.yml", "prometheus.replicas.yml"])
+def test_prometheus_config_is_valid(name: str) -> None:
     # rule_files resolve next to the file; the targets are compose service names.
-    output = run(tool("promtool"), "check", "config", str(PROMETHEUS_DIR / "prometheus.yml"))
+    output = run(tool("promtool"), "check", "config", str(PROMETHEUS_DIR / name))
     assert "1 rule files found" in output
 
 
@@ -150,8 +154,37 @@ def test_alertmanager_routes_by_team_and_severity(labels: list[str], receivers: 
     assert receivers in output.splitlines()
 
 
-def test_dashboard_variables_are_multi_value_and_used() -> None:
+def label_variables() -> list[dict[str, Any]]:
+    """The dashboard's variables that select label values (the first one picks the
+    Prometheus)."""
     variables = json.loads(DASHBOARD.read_text())["templating"]["list"]
+    return [variable for variable in variables if variable["type"] != "datasource"]
+
+
+def test_every_panel_and_variable_queries_the_chosen_prometheus() -> None:
+    """One dashboard for the single proxy's Prometheus and the replica stack's: the first
+    variable picks which, and every panel, query and variable follows it."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    first, *others = dashboard["templating"]["list"]
+    assert (first["name"], first["type"], first["query"]) == (
+        "datasource",
+        "datasource",
+        "prometheus",
+    )
+    assert first["current"]["value"] == "prometheus"  # the single stack's, the default
+    chosen = {"type": "prometheus", "uid": "${datasource}"}
+    for panel in dashboard_panels():
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"] == chosen, panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"] == chosen, (panel["title"], target["refId"])
+    for variable in others:
+        assert variable["datasource"] == chosen, variable["name"]
+
+
+def test_dashboard_variables_are_multi_value_and_used() -> None:
+    variables = label_variables()
     assert [variable["name"] for variable in variables] == ["team", "model", "currency"]
     exprs = " ".join(
         target["expr"] for panel in dashboard_panels() for target in panel.get("targets", [])
@@ -189,8 +222,12 @@ class SwitchingClock:
 
 @dataclass
 class Stack:
-    proxy: RunningProxy
+    """Two replicas sharing one ledger: each reports the spend it reads from it and counts its
+    own calls, as replicas sharing a PostgreSQL ledger do."""
+
+    replicas: tuple[RunningProxy, RunningProxy]
     writer: LedgerWriter
+    store: SQLiteLedger
     clock: SwitchingClock
 
 
@@ -224,20 +261,22 @@ class Prometheus:
         return data["result"]  # type: ignore[no-any-return]
 
     async def wait_for_scrapes(self, count: int) -> None:
-        """Return once `count` successful scrapes of the proxy started after this call."""
+        """Return once `count` successful scrapes of every replica started after this call."""
         after = time.time() + STAMP_TOLERANCE
 
         async def scraped() -> bool:
             series = await self.query('up{job="deepseek-proxy"}[1m]')
             stamps = [
-                float(stamp)
+                [
+                    float(stamp)
+                    for stamp, value in s["values"]
+                    if value == "1" and float(stamp) > after
+                ]
                 for s in series
-                for stamp, value in s["values"]
-                if value == "1" and float(stamp) > after
             ]
-            return len(stamps) >= count
+            return len(stamps) == REPLICAS and all(len(each) >= count for each in stamps)
 
-        await eventually(scraped, f"{count} scrape(s) of the proxy")
+        await eventually(scraped, f"{count} scrape(s) of each replica")
 
 
 def free_port() -> int:
@@ -248,8 +287,8 @@ def free_port() -> int:
 
 @pytest.fixture
 async def stack(fake: FakeDeepSeek, book: PriceBook, tmp_path: Path) -> AsyncIterator[Stack]:
-    """The proxy with a real ledger and budgets for both teams; alpha's day budget is tiny so
-    that the budget alerts have something to say."""
+    """Two replicas of the proxy sharing a real ledger, with budgets for both teams; alpha's day
+    budget is tiny so that the budget alerts have something to say."""
     store = SQLiteLedger(tmp_path / "ledger.sqlite3", ZoneInfo("Asia/Shanghai"))
     writer = LedgerWriter(store, flush_interval=0.01)
     clock = SwitchingClock(PEAK)
@@ -266,28 +305,30 @@ async def stack(fake: FakeDeepSeek, book: PriceBook, tmp_path: Path) -> AsyncIte
         for team in TEAM_KEYS
         for period in ("day", "week", "month")
     )
+    options: dict[str, Any] = {
+        "clock": clock,
+        "budgets": budgets,
+        "spend": store.spend,
+        "sink": writer,
+        "ledger": writer,
+    }
     try:
-        async with running_proxy(
-            fake.base_url,
-            book,
-            clock=clock,
-            budgets=budgets,
-            spend=store.spend,
-            sink=writer,
-            ledger=writer,
-        ) as proxy:
-            yield Stack(proxy, writer, clock)
+        async with (
+            running_proxy(fake.base_url, book, **options) as replica_a,
+            running_proxy(fake.base_url, book, **options) as replica_b,
+        ):
+            yield Stack((replica_a, replica_b), writer, store, clock)
     finally:
         writer.close()
 
 
 @pytest.fixture
 async def prometheus(stack: Stack, tmp_path: Path) -> AsyncIterator[Prometheus]:
-    """A real Prometheus on a free loopback port, scraping the proxy every second and
+    """A real Prometheus on a free loopback port, scraping both replicas every second and
     evaluating alerts.yml; always stopped."""
     binary = tool("prometheus")
     port = free_port()
-    target = stack.proxy.url.removeprefix("http://")
+    targets = [replica.url.removeprefix("http://") for replica in stack.replicas]
     config = tmp_path / "prometheus.yml"
     config.write_text(
         yaml.safe_dump(
@@ -299,7 +340,7 @@ async def prometheus(stack: Stack, tmp_path: Path) -> AsyncIterator[Prometheus]:
                 },
                 "rule_files": [str(ALERTS)],
                 "scrape_configs": [
-                    {"job_name": "deepseek-proxy", "static_configs": [{"targets": [target]}]}
+                    {"job_name": "deepseek-proxy", "static_configs": [{"targets": targets}]}
                 ],
             }
         )
@@ -337,10 +378,10 @@ async def prometheus(stack: Stack, tmp_path: Path) -> AsyncIterator[Prometheus]:
         print(log.read_text()[-5000:])  # shown by pytest only if the test failed
 
 
-async def send_round(stack: Stack, http: httpx.AsyncClient, fake: FakeDeepSeek, done: int) -> int:
-    """One round of traffic that feeds every series the dashboard shows: both teams, both
-    endpoints, streaming and not, cache hits, tool calls, an error, a cut stream (missing
-    usage) and a model the price book does not know (unpriced)."""
+async def send_round(stack: Stack, replica: RunningProxy, fake: FakeDeepSeek) -> None:
+    """One round of traffic to `replica` that feeds every series the dashboard shows: both
+    teams, both endpoints, streaming and not, cache hits, tool calls, an error, a cut stream
+    (missing usage) and a model the price book does not know (unpriced)."""
     calls: list[tuple[str, str, dict[str, Any], Reply]] = [
         ("alpha", "/chat/completions", CHAT, Reply(usage=USAGE)),
         (
@@ -374,12 +415,13 @@ async def send_round(stack: Stack, http: httpx.AsyncClient, fake: FakeDeepSeek, 
         ("beta", "/chat/completions", CHAT, Reply(status=429)),
     ]
     assert len(calls) == CALLS_PER_ROUND
-    for team, path, body, reply in calls:
-        fake.enqueue(reply)
-        await http.post(path, json=body, headers={"Authorization": f"Bearer {TEAM_KEYS[team]}"})
-    await stack.proxy.sink.wait_for(done + CALLS_PER_ROUND)
+    done = len(replica.sink.records)
+    async with httpx.AsyncClient(base_url=replica.url) as http:
+        for team, path, body, reply in calls:
+            fake.enqueue(reply)
+            await http.post(path, json=body, headers={"Authorization": f"Bearer {TEAM_KEYS[team]}"})
+    await replica.sink.wait_for(done + CALLS_PER_ROUND)
     await asyncio.to_thread(stack.writer.flush)
-    return done + CALLS_PER_ROUND
 
 
 def substitute(expr: str, variables: dict[str, str]) -> str:
@@ -403,19 +445,20 @@ SELECTED = {"team": "beta", "model": "(deepseek-flash|other)", "currency": "CNY"
 async def test_dashboard_and_alerts_on_a_real_prometheus(
     stack: Stack, prometheus: Prometheus, fake: FakeDeepSeek
 ) -> None:
-    await eventually(lambda: prometheus.query('up{job="deepseek-proxy"} == 1'), "proxy up")
+    await eventually(
+        lambda: prometheus.query(f'count(up{{job="deepseek-proxy"}} == 1) == {REPLICAS}'),
+        "both replicas up",
+    )
 
     # Every series is born in the first two rounds; the next two move every counter, so that
-    # rate() and increase() have two scrapes with a difference between them.
-    done = 0
-    async with httpx.AsyncClient(base_url=stack.proxy.url) as http:
-        for instant in (PEAK, OFF_PEAK):
+    # rate() and increase() have two scrapes with a difference between them. One replica
+    # serves the peak rounds, the other the off-peak ones.
+    replica_a, replica_b = stack.replicas
+    for _ in range(2):
+        for instant, replica in ((PEAK, replica_a), (OFF_PEAK, replica_b)):
             stack.clock.switch(instant)
-            done = await send_round(stack, http, fake, done)
+            await send_round(stack, replica, fake)
         await prometheus.wait_for_scrapes(1)
-        for instant in (PEAK, OFF_PEAK):
-            stack.clock.switch(instant)
-            done = await send_round(stack, http, fake, done)
     await prometheus.wait_for_scrapes(2)
 
     tiers = {
@@ -423,6 +466,28 @@ async def test_dashboard_and_alerts_on_a_real_prometheus(
         for s in await prometheus.query("sum by (tier) (increase(llm_cost_total[1m])) > 0")
     }
     assert {"peak", "off_peak"} <= tiers
+
+    # Each replica counts its own calls; summed, every call counts once.
+    [calls] = await prometheus.query("sum(llm_requests_total)")
+    assert float(calls["value"][1]) == 4 * CALLS_PER_ROUND
+
+    # Both replicas report the shared ledger's spend; the dashboard shows it once.
+    alpha_day = 'team="alpha", period="day", currency="CNY"'
+    reported = await prometheus.query(f"llm_team_spend{{{alpha_day}}}")
+    assert len(reported) == REPLICAS
+    [spent] = {float(sample["value"][1]) for sample in reported}
+    assert spent > 0
+    [budget_used] = [
+        target["expr"]
+        for panel in dashboard_panels()
+        if panel["title"] == "Budget used"
+        for target in panel["targets"]
+    ]
+    used = {
+        (m["metric"]["team"], m["metric"]["period"], m["metric"]["currency"]): m["value"][1]
+        for m in await prometheus.query(substitute(budget_used, ALL))
+    }
+    assert float(used["alpha", "day", "CNY"]) == pytest.approx(100 * spent / 0.001)
 
     # Every panel query returns data, with all values selected and with a selection.
     queries = [
@@ -443,7 +508,7 @@ async def test_dashboard_and_alerts_on_a_real_prometheus(
         "model": {"deepseek-flash", "deepseek-v4-pro", "other"},
         "currency": {"CNY", "USD"},
     }
-    for variable in json.loads(DASHBOARD.read_text())["templating"]["list"]:
+    for variable in label_variables():
         match = re.fullmatch(r"label_values\((.+), (\w+)\)", variable["definition"])
         assert match is not None, variable["definition"]
         selector, label = match.groups()
@@ -458,10 +523,12 @@ async def test_dashboard_and_alerts_on_a_real_prometheus(
         result = await prometheus.query(rule["expr"])
         fired.setdefault(rule["alert"], []).extend(sample["metric"] for sample in result)
     # ... the budget joins match the labels the proxy really exports (alpha's day budget is
-    # 0.001 CNY) ...
-    assert {"team": "alpha", "period": "day", "currency": "CNY"} in [
-        {k: m[k] for k in ("team", "period", "currency")} for m in fired["TeamOverBudget"]
-    ]
+    # 0.001 CNY), once for both replicas ...
+    assert [
+        {k: m[k] for k in ("team", "period", "currency")}
+        for m in fired["TeamOverBudget"]
+        if m["team"] == "alpha"
+    ] == [{"team": "alpha", "period": "day", "currency": "CNY"}]
     assert {"team": "alpha", "period": "day", "currency": "CNY", "threshold": "80"} in [
         {k: m[k] for k in ("team", "period", "currency", "threshold")}
         for m in fired["TeamBudgetThresholdCrossed"]
