@@ -8,7 +8,7 @@ from datetime import datetime
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
-from proxy.budgets.decide import CallSize, Refusal, Standing, decide
+from proxy.budgets.decide import CallSize, Refusal, Standing, decide, worst_cost
 from proxy.budgets.holds import HoldStore
 from proxy.config import DEFAULT_POLICY, Budget, TeamPolicy
 from proxy.errors import ModelNotPriced
@@ -26,6 +26,28 @@ class Reservation:
     """Whether the store holds amounts for the call (False once settled)."""
     max_tokens: int | None = None
     """The lowered ``max_tokens`` the call must be sent with (``lower_max_tokens``), or None."""
+
+
+class _Admit:
+    """The guard's decision for one call (`proxy.budgets.holds.Admit`)."""
+
+    __slots__ = ("_cards", "_policy", "_refusal", "_size", "worst")
+
+    def __init__(
+        self,
+        size: CallSize,
+        cards: Sequence[RateCard],
+        policy: TeamPolicy,
+        refusal: Refusal,
+        budgets: Sequence[Budget],
+    ) -> None:
+        self._size, self._cards, self._policy, self._refusal = size, cards, policy, refusal
+        self.worst = {
+            b.currency: worst_cost(size.prompt, size.output, cards, b.currency) for b in budgets
+        }
+
+    def __call__(self, standings: Sequence[Standing]) -> tuple[dict[str, Decimal], int | None]:
+        return decide(standings, self._size, self._cards, self._policy, self._refusal)
 
 
 class BudgetGuard:
@@ -74,11 +96,7 @@ class BudgetGuard:
             return reservation
         cards = self.rate_cards(model, now)
         policy = self._policies.get(team, DEFAULT_POLICY)
-        refusal = self._refusal
-
-        def admit(standings: Sequence[Standing]) -> tuple[dict[str, Decimal], int | None]:
-            return decide(standings, size, cards, policy, refusal)
-
+        admit = _Admit(size, cards, policy, self._refusal, budgets)
         day = now.astimezone(self._tz).date()
         reservation.max_tokens = await self._store.hold(team, request_id, day, budgets, admit)
         reservation.held = True

@@ -11,7 +11,7 @@ replicas.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
@@ -26,9 +26,18 @@ from proxy.periods import period_start
 log = logging.getLogger("proxy.budgets")
 
 
-Admit = Callable[[Sequence[Standing]], tuple[dict[str, Decimal], int | None]]
-"""Decides on a call from its team's standings: the amount to hold per currency and the lowered
-``max_tokens`` (or None), or raises `BudgetExceeded` (`proxy.budgets.decide.decide`)."""
+class Admit(Protocol):
+    """Decides on a call from its team's standings: the amount to hold per currency and the
+    lowered ``max_tokens`` (or None), or raises `BudgetExceeded` (`proxy.budgets.decide.decide`).
+    """
+
+    @property
+    def worst(self) -> Mapping[str, Decimal]:
+        """The call's worst case per currency: what it holds when every budget has room for
+        it (a store may check that itself first, `proxy.budgets.pg_holds`)."""
+        ...
+
+    def __call__(self, standings: Sequence[Standing]) -> tuple[dict[str, Decimal], int | None]: ...
 
 
 class HoldStore(Protocol):

@@ -9,14 +9,21 @@ the decision itself stays in Python (`proxy.budgets.decide`, with the team's pol
 the read and the insert. Measured on loopback (bench/RESULTS.md, issue 13): asyncpg, chosen
 for the least CPU per admission on the event loop.
 
-An admission costs four round trips: ``BEGIN`` and the lock in one simple query, the
-standings, the insert, ``COMMIT``. The store's own connections commit without waiting for the
-server's disk (``synchronous_commit = off``): a hold is visible to every replica the moment
-it commits either way, and only matters while its call runs; a PostgreSQL crash may forget the
-holds of the last fraction of a second (at most three ``wal_writer_delay``, 0.6 s by default),
-so calls admitted in that instant could pass a budget by their worst cases. Waiting for the
-disk cost about 1 ms per admission on this machine (bench/RESULTS.md). The ledger's records,
-the money itself, are committed durably (`proxy.ledger.pg_store`).
+An admission costs one round trip when the call fits as it is (the common case): one call of
+the schema's ``proxy_hold`` function takes the lock, reads the standings and inserts the holds
+if every budget has room for the call's worst case (`proxy.ledger.pg_schema.HOLD_FUNCTION`),
+and returns the standings either way; a refusal is then decided in Python from those
+standings, read under the lock. Only a call that must be lowered to fit (``over_budget:
+lower_max_tokens``) takes the general path, four round trips: ``BEGIN`` and the lock in one
+simple query, the standings, the insert, ``COMMIT``.
+
+The store's own connections commit without waiting for the server's disk
+(``synchronous_commit = off``): a hold is visible to every replica the moment it commits either
+way, and only matters while its call runs; a PostgreSQL crash may forget the holds of the last
+fraction of a second (at most three ``wal_writer_delay``, 0.6 s by default), so calls admitted
+in that instant could pass a budget by their worst cases. Waiting for the disk cost about 1 ms
+per admission on this machine (bench/RESULTS.md). The ledger's records, the money itself, are
+committed durably (`proxy.ledger.pg_store`).
 
 A call's holds carry `owner` (this replica's id), so the survivors can release those of a
 replica that died. Settling is idempotent on the request id: an update of the call's rows, or
@@ -70,6 +77,10 @@ WHERE team = $1 AND day >= $2 GROUP BY currency, day"""
 """The team's spend and holds per currency and day since the earliest period start; each
 budget's standing is summed from them in Python (one plain indexed read: half the time of
 summing per budget in SQL, measured)."""
+_HOLD = (
+    "SELECT spent, held, admitted "
+    "FROM proxy_hold($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+)
 _INSERT = """
 INSERT INTO budget_holds (request_id, team, currency, day, amount, owner)
 SELECT $1, $2, h.currency, $3, h.amount, $4
@@ -87,12 +98,16 @@ _BROKEN = (asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError)
 keyed by the request id, so one that did commit makes the retry fail, never hold twice."""
 
 
+def _lock_key(team: str) -> int:
+    """The second key of the team's advisory lock: its name's CRC-32 as a signed 32-bit
+    integer; two teams sharing one would only wait for each other."""
+    return zlib.crc32(team.encode()) - (1 << 31)
+
+
 def _begin_locked(team: str) -> str:
-    """``BEGIN`` and the team's advisory lock, one simple query (one round trip). The second
-    key is the team name's CRC-32 as a signed 32-bit integer: computed here, so the text sent
-    holds only digits; two teams sharing one would only wait for each other."""
-    key = zlib.crc32(team.encode()) - (1 << 31)
-    return f"BEGIN; SELECT pg_advisory_xact_lock({_LOCK_SPACE}, {key})"
+    """``BEGIN`` and the team's advisory lock, one simple query (one round trip); the keys are
+    computed here, so the text sent holds only digits."""
+    return f"BEGIN; SELECT pg_advisory_xact_lock({_LOCK_SPACE}, {_lock_key(team)})"
 
 
 async def _no_disk_wait(conn: Any) -> None:
@@ -149,12 +164,54 @@ class PostgresHolds:
         starts = [period_start(day, budget.period) for budget in budgets]
         try:
             try:
-                return await self._hold(team, request_id, day, budgets, starts, admit)
+                held = await self._hold_as_is(team, request_id, day, budgets, starts, admit)
             except _BROKEN:  # a connection from before a restart: once more, on a new one
-                return await self._hold(team, request_id, day, budgets, starts, admit)
+                held = await self._hold_as_is(team, request_id, day, budgets, starts, admit)
+            if held:
+                return None
+            return await self._hold(team, request_id, day, budgets, starts, admit)
         except _UNREACHABLE as exc:  # one line per refused call: no traceback
             log.error("cannot hold budget for %s in PostgreSQL: %r", request_id, exc)
             raise BudgetUnavailable() from exc
+
+    async def _hold_as_is(
+        self,
+        team: str,
+        request_id: str,
+        day: date,
+        budgets: Sequence[Budget],
+        starts: Sequence[date],
+        admit: Admit,
+    ) -> bool:
+        """One ``proxy_hold`` call: True if the call was held as it is, False if it fits only
+        lowered; `BudgetExceeded` raised from the standings read under the lock."""
+        worst = admit.worst
+        async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+            spent, held, admitted = await conn.fetchrow(
+                _HOLD,
+                _LOCK_SPACE,
+                _lock_key(team),
+                team,
+                request_id,
+                self._owner,
+                day,
+                [b.currency for b in budgets],
+                starts,
+                [b.amount for b in budgets],
+                [worst[b.currency] for b in budgets],
+                list(worst),
+                list(worst.values()),
+            )
+        standings = [
+            Standing(budget, start, spent_in, held_in)
+            for budget, start, spent_in, held_in in zip(budgets, starts, spent, held, strict=True)
+        ]
+        holds, lowered = admit(standings)  # refused: BudgetExceeded, as under the lock
+        if admitted:
+            # The function's rule is `decide`'s for a call that fits: it holds the worst case.
+            assert (holds, lowered) == (worst, None), "proxy_hold and decide disagree"
+            return True
+        return False  # fits only lowered: decided again, in one transaction
 
     async def _hold(
         self,

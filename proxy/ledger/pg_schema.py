@@ -3,8 +3,9 @@
 The same tables as the SQLite ledger (`proxy.ledger.schema`), so a ledger copied from one to
 the other means the same thing, plus ``replicas``: the leases by which replicas sharing the
 database release a dead one's calls and holds (`proxy.ledger.leases`), which a ledger of one
-machine does not need. Versions count on from SQLite's: version 3 is the SQLite ledger's
-version 3 in PostgreSQL, version 4 adds ``replicas``. The ``usage`` table's
+machine does not need, and the function that checks and holds a hard budget in one statement
+(`HOLD_FUNCTION`). Versions count on from SQLite's: version 3 is the SQLite ledger's version 3
+in PostgreSQL, version 4 adds ``replicas``, version 5 the function. The ``usage`` table's
 columns come from the record's own fields (`proxy.records.FIELDS`), each in its native type
 (`Kind.pg_type`: ``timestamptz``, ``bigint``, ``boolean``, ``jsonb``), money is ``numeric``
 (exact, as the SQLite ledger's decimal text is), and ``billing_day`` a ``date``.
@@ -22,9 +23,9 @@ from typing import Any, Protocol
 from proxy.ledger.rows import LEDGER_COLUMNS
 from proxy.records import FIELDS
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """Version 3 was the first PostgreSQL schema (the SQLite ledger's version 3); 4 adds the
-replicas' leases."""
+replicas' leases; 5 the one-statement budget hold (`HOLD_FUNCTION`)."""
 
 MIGRATION_LOCK = 0x7072_6F78_7931
 """The advisory-lock key every replica takes while it creates or migrates the schema."""
@@ -93,11 +94,54 @@ _REPLICAS = (
     lease_until timestamptz NOT NULL
 )""",
 )
-SCHEMA: tuple[str, ...] = (*_LEDGER, *_REPLICAS)
+HOLD_FUNCTION = """CREATE FUNCTION proxy_hold(
+    lock_space integer, lock_key integer, hold_team text, hold_request text, hold_owner text,
+    hold_day date, currencies text[], firsts date[], limits numeric[], worst numeric[],
+    hold_currencies text[], hold_amounts numeric[]
+) RETURNS TABLE (spent numeric[], held numeric[], admitted boolean)
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    fits boolean := true;
+    spent_sum numeric;
+    held_sum numeric;
+BEGIN
+    spent := '{}';
+    held := '{}';
+    PERFORM pg_advisory_xact_lock(lock_space, lock_key);
+    -- VOLATILE: every query below takes a fresh snapshot, after the lock was granted.
+    FOR i IN 1 .. cardinality(currencies) LOOP
+        SELECT COALESCE(sum(s.amount), 0) INTO spent_sum FROM spend_daily s
+        WHERE s.team = hold_team AND s.currency = currencies[i]
+          AND s.day BETWEEN firsts[i] AND hold_day;
+        SELECT COALESCE(sum(h.amount), 0) INTO held_sum FROM budget_holds h
+        WHERE h.team = hold_team AND h.currency = currencies[i] AND h.day >= firsts[i];
+        spent := spent || spent_sum;
+        held := held || held_sum;
+        IF spent_sum + held_sum + worst[i] > limits[i] THEN
+            fits := false;
+        END IF;
+    END LOOP;
+    IF fits THEN
+        INSERT INTO budget_holds (request_id, team, currency, day, amount, owner)
+        SELECT hold_request, hold_team, c, hold_day, a, hold_owner
+        FROM unnest(hold_currencies, hold_amounts) AS x(c, a);
+    END IF;
+    admitted := fits;
+    RETURN NEXT;
+END
+$$"""
+"""A hard-budget admission in one statement, so one round trip: the team's advisory lock, its
+standings, and the holds when every budget has room for the call's worst case (the rule of
+`proxy.budgets.decide.decide` when nothing needs lowering); the standings are returned
+either way, for the decision to be made in Python when the call does not fit as it is. The
+lock is held until the statement's transaction ends."""
+
+SCHEMA: tuple[str, ...] = (*_LEDGER, *_REPLICAS, HOLD_FUNCTION)
 """The current schema, one statement each."""
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     3: _REPLICAS,
+    4: (HOLD_FUNCTION,),
 }
 """Version -> the statements that bring a database of that version to the next one."""
 

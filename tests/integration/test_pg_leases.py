@@ -138,17 +138,19 @@ def test_a_clean_stop_releases_what_is_left_and_the_lease(
 
 
 async def test_a_version_3_database_gains_the_leases(postgres: Postgres) -> None:
-    """A ledger created by the first PostgreSQL schema is migrated in place."""
+    """A ledger created by the first PostgreSQL schema is migrated in place, to the leases
+    (version 4) and the one-statement hold (version 5)."""
     url = postgres.new_database()
     conn = await asyncpg.connect(url)
     try:
         async with conn.transaction():
             for statement in pg_schema.SCHEMA:
-                if "replicas" not in statement and "budget_holds_owner" not in statement:
+                if statement not in (*pg_schema.MIGRATIONS[3], *pg_schema.MIGRATIONS[4]):
                     await conn.execute(statement)
             await conn.execute("INSERT INTO meta VALUES ('schema_version', '3')")
         assert await pg_schema.migrate(conn, "test") == 3
         assert await conn.fetchval("SELECT to_regclass('replicas') IS NOT NULL")
-        assert await conn.fetchval("SELECT value FROM meta WHERE key = 'schema_version'") == "4"
+        assert await conn.fetchval("SELECT to_regproc('proxy_hold') IS NOT NULL")
+        assert await conn.fetchval("SELECT value FROM meta WHERE key = 'schema_version'") == "5"
     finally:
         await conn.close()

@@ -22,7 +22,7 @@ from proxy.budgets import (
     Standing,
     decide,
 )
-from proxy.budgets.decide import Refusal
+from proxy.budgets.decide import Refusal, worst_cost
 from proxy.config import DEFAULT_POLICY, Budget
 from proxy.ledger.connection import Transaction, connect
 from proxy.ledger.store import SpendRow, SQLiteLedger, add_spend
@@ -43,6 +43,7 @@ class Admit:
 
     def __init__(self) -> None:
         self.seen: list[list[Decimal]] = []
+        self.worst = {"CNY": worst_cost(SIZE.prompt, SIZE.output, CARDS, "CNY")}
 
     def __call__(self, standings: Sequence[Standing]) -> tuple[dict[str, Decimal], int | None]:
         self.seen.append([s.spent + s.held for s in standings])
