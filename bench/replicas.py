@@ -35,7 +35,7 @@ from bench import wrk
 from bench.ledger_rate import load_book, synthetic_calls
 from bench.measure import FULL, QUICK, Bench, Latency, Saturation, Target
 from bench.procs import ROOT, Placement, Processes, Service, free_port
-from bench.services import MAX_INFLIGHT, UPSTREAM_KEY_ENV
+from bench.services import MAX_INFLIGHT, UPSTREAM_KEY_ENV, start_reference
 from proxy.auth import hash_key, new_key
 from proxy.ledger.pg_store import PostgresLedger
 from proxy.ledger.writer import LedgerWriter
@@ -148,21 +148,7 @@ async def main(args: argparse.Namespace) -> int:
             [sys.executable, "-m", "bench.upstream", "--port", str(upstream_port)],
             upstream_url,
         )
-        reference_port = free_port()
-        reference = processes.start(
-            "reference",
-            [
-                sys.executable,
-                "-m",
-                "bench.reference",
-                "--port",
-                str(reference_port),
-                "--upstream",
-                upstream_url,
-            ],
-            f"http://127.0.0.1:{reference_port}",
-            under_test=True,
-        )
+        reference = start_reference(processes, upstream_url)
         ledger_url = postgres.new_database()
         sqlite = start_proxy(
             processes,

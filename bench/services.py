@@ -121,6 +121,17 @@ async def start_proxied(
     return Proxied(upstream, proxy, key, ledger)
 
 
+def start_reference(processes: Processes, upstream_url: str) -> Service:
+    """The reference forwarder (`bench.reference`) in front of `upstream_url`, not yet ready."""
+    port = free_port()
+    return processes.start(
+        "reference",
+        [sys.executable, "-m", "bench.reference", "--port", str(port), "--upstream", upstream_url],
+        f"http://127.0.0.1:{port}",
+        under_test=True,
+    )
+
+
 async def start(
     processes: Processes, directory: Path, upstream_workers: int, proxy_root: Path = ROOT
 ) -> Services:
@@ -137,21 +148,7 @@ async def start(
     upstreams = [
         processes.start(f"upstream-{i}", argv, upstream_url) for i in range(upstream_workers)
     ]
-    reference_port = free_port()
-    reference = processes.start(
-        "reference",
-        [
-            sys.executable,
-            "-m",
-            "bench.reference",
-            "--port",
-            str(reference_port),
-            "--upstream",
-            upstream_url,
-        ],
-        f"http://127.0.0.1:{reference_port}",
-        under_test=True,
-    )
+    reference = start_reference(processes, upstream_url)
     proxy_port = free_port()
     config, key, ledger = write_proxy_config(directory, proxy_port, upstream_url, proxy_root)
     proxy = processes.start(

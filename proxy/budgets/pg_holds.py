@@ -42,6 +42,7 @@ import contextlib
 import logging
 import zlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
 from typing import Any
@@ -134,6 +135,18 @@ def _standing(budget: Budget, start: date, rows: Sequence[Any]) -> Standing:
     return Standing(budget, start, spent, held)
 
 
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One admission's arguments, for both paths."""
+
+    team: str
+    request_id: str
+    day: date
+    budgets: Sequence[Budget]
+    starts: Sequence[date]
+    admit: Admit
+
+
 class PostgresHolds:
     """Holds in the PostgreSQL ledger behind `pool`, marked with `owner`; or, with `url`, in a
     pool of its own that `open` creates on the serving loop and `close` closes."""
@@ -163,38 +176,31 @@ class PostgresHolds:
     ) -> int | None:
         starts = [period_start(day, budget.period) for budget in budgets]
         try:
+            call = _Call(team, request_id, day, budgets, starts, admit)
             try:
-                held = await self._hold_as_is(team, request_id, day, budgets, starts, admit)
+                held = await self._hold_as_is(call)
             except _BROKEN:  # a connection from before a restart: once more, on a new one
-                held = await self._hold_as_is(team, request_id, day, budgets, starts, admit)
+                held = await self._hold_as_is(call)
             if held:
                 return None
-            return await self._hold(team, request_id, day, budgets, starts, admit)
+            return await self._hold(call)
         except _UNREACHABLE as exc:  # one line per refused call: no traceback
             log.error("cannot hold budget for %s in PostgreSQL: %r", request_id, exc)
             raise BudgetUnavailable() from exc
 
-    async def _hold_as_is(
-        self,
-        team: str,
-        request_id: str,
-        day: date,
-        budgets: Sequence[Budget],
-        starts: Sequence[date],
-        admit: Admit,
-    ) -> bool:
+    async def _hold_as_is(self, call: _Call) -> bool:
         """One ``proxy_hold`` call: True if the call was held as it is, False if it fits only
         lowered; `BudgetExceeded` raised from the standings read under the lock."""
-        worst = admit.worst
+        worst, budgets, starts = call.admit.worst, call.budgets, call.starts
         async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
             spent, held, admitted = await conn.fetchrow(
                 _HOLD,
                 _LOCK_SPACE,
-                _lock_key(team),
-                team,
-                request_id,
+                _lock_key(call.team),
+                call.team,
+                call.request_id,
                 self._owner,
-                day,
+                call.day,
                 [b.currency for b in budgets],
                 starts,
                 [b.amount for b in budgets],
@@ -206,22 +212,16 @@ class PostgresHolds:
             Standing(budget, start, spent_in, held_in)
             for budget, start, spent_in, held_in in zip(budgets, starts, spent, held, strict=True)
         ]
-        holds, lowered = admit(standings)  # refused: BudgetExceeded, as under the lock
+        holds, lowered = call.admit(standings)  # refused: BudgetExceeded, as under the lock
         if admitted:
             # The function's rule is `decide`'s for a call that fits: it holds the worst case.
             assert (holds, lowered) == (worst, None), "proxy_hold and decide disagree"
             return True
         return False  # fits only lowered: decided again, in one transaction
 
-    async def _hold(
-        self,
-        team: str,
-        request_id: str,
-        day: date,
-        budgets: Sequence[Budget],
-        starts: Sequence[date],
-        admit: Admit,
-    ) -> int | None:
+    async def _hold(self, call: _Call) -> int | None:
+        """The general path: one transaction under the team's lock, the decision in Python."""
+        team, day, budgets, starts = call.team, call.day, call.budgets, call.starts
         async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
             await conn.execute(_begin_locked(team))
             try:
@@ -230,11 +230,11 @@ class PostgresHolds:
                     _standing(budget, start, rows)
                     for budget, start in zip(budgets, starts, strict=True)
                 ]
-                holds, lowered = admit(standings)  # BudgetExceeded rolls back, below
+                holds, lowered = call.admit(standings)  # BudgetExceeded rolls back, below
                 if holds:
                     await conn.execute(
                         _INSERT,
-                        request_id,
+                        call.request_id,
                         team,
                         day,
                         self._owner,

@@ -37,8 +37,8 @@ from typing import Any, Protocol
 
 from proxy.formats import decimal_text, iso_instant
 from proxy.ledger import schema
-from proxy.ledger.connection import Transaction, connect, statement_sizes
-from proxy.ledger.rows import STORED_FIELDS, stored_record, stored_values
+from proxy.ledger.connection import Transaction, connect
+from proxy.ledger.rows import STORED_FIELDS, settled_ids, stored_record, stored_values
 from proxy.ledger.store import add_spend
 from proxy.records import UsageRecord
 
@@ -215,30 +215,7 @@ def settled(queries: Queries, records: Sequence[UsageRecord]) -> set[str]:
     call's own record, when it comes (a spill file, a copy), replaces it. A record that is
     itself ``interrupted`` is settled by any final row.
     """
-    found = _final_ids(queries, [r.request_id for r in records], interrupted=False)
+    found = settled_ids(queries, [r.request_id for r in records])
     ended = [r.request_id for r in records if r.outcome == "interrupted"]
-    found |= _final_ids(queries, [i for i in ended if i not in found], interrupted=True)
-    return found
-
-
-def _final_ids(queries: Queries, request_ids: list[str], *, interrupted: bool) -> set[str]:
-    found: set[str] = set()
-    for start, size in statement_sizes(len(request_ids)):
-        marks = ", ".join("?" * size)
-        ids = request_ids[start : start + size]
-        rows = (
-            queries.execute(
-                f"SELECT request_id FROM usage WHERE state = 'final' "  # noqa: S608
-                f"AND request_id IN ({marks})",
-                ids,
-            )
-            if interrupted
-            else queries.execute(
-                f"SELECT request_id FROM usage WHERE state = 'final' "  # noqa: S608
-                f"AND NOT (outcome = 'interrupted' AND usage_source = 'unknown') "
-                f"AND request_id IN ({marks})",
-                ids,
-            )
-        )
-        found.update(str(r[0]) for r in rows)
+    found |= settled_ids(queries, [i for i in ended if i not in found], interrupted=True)
     return found

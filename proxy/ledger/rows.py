@@ -11,10 +11,9 @@ it.
 from __future__ import annotations
 
 import operator
-import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
 from proxy.formats import ZERO, decimal_text
 from proxy.ledger.connection import statement_sizes
@@ -92,9 +91,14 @@ def stored_record(
     return UsageRecord(**fields, costs=costs, cache_savings=savings)
 
 
-def settled_ids(
-    conn: sqlite3.Connection, request_ids: list[str], *, interrupted: bool = False
-) -> set[str]:
+class Executes(Protocol):
+    """What `settled_ids` reads through: a SQLite connection, or the ledger commands' `Queries`
+    (either ledger), both taking ``?`` parameters."""
+
+    def execute(self, sql: str, params: Sequence[Any], /) -> Iterable[Sequence[Any]]: ...
+
+
+def settled_ids(conn: Executes, request_ids: list[str], *, interrupted: bool = False) -> set[str]:
     """Which of these requests have their real final row already (a record written twice is
     not written again). A row that recovery ended as ``interrupted`` with unknown usage is
     not settled (the call's own record, spilled when the ledger could not take it, replaces
@@ -104,7 +108,7 @@ def settled_ids(
         marks = ", ".join("?" * size)
         ids = request_ids[start : start + size]
         found.update(
-            r
+            str(r)
             for (r,) in (
                 conn.execute(
                     f"SELECT request_id FROM usage WHERE state = 'final' "  # noqa: S608

@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.pricing import PriceBook
 from tests.conftest import ROOT
-from tests.support.budget_configs import BIG, one_call_budget
+from tests.support.budget_configs import BIG, SMALL_MONTH_BUDGET, one_call_budget
 from tests.support.fake_deepseek import running_fake
 from tests.support.fake_deepseek_shapes import FAKE_UPSTREAM_KEY, Reply
 from tests.support.requests import AUTH, BOUNDED_CHAT, BOUNDED_USAGE
@@ -94,9 +94,7 @@ async def test_two_workers_share_ledger_and_metrics(tmp_path: Path) -> None:
 
 
 async def test_hard_budget_is_shared_by_the_workers(tmp_path: Path) -> None:
-    budget = (
-        "budgets:\n  alpha:\n    - {period: month, amount: '0.02', currency: CNY, hard: true}\n"
-    )
+    budget = SMALL_MONTH_BUDGET
     async with running_fake() as fake:
         fake.enqueue(
             *[

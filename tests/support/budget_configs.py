@@ -9,6 +9,12 @@ from proxy.pricing import PriceBook
 from proxy.pricing.engine import resolve, to_micros
 from tests.support.requests import BOUNDED_CHAT
 
+SMALL_MONTH_BUDGET = (
+    "budgets:\n  alpha:\n    - {period: month, amount: '0.02', currency: CNY, hard: true}\n"
+)
+"""Team alpha's hard budget with room for a few `tests.support.requests.BOUNDED_CHAT` calls
+(each holds about 0.0032 CNY until it settles to 0.00036)."""
+
 BIG: dict[str, Any] = {**BOUNDED_CHAT, "max_tokens": 100_000}
 """A call whose worst case is nearly all output: its prompt bound is worth well under 1% of it."""
 
