@@ -23,8 +23,10 @@ lease (a network partition) while others can. Its running calls are then marked
 and each call's real record replaces its ``interrupted`` row as usual (`proxy.ledger.pg_store`),
 so no spend is lost; only the budget check during the partition could miss those holds. After
 the database itself was unreachable, every replica's lease may have run out meanwhile: a
-replica that regains the database first renews, then waits one whole lease before it releases
-anyone (`Leases.beat`), so the others have had time to renew theirs.
+replica that regains the database (or has just started, which may be just after such an
+outage) first renews, then waits one whole lease before it releases anyone (`Leases.beat`),
+so the others have had time to renew theirs. The bound above therefore counts from the later
+of the death and the survivor's start or return.
 """
 
 from __future__ import annotations
