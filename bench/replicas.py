@@ -35,7 +35,7 @@ from bench import wrk
 from bench.ledger_rate import load_book, synthetic_calls
 from bench.measure import FULL, QUICK, Bench, Latency, Saturation, Target
 from bench.procs import ROOT, Placement, Processes, Service, free_port
-from bench.services import MAX_INFLIGHT, UPSTREAM_KEY_ENV, start_reference
+from bench.services import MAX_INFLIGHT, UPSTREAM_KEY_ENV, start_reference, start_upstream
 from proxy.auth import hash_key, new_key
 from proxy.ledger.pg_store import PostgresLedger
 from proxy.ledger.writer import LedgerWriter
@@ -141,13 +141,8 @@ async def main(args: argparse.Namespace) -> int:
         Processes(Path(tmp), placement) as processes,
     ):
         folder = Path(tmp)
-        upstream_port = free_port()
-        upstream_url = f"http://127.0.0.1:{upstream_port}"
-        upstream = processes.start(
-            "upstream",
-            [sys.executable, "-m", "bench.upstream", "--port", str(upstream_port)],
-            upstream_url,
-        )
+        upstream = start_upstream(processes)
+        upstream_url = upstream.url
         reference = start_reference(processes, upstream_url)
         ledger_url = postgres.new_database()
         sqlite = start_proxy(

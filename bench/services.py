@@ -90,13 +90,8 @@ async def start_proxied(
 ) -> Proxied:
     """One bench upstream and the proxy of `proxy_root` before it, ready; `prefix` runs the
     proxy under another program (``valgrind ...``), which may need a longer `within`."""
-    upstream_port = free_port()
-    upstream_url = f"http://127.0.0.1:{upstream_port}"
-    upstream = processes.start(
-        "upstream",
-        [sys.executable, "-m", "bench.upstream", "--port", str(upstream_port)],
-        upstream_url,
-    )
+    upstream = start_upstream(processes)
+    upstream_url = upstream.url
     await processes.wait_ready(upstream)
     port = free_port()
     config, key, ledger = write_proxy_config(directory, port, upstream_url, proxy_root)
@@ -119,6 +114,15 @@ async def start_proxied(
     )
     await processes.wait_ready(proxy, within=within)
     return Proxied(upstream, proxy, key, ledger)
+
+
+def start_upstream(processes: Processes) -> Service:
+    """One bench upstream (`bench.upstream`) on a free port, not yet ready."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    return processes.start(
+        "upstream", [sys.executable, "-m", "bench.upstream", "--port", str(port)], url
+    )
 
 
 def start_reference(processes: Processes, upstream_url: str) -> Service:
