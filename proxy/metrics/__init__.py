@@ -14,7 +14,7 @@ package keeps apart what prometheus_client keeps apart:
 
 from proxy.metrics.contract import DURATION_BUCKETS, OVERHEAD_BUCKETS, TTFT_BUCKETS
 from proxy.metrics.proxy_metrics import ProxyMetrics
-from proxy.metrics.sources import MetricSources
+from proxy.metrics.sources import MetricSources, ReloadStatus
 from proxy.metrics.totals import CallTotals
 
 __all__ = [
@@ -23,5 +23,6 @@ __all__ = [
     "TTFT_BUCKETS",
     "CallTotals",
     "MetricSources",
+    "ReloadStatus",
     "ProxyMetrics",
 ]

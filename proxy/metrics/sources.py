@@ -14,6 +14,25 @@ from proxy.pricing import PriceBook
 
 
 @dataclass(frozen=True, slots=True)
+class ReloadStatus:
+    """The live configuration's figures (`proxy.reload`), read at scrape time."""
+
+    successes: int
+    """Reloads applied since start (the start-up load not counted)."""
+    failures: int
+    """Reloads refused (a config or price book that failed its checks) since start."""
+    loaded_at: float
+    """Unix time the running configuration was loaded (start-up, or the last success)."""
+    config_digest: str
+    """SHA-256 (hex) of the running config file's bytes."""
+    book_digest: str
+    """The running price book's digest (`proxy.pricing.PriceBook.digest`)."""
+    stale: bool
+    """The files on disk are not the ones running: changed and not reloaded yet, or their
+    reload was refused, or a changed key needs a restart."""
+
+
+@dataclass(frozen=True, slots=True)
 class MetricSources:
     """What the app hands the metrics from its config, price book, admission and ledger; a
     test builds one with only what it needs, the rest left at its default (absent)."""
@@ -33,3 +52,6 @@ class MetricSources:
     ledger: Callable[[], LedgerStatus] | None = None
     """The ledger writer's figures (`proxy.ledger.writer.LedgerWriter.status`); without it
     there are no ``llm_ledger_*`` metrics."""
+    reload: Callable[[], ReloadStatus] | None = None
+    """The live configuration's figures (`proxy.reload.Reloader.status`); without it there are
+    no ``llm_config_*`` metrics."""
