@@ -23,6 +23,6 @@ __all__ = [
     "TTFT_BUCKETS",
     "CallTotals",
     "MetricSources",
-    "ReloadStatus",
     "ProxyMetrics",
+    "ReloadStatus",
 ]
