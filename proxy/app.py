@@ -18,6 +18,8 @@ scrape path behind the network's own access control); every error is in OpenAI's
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,7 +28,7 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
-from proxy.admission import Admission
+from proxy.admission import Admission, TeamsFull
 from proxy.auth import ClientKey, authenticate
 from proxy.budgets import BudgetGuard, HoldStore, LedgerHolds, LocalHolds
 from proxy.budgets.pg_holds import PostgresHolds
@@ -44,6 +46,7 @@ from proxy.metrics import MetricSources, ProxyMetrics
 from proxy.pricing import PriceBook, Pricer
 from proxy.records import ALWAYS_HEALTHY, LedgerHealth, RecordSink
 from proxy.relay import Endpoint, proxy_completion
+from proxy.reload import Reloader, ReloadRefused
 from proxy.upstream import AiohttpTransport, Transport, Upstream, refuse_redirect
 
 
@@ -64,7 +67,16 @@ class ProxyState:
     """Whether the ledger can take the call's record (see `proxy.relay.call`)."""
 
 
-STATE = web.AppKey("state", ProxyState)
+class Live:
+    """The request state in force: `proxy.reload` replaces `state` whole, in one assignment on
+    the event loop; a call reads it once, when it starts, and keeps that state to its end."""
+
+    __slots__ = ("state",)
+    state: ProxyState
+
+
+STATE = web.AppKey("live", Live)
+RELOADER = web.AppKey("reloader", Reloader)
 ADMISSION = web.AppKey("admission", Admission)
 """Also reachable before start-up completes, so `serve` can start draining on SIGTERM."""
 CLIENT = web.RequestKey("client", ClientKey)
@@ -117,7 +129,7 @@ def _route(
     """
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        state = request.app[STATE]
+        state = request.app[STATE].state
         try:
             _check_headers(request, state)
             if not public:
@@ -134,7 +146,7 @@ def _completion(endpoint: Endpoint) -> Handler:
     going through `_route` would put one more coroutine frame on each call."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        state = request.app[STATE]
+        state = request.app[STATE].state
         try:
             _check_headers(request, state)
             client = _client(request, state)
@@ -150,7 +162,7 @@ def _unrouted(routes: Mapping[str, frozenset[str]]) -> Handler:
 
     async def handle(request: web.Request) -> web.StreamResponse:
         try:
-            _check_headers(request, request.app[STATE])
+            _check_headers(request, request.app[STATE].state)
         except ProxyError as exc:
             return error_response(exc)
         if request.path in routes:
@@ -227,6 +239,25 @@ def create_app(
     registry = registry if registry is not None else CollectorRegistry()
     admission = admission if admission is not None else Admission(config.limits)
     app[ADMISSION] = admission
+    def apply(new: ProxyConfig, new_book: PriceBook) -> None:
+        """Swap a checked config and book in (`proxy.reload`): what may refuse goes first,
+        then the new state is one assignment. Holds, counters, the upstream session and the
+        ledger stay as they are."""
+        state = live.state
+        new_pricer = Pricer(new_book)
+        guard = BudgetGuard(
+            new.budgets, new_pricer, holds, new.billing_timezone, new.policies
+        )
+        try:
+            admission.update(new.limits, new.teams)
+        except TeamsFull as exc:
+            raise ReloadRefused(f"{new.path}: teams: {exc}") from exc
+        metrics.apply(
+            dataclasses.replace(sources, teams=new.teams, book=new_book, budgets=new.budgets)
+        )
+        live.state = dataclasses.replace(state, config=new, pricer=new_pricer, budgets=guard)
+
+    reloader = app[RELOADER] = Reloader(config, book, apply)
     sources = MetricSources(
         teams=config.teams,
         book=book,
@@ -236,9 +267,11 @@ def create_app(
         spend=spend,
         in_flight=admission.in_flight,
         ledger=ledger_status,
+        reload=reloader.status,
     )
     metrics = ProxyMetrics(registry, sources, shared_metrics_dir)
     pricer = Pricer(book)
+    live = app[STATE] = Live()
     holds: HoldStore
     if shared_url is not None:
         holds = PostgresHolds(url=shared_url, owner=owner)
@@ -251,7 +284,7 @@ def create_app(
     async def budget_holds(app: web.Application) -> AsyncIterator[None]:
         await budgets.open()
         yield
-        await budgets.close()
+        await live.state.budgets.close()  # the store is the same in every guard
 
     app.cleanup_ctx.append(budget_holds)
 
@@ -261,7 +294,7 @@ def create_app(
             api_key,
             transport if transport is not None else AiohttpTransport(config.timeouts),
         )
-        app[STATE] = ProxyState(
+        live.state = ProxyState(
             config=config,
             pricer=pricer,
             upstream=upstream,
@@ -276,6 +309,16 @@ def create_app(
         await upstream.close()
 
     app.cleanup_ctx.append(upstream_session)
+
+    if config.reload_watch is not None:
+        watch_interval = config.reload_watch
+
+        async def watching(app: web.Application) -> AsyncIterator[None]:
+            task = asyncio.create_task(reloader.watch(watch_interval))
+            yield
+            task.cancel()
+
+        app.cleanup_ctx.append(watching)
     if metrics.sharing is not None:
         app.cleanup_ctx.append(metrics.sharing.publishing)
     app.router.add_post("/chat/completions", _completion(_CHAT))

@@ -7,13 +7,20 @@ in logs and records while useless for guessing the key.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 KEY_PREFIX = "sk-proxy-"
+TEAM_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+"""A team's name (`fullmatch`): safe in metric labels, ledger rows, SQL lock keys and YAML
+keys without quoting."""
+TEAM_NAME_RULE = (
+    "team names are 1 to 63 lower-case letters, digits, '_', '.' or '-', starting with a "
+    "letter or digit"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,23 +59,3 @@ def authenticate(authorization: str | None, keys: Mapping[str, ClientKey]) -> Cl
     except UnicodeEncodeError:
         return None
     return keys.get(digest)
-
-
-def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    keys = commands.add_parser("keys", help="client keys")
-    sub = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
-    new = sub.add_parser("new", help="print a new client key once, and its config line")
-    new.add_argument("--team", required=True)
-    new.set_defaults(handler=_new)
-
-
-def _new(args: argparse.Namespace) -> int:
-    key = new_key()
-    digest = hash_key(key)
-    print(
-        f"New key for team {args.team!r} (shown once; give it to the team, store it nowhere else):"
-    )
-    print(f"  {key}")
-    print("Add this line under the team's keys in the proxy config:")
-    print(f"teams:\n  {args.team}:\n    keys:\n      - sha256:{digest}   # {key_id_of(digest)}")
-    return 0

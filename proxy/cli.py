@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from proxy import auth, serve
+from proxy import admin, serve
 from proxy.demo import run as demo
 from proxy.ledger import commands as ledger_commands
 from proxy.pricing import commands as prices_commands
@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve.register(commands)
     prices_commands.register(commands)
-    auth.register(commands)
+    admin.register(commands)
     demo.register(commands)
     ledger_commands.register(commands)
     return parser

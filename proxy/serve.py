@@ -7,6 +7,7 @@ SIGTERM and SIGINT stop the server gracefully (`_run`): the ledger writer is clo
 every call's record was submitted, so a graceful stop loses nothing. If the ledger cannot
 commit, the stop still ends: after `ledger.shutdown_timeout` seconds the records it could not
 write are saved beside it (`proxy.ledger.spill`) and the exit code is `EXIT_UNWRITTEN`.
+SIGHUP reloads the config file and the price book without a restart (`proxy.reload`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 from aiohttp import web
 
 from proxy.admission import SharedAdmission, TeamsChanged
-from proxy.app import ADMISSION, create_app
+from proxy.app import ADMISSION, RELOADER, create_app
 from proxy.config import (
     DEFAULT_CONFIG,
     ConfigError,
@@ -102,6 +103,8 @@ def _positive(text: str) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # Until the server takes SIGHUP as "reload", it must not end the process (its default).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     logging.basicConfig(
         level=args.log_level,
         stream=sys.stderr,
@@ -279,6 +282,15 @@ async def _run(app: web.Application, config: ProxyConfig, *, reuse_port: bool) -
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        reloads: set[asyncio.Task[bool]] = set()
+
+        def reload() -> None:
+            log.info("SIGHUP: reloading %s", config.path)
+            task = loop.create_task(app[RELOADER].reload())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, reload)
         await stop.wait()
         log.info("draining: waiting up to %g s for running calls", config.timeouts.drain)
         if await app[ADMISSION].drain(config.timeouts.drain):

@@ -31,7 +31,9 @@ exit code or signal and the delay. What would make every start fail is checked o
 any worker starts: configuration, key and ledger (by `serve`), and the address
 (`listen_problem`, one line and exit code 2).
 
-**Signals.** The supervisor keeps SIGCHLD, SIGTERM and SIGINT blocked and takes them with
+**Signals.** SIGHUP is forwarded to every running worker, each of which reloads the
+configuration and price book itself (`proxy.reload`). The supervisor keeps SIGCHLD, SIGTERM,
+SIGINT and SIGHUP blocked and takes them with
 `signal.sigtimedwait`, whose timeout is the time to the next due restart: it never polls, and
 no signal is lost between two waits. SIGTERM or SIGINT (also during a backoff) is forwarded to
 every worker, which drains as a single process does; no worker is started after it, and the
@@ -42,6 +44,7 @@ and exit rather than serve on unsupervised.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -80,7 +83,7 @@ MAX_DELAY = 30.0
 """The longest delay, reached after seven quick deaths in a row."""
 STABLE_AFTER = 60.0
 """A worker that lived this long died of something new: its replacement waits `FIRST_DELAY`."""
-_SIGNALS = frozenset({signal.SIGCHLD, signal.SIGTERM, signal.SIGINT})
+_SIGNALS = frozenset({signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 _STOPS = frozenset({signal.SIGTERM, signal.SIGINT})
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -202,6 +205,8 @@ class _Supervisor:
             )
             if info is not None and info.si_signo == signal.SIGCHLD:
                 self._reap()
+            elif info is not None and info.si_signo == signal.SIGHUP:
+                self._reload()
             elif info is not None:
                 self._stop(signal.Signals(info.si_signo))
             self._dead.retry_due()
@@ -291,6 +296,15 @@ class _Supervisor:
         mark_process_dead(pid, str(self._folder))  # type: ignore[no-untyped-call]
         self._counters.zero(slot.index)
         self._dead.release(slot.owner)
+
+    def _reload(self) -> None:
+        """SIGHUP: every running worker reloads the configuration itself (`proxy.reload`); a
+        worker started later reads the files as they are then."""
+        running = [slot.process for slot in self._slots if slot.process is not None]
+        log.info("SIGHUP: asking %d worker(s) to reload the configuration", len(running))
+        for process in running:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGHUP)
 
     def _stop(self, signum: signal.Signals) -> None:
         log.info("%s: stopping the workers", signum.name)

@@ -49,6 +49,7 @@ def load_config(path: Path) -> ProxyConfig:
             "usage",
             "ledger",
             "budgets",
+            "reload",
         },
     )
     listen = reader.section(raw, "listen")
@@ -71,6 +72,8 @@ def load_config(path: Path) -> ProxyConfig:
             "lease",
         },
     )
+    reload = reader.section(raw, "reload")
+    reader.keys(reload, "reload", {"watch"})
     reader.keys(listen, "listen", {"host", "port"})
     reader.keys(upstream, "upstream", {"base_url", "api_key_env"})
     reader.keys(pricing, "pricing", {"book", "price_at"})
@@ -118,6 +121,9 @@ def load_config(path: Path) -> ProxyConfig:
         ledger_path=ledger_path,
         ledger_url=ledger_url,
         ledger_lease=reader.seconds(ledger.get("lease", DEFAULT_LEASE), "ledger.lease"),
+        reload_watch=(
+            reader.seconds(reload["watch"], "reload.watch") if "watch" in reload else None
+        ),
         flush_interval=reader.seconds(
             ledger.get("flush_interval", DEFAULT_FLUSH_INTERVAL), "ledger.flush_interval"
         ),

@@ -164,6 +164,9 @@ class ProxyConfig:
     ledger_lease: float = DEFAULT_LEASE
     """With a PostgreSQL ledger: seconds a replica's claim on its calls and holds lasts unless
     renewed (`DEFAULT_LEASE`)."""
+    reload_watch: float | None = None
+    """Seconds between two looks at the config file and price book on disk, reloading them
+    when they changed (`proxy.reload`); None: only SIGHUP reloads (the default)."""
 
     @property
     def spill_anchor(self) -> Path:

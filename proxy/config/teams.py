@@ -6,12 +6,11 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from proxy.auth import ClientKey, key_id_of
+from proxy.auth import TEAM_NAME, TEAM_NAME_RULE, ClientKey, key_id_of
 from proxy.config.fields import Reader
 from proxy.config.model import DEFAULT_POLICY, Budget, TeamPolicy
 
 _HASH = re.compile(r"^sha256:([0-9a-f]{64})$")
-_TEAM_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 
 
 def read_teams(
@@ -27,8 +26,8 @@ def read_teams(
     policies: dict[str, TeamPolicy] = {}
     for team, spec in raw.items():
         where = f"teams.{team}"
-        if not isinstance(team, str) or not _TEAM_NAME.match(team):
-            raise reader.fail(where, "team names are lower-case letters, digits, '_', '.', '-'")
+        if not isinstance(team, str) or not TEAM_NAME.fullmatch(team):
+            raise reader.fail(where, TEAM_NAME_RULE)
         reader.keys(spec, where, {"keys", "default_max_tokens", "over_budget"})
         policy = _policy(reader, spec, where)
         if policy != DEFAULT_POLICY:

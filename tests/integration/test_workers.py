@@ -33,6 +33,7 @@ from tests.support.requests import AUTH, BOUNDED_CHAT, BOUNDED_USAGE
 from tests.support.serve_process import (
     ServeProcess,
     eventually,
+    ledger,
     serve_process,
     worker_owner,
     worker_pids,
@@ -47,11 +48,6 @@ def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
         for s in family.samples
         if s.name == name
     }
-
-
-def ledger(path: Path, sql: str, *params: object) -> list[tuple[object, ...]]:
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        return conn.execute(sql, params).fetchall()
 
 
 async def test_two_workers_share_ledger_and_metrics(tmp_path: Path) -> None:

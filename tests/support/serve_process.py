@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
+import sqlite3
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,21 +38,31 @@ def write_config(
     flush_interval: float = 0.1,
     extra: str = "",
     ledger: str = "",
+    *,
+    keys: Mapping[str, Sequence[str]] | None = None,
+    book: Path = SHIPPED_BOOK,
 ) -> Path:
-    """`extra`: more top-level YAML; `ledger`: more keys of the ledger's flow mapping."""
+    """`extra`: more top-level YAML; `ledger`: more keys of the ledger's flow mapping; `keys`:
+    each team's client keys (default: `TEAM_KEYS`, one each); `book`: the price book."""
+    teams_keys = keys if keys is not None else {team: [key] for team, key in TEAM_KEYS.items()}
     teams = "".join(
-        f"  {team}:\n    keys: ['sha256:{hash_key(key)}']\n" for team, key in TEAM_KEYS.items()
+        f"  {team}:\n    keys: [{', '.join(repr('sha256:' + hash_key(k)) for k in team_keys)}]\n"
+        for team, team_keys in teams_keys.items()
     )
     path = directory / "proxy.yaml"
-    path.write_text(
+    # Written whole at once (a new file renamed over the old one), as an editor or a
+    # ConfigMap update does: a reload never reads half a file.
+    staging = directory / "proxy.yaml.new"
+    staging.write_text(
         f"listen: {{host: 127.0.0.1, port: {port}}}\n"
         f"upstream: {{base_url: '{upstream_url}', api_key_env: TEST_DEEPSEEK_KEY}}\n"
-        f"pricing: {{book: ['{SHIPPED_BOOK}']}}\n"
+        f"pricing: {{book: ['{book}']}}\n"
         f"teams:\n{teams}"
         f"ledger: {{path: ledger.sqlite3, flush_interval: {flush_interval}"
         f"{', ' + ledger if ledger else ''}}}\n{extra}",
         encoding="utf-8",
     )
+    staging.replace(path)
     return path
 
 
@@ -61,6 +73,7 @@ class ServeProcess:
     ledger: Path
     log: Path
     """The process's stderr (its log), for assertions and for reading when a test fails."""
+    port: int
 
 
 @asynccontextmanager
@@ -73,12 +86,15 @@ async def serve_process(
     loop: str | None = None,
     ledger_config: str = "",
     log: Path | None = None,
+    book: Path = SHIPPED_BOOK,
 ) -> AsyncIterator[ServeProcess]:
     """``python -m proxy serve`` on a free port (`loop`: its ``--loop``, else the default;
     `ledger_config`: more ledger keys; `log`: a file for its log, else ``serve-PORT.log`` in
     `directory`), once it answers; with several workers, once every one of them listens."""
     port = free_port()
-    config = write_config(directory, upstream_url, port, extra=extra_config, ledger=ledger_config)
+    config = write_config(
+        directory, upstream_url, port, extra=extra_config, ledger=ledger_config, book=book
+    )
     env = {**os.environ, "TEST_DEEPSEEK_KEY": FAKE_UPSTREAM_KEY}
     log = log if log is not None else directory / f"serve-{port}.log"
     with log.open("wb") as stderr:
@@ -107,7 +123,7 @@ async def serve_process(
                 return len(pids) == workers and all(listening(pid, port) for pid in pids)
 
             await eventually(all_listening, f"{workers} workers listening", timeout=30)
-        yield ServeProcess(process, url, directory / "ledger.sqlite3", log)
+        yield ServeProcess(process, url, directory / "ledger.sqlite3", log, port)
     finally:
         if process.returncode is None:
             process.kill()
@@ -125,6 +141,12 @@ async def wait_healthy(url: str, process: asyncio.subprocess.Process, timeout: f
             except httpx.TransportError:
                 pass
             await asyncio.sleep(0.05)  # polling a condition (the port opening), with a deadline
+
+
+def ledger(path: Path, sql: str, *params: object) -> list[tuple[object, ...]]:
+    """Rows of a query on a SQLite ledger that a serve process writes (WAL: never blocks it)."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return conn.execute(sql, params).fetchall()
 
 
 def worker_pids(supervisor: int) -> set[int]:
