@@ -19,6 +19,7 @@ from proxy.metrics.collectors import (
     CalendarCollector,
     InflightCollector,
     LedgerCollector,
+    ReloadCollector,
     SpendCollector,
 )
 from proxy.metrics.contract import BUDGET_REFUSALS, BUDGET_THRESHOLD, OTHER, TEAM_BUDGET
@@ -50,6 +51,8 @@ class ProxyMetrics:
             registry.register(InflightCollector(sources.teams, sources.in_flight))
             if sources.ledger is not None:
                 registry.register(LedgerCollector(sources.ledger))
+            if sources.reload is not None:
+                registry.register(ReloadCollector(sources.reload))
             registry.register(self.calls)
         self.budget_refusals = _budget_metrics(own, sources.teams, sources.budgets)
         registry.register(CalendarCollector(sources.book, sources.clock))
