@@ -1,6 +1,6 @@
 """Figures read when Prometheus scrapes rather than updated on the request path: calls in
-progress, the ledger writer's state, spend from the ledger, holiday calendars running out, and
-the live configuration's reloads.
+progress, the ledger writer's state, spend from the ledger, budgets, holiday calendars running
+out, and the live configuration's reloads.
 
 Each is a small custom `Collector` over a source it is given (a callable, a reader, the price
 book), as prometheus_client recommends for values that already live elsewhere: reading them at
@@ -19,10 +19,12 @@ from zoneinfo import ZoneInfo
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
-from proxy.formats import ZERO
+from proxy.config import Budget
+from proxy.formats import ZERO, decimal_text
 from proxy.ledger.store import SpendReader
 from proxy.ledger.writer import LedgerStatus
 from proxy.metrics.contract import (
+    BUDGET_THRESHOLD,
     CONFIG_INFO,
     CONFIG_LOADED,
     CONFIG_RELOADS,
@@ -36,6 +38,7 @@ from proxy.metrics.contract import (
     LEDGER_QUEUED,
     LEDGER_WRITE_ERRORS,
     RELOAD_RESULTS,
+    TEAM_BUDGET,
     TEAM_SPEND,
     Family,
 )
@@ -148,6 +151,27 @@ class CalendarCollector(Collector):
                 missing = float(year not in self.book.calendars[rule.holiday_calendar].years)
             gauge.add_metric([name], missing)
         yield gauge
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class BudgetCollector(Collector):
+    """`llm_team_budget` and `llm_team_budget_threshold`: the budgets of the configuration
+    this process runs, so a reload that drops a budget drops its series."""
+
+    budgets: Sequence[Budget]
+
+    def collect(self) -> Iterator[Metric]:
+        budget = TEAM_BUDGET.gauge()
+        threshold = BUDGET_THRESHOLD.gauge()
+        for entry in self.budgets:
+            labels = [entry.team, entry.period, entry.currency]
+            budget.add_metric(labels, float(entry.amount))
+            for percent in entry.soft:
+                threshold.add_metric(
+                    [*labels, decimal_text(percent)], float(entry.amount * percent / 100)
+                )
+        yield budget
+        yield threshold
 
 
 def reload_counts(status: ReloadStatus) -> dict[str, int]:

@@ -7,10 +7,13 @@ per run, `proxy.workers`):
   and at exit, and a scrape adds the other workers' files to its own live totals; sums stay
   exact, other workers' figures lag by up to a second, and the totals of a worker that exited
   stay in (counters never go down);
-- gauges and rare counters (calls in progress, budgets, refusals, the ledger's and the
-  reloads' figures) as prometheus_client's own multiprocess files, combined by its
-  `MultiProcessCollector`. It cannot remove a series from a worker's file, so what a reload
-  removed is left out when a scrape reads the files (`_WorkerFiles`).
+- gauges and rare counters (calls in progress, refusals, the ledger's and the reloads'
+  figures) as prometheus_client's own multiprocess files, combined by its
+  `MultiProcessCollector`.
+
+The budgets are not shared: every worker exports those of the configuration it runs (they all
+reload on the same SIGHUP). prometheus_client cannot remove a series from a worker's file, so
+what a reload removed is left out when a scrape reads the files (`_WorkerFiles`).
 
 `WorkerSharing.publish` writes this worker's share; `WorkerSharing.publishing` runs it every
 second for the app's lifetime.
@@ -22,7 +25,7 @@ import asyncio
 import contextlib
 import json
 import os
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
@@ -179,14 +182,19 @@ class _SharedReloadFigures:
 
 class _WorkerFiles(Collector):
     """prometheus_client's figures from every worker's files, less the series a reload
-    removed: the digests of configurations no live worker runs (0 in the files)."""
+    removed: the calls in progress of teams the configuration no longer has, and the digests
+    of configurations no live worker runs (0 in the files)."""
 
-    def __init__(self, files: MultiProcessCollector) -> None:
+    def __init__(self, files: MultiProcessCollector, teams: Callable[[], Sequence[str]]) -> None:
         self._files = files
+        self._teams = teams
 
     def collect(self) -> Iterator[Metric]:
         for metric in self._files.collect():  # type: ignore[no-untyped-call]
-            if metric.name == contract.CONFIG_INFO.name:
+            if metric.name == contract.INFLIGHT.name:
+                teams = frozenset(self._teams())
+                metric.samples = [s for s in metric.samples if s.labels["team"] in teams]
+            elif metric.name == contract.CONFIG_INFO.name:
                 metric.samples = [s for s in metric.samples if s.value]
             yield metric
 
@@ -208,7 +216,7 @@ class WorkerSharing:
     ) -> None:
         self._sources = sources
         files = MultiProcessCollector(None, path=str(shared_dir))  # type: ignore[no-untyped-call]
-        exported.register(_WorkerFiles(files))
+        exported.register(_WorkerFiles(files, lambda: self._sources.teams))
         self.registry = CollectorRegistry()  # the metric objects; their values are in the files
         self.totals = SharedTotals(totals, shared_dir)
         exported.register(self.totals)
@@ -221,6 +229,11 @@ class WorkerSharing:
         self._reload_figures = None
         if sources.reload is not None:
             self._reload_figures = _SharedReloadFigures(self.registry, sources.reload)
+
+    def apply(self, sources: MetricSources) -> None:
+        """Publish the calls in progress of `sources`' teams from now on
+        (`proxy.metrics.ProxyMetrics.apply`)."""
+        self._sources = sources
 
     def publish(self) -> None:
         """Share this worker's figures with the others: its calls in progress, its ledger
