@@ -1,5 +1,6 @@
 """Figures read when Prometheus scrapes rather than updated on the request path: calls in
-progress, the ledger writer's state, spend from the ledger, and holiday calendars running out.
+progress, the ledger writer's state, spend from the ledger, budgets, holiday calendars running
+out, and the live configuration's reloads.
 
 Each is a small custom `Collector` over a source it is given (a callable, a reader, the price
 book), as prometheus_client recommends for values that already live elsewhere: reading them at
@@ -18,10 +19,17 @@ from zoneinfo import ZoneInfo
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
-from proxy.formats import ZERO
+from proxy.config import Budget
+from proxy.formats import ZERO, decimal_text
 from proxy.ledger.store import SpendReader
 from proxy.ledger.writer import LedgerStatus
 from proxy.metrics.contract import (
+    BUDGET_THRESHOLD,
+    CONFIG_INFO,
+    CONFIG_LOADED,
+    CONFIG_RELOADS,
+    CONFIG_STALE,
+    DIGEST_DIGITS,
     HOLIDAY_CALENDAR_MISSING,
     INFLIGHT,
     LEDGER_COMMITTING,
@@ -29,9 +37,12 @@ from proxy.metrics.contract import (
     LEDGER_MAX_QUEUED,
     LEDGER_QUEUED,
     LEDGER_WRITE_ERRORS,
+    RELOAD_RESULTS,
+    TEAM_BUDGET,
     TEAM_SPEND,
     Family,
 )
+from proxy.metrics.sources import ReloadStatus
 from proxy.periods import PERIODS, period_start
 from proxy.pricing import PriceBook
 from proxy.pricing.engine import schedule_version_at, to_micros
@@ -140,3 +151,55 @@ class CalendarCollector(Collector):
                 missing = float(year not in self.book.calendars[rule.holiday_calendar].years)
             gauge.add_metric([name], missing)
         yield gauge
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class BudgetCollector(Collector):
+    """`llm_team_budget` and `llm_team_budget_threshold`: the budgets of the configuration
+    this process runs, so a reload that drops a budget drops its series."""
+
+    budgets: Sequence[Budget]
+
+    def collect(self) -> Iterator[Metric]:
+        budget = TEAM_BUDGET.gauge()
+        threshold = BUDGET_THRESHOLD.gauge()
+        for entry in self.budgets:
+            labels = [entry.team, entry.period, entry.currency]
+            budget.add_metric(labels, float(entry.amount))
+            for percent in entry.soft:
+                threshold.add_metric(
+                    [*labels, decimal_text(percent)], float(entry.amount * percent / 100)
+                )
+        yield budget
+        yield threshold
+
+
+def reload_counts(status: ReloadStatus) -> dict[str, int]:
+    """``llm_config_reload_total`` by `result`."""
+    return dict(zip(RELOAD_RESULTS, (status.successes, status.failures), strict=True))
+
+
+def digests(status: ReloadStatus) -> tuple[str, str]:
+    """``llm_config_info``'s labels: the running config's and price book's digests, shortened."""
+    return status.config_digest[:DIGEST_DIGITS], status.book_digest[:DIGEST_DIGITS]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ReloadCollector(Collector):
+    """The ``llm_config_*`` figures of one process, read from its reloader: what runs, since
+    when, and whether it is what is on disk."""
+
+    status: Callable[[], ReloadStatus]
+
+    def collect(self) -> Iterator[Metric]:
+        status = self.status()
+        reloads = CONFIG_RELOADS.counter()
+        for result, count in reload_counts(status).items():
+            reloads.add_metric([result], float(count))
+        loaded = CONFIG_LOADED.gauge()
+        loaded.add_metric([], status.loaded_at)
+        info = CONFIG_INFO.gauge()
+        info.add_metric(list(digests(status)), 1.0)
+        stale = CONFIG_STALE.gauge()
+        stale.add_metric([], float(status.stale))
+        yield from (reloads, loaded, info, stale)

@@ -246,6 +246,39 @@ HOLIDAY_CALENDAR_MISSING = Family(
     "schedule",
 )
 
+# The live configuration (`proxy.metrics.sources.ReloadStatus`): what runs, and whether it is
+# what is on disk.
+CONFIG_RELOADS = Family(
+    "llm_config_reload_total",
+    "counter",
+    "Reloads of the config file and price book since start: applied (success) or refused (failure)",
+    "result",
+)
+CONFIG_LOADED = Family(
+    "llm_config_last_reload_success_timestamp_seconds",
+    "gauge",
+    "Unix time the running configuration was loaded (start-up, or the last successful reload)",
+)
+CONFIG_INFO = Family(
+    "llm_config_info",
+    "gauge",
+    "Always 1: the running config file's and price book's digests (SHA-256, first 12 hex "
+    "digits) are the labels",
+    "config_digest, book_digest",
+)
+CONFIG_STALE = Family(
+    "llm_config_stale",
+    "gauge",
+    "1 while the config file or price book on disk is not the one running (not reloaded yet, "
+    "its reload refused, or a changed key that needs a restart), else 0",
+)
+DIGEST_DIGITS = 12
+"""How much of a SHA-256 digest ``llm_config_info`` shows: enough to tell files apart. The
+book's is the prefix ``python -m proxy reprice`` prints and the ledger's ``price_book`` column
+starts with."""
+RELOAD_RESULTS = ("success", "failure")
+"""``llm_config_reload_total``'s `result` label, both series exported from the start."""
+
 FAMILIES = (
     *PER_CALL,
     INFLIGHT,
@@ -259,5 +292,9 @@ FAMILIES = (
     LEDGER_WRITE_ERRORS,
     LEDGER_LAST_COMMIT,
     HOLIDAY_CALENDAR_MISSING,
+    CONFIG_RELOADS,
+    CONFIG_LOADED,
+    CONFIG_INFO,
+    CONFIG_STALE,
 )
 """Every family, in the order of docs/metrics.md's table."""

@@ -3,29 +3,46 @@
 It wires the parts together (the contract's families, `CallTotals` for the per-call figures,
 the scrape-time collectors, and with several workers `WorkerSharing`), and gives the request
 path its two entry points: `ProxyMetrics.observe` once per finished call and
-`ProxyMetrics.budget_refusals` per hard-budget refusal.
+`ProxyMetrics.budget_refusals` per hard-budget refusal. `ProxyMetrics.apply` follows a reloaded
+configuration without resetting a counter.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector
 
-from proxy.config import Budget
-from proxy.formats import decimal_text
 from proxy.metrics.collectors import (
+    BudgetCollector,
     CalendarCollector,
     InflightCollector,
     LedgerCollector,
+    ReloadCollector,
     SpendCollector,
 )
-from proxy.metrics.contract import BUDGET_REFUSALS, BUDGET_THRESHOLD, OTHER, TEAM_BUDGET
+from proxy.metrics.contract import BUDGET_REFUSALS, OTHER
 from proxy.metrics.sharing import WorkerSharing
 from proxy.metrics.sources import MetricSources
 from proxy.metrics.totals import CallTotals
 from proxy.records import UsageRecord
+
+
+class _Configured(Collector):
+    """The collectors built from the running configuration (teams, budgets, price book),
+    replaced together by `ProxyMetrics.apply`: one assignment, so a scrape sees the old set or
+    the new one, never a family missing or half of each."""
+
+    def __init__(self) -> None:
+        self.collectors: tuple[Collector, ...] = ()
+
+    def collect(self) -> Iterator[Metric]:
+        for collector in self.collectors:
+            yield from collector.collect()
 
 
 class ProxyMetrics:
@@ -38,8 +55,7 @@ class ProxyMetrics:
         every worker's figures are shared through that folder and `registry` exports the sum
         over all workers (`proxy.metrics.sharing`)."""
         self._registry = registry
-        self._models = frozenset(sources.book.models)
-        self._tools = frozenset(sources.book.tool_fees)
+        self._sources = sources
         self.calls = CallTotals()
         own = registry  # where this process's gauges and counters live
         self.sharing: WorkerSharing | None = None
@@ -47,22 +63,57 @@ class ProxyMetrics:
             self.sharing = WorkerSharing(registry, shared_dir, self.calls, sources)
             own = self.sharing.registry
         else:
-            registry.register(InflightCollector(sources.teams, sources.in_flight))
             if sources.ledger is not None:
                 registry.register(LedgerCollector(sources.ledger))
+            if sources.reload is not None:
+                registry.register(ReloadCollector(sources.reload))
             registry.register(self.calls)
-        self.budget_refusals = _budget_metrics(own, sources.teams, sources.budgets)
-        registry.register(CalendarCollector(sources.book, sources.clock))
-        if sources.spend is not None:
-            registry.register(
+        self.budget_refusals = Counter(*BUDGET_REFUSALS.declaration, registry=own)
+        self._configured = _Configured()
+        registry.register(self._configured)
+        self.apply(sources)
+
+    def apply(self, sources: MetricSources) -> None:
+        """Follow a reloaded configuration: from now on the teams, budgets, price book (models,
+        tools, currencies, holiday calendars) and billing timezone are those of `sources`.
+
+        New teams' series appear at 0; a removed team's gauges (calls in progress, spend) and a
+        removed budget's series are no longer exported. Counters never reset: the per-call
+        figures and budget refusals keep their values, a removed team's or model's included
+        (until a restart). The callables (clock, spend, admission, ledger, reload) stay those
+        given at construction: a reload keeps them. Cheap, and nothing on the request path
+        changes: `observe` reads the new book's names from its next call.
+        """
+        current = dataclasses.replace(
+            self._sources,
+            teams=tuple(sources.teams),
+            book=sources.book,
+            billing_timezone=sources.billing_timezone,
+            budgets=tuple(sources.budgets),
+        )
+        self._sources = current
+        self._models = frozenset(current.book.models)
+        self._tools = frozenset(current.book.tool_fees)
+        for team in current.teams:
+            self.budget_refusals.labels(team)
+        configured: list[Collector] = []
+        if self.sharing is None:
+            configured.append(InflightCollector(current.teams, current.in_flight))
+        else:  # the workers' calls in progress are summed through the shared folder
+            self.sharing.apply(current)
+        configured.append(BudgetCollector(current.budgets))
+        configured.append(CalendarCollector(current.book, current.clock))
+        if current.spend is not None:
+            configured.append(
                 SpendCollector(
-                    sources.spend,
-                    sources.teams,
-                    sources.book.currencies,
-                    sources.billing_timezone,
-                    sources.clock,
+                    current.spend,
+                    current.teams,
+                    current.book.currencies,
+                    current.billing_timezone,
+                    current.clock,
                 )
             )
+        self._configured.collectors = tuple(configured)
         self.publish()
 
     def publish(self) -> None:
@@ -78,6 +129,8 @@ class ProxyMetrics:
         return generate_latest(self._registry)
 
     def model(self, name: str) -> str:
+        """The `model` label of a call to `name`: the name if the running price book knows it,
+        else `OTHER`."""
         return name if name in self._models else OTHER
 
     def observe(self, record: UsageRecord, overhead: float) -> None:
@@ -91,22 +144,3 @@ class ProxyMetrics:
             else None
         )
         self.calls.observe(record, model, tools, overhead)
-
-
-def _budget_metrics(
-    registry: CollectorRegistry, teams: Sequence[str], budgets: Sequence[Budget]
-) -> Counter:
-    """The budgets from the config as gauges (the workers agree on them: their maximum is
-    exported); returns the refusals counter, each team's series at 0."""
-    budget = Gauge(*TEAM_BUDGET.declaration, registry=registry, multiprocess_mode="max")
-    threshold = Gauge(*BUDGET_THRESHOLD.declaration, registry=registry, multiprocess_mode="max")
-    for entry in budgets:
-        budget.labels(entry.team, entry.period, entry.currency).set(float(entry.amount))
-        for percent in entry.soft:
-            threshold.labels(entry.team, entry.period, entry.currency, decimal_text(percent)).set(
-                float(entry.amount * percent / 100)
-            )
-    refusals = Counter(*BUDGET_REFUSALS.declaration, registry=registry)
-    for team in teams:
-        refusals.labels(team)
-    return refusals

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.config import Budget, Limits
 from proxy.ledger.writer import LedgerStatus
 from proxy.metering import build_record
-from proxy.metrics import MetricSources, ProxyMetrics
+from proxy.metrics import MetricSources, ProxyMetrics, ReloadStatus
 from proxy.metrics.contract import FAMILIES
 from proxy.outcome import Failure
 from proxy.pricing import PriceBook, Pricer
@@ -65,7 +65,8 @@ def exposed(registry: CollectorRegistry) -> dict[str, Seen]:
 
 
 def sources(book: PriceBook) -> MetricSources:
-    """A source for every family: budgets with a soft threshold, a spend reader, a ledger."""
+    """A source for every family: budgets with a soft threshold, a spend reader, a ledger, a
+    reloader."""
     return MetricSources(
         teams=("alpha", "beta"),
         book=book,
@@ -76,6 +77,14 @@ def sources(book: PriceBook) -> MetricSources:
         in_flight=dict,
         ledger=lambda: LedgerStatus(
             committing=True, waiting=0, capacity=10, write_errors=0, last_commit=0.0
+        ),
+        reload=lambda: ReloadStatus(
+            successes=0,
+            failures=0,
+            loaded_at=0.0,
+            config_digest="0" * 64,
+            book_digest=book.digest,
+            stale=False,
         ),
     )
 
@@ -134,9 +143,11 @@ def test_a_fresh_registry_exposes_every_documented_family(book: PriceBook) -> No
     }
 
 
-def test_after_traffic_every_family_has_the_documented_labels(book: PriceBook) -> None:
+def test_after_traffic_every_family_has_the_documented_labels(
+    book: PriceBook, shared_dir: Path | None
+) -> None:
     registry = CollectorRegistry()
-    metrics = ProxyMetrics(registry, sources(book))
+    metrics = ProxyMetrics(registry, sources(book), shared_dir)
     for record in traffic(book):
         metrics.observe(record, 0.0001)
     assert exposed(registry) == {
