@@ -44,6 +44,11 @@ counts nothing, here as in the ledger (it is counted by ``llm_usage_missing_tota
 alerted as ``UsageMissing``). Spend comes from the ledger when a period starts (and at
 start-up), then from settled calls; if the ledger cannot be read, calls of teams with
 hard budgets are refused (fail closed, 503).
+
+A live reload (`proxy.reload`) builds a new `BudgetGuard` with the new budgets and policies
+around the same `HoldStore`: the holds of running calls stay held and settle as they would
+have, and the new amounts apply from the next call (`LocalHolds` says how it follows a budget
+added, removed, or moved to another period or currency).
 """
 
 from proxy.budgets.decide import (

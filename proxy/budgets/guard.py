@@ -51,7 +51,12 @@ class _Admit:
 
 
 class BudgetGuard:
-    """Hold-before-dispatch for hard budgets; `store` says where the holds live."""
+    """Hold-before-dispatch for hard budgets; `store` says where the holds live.
+
+    A live reload builds a new guard with the new budgets, policies and prices around the
+    store the running one uses: the holds of running calls are the store's, so they stay held
+    and settle as they would have; the guard tells the store its hard budgets when built.
+    """
 
     def __init__(
         self,
@@ -70,6 +75,7 @@ class BudgetGuard:
         for budget in budgets:
             if budget.hard:
                 self._hard[budget.team] = (*self._hard.get(budget.team, ()), budget)
+        store.configure([budget for budget in budgets if budget.hard])
 
     def applies(self, team: str) -> bool:
         """Whether the team has a hard budget (the request path skips the guard otherwise)."""

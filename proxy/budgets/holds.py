@@ -6,13 +6,19 @@ returns, all in one atomic step, so no concurrent call can slip between check an
 loop); `proxy.budgets.ledger_holds.LedgerHolds` keeps them in the shared SQLite ledger for
 ``serve --workers N``; `proxy.budgets.pg_holds.PostgresHolds` in a PostgreSQL ledger shared by
 replicas.
+
+A live reload (`proxy.reload`) builds a new guard around the same store, so the holds of
+running calls outlive it, and the budgets a team's calls bring may differ from one call to the
+next. The ledger stores keep holds and spend as rows per team, currency and day, and read them
+against the budgets each call brings, so a changed budget applies to the next call as it is;
+`LocalHolds` keeps running sums and says how it follows the changes.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal
 from typing import Protocol
@@ -21,7 +27,7 @@ from proxy.budgets.decide import BudgetUnavailable, Standing
 from proxy.config import Budget
 from proxy.formats import ZERO
 from proxy.ledger.store import SpendReader
-from proxy.periods import period_start
+from proxy.periods import PERIODS, Period, period_start
 
 log = logging.getLogger("proxy.budgets")
 
@@ -55,6 +61,12 @@ class HoldStore(Protocol):
         """Replace a call's holds by its real cost (None: nothing billable, drop them)."""
         ...
 
+    def configure(self, budgets: Sequence[Budget]) -> None:
+        """Learn the hard budgets of a new `BudgetGuard` (each one built tells its store, at
+        start-up and on every reload), before any call is checked against them. The holds
+        of running calls are kept whatever changed."""
+        ...
+
     async def open(self) -> None:
         """Connect, at start-up on the serving loop (the holds' connections live there)."""
         ...
@@ -64,44 +76,127 @@ class HoldStore(Protocol):
 
 @dataclass(slots=True)
 class _State:
-    budget: Budget
+    """One period's spend in one currency for a team: read from the ledger when the period
+    begins (or the budget is new), then kept current by settled calls."""
+
     start: date | None = None
     spent: Decimal = ZERO
-    reserved: Decimal = ZERO
+
+
+@dataclass(slots=True)
+class _Team:
+    """A team's spend per (period, currency) and what its running calls hold per currency.
+
+    States are keyed by period and currency, not by `Budget`: a reload that changes a
+    budget's amount finds the same state, so the new amount applies to the next call with
+    spend and holds kept. The budget itself always comes from the call, so a call admitted
+    under the old configuration is checked against the amounts it started with. Holds are
+    pooled per currency rather than kept per budget: every budget of the team in a currency
+    counts every running call held in it, so a budget added by a reload counts the calls
+    that were already running, and a removed one leaves nothing to unwind.
+    """
+
+    states: dict[tuple[Period, str], _State] = field(default_factory=dict)
+    reserved: dict[str, Decimal] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Held:
+    """What one running call holds: its team, the starts of the periods containing the
+    billing day it was admitted on, and the amount per currency. Built per call, so plain
+    rather than frozen (a frozen dataclass's ``__init__`` costs several times a plain one's)."""
+
+    team: _Team
+    starts: Mapping[Period, date]
+    amounts: Mapping[str, Decimal]
 
 
 class LocalHolds:
     """Holds of one process, with spend read from the ledger when a period begins (and at
-    start-up), then kept current by settled calls."""
+    start-up, and for a budget a reload added), then kept current by settled calls.
+
+    Live reloads (`proxy.reload`) build a new `BudgetGuard` around this same store, so the
+    holds of running calls survive them; the budgets a team's calls bring may then change
+    from one call to the next, and even go back while calls admitted under the old
+    configuration are still being checked. Every change is handled where it is met:
+
+    - an amount changed: the state keyed by the budget's period and currency is kept, so the
+      next call is checked against the new amount with the spend and holds as they are;
+    - a budget added, or its period or currency changed: a new state, its spend read from the
+      ledger as at a period start, its holds the team's pool in that currency (which counts
+      the calls still running);
+    - a budget removed: its state is no longer consulted, and keeps counting settled calls,
+      so it is still right if the budget comes back while the team had other hard budgets.
+
+    A settled call gives back exactly what it held to its team's pool (never negative, never
+    left behind), and adds its cost to every state of the team in that currency whose period
+    is the one it was admitted in. That last rule needs every call of the team to pass
+    through this store, which holds only while the team has a hard budget: calls of a team
+    without one are not held or settled here (`BudgetGuard.applies`). So when a team gains or
+    loses all its hard budgets (`configure`), its states are dropped and read again from the
+    ledger when next needed; the holds of its running calls stay pooled.
+
+    Two kinds of spend reach a state late, through its next ledger read (the next period, or
+    the next time the team gains its hard budgets anew), and can pass a budget by what they
+    cost: calls that ended in the ledger writer's last ``flush_interval`` (0.1 s by default)
+    before the read, at a period start as for a budget a reload added; and calls admitted
+    without a hold because their team had no hard budget when they started, still running
+    when a reload gave it one. The ledger stores have neither gap: they read the ledger's
+    spend at every check.
+    """
 
     def __init__(self, spend: SpendReader | None) -> None:
         self._spend = spend
-        self._states: dict[str, list[_State]] = {}
-        self._held: dict[str, list[tuple[_State, date, Decimal]]] = {}
+        self._teams: dict[str, _Team] = {}
+        self._budgeted: frozenset[str] = frozenset()
+        self._held: dict[str, _Held] = {}
+        self._day: date | None = None
+        self._day_starts: dict[Period, date] = {}
+
+    def configure(self, budgets: Sequence[Budget]) -> None:
+        """The hard budgets a new guard enforces: teams that gained or lost every hard budget
+        since the last guard read their spend again when next checked (see the class). Safe
+        whichever guard then serves: a guard built for a reload that was refused later, or
+        calls still checked by the old one, cost at most a ledger read per team and period."""
+        budgeted = frozenset(budget.team for budget in budgets)
+        for name in budgeted ^ self._budgeted:
+            team = self._teams.get(name)
+            if team is not None:
+                team.states.clear()
+        self._budgeted = budgeted
 
     async def hold(
         self, team: str, request_id: str, day: date, budgets: Sequence[Budget], admit: Admit
     ) -> int | None:
-        states = self._states.get(team)
-        if states is None:
-            states = self._states[team] = [_State(budget) for budget in budgets]
-        standings = [self._standing(state, day) for state in states]
-        holds, lowered = admit(standings)
-        held = self._held[request_id] = []
-        for state in states:  # no await since the checks: the reservation is atomic
-            amount = holds[state.budget.currency]
-            state.reserved += amount
-            assert state.start is not None
-            held.append((state, state.start, amount))
+        account = self._teams.get(team)
+        if account is None:
+            account = self._teams[team] = _Team()
+        starts = self._starts(day)
+        standings = [
+            self._standing(account, budget, starts[budget.period], day) for budget in budgets
+        ]
+        amounts, lowered = admit(standings)
+        reserved = account.reserved  # no await since the checks: the reservation is atomic
+        for currency, amount in amounts.items():
+            reserved[currency] = reserved.get(currency, ZERO) + amount
+        self._held[request_id] = _Held(account, starts, amounts)
         return lowered
 
     async def settle(self, request_id: str, costs: Mapping[str, Decimal] | None) -> None:
-        for state, start, held in self._held.pop(request_id, ()):
-            state.reserved -= held
-            if state.start == start and costs is not None:
-                # A call without a known cost adds nothing, as in the ledger, which the
-                # workers' store and every restart read (see `proxy.budgets`).
-                state.spent += costs.get(state.budget.currency, ZERO)
+        held = self._held.pop(request_id, None)
+        if held is None:
+            return
+        account = held.team
+        for currency, amount in held.amounts.items():
+            account.reserved[currency] -= amount
+        if costs is None:
+            return
+        # A call without a known cost adds nothing, as in the ledger, which the workers'
+        # store and every restart read (see `proxy.budgets`).
+        for (period, currency), state in account.states.items():
+            cost = costs.get(currency)
+            if cost is not None and state.start == held.starts[period]:
+                state.spent += cost
 
     async def open(self) -> None:
         """Nothing to connect to."""
@@ -109,26 +204,32 @@ class LocalHolds:
     async def close(self) -> None:
         """Nothing to release: the holds die with the process."""
 
-    def _standing(self, state: _State, day: date) -> Standing:
-        """The budget's standing on `day`, its spend read from the ledger when a new period
-        begins (and at start-up)."""
-        start = period_start(day, state.budget.period)
-        if state.start != start:
-            self._roll(state, start, day)
-        return Standing(state.budget, start, state.spent, state.reserved)
+    def _starts(self, day: date) -> dict[Period, date]:
+        """The start of every period containing `day`, worked out once per billing day (the
+        week's costs as much as the rest of a check) and kept by each call's `_Held`."""
+        if day != self._day:
+            self._day, self._day_starts = day, {p: period_start(day, p) for p in PERIODS}
+        return self._day_starts
 
-    def _roll(self, state: _State, start: date, day: date) -> None:
+    def _standing(self, account: _Team, budget: Budget, start: date, day: date) -> Standing:
+        """The budget's standing in its period beginning at `start`, its spend read from the
+        ledger when a new period begins (and at start-up, and when the budget is new)."""
+        key = (budget.period, budget.currency)
+        state = account.states.get(key)
+        if state is None:
+            state = account.states[key] = _State()
+        if state.start != start:
+            self._roll(state, budget, start, day)
+        return Standing(budget, start, state.spent, account.reserved.get(budget.currency, ZERO))
+
+    def _roll(self, state: _State, budget: Budget, start: date, day: date) -> None:
         try:
             rows = self._spend(start, day) if self._spend is not None else []
         except Exception as exc:
             log.exception("cannot read spend for budgets")
             raise BudgetUnavailable() from exc
         state.spent = sum(
-            (
-                r.amount
-                for r in rows
-                if r.team == state.budget.team and r.currency == state.budget.currency
-            ),
+            (r.amount for r in rows if r.team == budget.team and r.currency == budget.currency),
             ZERO,
         )
         state.start = start

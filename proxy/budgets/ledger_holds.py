@@ -71,6 +71,9 @@ class LedgerHolds:
         except sqlite3.Error:
             log.exception("cannot settle budget hold of %s", request_id)
 
+    def configure(self, budgets: Sequence[Budget]) -> None:
+        """Nothing to follow: every check reads the rows against the budgets it is given."""
+
     async def open(self) -> None:
         """The connection was opened with the store."""
 

@@ -20,13 +20,23 @@ from tests.unit.test_budget_holds import (
     DAY,
     WORST,
     Admit,
+    test_a_changed_amount_applies_to_the_next_call_with_spend_and_holds_kept,
+    test_a_changed_currency_counts_only_that_currency,
+    test_a_changed_period_reads_the_new_period_and_keeps_the_running_calls,
     test_a_refused_call_holds_nothing,
+    test_a_removed_budget_is_no_longer_checked_and_is_right_if_it_returns,
+    test_an_added_budget_counts_the_spend_and_the_calls_already_running,
     test_check_and_hold_see_the_spend_and_every_running_call,
     test_settling_keeps_the_real_cost_and_dropping_frees_the_hold,
 )
 
 __all__ = [  # the shared behaviour, collected here with this module's `holds`
+    "test_a_changed_amount_applies_to_the_next_call_with_spend_and_holds_kept",
+    "test_a_changed_currency_counts_only_that_currency",
+    "test_a_changed_period_reads_the_new_period_and_keeps_the_running_calls",
     "test_a_refused_call_holds_nothing",
+    "test_a_removed_budget_is_no_longer_checked_and_is_right_if_it_returns",
+    "test_an_added_budget_counts_the_spend_and_the_calls_already_running",
     "test_check_and_hold_see_the_spend_and_every_running_call",
     "test_settling_keeps_the_real_cost_and_dropping_frees_the_hold",
 ]
@@ -40,7 +50,8 @@ async def database(postgres: Postgres) -> AsyncIterator[str]:
         await pg_schema.migrate(conn, "test")
         await conn.execute(
             "INSERT INTO spend_daily VALUES ('alpha', '2026-11-02', 'CNY', 0.001), "
-            "('alpha', '2026-11-01', 'CNY', 5)"  # Monday of this week; last week
+            "('alpha', '2026-11-01', 'CNY', 5), ('alpha', '2026-11-04', 'USD', 0.0001)"
+            # Monday of this week; last week; today
         )
     finally:
         await conn.close()

@@ -1,17 +1,21 @@
-"""Budgets without a proxy: the worst case a hard budget reserves, and budgets and team
-policies as the configuration file states them (`proxy.config`)."""
+"""Budgets without a proxy: the worst case a hard budget reserves, budgets and team policies
+as the configuration file states them (`proxy.config`), and the guard rebuilt by a reload."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from datetime import date
 from decimal import Decimal
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 
-from proxy.budgets import worst_cost
+from proxy.budgets import BudgetExceeded, BudgetGuard, CallSize, LocalHolds, worst_cost
 from proxy.config import Budget, ConfigError, TeamPolicy, load_config
-from proxy.pricing import PriceBook
+from proxy.ledger.store import SpendRow
+from proxy.pricing import PriceBook, Pricer
 from proxy.pricing.engine import resolve, to_micros
 from tests.support.proxy_harness import PEAK
 
@@ -129,3 +133,41 @@ def test_budget_config_parses(tmp_path: Path) -> None:
     assert json.dumps(str(budget.amount)) == '"500.50"'
     assert config.policy("a") == TeamPolicy(8192, "lower_max_tokens")
     assert config.policy("b") == TeamPolicy(None, "refuse")
+
+
+async def test_a_guard_rebuilt_by_a_reload_keeps_the_running_calls_held(book: PriceBook) -> None:
+    """A live reload builds a new guard around the running one's store (`proxy.reload`): the
+    calls the old guard admitted stay held and settle through it, the new amount applies to
+    the next call, and a team that had no hard budget in between has its spend read again
+    from the ledger, where its unheld calls went."""
+    rows: list[SpendRow] = []
+    store = LocalHolds(lambda since, until: [r for r in rows if since <= r.day <= until])
+    daily = Budget("a", "day", Decimal("0.006"), "CNY", (), True)
+    raised = dataclasses.replace(daily, amount=Decimal("0.01"))
+    size = CallSize(1000, 100)  # up to 0.0028 CNY at the peak price
+
+    def guard(*budgets: Budget) -> BudgetGuard:
+        return BudgetGuard(budgets, Pricer(book), store, ZoneInfo("Asia/Shanghai"))
+
+    async def refused(guard: BudgetGuard, request_id: str) -> tuple[Decimal, Decimal]:
+        """The spent and reserved amounts a refusal states."""
+        with pytest.raises(BudgetExceeded) as info:
+            await guard.reserve("a", request_id, "deepseek-flash", size, PEAK)
+        stated = (info.value.details or {})["budget"]
+        assert isinstance(stated, dict)
+        return Decimal(stated["spent"]), Decimal(stated["reserved"])
+
+    old = guard(daily)
+    first, second = [await old.reserve("a", r, "deepseek-flash", size, PEAK) for r in "12"]
+    assert await refused(old, "3") == (Decimal(0), Decimal("0.0056"))
+    new = guard(raised)
+    third = await new.reserve("a", "3", "deepseek-flash", size, PEAK)
+    assert await refused(new, "4") == (Decimal(0), Decimal("0.0084"))
+    await old.settle(first, {"CNY": Decimal("0.0005")})
+    await old.settle(second, None)
+    await new.settle(third, None)
+    guard()  # a reload took the team's hard budget away: its calls were no longer held
+    rows.append(SpendRow("a", date(2026, 11, 2), "CNY", Decimal("0.0045")))
+    again = guard(raised)
+    await again.reserve("a", "5", "deepseek-flash", size, PEAK)
+    assert await refused(again, "6") == (Decimal("0.0045"), Decimal("0.0028"))
