@@ -45,11 +45,6 @@ class TeamsFull(Exception):
     restarted to count them (it then makes room for the teams configured at that time)."""
 
 
-TeamsChanged = TeamsFull
-"""The name `proxy.serve` still catches at a worker's start; to go once it catches
-`TeamsFull`."""
-
-
 class Admission:
     def __init__(self, limits: Limits) -> None:
         self._limits = limits

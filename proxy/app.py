@@ -239,19 +239,18 @@ def create_app(
     registry = registry if registry is not None else CollectorRegistry()
     admission = admission if admission is not None else Admission(config.limits)
     app[ADMISSION] = admission
+
     def apply(new: ProxyConfig, new_book: PriceBook) -> None:
         """Swap a checked config and book in (`proxy.reload`): what may refuse goes first,
         then the new state is one assignment. Holds, counters, the upstream session and the
         ledger stay as they are."""
         state = live.state
-        new_pricer = Pricer(new_book)
-        guard = BudgetGuard(
-            new.budgets, new_pricer, holds, new.billing_timezone, new.policies
-        )
         try:
             admission.update(new.limits, new.teams)
         except TeamsFull as exc:
             raise ReloadRefused(f"{new.path}: teams: {exc}") from exc
+        new_pricer = Pricer(new_book)
+        guard = BudgetGuard(new.budgets, new_pricer, holds, new.billing_timezone, new.policies)
         metrics.apply(
             dataclasses.replace(sources, teams=new.teams, book=new_book, budgets=new.budgets)
         )

@@ -188,6 +188,7 @@ class Reloader:
                 fingerprint, self._path, self._config.price_book_files
             )
             self._attempted = on_disk
+            self._on_disk, self._checked_at = on_disk, time.monotonic()
             try:
                 config, book = await asyncio.to_thread(read, self._path)
                 restart = restart_only_changes(self._config, config)

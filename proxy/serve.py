@@ -28,7 +28,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from proxy.admission import SharedAdmission, TeamsChanged
+from proxy.admission import SharedAdmission, TeamsFull
 from proxy.app import ADMISSION, RELOADER, create_app
 from proxy.config import (
     DEFAULT_CONFIG,
@@ -139,7 +139,7 @@ def _serve(args: argparse.Namespace) -> int:
             if shared
             else None
         )
-    except TeamsChanged as exc:
+    except TeamsFull as exc:
         print(f"cannot start: {config.path}: teams: {exc}", file=sys.stderr)
         return 2
     # The owner id marks this process's ledger rows and budget holds (`proxy.workers`).
@@ -267,6 +267,22 @@ async def _run(app: web.Application, config: ProxyConfig, *, reuse_port: bool) -
     twice `CANCEL_GRACE`) and the connections closed. So SIGTERM ends the server within
     ``timeouts.drain + 2 s``, before the ledger is flushed (`proxy.ledger.writer`).
     """
+    loop = asyncio.get_running_loop()
+    started = asyncio.Event()
+    reloads: set[asyncio.Task[bool]] = set()
+
+    async def reload_when_started() -> bool:
+        await started.wait()  # the app's request state exists from start-up on
+        return await app[RELOADER].reload()
+
+    def reload() -> None:
+        log.info("SIGHUP: reloading %s", config.path)
+        task = loop.create_task(reload_when_started())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    # Before the socket listens: a SIGHUP sent once the proxy answers is never lost.
+    loop.add_signal_handler(signal.SIGHUP, reload)
     runner = make_runner(app, config)
     await runner.setup()
     try:
@@ -277,20 +293,11 @@ async def _run(app: web.Application, config: ProxyConfig, *, reuse_port: bool) -
             reuse_port=reuse_port,
             keepalive_timeout=config.timeouts.client_header,
         ).start()
+        started.set()
         tune_garbage_collection()
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        reloads: set[asyncio.Task[bool]] = set()
-
-        def reload() -> None:
-            log.info("SIGHUP: reloading %s", config.path)
-            task = loop.create_task(app[RELOADER].reload())
-            reloads.add(task)
-            task.add_done_callback(reloads.discard)
-
-        loop.add_signal_handler(signal.SIGHUP, reload)
         await stop.wait()
         log.info("draining: waiting up to %g s for running calls", config.timeouts.drain)
         if await app[ADMISSION].drain(config.timeouts.drain):

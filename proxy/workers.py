@@ -13,7 +13,9 @@ so the kernel spreads connections over the cores. What must agree across workers
 - hard budgets: reservations live in the ledger (`proxy.budgets.LedgerHolds`);
 - admission limits: each worker counts its calls in progress in its slot of a small mapped file
   in the same folder (`proxy.admission.SharedAdmission`), so ``limits.max_inflight`` and
-  ``limits.max_inflight_per_team`` hold across all workers, to within N - 1 calls.
+  ``limits.max_inflight_per_team`` hold across all workers, to within N - 1 calls; a team added
+  by a reload (or seen by a worker restarted after the config changed) gets its column from a
+  registry the workers append to under a file lock (`proxy.shared_counters`).
 
 **A dead worker's state dies with it.** Every worker gets a fresh owner id (`OWNER_ENV`, new
 for each start) and a slot (`SLOT_ENV`); its ledger rows and budget holds carry the id. When

@@ -110,9 +110,20 @@ def test_the_configmap_config_loads_next_to_the_shipped_price_book(config: Proxy
 
 def test_the_configmap_config_is_the_replicas_one(config: ProxyConfig) -> None:
     """The same settings as the compose replicas (config/proxy.replicas.yaml); only the files'
-    places differ."""
+    places differ, and the pods watch their files (a ConfigMap update arrives without a
+    signal), where compose's replicas are reloaded with ``docker compose kill -s HUP``."""
     replicas = load_config(ROOT / "config" / "proxy.replicas.yaml")
-    assert replace(replicas, path=config.path, price_book_files=config.price_book_files) == config
+    assert config.reload_watch == 10
+    assert replicas.reload_watch is None
+    assert (
+        replace(
+            replicas,
+            path=config.path,
+            price_book_files=config.price_book_files,
+            reload_watch=config.reload_watch,
+        )
+        == config
+    )
 
 
 def test_the_ledger_is_postgresql_without_a_password(config: ProxyConfig) -> None:

@@ -186,7 +186,7 @@ def flat(at: datetime, label: str, cny: str) -> str:
         f"    - from: {at.strftime('%Y-%m-%dT%H:%M:%SZ')}\n"
         f"      label: {label}\n"
         f"      rates: {{CNY: {cny}, USD: 0.01 / 0.1 / 0.2}}\n"
-        "      source: test\n"
+        "      source: https://example.com/test-price-change\n"
         "      confidence: unverified\n"
     )
 

@@ -17,7 +17,7 @@ from tests.support.config_files import KEY_HASH, ONE_TEAM, config_with_shipped_b
 def test_keys_new_refuses_a_team_name_the_config_would_refuse(
     team: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["keys", "new", "--team", team]) == 2
+    assert main(["keys", "new", f"--team={team}"]) == 2
     out, err = capsys.readouterr()
     assert out == ""
     assert "team names are 1 to 63 lower-case letters, digits" in err
