@@ -267,3 +267,18 @@ async def test_the_file_watch_reloads_without_a_signal(tmp_path: Path) -> None:
             await reloaded(serve, 1)
             assert await status(serve, GAMMA_KEY) == 200
             assert "SIGHUP" not in serve.log.read_text()
+
+
+async def test_a_key_that_needs_a_restart_keeps_its_running_value(tmp_path: Path) -> None:
+    """A reload that also moves the listening port applies the rest, keeps serving where it
+    listens, names the key in a warning, and shows the files as stale until a restart."""
+    async with running_fake() as fake:
+        fake.enqueue(*[Reply(usage=BOUNDED_USAGE) for _ in range(5)])
+        async with serve_process(tmp_path, fake.base_url) as serve:
+            keys = {**{t: [k] for t, k in TEAM_KEYS.items()}, "gamma": [GAMMA_KEY]}
+            write_config(tmp_path, fake.base_url, serve.port + 1, keys=keys)
+            serve.process.send_signal(signal.SIGHUP)
+            await reloaded(serve, 1)
+            assert "except listen.port: changing these needs a restart" in serve.log.read_text()
+            assert await status(serve, GAMMA_KEY) == 200  # served where it listened
+            assert samples(await scrape(serve), "llm_config_stale") == {(): 1.0}

@@ -136,6 +136,8 @@ def test_a_stop_ends_within_the_compose_grace_period() -> None:
             "set ledger.path or a sqlite:/// ledger.url, not both",
         ),
         (ONE_TEAM + "ledger: {lease: -1}\n", "ledger.lease", "expected a positive number"),
+        (ONE_TEAM + "reload: {watch: 0}\n", "reload.watch", "expected a positive number"),
+        (ONE_TEAM + "reload: {wacth: 10}\n", "reload.wacth", "unknown key"),
     ],
 )
 def test_config_errors(tmp_path: Path, text: str, key: str, reason: str) -> None:
@@ -193,3 +195,9 @@ def test_ledger_locations(tmp_path: Path) -> None:
     )
     assert (shared.ledger_url, shared.ledger_shown, shared.ledger_lease) == (url, url, 6.0)
     assert shared.spill_anchor == tmp_path / "../data/postgresql-ledger"
+
+
+def test_reload_watch_is_off_unless_set(tmp_path: Path) -> None:
+    assert load_config(config_with_shipped_book(tmp_path, ONE_TEAM)).reload_watch is None
+    watched = config_with_shipped_book(tmp_path, ONE_TEAM + "reload: {watch: 10}\n")
+    assert load_config(watched).reload_watch == 10.0
