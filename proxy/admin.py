@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 from proxy.auth import TEAM_NAME, TEAM_NAME_RULE, hash_key, key_id_of, new_key
-from proxy.config import DEFAULT_CONFIG
+from proxy.config import DEFAULT_CONFIG, ProxyConfig
+from proxy.pricing import PriceBook
 from proxy.reload import ReloadRefused, read
 
 
@@ -64,12 +65,20 @@ def _new(args: argparse.Namespace) -> int:
     return 0
 
 
-def _list(args: argparse.Namespace) -> int:
+def _read(path: Path) -> tuple[ProxyConfig, PriceBook] | None:
+    """The config at `path` and its book, checked as a reload checks them; None (the reason
+    printed) if they would be refused."""
     try:
-        config, _ = read(args.config)
+        return read(path)
     except ReloadRefused as exc:
-        print(f"cannot read: {exc}", file=sys.stderr)
+        print(f"invalid: {exc}", file=sys.stderr)
+        return None
+
+
+def _list(args: argparse.Namespace) -> int:
+    if (found := _read(args.config)) is None:
         return 2
+    config, _ = found
     for team in config.teams:
         ids = sorted(
             f"{client.key_id}  (sha256:{digest[:16]}...)"
@@ -83,11 +92,9 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    try:
-        config, book = read(args.config)
-    except ReloadRefused as exc:
-        print(f"invalid: {exc}", file=sys.stderr)
+    if (found := _read(args.config)) is None:
         return 2
+    config, book = found
     print(
         f"{config.path}: valid: {len(config.teams)} team(s), {len(config.keys)} key(s), "
         f"{len(config.budgets)} budget(s); price book {book.digest[:12]} "
