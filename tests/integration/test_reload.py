@@ -282,3 +282,27 @@ async def test_a_key_that_needs_a_restart_keeps_its_running_value(tmp_path: Path
             assert "except listen.port: changing these needs a restart" in serve.log.read_text()
             assert await status(serve, GAMMA_KEY) == 200  # served where it listened
             assert samples(await scrape(serve), "llm_config_stale") == {(): 1.0}
+
+
+async def test_a_changed_budget_applies_to_the_next_call(tmp_path: Path) -> None:
+    """A hard budget with room lowered by a reload below what was spent: the next call of the
+    team is refused (402); raised again, it is admitted; the spend is never forgotten."""
+    keys = {t: [k] for t, k in TEAM_KEYS.items()}
+
+    def budget(amount: str) -> str:
+        line = f"{{period: month, amount: '{amount}', currency: CNY, hard: true}}"
+        return f"budgets:\n  alpha:\n    - {line}\n"
+
+    async with running_fake() as fake:
+        fake.enqueue(*[Reply(usage=BOUNDED_USAGE) for _ in range(5)])
+        async with serve_process(tmp_path, fake.base_url, extra_config=budget("100")) as serve:
+            assert await status(serve, TEAM_KEYS["alpha"]) == 200
+            rewrite(serve, fake, keys=keys, extra=budget("0.001"))
+            serve.process.send_signal(signal.SIGHUP)
+            await reloaded(serve, 1)
+            assert await status(serve, TEAM_KEYS["alpha"]) == 402
+            assert await status(serve, TEAM_KEYS["beta"]) == 200  # no budget: untouched
+            rewrite(serve, fake, keys=keys, extra=budget("100"))
+            serve.process.send_signal(signal.SIGHUP)
+            await reloaded(serve, 2)
+            assert await status(serve, TEAM_KEYS["alpha"]) == 200
