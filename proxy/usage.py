@@ -101,7 +101,9 @@ class MalformedUsage(ValueError):
     """The usage object cannot be trusted (wrong types, negative or absurd counts)."""
 
 
-def _count(obj: Mapping[str, object], key: str, *, required: bool = False) -> int | None:
+def read_count(obj: Mapping[str, object], key: str, *, required: bool = False) -> int | None:
+    """A token count of a usage object: None if absent (or null), `MalformedUsage` if it is
+    not a believable non-negative integer (every API format's counts are read through it)."""
     value = obj.get(key)
     if value is None:
         if required:
@@ -135,15 +137,15 @@ def parse_usage(obj: object, tool_fields: Mapping[str, str] = DEFAULT_TOOL_FIELD
         and 0 <= output <= MAX_TOKENS_PER_FIELD
         and 0 <= hit <= MAX_TOKENS_PER_FIELD  # one
         and 0 <= miss <= MAX_TOKENS_PER_FIELD
-    ):  # go; `_count` says what is wrong
-        prompt = _count(obj, "prompt_tokens", required=True)
-        output = _count(obj, "completion_tokens", required=True)
-        hit = _count(obj, "prompt_cache_hit_tokens")
-        miss = _count(obj, "prompt_cache_miss_tokens")
+    ):  # go; `read_count` says what is wrong
+        prompt = read_count(obj, "prompt_tokens", required=True)
+        output = read_count(obj, "completion_tokens", required=True)
+        hit = read_count(obj, "prompt_cache_hit_tokens")
+        miss = read_count(obj, "prompt_cache_miss_tokens")
     assert prompt is not None and output is not None
     if hit is None and miss is None:
         details = obj.get("prompt_tokens_details")
-        cached = _count(details, "cached_tokens") if isinstance(details, Mapping) else None
+        cached = read_count(details, "cached_tokens") if isinstance(details, Mapping) else None
         hit = cached or 0
         miss = max(prompt - hit, 0)
         flags.append(FLAG_CACHE_FIELDS_MISSING)
@@ -154,29 +156,38 @@ def parse_usage(obj: object, tool_fields: Mapping[str, str] = DEFAULT_TOOL_FIELD
     completion_details = obj.get("completion_tokens_details")
     reasoning = 0
     if completion_details is not None and isinstance(completion_details, Mapping):
-        reasoning = _count(completion_details, "reasoning_tokens") or 0
-    tools: dict[str, int] = {}
-    server_tools = obj.get("server_tool_use")
-    if server_tools is not None and isinstance(server_tools, Mapping):
-        if len(server_tools) > MAX_TOOL_FIELDS or not all(
-            isinstance(k, str) and 0 < len(k) <= MAX_TOOL_FIELD_CHARS and k.isprintable()
-            for k in server_tools
-        ):
-            raise MalformedUsage(
-                "usage server_tool_use has too many fields, or names that "
-                "are not short printable text"
-            )
-        for field_name, _ in server_tools.items():
-            count = _count(server_tools, str(field_name)) or 0
-            tool = tool_fields.get(str(field_name))
-            if tool is None:
-                tool = str(field_name)
-                flags.append(FLAG_UNKNOWN_TOOL_FIELD + tool)
-            if count:
-                tools[tool] = tools.get(tool, 0) + count
-    tool_calls = MappingProxyType(tools) if tools else _NO_TOOLS
+        reasoning = read_count(completion_details, "reasoning_tokens") or 0
+    tool_calls = read_server_tools(obj, tool_fields, flags)
     usage = TokenUsage(hit, miss, output, reasoning, tool_calls)
     return ReportedUsage(usage, prompt, tuple(flags))
+
+
+def read_server_tools(
+    obj: Mapping[str, object], tool_fields: Mapping[str, str], flags: list[str]
+) -> Mapping[str, int]:
+    """The server-side tool calls of ``usage.server_tool_use`` (the same field in DeepSeek's
+    chat, Anthropic and Responses usage), by tool name; an unknown field is counted under its
+    own name and flagged in `flags`, never dropped."""
+    server_tools = obj.get("server_tool_use")
+    if server_tools is None or not isinstance(server_tools, Mapping):
+        return _NO_TOOLS
+    if len(server_tools) > MAX_TOOL_FIELDS or not all(
+        isinstance(k, str) and 0 < len(k) <= MAX_TOOL_FIELD_CHARS and k.isprintable()
+        for k in server_tools
+    ):
+        raise MalformedUsage(
+            "usage server_tool_use has too many fields, or names that are not short printable text"
+        )
+    tools: dict[str, int] = {}
+    for field_name in server_tools:
+        count = read_count(server_tools, str(field_name)) or 0
+        tool = tool_fields.get(str(field_name))
+        if tool is None:
+            tool = str(field_name)
+            flags.append(FLAG_UNKNOWN_TOOL_FIELD + tool)
+        if count:
+            tools[tool] = tools.get(tool, 0) + count
+    return MappingProxyType(tools) if tools else _NO_TOOLS
 
 
 def estimate_tokens(text: str) -> int:
