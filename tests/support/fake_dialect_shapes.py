@@ -157,8 +157,9 @@ def validate_anthropic(body: Any) -> Rejection | None:
 def default_anthropic_usage(request_json: dict[str, Any], reply: Reply) -> dict[str, Any]:
     """The usage when `Reply.usage` is not given: the prompt counted over ``system``,
     ``messages`` and ``tools``; cache reads as chat's hits, cache creation 0 (what DeepSeek has
-    been seen to report); ``input_tokens`` the rest. The two cache fields are left out when
-    `Reply.cache_fields` is False."""
+    been seen to report); ``input_tokens`` the rest. When `Reply.cache_fields` is False both
+    cache fields are left out and ``input_tokens`` is the whole prompt, so that
+    prompt = input + cache read + cache creation still holds for what was sent."""
     chars = _text_of(request_json.get("system"))
     chars += sum(
         _text_of(message.get("content"))
@@ -166,7 +167,7 @@ def default_anthropic_usage(request_json: dict[str, Any], reply: Reply) -> dict[
         if isinstance(message, dict)
     )
     prompt, hit = _prompt_tokens(chars, request_json)
-    usage: dict[str, Any] = {"input_tokens": prompt - hit}
+    usage: dict[str, Any] = {"input_tokens": prompt - hit if reply.cache_fields else prompt}
     if reply.cache_fields:
         usage["cache_creation_input_tokens"] = 0
         usage["cache_read_input_tokens"] = hit
