@@ -42,7 +42,6 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, Final
 
 from aiohttp import web
@@ -71,9 +70,16 @@ from tests.support.fake_dialect_shapes import (
     response_object,
     responses_events,
     responses_usage,
-    sse_event,
     validate_anthropic,
     validate_responses,
+)
+from tests.support.fake_plans import (
+    PlannedAnswer,
+    document_plan,
+    error_plan,
+    json_plan,
+    stream_plan,
+    trace_headers,
 )
 
 # Handlers still running when the fake closes (a test that left a slow stream open) are
@@ -85,28 +91,6 @@ _BEARER: Final = f"Bearer {FAKE_UPSTREAM_KEY}"
 # buffer (polled every millisecond, about a second at most): abort() drops whatever is still
 # queued, and the test wants the partial body.
 _FLUSH_POLLS: Final = 1000
-
-
-@dataclass(frozen=True, slots=True)
-class Write:
-    """One write of a response body, after a pause (the fake's pacing, never a test's wait)."""
-
-    delay: float
-    data: bytes
-
-
-@dataclass(slots=True)
-class PlannedAnswer:
-    """Everything about one answer, decided when the request arrives (`FakeDeepSeek.answer`)."""
-
-    record: RecordedRequest
-    status: int
-    headers: dict[str, str]
-    writes: list[Write]
-    cut_at: int | None = None
-    """Index of the write before which the connection is cut (len(writes): after the last)."""
-    whole: bytes | None = None
-    """A body sent in one piece, with its Content-Length (errors, model list, balance)."""
 
 
 class _Rejected(Exception):
@@ -244,7 +228,7 @@ class FakeDeepSeek:
                 raise _Rejected(401, refusal(401, key=key))
             return route(record)
         except _Rejected as rejected:
-            return _error(record, rejected.status, rejected.body, {})
+            return error_plan(record, rejected.status, rejected.body, {})
 
     def _chat(self, record: RecordedRequest) -> PlannedAnswer:
         return self._completion(record, fim=False)
@@ -253,10 +237,10 @@ class FakeDeepSeek:
         return self._completion(record, fim=True)
 
     def _models(self, record: RecordedRequest) -> PlannedAnswer:
-        return _json(record, MODELS)
+        return json_plan(record, MODELS)
 
     def _balance(self, record: RecordedRequest) -> PlannedAnswer:
-        return _json(record, BALANCE)
+        return json_plan(record, BALANCE)
 
     def _anthropic(self, record: RecordedRequest) -> PlannedAnswer:
         data = _accepted(validate_anthropic(record.json), record.json)
@@ -266,14 +250,14 @@ class FakeDeepSeek:
             body = reply.error_body
             if body is None:
                 body = anthropic_error_body(reply.status, key=key.strip())
-            return _error(record, reply.status, body, reply.headers)
+            return error_plan(record, reply.status, body, reply.headers)
         model, usage = str(data["model"]), anthropic_usage(data, reply)
-        headers = _trace_headers(reply.headers)
+        headers = trace_headers(reply.headers)
         if data.get("stream") is True:
             events = anthropic_events(message_id=record.id, model=model, reply=reply, usage=usage)
-            return _stream_plan(record, reply, headers, events, done=None)
+            return stream_plan(record, reply, headers, events, done=None)
         message = anthropic_message(message_id=record.id, model=model, reply=reply, usage=usage)
-        return _document_plan(record, reply, headers, dumps(message))
+        return document_plan(record, reply, headers, dumps(message))
 
     def _responses(self, record: RecordedRequest) -> PlannedAnswer:
         data = _accepted(validate_responses(record.json), record.json)
@@ -283,7 +267,7 @@ class FakeDeepSeek:
             body = reply.error_body
             if body is None:
                 body = error_body(reply.status, key=key.strip())
-            return _error(record, reply.status, body, reply.headers)
+            return error_plan(record, reply.status, body, reply.headers)
         shape: dict[str, Any] = {
             "response_id": record.id,
             "item_id": "msg_" + uuid.uuid4().hex,
@@ -292,10 +276,10 @@ class FakeDeepSeek:
             "reply": reply,
             "usage": responses_usage(data, reply),
         }
-        headers = _trace_headers(reply.headers)
+        headers = trace_headers(reply.headers)
         if data.get("stream") is True:
-            return _stream_plan(record, reply, headers, responses_events(**shape), done=None)
-        return _document_plan(record, reply, headers, dumps(response_object(**shape)))
+            return stream_plan(record, reply, headers, responses_events(**shape), done=None)
+        return document_plan(record, reply, headers, dumps(response_object(**shape)))
 
     def _next_reply(self) -> Reply:
         return self._queue.popleft() if self._queue else Reply()
@@ -308,7 +292,7 @@ class FakeDeepSeek:
         reply = within_max_tokens(data, self._next_reply())
 
         if reply.redirect_to is not None:
-            return _error(record, 307, b"", {**reply.headers, "Location": reply.redirect_to})
+            return error_plan(record, 307, b"", {**reply.headers, "Location": reply.redirect_to})
         if reply.status >= 400:
             authorization = record.headers.get("Authorization", "")
             body = (
@@ -316,12 +300,12 @@ class FakeDeepSeek:
                 if reply.error_body is not None
                 else error_body(reply.status, key=authorization.removeprefix("Bearer ").strip())
             )
-            return _error(record, reply.status, body, reply.headers)
+            return error_plan(record, reply.status, body, reply.headers)
 
         created = int(time.time())
         model = str(data["model"])
         usage = reported_usage(data, reply)
-        headers = _trace_headers(reply.headers)
+        headers = trace_headers(reply.headers)
         if stream:
             chunks = stream_chunks(
                 completion_id=record.id,
@@ -332,11 +316,11 @@ class FakeDeepSeek:
                 include_usage=include_usage,
                 fim=fim,
             )
-            return _stream_plan(record, reply, headers, chunks, done=b"data: [DONE]")
+            return stream_plan(record, reply, headers, chunks, done=b"data: [DONE]")
         document = completion_body(
             completion_id=record.id, created=created, model=model, reply=reply, usage=usage, fim=fim
         )
-        return _document_plan(record, reply, headers, dumps(document))
+        return document_plan(record, reply, headers, dumps(document))
 
     # --- sending, with disconnect tracking -----------------------------------------------------
 
@@ -447,88 +431,6 @@ def _answer_id(path: str) -> str:
     if path in _RESPONSES_PATHS:
         return "resp_" + uuid.uuid4().hex
     return str(uuid.uuid4())
-
-
-def _stream_plan(
-    record: RecordedRequest,
-    reply: Reply,
-    headers: dict[str, str],
-    events: list[dict[str, Any]] | list[tuple[str, dict[str, Any]]],
-    *,
-    done: bytes | None,
-) -> PlannedAnswer:
-    """A streamed answer: keep-alive comments, then one write per event (``data:`` chunks, or
-    named events as (name, data)), then ``done`` unless cut; `Reply.raw_events` replace the
-    generated events and ``done``."""
-    ending = reply.line_ending
-    headers = {
-        **headers,
-        "Content-Type": "text/event-stream; charset=utf-8",
-        "Cache-Control": "no-cache",
-    }
-    writes = _keepalives(reply, b": keep-alive" + ending.encode() * 2)
-    if reply.raw_events is not None:
-        frames = list(reply.raw_events)
-    else:
-        frames = [
-            sse_event(*event, ending)
-            if isinstance(event, tuple)
-            else b"data: " + dumps(event) + ending.encode() * 2
-            for event in events
-        ]
-    cut_at = None
-    if reply.cut_after_events is not None:
-        cut_at = len(writes) + min(reply.cut_after_events, len(frames))
-    elif reply.raw_events is None and done is not None:
-        frames.append(done + ending.encode() * 2)
-    first_delay = reply.keepalive_interval if reply.keepalive else 0.0
-    writes += [
-        Write(first_delay if index == 0 else reply.chunk_interval, frame)
-        for index, frame in enumerate(frames)
-    ]
-    return PlannedAnswer(record, reply.status, headers, writes, cut_at)
-
-
-def _document_plan(
-    record: RecordedRequest, reply: Reply, headers: dict[str, str], document: bytes
-) -> PlannedAnswer:
-    """A JSON answer after blank keep-alive lines; `Reply.raw_body` replaces ``document``, and
-    any ``cut_after_events`` sends half of it, then cuts."""
-    headers = {**headers, "Content-Type": "application/json"}
-    writes = _keepalives(reply, b"\n")
-    if reply.raw_body is not None:
-        document = reply.raw_body
-    cut_at = None
-    if reply.cut_after_events is not None:
-        document = document[: len(document) // 2]
-        cut_at = len(writes) + 1
-    writes.append(Write(reply.keepalive_interval if reply.keepalive else 0.0, document))
-    return PlannedAnswer(record, reply.status, headers, writes, cut_at)
-
-
-def _json(record: RecordedRequest, value: Any) -> PlannedAnswer:
-    headers = {**_trace_headers({}), "Content-Type": "application/json"}
-    return PlannedAnswer(record, 200, headers, [], whole=dumps(value))
-
-
-def _error(
-    record: RecordedRequest, status: int, body: bytes, extra: dict[str, str]
-) -> PlannedAnswer:
-    headers = _trace_headers(extra)
-    if body:
-        headers["Content-Type"] = "application/json"
-    return PlannedAnswer(record, status, headers, [], whole=body)
-
-
-def _keepalives(reply: Reply, line: bytes) -> list[Write]:
-    return [
-        Write(reply.keepalive_interval if index else 0.0, line) for index in range(reply.keepalive)
-    ]
-
-
-def _trace_headers(extra: dict[str, str]) -> dict[str, str]:
-    """DeepSeek's trace id header (it sends no x-request-id), then the Reply's extra headers."""
-    return {"x-ds-trace-id": uuid.uuid4().hex, **extra}
 
 
 @contextlib.asynccontextmanager
