@@ -10,18 +10,28 @@ Each request goes through the same steps, in DeepSeek's order:
 1. it is recorded in `FakeDeepSeek.requests` (every path, even rejected ones);
 2. it is routed (unknown path or method: 404);
 3. it is authenticated (anything but ``Bearer FAKE_UPSTREAM_KEY``: 401 echoing the key's last 4
-   characters, as DeepSeek does);
+   characters, as DeepSeek does; the Anthropic paths also take ``x-api-key: FAKE_UPSTREAM_KEY``,
+   which wins over ``Authorization`` when both are sent, and answer in Anthropic's error shape);
 4. a completion body is validated (bad JSON: 400, missing field: 422, ``stream_options`` without
-   ``stream: true``: 400, model ``nonexistent-model``: 400 "Model Not Exist");
-5. a completion takes the next queued `Reply` (or ``Reply()`` when the queue is empty), which
-   decides everything about the answer, except that, as DeepSeek does, generation stops at the
-   request's ``max_tokens`` with ``finish_reason: length`` (`within_max_tokens`).
+   ``stream: true``: 400, model ``nonexistent-model``: 400 "Model Not Exist"; Anthropic Messages
+   and Responses bodies as `validate_anthropic` / `validate_responses` say);
+5. a completion (chat, FIM, Anthropic Messages, Responses) takes the next queued `Reply` (or
+   ``Reply()`` when the queue is empty), which decides everything about the answer, except that,
+   as DeepSeek does, generation stops at the request's ``max_tokens`` with ``finish_reason:
+   length`` (`within_max_tokens`; Anthropic's ``max_tokens`` too, its stop reason
+   ``max_tokens``).
 
 Requests rejected in steps 2-4 never consume a queued `Reply`, so a test can enqueue replies
 without counting the requests the proxy should have stopped on its own.
 
-Usage numbers are deterministic (see `default_usage`), so a test can compute what the proxy
-should meter from the request it sent and the `Reply` it queued.
+Usage numbers are deterministic (see `default_usage`, `default_anthropic_usage`,
+`default_responses_usage`), so a test can compute what the proxy should meter from the request it
+sent and the `Reply` it queued.
+
+The Anthropic (``/anthropic/v1/messages``, ``/anthropic/messages``) and Responses (``/responses``,
+``/v1/responses``) endpoints send keep-alives like chat does: DeepSeek documents them for requests
+waiting in its queue, which sits before any API format, and both SDKs' parsers skip them (blank
+lines before JSON, SSE comments).
 """
 
 from __future__ import annotations
@@ -32,7 +42,6 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, Final
 
 from aiohttp import web
@@ -52,37 +61,36 @@ from tests.support.fake_deepseek_shapes import (
     stream_chunks,
     within_max_tokens,
 )
+from tests.support.fake_dialect_shapes import (
+    Rejection,
+    anthropic_error_body,
+    anthropic_events,
+    anthropic_message,
+    anthropic_usage,
+    response_object,
+    responses_events,
+    responses_usage,
+    validate_anthropic,
+    validate_responses,
+)
+from tests.support.fake_plans import (
+    PlannedAnswer,
+    document_plan,
+    error_plan,
+    json_plan,
+    stream_plan,
+    trace_headers,
+)
 
 # Handlers still running when the fake closes (a test that left a slow stream open) are
 # cancelled rather than holding the test up. aiohttp waits this long twice (graceful, then after
 # cancelling), so a slow stream delays close() by about half a second.
 _SHUTDOWN_TIMEOUT: Final = 0.25
+_BEARER: Final = f"Bearer {FAKE_UPSTREAM_KEY}"
 # Before cutting a connection on purpose, let the bytes already written leave the transport
 # buffer (polled every millisecond, about a second at most): abort() drops whatever is still
 # queued, and the test wants the partial body.
 _FLUSH_POLLS: Final = 1000
-
-
-@dataclass(frozen=True, slots=True)
-class Write:
-    """One write of a response body, after a pause (the fake's pacing, never a test's wait)."""
-
-    delay: float
-    data: bytes
-
-
-@dataclass(slots=True)
-class PlannedAnswer:
-    """Everything about one answer, decided when the request arrives (`FakeDeepSeek.answer`)."""
-
-    record: RecordedRequest
-    status: int
-    headers: dict[str, str]
-    writes: list[Write]
-    cut_at: int | None = None
-    """Index of the write before which the connection is cut (len(writes): after the last)."""
-    whole: bytes | None = None
-    """A body sent in one piece, with its Content-Length (errors, model list, balance)."""
 
 
 class _Rejected(Exception):
@@ -95,6 +103,8 @@ class _Rejected(Exception):
 
 
 _Route = Callable[[RecordedRequest], "PlannedAnswer"]
+_ANTHROPIC_PATHS: Final = frozenset({"/anthropic/v1/messages", "/anthropic/messages"})
+_RESPONSES_PATHS: Final = frozenset({"/responses", "/v1/responses"})
 
 
 class FakeDeepSeek:
@@ -124,6 +134,8 @@ class FakeDeepSeek:
             ("GET", "/v1/models"): self._models,
             ("GET", "/user/balance"): self._balance,
             ("GET", "/v1/user/balance"): self._balance,
+            **{("POST", path): self._anthropic for path in _ANTHROPIC_PATHS},
+            **{("POST", path): self._responses for path in _RESPONSES_PATHS},
         }
 
     @property
@@ -194,26 +206,29 @@ class FakeDeepSeek:
 
         The server sends the plan on a socket (`_send`); `tests.support.memory_transport` hands
         it to the proxy without one, so both transports answer exactly alike."""
+        anthropic = path in _ANTHROPIC_PATHS
+        auth_header, offered = _offered_key(headers, anthropic=anthropic)
         record = RecordedRequest(
             method=method,
             path=path,
             headers={str(name): value for name, value in headers.items()},
             body=body,
             json=parse_json(body),
-            id=str(uuid.uuid4()),
+            id=_answer_id(path),
+            auth_header=auth_header,
         )
         self.requests.append(record)
         try:
             route = self._routes.get((method, path))
             if route is None:
                 raise _Rejected(404, error_body(404, message=f"Not Found: {path}"))
-            authorization = headers.get("Authorization", "")
-            if authorization != f"Bearer {FAKE_UPSTREAM_KEY}":
-                key = authorization.removeprefix("Bearer ").strip()
-                raise _Rejected(401, error_body(401, key=key))
+            if offered != (FAKE_UPSTREAM_KEY if auth_header == "x-api-key" else _BEARER):
+                key = offered.removeprefix("Bearer ").strip()
+                refusal = anthropic_error_body if anthropic else error_body
+                raise _Rejected(401, refusal(401, key=key))
             return route(record)
         except _Rejected as rejected:
-            return _error(record, rejected.status, rejected.body, {})
+            return error_plan(record, rejected.status, rejected.body, {})
 
     def _chat(self, record: RecordedRequest) -> PlannedAnswer:
         return self._completion(record, fim=False)
@@ -222,20 +237,62 @@ class FakeDeepSeek:
         return self._completion(record, fim=True)
 
     def _models(self, record: RecordedRequest) -> PlannedAnswer:
-        return _json(record, MODELS)
+        return json_plan(record, MODELS)
 
     def _balance(self, record: RecordedRequest) -> PlannedAnswer:
-        return _json(record, BALANCE)
+        return json_plan(record, BALANCE)
+
+    def _anthropic(self, record: RecordedRequest) -> PlannedAnswer:
+        data = _accepted(validate_anthropic(record.json), record.json)
+        reply = within_max_tokens(data, self._next_reply())
+        if reply.status >= 400:
+            key = _offered_key(record.headers, anthropic=True)[1].removeprefix("Bearer ")
+            body = reply.error_body
+            if body is None:
+                body = anthropic_error_body(reply.status, key=key.strip())
+            return error_plan(record, reply.status, body, reply.headers)
+        model, usage = str(data["model"]), anthropic_usage(data, reply)
+        headers = trace_headers(reply.headers)
+        if data.get("stream") is True:
+            events = anthropic_events(message_id=record.id, model=model, reply=reply, usage=usage)
+            return stream_plan(record, reply, headers, events, done=None)
+        message = anthropic_message(message_id=record.id, model=model, reply=reply, usage=usage)
+        return document_plan(record, reply, headers, dumps(message))
+
+    def _responses(self, record: RecordedRequest) -> PlannedAnswer:
+        data = _accepted(validate_responses(record.json), record.json)
+        reply = self._next_reply()
+        if reply.status >= 400:
+            key = _offered_key(record.headers, anthropic=False)[1].removeprefix("Bearer ")
+            body = reply.error_body
+            if body is None:
+                body = error_body(reply.status, key=key.strip())
+            return error_plan(record, reply.status, body, reply.headers)
+        shape: dict[str, Any] = {
+            "response_id": record.id,
+            "item_id": "msg_" + uuid.uuid4().hex,
+            "created_at": int(time.time()),
+            "request_json": data,
+            "reply": reply,
+            "usage": responses_usage(data, reply),
+        }
+        headers = trace_headers(reply.headers)
+        if data.get("stream") is True:
+            return stream_plan(record, reply, headers, responses_events(**shape), done=None)
+        return document_plan(record, reply, headers, dumps(response_object(**shape)))
+
+    def _next_reply(self) -> Reply:
+        return self._queue.popleft() if self._queue else Reply()
 
     def _completion(self, record: RecordedRequest, *, fim: bool) -> PlannedAnswer:
         data = _validate(record.json, fim=fim)
         stream = data.get("stream") is True
         options = data.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        reply = within_max_tokens(data, self._queue.popleft() if self._queue else Reply())
+        reply = within_max_tokens(data, self._next_reply())
 
         if reply.redirect_to is not None:
-            return _error(record, 307, b"", {**reply.headers, "Location": reply.redirect_to})
+            return error_plan(record, 307, b"", {**reply.headers, "Location": reply.redirect_to})
         if reply.status >= 400:
             authorization = record.headers.get("Authorization", "")
             body = (
@@ -243,65 +300,27 @@ class FakeDeepSeek:
                 if reply.error_body is not None
                 else error_body(reply.status, key=authorization.removeprefix("Bearer ").strip())
             )
-            return _error(record, reply.status, body, reply.headers)
+            return error_plan(record, reply.status, body, reply.headers)
 
         created = int(time.time())
         model = str(data["model"])
         usage = reported_usage(data, reply)
-        headers = _trace_headers(reply.headers)
-        ending = reply.line_ending.encode()
-        writes: list[Write] = []
+        headers = trace_headers(reply.headers)
         if stream:
-            headers["Content-Type"] = "text/event-stream; charset=utf-8"
-            headers["Cache-Control"] = "no-cache"
-            writes += _keepalives(reply, b": keep-alive" + ending * 2)
-            if reply.raw_events is not None:
-                events = list(reply.raw_events)
-            else:
-                chunks = stream_chunks(
-                    completion_id=record.id,
-                    created=created,
-                    model=model,
-                    reply=reply,
-                    usage=usage,
-                    include_usage=include_usage,
-                    fim=fim,
-                )
-                events = [b"data: " + dumps(chunk) + ending * 2 for chunk in chunks]
-            cut_at = None
-            if reply.cut_after_events is not None:
-                cut_at = len(writes) + min(reply.cut_after_events, len(events))
-            elif reply.raw_events is None:
-                events.append(b"data: [DONE]" + ending * 2)
-            first_delay = reply.keepalive_interval if reply.keepalive else 0.0
-            writes += [
-                Write(first_delay if index == 0 else reply.chunk_interval, event)
-                for index, event in enumerate(events)
-            ]
-        else:
-            headers["Content-Type"] = "application/json"
-            writes += _keepalives(reply, b"\n")
-            document = (
-                reply.raw_body
-                if reply.raw_body is not None
-                else dumps(
-                    completion_body(
-                        completion_id=record.id,
-                        created=created,
-                        model=model,
-                        reply=reply,
-                        usage=usage,
-                        fim=fim,
-                    )
-                )
+            chunks = stream_chunks(
+                completion_id=record.id,
+                created=created,
+                model=model,
+                reply=reply,
+                usage=usage,
+                include_usage=include_usage,
+                fim=fim,
             )
-            first_delay = reply.keepalive_interval if reply.keepalive else 0.0
-            cut_at = None
-            if reply.cut_after_events is not None:
-                document = document[: len(document) // 2]
-                cut_at = len(writes) + 1
-            writes.append(Write(first_delay, document))
-        return PlannedAnswer(record, reply.status, headers, writes, cut_at)
+            return stream_plan(record, reply, headers, chunks, done=b"data: [DONE]")
+        document = completion_body(
+            completion_id=record.id, created=created, model=model, reply=reply, usage=usage, fim=fim
+        )
+        return document_plan(record, reply, headers, dumps(document))
 
     # --- sending, with disconnect tracking -----------------------------------------------------
 
@@ -384,29 +403,34 @@ def _validate(body: Any, *, fim: bool) -> dict[str, Any]:
     return body
 
 
-def _json(record: RecordedRequest, value: Any) -> PlannedAnswer:
-    headers = {**_trace_headers({}), "Content-Type": "application/json"}
-    return PlannedAnswer(record, 200, headers, [], whole=dumps(value))
+def _accepted(rejection: Rejection | None, body: Any) -> dict[str, Any]:
+    """``body`` once a dialect's validation passed; raises `_Rejected` otherwise."""
+    if rejection is not None:
+        raise _Rejected(*rejection)
+    assert isinstance(body, dict)
+    return body
 
 
-def _error(
-    record: RecordedRequest, status: int, body: bytes, extra: dict[str, str]
-) -> PlannedAnswer:
-    headers = _trace_headers(extra)
-    if body:
-        headers["Content-Type"] = "application/json"
-    return PlannedAnswer(record, status, headers, [], whole=body)
+def _offered_key(headers: Mapping[str, str], *, anthropic: bool) -> tuple[str | None, str]:
+    """Which header carries the key, and its raw value (``Bearer ...`` for Authorization).
+
+    Anthropic's SDKs send ``x-api-key``, DeepSeek also accepts Bearer there; when both come,
+    ``x-api-key`` is the one judged, as on Anthropic's API. Elsewhere only Authorization counts."""
+    lowered = {name.lower(): value for name, value in headers.items()}
+    if anthropic and "x-api-key" in lowered:
+        return "x-api-key", lowered["x-api-key"]
+    if "authorization" in lowered:
+        return "Authorization", lowered["authorization"]
+    return None, ""
 
 
-def _keepalives(reply: Reply, line: bytes) -> list[Write]:
-    return [
-        Write(reply.keepalive_interval if index else 0.0, line) for index in range(reply.keepalive)
-    ]
-
-
-def _trace_headers(extra: dict[str, str]) -> dict[str, str]:
-    """DeepSeek's trace id header (it sends no x-request-id), then the Reply's extra headers."""
-    return {"x-ds-trace-id": uuid.uuid4().hex, **extra}
+def _answer_id(path: str) -> str:
+    """The id a request is answered with, in its API's own format."""
+    if path in _ANTHROPIC_PATHS:
+        return "msg_" + uuid.uuid4().hex[:24]
+    if path in _RESPONSES_PATHS:
+        return "resp_" + uuid.uuid4().hex
+    return str(uuid.uuid4())
 
 
 @contextlib.asynccontextmanager

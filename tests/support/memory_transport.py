@@ -19,7 +19,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.errors import UpstreamCut, UpstreamTimeout
 from proxy.upstream import UpstreamAnswer
-from tests.support.fake_deepseek import FakeDeepSeek, PlannedAnswer, Write
+from tests.support.fake_deepseek import FakeDeepSeek
+from tests.support.fake_plans import PlannedAnswer, Write
 
 
 class MemoryTransport:
