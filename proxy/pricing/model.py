@@ -7,6 +7,9 @@ the next one begins. An era is one of
 - `AliasEra` - the name is billed as another model (``deepseek-chat`` -> V4-Flash price);
 - `Retirement` - requests with the name fail upstream; nothing can be billed.
 
+A name *pattern* (``claude-opus*``) has a timeline of aliases and retirements too, for names
+the book does not list one by one (`PatternEra`).
+
 Tiered rates depend on a `Schedule` (time-of-week windows in a timezone), which has its own
 versions because DeepSeek changed the *rules* (every day, then weekdays, then holidays excluded)
 independently of the *rates*. Holiday dates live in `HolidayCalendar`s that say which years they
