@@ -26,6 +26,7 @@ CASES = [
     ("tiered, weekday peak", "deepseek-flash", "2026-11-02T01:30:00+00:00"),
     ("tiered, holiday", "deepseek-v4-pro", "2026-10-01T02:00:00+00:00"),
     ("alias chain -> tiered", "deepseek-v4-flash-vision-exp", "2026-11-27T07:00:00+00:00"),
+    ("name pattern -> tiered", "claude-opus-4-1", "2026-11-27T07:00:00+00:00"),
     ("unknown model", "gpt-4o", "2026-11-27T07:00:00+00:00"),
 ]
 

@@ -145,7 +145,7 @@ def _check(args: argparse.Namespace) -> int:
     print(
         f"ok: {len(files)} file(s), {len(book.models)} models, {eras} dated entries, "
         f"{len(book.schedules)} schedules, {len(book.calendars)} calendars, "
-        f"{len(book.tool_fees)} tool fees"
+        f"{len(book.tool_fees)} tool fees, {len(book.patterns)} name patterns"
     )
     return 0
 

@@ -9,6 +9,8 @@ Resolution, step by step:
 1. the model's era in force at the instant (the latest one whose `effective` <= instant, so a
    change applies from its exact instant and one microsecond earlier still gets the old price);
 2. aliases are followed to the billed model (``deepseek-chat`` at 2026-05 -> ``deepseek-v4-flash``);
+   a name with no exact entry in force goes through the most specific name pattern in force
+   (``claude-opus-4-1`` -> ``claude-opus*`` -> ``deepseek-v4-pro``);
 3. a tiered version asks its schedule which tier the instant falls in, on the schedule's local
    calendar (Asia/Shanghai for DeepSeek: 01:30 UTC on a Monday is 09:30 Monday, peak);
 4. tokens x rate per million, plus tool calls x fee per N calls (`proxy.pricing.pricer`).
@@ -52,6 +54,9 @@ class Resolution:
     version: PriceVersion
     chain: tuple[str, ...]
     """Names followed, requested model first, billed model last."""
+    pattern: str | None = None
+    """The name pattern (``claude-opus*``) that took the requested name to the billed model, if
+    the book has no exact entry for the name in force."""
 
 
 def to_micros(instant: datetime) -> int:
@@ -62,21 +67,30 @@ def to_micros(instant: datetime) -> int:
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
-def resolve(book: PriceBook, model: str, at_micros: int) -> Resolution | str:
-    """The price version for `model` at the instant, or the reason there is none."""
+def resolve(
+    book: PriceBook, model: str, at_micros: int, *, patterns: bool = True
+) -> Resolution | str:
+    """The price version for `model` at the instant, or the reason there is none.
+
+    The exact name's entry in force decides; a name with none (unknown, or before its first
+    entry) is matched against the book's patterns, most specific first (`match_pattern`).
+    Alias targets are always exact names. `patterns=False` looks up exact names only.
+    """
     chain = [model]
     name = model
     while True:
         starts = book.model_starts.get(name)
-        if starts is None:
-            return _via(chain, f"model {name!r} is not in the price book")
-        index = bisect_right(starts, at_micros) - 1
-        eras = book.models[name]
+        index = -1 if starts is None else bisect_right(starts, at_micros) - 1
         if index < 0:
-            return _via(
-                chain, f"model {name!r} has no price before {iso_instant(eras[0].effective)}"
-            )
-        era = eras[index]
+            if patterns and len(chain) == 1 and book.pattern_order:
+                matched = match_pattern(book, model, at_micros)
+                if matched is not None and (matched[1] or starts is None):
+                    return _by_pattern(book, model, matched[0], at_micros)
+            if starts is None:
+                return _via(chain, f"model {name!r} is not in the price book")
+            first = book.models[name][0].effective
+            return _via(chain, f"model {name!r} has no price before {iso_instant(first)}")
+        era = book.models[name][index]
         if isinstance(era, PriceVersion):
             return Resolution(era, tuple(chain))
         if isinstance(era, Retirement):
@@ -88,6 +102,43 @@ def resolve(book: PriceBook, model: str, at_micros: int) -> Resolution | str:
             return _via(chain, f"alias cycle: {' -> '.join([*chain, era.target])}")
         chain.append(era.target)
         name = era.target
+
+
+def match_pattern(book: PriceBook, model: str, at_micros: int) -> tuple[str, bool] | None:
+    """The pattern that applies to `model` at the instant: the one with the longest literal
+    prefix among those in force (whose first entry has begun), with True; else the most
+    specific matching pattern that has not begun yet, with False; None if none matches.
+
+    A pattern takes part only from its first entry, so adding a more specific pattern later
+    never re-prices earlier calls."""
+    waiting: str | None = None
+    for prefix, pattern in book.pattern_order:
+        if model.startswith(prefix):
+            if book.pattern_starts[pattern][0] <= at_micros:
+                return pattern, True
+            waiting = waiting or pattern
+    return None if waiting is None else (waiting, False)
+
+
+def resolve_pattern(book: PriceBook, pattern: str, at_micros: int) -> Resolution | str:
+    """What names matching `pattern` are billed as at the instant (chain: the pattern, then
+    the names followed), or the reason they cannot be billed."""
+    era = _in_force(book.patterns, book.pattern_starts, pattern, at_micros)
+    if era is None:
+        return f"no entry before {iso_instant(book.patterns[pattern][0].effective)}"
+    if isinstance(era, Retirement):
+        return f"retired at {iso_instant(era.effective)}: {era.reason}"
+    found = resolve(book, era.target, at_micros, patterns=False)
+    if isinstance(found, str):
+        return f"billed as {era.target}; {found}"
+    return Resolution(found.version, (pattern, *found.chain), pattern)
+
+
+def _by_pattern(book: PriceBook, model: str, pattern: str, at_micros: int) -> Resolution | str:
+    found = resolve_pattern(book, pattern, at_micros)
+    if isinstance(found, str):
+        return f"model {model!r} matches pattern {pattern!r}: {found}"
+    return Resolution(found.version, (model, *found.chain[1:]), pattern)
 
 
 def _via(chain: list[str], reason: str) -> str:

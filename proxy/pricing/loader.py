@@ -1,11 +1,12 @@
 """Loading price-book YAML files into a validated `PriceBook`.
 
 Several files form one book (the shipped ``deepseek.yaml`` plus, say, a team's local additions):
-models, schedules, calendars and tool fees from all files are merged, and an instant defined twice
-for the same name - in one file or across files - is an ambiguity, reported with both places.
+models, name patterns, schedules, calendars and tool fees from all files are merged, and an
+instant defined twice for the same name - in one file or across files - is an ambiguity,
+reported with both places.
 The file format is documented in ``config/pricing/README.md``; its sections are read by
 `proxy.pricing.read_schedules` (calendars, schedules) and `proxy.pricing.read_models` (models,
-tool fees).
+name patterns, tool fees).
 """
 
 from __future__ import annotations
@@ -22,13 +23,28 @@ from typing import Any, Protocol, TypeVar
 from proxy.pricing.engine import to_micros
 from proxy.pricing.errors import BookProblem, PriceBookError
 from proxy.pricing.fields import Reader
-from proxy.pricing.model import Era, HolidayCalendar, PriceBook, ScheduleVersion, ToolFeeVersion
-from proxy.pricing.read_models import read_model, read_tool_fees
+from proxy.pricing.model import (
+    Era,
+    HolidayCalendar,
+    PatternEra,
+    PriceBook,
+    ScheduleVersion,
+    ToolFeeVersion,
+)
+from proxy.pricing.read_models import read_model, read_pattern, read_tool_fees
 from proxy.pricing.read_schedules import read_calendar, read_schedule
 from proxy.pricing.validate import check_cross_references
 from proxy.yamlfile import YamlError, load_yaml
 
-_TOP_KEYS = {"book", "currencies", "calendars", "schedules", "models", "tool_fees"}
+_TOP_KEYS = {
+    "book",
+    "currencies",
+    "calendars",
+    "schedules",
+    "models",
+    "model_patterns",
+    "tool_fees",
+}
 
 
 @dataclass
@@ -37,6 +53,7 @@ class _Parts:
 
     currencies: tuple[str, ...] | None = None
     eras: dict[str, list[tuple[Era, str, str]]] = field(default_factory=dict)
+    patterns: dict[str, list[tuple[PatternEra, str, str]]] = field(default_factory=dict)
     schedules: dict[str, list[tuple[ScheduleVersion, str, str]]] = field(default_factory=dict)
     calendars: dict[str, tuple[HolidayCalendar, str]] = field(default_factory=dict)
     tool_fees: dict[str, list[tuple[ToolFeeVersion, str, str]]] = field(default_factory=dict)
@@ -105,6 +122,9 @@ def _read_file(reader: Reader, document: Any, parts: _Parts) -> None:
     for name, raw in _named(reader, document, "models"):
         for era, entry in read_model(reader, name, raw, codes):
             parts.eras.setdefault(name, []).append((era, reader.file, entry))
+    for pattern, raw in _named(reader, document, "model_patterns"):
+        for pattern_era, entry in read_pattern(reader, pattern, raw, codes):
+            parts.patterns.setdefault(pattern, []).append((pattern_era, reader.file, entry))
     for name, raw in _named(reader, document, "tool_fees"):
         for fee, entry in read_tool_fees(reader, name, raw, codes):
             parts.tool_fees.setdefault(name, []).append((fee, reader.file, entry))
@@ -149,6 +169,7 @@ def _assemble(
     parts: _Parts, files: tuple[str, ...], digest: str, problems: list[BookProblem]
 ) -> PriceBook:
     models = {n: _timeline("model", n, e, problems) for n, e in parts.eras.items()}
+    patterns = {n: _timeline("pattern", n, e, problems) for n, e in parts.patterns.items()}
     schedules = {n: _timeline("schedule", n, e, problems) for n, e in parts.schedules.items()}
     tools = {n: _timeline("tool", n, e, problems) for n, e in parts.tool_fees.items()}
     return PriceBook(
@@ -162,13 +183,15 @@ def _assemble(
         tool_fee_starts=MappingProxyType({n: t[1] for n, t in tools.items()}),
         files=files,
         digest=digest,
+        patterns=MappingProxyType({n: t[0] for n, t in patterns.items()}),
+        pattern_starts=MappingProxyType({n: t[1] for n, t in patterns.items()}),
     )
 
 
 def _origins(parts: _Parts) -> dict[int, tuple[str, str]]:
     """Each entry object (by identity) -> its file and entry path, for cross-reference errors."""
     origins: dict[int, tuple[str, str]] = {}
-    for group in (parts.eras, parts.schedules, parts.tool_fees):
+    for group in (parts.eras, parts.patterns, parts.schedules, parts.tool_fees):
         for entries in group.values():
             for obj, file, entry in entries:
                 origins[id(obj)] = (file, entry)

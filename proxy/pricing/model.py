@@ -7,6 +7,9 @@ the next one begins. An era is one of
 - `AliasEra` - the name is billed as another model (``deepseek-chat`` -> V4-Flash price);
 - `Retirement` - requests with the name fail upstream; nothing can be billed.
 
+A name *pattern* (``claude-opus*``) has a timeline of aliases and retirements too, for names
+the book does not list one by one (`PatternEra`).
+
 Tiered rates depend on a `Schedule` (time-of-week windows in a timezone), which has its own
 versions because DeepSeek changed the *rules* (every day, then weekdays, then holidays excluded)
 independently of the *rates*. Holiday dates live in `HolidayCalendar`s that say which years they
@@ -22,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
+from types import MappingProxyType
 from zoneinfo import ZoneInfo
 
 TOKENS_PER_UNIT = 1_000_000
@@ -114,6 +118,15 @@ class Retirement:
 
 Era = PriceVersion | AliasEra | Retirement
 
+PatternEra = AliasEra | Retirement
+"""An era of a name pattern (``claude-opus*``): names it matches are billed as a model, or fail.
+Its `model` field holds the pattern. A pattern has no rates of its own: rates belong to models."""
+
+
+def pattern_prefix(pattern: str) -> str:
+    """The literal part of a pattern: ``claude-opus*`` -> ``claude-opus``."""
+    return pattern[:-1]
+
 
 @dataclass(frozen=True, slots=True)
 class Window:
@@ -200,14 +213,32 @@ class PriceBook:
     files: tuple[str, ...]
     digest: str
     """SHA-256 of the files' bytes: identifies which book priced a stored row."""
+    patterns: Mapping[str, tuple[PatternEra, ...]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    """Name pattern (``claude-opus*``) -> its timeline; consulted only for names without an
+    exact entry in force (`proxy.pricing.engine.resolve`)."""
+    pattern_starts: Mapping[str, tuple[int, ...]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
     change_instants: tuple[int, ...] = field(init=False, repr=False, compare=False)
-    """Every instant (POSIX microseconds) at which a model's era or a schedule's rule starts:
-    between two of them, only the time of day and the calendar day can change a price."""
+    """Every instant (POSIX microseconds) at which a model's or pattern's era or a schedule's
+    rule starts: between two of them, only the time of day and the calendar day can change a
+    price."""
+    pattern_order: tuple[tuple[str, str], ...] = field(init=False, repr=False, compare=False)
+    """(literal prefix, pattern), longest prefix first: the order in which patterns are tried,
+    so the most specific one that matches wins."""
 
     def __post_init__(self) -> None:
         starts = {
             instant
-            for timeline in (*self.model_starts.values(), *self.schedule_starts.values())
+            for timeline in (
+                *self.model_starts.values(),
+                *self.pattern_starts.values(),
+                *self.schedule_starts.values(),
+            )
             for instant in timeline
         }
         object.__setattr__(self, "change_instants", tuple(sorted(starts)))
+        order = sorted(self.patterns, key=lambda p: (-len(p), p))
+        object.__setattr__(self, "pattern_order", tuple((pattern_prefix(p), p) for p in order))

@@ -1,8 +1,9 @@
-"""Reading the ``models`` and ``tool_fees`` sections of a price-book file: dated eras (prices,
-aliases, retirements) and dated tool fees."""
+"""Reading the ``models``, ``model_patterns`` and ``tool_fees`` sections of a price-book file:
+dated eras (prices, aliases, retirements), dated name patterns and dated tool fees."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from datetime import datetime
 from types import MappingProxyType
@@ -13,6 +14,7 @@ from proxy.pricing.model import (
     FLAT_TIER,
     AliasEra,
     Era,
+    PatternEra,
     PriceVersion,
     RateCard,
     Retirement,
@@ -50,6 +52,48 @@ def read_model(
         era = _read_era(reader, name, item, where, kinds[0], currencies)
         if era is not None:
             result.append((era, where))
+    return result
+
+
+_PATTERN = re.compile(r"^[^*?\[\]\s]+\*$")
+"""A literal name prefix and one trailing ``*``: the only pattern form, so two patterns that
+match the same name always differ in specificity (one prefix extends the other)."""
+
+
+def read_pattern(
+    reader: Reader, pattern: str, raw: Any, currencies: tuple[str, ...]
+) -> list[tuple[PatternEra, str]]:
+    """The dated entries of a name pattern: each an ``alias`` or a ``retired``."""
+    if not _PATTERN.match(pattern):
+        reader.fail(
+            f"model_patterns.{pattern}",
+            "a pattern is a literal name prefix followed by one trailing '*' "
+            "(e.g. 'claude-opus*'); no other wildcard, no whitespace, no bare '*'",
+        )
+        return []
+    allowed = {"from", "id", "alias", "retired"} | PROVENANCE_KEYS
+    result: list[tuple[PatternEra, str]] = []
+    for i, item in reader.versions(raw, f"model_patterns.{pattern}"):
+        where = f"model_patterns.{pattern}[{i}]"
+        if not reader.mapping(item, where, allowed, {"from", "source", "confidence"}):
+            continue
+        kinds = [k for k in ("alias", "retired") if k in item]
+        if len(kinds) != 1:
+            found = kinds or "none"
+            reader.fail(where, f"needs exactly one of 'alias' or 'retired'; found {found}")
+            continue
+        effective = reader.instant(item["from"], f"{where}.from")
+        provenance = reader.provenance(item, where, currencies)
+        value = reader.text(item[kinds[0]], f"{where}.{kinds[0]}")
+        if effective is None or provenance is None or value is None:
+            continue
+        era_id = _era_id(item, pattern, effective)
+        era: PatternEra = (
+            AliasEra(era_id, pattern, effective, value, provenance)
+            if kinds[0] == "alias"
+            else Retirement(era_id, pattern, effective, value, provenance)
+        )
+        result.append((era, where))
     return result
 
 

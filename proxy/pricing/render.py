@@ -6,7 +6,15 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from proxy.pricing.engine import resolve, schedule_version_at, tier_at, to_micros, tool_fee_at
+from proxy.pricing.engine import (
+    Resolution,
+    resolve,
+    resolve_pattern,
+    schedule_version_at,
+    tier_at,
+    to_micros,
+    tool_fee_at,
+)
 from proxy.pricing.model import FLAT_TIER, PriceBook, TokenRates
 from proxy.pricing.pricer import Pricing
 
@@ -82,7 +90,8 @@ def _rates_text(rates: TokenRates) -> str:
 
 
 def table_in_force(book: PriceBook, at: datetime, currencies: list[str]) -> str:
-    """Every model's rates at an instant, one row per tier; ``*`` marks the tier in force."""
+    """Every model's rates at an instant, one row per tier; ``*`` marks the tier in force.
+    Name patterns follow the models, most specific first, as the engine tries them."""
     at_micros = to_micros(at)
     lines = [f"Prices in force at {iso_utc(at)}, per 1M tokens: cache hit / cache miss / output"]
     header = (
@@ -91,8 +100,11 @@ def table_in_force(book: PriceBook, at: datetime, currencies: list[str]) -> str:
         + "version"
     )
     lines.append(header)
-    for model in sorted(book.models):
-        resolution = resolve(book, model, at_micros)
+    rows: list[tuple[str, Resolution | str]] = [
+        (model, resolve(book, model, at_micros)) for model in sorted(book.models)
+    ]
+    rows += [(p, resolve_pattern(book, p, at_micros)) for _, p in book.pattern_order]
+    for model, resolution in rows:
         if isinstance(resolution, str):
             lines.append(f"{model:<30}-- {resolution}")
             continue

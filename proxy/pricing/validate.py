@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 
-from proxy.pricing.engine import resolve, schedule_version_at
+from proxy.pricing.engine import resolve, resolve_pattern, schedule_version_at
 from proxy.pricing.errors import BookProblem
 from proxy.pricing.model import AliasEra, PriceBook, PriceVersion, ScheduleVersion
 
@@ -31,10 +31,7 @@ def check_cross_references(
     for versions in book.schedules.values():
         for rule in versions:
             _check_rule_calendar(book, rule, fail)
-    change_points = sorted(
-        {s for starts in book.model_starts.values() for s in starts}
-        | {s for starts in book.schedule_starts.values() for s in starts}
-    )
+    change_points = list(book.change_instants)
     for name, eras in book.models.items():
         starts = book.model_starts[name]
         for index, era in enumerate(eras):
@@ -43,6 +40,12 @@ def check_cross_references(
                 _check_tiers(book, era, starts[index], end, fail)
             elif isinstance(era, AliasEra):
                 _check_alias(book, era, starts[index], end, change_points, fail)
+    for pattern, pattern_eras in book.patterns.items():
+        starts = book.pattern_starts[pattern]
+        for index, pattern_era in enumerate(pattern_eras):
+            end = starts[index + 1] if index + 1 < len(pattern_eras) else None
+            if isinstance(pattern_era, AliasEra):
+                _check_alias(book, pattern_era, starts[index], end, change_points, fail)
     return problems
 
 
@@ -104,13 +107,18 @@ def _check_alias(
     fail: _Fail,
 ) -> None:
     """The alias must resolve to a priced model at its start and at every later change in the
-    book until it ends: this catches unknown targets, cycles and targets retired under it."""
+    book until it ends: this catches unknown targets, cycles and targets retired under it.
+    A pattern's alias (its `model` is the pattern) is checked the same way; its target must be
+    an exact model name, as every alias target is."""
     if alias.target not in book.models:
         fail(alias, f"alias target {alias.target!r} is not a model in the price book")
         return
     instants = [start] + [p for p in change_points if p > start and (end is None or p < end)]
     for instant in instants:
-        resolution = resolve(book, alias.model, instant)
+        if alias.model in book.patterns:
+            resolution = resolve_pattern(book, alias.model, instant)
+        else:
+            resolution = resolve(book, alias.model, instant, patterns=False)
         if isinstance(resolution, str):
             fail(alias, f"at {_instant_text(instant)}: {resolution}")
             return

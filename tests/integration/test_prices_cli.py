@@ -24,6 +24,7 @@ def test_check_passes_on_the_shipped_book() -> None:
     result = run("prices", "check")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ok: 1 file(s), 6 models, 27 dated entries")
+    assert result.stdout.rstrip().endswith(", 2 name patterns")
 
 
 def test_check_reports_each_problem_and_exits_1(tmp_path: Path) -> None:
@@ -131,6 +132,39 @@ def test_quote_unpriced_exits_3_with_reason() -> None:
         "requests with this name fail upstream"
     )
     assert obj["total"] is None
+
+
+def test_quote_claude_name_shows_the_billed_model() -> None:
+    """An Anthropic model name is billed through the book's patterns: the quote keeps the name
+    asked for and shows the DeepSeek model billed, at that model's price."""
+    args = ("--at", "2026-11-02T09:30:00+08:00", "--miss", "1000000", "--currency", "CNY")
+    result = run("prices", "quote", "--model", "claude-sonnet-4", *args)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:2] == [
+        "claude-sonnet-4 at 2026-11-02T01:30:00Z",
+        "  billed as deepseek-flash, version deepseek-flash@2026-09-10T04:00:00Z",
+    ]
+    assert "total 2" in " ".join(result.stdout.split())  # peak miss: 2 CNY per 1M
+
+    as_json = run("prices", "quote", "--model", "claude-opus-4-1", *args, "--format", "json")
+    assert as_json.returncode == 0, as_json.stderr
+    [obj] = json.loads(as_json.stdout)
+    assert (obj["model"], obj["billed_model"], obj["total"]) == (
+        "claude-opus-4-1",
+        "deepseek-v4-pro",
+        "9",
+    )
+
+
+def test_show_lists_name_patterns() -> None:
+    result = run("prices", "show", "--at", "2026-11-02T09:30:00+08:00", "--currency", "CNY")
+    assert result.returncode == 0, result.stderr
+    rows = [line.split()[:3] for line in result.stdout.splitlines() if line.startswith("claude")]
+    assert rows == [
+        ["claude-opus*", "deepseek-v4-pro", "off_peak"],
+        ["claude*", "deepseek-flash", "off_peak"],
+    ]
 
 
 def test_quote_rejects_naive_instant() -> None:
