@@ -10,18 +10,28 @@ Each request goes through the same steps, in DeepSeek's order:
 1. it is recorded in `FakeDeepSeek.requests` (every path, even rejected ones);
 2. it is routed (unknown path or method: 404);
 3. it is authenticated (anything but ``Bearer FAKE_UPSTREAM_KEY``: 401 echoing the key's last 4
-   characters, as DeepSeek does);
+   characters, as DeepSeek does; the Anthropic paths also take ``x-api-key: FAKE_UPSTREAM_KEY``,
+   which wins over ``Authorization`` when both are sent, and answer in Anthropic's error shape);
 4. a completion body is validated (bad JSON: 400, missing field: 422, ``stream_options`` without
-   ``stream: true``: 400, model ``nonexistent-model``: 400 "Model Not Exist");
-5. a completion takes the next queued `Reply` (or ``Reply()`` when the queue is empty), which
-   decides everything about the answer, except that, as DeepSeek does, generation stops at the
-   request's ``max_tokens`` with ``finish_reason: length`` (`within_max_tokens`).
+   ``stream: true``: 400, model ``nonexistent-model``: 400 "Model Not Exist"; Anthropic Messages
+   and Responses bodies as `validate_anthropic` / `validate_responses` say);
+5. a completion (chat, FIM, Anthropic Messages, Responses) takes the next queued `Reply` (or
+   ``Reply()`` when the queue is empty), which decides everything about the answer, except that,
+   as DeepSeek does, generation stops at the request's ``max_tokens`` with ``finish_reason:
+   length`` (`within_max_tokens`; Anthropic's ``max_tokens`` too, its stop reason
+   ``max_tokens``).
 
 Requests rejected in steps 2-4 never consume a queued `Reply`, so a test can enqueue replies
 without counting the requests the proxy should have stopped on its own.
 
-Usage numbers are deterministic (see `default_usage`), so a test can compute what the proxy
-should meter from the request it sent and the `Reply` it queued.
+Usage numbers are deterministic (see `default_usage`, `default_anthropic_usage`,
+`default_responses_usage`), so a test can compute what the proxy should meter from the request it
+sent and the `Reply` it queued.
+
+The Anthropic (``/anthropic/v1/messages``, ``/anthropic/messages``) and Responses (``/responses``,
+``/v1/responses``) endpoints send keep-alives like chat does: DeepSeek documents them for requests
+waiting in its queue, which sits before any API format, and both SDKs' parsers skip them (blank
+lines before JSON, SSE comments).
 """
 
 from __future__ import annotations
@@ -52,11 +62,25 @@ from tests.support.fake_deepseek_shapes import (
     stream_chunks,
     within_max_tokens,
 )
+from tests.support.fake_dialect_shapes import (
+    Rejection,
+    anthropic_error_body,
+    anthropic_events,
+    anthropic_message,
+    anthropic_usage,
+    response_object,
+    responses_events,
+    responses_usage,
+    sse_event,
+    validate_anthropic,
+    validate_responses,
+)
 
 # Handlers still running when the fake closes (a test that left a slow stream open) are
 # cancelled rather than holding the test up. aiohttp waits this long twice (graceful, then after
 # cancelling), so a slow stream delays close() by about half a second.
 _SHUTDOWN_TIMEOUT: Final = 0.25
+_BEARER: Final = f"Bearer {FAKE_UPSTREAM_KEY}"
 # Before cutting a connection on purpose, let the bytes already written leave the transport
 # buffer (polled every millisecond, about a second at most): abort() drops whatever is still
 # queued, and the test wants the partial body.
@@ -95,6 +119,8 @@ class _Rejected(Exception):
 
 
 _Route = Callable[[RecordedRequest], "PlannedAnswer"]
+_ANTHROPIC_PATHS: Final = frozenset({"/anthropic/v1/messages", "/anthropic/messages"})
+_RESPONSES_PATHS: Final = frozenset({"/responses", "/v1/responses"})
 
 
 class FakeDeepSeek:
@@ -124,6 +150,8 @@ class FakeDeepSeek:
             ("GET", "/v1/models"): self._models,
             ("GET", "/user/balance"): self._balance,
             ("GET", "/v1/user/balance"): self._balance,
+            **{("POST", path): self._anthropic for path in _ANTHROPIC_PATHS},
+            **{("POST", path): self._responses for path in _RESPONSES_PATHS},
         }
 
     @property
@@ -194,23 +222,26 @@ class FakeDeepSeek:
 
         The server sends the plan on a socket (`_send`); `tests.support.memory_transport` hands
         it to the proxy without one, so both transports answer exactly alike."""
+        anthropic = path in _ANTHROPIC_PATHS
+        auth_header, offered = _offered_key(headers, anthropic=anthropic)
         record = RecordedRequest(
             method=method,
             path=path,
             headers={str(name): value for name, value in headers.items()},
             body=body,
             json=parse_json(body),
-            id=str(uuid.uuid4()),
+            id=_answer_id(path),
+            auth_header=auth_header,
         )
         self.requests.append(record)
         try:
             route = self._routes.get((method, path))
             if route is None:
                 raise _Rejected(404, error_body(404, message=f"Not Found: {path}"))
-            authorization = headers.get("Authorization", "")
-            if authorization != f"Bearer {FAKE_UPSTREAM_KEY}":
-                key = authorization.removeprefix("Bearer ").strip()
-                raise _Rejected(401, error_body(401, key=key))
+            if offered != (FAKE_UPSTREAM_KEY if auth_header == "x-api-key" else _BEARER):
+                key = offered.removeprefix("Bearer ").strip()
+                refusal = anthropic_error_body if anthropic else error_body
+                raise _Rejected(401, refusal(401, key=key))
             return route(record)
         except _Rejected as rejected:
             return _error(record, rejected.status, rejected.body, {})
@@ -227,12 +258,54 @@ class FakeDeepSeek:
     def _balance(self, record: RecordedRequest) -> PlannedAnswer:
         return _json(record, BALANCE)
 
+    def _anthropic(self, record: RecordedRequest) -> PlannedAnswer:
+        data = _accepted(validate_anthropic(record.json), record.json)
+        reply = within_max_tokens(data, self._next_reply())
+        if reply.status >= 400:
+            key = _offered_key(record.headers, anthropic=True)[1].removeprefix("Bearer ")
+            body = reply.error_body
+            if body is None:
+                body = anthropic_error_body(reply.status, key=key.strip())
+            return _error(record, reply.status, body, reply.headers)
+        model, usage = str(data["model"]), anthropic_usage(data, reply)
+        headers = _trace_headers(reply.headers)
+        if data.get("stream") is True:
+            events = anthropic_events(message_id=record.id, model=model, reply=reply, usage=usage)
+            return _stream_plan(record, reply, headers, events, done=None)
+        message = anthropic_message(message_id=record.id, model=model, reply=reply, usage=usage)
+        return _document_plan(record, reply, headers, dumps(message))
+
+    def _responses(self, record: RecordedRequest) -> PlannedAnswer:
+        data = _accepted(validate_responses(record.json), record.json)
+        reply = self._next_reply()
+        if reply.status >= 400:
+            key = _offered_key(record.headers, anthropic=False)[1].removeprefix("Bearer ")
+            body = reply.error_body
+            if body is None:
+                body = error_body(reply.status, key=key.strip())
+            return _error(record, reply.status, body, reply.headers)
+        shape: dict[str, Any] = {
+            "response_id": record.id,
+            "item_id": "msg_" + uuid.uuid4().hex,
+            "created_at": int(time.time()),
+            "request_json": data,
+            "reply": reply,
+            "usage": responses_usage(data, reply),
+        }
+        headers = _trace_headers(reply.headers)
+        if data.get("stream") is True:
+            return _stream_plan(record, reply, headers, responses_events(**shape), done=None)
+        return _document_plan(record, reply, headers, dumps(response_object(**shape)))
+
+    def _next_reply(self) -> Reply:
+        return self._queue.popleft() if self._queue else Reply()
+
     def _completion(self, record: RecordedRequest, *, fim: bool) -> PlannedAnswer:
         data = _validate(record.json, fim=fim)
         stream = data.get("stream") is True
         options = data.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        reply = within_max_tokens(data, self._queue.popleft() if self._queue else Reply())
+        reply = within_max_tokens(data, self._next_reply())
 
         if reply.redirect_to is not None:
             return _error(record, 307, b"", {**reply.headers, "Location": reply.redirect_to})
@@ -249,59 +322,21 @@ class FakeDeepSeek:
         model = str(data["model"])
         usage = reported_usage(data, reply)
         headers = _trace_headers(reply.headers)
-        ending = reply.line_ending.encode()
-        writes: list[Write] = []
         if stream:
-            headers["Content-Type"] = "text/event-stream; charset=utf-8"
-            headers["Cache-Control"] = "no-cache"
-            writes += _keepalives(reply, b": keep-alive" + ending * 2)
-            if reply.raw_events is not None:
-                events = list(reply.raw_events)
-            else:
-                chunks = stream_chunks(
-                    completion_id=record.id,
-                    created=created,
-                    model=model,
-                    reply=reply,
-                    usage=usage,
-                    include_usage=include_usage,
-                    fim=fim,
-                )
-                events = [b"data: " + dumps(chunk) + ending * 2 for chunk in chunks]
-            cut_at = None
-            if reply.cut_after_events is not None:
-                cut_at = len(writes) + min(reply.cut_after_events, len(events))
-            elif reply.raw_events is None:
-                events.append(b"data: [DONE]" + ending * 2)
-            first_delay = reply.keepalive_interval if reply.keepalive else 0.0
-            writes += [
-                Write(first_delay if index == 0 else reply.chunk_interval, event)
-                for index, event in enumerate(events)
-            ]
-        else:
-            headers["Content-Type"] = "application/json"
-            writes += _keepalives(reply, b"\n")
-            document = (
-                reply.raw_body
-                if reply.raw_body is not None
-                else dumps(
-                    completion_body(
-                        completion_id=record.id,
-                        created=created,
-                        model=model,
-                        reply=reply,
-                        usage=usage,
-                        fim=fim,
-                    )
-                )
+            chunks = stream_chunks(
+                completion_id=record.id,
+                created=created,
+                model=model,
+                reply=reply,
+                usage=usage,
+                include_usage=include_usage,
+                fim=fim,
             )
-            first_delay = reply.keepalive_interval if reply.keepalive else 0.0
-            cut_at = None
-            if reply.cut_after_events is not None:
-                document = document[: len(document) // 2]
-                cut_at = len(writes) + 1
-            writes.append(Write(first_delay, document))
-        return PlannedAnswer(record, reply.status, headers, writes, cut_at)
+            return _stream_plan(record, reply, headers, chunks, done=b"data: [DONE]")
+        document = completion_body(
+            completion_id=record.id, created=created, model=model, reply=reply, usage=usage, fim=fim
+        )
+        return _document_plan(record, reply, headers, dumps(document))
 
     # --- sending, with disconnect tracking -----------------------------------------------------
 
@@ -382,6 +417,93 @@ def _validate(body: Any, *, fim: bool) -> dict[str, Any]:
     if body["model"] == NONEXISTENT_MODEL:
         raise _Rejected(400, error_body(400, message="Model Not Exist"))
     return body
+
+
+def _accepted(rejection: Rejection | None, body: Any) -> dict[str, Any]:
+    """``body`` once a dialect's validation passed; raises `_Rejected` otherwise."""
+    if rejection is not None:
+        raise _Rejected(*rejection)
+    assert isinstance(body, dict)
+    return body
+
+
+def _offered_key(headers: Mapping[str, str], *, anthropic: bool) -> tuple[str | None, str]:
+    """Which header carries the key, and its raw value (``Bearer ...`` for Authorization).
+
+    Anthropic's SDKs send ``x-api-key``, DeepSeek also accepts Bearer there; when both come,
+    ``x-api-key`` is the one judged, as on Anthropic's API. Elsewhere only Authorization counts."""
+    lowered = {name.lower(): value for name, value in headers.items()}
+    if anthropic and "x-api-key" in lowered:
+        return "x-api-key", lowered["x-api-key"]
+    if "authorization" in lowered:
+        return "Authorization", lowered["authorization"]
+    return None, ""
+
+
+def _answer_id(path: str) -> str:
+    """The id a request is answered with, in its API's own format."""
+    if path in _ANTHROPIC_PATHS:
+        return "msg_" + uuid.uuid4().hex[:24]
+    if path in _RESPONSES_PATHS:
+        return "resp_" + uuid.uuid4().hex
+    return str(uuid.uuid4())
+
+
+def _stream_plan(
+    record: RecordedRequest,
+    reply: Reply,
+    headers: dict[str, str],
+    events: list[dict[str, Any]] | list[tuple[str, dict[str, Any]]],
+    *,
+    done: bytes | None,
+) -> PlannedAnswer:
+    """A streamed answer: keep-alive comments, then one write per event (``data:`` chunks, or
+    named events as (name, data)), then ``done`` unless cut; `Reply.raw_events` replace the
+    generated events and ``done``."""
+    ending = reply.line_ending
+    headers = {
+        **headers,
+        "Content-Type": "text/event-stream; charset=utf-8",
+        "Cache-Control": "no-cache",
+    }
+    writes = _keepalives(reply, b": keep-alive" + ending.encode() * 2)
+    if reply.raw_events is not None:
+        frames = list(reply.raw_events)
+    else:
+        frames = [
+            sse_event(*event, ending)
+            if isinstance(event, tuple)
+            else b"data: " + dumps(event) + ending.encode() * 2
+            for event in events
+        ]
+    cut_at = None
+    if reply.cut_after_events is not None:
+        cut_at = len(writes) + min(reply.cut_after_events, len(frames))
+    elif reply.raw_events is None and done is not None:
+        frames.append(done + ending.encode() * 2)
+    first_delay = reply.keepalive_interval if reply.keepalive else 0.0
+    writes += [
+        Write(first_delay if index == 0 else reply.chunk_interval, frame)
+        for index, frame in enumerate(frames)
+    ]
+    return PlannedAnswer(record, reply.status, headers, writes, cut_at)
+
+
+def _document_plan(
+    record: RecordedRequest, reply: Reply, headers: dict[str, str], document: bytes
+) -> PlannedAnswer:
+    """A JSON answer after blank keep-alive lines; `Reply.raw_body` replaces ``document``, and
+    any ``cut_after_events`` sends half of it, then cuts."""
+    headers = {**headers, "Content-Type": "application/json"}
+    writes = _keepalives(reply, b"\n")
+    if reply.raw_body is not None:
+        document = reply.raw_body
+    cut_at = None
+    if reply.cut_after_events is not None:
+        document = document[: len(document) // 2]
+        cut_at = len(writes) + 1
+    writes.append(Write(reply.keepalive_interval if reply.keepalive else 0.0, document))
+    return PlannedAnswer(record, reply.status, headers, writes, cut_at)
 
 
 def _json(record: RecordedRequest, value: Any) -> PlannedAnswer:

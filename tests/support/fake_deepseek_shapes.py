@@ -90,6 +90,19 @@ class Reply:
 
     Keep-alives (``keepalive``) precede the body in every case, ``raw_body``/``raw_events``
     included; they only replace what the fake would have generated after them.
+
+    The Anthropic Messages and OpenAI Responses endpoints (`tests.support.fake_dialect_shapes`)
+    take the same `Reply`: ``content``, ``usage`` (an explicit dict is sent in the dialect's own
+    shape, as given), ``server_tool_use``, ``status``/``error_body`` (the default error body is
+    in the dialect's shape), ``keepalive``, ``chunk_interval``, ``line_ending``, ``headers``,
+    ``raw_body``/``raw_events`` and ``cut_after_events`` (counting named SSE events, pings
+    included) mean what they mean for chat. Only the Anthropic endpoint reads the last three:
+
+    - ``cache_fields``: the computed usage carries ``cache_read_input_tokens`` and
+      ``cache_creation_input_tokens`` (False: both keys absent, as some upstreams send it);
+    - ``pings_after``: a ``ping`` event after each of these counts of other events (the default
+      puts one after ``message_start`` and ``content_block_start``, as Anthropic does);
+    - ``message_deltas``: how many ``message_delta`` events share the cumulative output count.
     """
 
     status: int = 200
@@ -109,6 +122,9 @@ class Reply:
     redirect_to: str | None = None
     raw_body: bytes | None = None
     raw_events: list[bytes] | None = None
+    cache_fields: bool = True
+    pings_after: tuple[int, ...] = (2,)
+    message_deltas: int = 1
 
     def __post_init__(self) -> None:
         # A typo here would silently test the wrong placement; fail where the Reply is built.
@@ -118,12 +134,17 @@ class Reply:
             )
         if self.line_ending not in ("\n", "\r\n"):
             raise ValueError(f"line_ending must be '\\n' or '\\r\\n', not {self.line_ending!r}")
+        if self.message_deltas < 1 or any(after < 0 for after in self.pings_after):
+            raise ValueError("message_deltas must be at least 1 and pings_after non-negative")
 
 
 @dataclass
 class RecordedRequest:
     """One request as the fake received it; ``id`` is the completion id it answered with (every
-    request gets one, so `FakeDeepSeek.finished`/``disconnects`` can name any request)."""
+    request gets one, so `FakeDeepSeek.finished`/``disconnects`` can name any request; ``msg_...``
+    on the Anthropic paths, ``resp_...`` on the Responses paths). ``auth_header`` names the
+    header the fake took the key from (``"x-api-key"``, ``"Authorization"``, or None when the
+    request carried neither), so a test can tell how a key arrived, not only which."""
 
     method: str
     path: str
@@ -131,6 +152,7 @@ class RecordedRequest:
     body: bytes
     json: Any
     id: str
+    auth_header: str | None = None
 
 
 # --- pure helpers: what the fake reports, computable by tests ------------------------------------
