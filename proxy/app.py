@@ -5,6 +5,8 @@ Routes (the OpenAI SDK works with ``base_url`` ``http://host:port``, ``.../v1`` 
     POST /chat/completions, /v1/chat/completions   -> DeepSeek /chat/completions
     POST /beta/chat/completions                   -> DeepSeek /beta/chat/completions
     POST /beta/completions                        -> DeepSeek /beta/completions (FIM)
+    POST /anthropic/v1/messages, /anthropic/messages -> DeepSeek /anthropic/v1/messages
+    POST /responses, /v1/responses                -> DeepSeek /responses
     GET  /models, /v1/models                      -> DeepSeek /models
     GET  /healthz, /readyz                        liveness, readiness (no key, no upstream)
     GET  /metrics                                 Prometheus text format, no key needed
@@ -29,10 +31,11 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from proxy.admission import Admission, TeamsFull
-from proxy.auth import ClientKey, authenticate
+from proxy.auth import ClientKey, authenticate, lookup
 from proxy.budgets import BudgetGuard, HoldStore, LedgerHolds, LocalHolds
 from proxy.budgets.pg_holds import PostgresHolds
 from proxy.config import ProxyConfig, check_references
+from proxy.dialects.registry import ANTHROPIC, RESPONSES
 from proxy.errors import (
     HeadersTooLarge,
     NotFound,
@@ -84,6 +87,8 @@ CLIENT = web.RequestKey("client", ClientKey)
 _CHAT = Endpoint("chat", "/chat/completions")
 _BETA_CHAT = Endpoint("chat", "/beta/chat/completions")
 _FIM = Endpoint("fim", "/beta/completions")
+_MESSAGES = Endpoint("messages", "/anthropic/v1/messages", ANTHROPIC)
+_RESPONSES = Endpoint("responses", "/responses", RESPONSES)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -143,16 +148,24 @@ def _route(
 
 def _completion(endpoint: Endpoint) -> Handler:
     """`_route`'s checks, written out: the completion routes carry nearly all the traffic, and
-    going through `_route` would put one more coroutine frame on each call."""
+    going through `_route` would put one more coroutine frame on each call. The client's key
+    comes where its API format puts it, and errors are in that format's shape."""
+    dialect = endpoint.dialect
+    shape = dialect.error_shape
+    bare_key = "x-api-key" in dialect.key_headers
 
     async def handle(request: web.Request) -> web.StreamResponse:
         state = request.app[STATE].state
         try:
             _check_headers(request, state)
-            client = _client(request, state)
+            client = None
+            if bare_key:
+                client = lookup(request.headers.get("x-api-key"), state.config.keys)
+            if client is None:
+                client = _client(request, state)
             return await proxy_completion(request, state, client, endpoint)
         except ProxyError as exc:
-            return error_response(exc)
+            return error_response(exc, shape)
 
     return handle
 
@@ -324,6 +337,10 @@ def create_app(
     app.router.add_post("/v1/chat/completions", _completion(_CHAT))
     app.router.add_post("/beta/chat/completions", _completion(_BETA_CHAT))
     app.router.add_post("/beta/completions", _completion(_FIM))
+    app.router.add_post("/anthropic/v1/messages", _completion(_MESSAGES))
+    app.router.add_post("/anthropic/messages", _completion(_MESSAGES))
+    app.router.add_post("/responses", _completion(_RESPONSES))
+    app.router.add_post("/v1/responses", _completion(_RESPONSES))
     app.router.add_get("/models", _route(_models))
     app.router.add_get("/v1/models", _route(_models))
     app.router.add_get("/healthz", _route(_healthz, public=True))

@@ -42,6 +42,17 @@ def new_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
+def lookup(token: str | None, keys: Mapping[str, ClientKey]) -> ClientKey | None:
+    """The client behind a bare key (Anthropic's ``x-api-key`` header), or None."""
+    if not token or len(token) > 1024 or not token.strip():
+        return None
+    try:
+        digest = hash_key(token.strip())
+    except UnicodeEncodeError:
+        return None
+    return keys.get(digest)
+
+
 def authenticate(authorization: str | None, keys: Mapping[str, ClientKey]) -> ClientKey | None:
     """The key behind an ``Authorization: Bearer <key>`` header, or None.
 

@@ -132,9 +132,10 @@ def _preamble(payload: Mapping[str, Any], tools: int) -> bool:
     return bool(tools) or payload.get("response_format") is not None
 
 
-def output_bound(payload: Mapping[str, Any], limits: Limits) -> int:
-    """The most output tokens DeepSeek can bill: ``max_tokens`` if set, else the maximum."""
-    max_tokens = payload.get("max_tokens")
+def output_bound(payload: Mapping[str, Any], limits: Limits, field: str = "max_tokens") -> int:
+    """The most output tokens DeepSeek can bill: `field` (``max_tokens``; the Responses API's
+    ``max_output_tokens``) if set, else the maximum."""
+    max_tokens = payload.get(field)
     if type(max_tokens) is int and max_tokens > 0:
         return min(max_tokens, limits.max_output_tokens)
     return limits.max_output_tokens

@@ -30,7 +30,7 @@ SDKs retry 5xx by default; `x-should-retry: false` is set where a retry could be
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
 from aiohttp import web
@@ -225,7 +225,46 @@ def error_body(
     return json.dumps({"error": error}, separators=(",", ":")).encode()
 
 
-def error_response(error: ProxyError) -> web.Response:
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    408: "timeout_error",
+    413: "request_too_large",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    431: "request_too_large",
+    503: "overloaded_error",
+    504: "timeout_error",
+}
+"""Anthropic's error ``type`` for each status the proxy answers with (``api_error`` for any
+other): what the Anthropic SDKs map to their exception classes."""
+
+
+def openai_error_body(error: ProxyError) -> bytes:
+    return error_body(error.message, error.error_type, error.code, error.details)
+
+
+def anthropic_error_body(error: ProxyError) -> bytes:
+    """``{"type": "error", "error": {"type": ..., "message": ...}}``, as Anthropic's API
+    answers; the proxy's own code rides along in the message's place of detail."""
+    kind = ANTHROPIC_TYPES.get(error.status, "api_error")
+    inner: dict[str, object] = {"type": kind, "message": error.message}
+    if error.code:
+        inner["code"] = error.code
+    if error.details:
+        inner.update(error.details)
+    return json.dumps({"type": "error", "error": inner}, separators=(",", ":")).encode()
+
+
+ErrorShape = Callable[[ProxyError], bytes]
+"""How an API format writes the proxy's own errors."""
+
+
+def error_response(error: ProxyError, shape: ErrorShape = openai_error_body) -> web.Response:
     headers = {}
     if error.retry is not None:
         headers["x-should-retry"] = "true" if error.retry else "false"
@@ -237,7 +276,7 @@ def error_response(error: ProxyError) -> web.Response:
         status=error.status,
         headers=headers,
         content_type="application/json",
-        body=error_body(error.message, error.error_type, error.code, error.details),
+        body=shape(error),
     )
     if error.close_connection:
         response.force_close()

@@ -51,7 +51,7 @@ from proxy.records import (
     storable,
 )
 from proxy.sse import Event
-from proxy.usage import MalformedUsage, ReportedUsage, TokenUsage, parse_usage
+from proxy.usage import MalformedUsage, ReportedUsage, TokenUsage, UsageReader, parse_usage
 
 FLAG_USAGE_TWICE = "usage_reported_twice"
 FLAG_MALFORMED_USAGE = "malformed_usage"
@@ -89,6 +89,8 @@ class CallMeter(CallRequest):
     """Time spent in the proxy's own code for this call (``llm_proxy_overhead_seconds``)."""
     price_book: str = ""
     """Digest of the price book in use, named by the call's ``in_flight`` row."""
+    read_usage: UsageReader = parse_usage
+    """How the call's API format reads a usage object (`proxy.dialects`)."""
 
     @property
     def outcome(self) -> Outcome:
@@ -120,7 +122,7 @@ class CallMeter(CallRequest):
     def take_usage(self, raw: object, tool_fields: Mapping[str, str]) -> None:
         """Record a usage object; the last one wins, and a second differing one is flagged."""
         try:
-            usage = parse_usage(raw, tool_fields)
+            usage = self.read_usage(raw, tool_fields)
         except MalformedUsage:
             self.flag(FLAG_MALFORMED_USAGE)
             return

@@ -7,7 +7,7 @@ parser's business, recorded beside them in the usage record.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -95,6 +95,10 @@ class ReportedUsage:
     tokens: TokenUsage
     prompt_tokens: int
     flags: tuple[str, ...]
+
+
+UsageReader = Callable[[object, Mapping[str, str]], "ReportedUsage"]
+"""Reads one API format's usage object (`parse_usage`, `proxy.dialects`)."""
 
 
 class MalformedUsage(ValueError):

@@ -22,6 +22,7 @@ from aiohttp import web
 from proxy.auth import ClientKey
 from proxy.bounds import output_bound, prompt_bound
 from proxy.budgets import BudgetExceeded, CallSize, Reservation
+from proxy.dialects.registry import OPENAI_CHAT, Dialect
 from proxy.errors import InternalError, LedgerUnavailable, ProxyError
 from proxy.metering import CallMeter, build_record
 from proxy.records import UsageRecord
@@ -45,8 +46,10 @@ log = logging.getLogger("proxy.relay")
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     name: str
-    """``chat`` or ``fim``: the label records and metrics use."""
+    """``chat``, ``fim``, ``messages`` or ``responses``: the label records and metrics use."""
     upstream_path: str
+    dialect: Dialect = OPENAI_CHAT
+    """The API format (`proxy.dialects.registry`)."""
 
 
 async def proxy_completion(
@@ -67,14 +70,19 @@ async def proxy_completion(
     tick = time.perf_counter()
     payload = parse_payload(body)
     limits = state.config.limits
-    client_wants_usage = wants_usage(payload)
-    changes = usage_option(payload)
+    dialect = endpoint.dialect
+    output_field = dialect.output_field
+    if dialect.asks_stream_usage:
+        client_wants_usage = wants_usage(payload)
+        changes = usage_option(payload)
+    else:
+        client_wants_usage, changes = True, {}
     default_max_tokens = state.config.policy(client.team).default_max_tokens
-    if default_max_tokens is not None and payload.get("max_tokens") is None:
-        changes["max_tokens"] = default_max_tokens
+    if default_max_tokens is not None and payload.get(output_field) is None:
+        changes[output_field] = default_max_tokens
     size = CallSize(
         prompt_bound(payload, len(body), limits),
-        output_bound(changes if "max_tokens" in changes else payload, limits),
+        output_bound(changes if output_field in changes else payload, limits, output_field),
     )
     meter = CallMeter(
         request_id=new_request_id(),
@@ -88,6 +96,7 @@ async def proxy_completion(
         prompt_bound=size.prompt,
         output_bound=size.output,
         price_book=state.pricer.book.digest,
+        read_usage=dialect.read_usage,
     )
     _refuse_unrecordable(state, client.team)
     state.admission.enter(client.team)
@@ -98,11 +107,13 @@ async def proxy_completion(
         if state.budgets.applies(client.team):
             reservation = await _reserve(state, meter, size)
             if reservation.max_tokens is not None:
-                changes["max_tokens"] = meter.output_bound = reservation.max_tokens
-        body = rewrite(body, payload, changes, normalise=_ambiguous(body))
+                changes[output_field] = meter.output_bound = reservation.max_tokens
+        body = rewrite(body, payload, changes, normalise=_ambiguous(body, output_field))
         dispatched = True  # from here a sink may hold an in-flight row: a final one follows
         state.sink.dispatched(meter)
-        exchange = Exchange(request, state, meter, client_wants_usage, changes.get("max_tokens"))
+        exchange = Exchange(
+            request, state, meter, client_wants_usage, changes.get(output_field), dialect
+        )
         meter.overhead_seconds += time.perf_counter() - tick
         try:
             response = await exchange.run(endpoint.upstream_path, body)
@@ -151,13 +162,13 @@ def _refuse_unrecordable(state: ProxyState, team: str) -> None:
         )
 
 
-def _ambiguous(body: bytes) -> bool:
+def _ambiguous(body: bytes, output_field: str) -> bool:
     """Whether the body may name ``model`` or ``max_tokens`` twice. JSON leaves duplicate keys
     to the parser: the proxy's keeps the last, another may keep the first and be billed for a
     model or a length the proxy never priced or reserved. Such a body (or one where the key
     names also occur deeper, in a tool schema say) is sent re-serialised from what the proxy
     read, so both sides read the same request."""
-    return body.count(b'"model"') > 1 or body.count(b'"max_tokens"') > 1
+    return body.count(b'"model"') > 1 or body.count(b'"' + output_field.encode() + b'"') > 1
 
 
 async def _reserve(state: ProxyState, meter: CallMeter, size: CallSize) -> Reservation:

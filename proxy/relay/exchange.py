@@ -30,15 +30,15 @@ from typing import TYPE_CHECKING
 import orjson
 from aiohttp import web
 
+from proxy.dialects.registry import OPENAI_CHAT, Dialect
 from proxy.errors import (
     UpstreamBadResponse,
     UpstreamCut,
     UpstreamFailure,
     UpstreamTimeout,
-    error_body,
     error_response,
 )
-from proxy.metering import FLAG_AFTER_DONE, CallMeter, StreamMeter
+from proxy.metering import FLAG_AFTER_DONE, CallMeter
 from proxy.relay.deadline import Deadline
 from proxy.relay.tap import FLAG_BODY_TOO_LARGE, BodyTap
 from proxy.sse import EventTooLarge, SSESplitter
@@ -73,12 +73,14 @@ class Exchange:
         meter: CallMeter,
         client_wants_usage: bool,
         max_tokens_set: int | None,
+        dialect: Dialect = OPENAI_CHAT,
     ) -> None:
         self.request = request
         self.state = state
         self.meter = meter
         self.client_wants_usage = client_wants_usage
         self.max_tokens_set = max_tokens_set
+        self.dialect = dialect
         """``max_tokens`` the proxy wrote or lowered, told to the client in a header."""
         self.response: web.StreamResponse | None = None
         self._deadline: Deadline | None = None
@@ -129,13 +131,12 @@ class Exchange:
             meter.failure = failure.failure
         response = self.response
         if response is None or not response.prepared:
-            return error_response(failure)
+            return error_response(failure, self.dialect.error_shape)
         if meter.client_left:
             return response
         if meter.stream:
-            # The OpenAI SDKs raise on an `error` event; no [DONE] follows.
-            event = error_body(in_band, "upstream_error", "upstream_cut")
-            await self._write(b"data: " + event + b"\n\n")
+            # The SDKs raise on an error event; nothing follows it.
+            await self._write(self.dialect.cut_event(in_band))
             return response
         # A JSON body cut short cannot be marked in-band: drop the connection so the client
         # sees an incomplete response rather than a shorter, valid-looking one.
@@ -275,7 +276,7 @@ class Exchange:
 
     async def _relay_stream(self, source: AsyncIterator[bytes]) -> None:
         splitter = SSESplitter()
-        stream_meter = StreamMeter(
+        stream_meter = self.dialect.stream_meter(
             self.meter, self.client_wants_usage, self.state.config.tool_fields
         )
         meter = self.meter

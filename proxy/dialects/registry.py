@@ -1,0 +1,94 @@
+"""The three API formats as data: what the relay needs to know of each (`Dialect`).
+
+The relay (`proxy.relay`) is the same for every format; a route names its `Dialect`, which
+says how the client's key arrives, how usage is read from a body and from a stream, which
+request field bounds the output (for hard budgets), whether the proxy asks a stream for its
+usage, and how the proxy's own errors look, in the body and in a stream cut short.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from proxy.dialects import anthropic, responses
+from proxy.dialects.streams import AnthropicStreamMeter, ResponsesStreamMeter
+from proxy.errors import ErrorShape, anthropic_error_body, error_body, openai_error_body
+from proxy.metering import CallMeter, StreamMeter
+from proxy.sse import Event
+from proxy.usage import UsageReader, parse_usage
+
+
+class Inspector(Protocol):
+    """A stream's meter (`proxy.metering.StreamMeter` and those of `proxy.dialects.streams`)."""
+
+    done: bool
+
+    def inspect(self, event: Event) -> bool: ...
+
+
+InspectorFactory = Callable[[CallMeter, bool, Mapping[str, str]], Inspector]
+
+
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    name: str
+    read_usage: UsageReader
+    stream_meter: InspectorFactory
+    output_field: str
+    """The request field that bounds the output tokens."""
+    asks_stream_usage: bool
+    """Whether the proxy writes ``stream_options.include_usage`` into streaming requests."""
+    error_shape: ErrorShape
+    cut_event: Callable[[str], bytes]
+    """The event a stream cut short ends with (the client's SDK raises on it)."""
+    key_headers: tuple[str, ...]
+    """Where the client's key may come, in order (``authorization`` is a Bearer token)."""
+
+
+def _openai_cut(message: str) -> bytes:
+    return b"data: " + error_body(message, "upstream_error", "upstream_cut") + b"\n\n"
+
+
+def _anthropic_cut(message: str) -> bytes:
+    body = {"type": "error", "error": {"type": "api_error", "message": message}}
+    return b"event: error\ndata: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _responses_cut(message: str) -> bytes:
+    body = {"type": "error", "code": "upstream_cut", "message": message, "param": None}
+    return b"event: error\ndata: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
+OPENAI_CHAT = Dialect(
+    name="openai",
+    read_usage=parse_usage,
+    stream_meter=StreamMeter,
+    output_field="max_tokens",
+    asks_stream_usage=True,
+    error_shape=openai_error_body,
+    cut_event=_openai_cut,
+    key_headers=("authorization",),
+)
+ANTHROPIC = Dialect(
+    name="anthropic",
+    read_usage=anthropic.parse_usage,
+    stream_meter=AnthropicStreamMeter,
+    output_field="max_tokens",
+    asks_stream_usage=False,
+    error_shape=anthropic_error_body,
+    cut_event=_anthropic_cut,
+    key_headers=("x-api-key", "authorization"),
+)
+RESPONSES = Dialect(
+    name="responses",
+    read_usage=responses.parse_usage,
+    stream_meter=ResponsesStreamMeter,
+    output_field="max_output_tokens",
+    asks_stream_usage=False,
+    error_shape=openai_error_body,
+    cut_event=_responses_cut,
+    key_headers=("authorization",),
+)

@@ -1,0 +1,152 @@
+"""The Anthropic Messages format and the Responses API through the proxy, with the real
+``anthropic`` and ``openai`` SDKs: the answer as DeepSeek gave it, the company key (never the
+client's) sent upstream, and one record per call priced exactly as a chat call with the same
+tokens at the same instant."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+
+from tests.support.fake_deepseek import FakeDeepSeek
+from tests.support.fake_deepseek_shapes import FAKE_UPSTREAM_KEY, Reply
+from tests.support.proxy_harness import TEAM_KEYS, RunningProxy
+
+# 600 cache hits, 200 misses, 300 output tokens on deepseek-flash at peak (the harness's
+# clock; within the small requests' prompt bound): CNY 600 x 0.04 + 200 x 2 + 300 x 8 per
+# million; USD 600 x 0.006 + 200 x 0.30 + 300 x 1.20.
+COST = {"CNY": Decimal("0.002824"), "USD": Decimal("0.0004236")}
+CHAT_USAGE = {
+    "prompt_tokens": 800,
+    "completion_tokens": 300,
+    "prompt_cache_hit_tokens": 600,
+    "prompt_cache_miss_tokens": 200,
+    "total_tokens": 1100,
+}
+ANTHROPIC_USAGE = {
+    "input_tokens": 200,
+    "cache_read_input_tokens": 600,
+    "cache_creation_input_tokens": 0,
+    "output_tokens": 300,
+}
+RESPONSES_USAGE = {
+    "input_tokens": 800,
+    "input_tokens_details": {"cached_tokens": 600},
+    "output_tokens": 300,
+    "output_tokens_details": {"reasoning_tokens": 0},
+    "total_tokens": 1100,
+}
+MESSAGES: list[Any] = [{"role": "user", "content": "Say hello"}]
+
+
+def the_record(proxy: RunningProxy, endpoint: str, stream: bool) -> None:
+    [record] = proxy.sink.records
+    assert (record.endpoint, record.stream, record.outcome, record.usage_source) == (
+        endpoint,
+        stream,
+        "complete",
+        "reported",
+    )
+    assert (record.cache_hit_tokens, record.cache_miss_tokens, record.output_tokens) == (
+        600,
+        200,
+        300,
+    )
+    assert record.billed_model == "deepseek-flash" and record.tier == "peak"
+    assert dict(record.costs) == COST
+    assert record.flags == ()
+
+
+def upstream_saw_the_company_key(fake: FakeDeepSeek) -> None:
+    [request] = fake.requests
+    assert request.auth_header == "Authorization"
+    assert request.headers.get("Authorization") == f"Bearer {FAKE_UPSTREAM_KEY}"
+    assert not any(TEAM_KEYS["alpha"] in value for value in request.headers.values())
+    assert "x-api-key" not in {name.lower() for name in request.headers}
+
+
+def anthropic_client(proxy: RunningProxy) -> anthropic.AsyncAnthropic:
+    return anthropic.AsyncAnthropic(
+        base_url=proxy.url + "/anthropic", api_key=TEAM_KEYS["alpha"], max_retries=0
+    )
+
+
+async def test_anthropic_messages(fake: FakeDeepSeek, proxy: RunningProxy) -> None:
+    fake.enqueue(Reply(content=["Hello", " world"], usage=ANTHROPIC_USAGE))
+    async with anthropic_client(proxy) as client:
+        message = await client.messages.create(
+            model="deepseek-flash", max_tokens=400, messages=MESSAGES
+        )
+    assert message.content[0].text == "Hello world"  # type: ignore[union-attr]
+    assert message.usage.cache_read_input_tokens == 600
+    await proxy.sink.wait_for(1)
+    the_record(proxy, "messages", stream=False)
+    upstream_saw_the_company_key(fake)
+
+
+async def test_anthropic_stream(fake: FakeDeepSeek, proxy: RunningProxy) -> None:
+    fake.enqueue(Reply(content=["Hel", "lo"], usage=ANTHROPIC_USAGE, message_deltas=2))
+    async with (
+        anthropic_client(proxy) as client,
+        client.messages.stream(model="deepseek-flash", max_tokens=400, messages=MESSAGES) as stream,
+    ):
+        final = await stream.get_final_message()
+    assert final.content[0].text == "Hello"  # type: ignore[union-attr]
+    assert final.usage.output_tokens == 300
+    await proxy.sink.wait_for(1)
+    the_record(proxy, "messages", stream=True)
+
+
+async def test_anthropic_errors_are_anthropic_shaped(proxy: RunningProxy) -> None:
+    async with anthropic.AsyncAnthropic(
+        base_url=proxy.url + "/anthropic", api_key="sk-proxy-not-a-key", max_retries=0
+    ) as client:
+        with pytest.raises(anthropic.AuthenticationError) as info:
+            await client.messages.create(model="deepseek-flash", max_tokens=10, messages=MESSAGES)
+    assert info.value.status_code == 401
+    assert info.value.body["type"] == "error"  # type: ignore[index]
+    assert info.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_responses(fake: FakeDeepSeek, proxy: RunningProxy, stream: bool) -> None:
+    fake.enqueue(Reply(content=["Hello"], usage=RESPONSES_USAGE))
+    async with openai.AsyncOpenAI(
+        base_url=proxy.url + "/v1", api_key=TEAM_KEYS["alpha"], max_retries=0
+    ) as client:
+        if stream:
+            events = await client.responses.create(
+                model="deepseek-flash", input="Say hello", stream=True
+            )
+            kinds = [event.type async for event in events]
+            assert kinds[-1] == "response.completed"
+        else:
+            response = await client.responses.create(model="deepseek-flash", input="Say hello")
+            assert response.output_text == "Hello"
+    await proxy.sink.wait_for(1)
+    the_record(proxy, "responses", stream=stream)
+    upstream_saw_the_company_key(fake)
+
+
+async def test_the_same_tokens_cost_the_same_in_every_format(
+    fake: FakeDeepSeek, proxy: RunningProxy
+) -> None:
+    fake.enqueue(
+        Reply(usage=CHAT_USAGE), Reply(usage=ANTHROPIC_USAGE), Reply(usage=RESPONSES_USAGE)
+    )
+    async with openai.AsyncOpenAI(
+        base_url=proxy.url, api_key=TEAM_KEYS["alpha"], max_retries=0
+    ) as client:
+        await client.chat.completions.create(model="deepseek-flash", messages=MESSAGES)
+        async with anthropic_client(proxy) as messages:
+            await messages.messages.create(
+                model="deepseek-flash", max_tokens=400, messages=MESSAGES
+            )
+        await client.responses.create(model="deepseek-flash", input="Say hello")
+    records = await proxy.sink.wait_for(3)
+    assert [r.endpoint for r in records] == ["chat", "messages", "responses"]
+    assert [dict(r.costs) for r in records] == [COST] * 3
