@@ -150,3 +150,19 @@ async def test_the_same_tokens_cost_the_same_in_every_format(
     records = await proxy.sink.wait_for(3)
     assert [r.endpoint for r in records] == ["chat", "messages", "responses"]
     assert [dict(r.costs) for r in records] == [COST] * 3
+
+
+async def test_a_claude_name_is_billed_as_the_model_deepseek_serves_it_with(
+    fake: FakeDeepSeek, proxy: RunningProxy
+) -> None:
+    """``claude-opus-*`` names are billed as deepseek-v4-pro (the price book's name patterns):
+    the same tokens cost what they cost under DeepSeek's own name, and the record keeps both."""
+    fake.enqueue(Reply(usage=ANTHROPIC_USAGE), Reply(usage=ANTHROPIC_USAGE))
+    async with anthropic_client(proxy) as client:
+        for model in ("claude-opus-4-1", "deepseek-v4-pro"):
+            await client.messages.create(model=model, max_tokens=400, messages=MESSAGES)
+    claude, own = await proxy.sink.wait_for(2)
+    assert (claude.model_requested, claude.billed_model) == ("claude-opus-4-1", "deepseek-v4-pro")
+    assert (own.model_requested, own.billed_model) == ("deepseek-v4-pro", "deepseek-v4-pro")
+    assert claude.priced and dict(claude.costs) == dict(own.costs)
+    assert claude.price_version == own.price_version
