@@ -57,11 +57,25 @@ FLASH_VERSION = "deepseek-flash@2026-09-10T04:00:00Z"
 PRO_VERSION = "deepseek-v4-pro@2026-08-16T16:00:00Z"
 
 
+OPUS_ANCHOR = "  claude*:\n"
+OPUS_RETIRED = """\
+    - from: 2026-11-02T02:30:00Z
+      retired: deepseek-v4-pro, which these names were billed as, is retired
+      source: https://example.com/retired
+      confidence: unverified
+"""
+"""The book refuses a name pattern billed as a retired model: the claude-opus* pattern retires
+with deepseek-v4-pro (inserted as the last entry of its list, just before ``claude*``)."""
+
+
 def corrected_text() -> str:
     text = SHIPPED_BOOK.read_text(encoding="utf-8")
     assert text.count(PRO_ANCHOR) == 1 and text.count(FLASH_ANCHOR) == 1
-    return text.replace(PRO_ANCHOR, PRO_ANCHOR + PRO_RETIRED).replace(
-        FLASH_ANCHOR, FLASH_ANCHOR + FLASH_CORRECTED
+    assert text.count(OPUS_ANCHOR) == 1
+    return (
+        text.replace(PRO_ANCHOR, PRO_ANCHOR + PRO_RETIRED)
+        .replace(FLASH_ANCHOR, FLASH_ANCHOR + FLASH_CORRECTED)
+        .replace(OPUS_ANCHOR, OPUS_RETIRED + OPUS_ANCHOR)
     )
 
 
