@@ -85,7 +85,8 @@ class CallRequest:
     team: str
     key_id: str
     endpoint: str
-    """``chat`` or ``fim``."""
+    """``chat``, ``fim``, ``messages`` (Anthropic format) or ``responses``
+    (`proxy.relay.call.Endpoint`)."""
     stream: bool
     model_requested: str
 
