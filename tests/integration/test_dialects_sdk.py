@@ -166,3 +166,46 @@ async def test_a_claude_name_is_billed_as_the_model_deepseek_serves_it_with(
     assert (own.model_requested, own.billed_model) == ("deepseek-v4-pro", "deepseek-v4-pro")
     assert claude.priced and dict(claude.costs) == dict(own.costs)
     assert claude.price_version == own.price_version
+
+
+async def test_a_cut_anthropic_stream_raises_in_the_sdk_and_is_estimated(
+    fake: FakeDeepSeek, proxy: RunningProxy
+) -> None:
+    """DeepSeek drops the connection mid-stream: the client gets Anthropic's ``error`` event
+    (the SDK raises), and the call is recorded as cut, its usage estimated and flagged."""
+    fake.enqueue(Reply(content=["w"] * 20, usage=ANTHROPIC_USAGE, cut_after_events=6))
+    async with anthropic_client(proxy) as client:
+        with pytest.raises(anthropic.APIError) as info:
+            async with client.messages.stream(
+                model="deepseek-flash", max_tokens=400, messages=MESSAGES
+            ) as stream:
+                await stream.get_final_message()
+    assert "DeepSeek closed the connection" in str(info.value)
+    [record] = await proxy.sink.wait_for(1)
+    assert (record.endpoint, record.outcome, record.usage_source) == (
+        "messages",
+        "upstream_cut",
+        "estimated",
+    )
+    assert "usage_estimated" in record.flags
+    assert record.priced and record.costs["CNY"] > 0
+
+
+async def test_a_cut_responses_stream_ends_with_an_error_event(
+    fake: FakeDeepSeek, proxy: RunningProxy
+) -> None:
+    fake.enqueue(Reply(content=["w"] * 20, usage=RESPONSES_USAGE, cut_after_events=6))
+    async with openai.AsyncOpenAI(
+        base_url=proxy.url + "/v1", api_key=TEAM_KEYS["alpha"], max_retries=0
+    ) as client:
+        events = await client.responses.create(
+            model="deepseek-flash", input="Say hello", stream=True
+        )
+        kinds = [event.type async for event in events]
+    assert kinds[-1] == "error" and "response.completed" not in kinds
+    [record] = await proxy.sink.wait_for(1)
+    assert (record.endpoint, record.outcome, record.usage_source) == (
+        "responses",
+        "upstream_cut",
+        "estimated",
+    )
