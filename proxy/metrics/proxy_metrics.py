@@ -93,6 +93,7 @@ class ProxyMetrics:
         )
         self._sources = current
         self._models = frozenset(current.book.models)
+        self._patterns = current.book.pattern_order
         self._tools = frozenset(current.book.tool_fees)
         for team in current.teams:
             self.budget_refusals.labels(team)
@@ -130,8 +131,14 @@ class ProxyMetrics:
 
     def model(self, name: str) -> str:
         """The `model` label of a call to `name`: the name if the running price book knows it,
-        else `OTHER`."""
-        return name if name in self._models else OTHER
+        else the book's name pattern it falls under (``claude-opus*``: the labels stay the
+        book's own, a bounded set, whatever names clients send), else `OTHER`."""
+        if name in self._models:
+            return name
+        for prefix, pattern in self._patterns:
+            if name.startswith(prefix):
+                return pattern
+        return OTHER
 
     def observe(self, record: UsageRecord, overhead: float) -> None:
         model = self.model(record.model_requested)

@@ -166,6 +166,18 @@ async def test_a_claude_name_is_billed_as_the_model_deepseek_serves_it_with(
     assert (own.model_requested, own.billed_model) == ("deepseek-v4-pro", "deepseek-v4-pro")
     assert claude.priced and dict(claude.costs) == dict(own.costs)
     assert claude.price_version == own.price_version
+    # Metrics label the call by the book's pattern: a bounded set, whatever names clients send.
+    labels = {"team": "alpha", "endpoint": "messages", "status": "200"}
+    assert (
+        proxy.registry.get_sample_value("llm_requests_total", {**labels, "model": "claude-opus*"})
+        == 1
+    )
+    assert (
+        proxy.registry.get_sample_value(
+            "llm_requests_total", {**labels, "model": "deepseek-v4-pro"}
+        )
+        == 1
+    )
 
 
 async def test_a_cut_anthropic_stream_raises_in_the_sdk_and_is_estimated(
