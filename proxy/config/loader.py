@@ -79,7 +79,12 @@ def load_config(path: Path) -> ProxyConfig:
     reader.keys(pricing, "pricing", {"book", "price_at"})
     reader.keys(timeouts, "timeouts", set(Timeouts.__dataclass_fields__))
     reader.keys(limits, "limits", set(Limits.__dataclass_fields__))
-    reader.keys(usage, "usage", {"server_tool_fields"})
+    reader.keys(usage, "usage", {"server_tool_fields", "cache_creation"})
+    cache_creation = usage.get("cache_creation", "miss")
+    if cache_creation not in ("miss", "hit"):
+        raise ConfigError(
+            path, "usage.cache_creation", f"expected miss or hit, got {cache_creation!r}"
+        )
 
     port = listen.get("port", 8080)
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
@@ -118,6 +123,7 @@ def load_config(path: Path) -> ProxyConfig:
             **{name: reader.positive_int(value, f"limits.{name}") for name, value in limits.items()}
         ),
         tool_fields=MappingProxyType({**DEFAULT_TOOL_FIELDS, **_tool_fields(reader, usage)}),
+        cache_creation=cache_creation,
         ledger_path=ledger_path,
         ledger_url=ledger_url,
         ledger_lease=reader.seconds(ledger.get("lease", DEFAULT_LEASE), "ledger.lease"),

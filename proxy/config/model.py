@@ -31,6 +31,7 @@ stays below the 60 s an orchestrator gives (docker-compose's ``stop_grace_period
 records it gives up on are saved rather than killed with the process."""
 
 PriceAt = Literal["request_start", "response_end"]
+CacheCreation = Literal["miss", "hit"]
 
 
 class ConfigError(Exception):
@@ -164,6 +165,10 @@ class ProxyConfig:
     ledger_lease: float = DEFAULT_LEASE
     """With a PostgreSQL ledger: seconds a replica's claim on its calls and holds lasts unless
     renewed (`DEFAULT_LEASE`)."""
+    cache_creation: CacheCreation = "miss"
+    """How the Anthropic format's ``cache_creation_input_tokens`` are billed: as cache-miss
+    input (the default: DeepSeek caches on its own; `proxy.dialects.anthropic` gives the
+    reading) or as cache hits, should DeepSeek's bill say otherwise."""
     reload_watch: float | None = None
     """Seconds between two looks at the config file and price book on disk, reloading them
     when they changed (`proxy.reload`); None: only SIGHUP reloads (the default)."""

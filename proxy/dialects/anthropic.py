@@ -40,13 +40,19 @@ from proxy.usage import (
 )
 
 CACHE_CREATION = "miss"
-"""How ``cache_creation_input_tokens`` is billed: as cache-miss input (see the module's
-docstring for the reading)."""
+"""How ``cache_creation_input_tokens`` is billed by default: as cache-miss input (see the
+module's docstring for the reading; ``usage.cache_creation: hit`` in the config says
+otherwise, should DeepSeek's bill show it)."""
 
 
-def parse_usage(obj: object, tool_fields: Mapping[str, str] = DEFAULT_TOOL_FIELDS) -> ReportedUsage:
+def parse_usage(
+    obj: object,
+    tool_fields: Mapping[str, str] = DEFAULT_TOOL_FIELDS,
+    cache_creation: str = CACHE_CREATION,
+) -> ReportedUsage:
     """Read an Anthropic-format usage object (a response's ``usage``, or a stream's merged
-    usage from `StreamUsage`)."""
+    usage from `StreamUsage`); `cache_creation` says how its cache-creation tokens bill
+    (``miss`` or ``hit``)."""
     if not isinstance(obj, Mapping):
         raise MalformedUsage(f"usage is not an object: {type(obj).__name__}")
     flags: list[str] = []
@@ -57,8 +63,10 @@ def parse_usage(obj: object, tool_fields: Mapping[str, str] = DEFAULT_TOOL_FIELD
     assert fresh is not None and output is not None
     if read is None and created is None:
         flags.append(FLAG_CACHE_FIELDS_MISSING)
-    hit = read or 0
-    miss = fresh + (created or 0)
+    if cache_creation == "hit":
+        hit, miss = (read or 0) + (created or 0), fresh
+    else:
+        hit, miss = read or 0, fresh + (created or 0)
     tools = read_server_tools(obj, tool_fields, flags)
     return ReportedUsage(TokenUsage(hit, miss, output, 0, tools), hit + miss, tuple(flags))
 

@@ -8,11 +8,13 @@ usage, and how the proxy's own errors look, in the body and in a stream cut shor
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from proxy.config import ProxyConfig
 from proxy.dialects import anthropic, responses
 from proxy.dialects.streams import AnthropicStreamMeter, ResponsesStreamMeter
 from proxy.errors import ErrorShape, anthropic_error_body, error_body, openai_error_body
@@ -46,6 +48,23 @@ class Dialect:
     """The event a stream cut short ends with (the client's SDK raises on it)."""
     key_headers: tuple[str, ...]
     """Where the client's key may come, in order (``authorization`` is a Bearer token)."""
+    configured_reader: Callable[[ProxyConfig], UsageReader] | None = None
+    """The usage reader a config asks for, where the format's reading is a setting (None:
+    `read_usage` always)."""
+
+    def reader(self, config: ProxyConfig) -> UsageReader:
+        """How this call's usage is read, under `config`."""
+        if self.configured_reader is None:
+            return self.read_usage
+        return self.configured_reader(config)
+
+
+_CREATION_AS_HITS: UsageReader = functools.partial(anthropic.parse_usage, cache_creation="hit")
+
+
+def _anthropic_reader(config: ProxyConfig) -> UsageReader:
+    """``usage.cache_creation``: cache-creation tokens billed as misses (the default) or hits."""
+    return _CREATION_AS_HITS if config.cache_creation == "hit" else anthropic.parse_usage
 
 
 def _openai_cut(message: str) -> bytes:
@@ -81,6 +100,7 @@ ANTHROPIC = Dialect(
     error_shape=anthropic_error_body,
     cut_event=_anthropic_cut,
     key_headers=("x-api-key", "authorization"),
+    configured_reader=_anthropic_reader,
 )
 RESPONSES = Dialect(
     name="responses",

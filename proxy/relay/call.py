@@ -96,7 +96,7 @@ async def proxy_completion(
         prompt_bound=size.prompt,
         output_bound=size.output,
         price_book=state.pricer.book.digest,
-        read_usage=dialect.read_usage,
+        read_usage=dialect.reader(state.config),
     )
     _refuse_unrecordable(state, client.team)
     state.admission.enter(client.team)

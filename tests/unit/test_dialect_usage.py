@@ -7,13 +7,23 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from proxy.config import ConfigError, load_config
 from proxy.dialects import anthropic, responses
+from proxy.dialects.registry import ANTHROPIC as ANTHROPIC_DIALECT
 from proxy.pricing import PriceBook, price
-from proxy.usage import FLAG_CACHE_FIELDS_MISSING, MalformedUsage, TokenUsage, parse_usage
+from proxy.usage import (
+    DEFAULT_TOOL_FIELDS,
+    FLAG_CACHE_FIELDS_MISSING,
+    MalformedUsage,
+    TokenUsage,
+    parse_usage,
+)
+from tests.support.config_files import ONE_TEAM, config_with_shipped_book
 
 PEAK = datetime(2026, 11, 2, 1, 30, tzinfo=UTC)  # Monday 09:30 Beijing: deepseek-flash peak
 
@@ -145,3 +155,21 @@ def test_a_responses_stream_takes_the_terminal_events_usage() -> None:
         }
     )
     assert responses.parse_usage(cut.usage()).tokens.output == 4
+
+
+def test_cache_creation_bills_as_the_config_says(tmp_path: Path) -> None:
+    """``usage.cache_creation``: misses by default; ``hit`` if DeepSeek's bill says so."""
+    with_creation = {**ANTHROPIC, "cache_creation_input_tokens": 50}
+    default = load_config(config_with_shipped_book(tmp_path, ONE_TEAM))
+    hits = load_config(
+        config_with_shipped_book(tmp_path, ONE_TEAM + "usage: {cache_creation: hit}\n")
+    )
+    assert default.cache_creation == "miss" and hits.cache_creation == "hit"
+    as_miss = ANTHROPIC_DIALECT.reader(default)(with_creation, DEFAULT_TOOL_FIELDS).tokens
+    as_hit = ANTHROPIC_DIALECT.reader(hits)(with_creation, DEFAULT_TOOL_FIELDS).tokens
+    assert (as_miss.cache_hit, as_miss.cache_miss) == (1000, 250)
+    assert (as_hit.cache_hit, as_hit.cache_miss) == (1050, 200)
+    with pytest.raises(ConfigError, match="usage.cache_creation: expected miss or hit, got 'read'"):
+        load_config(
+            config_with_shipped_book(tmp_path, ONE_TEAM + "usage: {cache_creation: read}\n")
+        )
