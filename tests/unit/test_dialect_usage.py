@@ -169,7 +169,10 @@ def test_cache_creation_bills_as_the_config_says(tmp_path: Path) -> None:
     as_hit = ANTHROPIC_DIALECT.reader(hits)(with_creation, DEFAULT_TOOL_FIELDS).tokens
     assert (as_miss.cache_hit, as_miss.cache_miss) == (1000, 250)
     assert (as_hit.cache_hit, as_hit.cache_miss) == (1050, 200)
-    with pytest.raises(ConfigError, match="usage.cache_creation: expected miss or hit, got 'read'"):
-        load_config(
-            config_with_shipped_book(tmp_path, ONE_TEAM + "usage: {cache_creation: read}\n")
-        )
+    bad = config_with_shipped_book(tmp_path, ONE_TEAM + "usage: {cache_creation: read}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(bad)
+    assert (info.value.key, info.value.reason) == (
+        "usage.cache_creation",
+        "expected miss or hit, got 'read'",
+    )
