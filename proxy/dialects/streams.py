@@ -19,18 +19,19 @@ from proxy.metering import FLAG_AFTER_DONE, FLAG_MALFORMED_CHUNK, CallMeter
 from proxy.sse import Event
 
 
-class AnthropicStreamMeter:
-    """Anthropic's ``message_start`` / ``message_delta`` / ``message_stop`` stream."""
+class _FormatStreamMeter:
+    """What the formats' stream meters share: nothing counts after the stream's own end, and
+    events without data (comments, keep-alives) pass as they are."""
 
-    __slots__ = ("done", "meter", "tool_fields", "usage")
+    __slots__ = ("done", "meter", "tool_fields")
 
     def __init__(self, meter: CallMeter, wants_usage: bool, tool_fields: Mapping[str, str]) -> None:
         self.meter = meter
         self.tool_fields = tool_fields
-        self.usage = anthropic.StreamUsage()
         self.done = False
 
     def inspect(self, event: Event) -> bool:
+        """Update the meter from one event; True if the event goes on to the client."""
         data = event.data
         if self.done:
             if data is not None:
@@ -38,17 +39,37 @@ class AnthropicStreamMeter:
             return False
         if data is None:
             return True
+        return self._take(data)
+
+    def _take(self, data: bytes) -> bool:
+        raise NotImplementedError
+
+    def _decode(self, data: bytes) -> dict[str, object] | None:
+        try:
+            chunk = orjson.loads(data)
+        except ValueError:
+            self.meter.flag(FLAG_MALFORMED_CHUNK)
+            return None
+        return chunk if isinstance(chunk, dict) else None
+
+
+class AnthropicStreamMeter(_FormatStreamMeter):
+    """Anthropic's ``message_start`` / ``message_delta`` / ``message_stop`` stream."""
+
+    __slots__ = ("usage",)
+
+    def __init__(self, meter: CallMeter, wants_usage: bool, tool_fields: Mapping[str, str]) -> None:
+        super().__init__(meter, wants_usage, tool_fields)
+        self.usage = anthropic.StreamUsage()
+
+    def _take(self, data: bytes) -> bool:
         if b'"content_block_delta"' in data:
             self.meter.output_chunks += 1
             return True
         if b'"message_' not in data:  # ping, content_block_start/stop, error
             return True
-        try:
-            chunk = orjson.loads(data)
-        except ValueError:
-            self.meter.flag(FLAG_MALFORMED_CHUNK)
-            return True
-        if not isinstance(chunk, dict):
+        chunk = self._decode(data)
+        if chunk is None:
             return True
         kind = chunk.get("type")
         if kind == "message_start":
@@ -63,25 +84,13 @@ class AnthropicStreamMeter:
         return True
 
 
-class ResponsesStreamMeter:
+class ResponsesStreamMeter(_FormatStreamMeter):
     """The Responses API's typed events, ending with ``response.completed`` (or incomplete,
     failed)."""
 
-    __slots__ = ("done", "meter", "tool_fields")
+    __slots__ = ()
 
-    def __init__(self, meter: CallMeter, wants_usage: bool, tool_fields: Mapping[str, str]) -> None:
-        self.meter = meter
-        self.tool_fields = tool_fields
-        self.done = False
-
-    def inspect(self, event: Event) -> bool:
-        data = event.data
-        if self.done:
-            if data is not None:
-                self.meter.flag(FLAG_AFTER_DONE)
-            return False
-        if data is None:
-            return True
+    def _take(self, data: bytes) -> bool:
         if b'"response.output_text.delta"' in data:
             self.meter.output_chunks += 1
             return True
@@ -89,12 +98,8 @@ class ResponsesStreamMeter:
             self.meter.model_served is not None or b'"response.created"' not in data
         ):
             return True
-        try:
-            chunk = orjson.loads(data)
-        except ValueError:
-            self.meter.flag(FLAG_MALFORMED_CHUNK)
-            return True
-        if not isinstance(chunk, dict):
+        chunk = self._decode(data)
+        if chunk is None:
             return True
         response = chunk.get("response")
         if isinstance(response, dict) and self.meter.model_served is None:
