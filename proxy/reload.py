@@ -202,6 +202,10 @@ class Reloader:
                     exc,
                 )
                 return False
+            except Exception:  # a bug must not end the proxy: count it, serve on as it was
+                self._failures += 1
+                log.exception("reload failed inside the proxy; serving the last configuration")
+                return False
             if restart:
                 log.warning(
                     "reloaded %s, except %s: changing these needs a restart; they keep "
