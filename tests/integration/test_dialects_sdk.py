@@ -12,9 +12,10 @@ import anthropic
 import openai
 import pytest
 
+from proxy.config import Budget
 from tests.support.fake_deepseek import FakeDeepSeek
 from tests.support.fake_deepseek_shapes import FAKE_UPSTREAM_KEY, Reply
-from tests.support.proxy_harness import TEAM_KEYS, RunningProxy
+from tests.support.proxy_harness import TEAM_KEYS, RunningProxy, StartProxy
 
 # 600 cache hits, 200 misses, 300 output tokens on deepseek-flash at peak (the harness's
 # clock; within the small requests' prompt bound): CNY 600 x 0.04 + 200 x 2 + 300 x 8 per
@@ -221,3 +222,42 @@ async def test_a_cut_responses_stream_ends_with_an_error_event(
         "upstream_cut",
         "estimated",
     )
+
+
+@pytest.mark.parametrize("dialect", ["messages", "responses"])
+async def test_a_hard_budget_holds_in_every_format(
+    fake: FakeDeepSeek, start_proxy: StartProxy, dialect: str
+) -> None:
+    """A month budget with room for one call's worst case (about 0.003 CNY: its prompt bound
+    at the cache-miss price and the 100 output tokens its ``max_tokens`` or
+    ``max_output_tokens`` allows), not for a second one beside the first call's real cost
+    (0.002824): the first call is admitted, the second refused with 402 in the format's own
+    error shape, before DeepSeek."""
+    budget = Budget("alpha", "month", Decimal("0.004"), "CNY", (), hard=True)
+    proxy = await start_proxy(budgets=(budget,))
+    fake.enqueue(Reply(usage=ANTHROPIC_USAGE if dialect == "messages" else RESPONSES_USAGE))
+    if dialect == "messages":
+        async with anthropic_client(proxy) as client:
+            await client.messages.create(model="deepseek-flash", max_tokens=100, messages=MESSAGES)
+            with pytest.raises(anthropic.APIStatusError) as refused:
+                await client.messages.create(
+                    model="deepseek-flash", max_tokens=100, messages=MESSAGES
+                )
+        assert refused.value.status_code == 402
+        assert refused.value.body["error"]["type"] == "billing_error"  # type: ignore[index]
+    else:
+        async with openai.AsyncOpenAI(
+            base_url=proxy.url + "/v1", api_key=TEAM_KEYS["alpha"], max_retries=0
+        ) as client:
+            await client.responses.create(
+                model="deepseek-flash", input="Say hello", max_output_tokens=100
+            )
+            with pytest.raises(openai.APIStatusError) as failed:
+                await client.responses.create(
+                    model="deepseek-flash", input="Say hello", max_output_tokens=100
+                )
+        assert failed.value.status_code == 402
+        assert failed.value.code == "budget_exceeded"
+    assert len(fake.requests) == 1  # the refused call never reached DeepSeek
+    [record] = await proxy.sink.wait_for(1)
+    assert record.endpoint == dialect
