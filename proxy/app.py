@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -50,33 +49,8 @@ from proxy.pricing import PriceBook, Pricer
 from proxy.records import ALWAYS_HEALTHY, LedgerHealth, RecordSink
 from proxy.relay import Endpoint, proxy_completion
 from proxy.reload import Reloader, ReloadRefused
+from proxy.state import Live, ProxyState
 from proxy.upstream import AiohttpTransport, Transport, Upstream, refuse_redirect
-
-
-@dataclass(frozen=True, slots=True)
-class ProxyState:
-    """Everything a request handler needs, built once at start-up by `create_app`."""
-
-    config: ProxyConfig
-    pricer: Pricer
-    """The price book in use (`pricer.book`) and its memo of lookups."""
-    upstream: Upstream
-    sink: RecordSink
-    metrics: ProxyMetrics
-    budgets: BudgetGuard
-    admission: Admission
-    clock: Callable[[], datetime]
-    ledger: LedgerHealth = ALWAYS_HEALTHY
-    """Whether the ledger can take the call's record (see `proxy.relay.call`)."""
-
-
-class Live:
-    """The request state in force: `proxy.reload` replaces `state` whole, in one assignment on
-    the event loop; a call reads it once, when it starts, and keeps that state to its end."""
-
-    __slots__ = ("state",)
-    state: ProxyState
-
 
 STATE = web.AppKey("live", Live)
 RELOADER = web.AppKey("reloader", Reloader)

@@ -38,7 +38,7 @@ from proxy.relay.request import (
 )
 
 if TYPE_CHECKING:
-    from proxy.app import ProxyState
+    from proxy.state import ProxyState
 
 log = logging.getLogger("proxy.relay")
 

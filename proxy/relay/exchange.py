@@ -45,7 +45,7 @@ from proxy.sse import EventTooLarge, SSESplitter
 from proxy.upstream import KeyMask, Undecodable, UpstreamAnswer, refuse_redirect
 
 if TYPE_CHECKING:
-    from proxy.app import ProxyState
+    from proxy.state import ProxyState
 
 log = logging.getLogger("proxy.relay")
 
