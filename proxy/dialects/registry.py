@@ -71,14 +71,19 @@ def _openai_cut(message: str) -> bytes:
     return b"data: " + error_body(message, "upstream_error", "upstream_cut") + b"\n\n"
 
 
-def _anthropic_cut(message: str) -> bytes:
-    body = {"type": "error", "error": {"type": "api_error", "message": message}}
+def _error_event(body: Mapping[str, object]) -> bytes:
+    """A named ``error`` event, as the Anthropic and Responses streams send one."""
     return b"event: error\ndata: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _anthropic_cut(message: str) -> bytes:
+    return _error_event({"type": "error", "error": {"type": "api_error", "message": message}})
 
 
 def _responses_cut(message: str) -> bytes:
-    body = {"type": "error", "code": "upstream_cut", "message": message, "param": None}
-    return b"event: error\ndata: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+    return _error_event(
+        {"type": "error", "code": "upstream_cut", "message": message, "param": None}
+    )
 
 
 OPENAI_CHAT = Dialect(
