@@ -263,7 +263,7 @@ def build_record(
     priced_at = meter.started_at if price_at == "request_start" else ended_at
     pricing = None
     if tokens is not None:
-        pricing = pricer.price(meter.model_requested, tokens, priced_at)
+        pricing = pricer.price(meter.model_requested, tokens, priced_at, meter.endpoint)
         flags.extend(pricing.flags)
     costs: dict[str, Decimal] = {}
     savings: dict[str, Decimal] = {}

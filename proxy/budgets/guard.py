@@ -81,10 +81,10 @@ class BudgetGuard:
         """Whether the team has a hard budget (the request path skips the guard otherwise)."""
         return team in self._hard
 
-    def rate_cards(self, model: str, now: datetime) -> list[RateCard]:
-        """The rate cards (one per tier) a call of `model` may be billed at now; 403 if it has
-        no price."""
-        resolution = self._pricer.resolve(model, now)
+    def rate_cards(self, model: str, now: datetime, endpoint: str = "") -> list[RateCard]:
+        """The rate cards (one per tier) a call of `model` on `endpoint` may be billed at now;
+        403 if it has no price."""
+        resolution = self._pricer.resolve(model, now, endpoint)
         if isinstance(resolution, str):
             raise ModelNotPriced(
                 f"model {model!r} has no price ({resolution}); a team with a hard budget can "
@@ -93,14 +93,20 @@ class BudgetGuard:
         return list(resolution.version.rate_cards.values())
 
     async def reserve(
-        self, team: str, request_id: str, model: str, size: CallSize, now: datetime
+        self,
+        team: str,
+        request_id: str,
+        model: str,
+        size: CallSize,
+        now: datetime,
+        endpoint: str = "",
     ) -> Reservation:
         """Admit the call (returning its reservation) or raise (402, 403, 503)."""
         reservation = Reservation(team, request_id)
         budgets = self._hard.get(team)
         if not budgets:
             return reservation
-        cards = self.rate_cards(model, now)
+        cards = self.rate_cards(model, now, endpoint)
         policy = self._policies.get(team, DEFAULT_POLICY)
         admit = _Admit(size, cards, policy, self._refusal, budgets)
         day = now.astimezone(self._tz).date()

@@ -28,6 +28,7 @@ from proxy.ledger.report import TimeRange, table
 from proxy.ledger.rows import RECORD_COLUMNS
 from proxy.pricing import PriceBook, Pricer, Pricing
 from proxy.pricing.engine import (
+    FLAG_ENDPOINT_FALLBACK,
     FLAG_NO_HOLIDAY_CALENDAR,
     FLAG_REASONING_EXCEEDS_OUTPUT,
     FLAG_UNKNOWN_TOOL,
@@ -84,11 +85,12 @@ class Plan:
     groups: tuple[GroupDiff, ...]
 
 
+_PRICE_FLAGS = (FLAG_ENDPOINT_FALLBACK, FLAG_NO_HOLIDAY_CALENDAR, FLAG_REASONING_EXCEEDS_OUTPUT)
+
+
 def is_price_flag(flag: str) -> bool:
     """Flags the pricing engine sets; re-pricing replaces these and keeps the usage flags."""
-    return flag in (FLAG_NO_HOLIDAY_CALENDAR, FLAG_REASONING_EXCEEDS_OUTPUT) or flag.startswith(
-        FLAG_UNKNOWN_TOOL
-    )
+    return flag in _PRICE_FLAGS or flag.startswith(FLAG_UNKNOWN_TOOL)
 
 
 def plan_reprice(queries: Queries, book: PriceBook, time_range: TimeRange) -> Plan:
@@ -99,7 +101,8 @@ def plan_reprice(queries: Queries, book: PriceBook, time_range: TimeRange) -> Pl
     groups: dict[tuple[str, str], GroupDiff] = {}
     for old, day in rows:
         assert old.priced_at is not None  # `load_rows` gives every row the instant to keep
-        new = _repriced(old, pricer.price(old.model_requested, _tokens(old), old.priced_at))
+        pricing = pricer.price(old.model_requested, _tokens(old), old.priced_at, old.endpoint)
+        new = _repriced(old, pricing)
         changed = new != old
         if changed:
             changes.append(Change(old, new, day))

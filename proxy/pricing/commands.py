@@ -14,7 +14,7 @@ from pathlib import Path
 
 from proxy.pricing.errors import PriceBookError
 from proxy.pricing.loader import load_price_book
-from proxy.pricing.model import PriceBook
+from proxy.pricing.model import ENDPOINT_NAMES, PriceBook
 from proxy.pricing.pricer import price
 from proxy.pricing.render import quote_objects, quote_text, table_in_force
 from proxy.usage import TokenUsage
@@ -42,6 +42,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     quote = sub.add_parser("quote", help="price one call at an instant")
     _book_argument(quote)
     quote.add_argument("--model", required=True)
+    quote.add_argument(
+        "--endpoint",
+        choices=sorted(ENDPOINT_NAMES),
+        default="chat",
+        help="the route called (default: chat); a name the book cannot price is billed as "
+        "the endpoint's fallback model where the book gives one (messages)",
+    )
     quote.add_argument("--at", required=True, type=_instant, help="ISO 8601 with offset")
     quote.add_argument("--hit", type=_count, default=0, help="cache-hit input tokens")
     quote.add_argument("--miss", type=_count, default=0, help="cache-miss input tokens")
@@ -145,7 +152,8 @@ def _check(args: argparse.Namespace) -> int:
     print(
         f"ok: {len(files)} file(s), {len(book.models)} models, {eras} dated entries, "
         f"{len(book.schedules)} schedules, {len(book.calendars)} calendars, "
-        f"{len(book.tool_fees)} tool fees, {len(book.patterns)} name patterns"
+        f"{len(book.tool_fees)} tool fees, {len(book.patterns)} name patterns, "
+        f"{len(book.fallbacks)} endpoint fallbacks"
     )
     return 0
 
@@ -167,7 +175,7 @@ def _quote(args: argparse.Namespace) -> int:
         return found
     book, currencies = found
     usage = TokenUsage(args.hit, args.miss, args.output, args.reasoning, args.tool_calls)
-    pricing = price(book, args.model, usage, args.at)
+    pricing = price(book, args.model, usage, args.at, args.endpoint)
     if args.format == "json":
         print(json.dumps(quote_objects(pricing, currencies), indent=2))
     else:

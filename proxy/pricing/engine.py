@@ -43,6 +43,9 @@ FLAG_NO_HOLIDAY_CALENDAR = "holiday_calendar_missing"
 """The instant's local year has no holiday calendar: the weekday rule was applied."""
 FLAG_REASONING_EXCEEDS_OUTPUT = "reasoning_exceeds_output"
 """Reported reasoning tokens exceed output tokens, which DeepSeek's counts never do."""
+FLAG_ENDPOINT_FALLBACK = "billed_as_endpoint_fallback"
+"""The requested name has no price; it was billed as the model its endpoint serves such names as
+(DeepSeek's Anthropic endpoint: deepseek-v4-flash)."""
 FLAG_UNKNOWN_TOOL = "unknown_tool:"
 """Prefix: the usage names a tool the book has no fee for; those calls are not in the total."""
 
@@ -57,6 +60,9 @@ class Resolution:
     pattern: str | None = None
     """The name pattern (``claude-opus*``) that took the requested name to the billed model, if
     the book has no exact entry for the name in force."""
+    fallback: str | None = None
+    """The endpoint (``messages``) whose fallback model billed a name the book cannot price
+    (`resolve_on`)."""
 
 
 def to_micros(instant: datetime) -> int:
@@ -102,6 +108,41 @@ def resolve(
             return _via(chain, f"alias cycle: {' -> '.join([*chain, era.target])}")
         chain.append(era.target)
         name = era.target
+
+
+def resolve_on(book: PriceBook, model: str, at_micros: int, endpoint: str) -> Resolution | str:
+    """As `resolve`, for a call on `endpoint`: a name the book cannot price is billed as the
+    endpoint's fallback model in force, when the book gives the endpoint one.
+
+    Why: DeepSeek's Anthropic endpoint serves a name it does not support as its default model
+    instead of refusing it, so such a call has usage and a price; on the other endpoints an
+    unknown name is refused upstream, and a name DeepSeek serves that the book lacks must stay
+    visibly unpriced rather than be guessed."""
+    found = resolve(book, model, at_micros)
+    if not isinstance(found, str) or endpoint not in book.fallbacks:
+        return found
+    era = _in_force(book.fallbacks, book.fallback_starts, endpoint, at_micros)
+    if era is None:
+        return found
+    if isinstance(era, Retirement):
+        return f"{found}; the {endpoint} endpoint has no fallback model since " + (
+            f"{iso_instant(era.effective)}: {era.reason}"
+        )
+    target = resolve(book, era.target, at_micros, patterns=False)
+    if isinstance(target, str):
+        return f"{found}; the {endpoint} endpoint's fallback {era.target}: {target}"
+    return Resolution(target.version, (model, *target.chain), fallback=endpoint)
+
+
+def resolve_fallback(book: PriceBook, endpoint: str, at_micros: int) -> Resolution | str:
+    """What the endpoint's fallback model is billed as at the instant (chain: the fallback's
+    target, then the names followed), or the reason it cannot be billed."""
+    era = _in_force(book.fallbacks, book.fallback_starts, endpoint, at_micros)
+    if era is None:
+        return f"no entry before {iso_instant(book.fallbacks[endpoint][0].effective)}"
+    if isinstance(era, Retirement):
+        return f"retired at {iso_instant(era.effective)}: {era.reason}"
+    return resolve(book, era.target, at_micros, patterns=False)
 
 
 def match_pattern(book: PriceBook, model: str, at_micros: int) -> tuple[str, bool] | None:

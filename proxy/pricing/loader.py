@@ -31,7 +31,7 @@ from proxy.pricing.model import (
     ScheduleVersion,
     ToolFeeVersion,
 )
-from proxy.pricing.read_models import read_model, read_pattern, read_tool_fees
+from proxy.pricing.read_models import read_fallback, read_model, read_pattern, read_tool_fees
 from proxy.pricing.read_schedules import read_calendar, read_schedule
 from proxy.pricing.validate import check_cross_references
 from proxy.yamlfile import YamlError, load_yaml
@@ -43,6 +43,7 @@ _TOP_KEYS = {
     "schedules",
     "models",
     "model_patterns",
+    "endpoint_fallbacks",
     "tool_fees",
 }
 
@@ -54,6 +55,7 @@ class _Parts:
     currencies: tuple[str, ...] | None = None
     eras: dict[str, list[tuple[Era, str, str]]] = field(default_factory=dict)
     patterns: dict[str, list[tuple[PatternEra, str, str]]] = field(default_factory=dict)
+    fallbacks: dict[str, list[tuple[PatternEra, str, str]]] = field(default_factory=dict)
     schedules: dict[str, list[tuple[ScheduleVersion, str, str]]] = field(default_factory=dict)
     calendars: dict[str, tuple[HolidayCalendar, str]] = field(default_factory=dict)
     tool_fees: dict[str, list[tuple[ToolFeeVersion, str, str]]] = field(default_factory=dict)
@@ -125,6 +127,9 @@ def _read_file(reader: Reader, document: Any, parts: _Parts) -> None:
     for pattern, raw in _named(reader, document, "model_patterns"):
         for pattern_era, entry in read_pattern(reader, pattern, raw, codes):
             parts.patterns.setdefault(pattern, []).append((pattern_era, reader.file, entry))
+    for endpoint, raw in _named(reader, document, "endpoint_fallbacks"):
+        for fallback_era, entry in read_fallback(reader, endpoint, raw, codes):
+            parts.fallbacks.setdefault(endpoint, []).append((fallback_era, reader.file, entry))
     for name, raw in _named(reader, document, "tool_fees"):
         for fee, entry in read_tool_fees(reader, name, raw, codes):
             parts.tool_fees.setdefault(name, []).append((fee, reader.file, entry))
@@ -170,6 +175,7 @@ def _assemble(
 ) -> PriceBook:
     models = {n: _timeline("model", n, e, problems) for n, e in parts.eras.items()}
     patterns = {n: _timeline("pattern", n, e, problems) for n, e in parts.patterns.items()}
+    fallbacks = {n: _timeline("fallback", n, e, problems) for n, e in parts.fallbacks.items()}
     schedules = {n: _timeline("schedule", n, e, problems) for n, e in parts.schedules.items()}
     tools = {n: _timeline("tool", n, e, problems) for n, e in parts.tool_fees.items()}
     return PriceBook(
@@ -185,13 +191,15 @@ def _assemble(
         digest=digest,
         patterns=MappingProxyType({n: t[0] for n, t in patterns.items()}),
         pattern_starts=MappingProxyType({n: t[1] for n, t in patterns.items()}),
+        fallbacks=MappingProxyType({n: t[0] for n, t in fallbacks.items()}),
+        fallback_starts=MappingProxyType({n: t[1] for n, t in fallbacks.items()}),
     )
 
 
 def _origins(parts: _Parts) -> dict[int, tuple[str, str]]:
     """Each entry object (by identity) -> its file and entry path, for cross-reference errors."""
     origins: dict[int, tuple[str, str]] = {}
-    for group in (parts.eras, parts.patterns, parts.schedules, parts.tool_fees):
+    for group in (parts.eras, parts.patterns, parts.fallbacks, parts.schedules, parts.tool_fees):
         for entries in group.values():
             for obj, file, entry in entries:
                 origins[id(obj)] = (file, entry)

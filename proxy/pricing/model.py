@@ -123,6 +123,11 @@ PatternEra = AliasEra | Retirement
 Its `model` field holds the pattern. A pattern has no rates of its own: rates belong to models."""
 
 
+ENDPOINT_NAMES = frozenset({"chat", "fim", "messages", "responses"})
+"""The proxy's endpoint labels (a record's `endpoint`), which ``endpoint_fallbacks`` may name;
+`proxy.app` routes only these (a test keeps the two in step)."""
+
+
 def pattern_prefix(pattern: str) -> str:
     """The literal part of a pattern: ``claude-opus*`` -> ``claude-opus``."""
     return pattern[:-1]
@@ -221,6 +226,16 @@ class PriceBook:
     pattern_starts: Mapping[str, tuple[int, ...]] = field(
         default_factory=lambda: MappingProxyType({})
     )
+    fallbacks: Mapping[str, tuple[PatternEra, ...]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    """Endpoint (``messages``) -> the timeline of the model DeepSeek serves there for a name it
+    does not support (its Anthropic endpoint answers any such name as deepseek-v4-flash rather
+    than refusing it); consulted only when the name itself cannot be priced. An era's `model`
+    holds the endpoint."""
+    fallback_starts: Mapping[str, tuple[int, ...]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
     change_instants: tuple[int, ...] = field(init=False, repr=False, compare=False)
     """Every instant (POSIX microseconds) at which a model's or pattern's era or a schedule's
     rule starts: between two of them, only the time of day and the calendar day can change a
@@ -235,6 +250,7 @@ class PriceBook:
             for timeline in (
                 *self.model_starts.values(),
                 *self.pattern_starts.values(),
+                *self.fallback_starts.values(),
                 *self.schedule_starts.values(),
             )
             for instant in timeline

@@ -2,9 +2,9 @@
 the request path fast.
 
 `price` is the pure function: the same call always prices the same way, and any past instant can
-be re-priced. `Pricer` gives the same answers from a memo of lookups per model and UTC minute;
-the app owns one per price book and passes it where the request path prices calls, so the
-`PriceBook` itself stays immutable. Money stays `Decimal` and is never rounded here; rounding
+be re-priced. `Pricer` gives the same answers from a memo of lookups per model, endpoint and
+UTC minute; the app owns one per price book and passes it where the request path prices calls,
+so the `PriceBook` itself stays immutable. Money stays `Decimal` and is never rounded here; rounding
 (if any) is a presentation concern.
 """
 
@@ -19,11 +19,12 @@ from types import MappingProxyType
 
 from proxy.formats import ZERO
 from proxy.pricing.engine import (
+    FLAG_ENDPOINT_FALLBACK,
     FLAG_REASONING_EXCEEDS_OUTPUT,
     FLAG_UNKNOWN_TOOL,
     Resolution,
     iso_instant,
-    resolve,
+    resolve_on,
     schedule_version_at,
     tier_at,
     to_micros,
@@ -143,37 +144,39 @@ class Pricer:
 
     def __init__(self, book: PriceBook) -> None:
         self.book = book
-        self._memo: dict[tuple[str, int], _Context] = {}
+        self._memo: dict[tuple[str, int, str], _Context] = {}
 
     @property
     def cached(self) -> int:
         """How many lookups the memo holds (for tests and diagnostics)."""
         return len(self._memo)
 
-    def price(self, model: str, usage: TokenUsage, at: datetime) -> Pricing:
-        """Price one call of `model` with `usage` at the aware instant `at`, as `price` does."""
+    def price(self, model: str, usage: TokenUsage, at: datetime, endpoint: str = "") -> Pricing:
+        """Price one call of `model` on `endpoint` with `usage` at the aware instant `at`, as
+        `price` does."""
         at_micros = to_micros(at)
-        context = self._memo.get((model, at_micros // _MINUTE))  # the hit, without a call
+        context = self._memo.get((model, at_micros // _MINUTE, endpoint))  # the hit, no call
         if context is None:
-            context = self._context(model, at_micros, at)
+            context = self._context(model, at_micros, at, endpoint)
         return _priced(self.book, context, model, usage, at, at_micros)
 
-    def resolve(self, model: str, at: datetime) -> Resolution | str:
-        """The price version for `model` at the aware instant, or the reason there is none."""
+    def resolve(self, model: str, at: datetime, endpoint: str = "") -> Resolution | str:
+        """The price version for `model` on `endpoint` at the aware instant, or the reason
+        there is none."""
         at_micros = to_micros(at)
-        context = self._context(model, at_micros, at)
+        context = self._context(model, at_micros, at, endpoint)
         if context.resolution is not None:
             return context.resolution
         assert context.reason is not None
         return context.reason
 
-    def _context(self, model: str, at_micros: int, at: datetime) -> _Context:
+    def _context(self, model: str, at_micros: int, at: datetime, endpoint: str) -> _Context:
         minute = at_micros // _MINUTE
-        key = (model, minute)
+        key = (model, minute, endpoint)
         found = self._memo.get(key)
         if found is not None:
             return found
-        context = _look_up(self.book, model, at_micros, at)
+        context = _look_up(self.book, model, at_micros, at, endpoint)
         if _uniform(self.book, minute, context.rule):
             if len(self._memo) >= _MEMO_LIMIT:
                 self._memo.clear()
@@ -181,10 +184,15 @@ class Pricer:
         return context
 
 
-def price(book: PriceBook, model: str, usage: TokenUsage, at: datetime) -> Pricing:
-    """Price one call of `model` with `usage` at the aware instant `at`, every lookup fresh."""
+def price(
+    book: PriceBook, model: str, usage: TokenUsage, at: datetime, endpoint: str = ""
+) -> Pricing:
+    """Price one call of `model` on `endpoint` with `usage` at the aware instant `at`, every
+    lookup fresh. The endpoint matters only where the book gives it a fallback model
+    (`proxy.pricing.engine.resolve_on`)."""
     at_micros = to_micros(at)
-    return _priced(book, _look_up(book, model, at_micros, at), model, usage, at, at_micros)
+    context = _look_up(book, model, at_micros, at, endpoint)
+    return _priced(book, context, model, usage, at, at_micros)
 
 
 def _uniform(book: PriceBook, minute: int, rule: ScheduleVersion | None) -> bool:
@@ -201,13 +209,14 @@ def _uniform(book: PriceBook, minute: int, rule: ScheduleVersion | None) -> bool
     )
 
 
-def _look_up(book: PriceBook, model: str, at_micros: int, at: datetime) -> _Context:
-    resolution = resolve(book, model, at_micros)
+def _look_up(book: PriceBook, model: str, at_micros: int, at: datetime, endpoint: str) -> _Context:
+    resolution = resolve_on(book, model, at_micros, endpoint)
     if isinstance(resolution, str):
         return _Context(None, resolution, None, FLAT_TIER, ())
     version = resolution.version
+    noted = (FLAG_ENDPOINT_FALLBACK,) if resolution.fallback is not None else ()
     if version.schedule is None:
-        return _Context(resolution, None, None, FLAT_TIER, (), _per_token(version, FLAT_TIER))
+        return _Context(resolution, None, None, FLAT_TIER, noted, _per_token(version, FLAT_TIER))
     rule = schedule_version_at(book, version.schedule, at_micros)
     if rule is None:
         at_utc = _EPOCH + timedelta(microseconds=at_micros)
@@ -219,7 +228,7 @@ def _look_up(book: PriceBook, model: str, at_micros: int, at: datetime) -> _Cont
             (),
         )
     tier, flags = tier_at(book, rule, at)
-    return _Context(resolution, None, rule, tier, flags, _per_token(version, tier))
+    return _Context(resolution, None, rule, tier, noted + flags, _per_token(version, tier))
 
 
 def _priced(

@@ -1,5 +1,6 @@
-"""Reading the ``models``, ``model_patterns`` and ``tool_fees`` sections of a price-book file:
-dated eras (prices, aliases, retirements), dated name patterns and dated tool fees."""
+"""Reading the ``models``, ``model_patterns``, ``endpoint_fallbacks`` and ``tool_fees`` sections
+of a price-book file: dated eras (prices, aliases, retirements), dated name patterns, dated
+fallback models and dated tool fees."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 from proxy.pricing.fields import PROVENANCE_KEYS, Reader, utc_id
 from proxy.pricing.model import (
+    ENDPOINT_NAMES,
     FLAT_TIER,
     AliasEra,
     Era,
@@ -71,10 +73,30 @@ def read_pattern(
             "(e.g. 'claude-opus*'); no other wildcard, no whitespace, no bare '*'",
         )
         return []
+    return _dated_aliases(reader, "model_patterns", pattern, raw, currencies)
+
+
+def read_fallback(
+    reader: Reader, endpoint: str, raw: Any, currencies: tuple[str, ...]
+) -> list[tuple[PatternEra, str]]:
+    """The dated entries of an endpoint's fallback model: each an ``alias`` (the model an
+    unsupported name is served as there) or a ``retired`` (the endpoint refuses such names)."""
+    if endpoint not in ENDPOINT_NAMES:
+        reader.fail(
+            f"endpoint_fallbacks.{endpoint}",
+            f"not an endpoint of the proxy; expected one of {sorted(ENDPOINT_NAMES)}",
+        )
+        return []
+    return _dated_aliases(reader, "endpoint_fallbacks", endpoint, raw, currencies)
+
+
+def _dated_aliases(
+    reader: Reader, section: str, name: str, raw: Any, currencies: tuple[str, ...]
+) -> list[tuple[PatternEra, str]]:
     allowed = {"from", "id", "alias", "retired"} | PROVENANCE_KEYS
     result: list[tuple[PatternEra, str]] = []
-    for i, item in reader.versions(raw, f"model_patterns.{pattern}"):
-        where = f"model_patterns.{pattern}[{i}]"
+    for i, item in reader.versions(raw, f"{section}.{name}"):
+        where = f"{section}.{name}[{i}]"
         if not reader.mapping(item, where, allowed, {"from", "source", "confidence"}):
             continue
         kinds = [k for k in ("alias", "retired") if k in item]
@@ -87,11 +109,11 @@ def read_pattern(
         value = reader.text(item[kinds[0]], f"{where}.{kinds[0]}")
         if effective is None or provenance is None or value is None:
             continue
-        era_id = _era_id(item, pattern, effective)
+        era_id = _era_id(item, name, effective)
         era: PatternEra = (
-            AliasEra(era_id, pattern, effective, value, provenance)
+            AliasEra(era_id, name, effective, value, provenance)
             if kinds[0] == "alias"
-            else Retirement(era_id, pattern, effective, value, provenance)
+            else Retirement(era_id, name, effective, value, provenance)
         )
         result.append((era, where))
     return result

@@ -9,6 +9,7 @@ from typing import Any
 from proxy.pricing.engine import (
     Resolution,
     resolve,
+    resolve_fallback,
     resolve_pattern,
     schedule_version_at,
     tier_at,
@@ -91,7 +92,8 @@ def _rates_text(rates: TokenRates) -> str:
 
 def table_in_force(book: PriceBook, at: datetime, currencies: list[str]) -> str:
     """Every model's rates at an instant, one row per tier; ``*`` marks the tier in force.
-    Name patterns follow the models, most specific first, as the engine tries them."""
+    Name patterns follow the models, most specific first, as the engine tries them, then each
+    endpoint's fallback model (what a name nothing else prices is billed as there)."""
     at_micros = to_micros(at)
     lines = [f"Prices in force at {iso_utc(at)}, per 1M tokens: cache hit / cache miss / output"]
     header = (
@@ -104,6 +106,10 @@ def table_in_force(book: PriceBook, at: datetime, currencies: list[str]) -> str:
         (model, resolve(book, model, at_micros)) for model in sorted(book.models)
     ]
     rows += [(p, resolve_pattern(book, p, at_micros)) for _, p in book.pattern_order]
+    rows += [
+        (f"(other names on {endpoint})", resolve_fallback(book, endpoint, at_micros))
+        for endpoint in sorted(book.fallbacks)
+    ]
     for model, resolution in rows:
         if isinstance(resolution, str):
             lines.append(f"{model:<30}-- {resolution}")

@@ -11,7 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 
-from proxy.pricing.engine import resolve, resolve_pattern, schedule_version_at
+from proxy.pricing.engine import (
+    Resolution,
+    resolve,
+    resolve_fallback,
+    resolve_pattern,
+    schedule_version_at,
+)
 from proxy.pricing.errors import BookProblem
 from proxy.pricing.model import AliasEra, PriceBook, PriceVersion, ScheduleVersion
 
@@ -39,14 +45,36 @@ def check_cross_references(
             if isinstance(era, PriceVersion) and era.schedule is not None:
                 _check_tiers(book, era, starts[index], end, fail)
             elif isinstance(era, AliasEra):
-                _check_alias(book, era, starts[index], end, change_points, fail)
-    for pattern, pattern_eras in book.patterns.items():
-        starts = book.pattern_starts[pattern]
-        for index, pattern_era in enumerate(pattern_eras):
-            end = starts[index + 1] if index + 1 < len(pattern_eras) else None
-            if isinstance(pattern_era, AliasEra):
-                _check_alias(book, pattern_era, starts[index], end, change_points, fail)
+                _check_alias(
+                    book, era, (starts[index], end), change_points, fail, _exact(book, name)
+                )
+    for timelines, all_starts, resolver in (
+        (book.patterns, book.pattern_starts, _pattern),
+        (book.fallbacks, book.fallback_starts, _fallback),
+    ):
+        for key, key_eras in timelines.items():
+            starts = all_starts[key]
+            for index, key_era in enumerate(key_eras):
+                end = starts[index + 1] if index + 1 < len(key_eras) else None
+                if isinstance(key_era, AliasEra):
+                    span = (starts[index], end)
+                    _check_alias(book, key_era, span, change_points, fail, resolver(book, key))
     return problems
+
+
+_Resolver = Callable[[int], Resolution | str]
+
+
+def _exact(book: PriceBook, name: str) -> _Resolver:
+    return lambda instant: resolve(book, name, instant, patterns=False)
+
+
+def _pattern(book: PriceBook, pattern: str) -> _Resolver:
+    return lambda instant: resolve_pattern(book, pattern, instant)
+
+
+def _fallback(book: PriceBook, endpoint: str) -> _Resolver:
+    return lambda instant: resolve_fallback(book, endpoint, instant)
 
 
 def _check_rule_calendar(book: PriceBook, rule: ScheduleVersion, fail: _Fail) -> None:
@@ -101,24 +129,22 @@ def _next_start(starts: tuple[int, ...], start: int) -> int | None:
 def _check_alias(
     book: PriceBook,
     alias: AliasEra,
-    start: int,
-    end: int | None,
+    span: tuple[int, int | None],
     change_points: list[int],
     fail: _Fail,
+    resolver: _Resolver,
 ) -> None:
     """The alias must resolve to a priced model at its start and at every later change in the
     book until it ends: this catches unknown targets, cycles and targets retired under it.
-    A pattern's alias (its `model` is the pattern) is checked the same way; its target must be
-    an exact model name, as every alias target is."""
+    A pattern's or an endpoint fallback's alias is checked the same way; its target must be an
+    exact model name, as every alias target is."""
     if alias.target not in book.models:
         fail(alias, f"alias target {alias.target!r} is not a model in the price book")
         return
+    start, end = span
     instants = [start] + [p for p in change_points if p > start and (end is None or p < end)]
     for instant in instants:
-        if alias.model in book.patterns:
-            resolution = resolve_pattern(book, alias.model, instant)
-        else:
-            resolution = resolve(book, alias.model, instant, patterns=False)
+        resolution = resolver(instant)
         if isinstance(resolution, str):
             fail(alias, f"at {_instant_text(instant)}: {resolution}")
             return

@@ -174,7 +174,12 @@ def _ambiguous(body: bytes, output_field: str) -> bool:
 async def _reserve(state: ProxyState, meter: CallMeter, size: CallSize) -> Reservation:
     try:
         return await state.budgets.reserve(
-            meter.team, meter.request_id, meter.model_requested, size, meter.started_at
+            meter.team,
+            meter.request_id,
+            meter.model_requested,
+            size,
+            meter.started_at,
+            meter.endpoint,
         )
     except BudgetExceeded:
         state.metrics.budget_refusals.labels(meter.team).inc()

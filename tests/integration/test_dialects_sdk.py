@@ -181,6 +181,33 @@ async def test_a_claude_name_is_billed_as_the_model_deepseek_serves_it_with(
     )
 
 
+async def test_an_unsupported_name_is_billed_as_the_anthropic_endpoints_fallback(
+    fake: FakeDeepSeek, start_proxy: StartProxy
+) -> None:
+    """DeepSeek's Anthropic endpoint serves a name it does not support as deepseek-v4-flash
+    (deepseek-flash's alias today) instead of refusing it: such a call is billed as that, flagged
+    so, and admitted by a hard budget; the same name on chat is refused by the guard, which
+    cannot price it. Its metric label is ``other``, a bounded set whatever names are sent."""
+    budget = Budget("alpha", "month", Decimal("5"), "CNY", (), hard=True)
+    proxy = await start_proxy(budgets=(budget,))
+    fake.enqueue(Reply(usage=ANTHROPIC_USAGE))
+    async with anthropic_client(proxy) as client:
+        await client.messages.create(model="my-agent-model", max_tokens=400, messages=MESSAGES)
+    async with openai.AsyncOpenAI(
+        base_url=proxy.url, api_key=TEAM_KEYS["alpha"], max_retries=0
+    ) as chat:
+        with pytest.raises(openai.PermissionDeniedError) as refused:
+            await chat.chat.completions.create(model="my-agent-model", messages=MESSAGES)
+    assert "has no price" in refused.value.message
+    [record] = await proxy.sink.wait_for(1)
+    assert (record.model_requested, record.billed_model) == ("my-agent-model", "deepseek-flash")
+    assert record.priced and dict(record.costs) == COST
+    assert record.flags == ("billed_as_endpoint_fallback",)
+    assert len(fake.requests) == 1
+    labels = {"team": "alpha", "endpoint": "messages", "status": "200", "model": "other"}
+    assert proxy.registry.get_sample_value("llm_requests_total", labels) == 1
+
+
 async def test_a_cut_anthropic_stream_raises_in_the_sdk_and_is_estimated(
     fake: FakeDeepSeek, proxy: RunningProxy
 ) -> None:

@@ -24,7 +24,7 @@ def test_check_passes_on_the_shipped_book() -> None:
     result = run("prices", "check")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ok: 1 file(s), 6 models, 27 dated entries")
-    assert result.stdout.rstrip().endswith(", 2 name patterns")
+    assert result.stdout.rstrip().endswith(", 2 name patterns, 1 endpoint fallbacks")
 
 
 def test_check_reports_each_problem_and_exits_1(tmp_path: Path) -> None:

@@ -487,3 +487,40 @@ def test_usage_flags_stay_and_engine_flags_are_recomputed(
     assert "; 1 priced differently" in out.splitlines()[0]
     (flags,) = query(config, "SELECT flags FROM usage")[0]
     assert json.loads(str(flags)) == ["prompt_tokens_mismatch", "reasoning_exceeds_output"]
+
+
+def test_a_new_endpoint_fallback_prices_the_calls_it_covers(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Rows stored by a book without ``endpoint_fallbacks``: re-priced with the shipped book,
+    the Anthropic-format call to a name DeepSeek served as its fallback model gets that model's
+    price and flag (once); the same name on chat stays unpriced."""
+    shipped = SHIPPED_BOOK.read_text(encoding="utf-8")
+    start, end = shipped.index("endpoint_fallbacks:"), shipped.index("# Server-side tools")
+    without = shipped[:start] + shipped[end:]
+    config = write_config(tmp_path, without)
+    old_book = load_price_book([tmp_path / "book.yaml"])
+    when = "2026-11-02T01:30:00+00:00"  # Monday 09:30 Beijing: peak
+    rows = [
+        record(old_book, m, "alpha", "my-agent-model", when, miss=1000, out=100, endpoint=e)
+        for m, e in (("m1", "messages"), ("c1", "chat"))
+    ]
+    assert not any(r.priced for r in rows)
+    ledger = SQLiteLedger(tmp_path / "ledger.sqlite3", ZoneInfo("Asia/Shanghai"))
+    ledger.write([], rows)
+    ledger.close()
+    (tmp_path / "book.yaml").write_text(shipped, encoding="utf-8")
+    for _ in range(2):  # the second run changes nothing
+        out = run(capsys, "reprice", "--config", str(config), "--apply")[1]
+    assert "; 0 priced differently" in out.splitlines()[0]
+    stored = query(
+        config,
+        "SELECT request_id, priced, billed_model, flags FROM usage ORDER BY request_id",
+    )
+    assert stored == [
+        ("c1", 0, None, "[]"),
+        ("m1", 1, "deepseek-flash", '["billed_as_endpoint_fallback"]'),
+    ]
+    # deepseek-flash at peak: 1000 x 2 + 100 x 8 CNY per million.
+    costs = query(config, "SELECT currency, amount FROM usage_cost WHERE request_id = 'm1'")
+    assert sorted(costs) == [("CNY", "0.0028"), ("USD", "0.00042")]

@@ -144,13 +144,13 @@ def anthropic_error_body(status: int, *, message: str | None = None, key: str = 
 
 def validate_anthropic(body: Any) -> Rejection | None:
     """Anthropic's checks that matter here: a JSON object with ``model``, ``messages`` and
-    ``max_tokens`` (all mandatory in the Messages API), else 400 ``invalid_request_error``;
-    ``nonexistent-model`` is DeepSeek's 400 "Model Not Exist"."""
+    ``max_tokens`` (all mandatory in the Messages API), else 400 ``invalid_request_error``.
+    Any model name is served: DeepSeek's Anthropic guide says a name it does not support
+    (``nonexistent-model`` included) is answered by deepseek-v4-flash, not refused; the
+    answer names the model asked for."""
     reason = _missing(body, ("model", "messages", "max_tokens"))
     if reason is not None:
         return 400, anthropic_error_body(400, message=reason)
-    if body["model"] == NONEXISTENT_MODEL:
-        return 400, anthropic_error_body(400, message="Model Not Exist")
     return None
 
 

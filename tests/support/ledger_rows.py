@@ -39,6 +39,7 @@ def record(
     tools: Mapping[str, int] | None = None,
     source: UsageSource = "reported",
     outcome: Outcome = "complete",
+    endpoint: str = "chat",
 ) -> UsageRecord:
     """A final record priced as `proxy.metering.build_record` prices one (at its start)."""
     start = at(started)
@@ -47,13 +48,13 @@ def record(
         if source in ("reported", "estimated")
         else None
     )
-    pricing = price(book, model, tokens, start) if tokens is not None else None
+    pricing = price(book, model, tokens, start, endpoint) if tokens is not None else None
     priced = pricing is not None and pricing.priced
     return UsageRecord(
         request_id=request_id,
         team=team,
         key_id="k_abababab",
-        endpoint="chat",
+        endpoint=endpoint,
         stream=False,
         model_requested=model,
         model_served=model,
