@@ -6,16 +6,17 @@ Routes (the OpenAI SDK works with ``base_url`` ``http://host:port``, ``.../v1`` 
     POST /beta/chat/completions                   -> DeepSeek /beta/chat/completions
     POST /beta/completions                        -> DeepSeek /beta/completions (FIM)
     POST /anthropic/v1/messages, /anthropic/messages -> DeepSeek /anthropic/v1/messages
+    POST /anthropic/v1/messages/count_tokens      -> the same at DeepSeek, unmetered
     POST /responses, /v1/responses                -> DeepSeek /responses
     GET  /models, /v1/models                      -> DeepSeek /models
     GET  /healthz, /readyz                        liveness, readiness (no key, no upstream)
     GET  /metrics                                 Prometheus text format, no key needed
 
-Every other path is a 404 (another method on a known path, a 405) in OpenAI's error shape,
-without touching DeepSeek. All routes but ``/healthz``, ``/readyz`` and ``/metrics`` need a
-client key (Prometheus scrapes without one: bind the proxy to a private interface or put the
-scrape path behind the network's own access control); every error is in OpenAI's shape
-(`_route`, `_unrouted`).
+Every other path is a 404 (another method on a known path, a 405) without touching DeepSeek.
+All routes but ``/healthz``, ``/readyz`` and ``/metrics`` need a client key (Prometheus scrapes
+without one: bind the proxy to a private interface or put the scrape path behind the network's
+own access control). Errors are in OpenAI's shape, under ``/anthropic/`` in Anthropic's
+(`_route`, `_completion`, `_unrouted`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from proxy.auth import ClientKey, authenticate, lookup
 from proxy.budgets import BudgetGuard, HoldStore, LedgerHolds, LocalHolds
 from proxy.budgets.pg_holds import PostgresHolds
 from proxy.config import ProxyConfig, check_references
-from proxy.dialects.registry import ANTHROPIC, RESPONSES
+from proxy.dialects.registry import ANTHROPIC, OPENAI_CHAT, RESPONSES, Dialect
 from proxy.errors import (
     HeadersTooLarge,
     NotFound,
@@ -48,6 +49,7 @@ from proxy.metrics import MetricSources, ProxyMetrics
 from proxy.pricing import PriceBook, Pricer
 from proxy.records import ALWAYS_HEALTHY, LedgerHealth, RecordSink
 from proxy.relay import Endpoint, proxy_completion
+from proxy.relay.request import read_body, refuse_compressed
 from proxy.reload import Reloader, ReloadRefused
 from proxy.state import Live, ProxyState
 from proxy.upstream import AiohttpTransport, Transport, Upstream, refuse_redirect
@@ -63,6 +65,8 @@ _BETA_CHAT = Endpoint("chat", "/beta/chat/completions")
 _FIM = Endpoint("fim", "/beta/completions")
 _MESSAGES = Endpoint("messages", "/anthropic/v1/messages", ANTHROPIC)
 _RESPONSES = Endpoint("responses", "/responses", RESPONSES)
+ENDPOINTS = (_CHAT, _BETA_CHAT, _FIM, _MESSAGES, _RESPONSES)
+"""Every metered route's endpoint; their names are the price book's `ENDPOINT_NAMES`."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -94,13 +98,24 @@ def _client(request: web.Request, state: ProxyState) -> ClientKey:
     return client
 
 
+def _dialect_client(request: web.Request, state: ProxyState, dialect: Dialect) -> ClientKey:
+    """The client key where the dialect's SDKs put it (Anthropic's: ``x-api-key``), else in
+    ``Authorization: Bearer``; 401 if neither holds a known key."""
+    if "x-api-key" in dialect.key_headers:
+        client = lookup(request.headers.get("x-api-key"), state.config.keys)
+        if client is not None:
+            return client
+    return _client(request, state)
+
+
 def _route(
     handler: Callable[[web.Request, ProxyState], Awaitable[web.StreamResponse]],
     *,
     public: bool = False,
+    dialect: Dialect = OPENAI_CHAT,
 ) -> Handler:
     """A route's handler with the checks every request gets: header size (431), the client
-    key unless the route is public (401), and OpenAI-shaped errors.
+    key unless the route is public (401), and errors in the dialect's shape.
 
     Not an aiohttp middleware: a middleware adds two coroutine frames to every request (its
     own and aiohttp's ``_fix_request_current_app``), which the benchmark showed on the
@@ -112,10 +127,10 @@ def _route(
         try:
             _check_headers(request, state)
             if not public:
-                request[CLIENT] = _client(request, state)
+                request[CLIENT] = _dialect_client(request, state, dialect)
             return await handler(request, state)
         except ProxyError as exc:
-            return error_response(exc)
+            return error_response(exc, dialect.error_shape)
 
     return handle
 
@@ -126,17 +141,12 @@ def _completion(endpoint: Endpoint) -> Handler:
     comes where its API format puts it, and errors are in that format's shape."""
     dialect = endpoint.dialect
     shape = dialect.error_shape
-    bare_key = "x-api-key" in dialect.key_headers
 
     async def handle(request: web.Request) -> web.StreamResponse:
         state = request.app[STATE].state
         try:
             _check_headers(request, state)
-            client = None
-            if bare_key:
-                client = lookup(request.headers.get("x-api-key"), state.config.keys)
-            if client is None:
-                client = _client(request, state)
+            client = _dialect_client(request, state, dialect)
             return await proxy_completion(request, state, client, endpoint)
         except ProxyError as exc:
             return error_response(exc, shape)
@@ -145,20 +155,23 @@ def _completion(endpoint: Endpoint) -> Handler:
 
 
 def _unrouted(routes: Mapping[str, frozenset[str]]) -> Handler:
-    """Every request no route takes: 405 on a known path, else 404, in OpenAI's shape."""
+    """Every request no route takes: 405 on a known path, else 404, in OpenAI's shape (under
+    ``/anthropic/``, Anthropic's: the SDK there reads only that one)."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
+        anthropic_path = request.path.startswith("/anthropic/")
+        shape = ANTHROPIC.error_shape if anthropic_path else OPENAI_CHAT.error_shape
         try:
             _check_headers(request, request.app[STATE].state)
         except ProxyError as exc:
-            return error_response(exc)
+            return error_response(exc, shape)
         if request.path in routes:
             error = NotFound(f"{request.method} is not allowed on {request.path}")
             error.status = 405
-            response = error_response(error)
+            response = error_response(error, shape)
             response.headers["Allow"] = ", ".join(sorted(routes[request.path]))
             return response
-        return error_response(NotFound(f"no route {request.method} {request.path}"))
+        return error_response(NotFound(f"no route {request.method} {request.path}"), shape)
 
     return handle
 
@@ -168,6 +181,25 @@ async def _models(request: web.Request, state: ProxyState) -> web.StreamResponse
         refuse_redirect(answer)
         headers, body = await state.upstream.shown(answer)
         return web.Response(status=answer.status, headers=headers, body=body)
+
+
+_COUNT_TOKENS = "/anthropic/v1/messages/count_tokens"
+
+
+async def _count_tokens(request: web.Request, state: ProxyState) -> web.StreamResponse:
+    """Anthropic's token counting, passed through and not metered: it generates nothing, so
+    there is no usage to record and nothing DeepSeek bills. DeepSeek's Anthropic guide does
+    not list it (2026-12); whatever DeepSeek answers (a count, or its own 404) is relayed, so
+    an agent that asks learns the truth, and gets counts the day DeepSeek offers them. The
+    body is bounded as a completion's is; the client's key never goes upstream."""
+    refuse_compressed(request)
+    body = await read_body(
+        request, state.config.limits.max_request_bytes, state.config.timeouts.client_body
+    )
+    async with await state.upstream.send("POST", _COUNT_TOKENS, request.headers, body) as answer:
+        refuse_redirect(answer)
+        headers, shown = await state.upstream.shown(answer)
+        return web.Response(status=answer.status, headers=headers, body=shown)
 
 
 async def _metrics(request: web.Request, state: ProxyState) -> web.StreamResponse:
@@ -313,6 +345,9 @@ def create_app(
     app.router.add_post("/beta/completions", _completion(_FIM))
     app.router.add_post("/anthropic/v1/messages", _completion(_MESSAGES))
     app.router.add_post("/anthropic/messages", _completion(_MESSAGES))
+    count_tokens = _route(_count_tokens, dialect=ANTHROPIC)
+    app.router.add_post(_COUNT_TOKENS, count_tokens)
+    app.router.add_post("/anthropic/messages/count_tokens", count_tokens)
     app.router.add_post("/responses", _completion(_RESPONSES))
     app.router.add_post("/v1/responses", _completion(_RESPONSES))
     app.router.add_get("/models", _route(_models))

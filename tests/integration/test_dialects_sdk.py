@@ -13,8 +13,9 @@ import openai
 import pytest
 
 from proxy.config import Budget
-from tests.support.fake_deepseek import FakeDeepSeek
+from tests.support.fake_deepseek import COUNT_TOKENS_PATH, FakeDeepSeek
 from tests.support.fake_deepseek_shapes import FAKE_UPSTREAM_KEY, Reply
+from tests.support.fake_dialect_shapes import default_anthropic_usage
 from tests.support.proxy_harness import TEAM_KEYS, RunningProxy, StartProxy
 
 # 600 cache hits, 200 misses, 300 output tokens on deepseek-flash at peak (the harness's
@@ -111,6 +112,68 @@ async def test_anthropic_errors_are_anthropic_shaped(proxy: RunningProxy) -> Non
     assert info.value.status_code == 401
     assert info.value.body["type"] == "error"  # type: ignore[index]
     assert info.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
+
+
+async def test_count_tokens_is_relayed_unmetered_when_deepseek_lacks_it(
+    fake: FakeDeepSeek, proxy: RunningProxy
+) -> None:
+    """DeepSeek's guide does not list token counting: the SDK gets DeepSeek's 404 as is, the
+    request went out with the company key only, and nothing is recorded or counted."""
+    async with anthropic_client(proxy) as client:
+        with pytest.raises(anthropic.NotFoundError):
+            await client.messages.count_tokens(model="deepseek-flash", messages=MESSAGES)
+    [request] = fake.requests
+    assert request.path == COUNT_TOKENS_PATH
+    upstream_saw_the_company_key(fake)
+    assert proxy.sink.records == []
+    assert (
+        proxy.registry.get_sample_value(
+            "llm_requests_total",
+            {"team": "alpha", "endpoint": "messages", "status": "404", "model": "deepseek-flash"},
+        )
+        is None
+    )
+
+
+async def test_count_tokens_answers_when_deepseek_offers_it(
+    fake: FakeDeepSeek, proxy: RunningProxy
+) -> None:
+    fake.offers_count_tokens = True
+    async with anthropic_client(proxy) as client:
+        counted = await client.messages.count_tokens(
+            model="claude-sonnet-4", system="Be brief.", messages=MESSAGES
+        )
+    [request] = fake.requests
+    assert request.json is not None and request.json["system"] == "Be brief."
+    usage = default_anthropic_usage({"max_tokens": 1, **request.json}, Reply())
+    assert counted.input_tokens == usage["input_tokens"] + usage["cache_read_input_tokens"] > 0
+    upstream_saw_the_company_key(fake)
+    assert proxy.sink.records == []
+
+
+async def test_the_proxys_own_errors_under_anthropic_are_anthropic_shaped(
+    fake: FakeDeepSeek, proxy: RunningProxy
+) -> None:
+    """A path the proxy does not route (the SDK's model list) and a bad key on token counting:
+    the Anthropic SDK reads both errors, and DeepSeek is never asked."""
+    async with anthropic_client(proxy) as client:
+        with pytest.raises(anthropic.NotFoundError) as missing:
+            await client.models.list()
+    assert missing.value.body == {
+        "type": "error",
+        "error": {
+            "type": "not_found_error",
+            "message": "no route GET /anthropic/v1/models",
+            "code": "not_found",
+        },
+    }
+    async with anthropic.AsyncAnthropic(
+        base_url=proxy.url + "/anthropic", api_key="sk-proxy-not-a-key", max_retries=0
+    ) as stranger:
+        with pytest.raises(anthropic.AuthenticationError) as refused:
+            await stranger.messages.count_tokens(model="deepseek-flash", messages=MESSAGES)
+    assert refused.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
+    assert fake.requests == []
 
 
 @pytest.mark.parametrize("stream", [False, True])

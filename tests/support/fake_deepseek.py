@@ -67,6 +67,7 @@ from tests.support.fake_dialect_shapes import (
     anthropic_events,
     anthropic_message,
     anthropic_usage,
+    default_anthropic_usage,
     response_object,
     responses_events,
     responses_usage,
@@ -104,6 +105,9 @@ class _Rejected(Exception):
 
 _Route = Callable[[RecordedRequest], "PlannedAnswer"]
 _ANTHROPIC_PATHS: Final = frozenset({"/anthropic/v1/messages", "/anthropic/messages"})
+COUNT_TOKENS_PATH: Final = "/anthropic/v1/messages/count_tokens"
+"""Anthropic's token counting. DeepSeek's guide does not list it, so the fake answers it with
+its 404 unless a test sets `FakeDeepSeek.offers_count_tokens` (DeepSeek adding it later)."""
 _RESPONSES_PATHS: Final = frozenset({"/responses", "/v1/responses"})
 
 
@@ -122,6 +126,7 @@ class FakeDeepSeek:
         self.finished: list[str] = []
         self.cut: list[str] = []
         self._queue: deque[Reply] = deque()
+        self.offers_count_tokens = False
         self._runner: web.AppRunner | None = None
         self._server: asyncio.Server | None = None
         self._base_url: str | None = None
@@ -135,6 +140,7 @@ class FakeDeepSeek:
             ("GET", "/user/balance"): self._balance,
             ("GET", "/v1/user/balance"): self._balance,
             **{("POST", path): self._anthropic for path in _ANTHROPIC_PATHS},
+            ("POST", COUNT_TOKENS_PATH): self._count_tokens,
             **{("POST", path): self._responses for path in _RESPONSES_PATHS},
         }
 
@@ -206,7 +212,7 @@ class FakeDeepSeek:
 
         The server sends the plan on a socket (`_send`); `tests.support.memory_transport` hands
         it to the proxy without one, so both transports answer exactly alike."""
-        anthropic = path in _ANTHROPIC_PATHS
+        anthropic = path in _ANTHROPIC_PATHS or path == COUNT_TOKENS_PATH
         auth_header, offered = _offered_key(headers, anthropic=anthropic)
         record = RecordedRequest(
             method=method,
@@ -220,6 +226,8 @@ class FakeDeepSeek:
         self.requests.append(record)
         try:
             route = self._routes.get((method, path))
+            if path == COUNT_TOKENS_PATH and not self.offers_count_tokens:
+                route = None
             if route is None:
                 raise _Rejected(404, error_body(404, message=f"Not Found: {path}"))
             if offered != (FAKE_UPSTREAM_KEY if auth_header == "x-api-key" else _BEARER):
@@ -241,6 +249,15 @@ class FakeDeepSeek:
 
     def _balance(self, record: RecordedRequest) -> PlannedAnswer:
         return json_plan(record, BALANCE)
+
+    def _count_tokens(self, record: RecordedRequest) -> PlannedAnswer:
+        """Anthropic's answer, ``{"input_tokens": N}``: the prompt a Messages call with the
+        same body would report (its input and cache reads together); never a queued `Reply`."""
+        body = record.json
+        counted = {"max_tokens": 1, **body} if isinstance(body, dict) else body
+        usage = default_anthropic_usage(_accepted(validate_anthropic(counted), counted), Reply())
+        tokens = usage["input_tokens"] + usage["cache_read_input_tokens"]
+        return json_plan(record, {"input_tokens": tokens})
 
     def _anthropic(self, record: RecordedRequest) -> PlannedAnswer:
         data = _accepted(validate_anthropic(record.json), record.json)

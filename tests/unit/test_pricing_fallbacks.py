@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from proxy.app import ENDPOINTS
 from proxy.pricing import PriceBook, PriceBookError, Pricer, load_price_book, price
 from proxy.pricing.engine import FLAG_ENDPOINT_FALLBACK, Resolution, resolve_on, to_micros
 from proxy.pricing.model import ENDPOINT_NAMES
@@ -163,9 +164,7 @@ def test_no_fallback_before_the_anthropic_endpoint_existed(book: PriceBook) -> N
 
 
 def test_the_book_names_only_endpoints_the_proxy_routes() -> None:
-    from proxy.app import _CHAT, _FIM, _MESSAGES, _RESPONSES  # noqa: PLC0415
-
-    assert {e.name for e in (_CHAT, _FIM, _MESSAGES, _RESPONSES)} == ENDPOINT_NAMES
+    assert {endpoint.name for endpoint in ENDPOINTS} == ENDPOINT_NAMES
 
 
 # --- dates, memo, resolution ------------------------------------------------------------------
