@@ -22,7 +22,13 @@ all three uses (`prompt_bound`):
   times the largest image encoding DeepSeek has published for its vision models (DeepSeek-OCR's
   1,853 tokens, DeepSeek-VL2's dynamic tiling about 2,000), so it is a bound, not a guess.
 - **Files and audio** (any content part that is neither text nor an image) have no size the
-  request shows: the prompt is then bounded only by the model's context window.
+  request shows: the prompt is then bounded only by the model's context window. So has a
+  Responses call that continues a conversation stored at DeepSeek (``previous_response_id``,
+  ``conversation``) or refers to stored items (``item_reference``).
+- **All three formats** are read alike: the conversation is chat's and Anthropic's
+  ``messages`` or the Responses API's ``input`` items; Anthropic's ``system`` blocks,
+  ``tool_use`` and ``tool_result`` parts and the Responses API's function calls and outputs
+  are text, and nested content lists (an image inside a ``tool_result``) are looked into.
 - **The chat template** adds tokens the request does not carry: `BASE_TEMPLATE_TOKENS` per
   call (the template's frame, and room for a system prompt DeepSeek may add unseen),
   `TEMPLATE_TOKENS_PER_ITEM` per message and per tool (role markers), plus
@@ -60,14 +66,43 @@ TOOL_PREAMBLE_TOKENS = 256
 """The instructions a chat template puts before tool schemas or a response format."""
 IMAGE_PART_TYPES = frozenset({"image_url", "input_image", "image"})
 """Content parts that carry an image (OpenAI chat, OpenAI Responses, Anthropic)."""
-TEXT_PART_TYPES = frozenset({"text", "input_text", "output_text"})
+TEXT_PART_TYPES = frozenset(
+    {
+        "text",
+        "input_text",
+        "output_text",
+        # whole conversation items and the parts that hold text or JSON the model reads:
+        # Anthropic Messages ...
+        "tool_use",
+        "tool_result",
+        "thinking",
+        "redacted_thinking",
+        # ... and OpenAI Responses
+        "message",
+        "function_call",
+        "function_call_output",
+        "reasoning",
+        "summary_text",
+        "refusal",
+    }
+)
+"""Parts whose content reaches the model as text, so the body's bytes bound it. Their nested
+``content``, ``output`` and ``summary`` lists are looked into (an Anthropic ``tool_result``
+may hold images); any other type (a file, audio, a Responses ``item_reference`` to stored
+items) is bounded by the context window only."""
+_NESTED = ("content", "output", "summary")
 _SCHEMA_FIELDS = ("tools", "functions", "response_format", "tool_choice")
 """Request fields whose whole JSON (keys included) the template renders into the prompt."""
-_MESSAGE_TEXT_FIELDS = ("name", "reasoning_content")
+_TEXT_FIELDS = ("name", "reasoning_content", "text", "thinking", "arguments")
+"""String fields of a message, item or part that the model reads as text."""
 _MESSAGE_JSON_FIELDS = ("tool_calls", "function_call")
+_STORED_CONTEXT = ("previous_response_id", "conversation")
+"""Responses fields that make DeepSeek prepend a conversation stored on its side: a prompt
+the request's bytes do not show."""
 
 FLAG_ESTIMATE_WITHOUT_FILES = "estimate_excludes_files"
-"""The request carried file or audio parts, whose tokens an estimate cannot know."""
+"""The request carried file or audio parts, or stored conversation it only refers to, whose
+tokens an estimate cannot know."""
 
 
 def prompt_bound(payload: Mapping[str, Any], body_size: int, limits: Limits) -> int:
@@ -75,47 +110,75 @@ def prompt_bound(payload: Mapping[str, Any], body_size: int, limits: Limits) -> 
     `body_size` bytes (the rule of the module docstring).
 
     It runs for every call, so the usual request (messages with text content) costs one pass
-    over its messages and a few lookups; only content lists are looked into (images and files
-    sit there), everything else is counted by the body's size.
+    over its messages and a few lookups; only content lists and typed items are looked into
+    (images and files sit there), everything else is counted by the body's size.
     """
-    messages = payload.get("messages")
-    items = images = part_bytes = 0
-    if type(messages) is list:
-        items = len(messages)
-        for message in messages:  # a loop, not any(): this runs for every call
-            if type(message) is dict and type(message.get("content")) is list:
-                parts = _image_parts(messages)
+    items = payload.get("messages")  # `_conversation`, inlined: this runs for every call
+    if type(items) is not list:
+        items = payload.get("input")
+    count = images = part_bytes = 0
+    if type(items) is list:
+        count = len(items)
+        for item in items:  # a loop, not any(): this runs for every call
+            if type(item) is dict and (
+                type(item.get("content")) is list or item.get("type") is not None
+            ):
+                parts = _image_parts(items)
                 if parts is None:
                     return limits.max_context_tokens
                 images, part_bytes = parts
                 break
+    system = payload.get("system")
+    if type(system) is list:  # Anthropic's system blocks
+        parts = _image_parts(system)
+        if parts is None:
+            return limits.max_context_tokens
+        images, part_bytes = images + parts[0], part_bytes + parts[1]
+    if payload.get("previous_response_id") or payload.get("conversation"):
+        return limits.max_context_tokens
     tools = _tool_count(payload)
     tokens = (
         max(body_size - part_bytes, 0)
         + BASE_TEMPLATE_TOKENS
-        + template_tokens(items + tools, _preamble(payload, tools))
+        + template_tokens(count + tools, _preamble(payload, tools))
         + images * limits.image_prompt_tokens
     )
     return min(tokens, limits.max_context_tokens)
 
 
-def _image_parts(messages: list[Any]) -> tuple[int, int] | None:
-    """How many image parts the messages carry and the bytes of their strings, or None if a
-    part is neither text nor an image (a file, audio: bounded by the context window only)."""
+def _conversation(payload: Mapping[str, Any]) -> list[Any] | None:
+    """The request's conversation: chat's and Anthropic's ``messages``, or the Responses
+    API's ``input`` when it is a list of items."""
+    messages = payload.get("messages")
+    if type(messages) is list:
+        return messages
+    items = payload.get("input")
+    return items if type(items) is list else None
+
+
+def _image_parts(items: list[Any]) -> tuple[int, int] | None:
+    """How many image parts the items carry, at any depth of their nested content, and the
+    bytes of their strings; None if a part is of a type that is neither text nor an image (a
+    file, audio: bounded by the context window only). Walked without recursion: nesting is
+    the client's to choose."""
     images = 0
     part_bytes = 0
-    for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
-        if not isinstance(content, list):
-            continue
-        for part in content:
-            kind = _part_type(part)
-            if kind is None or kind in TEXT_PART_TYPES:
+    stack = [items]
+    while stack:
+        for part in stack.pop():
+            if not isinstance(part, dict):
                 continue
-            if kind not in IMAGE_PART_TYPES:
+            kind = _part_type(part)
+            if kind in IMAGE_PART_TYPES:
+                images += 1
+                part_bytes += _string_bytes(part)
+                continue
+            if kind is not None and kind not in TEXT_PART_TYPES:
                 return None
-            images += 1
-            part_bytes += _string_bytes(part)
+            for name in _NESTED:
+                nested = part.get(name)
+                if type(nested) is list:
+                    stack.append(nested)
     return images, part_bytes
 
 
@@ -128,8 +191,12 @@ def _tool_count(payload: Mapping[str, Any]) -> int:
 
 
 def _preamble(payload: Mapping[str, Any], tools: int) -> bool:
-    """Tools, functions or a response format: the template adds its instructions."""
-    return bool(tools) or payload.get("response_format") is not None
+    """Tools, functions or a response format (chat's ``response_format``, the Responses API's
+    ``text.format``): the template adds its instructions."""
+    if tools or payload.get("response_format") is not None:
+        return True
+    text = payload.get("text")
+    return type(text) is dict and text.get("format") is not None
 
 
 def output_bound(payload: Mapping[str, Any], limits: Limits, field: str = "max_tokens") -> int:
@@ -147,43 +214,21 @@ def estimate_prompt(payload: Mapping[str, Any], limits: Limits) -> tuple[int, tu
     Returns 0 tokens for a request with no prompt parts at all (the caller then has nothing to
     estimate from)."""
     texts: list[str] = []
-    images = 0
-    unbounded = False
-    items = 0
-    messages = payload.get("messages")
-    if isinstance(messages, list):
-        items += len(messages)
-        for message in messages:
-            if not isinstance(message, dict):
-                continue
-            content = message.get("content")
-            if isinstance(content, str):
-                texts.append(content)
-            elif isinstance(content, list):
-                for part in content:
-                    kind = _part_type(part)
-                    if kind in IMAGE_PART_TYPES:
-                        images += 1
-                    elif kind is None or kind in TEXT_PART_TYPES:
-                        if isinstance(part, dict) and isinstance(part.get("text"), str):
-                            texts.append(part["text"])
-                    else:
-                        unbounded = True
-            for name in _MESSAGE_TEXT_FIELDS:
-                if isinstance(message.get(name), str):
-                    texts.append(message[name])
-            for name in _MESSAGE_JSON_FIELDS:
-                if message.get(name) is not None:
-                    texts.extend(strings(message[name]))
+    items = _conversation(payload)
+    count = len(items) if items is not None else 0
+    system = payload.get("system")  # Anthropic: a string, or a list of text blocks
+    lists = [x for x in (items, system) if isinstance(x, list)]
+    images, unbounded = _gather_texts(lists, texts)
+    unbounded = unbounded or any(payload.get(name) for name in _STORED_CONTEXT)
     for name in _SCHEMA_FIELDS:
         value = payload.get(name)
         if isinstance(value, list | dict):
             texts.extend(strings(value, keys=True))
-    for name in ("prompt", "suffix"):
+    for name in ("prompt", "suffix", "system", "instructions", "input"):
         value = payload.get(name)
         if isinstance(value, str):
             texts.append(value)
-        elif isinstance(value, list):
+        elif name in ("prompt", "suffix") and isinstance(value, list):
             texts.extend(v for v in value if isinstance(v, str))
     tools = _tool_count(payload)
     text_tokens = estimate_tokens("\n".join(texts))
@@ -191,12 +236,51 @@ def estimate_prompt(payload: Mapping[str, Any], limits: Limits) -> tuple[int, tu
         return 0, ()
     tokens = (
         text_tokens
-        + template_tokens(items + tools, _preamble(payload, tools))
+        + template_tokens(count + tools, _preamble(payload, tools))
         + images * limits.image_prompt_tokens
     )
     return min(tokens, limits.max_context_tokens), (
         (FLAG_ESTIMATE_WITHOUT_FILES,) if unbounded else ()
     )
+
+
+def _gather_texts(lists: list[list[Any]], texts: list[str]) -> tuple[int, bool]:
+    """Append the text the model reads in these messages, items or parts (and their nested
+    ones) to `texts`; return the images counted and whether a part could not be counted.
+    The same parts `_image_parts` walks, without recursion."""
+    images = 0
+    unbounded = False
+    stack = list(lists)
+    while stack:
+        for part in stack.pop():
+            if isinstance(part, str):  # a list of plain strings (a tool result's output)
+                texts.append(part)
+                continue
+            if not isinstance(part, dict):
+                continue
+            kind = _part_type(part)
+            if kind in IMAGE_PART_TYPES:
+                images += 1
+                continue
+            if kind is not None and kind not in TEXT_PART_TYPES:
+                unbounded = True
+                continue
+            for name in _TEXT_FIELDS:
+                if isinstance(part.get(name), str):
+                    texts.append(part[name])
+            for name in _NESTED:
+                value = part.get(name)
+                if isinstance(value, str):
+                    texts.append(value)
+                elif isinstance(value, list):
+                    stack.append(value)
+            for name in _MESSAGE_JSON_FIELDS:
+                if part.get(name) is not None:
+                    texts.extend(strings(part[name]))
+            tool_input = part.get("input")  # an Anthropic tool_use's arguments, as JSON
+            if isinstance(tool_input, dict | list):
+                texts.extend(strings(tool_input, keys=True))
+    return images, unbounded
 
 
 def _part_type(part: Any) -> str | None:

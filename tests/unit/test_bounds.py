@@ -123,6 +123,134 @@ def test_a_part_of_no_known_type_is_bounded_by_the_context() -> None:
         assert estimate_prompt(payload, LIMITS) == (0, ())
 
 
+def test_responses_input_items_are_bounded_like_messages() -> None:
+    """The Responses API's ``input`` list: items count as messages, its image parts at their
+    stated cost, tool outputs by their bytes; ``input`` as one string by its bytes."""
+    image = {"type": "input_image", "image_url": "https://example.com/cat.png"}
+    payload = {
+        "model": "m",
+        "instructions": "be brief",
+        "input": [
+            {"role": "user", "content": [{"type": "input_text", "text": "what is this?"}, image]},
+            {"type": "function_call", "call_id": "c1", "name": "look", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "a cat"},
+        ],
+    }
+    image_bytes = sum(len(t) for t in ("type", "input_image", "image_url", image["image_url"]))
+    assert bound(payload) == (
+        len(orjson.dumps(payload))
+        - image_bytes
+        + LIMITS.image_prompt_tokens
+        + BASE_TEMPLATE_TOKENS
+        + 3 * TEMPLATE_TOKENS_PER_ITEM
+    )
+    plain = {"model": "m", "input": "hello", "instructions": "be brief"}
+    assert bound(plain) == len(orjson.dumps(plain)) + BASE_TEMPLATE_TOKENS
+    structured = {**plain, "text": {"format": {"type": "json_schema", "schema": {}}}}
+    assert bound(structured) == (
+        len(orjson.dumps(structured)) + BASE_TEMPLATE_TOKENS + TOOL_PREAMBLE_TOKENS
+    )
+
+
+def test_what_a_responses_request_only_refers_to_is_bounded_by_the_context() -> None:
+    """A file, a reference to a stored item, or a stored conversation the call continues:
+    the body does not show their size."""
+    for extra in (
+        {"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
+        {"input": [{"type": "item_reference", "id": "msg_1"}]},
+        {"input": "go on", "previous_response_id": "resp_1"},
+        {"input": "go on", "conversation": "conv_1"},
+    ):
+        assert bound({"model": "m", **extra}) == LIMITS.max_context_tokens
+        assert estimate_prompt({"model": "m", **extra}, LIMITS)[1] in (
+            (),  # nothing countable beside it
+            (FLAG_ESTIMATE_WITHOUT_FILES,),
+        )
+    tokens, flags = estimate_prompt(
+        {"model": "m", "input": "go on", "previous_response_id": "resp_1"}, LIMITS
+    )
+    assert (tokens, flags) == (estimate_tokens("go on"), (FLAG_ESTIMATE_WITHOUT_FILES,))
+
+
+def test_anthropic_tool_results_and_system_blocks_are_looked_into() -> None:
+    """An image inside a ``tool_result`` counts at its stated cost; tool use and results are
+    text; a ``document`` (a PDF) is bounded by the context window."""
+    image = {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}
+    payload = {
+        "model": "m",
+        "max_tokens": 100,
+        "system": [{"type": "text", "text": "be brief"}],
+        "messages": [
+            {"role": "user", "content": "read it"},
+            {
+                "role": "assistant",
+                "content": [{"type": "tool_use", "id": "t1", "name": "read", "input": {"p": "x"}}],
+            },
+            {
+                "role": "user",
+                "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [image]}],
+            },
+        ],
+    }
+    image_bytes = sum(
+        len(t) for t in ("type", "image", "source", "type", "url", "url", image["source"]["url"])
+    )
+    assert bound(payload) == (
+        len(orjson.dumps(payload))
+        - image_bytes
+        + LIMITS.image_prompt_tokens
+        + BASE_TEMPLATE_TOKENS
+        + 3 * TEMPLATE_TOKENS_PER_ITEM
+    )
+    document = {"type": "document", "source": {"type": "file", "file_id": "f"}}
+    with_pdf = {"model": "m", "messages": [{"role": "user", "content": [document]}]}
+    assert bound(with_pdf) == LIMITS.max_context_tokens
+    in_system = {"model": "m", "system": [document], "messages": []}
+    assert bound(in_system) == LIMITS.max_context_tokens
+
+
+def test_the_estimate_reads_every_format() -> None:
+    anthropic = {
+        "model": "m",
+        "system": "be brief",
+        "messages": [
+            {"role": "user", "content": "read it"},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "thinking", "thinking": "hmm", "signature": "s"},
+                    {"type": "tool_use", "id": "t1", "name": "read", "input": {"p": "x"}},
+                ],
+            },
+            {
+                "role": "user",
+                "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "done"}],
+            },
+        ],
+    }
+    tokens, flags = estimate_prompt(anthropic, LIMITS)
+    texts = ["read it", "hmm", "read", "p", "x", "done", "be brief"]
+    assert (tokens, flags) == (
+        estimate_tokens("\n".join(texts)) + 3 * TEMPLATE_TOKENS_PER_ITEM,
+        (),
+    )
+    responses = {
+        "model": "m",
+        "instructions": "be brief",
+        "input": [
+            {"role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+            {"type": "function_call", "call_id": "c", "name": "look", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c", "output": "a cat"},
+        ],
+    }
+    tokens, flags = estimate_prompt(responses, LIMITS)
+    assert (tokens, flags) == (
+        estimate_tokens("\n".join(["hi", "look", "{}", "a cat", "be brief"]))
+        + 3 * TEMPLATE_TOKENS_PER_ITEM,
+        (),
+    )
+
+
 def test_output_is_bounded_by_max_tokens_only() -> None:
     assert output_bound({"max_tokens": 100}, LIMITS) == 100
     assert output_bound({"max_tokens": 10**9}, LIMITS) == LIMITS.max_output_tokens
@@ -234,6 +362,35 @@ def test_the_estimate_never_exceeds_the_bound(
         ]
     for body in (orjson.dumps(payload), json.dumps(payload).encode()):  # compact or ASCII
         assert estimate_prompt(payload, LIMITS)[0] <= prompt_bound(payload, len(body), LIMITS)
+
+
+@given(text, st.lists(st.tuples(text, text, text), min_size=1, max_size=4), text)
+def test_the_estimate_never_exceeds_the_bound_in_the_other_formats(
+    system: str, turns: list[tuple[str, str, str]], instructions: str
+) -> None:
+    """The same promise for Anthropic's tool use and results and the Responses API's items."""
+    anthropic: dict[str, Any] = {"model": "m", "max_tokens": 10, "system": system, "messages": []}
+    responses: dict[str, Any] = {"model": "m", "instructions": instructions, "input": []}
+    for ask, argument, result in turns:
+        anthropic["messages"] += [
+            {"role": "user", "content": ask},
+            {
+                "role": "assistant",
+                "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {"a": argument}}],
+            },
+            {
+                "role": "user",
+                "content": [{"type": "tool_result", "tool_use_id": "t", "content": result}],
+            },
+        ]
+        responses["input"] += [
+            {"role": "user", "content": [{"type": "input_text", "text": ask}]},
+            {"type": "function_call", "call_id": "c", "name": "f", "arguments": argument},
+            {"type": "function_call_output", "call_id": "c", "output": result},
+        ]
+    for payload in (anthropic, responses):
+        for body in (orjson.dumps(payload), json.dumps(payload).encode()):
+            assert estimate_prompt(payload, LIMITS)[0] <= prompt_bound(payload, len(body), LIMITS)
 
 
 @given(
