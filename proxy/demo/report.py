@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 from proxy.demo.script import FLASH, TEAMS, Call
 from proxy.formats import ZERO, decimal_text
@@ -25,7 +24,6 @@ class Result:
     call: Call
     status: int
     request_id: str | None
-    usage: dict[str, Any] | None
     error: str = ""
 
 
@@ -44,24 +42,28 @@ class SpendLine:
     costs: dict[str, Decimal] = field(default_factory=dict)
 
 
+_RECORDED = """
+    SELECT u.request_id, u.priced, u.tier, c.amount, u.cache_hit_tokens, u.cache_miss_tokens,
+           u.output_tokens, u.reasoning_tokens, u.model_requested, u.billed_model
+    FROM usage u LEFT JOIN usage_cost c ON c.request_id = u.request_id AND c.currency = 'CNY'"""
+
+
 def print_calls(results: Sequence[Result], ledger: Path) -> int:
-    """One line per call: what the client saw, with the tier and cost the ledger recorded."""
+    """One line per call: its status, and the tokens, tier and cost the ledger recorded (the
+    same columns whatever the call's format: that is what the proxy meters)."""
     with contextlib.closing(connect(ledger)) as db:
-        recorded = {
-            request_id: (priced, tier, cny)
-            for request_id, priced, tier, cny in db.execute(
-                "SELECT u.request_id, u.priced, u.tier, c.amount FROM usage u "
-                "LEFT JOIN usage_cost c ON c.request_id = u.request_id AND c.currency = 'CNY'"
-            )
-        }
+        recorded = {row[0]: row[1:] for row in db.execute(_RECORDED)}
     rows = []
     problems = 0
     for number, result in enumerate(results, 1):
-        call, usage = result.call, result.usage or {}
-        priced, tier, cny = recorded.get(result.request_id or "", (0, None, None))
+        call = result.call
+        found = recorded.get(result.request_id or "")
+        priced, tier, cny, *tokens, requested, billed = found or (0, None, None, *[None] * 6)
         if result.status != 200 or not priced:
             problems += 1
-        details = usage.get("completion_tokens_details") or {}
+        note = result.error[:200] or call.note
+        if billed is not None and billed != requested:
+            note += f" [billed as {billed}]"
         rows.append(
             [
                 str(number),
@@ -72,17 +74,9 @@ def print_calls(results: Sequence[Result], ledger: Path) -> int:
                 f"{call.at:%a %m-%d %H:%M}",
                 str(result.status),
                 tier or "-",
-                *(
-                    str(usage.get(name, "-"))
-                    for name in (
-                        "prompt_cache_hit_tokens",
-                        "prompt_cache_miss_tokens",
-                        "completion_tokens",
-                    )
-                ),
-                str(details.get("reasoning_tokens", "-")),
+                *("-" if count is None else str(count) for count in tokens),
                 decimal_text(Decimal(cny)) if cny is not None else "-",
-                result.error or call.note,
+                note,
             ]
         )
     print("\nCalls (sent one at a time; the demo sets the proxy's clock to each instant):")
@@ -189,17 +183,28 @@ def print_metrics(url: str, metrics: str) -> None:
 
 def print_try_it(url: str, team_keys: dict[str, str]) -> None:
     team = TEAMS[0]
-    body = json.dumps(
-        {
-            "model": FLASH,
-            "thinking": {"type": "disabled"},
-            "messages": [{"role": "user", "content": "Hello"}],
-        }
-    )
-    print(f"\nTry it: the proxy is {url}; the key of team {team} is {team_keys[team]}")
+    key = team_keys[team]
+    messages = [{"role": "user", "content": "Hello"}]
+    chat = {"model": FLASH, "thinking": {"type": "disabled"}, "messages": messages}
+    anthropic = {"model": FLASH, "max_tokens": 256, "messages": messages}
+    responses = {"model": FLASH, "input": "Hello"}
+    json_type = "-H 'Content-Type: application/json'"
+    print(f"\nTry it: the proxy is {url}; the key of team {team} is {key}")
     print(
-        f"  curl {url}/chat/completions -H 'Authorization: Bearer {team_keys[team]}' "
-        f"-H 'Content-Type: application/json' -d '{body}'"
+        f"  curl {url}/chat/completions -H 'Authorization: Bearer {key}' {json_type} "
+        f"-d '{json.dumps(chat)}'"
+    )
+    print(
+        f"  curl {url}/anthropic/v1/messages -H 'x-api-key: {key}' {json_type} "
+        f"-d '{json.dumps(anthropic)}'"
+    )
+    print(
+        f"  curl {url}/responses -H 'Authorization: Bearer {key}' {json_type} "
+        f"-d '{json.dumps(responses)}'"
+    )
+    print(
+        f"  Claude Code: ANTHROPIC_BASE_URL={url}/anthropic ANTHROPIC_AUTH_TOKEN={key} "
+        f"ANTHROPIC_MODEL={FLASH} claude"
     )
 
 

@@ -7,7 +7,8 @@ In order, the command:
 2. starts the real proxy (`proxy.app.create_app`) in front of it, with three teams that get fresh
    keys, the price book shipped in ``config/pricing/deepseek.yaml`` and a real SQLite ledger;
 3. sends a fixed script of calls with httpx, one at a time: mixed teams and models, streamed and
-   not, a repeated prompt (cache hits), a thinking call, a FIM call;
+   not, a repeated prompt (cache hits), a thinking call, a FIM call, and calls in DeepSeek's
+   Anthropic format (with a claude name, as Claude Code sends) and the OpenAI Responses API;
 4. prints each call, then a spend report by team and model read from the ledger with SQL, a
    sample of the Prometheus metrics, and how to call the proxy yourself;
 5. keeps serving until Ctrl-C (or SIGTERM), unless ``--exit``.
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import secrets
 import signal
 import sqlite3
@@ -34,7 +34,6 @@ import time
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
 
 import httpx
 
@@ -229,25 +228,23 @@ def _config(upstream_url: str, ledger: Path, port: int, team_keys: dict[str, str
 
 
 async def _send(client: httpx.AsyncClient, call: Call, key: str, clock: SimulatedClock) -> Result:
-    """Send one call at its instant; read the usage the way a client would."""
+    """Send one call at its instant, with the key where the format's SDK puts it, and read the
+    whole answer (a stream to its end, as a client does)."""
     clock.set(call.at)
-    headers = {"Authorization": f"Bearer {key}"}
-    usage: dict[str, Any] | None = None
+    headers = (
+        {"x-api-key": key, "anthropic-version": "2023-06-01"}
+        if call.path.startswith("/anthropic/")
+        else {"Authorization": f"Bearer {key}"}
+    )
     try:
         async with client.stream("POST", call.path, json=call.body, headers=headers) as reply:
             request_id = reply.headers.get("x-request-id")
+            body = await reply.aread()
             if reply.status_code != 200:
-                body = (await reply.aread()).decode(errors="replace")
-                return Result(call, reply.status_code, request_id, None, body[:200])
-            if call.body.get("stream"):
-                async for line in reply.aiter_lines():
-                    if line.startswith("data: {"):
-                        usage = json.loads(line.removeprefix("data: ")).get("usage") or usage
-            else:
-                usage = json.loads(await reply.aread()).get("usage")
-    except (httpx.HTTPError, ValueError) as exc:  # ValueError: a body that is not JSON
-        return Result(call, 0, None, None, f"{type(exc).__name__}: {exc}")
-    return Result(call, 200, request_id, usage)
+                return Result(call, reply.status_code, request_id, body.decode(errors="replace"))
+    except httpx.HTTPError as exc:
+        return Result(call, 0, None, f"{type(exc).__name__}: {exc}")
+    return Result(call, 200, request_id)
 
 
 async def _until_stopped() -> None:

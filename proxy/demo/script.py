@@ -20,6 +20,8 @@ FREE_PLAY = datetime(2026, 11, 2, 10, 0, tzinfo=BEIJING)
 """The instant (plus real time elapsed) at which calls made after the script are priced."""
 SCRIPT_FILE = Path(__file__).with_name("script.yaml")
 _CHAT_PATH = "/chat/completions"
+_PATHS = {"chat": _CHAT_PATH, "anthropic": "/anthropic/v1/messages", "responses": "/responses"}
+"""The route each request format is sent to unless the entry names one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,19 +37,28 @@ class Call:
 
 def _call(entry: Mapping[str, Any], systems: Mapping[str, str]) -> Call:
     at = datetime.strptime(f"2026-{entry['at']}", "%Y-%m-%d %H:%M").replace(tzinfo=BEIJING)
+    kind = entry.get("format", "chat")
     body = entry.get("body")
     if body is None:
-        system = systems[entry["system"]] if "system" in entry else None
-        messages = [{"role": "system", "content": system}] if system else []
-        messages.append({"role": "user", "content": entry["question"]})
-        thinking = entry.get("thinking", False)
-        body = {
-            "model": entry["model"],
-            "messages": messages,
-            "stream": entry.get("stream", False),
-            "thinking": {"type": "enabled" if thinking else "disabled"},
-        }
-    return Call(entry["team"], at, dict(body), entry["note"], entry.get("path", _CHAT_PATH))
+        body = _body(kind, entry, systems[entry["system"]] if "system" in entry else None)
+    return Call(entry["team"], at, dict(body), entry["note"], entry.get("path", _PATHS[kind]))
+
+
+def _body(kind: str, entry: Mapping[str, Any], system: str | None) -> dict[str, Any]:
+    """A request in the entry's format: a system prompt where that format puts it (a chat
+    message, Anthropic's ``system``, the Responses API's ``instructions``)."""
+    question, stream = entry["question"], entry.get("stream", False)
+    thinking = {"type": "enabled" if entry.get("thinking", False) else "disabled"}
+    if kind == "anthropic":
+        messages = [{"role": "user", "content": question}]
+        body = {"model": entry["model"], "max_tokens": 1024, "messages": messages}
+        return {**body, "stream": stream, **({"system": system} if system else {})}
+    if kind == "responses":
+        body = {"model": entry["model"], "input": question, "stream": stream}
+        return {**body, "thinking": thinking, **({"instructions": system} if system else {})}
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": question})
+    return {"model": entry["model"], "messages": messages, "stream": stream, "thinking": thinking}
 
 
 def _script(path: Path) -> tuple[Call, ...]:

@@ -10,16 +10,26 @@ this one only answers well, in DeepSeek's 2026 shapes (``/work/shared/deepseek-a
   ``data: [DONE]``. The usage rides on the last chunk (``finish_reason: "stop"``); earlier chunks
   carry ``"usage": null`` when ``stream_options.include_usage`` is set.
 - ``POST /beta/completions`` (FIM): the same as ``text_completion`` objects.
+- ``POST /anthropic/v1/messages``: Anthropic's Messages format (a ``message``, or with
+  ``"stream": true`` the ``message_start`` ... ``message_stop`` events, a ``ping`` among them);
+  usage is Anthropic's (``input_tokens`` excludes ``cache_read_input_tokens``). Any model name
+  is served, as DeepSeek's Anthropic endpoint serves names it does not support (``claude-*``
+  included) instead of refusing them.
+- ``POST /responses``: the OpenAI Responses API (a ``response``, or its ``response.*`` events
+  ending with ``response.completed``, which carries the usage; ``cached_tokens`` is part of
+  ``input_tokens``, ``reasoning_tokens`` of ``output_tokens``).
 - ``GET /models``.
 - Thinking is on unless the body says ``"thinking": {"type": "disabled"}`` (DeepSeek's 2026
   default): the answer then carries ``reasoning_content``, and its tokens are counted in
   ``completion_tokens_details.reasoning_tokens`` and, as DeepSeek does, inside
   ``completion_tokens``. FIM never thinks.
-- Anything but ``Authorization: Bearer <the key it was started with>`` is a 401.
+- Anything but ``Authorization: Bearer <the key it was started with>`` (or, on the Anthropic
+  route, ``x-api-key: <key>``) is a 401.
 
 Usage is a pure function of the requests seen so far, so the demo's report is the same on every
 run: text costs ``characters // 4 + 1`` tokens (the prompt is every message's text joined by
-newlines, or FIM's prompt and suffix). DeepSeek caches prompt prefixes in 64-token units; here a
+newlines, or FIM's prompt and suffix; Anthropic's ``system`` and the Responses API's
+``instructions`` come first). DeepSeek caches prompt prefixes in 64-token units; here a
 unit is 256 characters, and a prompt's cache hit is 64 tokens for each leading 256-character
 block whose whole prefix the same model saw before (the rest of the prompt is a miss).
 """
@@ -62,6 +72,8 @@ class _Refused(Exception):
 async def _auth_and_errors(request: web.Request, handler: _Handler) -> web.StreamResponse:
     try:
         token = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if request.path.startswith("/anthropic/") and "x-api-key" in request.headers:
+            token = request.headers["x-api-key"].strip()
         if token != request.app[_KEY]:
             # DeepSeek's 401 echoes the last four characters of the key it was given.
             raise _Refused(401, f"Authentication Fails, Your api key: ****{token[-4:]} is invalid")
@@ -96,6 +108,8 @@ class SimulatedDeepSeek:
         app.router.add_post("/chat/completions", self._chat)
         app.router.add_post("/beta/chat/completions", self._chat)
         app.router.add_post("/beta/completions", self._fim)
+        app.router.add_post("/anthropic/v1/messages", self._messages)
+        app.router.add_post("/responses", self._responses)
         app.router.add_get("/models", self._models)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
@@ -203,6 +217,147 @@ class SimulatedDeepSeek:
         pieces = [{"text": piece} for piece in _pieces(text)] + [{"text": ""}]
         return await _stream(request, base, pieces, usage, _wants_usage(payload))
 
+    async def _messages(self, request: web.Request) -> web.StreamResponse:
+        """Anthropic's Messages format. No thinking: the demo's agents do not ask for it."""
+        payload = await _payload(request, any_model=True)
+        messages = payload.get("messages")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise _Refused(400, "messages: Input should be a valid list")
+        if not isinstance(payload.get("max_tokens"), int):
+            raise _Refused(400, "max_tokens: Field required")
+        prompt = "\n".join(
+            [_text(payload.get("system")), *(_text(m.get("content")) for m in messages)]
+        )
+        words = " ".join(_text(messages[-1].get("content")).split()[:8]) if messages else ""
+        answer = f"Simulated answer (no model ran) to: {words}"
+        chat = self.usage(payload["model"], prompt, answer, "")
+        usage = {
+            "input_tokens": chat["prompt_cache_miss_tokens"],
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": chat["prompt_cache_hit_tokens"],
+            "output_tokens": chat["completion_tokens"],
+        }
+        message: dict[str, Any] = {
+            "id": f"msg_{uuid.uuid4().hex[:24]}",
+            "type": "message",
+            "role": "assistant",
+            "model": payload["model"],
+            "content": [{"type": "text", "text": answer}],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": usage,
+        }
+        if payload.get("stream") is not True:
+            return _json(message)
+        start = {**message, "content": [], "stop_reason": None, "usage": {**usage}}
+        start["usage"]["output_tokens"] = 1  # Anthropic's message_start: the output so far
+        events: list[tuple[str, dict[str, Any]]] = [
+            ("message_start", {"message": start}),
+            ("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+            ("ping", {}),
+        ]
+        events += [
+            ("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": piece}})
+            for piece in _pieces(answer)
+        ]
+        events += [
+            ("content_block_stop", {"index": 0}),
+            (
+                "message_delta",
+                {
+                    "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                    "usage": {"output_tokens": usage["output_tokens"]},
+                },
+            ),
+            ("message_stop", {}),
+        ]
+        return await _named_events(request, events)
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        """The OpenAI Responses API; thinking as on chat (on unless disabled)."""
+        payload = await _payload(request)
+        items = payload.get("input")
+        if isinstance(items, str):
+            items = [{"role": "user", "content": items}]
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            raise _Refused(400, "Invalid Parameters: input must be a string or a list of items")
+        prompt = "\n".join(
+            [_text(payload.get("instructions")), *(_text(i.get("content")) for i in items)]
+        )
+        thinking = payload.get("thinking")
+        thinks = not (isinstance(thinking, dict) and thinking.get("type") == "disabled")
+        words = " ".join(_text(items[-1].get("content")).split()[:8]) if items else ""
+        answer = f"Simulated answer (no model ran) to: {words}"
+        reasoning = (
+            f"The user asks: {words}. The simulation only counts these tokens." if thinks else ""
+        )
+        chat = self.usage(payload["model"], prompt, answer, reasoning)
+        usage = {
+            "input_tokens": chat["prompt_tokens"],
+            "input_tokens_details": {"cached_tokens": chat["prompt_cache_hit_tokens"]},
+            "output_tokens": chat["completion_tokens"],
+            "output_tokens_details": {
+                "reasoning_tokens": chat["completion_tokens_details"]["reasoning_tokens"]
+            },
+            "total_tokens": chat["total_tokens"],
+        }
+        text = {"type": "output_text", "text": answer, "annotations": []}
+        item = {
+            "type": "message",
+            "id": f"msg_{uuid.uuid4().hex[:24]}",
+            "status": "completed",
+            "role": "assistant",
+            "content": [text],
+        }
+        thought = {"type": "reasoning", "id": f"rs_{uuid.uuid4().hex[:24]}", "summary": []}
+        response: dict[str, Any] = {
+            "id": f"resp_{uuid.uuid4().hex[:24]}",
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": "completed",
+            "model": payload["model"],
+            "output": [thought, item] if thinks else [item],
+            "usage": usage,
+        }
+        if payload.get("stream") is not True:
+            return _json(response)
+        started = {**response, "status": "in_progress", "output": [], "usage": None}
+        index = len(response["output"]) - 1
+        events: list[tuple[str, dict[str, Any]]] = [
+            ("response.created", {"response": started}),
+            ("response.in_progress", {"response": started}),
+            (
+                "response.output_item.added",
+                {"output_index": index, "item": {**item, "status": "in_progress", "content": []}},
+            ),
+            (
+                "response.content_part.added",
+                {"output_index": index, "content_index": 0, "part": {**text, "text": ""}},
+            ),
+        ]
+        events += [
+            (
+                "response.output_text.delta",
+                {"output_index": index, "content_index": 0, "item_id": item["id"], "delta": piece},
+            )
+            for piece in _pieces(answer)
+        ]
+        events += [
+            (
+                "response.output_text.done",
+                {"output_index": index, "content_index": 0, "item_id": item["id"], "text": answer},
+            ),
+            (
+                "response.content_part.done",
+                {"output_index": index, "content_index": 0, "part": text},
+            ),
+            ("response.output_item.done", {"output_index": index, "item": item}),
+            ("response.completed", {"response": response}),
+        ]
+        for number, (_, data) in enumerate(events):
+            data["sequence_number"] = number
+        return await _named_events(request, events)
+
     async def _models(self, request: web.Request) -> web.StreamResponse:
         return _json(
             {
@@ -214,14 +369,16 @@ class SimulatedDeepSeek:
         )
 
 
-async def _payload(request: web.Request) -> dict[str, Any]:
+async def _payload(request: web.Request, *, any_model: bool = False) -> dict[str, Any]:
     try:
         payload = json.loads(await request.read())
     except (ValueError, UnicodeDecodeError):
         raise _Refused(400, "Invalid Format: the body is not JSON") from None
     if not isinstance(payload, dict):
         raise _Refused(400, "Invalid Format: the body is not a JSON object")
-    if payload.get("model") not in MODELS:
+    if not isinstance(payload.get("model"), str) or (
+        not any_model and payload["model"] not in MODELS
+    ):
         raise _Refused(400, "Model Not Exist")
     if "stream_options" in payload and payload.get("stream") is not True:
         raise _Refused(400, "Invalid Format: stream_options is only allowed with stream: true")
@@ -290,5 +447,20 @@ async def _stream(
             chunk["usage"] = usage if last else None
         await response.write(b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n")
     await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+async def _named_events(
+    request: web.Request, events: list[tuple[str, dict[str, Any]]]
+) -> web.StreamResponse:
+    """Server-sent events with names (``event: X`` then ``data: {...}``), as Anthropic's and the
+    Responses API's streams are; each data object repeats its name as ``type``."""
+    response = web.StreamResponse(headers={**_headers(), "Cache-Control": "no-cache"})
+    response.content_type = "text/event-stream"
+    await response.prepare(request)
+    for name, data in events:
+        body = json.dumps({"type": name, **data}, ensure_ascii=False)
+        await response.write(f"event: {name}\ndata: {body}\n\n".encode())
     await response.write_eof()
     return response

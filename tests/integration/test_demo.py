@@ -16,8 +16,11 @@ import re
 import sqlite3
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
+import anthropic
 import httpx
+import openai
 import pytest
 
 from proxy.demo import report, run, script
@@ -104,9 +107,36 @@ def test_ledger_has_every_call_priced_in_both_tiers(runs: list[tuple[str, Path]]
     assert {row[:4] for row in rows} == {("final", "complete", "reported", 1)}
     assert {row[4] for row in rows} == {"peak", "off_peak"}
     assert costs == 2 * len(rows)  # CNY and USD for every call
-    assert "fim" in {row[5] for row in rows}
+    assert {row[5] for row in rows} == {"chat", "fim", "messages", "responses"}
     assert any(row[6] > 0 for row in rows), "the repeated prompt should hit the cache"
     assert any(row[7] > 0 for row in rows), "the thinking calls should report reasoning"
+    for endpoint in ("messages", "responses"):  # each other format hits the cache too
+        assert any(row[5] == endpoint and row[6] > 0 for row in rows), endpoint
+    assert any(row[5] == "responses" and row[7] > 0 for row in rows)
+
+
+def test_the_other_formats_are_metered_exactly(runs: list[tuple[str, Path]]) -> None:
+    """The Anthropic-format calls: a claude name billed as deepseek-flash at Monday's peak rates
+    (CNY 0.04 / 2 / 8 per million); the Responses call: reasoning inside output, billed once."""
+    with contextlib.closing(sqlite3.connect(runs[0][1])) as db:
+        rows = db.execute(
+            "SELECT u.model_requested, u.billed_model, u.tier, u.cache_hit_tokens, "
+            "u.cache_miss_tokens, u.output_tokens, u.reasoning_tokens, c.amount FROM usage u "
+            "JOIN usage_cost c ON c.request_id = u.request_id AND c.currency = 'CNY' "
+            "WHERE u.endpoint = ? ORDER BY u.started_at",
+            ("messages",),
+        ).fetchall()
+    assert len(rows) == 2
+    for requested, billed, tier, hit, miss, output, reasoning, cny in rows:
+        assert (requested, billed, tier, reasoning) == (
+            "claude-sonnet-4-5",
+            "deepseek-flash",
+            "peak",
+            0,
+        )
+        expected = (Decimal("0.04") * hit + 2 * miss + 8 * output) / 1_000_000
+        assert Decimal(cny) == expected
+    assert rows[0][3] == 0 and rows[1][3] > 0  # the second call hits the first one's prefix
 
 
 def test_metrics_sample_is_printed(runs: list[tuple[str, Path]]) -> None:
@@ -185,3 +215,39 @@ async def test_simulated_deepseek_checks_the_key_and_streams_like_deepseek() -> 
     assert last["choices"][0]["finish_reason"] == "stop"
     assert last["usage"]["completion_tokens_details"]["reasoning_tokens"] > 0  # thinking default
     assert any(chunk["choices"][0]["delta"].get("reasoning_content") for chunk in chunks)
+
+
+async def test_the_simulated_formats_read_in_the_real_sdks() -> None:
+    """The simulation's Anthropic and Responses answers, streamed and not, are what the
+    ``anthropic`` and ``openai`` SDKs parse: the same usage either way."""
+    simulated = SimulatedDeepSeek("sk-simulated-right")
+    url = await simulated.start()
+    messages: list[Any] = [{"role": "user", "content": "Why is the sky blue?"}]
+    try:
+        async with anthropic.AsyncAnthropic(
+            base_url=url + "/anthropic", api_key="sk-simulated-right", max_retries=0
+        ) as claude:
+            whole = await claude.messages.create(
+                model="claude-sonnet-4-5", max_tokens=64, messages=messages
+            )
+            async with claude.messages.stream(
+                model="claude-sonnet-4-5", max_tokens=64, messages=messages
+            ) as stream:
+                streamed = await stream.get_final_message()
+        async with openai.AsyncOpenAI(
+            base_url=url, api_key="sk-simulated-right", max_retries=0
+        ) as client:
+            response = await client.responses.create(model="deepseek-flash", input="Why?")
+            events = await client.responses.create(
+                model="deepseek-flash", input="Why?", stream=True
+            )
+            completed = [e async for e in events if e.type == "response.completed"]
+    finally:
+        await simulated.close()
+    assert whole.content[0].text == streamed.content[0].text  # type: ignore[union-attr]
+    assert whole.usage.output_tokens == streamed.usage.output_tokens > 0
+    assert streamed.usage.cache_read_input_tokens == 0  # a short prompt: no whole cache unit
+    assert response.output_text.startswith("Simulated answer")
+    assert response.usage is not None and response.usage.output_tokens_details.reasoning_tokens > 0
+    [done] = completed
+    assert done.response.usage == response.usage
