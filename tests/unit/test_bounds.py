@@ -175,7 +175,10 @@ def test_what_a_responses_request_only_refers_to_is_bounded_by_the_context() -> 
 def test_anthropic_tool_results_and_system_blocks_are_looked_into() -> None:
     """An image inside a ``tool_result`` counts at its stated cost; tool use and results are
     text; a ``document`` (a PDF) is bounded by the context window."""
-    image = {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}
+    image: dict[str, Any] = {
+        "type": "image",
+        "source": {"type": "url", "url": "https://example.com/a.png"},
+    }
     payload = {
         "model": "m",
         "max_tokens": 100,
