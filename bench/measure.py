@@ -27,6 +27,7 @@ import aiohttp
 from bench import load, wrk
 from bench.ledger_rate import count_final_rows
 from bench.procs import Service, cpu_seconds, machine_busy_seconds, rss_mb
+from bench.upstream import ANTHROPIC_FRAME_EVENTS
 
 T = TypeVar("T")
 
@@ -58,6 +59,19 @@ STREAM = body(
     bench_burst=10,
 )
 STREAM_BURST = body(stream=True, max_tokens=STREAM_CHUNKS, stream_options={"include_usage": True})
+ANTHROPIC_STREAM = json.dumps(
+    {
+        "model": MODEL,
+        "max_tokens": STREAM_CHUNKS,
+        "messages": _MESSAGES,
+        "stream": True,
+        "bench_chunk_delay_ms": 1,
+        "bench_burst": 10,
+    },
+    separators=(",", ":"),
+).encode()
+"""The Anthropic-format stream (DeepSeek's ``/anthropic/v1/messages``), paced as `STREAM`."""
+ANTHROPIC_EVENTS = STREAM_CHUNKS + ANTHROPIC_FRAME_EVENTS
 LARGE_BYTES = 1_000_000
 LARGE = body(bench_response_bytes=LARGE_BYTES)
 
@@ -127,6 +141,8 @@ class Target:
     url: str
     """The completion URL (``.../chat/completions``)."""
     server: Service
+    messages_url: str = ""
+    """The Anthropic-format URL (``.../anthropic/v1/messages``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,6 +299,20 @@ class Bench:
                             f"{target.name}: stream answered {response.status} "
                             f"with {events} events: {answer[-300:]!r}"
                         )
+            async with client.post(
+                target.messages_url, data=ANTHROPIC_STREAM, headers=self.headers
+            ) as response:
+                answer = await response.read()
+                events = answer.count(b"\nevent: ") + answer.startswith(b"event: ")
+                if (
+                    response.status != 200
+                    or not answer.endswith(b'data: {"type":"message_stop"}\n\n')
+                    or events != ANTHROPIC_EVENTS
+                ):
+                    raise BenchError(
+                        f"{target.name}: Anthropic stream answered {response.status} "
+                        f"with {events} events: {answer[-300:]!r}"
+                    )
 
     # --- non-streaming load: wrk when installed, else the built-in generator ---------------
 
@@ -377,6 +407,19 @@ class Bench:
             Latency.of(paced, paced.first_tokens),
             Latency.of(burst),
             cpu / max(paced.count * STREAM_EVENTS, 1),
+        )
+
+    async def anthropic_streams(self, target: Target) -> Streams:
+        """`streams`' paced measurement in DeepSeek's Anthropic format: time to first token and
+        server CPU per event relayed (named events, usage in two of them)."""
+        call = load.Call(target.messages_url, ANTHROPIC_STREAM, self.headers, True)
+        cpu = cpu_seconds(target.server.pid)
+        paced = await load.closed_loop(call, 1, self.profile.stream, self.profile.max_requests)
+        cpu = cpu_seconds(target.server.pid) - cpu
+        return Streams(
+            Latency.of(paced, paced.first_tokens),
+            Latency.of(paced),
+            cpu / max(paced.count * ANTHROPIC_EVENTS, 1),
         )
 
     async def large(self, target: Target) -> Latency:

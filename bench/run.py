@@ -35,6 +35,8 @@ from bench.procs import (
 )
 from bench.report import machine, render
 
+MESSAGES_PATH = "/anthropic/v1/messages"
+"""DeepSeek's Anthropic-format route, the same path on the upstream, reference and proxy."""
 SOAK_LOAD = 0.5
 """The soak offers half the proxy's saturation rate: steady, with headroom, so its latency
 reflects the proxy's own state rather than queueing behind a saturated core."""
@@ -115,6 +117,17 @@ async def measure_all(
     results.relay = {name: Latency.median([s.total for s in r]) for name, r in streams.items()}
     results.cpu_per_event = {
         name: statistics.median(s.cpu_per_event for s in r) for name, r in streams.items()
+    }
+    anthropic = await bench.in_rounds(
+        targets,
+        bench.anthropic_streams,
+        say.prefixed(f"Anthropic-format streams of {measure.STREAM_CHUNKS} deltas"),
+    )
+    results.anthropic_ttft = {
+        name: Latency.median([s.first_token for s in r]) for name, r in anthropic.items()
+    }
+    results.anthropic_cpu_per_event = {
+        name: statistics.median(s.cpu_per_event for s in r) for name, r in anthropic.items()
     }
     large = await bench.in_rounds(targets, bench.large, say.prefixed("1 MB responses"))
     results.large = {name: Latency.median(r) for name, r in large.items()}
@@ -198,9 +211,12 @@ async def main(args: argparse.Namespace) -> int:
         }
         upstream = started.upstreams[0]
         targets = [
-            Target("direct", upstream.url + "/chat/completions", upstream),
-            Target("reference", started.reference.url + "/chat/completions", started.reference),
-            Target("proxy", started.proxy.url + "/chat/completions", started.proxy),
+            Target(name, service.url + "/chat/completions", service, service.url + MESSAGES_PATH)
+            for name, service in (
+                ("direct", upstream),
+                ("reference", started.reference),
+                ("proxy", started.proxy),
+            )
         ]
         bench = Bench(
             profile, headers, started.upstreams, processes.services, wrk_binary, Path(tmp)

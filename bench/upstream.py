@@ -23,6 +23,12 @@ What a request controls, all in its JSON body:
 - ``bench_response_bytes``: pad a non-streaming answer's content to about this many bytes (the
   1 MB response case).
 
+A POST to a path ending in ``/messages`` (``/anthropic/v1/messages``) is answered in DeepSeek's
+Anthropic format instead, with the same controls: ``max_tokens`` text deltas between
+``message_start`` (the input side of the usage), ``content_block_start`` and a ``ping``, and
+``content_block_stop``, ``message_delta`` (the cumulative ``output_tokens``) and
+``message_stop``; each event is ``event: NAME`` and ``data: {...}``.
+
 Usage always has ``prompt_tokens``, ``completion_tokens``, ``prompt_cache_hit_tokens`` and
 ``prompt_cache_miss_tokens``. Several processes can share one port with ``--reuse-port``
 (SO_REUSEPORT), should one process become the bottleneck.
@@ -161,6 +167,72 @@ def plan(request: dict[str, Any]) -> Answer:
     return Answer(head, tuple(events), delay, _int(request.get("bench_burst"), 1, MAX_CHUNKS) or 1)
 
 
+ANTHROPIC_FRAME_EVENTS = 6
+"""Events of an Anthropic stream besides its text deltas (start, block start, ping, block stop,
+message delta, stop)."""
+
+
+def plan_anthropic(request: dict[str, Any]) -> Answer:
+    """The Anthropic-format answer to one request body (a pure function of the body)."""
+    prompt = _prompt_tokens(request)
+    hit = prompt // 2 // 64 * 64
+    usage = {"input_tokens": prompt - hit, "cache_read_input_tokens": hit, "output_tokens": 1}
+    usage["cache_creation_input_tokens"] = 0
+    message: dict[str, Any] = {
+        "id": "msg_bench0001",
+        "type": "message",
+        "role": "assistant",
+        "model": MODEL,
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": usage,
+    }
+    count = _int(request.get("max_tokens"), 16, MAX_CHUNKS)
+    if request.get("stream") is not True:
+        whole = {**message, "content": [{"type": "text", "text": "Hello world"}]}
+        body = _dumps({**whole, "stop_reason": "end_turn", "usage": {**usage, "output_tokens": 2}})
+        head = (
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"x-ds-trace-id: bench-trace\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
+        return Answer(head + body, (), 0.0, 1)
+
+    def event(name: str, data: dict[str, Any]) -> bytes:
+        framed = b"event: %s\ndata: %s\n\n" % (name.encode(), _dumps({"type": name, **data}))
+        return b"%x\r\n%s\r\n" % (len(framed), framed)
+
+    events = [
+        event("message_start", {"message": message}),
+        event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+        event("ping", {}),
+    ]
+    events.extend(
+        event(
+            "content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": f" tok{i}"}}
+        )
+        for i in range(count)
+    )
+    events.append(event("content_block_stop", {"index": 0}))
+    events.append(
+        event(
+            "message_delta",
+            {
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": count},
+            },
+        )
+    )
+    events.append(event("message_stop", {}) + b"0\r\n\r\n")
+    delay = _int(request.get("bench_chunk_delay_ms"), 0, int(MAX_DELAY_S * 1000)) / 1000
+    head = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\n"
+        b"Cache-Control: no-cache\r\nx-ds-trace-id: bench-trace\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    return Answer(head, tuple(events), delay, _int(request.get("bench_burst"), 1, MAX_CHUNKS) or 1)
+
+
 def _simple(status: str, body: bytes, close: bool = False) -> bytes:
     extra = b"Connection: close\r\n" if close else b""
     return b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s" % (
@@ -175,11 +247,11 @@ class Server:
     """Shared state of one process: the answer cache and the running stream tasks."""
 
     def __init__(self) -> None:
-        self.cache: dict[bytes, Answer] = {}
+        self.cache: dict[tuple[bool, bytes], Answer] = {}
         self.tasks: set[asyncio.Task[None]] = set()
 
-    def answer(self, body: bytes) -> Answer | None:
-        found = self.cache.get(body)
+    def answer(self, body: bytes, anthropic: bool = False) -> Answer | None:
+        found = self.cache.get((anthropic, body))
         if found is None:
             try:
                 request = json.loads(body)
@@ -187,10 +259,10 @@ class Server:
                 return None
             if not isinstance(request, dict):
                 return None
-            found = plan(request)
+            found = plan_anthropic(request) if anthropic else plan(request)
             if len(self.cache) >= _CACHE_LIMIT:
                 self.cache.clear()
-            self.cache[body] = found
+            self.cache[(anthropic, body)] = found
         return found
 
     def spawn(self, work: Awaitable[None]) -> None:
@@ -274,8 +346,8 @@ class Connection(asyncio.Protocol):
         assert transport is not None
         if method == b"GET" and path == b"/healthz":
             transport.write(_simple("200 OK", b'{"status":"ok"}'))
-        elif method == b"POST" and path.endswith(b"/completions"):
-            answer = self.server.answer(body)
+        elif method == b"POST" and path.endswith((b"/completions", b"/messages")):
+            answer = self.server.answer(body, anthropic=path.endswith(b"/messages"))
             if answer is None:
                 transport.write(_simple("400 Bad Request", b'{"error":"bad json"}'))
             elif answer.chunks:
