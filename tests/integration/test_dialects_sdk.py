@@ -5,6 +5,7 @@ tokens at the same instant."""
 
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal
 from typing import Any
 
@@ -101,6 +102,37 @@ async def test_anthropic_stream(fake: FakeDeepSeek, proxy: RunningProxy) -> None
     assert final.usage.output_tokens == 300
     await proxy.sink.wait_for(1)
     the_record(proxy, "messages", stream=True)
+
+
+async def test_the_sync_anthropic_client(fake: FakeDeepSeek, proxy: RunningProxy) -> None:
+    """The blocking client (in a thread, so the proxy's loop runs): ``create`` and the
+    ``messages.stream`` helper, the key in ``x-api-key`` as the SDK sends it; two records,
+    priced as the async client's."""
+    fake.enqueue(
+        Reply(content=["Hi"], usage=ANTHROPIC_USAGE),
+        Reply(content=["Hi", "!"], usage=ANTHROPIC_USAGE, message_deltas=3),
+    )
+
+    def both() -> tuple[str, int]:
+        with anthropic.Anthropic(
+            base_url=proxy.url + "/anthropic", api_key=TEAM_KEYS["alpha"], max_retries=0
+        ) as client:
+            whole = client.messages.create(
+                model="deepseek-flash", max_tokens=400, messages=MESSAGES
+            )
+            with client.messages.stream(
+                model="deepseek-flash", max_tokens=400, messages=MESSAGES
+            ) as stream:
+                final = stream.get_final_message()
+        return whole.content[0].text + final.content[0].text, final.usage.output_tokens  # type: ignore[union-attr]
+
+    text, output = await asyncio.to_thread(both)
+    assert (text, output) == ("HiHi!", 300)
+    records = await proxy.sink.wait_for(2)
+    assert [(r.stream, r.endpoint) for r in records] == [(False, "messages"), (True, "messages")]
+    assert [dict(r.costs) for r in records] == [COST, COST]
+    assert all(r.key_id == records[0].key_id for r in records)
+    assert {request.auth_header for request in fake.requests} == {"Authorization"}
 
 
 async def test_anthropic_errors_are_anthropic_shaped(proxy: RunningProxy) -> None:
