@@ -176,3 +176,23 @@ def test_cache_creation_bills_as_the_config_says(tmp_path: Path) -> None:
         "usage.cache_creation",
         "expected miss or hit, got 'read'",
     )
+
+
+def test_cache_creation_repeated_in_the_final_delta_counts_once() -> None:
+    """Bifrost's and LiteLLM's bug: an Anthropic stream that states its cache writes in
+    ``message_start`` and again in the last ``message_delta`` billed them twice. Each field's
+    last value counts: 50 creation tokens are 50 cache misses, once."""
+    stream = anthropic.StreamUsage()
+    side = {"input_tokens": 20, "cache_read_input_tokens": 700, "cache_creation_input_tokens": 50}
+    stream.take({"type": "message_start", "message": {"usage": {**side, "output_tokens": 1}}})
+    stream.take({"type": "message_delta", "usage": {**side, "output_tokens": 90}})
+    stream.take({"type": "message_stop"})
+    assert anthropic.parse_usage(stream.usage()).tokens == TokenUsage(700, 70, 90, 0)
+
+
+def test_cache_reads_larger_than_input_never_go_negative() -> None:
+    """new-api's bug: taking Anthropic's ``input_tokens`` as the whole prompt and subtracting
+    the cache reads gave negative misses on long cached prompts. ``input_tokens`` excludes
+    them: 12 uncached, 90,000 read from the cache."""
+    usage = {"input_tokens": 12, "cache_read_input_tokens": 90_000, "output_tokens": 5}
+    assert anthropic.parse_usage(usage).tokens == TokenUsage(90_000, 12, 5, 0)
