@@ -30,6 +30,7 @@ from pathlib import Path
 from uuid import uuid4
 from zoneinfo import ZoneInfo
 
+from proxy.attribution import NO_TAGS
 from proxy.config import Limits
 from proxy.ledger.store import SQLiteLedger
 from proxy.ledger.writer import LedgerWriter
@@ -73,6 +74,8 @@ def synthetic_calls(book: PriceBook, count: int) -> Synthetic:
             endpoint="chat",
             stream=False,
             model_requested="deepseek-flash",
+            tags=NO_TAGS,
+            end_user=None,
             payload={},
             started_at=at,
             prompt_bound=LIMITS.max_context_tokens,

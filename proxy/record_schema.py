@@ -43,6 +43,9 @@ class Kind:
     """Never called with NULL either."""
     empty: Any = _REQUIRED
     """Its value in an ``in_flight`` record (no usage, no price yet)."""
+    absent: Any = _REQUIRED
+    """Its value when a JSON record lacks it: one written (a spill file) before the field
+    existed. `_REQUIRED`: it must be there."""
     stored: bool = True
     """False: kept in a table of its own (money: ``usage_cost``), not a ``usage`` column."""
     pg_type: str = "text"
@@ -100,6 +103,14 @@ def _tool_calls(value: Any) -> dict[str, int]:
         raise _unexpected(value) from None
 
 
+def _tags(value: Any) -> dict[str, str]:
+    if isinstance(value, Mapping) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        return dict(value)
+    raise _unexpected(value)
+
+
 def _flags(value: Any) -> tuple[str, ...]:
     if isinstance(value, list) and all(isinstance(flag, str) for flag in value):
         return tuple(value)
@@ -110,7 +121,7 @@ def _optional(kind: Kind) -> Kind:
     def check(value: Any) -> Any:
         return None if value is None else kind.check(value)
 
-    return dataclasses.replace(kind, check=check, empty=None)
+    return dataclasses.replace(kind, check=check, empty=None, absent=None)
 
 
 def _choice(choices: tuple[str, ...]) -> Kind:
@@ -144,6 +155,14 @@ _KINDS: Mapping[object, Kind] = {
         to_column=lambda tools: json.dumps(dict(tools), sort_keys=True) if tools else "{}",
         from_column=json.loads,
         empty={},
+        pg_type="jsonb",
+    ),
+    Mapping[str, str]: Kind(
+        _tags,
+        to_json=dict,
+        to_column=lambda tags: json.dumps(dict(tags), sort_keys=True) if tags else "{}",
+        from_column=json.loads,
+        absent={},  # spill lines written before tags existed
         pg_type="jsonb",
     ),
     tuple[str, ...]: Kind(
@@ -185,6 +204,15 @@ def empty_values(fields: tuple[Field, ...]) -> dict[str, Any]:
     return {f.name: f.kind.empty for f in fields if f.kind.empty is not _REQUIRED}
 
 
+def absent_column(field: Field) -> Any:
+    """What a ledger column of `field` holds in a ledger written before the field existed
+    (a copy from an older ledger reads it so): the column form of its `Kind.absent`, or NULL."""
+    absent = field.kind.absent
+    if absent is _REQUIRED or absent is None:
+        return None
+    return absent if field.kind.to_column is None else field.kind.to_column(absent)
+
+
 def to_json(fields: tuple[Field, ...], record: object) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for field in fields:
@@ -199,15 +227,17 @@ def checked_values(fields: tuple[Field, ...], data: object) -> dict[str, Any]:
     if not isinstance(data, Mapping):
         raise ValueError(f"expected a JSON object, got {type(data).__name__}")
     names = [f.name for f in fields]
-    # An optional field may be absent: spill lines written before it existed lack it.
-    missing = [f.name for f in fields if f.name not in data and f.kind.empty is not None]
+    # A field with an `absent` value may be missing: spill lines written before it existed.
+    missing = [f.name for f in fields if f.name not in data and f.kind.absent is _REQUIRED]
     unknown = [name for name in data if name not in names]
     if missing or unknown:
         raise ValueError(f"missing fields {missing}, unknown fields {unknown}")
     values = {}
     for field in fields:
         try:
-            values[field.name] = field.kind.check(data[field.name]) if field.name in data else None
+            values[field.name] = (
+                field.kind.check(data[field.name]) if field.name in data else field.kind.absent
+            )
         except ValueError as exc:
             raise ValueError(f"{field.name}: {exc}") from None
     return values

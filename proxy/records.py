@@ -89,16 +89,23 @@ class CallRequest:
     (`proxy.relay.call.Endpoint`)."""
     stream: bool
     model_requested: str
+    tags: Mapping[str, str]
+    """Attribution tags the client sent (``x-proxy-tags``; `proxy.attribution`): allow-listed
+    keys, bounded values, sorted by key."""
+    end_user: str | None
+    """The end user the client named in the body (OpenAI ``user``, DeepSeek ``user_id``,
+    Anthropic ``metadata.user_id``), if any."""
 
 
-_REQUEST_FIELDS = operator.attrgetter(*(f.name for f in dataclasses.fields(CallRequest)))
-RequestFields = tuple[str, str, str, str, bool, str]
+_REQUEST_NAMES = tuple(f.name for f in dataclasses.fields(CallRequest))
+_REQUEST_FIELDS = operator.attrgetter(*_REQUEST_NAMES)
+RequestFields = tuple[str, str, str, str, bool, str, Mapping[str, str], str | None]
 
 
 def request_fields(call: CallRequest) -> RequestFields:
     """The `CallRequest` fields of a call, in order: the first arguments of its record. Read
     by one `operator.attrgetter` call, so a record is built from its call without naming
-    these fields again (and without six keyword arguments on the request path)."""
+    these fields again (and without eight keyword arguments on the request path)."""
     return cast(RequestFields, _REQUEST_FIELDS(call))
 
 
@@ -184,7 +191,11 @@ class UsageRecord(CallRequest):
 FIELDS = record_schema.fields_of(UsageRecord)
 """`UsageRecord`'s schema, field by field."""
 _IN_FLIGHT: Mapping[str, Any] = {
-    **record_schema.empty_values(FIELDS),
+    **{
+        name: value
+        for name, value in record_schema.empty_values(FIELDS).items()
+        if name not in _REQUEST_NAMES  # the call's own, given by `request_fields`
+    },
     "outcome": "in_flight",
     "usage_source": "unknown",
     "priced": False,

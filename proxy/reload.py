@@ -51,9 +51,10 @@ RESTART_ONLY = (
     "max_queued_records",
     "ledger_shutdown_timeout",
     "ledger_lease",
+    "tag_labels",
 )
 """`ProxyConfig` fields a reload keeps as they run (the listening socket, the upstream
-session, the ledger and its writer are built once)."""
+session, the ledger and its writer, the metric families are built once)."""
 _RESTART_ONLY_LIMITS = ("max_request_bytes",)
 _RESTART_ONLY_TIMEOUTS = ("client_header",)
 STALE_CHECK_INTERVAL = 5.0
@@ -104,6 +105,7 @@ def restart_only_changes(running: ProxyConfig, new: ProxyConfig) -> list[str]:
         "max_queued_records": "ledger.max_queued_records",
         "ledger_shutdown_timeout": "ledger.shutdown_timeout",
         "ledger_lease": "ledger.lease",
+        "tag_labels": "attribution.metric_labels",
     }
     changed = [names[f] for f in RESTART_ONLY if getattr(running, f) != getattr(new, f)]
     changed += [

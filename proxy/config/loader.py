@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from proxy.config.attribution import read_attribution
 from proxy.config.fields import Reader
 from proxy.config.model import (
     DEFAULT_FLUSH_INTERVAL,
@@ -50,6 +51,7 @@ def load_config(path: Path) -> ProxyConfig:
             "ledger",
             "budgets",
             "reload",
+            "attribution",
         },
     )
     listen = reader.section(raw, "listen")
@@ -106,6 +108,7 @@ def load_config(path: Path) -> ProxyConfig:
         )
     keys, teams, policies = read_teams(reader, raw.get("teams"))
     ledger_path, ledger_url = _ledger_location(reader, ledger)
+    attribution, tag_labels = read_attribution(reader, raw)
     return ProxyConfig(
         path=path,
         host=reader.text(listen.get("host", "127.0.0.1"), "listen.host"),
@@ -143,6 +146,8 @@ def load_config(path: Path) -> ProxyConfig:
         ledger_shutdown_timeout=reader.seconds(
             ledger.get("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT), "ledger.shutdown_timeout"
         ),
+        attribution=attribution,
+        tag_labels=tag_labels,
     )
 
 

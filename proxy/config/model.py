@@ -10,6 +10,7 @@ from types import MappingProxyType
 from typing import Literal
 from zoneinfo import ZoneInfo
 
+from proxy.attribution import DEFAULT_ATTRIBUTION, AttributionConfig
 from proxy.auth import ClientKey
 from proxy.periods import Period
 
@@ -169,6 +170,11 @@ class ProxyConfig:
     """How the Anthropic format's ``cache_creation_input_tokens`` are billed: as cache-miss
     input (the default: DeepSeek caches on its own; `proxy.dialects.anthropic` gives the
     reading) or as cache hits, should DeepSeek's bill say otherwise."""
+    attribution: AttributionConfig = DEFAULT_ATTRIBUTION
+    """Which tags clients may send (`proxy.attribution`)."""
+    tag_labels: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    """Tag key -> the most distinct values it exports as Prometheus labels (``attribution.
+    metric_labels``; `proxy.metrics.tags`); a restart applies a change."""
     reload_watch: float | None = None
     """Seconds between two looks at the config file and price book on disk, reloading them
     when they changed (`proxy.reload`); None: only SIGHUP reloads (the default)."""

@@ -30,7 +30,13 @@ from zoneinfo import ZoneInfo
 
 from proxy.formats import ZERO
 from proxy.ledger.queries import LedgerUnusable, NoLedger, Queries, Row, record_values, settled
-from proxy.ledger.rows import COLUMNS, INSERT_USAGE, ON_CONFLICT_USAGE, RECORD_COLUMNS
+from proxy.ledger.rows import (
+    ABSENT_VALUES,
+    COLUMNS,
+    INSERT_USAGE,
+    ON_CONFLICT_USAGE,
+    RECORD_COLUMNS,
+)
 from proxy.ledger.rows import stored_record as sqlite_record
 from proxy.ledger.schema import SCHEMA_VERSION, SchemaTooNew
 from proxy.records import UsageRecord
@@ -125,7 +131,8 @@ def copy_rows(
     source.execute("BEGIN")
     usage = source.execute("SELECT * FROM usage ORDER BY request_id")
     names = {d[0]: index for index, d in enumerate(usage.description)}
-    # A column a ledger of an older schema lacks (client_status before v3) is NULL.
+    # A column a ledger of an older schema lacks (client_status before v3, tags and end_user
+    # before v4) holds what such rows mean: NULL, or no tags.
     picks = [names.get(column) for column in RECORD_COLUMNS]
     state = names["state"]
     costs = _ByRequest(
@@ -147,7 +154,10 @@ def copy_rows(
             replaced = history.take(request_id)
             if row[state] != "final":
                 continue
-            values = [None if pick is None else row[pick] for pick in picks]
+            values = [
+                absent if pick is None else row[pick]
+                for pick, absent in zip(picks, ABSENT_VALUES, strict=True)
+            ]
             record = sqlite_record(
                 values,
                 {currency: Decimal(amount) for _, currency, amount, _ in amounts},

@@ -23,15 +23,24 @@ from typing import Any, Protocol
 from proxy.ledger.rows import LEDGER_COLUMNS
 from proxy.records import FIELDS
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """Version 3 was the first PostgreSQL schema (the SQLite ledger's version 3); 4 adds the
-replicas' leases; 5 the one-statement budget hold (`HOLD_FUNCTION`)."""
+replicas' leases; 5 the one-statement budget hold (`HOLD_FUNCTION`); 6 the attribution
+columns (tags, end user; the SQLite ledger's version 4)."""
 
 MIGRATION_LOCK = 0x7072_6F78_7931
 """The advisory-lock key every replica takes while it creates or migrates the schema."""
 
 _LEDGER_TYPES = {"state": "text NOT NULL", "billing_day": "date NOT NULL", "owner": "text"}
 assert tuple(_LEDGER_TYPES) == LEDGER_COLUMNS, "the ledger's own columns are SQLite's"
+
+
+_ATTRIBUTION_INDEXES = (
+    "CREATE INDEX usage_key_day ON usage (key_id, billing_day)",
+    "CREATE INDEX usage_user_day ON usage (end_user, billing_day) WHERE end_user IS NOT NULL",
+    "CREATE INDEX usage_tags ON usage USING gin (tags jsonb_path_ops)",
+)
+"""Reports by key, end user and tag (``tags @> '{"project": "ranker"}'``)."""
 
 
 def _usage_table() -> str:
@@ -51,6 +60,7 @@ _LEDGER: tuple[str, ...] = (
     "CREATE INDEX usage_started ON usage (started_at)",
     "CREATE INDEX usage_team_day ON usage (team, billing_day)",
     "CREATE INDEX usage_in_flight ON usage (owner) WHERE state = 'in_flight'",
+    *_ATTRIBUTION_INDEXES,
     """CREATE TABLE usage_cost (
     request_id text NOT NULL REFERENCES usage (request_id),
     currency text NOT NULL,
@@ -142,6 +152,11 @@ SCHEMA: tuple[str, ...] = (*_LEDGER, *_REPLICAS, HOLD_FUNCTION)
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     3: _REPLICAS,
     4: (HOLD_FUNCTION,),
+    5: (
+        "ALTER TABLE usage ADD COLUMN tags jsonb NOT NULL DEFAULT '{}'",
+        "ALTER TABLE usage ADD COLUMN end_user text",
+        *_ATTRIBUTION_INDEXES,
+    ),
 }
 """Version -> the statements that bring a database of that version to the next one."""
 

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any, Protocol
 
+from proxy import record_schema
 from proxy.formats import ZERO, decimal_text
 from proxy.ledger.connection import statement_sizes
 from proxy.records import FIELDS, UNBILLABLE_SOURCES, UsageRecord
@@ -23,6 +24,9 @@ STORED_FIELDS = tuple(field for field in FIELDS if field.kind.stored)
 """The record's fields that are ``usage`` columns (money goes to ``usage_cost``)."""
 RECORD_COLUMNS = tuple(field.name for field in STORED_FIELDS)
 """The ``usage`` columns that hold a record's fields, in the record's order."""
+ABSENT_VALUES = tuple(record_schema.absent_column(field) for field in STORED_FIELDS)
+"""Per `RECORD_COLUMNS` entry, what a ledger of an older schema without that column holds
+(NULL, or ``'{}'`` for tags)."""
 LEDGER_COLUMNS = ("state", "billing_day", "owner")
 COLUMNS = (*RECORD_COLUMNS, *LEDGER_COLUMNS)
 """Every ``usage`` column, in the order of `usage_row`'s values."""

@@ -31,7 +31,15 @@ from pathlib import Path
 
 from proxy.ledger.connection import Transaction
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+
+_ATTRIBUTION_INDEXES = (
+    "CREATE INDEX usage_key_day ON usage (key_id, billing_day)",
+    "CREATE INDEX usage_user_day ON usage (end_user, billing_day) WHERE end_user IS NOT NULL",
+)
+"""Reports and statements by key and by end user read a team's or a user's rows by day.
+Tags are a JSON object: SQLite reads them with ``json_extract`` over the rows of the period
+(``usage_started``), which no index could narrow for any tag key the config may name."""
 
 _IN_FLIGHT_INDEX = "CREATE INDEX usage_in_flight ON usage (owner) WHERE state = 'in_flight'"
 """The calls running (or left running by a dead process): a few rows however large the ledger,
@@ -72,11 +80,14 @@ _SCHEMA = (
     price_book TEXT NOT NULL,
     flags TEXT NOT NULL,                       -- JSON list
     owner TEXT,                                -- the process that wrote the row (NULL: v1)
-    client_status INTEGER                      -- the status the client got (NULL: v1, v2)
+    client_status INTEGER,                     -- the status the client got (NULL: v1, v2)
+    tags TEXT NOT NULL DEFAULT '{}',           -- JSON object of attribution tags (v4)
+    end_user TEXT                              -- the end user the client named (v4)
 )""",
     "CREATE INDEX usage_started ON usage (started_at)",
     "CREATE INDEX usage_team_day ON usage (team, billing_day)",
     _IN_FLIGHT_INDEX,
+    *_ATTRIBUTION_INDEXES,
     """CREATE TABLE usage_cost (
     request_id TEXT NOT NULL REFERENCES usage (request_id),
     currency TEXT NOT NULL,
@@ -112,7 +123,8 @@ _SCHEMA = (
 )""",
 )
 """The current schema, one statement each (they run inside the transaction that checks the
-ledger is new, which ``executescript`` would commit)."""
+ledger is new, which ``executescript`` would commit). Columns added by a migration come last,
+as ``ALTER TABLE`` puts them, so a migrated ledger and a new one have the same shape."""
 
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     # 1 -> 2: holds and in-flight rows carry their owner, whose death releases them.
@@ -124,6 +136,12 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     # 2 -> 3: the status the client got is recorded, not re-derived (it may differ from
     # DeepSeek's when the proxy answered in its stead).
     2: ("ALTER TABLE usage ADD COLUMN client_status INTEGER",),
+    # 3 -> 4: attribution below the team: tags from the request header and the end user.
+    3: (
+        "ALTER TABLE usage ADD COLUMN tags TEXT NOT NULL DEFAULT '{}'",
+        "ALTER TABLE usage ADD COLUMN end_user TEXT",
+        *_ATTRIBUTION_INDEXES,
+    ),
 }
 """Version -> the statements that bring a ledger of that version to the next one."""
 

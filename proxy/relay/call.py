@@ -1,6 +1,7 @@
 """One completion call, from the client's request to its record: read, admit, exchange, record.
 
-Everything that can refuse a request without cost (encoding, size, JSON, model) comes before
+Everything that can refuse a request without cost (encoding, size, JSON, model, tags, end
+user) comes before
 admission (`proxy.relay.request`). The body goes upstream byte for byte, except that a
 streaming request gets ``stream_options.include_usage = true`` (DeepSeek then reports usage on
 every stream shape we know) and a budget policy may write ``max_tokens``. The exchange itself
@@ -19,11 +20,12 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from proxy.attribution import TAGS_HEADER, AttributionError, end_user
 from proxy.auth import ClientKey
 from proxy.bounds import output_bound, prompt_bound
 from proxy.budgets import BudgetExceeded, CallSize, Reservation
 from proxy.dialects.registry import OPENAI_CHAT, Dialect
-from proxy.errors import InternalError, LedgerUnavailable, ProxyError
+from proxy.errors import BadRequest, InternalError, LedgerUnavailable, ProxyError
 from proxy.metering import CallMeter, build_record
 from proxy.records import UsageRecord
 from proxy.relay.exchange import Exchange
@@ -69,6 +71,11 @@ async def proxy_completion(
     )
     tick = time.perf_counter()
     payload = parse_payload(body)
+    try:
+        tags = state.config.attribution.read_tags(request.headers.get(TAGS_HEADER))
+        user = end_user(payload)
+    except AttributionError as exc:
+        raise BadRequest(str(exc)) from None
     limits = state.config.limits
     dialect = endpoint.dialect
     output_field = dialect.output_field
@@ -91,6 +98,8 @@ async def proxy_completion(
         endpoint=endpoint.name,
         stream=payload.get("stream") is True,
         model_requested=payload["model"],
+        tags=tags,
+        end_user=user,
         payload=payload,
         started_at=started_at,
         prompt_bound=size.prompt,

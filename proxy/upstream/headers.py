@@ -46,6 +46,7 @@ _REQUEST_DROP = HOP_BY_HOP | {
     "x-forwarded-proto",
     "x-real-ip",
     "expect",
+    "x-proxy-tags",  # the proxy's own attribution header (`proxy.attribution`)
 }
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "content-encoding", "set-cookie", "server", "date"}
 

@@ -22,6 +22,7 @@ from zoneinfo import ZoneInfo
 
 import httpx
 
+from proxy.attribution import NO_TAGS
 from proxy.config import Budget
 from proxy.ledger.store import SQLiteLedger
 from proxy.ledger.writer import LedgerWriter
@@ -131,6 +132,8 @@ def test_a_dispatched_call_is_not_kept_while_the_ledger_fails(
             endpoint="chat",
             stream=False,
             model_requested="deepseek-flash",
+            tags=NO_TAGS,
+            end_user=None,
             payload={"messages": [{"role": "user", "content": "x" * 1_000_000}]},
             started_at=PEAK,
             prompt_bound=1 << 20,

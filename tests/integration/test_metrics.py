@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from proxy.attribution import NO_TAGS
 from proxy.config import Limits
 from proxy.ledger.store import SQLiteLedger
 from proxy.ledger.writer import LedgerWriter
@@ -319,6 +320,8 @@ def _records(book: PriceBook, count: int, seed: int) -> list[UsageRecord]:
             endpoint=rng.choice(["chat", "fim"]),
             stream=rng.random() < 0.5,
             model_requested=rng.choice(["deepseek-flash", "deepseek-v4-pro", "someone-else"]),
+            tags=NO_TAGS,
+            end_user=None,
             payload={"messages": [{"role": "user", "content": "hi " * i}]},
             started_at=started,
             prompt_bound=LOOSE.max_context_tokens,

@@ -23,6 +23,7 @@ import pytest
 from proxy.ledger.pg_copy import copy_rows, open_source
 from proxy.ledger.pg_queries import PostgresQueries
 from proxy.ledger.pg_store import PostgresLedger
+from proxy.ledger.schema import SCHEMA_VERSION
 from proxy.ledger.store import SQLiteLedger
 from proxy.pricing import PriceBook
 from tests.conftest import SHIPPED_BOOK
@@ -225,9 +226,12 @@ def test_the_sqlite_file_is_read_and_never_changed(
 def test_a_ledger_of_an_older_schema_is_copied(
     capsys: pytest.CaptureFixture[str], copying: Copying
 ) -> None:
-    """A version-2 ledger has no ``client_status`` column: its calls' status is unknown."""
+    """A version-2 ledger has no ``client_status`` column (its calls' status is unknown), and
+    no ``tags`` or ``end_user`` (its calls had none)."""
     with closing(sqlite3.connect(copying.file)) as conn:
-        conn.execute("ALTER TABLE usage DROP COLUMN client_status")
+        conn.execute("DROP INDEX usage_user_day")
+        for column in ("client_status", "tags", "end_user"):
+            conn.execute(f"ALTER TABLE usage DROP COLUMN {column}")
         conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
         conn.commit()
     code, out, _ = copying.copy(capsys)
@@ -235,7 +239,9 @@ def test_a_ledger_of_an_older_schema_is_copied(
         0,
         f"7 final row(s) in {copying.file}: 7 copied to {copying.url}, 0 already there\n",
     )
-    assert {row[16] for row in pg_tables(copying.url)["usage"]} == {None}
+    assert {(row[16], repr(row[17]), row[18]) for row in pg_tables(copying.url)["usage"]} == {
+        (None, "{}", None)
+    }
 
 
 def test_a_copy_into_an_unreachable_postgresql_is_one_line(
@@ -267,11 +273,13 @@ def no_tables(path: Path) -> str:
 def newer(path: Path) -> str:
     SQLiteLedger(path, BEIJING).close()
     with closing(sqlite3.connect(path)) as conn:
-        conn.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
+        conn.execute(
+            "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),)
+        )
         conn.commit()
     return (
-        f"{path} has ledger schema version 4, newer than this proxy knows (3): run the proxy "
-        "version that wrote it, or a newer one\n"
+        f"{path} has ledger schema version {SCHEMA_VERSION + 1}, newer than this proxy knows "
+        f"({SCHEMA_VERSION}): run the proxy version that wrote it, or a newer one\n"
     )
 
 

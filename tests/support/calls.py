@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+from proxy.attribution import NO_TAGS
 from proxy.config import Limits
 from proxy.metering import CallMeter
 from tests.support.proxy_harness import PEAK
@@ -35,6 +36,8 @@ def call_meter(
         endpoint=endpoint,
         stream=stream,
         model_requested=model,
+        tags=NO_TAGS,
+        end_user=None,
         payload=payload if payload is not None else {},
         started_at=started_at,
         prompt_bound=LOOSE.max_context_tokens,

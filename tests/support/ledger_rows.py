@@ -12,6 +12,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from proxy.attribution import NO_TAGS
 from proxy.ledger import commands
 from proxy.pricing import PriceBook, price
 from proxy.records import CallRequest, Outcome, UsageRecord, UsageSource
@@ -40,6 +41,8 @@ def record(
     source: UsageSource = "reported",
     outcome: Outcome = "complete",
     endpoint: str = "chat",
+    tags: Mapping[str, str] | None = None,
+    end_user: str | None = None,
 ) -> UsageRecord:
     """A final record priced as `proxy.metering.build_record` prices one (at its start)."""
     start = at(started)
@@ -57,6 +60,8 @@ def record(
         endpoint=endpoint,
         stream=False,
         model_requested=model,
+        tags=tags or NO_TAGS,
+        end_user=end_user,
         model_served=model,
         started_at=start,
         first_byte_at=start,
@@ -91,7 +96,7 @@ def record(
 
 
 def in_flight(book: PriceBook, request_id: str, team: str, model: str, started: str) -> UsageRecord:
-    call = CallRequest(request_id, team, "k_abababab", "chat", True, model)
+    call = CallRequest(request_id, team, "k_abababab", "chat", True, model, NO_TAGS, None)
     return UsageRecord.in_flight(call, at(started), book.digest)
 
 

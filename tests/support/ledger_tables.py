@@ -38,6 +38,8 @@ TABLES: dict[str, tuple[str, ...]] = {
         "priced_at",
         "billing_day",
         "client_status",
+        "tags",
+        "end_user",
     ),
     "usage_cost": ("request_id", "currency", "amount", "cache_savings"),
     "cost_history": (
@@ -52,7 +54,7 @@ TABLES: dict[str, tuple[str, ...]] = {
     "spend_daily": ("team", "day", "currency", "amount"),
 }
 """Table -> the columns compared (``usage``: those a copy, a replay or a re-pricing writes)."""
-_JSON = ("flags", "tool_calls")
+_JSON = ("flags", "tool_calls", "tags")
 Tables = dict[str, list[tuple[Any, ...]]]
 
 

@@ -2,8 +2,8 @@
 
 - aiohttp's client is used by the upstream transport alone (`proxy.upstream.transport`): the
   relay and the routes see only `UpstreamAnswer` and the proxy's own exceptions;
-- the configuration, periods, record and outcome modules are leaves: they import nothing of the
-  proxy but other leaves, so any module may use them without an import cycle.
+- the configuration, periods, record, outcome and attribution modules are leaves: they import
+  nothing of the proxy but other leaves, so any module may use them without an import cycle.
 """
 
 from __future__ import annotations
@@ -30,7 +30,14 @@ LEAVES = {
     "proxy.record_schema": {"proxy.formats"},
     "proxy.records": {"proxy.record_schema"},
     "proxy.outcome": {"proxy.records"},
-    "proxy.config": {"proxy.auth", "proxy.periods", "proxy.usage", "proxy.yamlfile"},
+    "proxy.attribution": {"proxy.records"},
+    "proxy.config": {
+        "proxy.attribution",
+        "proxy.auth",
+        "proxy.periods",
+        "proxy.usage",
+        "proxy.yamlfile",
+    },
 }
 """Each leaf and what of the proxy it may import (a package: any of its modules)."""
 

@@ -14,6 +14,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from proxy.attribution import NO_TAGS
 from proxy.config import Limits
 from proxy.ledger.connection import connect
 from proxy.ledger.rows import COLUMNS, RECORD_COLUMNS, stored_record
@@ -219,6 +220,8 @@ def test_in_flight_rows_are_built_from_the_call_only_when_written(
             endpoint="chat",
             stream=True,
             model_requested="deepseek-flash",
+            tags=NO_TAGS,
+            end_user=None,
             payload={},
             started_at=PEAK,
             prompt_bound=LOOSE.max_context_tokens,
@@ -373,9 +376,9 @@ def test_a_version_1_ledger_is_migrated_in_place_keeping_every_row(tmp_path: Pat
         table: rows(path, f"SELECT * FROM {table} ORDER BY 1, 2")  # noqa: S608
         for table in TABLES
     }
-    # Rows from before the migration have no owner (v2) and no client status (v3); only a
-    # start-up recovery ends them.
-    added = {"usage": (None, None), "budget_holds": (None,)}
+    # Rows from before the migration have no owner (v2), no client status (v3), no tags and
+    # no end user (v4); only a start-up recovery ends them.
+    added = {"usage": (None, None, "{}", None), "budget_holds": (None,)}
     assert after == {
         table: [(*row, *added.get(table, ())) for row in table_rows]
         for table, table_rows in before.items()

@@ -184,7 +184,9 @@ def test_only_calls_deepseek_refused_or_never_saw_are_not_billable(
 
 
 def test_an_in_flight_record_has_the_call_and_nothing_else() -> None:
-    call = CallRequest("019a3f", "alpha", "k_00000000", "fim", True, "deepseek-flash")
+    call = CallRequest(
+        "019a3f", "alpha", "k_00000000", "fim", True, "deepseek-flash", {"env": "prod"}, "u-7"
+    )
     started = datetime(2026, 11, 2, 1, 30, tzinfo=UTC)
     record = UsageRecord.in_flight(call, started, "abc")
     assert record.to_json() == {
@@ -194,6 +196,8 @@ def test_an_in_flight_record_has_the_call_and_nothing_else() -> None:
         "endpoint": "fim",
         "stream": True,
         "model_requested": "deepseek-flash",
+        "tags": {"env": "prod"},
+        "end_user": "u-7",
         "model_served": None,
         "started_at": "2026-11-02T01:30:00Z",
         "first_byte_at": None,
