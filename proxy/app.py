@@ -286,6 +286,7 @@ def create_app(
         in_flight=admission.in_flight,
         ledger=ledger_status,
         reload=reloader.status,
+        tag_labels=config.tag_labels,
     )
     metrics = ProxyMetrics(registry, sources, shared_metrics_dir)
     pricer = Pricer(book)

@@ -173,6 +173,26 @@ UPSTREAM_ANOMALIES = Family(
     "(usage past the request's bounds, data after [DONE], ...)",
     "reason",
 )
+TAG_REQUESTS = Family(
+    "llm_tag_requests_total",
+    "counter",
+    "Calls by attribution tag, for the tag keys the config exports as labels (values past "
+    "the key's cap are 'other')",
+    "team, tag, value",
+)
+TAG_COST = Family(
+    "llm_tag_cost_total",
+    "counter",
+    "Spend by attribution tag, as llm_tag_requests_total labels it",
+    "team, tag, value, currency",
+)
+TAG_OVERFLOW = Family(
+    "llm_tag_values_overflow_total",
+    "counter",
+    "Calls whose tag value was counted as 'other' because the key's distinct values reached "
+    "their cap",
+    "tag",
+)
 PER_CALL = (
     REQUESTS,
     TOKENS,
@@ -187,6 +207,9 @@ PER_CALL = (
     UNPRICED,
     UPSTREAM_ERRORS,
     UPSTREAM_ANOMALIES,
+    TAG_REQUESTS,
+    TAG_COST,
+    TAG_OVERFLOW,
 )
 
 # Read when Prometheus scrapes (`proxy.metrics.collectors`), or set by each worker.

@@ -56,7 +56,7 @@ class ProxyMetrics:
         over all workers (`proxy.metrics.sharing`)."""
         self._registry = registry
         self._sources = sources
-        self.calls = CallTotals()
+        self.calls = CallTotals(sources.tag_labels)
         own = registry  # where this process's gauges and counters live
         self.sharing: WorkerSharing | None = None
         if shared_dir is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
@@ -55,3 +55,6 @@ class MetricSources:
     reload: Callable[[], ReloadStatus] | None = None
     """The live configuration's figures (`proxy.reload.Reloader.status`); without it there are
     no ``llm_config_*`` metrics."""
+    tag_labels: Mapping[str, int] = field(default_factory=dict)
+    """Tag key -> its cap, for the tags exported as labels (`proxy.metrics.tags`); read once,
+    when the metrics are built (a restart applies a change)."""

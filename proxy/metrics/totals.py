@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from decimal import Decimal
 from typing import Any
 
@@ -36,6 +36,9 @@ from proxy.metrics.contract import (
     PER_CALL,
     REASONING_TOKENS,
     REQUESTS,
+    TAG_COST,
+    TAG_OVERFLOW,
+    TAG_REQUESTS,
     TIME_TO_FIRST_TOKEN,
     TOKENS,
     TOOL_CALLS,
@@ -46,6 +49,7 @@ from proxy.metrics.contract import (
     USAGE_MISSING,
     Bounds,
 )
+from proxy.metrics.tags import TagValues
 from proxy.records import UsageRecord
 
 NO_STATUS = "none"
@@ -109,7 +113,7 @@ class CallTotals(Collector):
     """This process's per-call totals (`proxy.metrics.sharing.SharedTotals` adds the other
     workers' to them with ``serve --workers N``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tag_labels: Mapping[str, int] | None = None) -> None:
         self._slots: dict[tuple[str, str, str, int | None, bool], _Slot] = {}
         self._counters: dict[str, dict[Labels, int]] = {
             TOOL_CALLS.name: {},
@@ -117,7 +121,11 @@ class CallTotals(Collector):
             UNPRICED.name: {},
             UPSTREAM_ERRORS.name: {},
             UPSTREAM_ANOMALIES.name: {},
+            TAG_REQUESTS.name: {},
+            TAG_OVERFLOW.name: {},
         }
+        self._tags = TagValues(tag_labels or {})
+        self._tag_cost: dict[Labels, Decimal] = {}
         self._cost: dict[Labels, Decimal] = {}
         self._savings: dict[Labels, Decimal] = {}
         self._overhead = _Buckets(OVERHEAD_BUCKETS)
@@ -167,6 +175,18 @@ class CallTotals(Collector):
             for flag in record.flags:
                 if flag in ANOMALIES:
                     self._count(UPSTREAM_ANOMALIES.name, (flag,))
+        if record.tags and self._tags:
+            self._observe_tags(record)
+
+    def _observe_tags(self, record: UsageRecord) -> None:
+        team = record.team
+        for key, value, overflowed in self._tags.labels(record.tags):
+            self._count(TAG_REQUESTS.name, (team, key, value))
+            if overflowed:
+                self._count(TAG_OVERFLOW.name, (key,))
+            for currency, amount in record.costs.items():
+                ckey = (team, key, value, currency)
+                self._tag_cost[ckey] = self._tag_cost.get(ckey, ZERO) + amount
 
     def _count(self, family: str, labels: Labels, amount: int = 1) -> None:
         table = self._counters[family]
@@ -202,6 +222,7 @@ class CallTotals(Collector):
         for family, counts in self._counters.items():
             tables[family].update(counts)
         tables[COST.name].update(self._cost)
+        tables[TAG_COST.name].update(self._tag_cost)
         tables[CACHE_SAVINGS.name].update(self._savings)
         return tables
 

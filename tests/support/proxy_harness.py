@@ -17,6 +17,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy.app import create_app
+from proxy.attribution import DEFAULT_ATTRIBUTION, AttributionConfig
 from proxy.auth import ClientKey, hash_key, key_id_of
 from proxy.config import Budget, Limits, ProxyConfig, TeamPolicy, Timeouts
 from proxy.ledger.store import SpendReader
@@ -111,6 +112,8 @@ async def running_proxy(
     transport: Transport | None = None,
     shared_url: str | None = None,
     owner: str | None = None,
+    attribution: AttributionConfig = DEFAULT_ATTRIBUTION,
+    tag_labels: Mapping[str, int] | None = None,
     **timeouts: float,
 ) -> AsyncIterator[RunningProxy]:
     """The real app on a free loopback port. Records go to `proxy.sink` and to `sink`;
@@ -123,6 +126,8 @@ async def running_proxy(
         budgets=budgets,
         limits=limits or config.limits,
         policies=MappingProxyType(dict(policies or {})),
+        attribution=attribution,
+        tag_labels=MappingProxyType(dict(tag_labels or {})),
     )
     recording = RecordingSink()
     registry = CollectorRegistry()

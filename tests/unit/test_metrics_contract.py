@@ -86,6 +86,7 @@ def sources(book: PriceBook) -> MetricSources:
             book_digest=book.digest,
             stale=False,
         ),
+        tag_labels={"project": 1},
     )
 
 
@@ -100,7 +101,12 @@ USAGE = {
 
 
 def call(
-    book: PriceBook, failure: Failure | None, model: str, status: int, usage: object = None
+    book: PriceBook,
+    failure: Failure | None,
+    model: str,
+    status: int,
+    usage: object = None,
+    tags: dict[str, str] | None = None,
 ) -> UsageRecord:
     meter = call_meter(
         failure or f"http_{status}",
@@ -110,6 +116,7 @@ def call(
         failure=failure,
         upstream_status=status,
         first_byte_at=PEAK + timedelta(seconds=0.2),
+        tags=tags or {},
     )
     if usage is not None:
         meter.take_usage(usage, {"web_search_requests": "search"})
@@ -119,10 +126,11 @@ def call(
 
 def traffic(book: PriceBook) -> list[UsageRecord]:
     """Calls that between them give every per-call family a series: one complete with usage,
-    a tool call and an anomaly; a DeepSeek error; a cut call of a model the book lacks."""
+    a tool call, an anomaly and a tag; a DeepSeek error whose tag value is past the cap; a cut
+    call of a model the book lacks."""
     return [
-        call(book, None, "deepseek-flash", 200, USAGE),
-        call(book, None, "deepseek-flash", 429),
+        call(book, None, "deepseek-flash", 200, USAGE, {"project": "ranker"}),
+        call(book, None, "deepseek-flash", 429, tags={"project": "search"}),
         call(book, "cut", "someone-else", 200),
     ]
 
