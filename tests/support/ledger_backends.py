@@ -11,6 +11,7 @@ costs to the last decimal, and nothing left in flight or held.
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,8 +34,8 @@ BACKENDS = ("sqlite", "postgresql")
 BEIJING = ZoneInfo("Asia/Shanghai")
 OWNER = "test-replica"
 
-Row = tuple[str, str, dict[str, Decimal]]
-"""A call as the ledger holds it: state, outcome, costs per currency."""
+Row = tuple[str, str, dict[str, str], str | None, dict[str, Decimal]]
+"""A call as the ledger holds it: state, outcome, tags, end user, costs per currency."""
 
 
 @dataclass
@@ -59,7 +60,7 @@ class LedgerBackend:
 
     def rows(self) -> tuple[dict[str, Row], int]:
         """Every call in the ledger, and the number of budget holds left."""
-        select_usage = "SELECT request_id, state, outcome FROM usage"
+        select_usage = "SELECT request_id, state, outcome, tags, end_user FROM usage"
         select_costs = "SELECT request_id, currency, amount FROM usage_cost"
         select_holds = "SELECT count(*) FROM budget_holds"
         if self.url is not None:
@@ -70,9 +71,11 @@ class LedgerBackend:
                 usage = conn.execute(select_usage).fetchall()
                 costs = conn.execute(select_costs).fetchall()
                 holds = conn.execute(select_holds).fetchall()
-        calls: dict[str, Row] = {row[0]: (row[1], row[2], {}) for row in usage}
+        calls: dict[str, Row] = {
+            row[0]: (row[1], row[2], json.loads(row[3]), row[4], {}) for row in usage
+        }  # tags: SQLite's JSON text, PostgreSQL's jsonb as asyncpg gives it (text)
         for request_id, currency, amount in costs:
-            calls[request_id][2][currency] = Decimal(str(amount))
+            calls[request_id][4][currency] = Decimal(str(amount))
         return calls, int(holds[0][0])
 
 
@@ -112,10 +115,12 @@ def ledger_backend(name: str, folder: Path, postgres: Postgres | None) -> Iterat
 
 def check_ledger(backend: LedgerBackend, records: Sequence[UsageRecord]) -> None:
     """The ledger holds exactly `records` (the proxy's final records): each once, final, same
-    outcome, same costs; no call left in flight, no hold left."""
+    outcome, tags, end user and costs; no call left in flight, no hold left."""
     assert backend.writer.flush(10), f"the {backend.name} ledger did not commit in time"
     calls, holds = backend.rows()
-    expected = {r.request_id: ("final", r.outcome, dict(r.costs)) for r in records}
+    expected = {
+        r.request_id: ("final", r.outcome, dict(r.tags), r.end_user, dict(r.costs)) for r in records
+    }
     assert len(expected) == len(records), "a call recorded twice"
     assert calls == expected, f"the {backend.name} ledger differs from the proxy's records"
     assert holds == 0, f"{holds} budget hold(s) left in the {backend.name} ledger"
