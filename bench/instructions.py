@@ -9,6 +9,7 @@ what one call costs (start-up, warm-up and shutdown cancel out). Deterministic t
     python -m bench.instructions                     # non-streaming calls, this checkout
     python -m bench.instructions --stream            # streaming calls
     python -m bench.instructions --proxy-root ../old # another checkout of the proxy
+    python -m bench.instructions --tags              # every call with two attribution tags
 
 Needs Debian's ``valgrind``. Takes a few minutes (Python under callgrind is about 50x slower).
 """
@@ -27,13 +28,13 @@ from pathlib import Path
 
 from bench.load import Call, closed_loop
 from bench.procs import ROOT, Processes, Service
-from bench.services import start_proxied
+from bench.services import BENCH_TAGS, start_proxied
 
 _TOTALS = re.compile(r"^(?:summary|totals):\s+(\d+)", re.MULTILINE)
 
 
 async def _count(
-    proxy_root: Path, calls: int, concurrency: int, stream: bool, directory: Path
+    proxy_root: Path, calls: int, concurrency: int, stream: bool, directory: Path, tags: bool
 ) -> int:
     """Instructions the proxy executes serving `calls` calls, start-up to exit."""
     out = directory / f"callgrind.{calls}.out"
@@ -57,7 +58,11 @@ async def _count(
         call = Call(
             proxy.url + "/v1/chat/completions",
             body,
-            {"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+            {
+                "Authorization": f"Bearer {key}",
+                "Content-Type": "application/json",
+                **(BENCH_TAGS if tags else {}),
+            },
             stream,
         )
         timings = await closed_loop(call, concurrency, 3600, calls)
@@ -74,14 +79,14 @@ async def _stop(proxy: Service) -> None:
 
 
 async def measure(
-    proxy_root: Path, warmup: int, calls: int, concurrency: int, stream: bool
+    proxy_root: Path, warmup: int, calls: int, concurrency: int, stream: bool, tags: bool
 ) -> float:
     with tempfile.TemporaryDirectory(prefix="bench-instructions-") as folder:
         base = Path(folder)
         (base / "a").mkdir()
         (base / "b").mkdir()
-        short = await _count(proxy_root, warmup, concurrency, stream, base / "a")
-        long = await _count(proxy_root, warmup + calls, concurrency, stream, base / "b")
+        short = await _count(proxy_root, warmup, concurrency, stream, base / "a", tags)
+        long = await _count(proxy_root, warmup + calls, concurrency, stream, base / "b", tags)
     return (long - short) / calls
 
 
@@ -97,13 +102,23 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=600)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--stream", action="store_true", help="streaming calls")
+    parser.add_argument(
+        "--tags", action="store_true", help="every call carries x-proxy-tags (two tags)"
+    )
     args = parser.parse_args()
     if not os.access("/usr/bin/valgrind", os.X_OK):
         sys.exit("needs valgrind (Debian: apt-get install valgrind)")
     per_call = asyncio.run(
-        measure(args.proxy_root.resolve(), args.warmup, args.calls, args.concurrency, args.stream)
+        measure(
+            args.proxy_root.resolve(),
+            args.warmup,
+            args.calls,
+            args.concurrency,
+            args.stream,
+            args.tags,
+        )
     )
-    kind = "streaming" if args.stream else "non-streaming"
+    kind = ("streaming" if args.stream else "non-streaming") + (" tagged" if args.tags else "")
     print(
         f"{args.proxy_root.resolve()}: {per_call / 1000:,.0f}k instructions per {kind} call "
         f"(c={args.concurrency}, {args.calls} calls after {args.warmup})"

@@ -208,6 +208,7 @@ async def main(args: argparse.Namespace) -> int:
         headers = {
             "Content-Type": "application/json",
             "Authorization": f"Bearer {started.client_key}",
+            **services.BENCH_TAGS,
         }
         upstream = started.upstreams[0]
         targets = [

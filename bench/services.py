@@ -44,6 +44,16 @@ def _has_admission_limits(proxy_root: Path) -> bool:
     )
 
 
+BENCH_TAGS = {"x-proxy-tags": "project=bench,env=prod"}
+"""The attribution header every benchmark call carries (issue 16: the figures must hold with
+tags on every call). A proxy without attribution forwards it like any header; the reference
+forwarder does too."""
+
+
+def _has_attribution(proxy_root: Path) -> bool:
+    return (proxy_root / "proxy" / "attribution.py").exists()
+
+
 def write_proxy_config(
     directory: Path, port: int, upstream_url: str, proxy_root: Path
 ) -> tuple[Path, str, Path]:
@@ -52,6 +62,11 @@ def write_proxy_config(
     limits = (
         f"limits: {{max_inflight: {MAX_INFLIGHT}, max_inflight_per_team: {MAX_INFLIGHT}}}\n"
         if _has_admission_limits(proxy_root)
+        else ""
+    )
+    attribution = (
+        "attribution: {tags: [project, env], metric_labels: {project: 20}}\n"
+        if _has_attribution(proxy_root)
         else ""
     )
     key = new_key()
@@ -64,7 +79,8 @@ def write_proxy_config(
         f"upstream: {{base_url: {json.dumps(upstream_url)}, api_key_env: {UPSTREAM_KEY_ENV}}}\n"
         f"pricing: {{book: [{json.dumps(str(price_book))}]}}\n"
         f"teams:\n  {TEAM}:\n    keys: ['sha256:{digest}']   # {key_id_of(digest)}\n"
-        f"ledger: {{path: {json.dumps(str(ledger))}, flush_interval: 0.1}}\n{limits}",
+        f"ledger: {{path: {json.dumps(str(ledger))}, flush_interval: 0.1}}\n{limits}"
+        f"{attribution}",
         encoding="utf-8",
     )
     return path, key, ledger
