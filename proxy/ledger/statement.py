@@ -74,7 +74,7 @@ class Statement:
         if not rest:
             return tuple(shown)
         others = sum_lines(rest, self.currencies)
-        label = f"({len(rest)} other keys)"
+        label = f"({len(rest)} other key{'s' if len(rest) > 1 else ''})"
         return (*shown, Line((label,), others.counts, others.costs, others.savings))
 
     def day_costs(self, currency: str) -> tuple[tuple[date, Decimal], ...]:
@@ -224,7 +224,7 @@ def sections(statement: Statement) -> tuple[Section, ...]:
         _called_out(
             "estimated",
             "Estimated usage",
-            "Calls whose usage DeepSeek never sent (the answer was cut short), by how they "
+            "Calls whose usage DeepSeek never sent (the answer ended early), by how they "
             "ended: their tokens are estimated from what was sent and relayed, and priced so.",
             statement.by_outcome,
             "estimated",
