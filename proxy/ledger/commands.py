@@ -1,12 +1,15 @@
-"""``python -m proxy report|reprice|ledger-replay|ledger-copy``: the ledger from the command line.
+"""``python -m proxy report|statement|reprice|ledger-replay|ledger-copy``: the ledger from the
+command line (``report`` and ``statement`` are in `proxy.ledger.report_commands`, what all
+share in `proxy.ledger.command_support`).
 
 All read the proxy's configuration for the ledger (``ledger.path``, or a PostgreSQL
 ``ledger.url``), the billing timezone (a date bound such as ``2026-11-01`` means 00:00 of that
-day there) and, for ``reprice``, the current price book. ``report``, ``reprice`` and
-``ledger-replay`` work the same on either ledger, with the same output for the same records:
-one implementation, querying through `proxy.ledger.queries`. They may run while the proxy is
-serving: ``report`` only reads, and ``reprice --apply`` and ``ledger-replay`` write in
-transactions that the proxy's writes wait for or commute with.
+day there) and, but for ``ledger-replay`` and ``ledger-copy``, the current price book (its
+currencies, its prices). ``report``, ``statement``, ``reprice`` and ``ledger-replay`` work the
+same on either ledger, with the same output for the same records: one implementation, querying
+through `proxy.ledger.queries`. They may run while the proxy is serving: ``report`` and
+``statement`` only read, and ``reprice --apply`` and ``ledger-replay`` write in transactions
+that the proxy's writes wait for or commute with.
 
 ``ledger-replay FILE...`` puts back the records a stopping proxy could not write (its spill
 files, or a log holding them; `proxy.ledger.spill`). Named for what it writes into, beside

@@ -67,9 +67,9 @@ DEFAULT_GROUPS = ("team", "model")
 
 def group(key: str) -> Group:
     """The `Group` a ``--by`` key names; `KeyError` for a key that names none."""
-    # Attribution (issue 16): ``user`` -> _column("end_user"), and ``tag:NAME`` -> the tag's
-    # value from ``usage.tags`` with NAME as a parameter, e.g. Group("json_extract(tags, ?)",
-    # "tags ->> ?", (...,)), join here once the ledger has those columns.
+    # Hook for attribution (issue 16), once ``usage`` has the columns: ``user`` is an entry
+    # of GROUPS, _column("end_user"); ``tag:NAME`` is parsed here, NAME going in as a
+    # parameter, never as SQL text: Group("json_extract(tags, ?)", "tags ->> ?", (...,)).
     return GROUPS[key]
 
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
-from proxy.formats import decimal_text
+from proxy.formats import ZERO, decimal_text
 from proxy.ledger.queries import Queries
 from proxy.ledger.report import (
     COUNT_FIELDS,
@@ -80,12 +80,9 @@ class Statement:
     def day_costs(self, currency: str) -> tuple[tuple[date, Decimal], ...]:
         """Every day of the month and what it cost in `currency` (0 for a day without calls)."""
         spent = {line.keys[0]: line.costs[currency] for line in self.by_day.lines}
-        days = []
-        day = self.month
-        while day < period_end(self.month, "month"):
-            days.append((day, spent.get(day.isoformat(), Decimal(0))))
-            day = date.fromordinal(day.toordinal() + 1)
-        return tuple(days)
+        count = (period_end(self.month, "month") - self.month).days
+        days = (self.month + timedelta(days=n) for n in range(count))
+        return tuple((day, spent.get(day.isoformat(), ZERO)) for day in days)
 
 
 def month_range(month: date, timezone: ZoneInfo) -> TimeRange:

@@ -441,3 +441,16 @@ def test_hostile_model_names_stay_text(
     code, out, _ = run(capsys, "report", "--config", str(path), "--format", "json")
     assert {row["model"] for row in json.loads(out)["rows"]} == {formula, escape, "-1+2"}
     assert "\x1b" not in out  # JSON escapes control characters itself
+
+
+@pytest.mark.parametrize("command", ["report", "statement"])
+def test_a_price_book_with_problems_exits_1(
+    capsys: pytest.CaptureFixture[str], ledger_config: Path, command: str
+) -> None:
+    """The columns are the book's currencies: a book that cannot be read stops the command,
+    naming the file and why, as it stops the proxy."""
+    (ledger_config.parent / "book.yaml").write_text("book: [\n", encoding="utf-8")
+    extra = ("--team", "alpha", "--month", "2026-11") if command == "statement" else ()
+    code, out, err = run(capsys, command, "--config", str(ledger_config), *extra)
+    assert (code, out) == (1, "")
+    assert err.startswith(str(ledger_config.parent / "book.yaml"))
