@@ -27,7 +27,7 @@ import asyncpg  # type: ignore[import-untyped]
 
 from proxy.ledger import pg_schema
 from proxy.ledger.pg_store import shown_url
-from proxy.ledger.queries import LedgerUnusable, NoLedger, Row, check_version
+from proxy.ledger.queries import Dialect, LedgerUnusable, NoLedger, Row, check_version
 from proxy.ledger.rows import STORED_FIELDS
 from proxy.records import UsageRecord
 
@@ -71,6 +71,8 @@ def numbered(sql: str) -> str:
 
 class PostgresQueries:
     """`proxy.ledger.queries.Queries` on one asyncpg connection, on a loop of its own."""
+
+    dialect: Dialect = "postgresql"
 
     def __init__(self, url: str) -> None:
         """Connect to `url`; `LedgerUnusable` names it (without password) and says why not."""

@@ -13,6 +13,8 @@ collation, SQLite by code point: the commands sort in Python). What differs is b
   so), PostgreSQL keeps each natively;
 - what is read back: a ``usage`` row becomes its record (`Queries.record`), a billing day a
   `date` (`Queries.day`), whatever form the database stores them in;
+- SQL that only one of them has (`Queries.dialect` names which: a report's week of a billing
+  day, `proxy.ledger.report_groups`);
 - the exact sum of money (`Queries.money_sum`): SQLite's `decimal_sum` aggregate over decimal
   text, PostgreSQL's ``sum`` over ``numeric``;
 - adding to a day's spend (`Queries.add_spend`) and what a transaction locks
@@ -33,7 +35,7 @@ from contextlib import AbstractContextManager, contextmanager
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from proxy.formats import decimal_text, iso_instant
 from proxy.ledger import schema
@@ -43,6 +45,7 @@ from proxy.ledger.store import add_spend
 from proxy.records import UsageRecord
 
 Row = tuple[Any, ...]
+Dialect = Literal["sqlite", "postgresql"]
 
 
 class NoLedger(Exception):
@@ -67,6 +70,8 @@ class Queries(Protocol):
 
     where: str
     """The ledger as messages name it (a file, or a URL without password)."""
+    dialect: Dialect
+    """Which database's SQL the shared dialect cannot say is written in."""
 
     def execute(self, sql: str, params: Sequence[object] = ()) -> list[Row]:
         """Run one statement with ``?`` parameters; its rows (none for a write)."""
@@ -131,6 +136,8 @@ def sqlite_value(value: object) -> object:
 
 class SQLiteQueries:
     """`Queries` on a connection from `proxy.ledger.connection.connect`."""
+
+    dialect: Dialect = "sqlite"
 
     def __init__(self, conn: sqlite3.Connection, where: str) -> None:
         self.where = where

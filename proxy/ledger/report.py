@@ -6,46 +6,38 @@ running proxy's live calls ``interrupted``. Costs are summed exactly by the data
 `decimal_sum` over decimal text, PostgreSQL's ``sum`` over ``numeric``), then as `Decimal`,
 never as floats, so the total is exactly the sum of the lines in every format, and the same
 text from either ledger. Lines are sorted here, by code point, not by the database (whose
-collation may differ).
+collation may differ). What a ``--by`` key groups by is `proxy.ledger.report_groups`.
 
-A line counts every row dispatched in the range, ``in_flight`` ones included (DeepSeek saw those
-calls); rows with no token counts add 0 tokens and show up in `unpriced` instead.
+A line counts every row dispatched in the range as a request, ``in_flight`` ones included
+(DeepSeek saw those calls), and as `billable` those DeepSeek may bill: all but the calls it
+refused or never received (`proxy.records.billable`), which cost nothing and are not priced.
+Billable rows with no price (unknown usage, a model or instant the book lacks) add 0 tokens
+and show up in `unpriced`, never as free. Costs are in every currency of the price book
+(`report_currencies`), 0 where a group spent nothing.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time
 from decimal import Decimal
-from types import MappingProxyType
-from typing import Any
 from zoneinfo import ZoneInfo
 
-from proxy.formats import ZERO, decimal_text, iso_instant
+from proxy.formats import ZERO
 from proxy.ledger.queries import Queries
+from proxy.ledger.report_groups import group
 from proxy.ledger.rows import BILLABLE_SQL
 
-GROUP_COLUMNS: Mapping[str, str] = MappingProxyType(
-    {
-        "team": "team",
-        "model": "model_requested",
-        "day": "billing_day",
-    }
-)
-"""``--by`` key -> usage column. The only names ever put into report SQL."""
-DEFAULT_GROUPS = ("team", "model")
 TOKEN_FIELDS = ("cache_hit", "cache_miss", "output", "reasoning")
-COUNT_FIELDS = ("requests", *TOKEN_FIELDS, "unpriced", "estimated")
+COUNT_FIELDS = ("requests", "billable", *TOKEN_FIELDS, "unpriced", "estimated")
 
 # One SQL expression per COUNT_FIELDS entry, in the same order, valid in both ledgers (``priced``
 # is an integer in SQLite, a boolean in PostgreSQL: ``NOT priced`` reads both). NULL token counts
 # (unknown usage, calls still in flight) add nothing; such rows are counted by `unpriced`.
 _COUNT_SQL = (
     "COUNT(*)",
+    f"COUNT(*) FILTER (WHERE {BILLABLE_SQL})",
     "SUM(COALESCE(cache_hit_tokens, 0))",
     "SUM(COALESCE(cache_miss_tokens, 0))",
     "SUM(COALESCE(output_tokens, 0))",
@@ -99,16 +91,24 @@ class TimeRange:
 class Line:
     """One group of rows (or the total, whose `keys` are empty)."""
 
-    keys: tuple[str, ...]
+    keys: tuple[str | None, ...]
+    """The group's labels, one per ``--by`` key; None where the row has none (the tier of an
+    unpriced call)."""
     counts: Mapping[str, int]
     """`COUNT_FIELDS` -> sum."""
     costs: Mapping[str, Decimal]
     """Currency -> exact sum; 0 for a currency the group never spent in."""
+    savings: Mapping[str, Decimal]
+    """Currency -> what cache hits saved against cache-miss prices, exactly."""
 
 
 @dataclass(frozen=True, slots=True)
 class Report:
     time_range: TimeRange
+    timezone: ZoneInfo
+    """The billing timezone, in which days, weeks and months are counted and bounds shown."""
+    team: str | None
+    """The only team summed, or None for all."""
     by: tuple[str, ...]
     currencies: tuple[str, ...]
     lines: tuple[Line, ...]
@@ -121,146 +121,86 @@ def ledger_currencies(queries: Queries) -> tuple[str, ...]:
     return tuple(sorted(str(r[0]) for r in rows))
 
 
+def report_currencies(book: Sequence[str], ledger: Sequence[str]) -> tuple[str, ...]:
+    """The price book's currencies in its order, then any other the ledger holds costs in
+    (from an older book), sorted: a currency never vanishes from a report because a period
+    holds only unpriced calls."""
+    return (*book, *sorted(set(ledger) - set(book)))
+
+
 def build_report(
-    queries: Queries, time_range: TimeRange, by: Sequence[str], currencies: Sequence[str]
+    queries: Queries,
+    time_range: TimeRange,
+    by: Sequence[str],
+    currencies: Sequence[str],
+    timezone: ZoneInfo,
+    team: str | None = None,
 ) -> Report:
-    """Sum the ledger's rows in `time_range`, grouped by the `by` keys (sorted by them)."""
-    keys = ", ".join(GROUP_COLUMNS[k] for k in by)  # KeyError on any name not in the table
-    where, params = time_range.where()
-    money = queries.money_sum("amount")
-    # The interpolated names come from GROUP_COLUMNS, _COUNT_SQL and the ledger's exact sum
-    # only; values are parameters.
+    """Sum the ledger's rows in `time_range` (of `team` only, if given), grouped by the `by`
+    keys (`proxy.ledger.report_groups`; at least one), sorted by them."""
+    groups = [group(k) for k in by]  # KeyError on a key that names none
+    keys = ", ".join(g.sql(queries.dialect) for g in groups)
+    positions = ", ".join(str(n) for n in range(1, len(groups) + 1))
+    where, bounds = time_range.where()
+    if team is not None:
+        where += " AND team = ?"
+    params = [*(p for g in groups for p in g.params), *bounds, *([] if team is None else [team])]
+    money = f"{queries.money_sum('amount')}, {queries.money_sum('cache_savings')}"
+    # The interpolated SQL comes from report_groups, _COUNT_SQL, TimeRange.where and the
+    # ledger's exact sum only; values are parameters.
     count_rows = queries.execute(
         f"SELECT {keys}, {', '.join(_COUNT_SQL)} FROM usage WHERE {where} "  # noqa: S608
-        f"GROUP BY {keys}",
+        f"GROUP BY {positions}",
         params,
     )
     cost_rows = queries.execute(
         f"SELECT {keys}, currency, {money} FROM usage "  # noqa: S608
-        f"JOIN usage_cost USING (request_id) WHERE {where} GROUP BY {keys}, currency",
+        f"JOIN usage_cost USING (request_id) WHERE {where} GROUP BY {positions}, currency",
         params,
     )
     width = len(by)
-    costs: dict[tuple[str, ...], dict[str, Decimal]] = {}
+    costs: dict[tuple[str | None, ...], dict[str, tuple[Decimal, Decimal]]] = {}
     for row in cost_rows:
-        group = tuple(str(k) for k in row[:width])  # a day is a `date` in PostgreSQL
-        costs.setdefault(group, {})[row[width]] = Decimal(row[width + 1])
+        costs.setdefault(_labels(row[:width]), {})[row[width]] = (
+            Decimal(row[width + 1]),
+            Decimal(row[width + 2]),
+        )
     lines = []
-    for row in sorted(count_rows, key=lambda r: tuple(str(k) for k in r[:width])):
-        group = tuple(str(k) for k in row[:width])
-        spent = costs.get(group, {})
+    for row in count_rows:
+        labels = _labels(row[:width])
+        spent = costs.get(labels, {})
         lines.append(
             Line(
-                group,
+                labels,
                 dict(zip(COUNT_FIELDS, (int(v) for v in row[width:]), strict=True)),
-                {c: spent.get(c, ZERO) for c in currencies},
+                {c: spent.get(c, (ZERO, ZERO))[0] for c in currencies},
+                {c: spent.get(c, (ZERO, ZERO))[1] for c in currencies},
             )
         )
-    return Report(time_range, tuple(by), tuple(currencies), tuple(lines), _total(lines, currencies))
+    lines.sort(key=lambda line: sort_key(line.keys))
+    return Report(
+        time_range,
+        timezone,
+        team,
+        tuple(by),
+        tuple(currencies),
+        tuple(lines),
+        total(lines, currencies),
+    )
 
 
-def _total(lines: Sequence[Line], currencies: Sequence[str]) -> Line:
+def _labels(values: Sequence[object]) -> tuple[str | None, ...]:
+    return tuple(None if v is None else str(v) for v in values)
+
+
+def sort_key(labels: Sequence[str | None]) -> tuple[tuple[bool, str], ...]:
+    """Labels in code-point order, a missing one after every other."""
+    return tuple((label is None, label or "") for label in labels)
+
+
+def total(lines: Sequence[Line], currencies: Sequence[str]) -> Line:
+    """The exact sum of `lines`."""
     counts = {f: sum(line.counts[f] for line in lines) for f in COUNT_FIELDS}
     costs = {c: sum((line.costs[c] for line in lines), ZERO) for c in currencies}
-    return Line((), counts, costs)
-
-
-def render(report: Report, fmt: str) -> str:
-    """The report as ``table``, ``csv`` or ``json`` text."""
-    if fmt == "json":
-        return json.dumps(_json(report), indent=2)
-    if fmt == "csv":
-        return _csv(report)
-    return _table(report)
-
-
-def _cells(report: Report, line: Line) -> list[str]:
-    keys = list(line.keys) or ["TOTAL", *([""] * (len(report.by) - 1))]
-    return [
-        *keys,
-        *(str(line.counts[f]) for f in COUNT_FIELDS),
-        *(decimal_text(line.costs[c]) for c in report.currencies),
-    ]
-
-
-def _header(report: Report) -> list[str]:
-    return [*report.by, *COUNT_FIELDS, *report.currencies]
-
-
-def _csv(report: Report) -> str:
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(_header(report))
-    text = len(report.by)
-    writer.writerows(
-        [*(spreadsheet_safe(c) for c in cells[:text]), *cells[text:]]
-        for cells in (_cells(report, line) for line in (*report.lines, report.total))
-    )
-    return out.getvalue().rstrip("\n")
-
-
-_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-
-
-def spreadsheet_safe(cell: str) -> str:
-    """A text cell a spreadsheet will not run: one starting like a formula gets a leading
-    apostrophe (OWASP's advice for CSV injection). Only text columns (team, model) pass here,
-    and a client chooses the model name: ``=HYPERLINK(...)`` must stay text."""
-    return "'" + cell if cell.startswith(_FORMULA_STARTS) else cell
-
-
-def terminal_safe(cell: str) -> str:
-    """A text cell with every non-printable character written as its escape (``\\x1b``),
-    so a model name cannot move the cursor, recolour or clear the operator's terminal."""
-    if cell.isprintable():
-        return cell
-    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in cell)
-
-
-def _table(report: Report) -> str:
-    span = report.time_range
-    caption = (
-        f"Calls started from {_bound_text(span.since, 'the first row')} "
-        f"until {_bound_text(span.until, 'the last row')} (exclusive)"
-    )
-    rows = [_cells(report, line) for line in (*report.lines, report.total)]
-    return caption + "\n" + table(_header(report), rows, text_columns=len(report.by))
-
-
-def _bound_text(instant: datetime | None, open_end: str) -> str:
-    return open_end if instant is None else iso_instant(instant)
-
-
-def _json(report: Report) -> dict[str, Any]:
-    span = report.time_range
-    return {
-        "since": None if span.since is None else iso_instant(span.since),
-        "until": None if span.until is None else iso_instant(span.until),
-        "by": list(report.by),
-        "currencies": list(report.currencies),
-        "rows": [
-            {**dict(zip(report.by, line.keys, strict=True)), **_json_numbers(line)}
-            for line in report.lines
-        ],
-        "total": _json_numbers(report.total),
-    }
-
-
-def _json_numbers(line: Line) -> dict[str, Any]:
-    return {**line.counts, "cost": {c: decimal_text(v) for c, v in line.costs.items()}}
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: int) -> str:
-    """Aligned plain-text columns: the first `text_columns` left-aligned (and made safe for a
-    terminal), numbers right-aligned."""
-    rows = [[*(terminal_safe(c) for c in r[:text_columns]), *r[text_columns:]] for r in rows]
-    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        parts = [
-            c.ljust(w) if i < text_columns else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ]
-        return "  ".join(parts).rstrip()
-
-    return "\n".join(line(r) for r in (header, *rows))
+    savings = {c: sum((line.savings[c] for line in lines), ZERO) for c in currencies}
+    return Line((), counts, costs, savings)

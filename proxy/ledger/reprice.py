@@ -24,7 +24,8 @@ from decimal import Decimal
 
 from proxy.formats import ZERO, decimal_text
 from proxy.ledger.queries import Queries, record_values
-from proxy.ledger.report import TimeRange, table
+from proxy.ledger.report import TimeRange
+from proxy.ledger.report_render import table
 from proxy.ledger.rows import RECORD_COLUMNS
 from proxy.pricing import PriceBook, Pricer, Pricing
 from proxy.pricing.engine import (

@@ -101,6 +101,9 @@ def without_stamps(tables: Tables) -> Tables:
         ("--since", "2026-11-03", "--format", "json"),
         ("--currency", "usd", "--by", "model", "--format", "json"),
         ("--currency", "EUR"),
+        ("--by", "key,billed_model,endpoint", "--format", "csv", "--total"),
+        ("--by", "tier,outcome,unpriced_reason", "--format", "json"),
+        ("--by", "week,month", "--team", "beta"),
     ],
 )
 def test_report_is_the_same_text_from_either_ledger(
@@ -124,6 +127,7 @@ def test_report_totals_from_postgresql_are_exact(
     ]
     assert report["total"] == {
         "requests": 7,
+        "billable": 6,
         "cache_hit": 11_000,
         "cache_miss": 4_600,
         "output": 1_630,
@@ -131,6 +135,7 @@ def test_report_totals_from_postgresql_are_exact(
         "unpriced": 2,
         "estimated": 1,
         "cost": {"CNY": "0.03624", "USD": "0.0053792"},
+        "cache_savings": {"CNY": "0.0185", "USD": "0.002746"},
     }
 
 

@@ -29,9 +29,9 @@ def assert_total_is_sum(report: dict[str, object]) -> None:
     total = report["total"]
     assert isinstance(rows, list) and isinstance(total, dict)
     for name, value in total.items():
-        if name == "cost":
+        if name in ("cost", "cache_savings"):
             for currency, amount in value.items():
-                assert Decimal(amount) == sum(Decimal(r["cost"][currency]) for r in rows)
+                assert Decimal(amount) == sum(Decimal(r[name][currency]) for r in rows)
         else:
             assert value == sum(r[name] for r in rows)
 
@@ -43,14 +43,18 @@ def test_report_json_by_team_and_model(
     assert report == {
         "since": None,
         "until": None,
+        "timezone": "Asia/Shanghai",
+        "team": None,
         "by": ["team", "model"],
         "currencies": ["CNY", "USD"],
         "rows": [
-            # r1, r2 and the in-flight r7 (a request, unpriced, no tokens)
+            # r1, r2 and the in-flight r7 (a billable request, unpriced, no tokens). Cache
+            # savings: r1's 10,000 hits at 1 - 0.02 CNY | 0.15 - 0.003 USD per 1M.
             {
                 "team": "alpha",
                 "model": "deepseek-flash",
                 "requests": 3,
+                "billable": 3,
                 "cache_hit": 10_000,
                 "cache_miss": 3_000,
                 "output": 1_500,
@@ -58,11 +62,13 @@ def test_report_json_by_team_and_model(
                 "unpriced": 1,
                 "estimated": 0,
                 "cost": {"CNY": "0.0192", "USD": "0.00288"},
+                "cache_savings": {"CNY": "0.0098", "USD": "0.00147"},
             },
             {
                 "team": "beta",
                 "model": "deepseek-next",
                 "requests": 1,
+                "billable": 1,
                 "cache_hit": 0,
                 "cache_miss": 100,
                 "output": 10,
@@ -70,12 +76,15 @@ def test_report_json_by_team_and_model(
                 "unpriced": 1,
                 "estimated": 0,
                 "cost": {"CNY": "0", "USD": "0"},
+                "cache_savings": {"CNY": "0", "USD": "0"},
             },
-            # r3, r4 (estimated) and r6 (usage none: neither tokens nor unpriced)
+            # r3, r4 (estimated) and r6 (usage none: DeepSeek never received it, so neither
+            # billable nor unpriced). Savings: r3's 1,000 hits at 9 - 0.3 | 1.32 - 0.044.
             {
                 "team": "beta",
                 "model": "deepseek-v4-pro",
                 "requests": 3,
+                "billable": 2,
                 "cache_hit": 1_000,
                 "cache_miss": 1_500,
                 "output": 120,
@@ -83,10 +92,12 @@ def test_report_json_by_team_and_model(
                 "unpriced": 0,
                 "estimated": 1,
                 "cost": {"CNY": "0.01704", "USD": "0.0024992"},
+                "cache_savings": {"CNY": "0.0087", "USD": "0.001276"},
             },
         ],
         "total": {
             "requests": 7,
+            "billable": 6,
             "cache_hit": 11_000,
             "cache_miss": 4_600,
             "output": 1_630,
@@ -94,6 +105,7 @@ def test_report_json_by_team_and_model(
             "unpriced": 2,
             "estimated": 1,
             "cost": {"CNY": "0.03624", "USD": "0.0053792"},
+            "cache_savings": {"CNY": "0.0185", "USD": "0.002746"},
         },
     }
     assert_total_is_sum(report)
@@ -103,50 +115,78 @@ def test_report_table(capsys: pytest.CaptureFixture[str], ledger_config: Path) -
     code, out, _ = run(capsys, "report", "--config", str(ledger_config))
     assert code == 0
     assert out.splitlines() == [
-        "Calls started from the first row until the last row (exclusive)",
-        "team   model            requests  cache_hit  cache_miss  output  reasoning  unpriced"
-        "  estimated      CNY        USD",
-        "alpha  deepseek-flash          3      10000        3000    1500        100         1"
-        "          0   0.0192    0.00288",
-        "beta   deepseek-next           1          0         100      10          0         1"
-        "          0        0          0",
-        "beta   deepseek-v4-pro         3       1000        1500     120          0         0"
-        "          1  0.01704  0.0024992",
-        "TOTAL                          7      11000        4600    1630        100         2"
-        "          1  0.03624  0.0053792",
+        "Calls started from the first row until the last row (exclusive); "
+        "billing timezone Asia/Shanghai",
+        "team   model            requests  billable  cache_hit  cache_miss  output  reasoning"
+        "  unpriced  estimated      CNY        USD",
+        "alpha  deepseek-flash          3         3      10000        3000    1500        100"
+        "         1          0   0.0192    0.00288",
+        "beta   deepseek-next           1         1          0         100      10          0"
+        "         1          0        0          0",
+        "beta   deepseek-v4-pro         3         2       1000        1500     120          0"
+        "         0          1  0.01704  0.0024992",
+        "TOTAL                          7         6      11000        4600    1630        100"
+        "         2          1  0.03624  0.0053792",
     ]
 
 
-def test_report_csv_total_is_the_exact_sum(
+CSV_HEADER = [
+    "model",
+    "requests",
+    "billable",
+    "cache_hit",
+    "cache_miss",
+    "output",
+    "reasoning",
+    "unpriced",
+    "estimated",
+    "CNY",
+    "USD",
+]
+CSV_ROWS = [
+    ["deepseek-flash", "3", "3", "10000", "3000", "1500", "100", "1", "0", "0.0192", "0.00288"],
+    ["deepseek-next", "1", "1", "0", "100", "10", "0", "1", "0", "0", "0"],
+    ["deepseek-v4-pro", "3", "2", "1000", "1500", "120", "0", "0", "1", "0.01704", "0.0024992"],
+]
+
+
+def test_report_csv_is_a_header_and_rows_only(
     capsys: pytest.CaptureFixture[str], ledger_config: Path
 ) -> None:
+    """No caption and no TOTAL row: a pivot table over the file would count a total row as one
+    more group (issue 16), so every row is a group."""
     code, out, _ = run(
         capsys, "report", "--config", str(ledger_config), "--format", "csv", "--by", "model"
     )
     assert code == 0
+    assert list(csv.reader(io.StringIO(out))) == [CSV_HEADER, *CSV_ROWS]
+
+
+def test_report_csv_total_row_when_asked_is_the_exact_sum(
+    capsys: pytest.CaptureFixture[str], ledger_config: Path
+) -> None:
+    code, out, _ = run(
+        capsys,
+        "report",
+        "--config",
+        str(ledger_config),
+        "--format",
+        "csv",
+        "--by",
+        "model",
+        "--total",
+    )
+    assert code == 0
     rows = list(csv.reader(io.StringIO(out)))
     assert rows == [
-        [
-            "model",
-            "requests",
-            "cache_hit",
-            "cache_miss",
-            "output",
-            "reasoning",
-            "unpriced",
-            "estimated",
-            "CNY",
-            "USD",
-        ],
-        ["deepseek-flash", "3", "10000", "3000", "1500", "100", "1", "0", "0.0192", "0.00288"],
-        ["deepseek-next", "1", "0", "100", "10", "0", "1", "0", "0", "0"],
-        ["deepseek-v4-pro", "3", "1000", "1500", "120", "0", "0", "1", "0.01704", "0.0024992"],
-        ["TOTAL", "7", "11000", "4600", "1630", "100", "2", "1", "0.03624", "0.0053792"],
+        CSV_HEADER,
+        *CSV_ROWS,
+        ["TOTAL", "7", "6", "11000", "4600", "1630", "100", "2", "1", "0.03624", "0.0053792"],
     ]
     body, total = rows[1:-1], rows[-1]
-    for column in range(1, 8):
+    for column in range(1, 9):
         assert int(total[column]) == sum(int(r[column]) for r in body)
-    for column in (8, 9):
+    for column in (9, 10):
         assert Decimal(total[column]) == sum(Decimal(r[column]) for r in body)
 
 
@@ -159,6 +199,7 @@ def test_by_day_splits_at_beijing_midnight(
         {
             "day": "2026-11-01",
             "requests": 1,
+            "billable": 1,
             "cache_hit": 10_000,
             "cache_miss": 2_000,
             "output": 500,
@@ -166,10 +207,12 @@ def test_by_day_splits_at_beijing_midnight(
             "unpriced": 0,
             "estimated": 0,
             "cost": {"CNY": "0.0042", "USD": "0.00063"},
+            "cache_savings": {"CNY": "0.0098", "USD": "0.00147"},
         },
         {
             "day": "2026-11-02",
             "requests": 6,
+            "billable": 5,
             "cache_hit": 1_000,
             "cache_miss": 2_600,
             "output": 1_130,
@@ -177,6 +220,7 @@ def test_by_day_splits_at_beijing_midnight(
             "unpriced": 2,
             "estimated": 1,
             "cost": {"CNY": "0.03204", "USD": "0.0047492"},
+            "cache_savings": {"CNY": "0.0087", "USD": "0.001276"},
         },
     ]
     assert_total_is_sum(report)
@@ -200,7 +244,8 @@ def test_by_team_model_and_day_sorted_by_keys(
 def test_since_date_is_beijing_midnight_and_until_is_exclusive(
     capsys: pytest.CaptureFixture[str], ledger_config: Path
 ) -> None:
-    """--since 2026-11-02 is 2026-11-01T16:00Z: r1 is out, r2 in; r4 starts at --until: out."""
+    """--since 2026-11-02 is 2026-11-01T16:00Z: r1 is out, r2 in; r4 starts at --until: out.
+    Both bounds are shown in the billing timezone, as finance reads them."""
     report = report_json(
         capsys,
         ledger_config,
@@ -211,12 +256,14 @@ def test_since_date_is_beijing_midnight_and_until_is_exclusive(
         "--by",
         "team",
     )
-    assert report["since"] == "2026-11-01T16:00:00Z"
-    assert report["until"] == "2026-11-02T03:00:00Z"
+    assert report["since"] == "2026-11-02T00:00:00+08:00"
+    assert report["until"] == "2026-11-02T11:00:00+08:00"
+    assert report["timezone"] == "Asia/Shanghai"
     assert report["rows"] == [
         {
             "team": "alpha",
             "requests": 1,
+            "billable": 1,
             "cache_hit": 0,
             "cache_miss": 1_000,
             "output": 1_000,
@@ -224,10 +271,12 @@ def test_since_date_is_beijing_midnight_and_until_is_exclusive(
             "unpriced": 0,
             "estimated": 0,
             "cost": {"CNY": "0.015", "USD": "0.00225"},
+            "cache_savings": {"CNY": "0", "USD": "0"},
         },
         {
             "team": "beta",
             "requests": 1,
+            "billable": 1,
             "cache_hit": 1_000,
             "cache_miss": 1_000,
             "output": 100,
@@ -235,10 +284,12 @@ def test_since_date_is_beijing_midnight_and_until_is_exclusive(
             "unpriced": 0,
             "estimated": 0,
             "cost": {"CNY": "0.012", "USD": "0.00176"},
+            "cache_savings": {"CNY": "0.0087", "USD": "0.001276"},
         },
     ]
     assert report["total"] == {
         "requests": 2,
+        "billable": 2,
         "cache_hit": 1_000,
         "cache_miss": 2_000,
         "output": 1_100,
@@ -246,6 +297,7 @@ def test_since_date_is_beijing_midnight_and_until_is_exclusive(
         "unpriced": 0,
         "estimated": 0,
         "cost": {"CNY": "0.027", "USD": "0.00401"},
+        "cache_savings": {"CNY": "0.0087", "USD": "0.001276"},
     }
 
 
@@ -275,6 +327,7 @@ def test_one_currency(capsys: pytest.CaptureFixture[str], ledger_config: Path) -
     assert [r["cost"] for r in rows] == [{"USD": "0.00288"}, {"USD": "0.0024992"}]
     assert report["total"] == {
         "requests": 7,
+        "billable": 6,
         "cache_hit": 11_000,
         "cache_miss": 4_600,
         "output": 1_630,
@@ -282,6 +335,7 @@ def test_one_currency(capsys: pytest.CaptureFixture[str], ledger_config: Path) -
         "unpriced": 2,
         "estimated": 1,
         "cost": {"USD": "0.0053792"},
+        "cache_savings": {"USD": "0.002746"},
     }
 
 
@@ -290,7 +344,7 @@ def test_unknown_currency_is_refused(
 ) -> None:
     code, out, err = run(capsys, "report", "--config", str(ledger_config), "--currency", "EUR")
     assert (code, out) == (2, "")
-    assert err == "unknown currency 'EUR'; the ledger has CNY, USD\n"
+    assert err == "unknown currency 'EUR'; the price book and ledger have CNY, USD\n"
 
 
 def test_missing_ledger_exits_1_and_creates_nothing(
@@ -306,7 +360,8 @@ def test_missing_ledger_exits_1_and_creates_nothing(
 @pytest.mark.parametrize(
     "argv",
     [
-        ("--by", "team,week"),
+        ("--by", "team,fortnight"),
+        ("--by", "Team"),
         ("--by", "team,team"),
         ("--by", ""),
         ("--since", "2026-11-01T00:00:00"),
@@ -376,7 +431,7 @@ def test_hostile_model_names_stay_text(
     code, out, _ = run(capsys, "report", "--config", str(path), "--format", "csv")
     assert code == 0
     rows = list(csv.reader(io.StringIO(out)))
-    models = {row[1] for row in rows[1:-1]}
+    models = {row[1] for row in rows[1:]}
     assert models == {"'" + formula, "'-1+2", escape}
     assert all(not cell.startswith(("=", "+", "-", "@")) for row in rows[1:] for cell in row[:2])
     code, out, _ = run(capsys, "report", "--config", str(path), "--format", "table")
@@ -386,3 +441,16 @@ def test_hostile_model_names_stay_text(
     code, out, _ = run(capsys, "report", "--config", str(path), "--format", "json")
     assert {row["model"] for row in json.loads(out)["rows"]} == {formula, escape, "-1+2"}
     assert "\x1b" not in out  # JSON escapes control characters itself
+
+
+@pytest.mark.parametrize("command", ["report", "statement"])
+def test_a_price_book_with_problems_exits_1(
+    capsys: pytest.CaptureFixture[str], ledger_config: Path, command: str
+) -> None:
+    """The columns are the book's currencies: a book that cannot be read stops the command,
+    naming the file and why, as it stops the proxy."""
+    (ledger_config.parent / "book.yaml").write_text("book: [\n", encoding="utf-8")
+    extra = ("--team", "alpha", "--month", "2026-11") if command == "statement" else ()
+    code, out, err = run(capsys, command, "--config", str(ledger_config), *extra)
+    assert (code, out) == (1, "")
+    assert err.startswith(str(ledger_config.parent / "book.yaml"))

@@ -253,14 +253,16 @@ def test_no_eval_exec_or_unsafe_yaml() -> None:
     assert issubclass(_StrictLoader, yaml.SafeLoader)
 
 
-# SQL text may be assembled only from these reviewed pieces: column names picked from a fixed
-# mapping (`report.GROUP_COLUMNS`), constant column and aggregate lists, `reprice`'s constant
-# condition, `TimeRange.where()`, which yields constant clauses with `?` placeholders,
-# `marks`, a run of `?` placeholders (`proxy.ledger.rows.settled_ids`), and `money`, the
-# ledger's exact sum of the amount column (`Queries.money_sum`: a constant per database).
-# Everything else is a parameter.
+# SQL text may be assembled only from these reviewed pieces: `keys`, the expressions of a fixed
+# mapping (`proxy.ledger.report_groups.GROUPS`: a key naming a tag passes it as a parameter),
+# `positions`, their numbers (``1, 2``), constant column and aggregate lists, `reprice`'s
+# constant condition, `TimeRange.where()`, which yields constant clauses with `?` placeholders
+# (and the report's ``AND team = ?``), `marks`, a run of `?` placeholders
+# (`proxy.ledger.rows.settled_ids`), and `money`, the ledger's exact sums of money columns
+# (`Queries.money_sum`: a constant per database). Everything else is a parameter.
 REVIEWED_INTERPOLATIONS = {
     "keys",
+    "positions",
     "', '.join(_COUNT_SQL)",
     "where",
     "condition",
