@@ -48,8 +48,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         type=_groups,
         default=DEFAULT_GROUPS,
         metavar="KEYS",
-        help=f"comma list of {', '.join(GROUPS)} (default: {','.join(DEFAULT_GROUPS)}); "
-        "days, weeks (from Monday) and months are billing days",
+        help=f"comma list of {', '.join(GROUPS)}, tag:NAME (default: "
+        f"{','.join(DEFAULT_GROUPS)}); days, weeks (from Monday) and months are billing days",
     )
     report.add_argument("--team", help="only this team's calls")
     report.add_argument("--currency", help="one currency (default: every one of the price book)")
@@ -87,7 +87,7 @@ def _groups(text: str) -> tuple[str, ...]:
     unknown = [k for k in keys if not known(k)]
     if not keys or unknown or len(set(keys)) != len(keys):
         raise argparse.ArgumentTypeError(
-            f"expected distinct keys among {', '.join(GROUPS)}, got {text!r}"
+            f"expected distinct keys among {', '.join(GROUPS)}, tag:NAME, got {text!r}"
         )
     return keys
 

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from proxy.attribution import TAG_KEY
 from proxy.ledger.queries import Dialect
 
 
@@ -50,6 +51,7 @@ GROUPS: Mapping[str, Group] = MappingProxyType(
         "tier": _column("tier"),
         "outcome": _column("outcome"),
         "unpriced_reason": _column("unpriced_reason"),
+        "user": _column("end_user"),
         "day": Group("billing_day", "to_char(billing_day, 'YYYY-MM-DD')"),
         # SQLite: forward to the week's Sunday (the day itself if it is one), back six days.
         # PostgreSQL: ISODOW is 1 on Monday; a date minus an integer is a date. No timestamps,
@@ -65,11 +67,20 @@ GROUPS: Mapping[str, Group] = MappingProxyType(
 DEFAULT_GROUPS = ("team", "model")
 
 
+TAG_PREFIX = "tag:"
+
+
 def group(key: str) -> Group:
-    """The `Group` a ``--by`` key names; `KeyError` for a key that names none."""
-    # Hook for attribution (issue 16), once ``usage`` has the columns: ``user`` is an entry
-    # of GROUPS, _column("end_user"); ``tag:NAME`` is parsed here, NAME going in as a
-    # parameter, never as SQL text: Group("json_extract(tags, ?)", "tags ->> ?", (...,)).
+    """The `Group` a ``--by`` key names; `KeyError` for a key that names none.
+
+    ``tag:NAME`` groups by the value of tag NAME (calls without it: no label). NAME must be a
+    possible tag key (`proxy.attribution.TAG_KEY`: lower-case letters, digits, ``_``) and goes
+    in as a parameter, never as SQL text; SQLite's JSON path is built from it in SQL."""
+    if key.startswith(TAG_PREFIX):
+        name = key.removeprefix(TAG_PREFIX)
+        if not TAG_KEY.fullmatch(name):
+            raise KeyError(key)
+        return Group("json_extract(tags, '$.' || ?)", "tags ->> ?", (name,))
     return GROUPS[key]
 
 

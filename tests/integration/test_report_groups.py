@@ -62,6 +62,8 @@ LABELS: dict[str, Callable[[UsageRecord], str | None]] = {
     "tier": lambda r: r.tier,
     "outcome": lambda r: r.outcome,
     "unpriced_reason": lambda r: r.unpriced_reason,
+    "user": lambda r: r.end_user,
+    "tag:project": lambda r: r.tags.get("project"),
     "day": lambda r: billing_day(r).isoformat(),
     "week": lambda r: period_start(billing_day(r), "week").isoformat(),
     "month": lambda r: billing_day(r).isoformat()[:7],
@@ -82,6 +84,8 @@ def end_of_november(book: PriceBook) -> list[UsageRecord]:
                 "2026-11-29T15:59:59+00:00",
                 miss=1_000,
                 endpoint="fim",
+                tags={"project": "ranker", "env": "prod"},
+                end_user="u-1",
             ),
             key_id="k_cdcdcdcd",
         ),
@@ -95,6 +99,8 @@ def end_of_november(book: PriceBook) -> list[UsageRecord]:
                 "2026-11-30T15:59:59+00:00",
                 hit=2_000,
                 miss=1_000,
+                tags={"project": "search"},
+                end_user="u-2",
             ),
             key_id="k_cdcdcdcd",
         ),
@@ -107,6 +113,8 @@ def end_of_november(book: PriceBook) -> list[UsageRecord]:
             "2026-11-30T16:00:00+00:00",
             source="none",
             outcome="upstream_error",
+            tags={"env": "prod"},
+            end_user="u-1",
         ),
         # A model the book does not know: unpriced, in December.
         record(book, "g4", "beta", "deepseek-next", "2026-12-01T02:00:00+00:00", miss=10),
@@ -180,7 +188,7 @@ def expected_lines(records: tuple[UsageRecord, ...], key: str) -> list[dict[str,
 
 
 def test_every_key_is_tested() -> None:
-    assert set(LABELS) == set(GROUPS)
+    assert set(LABELS) == {*GROUPS, "tag:project"}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
