@@ -2,7 +2,8 @@
 both renderings show.
 
 A statement is several `proxy.ledger.report` reports of one team over one month of the billing
-timezone, each grouped another way (by tier, model, key, day, outcome, unpriced reason), so
+timezone, each grouped another way (by tier, model, key, each tag the team's calls carried,
+day, outcome, unpriced reason), so
 every figure in it is the figure ``report --team T --since <month> --until <next month>
 --by <key>`` prints, summed by the same code. Its sections (`sections`) are the cells, as
 text, that the text rendering (`proxy.ledger.statement_text`) and the HTML page
@@ -51,7 +52,10 @@ class Statement:
     by_outcome: Report
     by_unpriced_reason: Report
     top: int
-    """How many keys are shown by name."""
+    """How many keys (and values of each tag) are shown by name."""
+    by_tags: tuple[tuple[str, Report], ...] = ()
+    """For each tag key the team's calls carried this month, the month's report
+    ``--by tag:NAME``, in name order."""
 
     @property
     def total(self) -> Line:
@@ -61,9 +65,14 @@ class Statement:
     def top_keys(self) -> tuple[Line, ...]:
         """The `top` keys that spent most (in the first currency, then most requests), and,
         if there are more keys, one line summing the rest."""
+        return self.top_lines(self.by_key.lines, "key")
+
+    def top_lines(self, lines: Sequence[Line], noun: str) -> tuple[Line, ...]:
+        """The `top` lines that spent most (in the first currency, then most requests), and,
+        if there are more, one line summing the rest (``(N other <noun>s)``)."""
         first = self.currencies[:1]
         ranked = sorted(
-            self.by_key.lines,
+            lines,
             key=lambda line: (
                 *(-line.costs[c] for c in first),
                 -line.counts["requests"],
@@ -74,7 +83,7 @@ class Statement:
         if not rest:
             return tuple(shown)
         others = sum_lines(rest, self.currencies)
-        label = f"({len(rest)} other key{'s' if len(rest) > 1 else ''})"
+        label = f"({len(rest)} other {noun}{'s' if len(rest) > 1 else ''})"
         return (*shown, Line((label,), others.counts, others.costs, others.savings))
 
     def day_costs(self, currency: str) -> tuple[tuple[date, Decimal], ...]:
@@ -106,6 +115,8 @@ def build_statement(
     def by(key: str) -> Report:
         return build_report(queries, span, (key,), currencies, timezone, team)
 
+    tags = tuple((name, by(f"tag:{name}")) for name in tag_names(queries, span, team))
+
     return Statement(
         team,
         month,
@@ -119,7 +130,22 @@ def build_statement(
         by("outcome"),
         by("unpriced_reason"),
         top,
+        tags,
     )
+
+
+def tag_names(queries: Queries, span: TimeRange, team: str) -> tuple[str, ...]:
+    """Every tag key on `team`'s calls in `span`, sorted: the keys the ledger holds, which may
+    differ from today's config (a key since removed still has its calls)."""
+    where, params = span.where()
+    if queries.dialect == "sqlite":
+        sql = (
+            "SELECT DISTINCT j.key FROM usage, json_each(usage.tags) AS j "  # noqa: S608
+            f"WHERE team = ? AND {where}"
+        )
+    else:
+        sql = f"SELECT DISTINCT jsonb_object_keys(tags) FROM usage WHERE team = ? AND {where}"  # noqa: S608
+    return tuple(sorted(str(row[0]) for row in queries.execute(sql, [team, *params])))
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,8 +226,18 @@ def sections(statement: Statement) -> tuple[Section, ...]:
             statement.top_keys(),
             statement,
         ),
-        # Top tags (issue 16, attribution): a section of the month's report ``--by tag:NAME``,
-        # built as the keys' is, goes here once the ledger has ``usage.tags``.
+        *(
+            _figures(
+                f"tag-{name}",
+                f"Top values of tag {name}",
+                f"The x-proxy-tags value of {name}{ranked_in}: at most {statement.top} by name, "
+                f"the rest summed in one line; {MISSING}: calls without this tag.",
+                name,
+                statement.top_lines(report.lines, "value"),
+                statement,
+            )
+            for name, report in statement.by_tags
+        ),
         _figures(
             "days",
             "Per day",

@@ -115,6 +115,14 @@ def test_statement_figures_are_the_reports(
 
     for slug, key in (("tiers", "tier"), ("models", "model"), ("keys", "key"), ("days", "day")):
         assert list(section(statement, slug).rows) == report_rows(report(key), key), slug
+    # Each tag the team's calls carried in November has its section: alpha's FIM call of 29
+    # November is tagged project=ranker, env=prod; beta's of 30 November project=search.
+    tags = {"alpha": ["env", "project"], "beta": ["project"]}[team]
+    assert [name for name, _ in statement.by_tags] == tags
+    for name in tags:
+        expected = report_rows(report(f"tag:{name}"), f"tag:{name}")
+        rows = list(section(statement, f"tag-{name}").rows)  # ranked by spend, not by label
+        assert sorted(rows[:-1]) == sorted(expected[:-1]) and rows[-1] == expected[-1], name
     total = report("team")["total"]
     assert isinstance(total, dict)
     assert section(statement, "totals").rows == (
