@@ -38,10 +38,15 @@ def test_readme_report_commands_work_as_written(tmp_path: Path, book: PriceBook)
     _, final = sample_rows(book)
     config.ledger_path.parent.mkdir(parents=True, exist_ok=True)
     store = SQLiteLedger(config.ledger_path, BEIJING)
-    store.write([], [dataclasses.replace(r, team="example") for r in final])
+    rows = [dataclasses.replace(r, team="example") for r in final]
+    rows = [  # every other call tagged, with an end user: `--by tag:project,user` has both
+        dataclasses.replace(r, tags={"project": "ranker"}, end_user="u-1") if i % 2 else r
+        for i, r in enumerate(rows)
+    ]
+    store.write([], rows)
     store.close()
     commands = readme_commands()
-    assert len(commands) == 7
+    assert len(commands) == 8
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for command in commands:
         result = subprocess.run(
