@@ -50,6 +50,7 @@ def load_config(path: Path) -> ProxyConfig:
             "ledger",
             "budgets",
             "reload",
+            "headers",
         },
     )
     listen = reader.section(raw, "listen")
@@ -74,6 +75,8 @@ def load_config(path: Path) -> ProxyConfig:
     )
     reload = reader.section(raw, "reload")
     reader.keys(reload, "reload", {"watch"})
+    headers = reader.section(raw, "headers")
+    reader.keys(headers, "headers", {"budget_remaining"})
     reader.keys(listen, "listen", {"host", "port"})
     reader.keys(upstream, "upstream", {"base_url", "api_key_env"})
     reader.keys(pricing, "pricing", {"book", "price_at"})
@@ -142,6 +145,9 @@ def load_config(path: Path) -> ProxyConfig:
         ),
         ledger_shutdown_timeout=reader.seconds(
             ledger.get("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT), "ledger.shutdown_timeout"
+        ),
+        budget_remaining_header=reader.flag(
+            headers.get("budget_remaining", False), "headers.budget_remaining"
         ),
     )
 
