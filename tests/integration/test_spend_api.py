@@ -5,9 +5,11 @@ over the same day, week and month in the billing timezone (Asia/Shanghai)."""
 from __future__ import annotations
 
 import asyncio
+import re
 from contextlib import closing
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,7 +21,7 @@ from proxy.ledger.pg_queries import open_postgres
 from proxy.ledger.queries import Queries, open_sqlite
 from proxy.ledger.report import TimeRange, build_report
 from proxy.pricing import PriceBook
-from tests.support.fake_deepseek import FakeDeepSeek
+from tests.support.fake_deepseek import FakeDeepSeek, running_fake
 from tests.support.fake_deepseek_shapes import Reply
 from tests.support.ledger_backends import LedgerBackend
 from tests.support.proxy_harness import RunningProxy, StartProxy
@@ -31,6 +33,7 @@ from tests.support.requests import (
     BOUNDED_USAGE,
     JSON_AUTH,
 )
+from tests.support.serve_process import eventually, ledger, serve_process
 
 HEADER = "x-proxy-budget-remaining"
 MONTH = Budget("alpha", "month", Decimal("0.01"), "CNY", (Decimal(10), Decimal(50)), True)
@@ -45,12 +48,15 @@ def worst_bounded_chat() -> Decimal:
 
 
 def report_costs(
-    backend: LedgerBackend, since: datetime, until: datetime, currencies: tuple[str, ...]
+    backend: LedgerBackend | Path, since: datetime, until: datetime, currencies: tuple[str, ...]
 ) -> dict[str, dict[str, str]]:
     """Each team's cost per currency over ``[since, until)`` as the report gives it, written
-    as the spend API writes amounts; a team without calls is absent."""
+    as the spend API writes amounts; a team without calls is absent. `backend`: a ledger
+    backend, or a SQLite ledger's file."""
     queries: Queries
-    if backend.url is not None:
+    if isinstance(backend, Path):
+        queries = open_sqlite(backend)
+    elif backend.url is not None:
         queries = open_postgres(backend.url)
     else:
         assert backend.path is not None
@@ -64,7 +70,7 @@ def report_costs(
 
 
 async def assert_matches_report(
-    answer: dict[str, Any], backend: LedgerBackend, book: PriceBook
+    answer: dict[str, Any], backend: LedgerBackend | Path, book: PriceBook
 ) -> None:
     """Every period of `answer` spends what the report says for its team over that period,
     and each budget spends what its period does in its currency."""
@@ -291,3 +297,58 @@ async def test_budget_remaining_header(
     assert headers == ["month=0.01 CNY, day=0.005 CNY", "month=0.00964 CNY, day=0.00464 CNY"]
     assert [", ".join(f"{p}={r} CNY" for p, r in pairs) for pairs in remaining] == headers
     assert beta.status_code == 200 and HEADER not in beta.headers  # beta: no hard budget
+
+
+async def test_every_worker_answers_alike(tmp_path: Path, book: PriceBook) -> None:
+    """``serve --workers 2``: the workers share the SQLite ledger and its holds, so whichever
+    worker a connection reaches answers the same figures, the report's; the header reads the
+    shared holds (`proxy.budgets.LedgerHolds`)."""
+    month = (
+        "budgets:\n  alpha:\n"
+        "    - {period: month, amount: '0.02', currency: CNY, soft: [1], hard: true}\n"
+        "headers: {budget_remaining: true}\n"
+    )
+    async with running_fake() as fake:
+        fake.enqueue(*[Reply(usage=BOUNDED_USAGE) for _ in range(6)])
+        async with serve_process(tmp_path, fake.base_url, workers=2, extra_config=month) as serve:
+            headers = []
+            for _ in range(6):  # a new connection each: the kernel spreads them over workers
+                async with httpx.AsyncClient(base_url=serve.url, headers=AUTH) as http:
+                    response = await http.post("/chat/completions", json=BOUNDED_CHAT)
+                assert response.status_code == 200
+                headers.append(response.headers[HEADER])
+
+            async def committed() -> bool:
+                final = "SELECT count(*) FROM usage WHERE state = 'final'"
+                rows = await asyncio.to_thread(ledger, serve.ledger, final)
+                holds = await asyncio.to_thread(
+                    ledger, serve.ledger, "SELECT count(*) FROM budget_holds"
+                )
+                return rows == [(6,)] and holds == [(0,)]
+
+            await eventually(committed, "six calls committed and their holds dropped")
+            costs = await asyncio.to_thread(
+                ledger, serve.ledger, "SELECT amount FROM usage_cost WHERE currency = 'CNY'"
+            )
+            answers = []
+            for _ in range(8):
+                async with httpx.AsyncClient(base_url=serve.url, headers=AUTH) as http:
+                    answers.append((await http.get("/v1/spend")).json())
+    for answer in answers:
+        answer.pop("as_of")  # the only figure that moves with the clock
+        assert answer == answers[0]
+    await assert_matches_report(answers[0], serve.ledger, book)
+    [cost] = {Decimal(str(amount)) for (amount,) in costs}  # the clock is real: peak or not
+    [budget] = answers[0]["budgets"]
+    assert (budget["spent"], budget["held"]) == (decimal_text(6 * cost), "0")
+    assert budget["remaining"] == decimal_text(Decimal("0.02") - 6 * cost)
+    assert budget["soft"] == [{"percent": "1", "at": "0.0002", "crossed": True}]
+    # Before call i, the i calls before it count at their cost (settled) or at their worst
+    # case (still held: the client may reach the other worker before the first settles).
+    for index, header in enumerate(headers):
+        match = re.fullmatch(r"month=(-?[0-9.]+) CNY", header)
+        assert match is not None, header
+        left = Decimal(match[1])
+        assert Decimal("0.02") - index * worst_bounded_chat() <= left
+        assert left <= Decimal("0.02") - index * cost
+    assert headers[0] == "month=0.02 CNY"
