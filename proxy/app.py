@@ -52,7 +52,7 @@ from proxy.records import ALWAYS_HEALTHY, LedgerHealth, RecordSink
 from proxy.relay import Endpoint, proxy_completion
 from proxy.relay.request import read_body, refuse_compressed
 from proxy.reload import Reloader, ReloadRefused
-from proxy.spend import team_spend as spend_of
+from proxy.spend import spend_of
 from proxy.state import Live, ProxyState
 from proxy.upstream import AiohttpTransport, Transport, Upstream, refuse_redirect
 

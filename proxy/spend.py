@@ -144,7 +144,7 @@ def _budget(
     }
 
 
-async def team_spend(state: ProxyState, team: str) -> dict[str, Any]:
+async def spend_of(state: ProxyState, team: str) -> dict[str, Any]:
     """Read `team`'s holds, then its spend, and answer (`spend_answer`); `SpendUnavailable`
     (503) if either cannot be read."""
     if state.team_spend is None:

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import orjson
+import pytest
 
 from proxy.config import Budget
 from proxy.formats import decimal_text
@@ -24,7 +26,7 @@ from proxy.pricing import PriceBook
 from tests.support.fake_deepseek import FakeDeepSeek, running_fake
 from tests.support.fake_deepseek_shapes import Reply
 from tests.support.ledger_backends import LedgerBackend
-from tests.support.proxy_harness import RunningProxy, StartProxy
+from tests.support.proxy_harness import TEAM_KEYS, RunningProxy, StartProxy
 from tests.support.requests import (
     AUTH,
     BETA_AUTH,
@@ -188,6 +190,16 @@ async def test_spend_api_matches_the_report(
 
 
 async def test_spend_api_needs_the_team_key(fake: FakeDeepSeek, proxy: RunningProxy) -> None:
+    """The openai SDK reaches the API from its ``base_url`` (``.../v1``) with the team's key;
+    without a known key, a 401 in OpenAI's shape."""
+    async with openai.AsyncOpenAI(
+        base_url=proxy.url + "/v1", api_key=TEAM_KEYS["beta"], max_retries=0
+    ) as api:
+        answer = await api.get("/spend", cast_to=object)
+        stranger = api.with_options(api_key="sk-proxy-nobody")
+        with pytest.raises(openai.AuthenticationError):
+            await stranger.get("/spend", cast_to=object)
+    assert isinstance(answer, dict) and answer["team"] == "beta"
     async with httpx.AsyncClient(base_url=proxy.url) as http:
         missing = await http.get("/v1/spend")
         unknown = await http.get("/spend", headers={"Authorization": "Bearer sk-proxy-nobody"})
