@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 from contextlib import closing
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -35,7 +36,13 @@ from tests.support.requests import (
     BOUNDED_USAGE,
     JSON_AUTH,
 )
-from tests.support.serve_process import eventually, ledger, serve_process
+from tests.support.serve_process import (
+    ServeProcess,
+    eventually,
+    ledger,
+    serve_process,
+    write_config,
+)
 
 HEADER = "x-proxy-budget-remaining"
 MONTH = Budget("alpha", "month", Decimal("0.01"), "CNY", (Decimal(10), Decimal(50)), True)
@@ -364,3 +371,57 @@ async def test_every_worker_answers_alike(tmp_path: Path, book: PriceBook) -> No
         assert Decimal("0.02") - index * worst_bounded_chat() <= left
         assert left <= Decimal("0.02") - index * cost
     assert headers[0] == "month=0.02 CNY"
+
+
+@pytest.mark.slow
+async def test_a_reload_below_the_spend_shows_the_overshoot(tmp_path: Path) -> None:
+    """A hard budget lowered by a reload below what was spent: ``remaining`` goes negative and
+    says by how much (never clamped), the budget is ``refusing`` and the next call gets 402;
+    the reload also turns the header on, which the next admitted call carries."""
+
+    def config(amount: str, header: str) -> str:
+        line = f"{{period: month, amount: '{amount}', currency: CNY, hard: true}}"
+        return f"budgets:\n  alpha:\n    - {line}\nheaders: {{budget_remaining: {header}}}\n"
+
+    async def reload(serve: ServeProcess, url: str, count: int, extra: str) -> None:
+        keys = {team: [key] for team, key in TEAM_KEYS.items()}
+        write_config(tmp_path, url, serve.port, extra=extra, keys=keys)
+        serve.process.send_signal(signal.SIGHUP)
+
+        async def reloaded() -> bool:
+            return serve.log.read_text().count("reloaded ") >= count
+
+        await eventually(reloaded, f"reload {count} in the log", timeout=15)
+
+    async with running_fake() as fake:
+        fake.enqueue(*[Reply(usage=BOUNDED_USAGE) for _ in range(2)])
+        extra = config("100", "false")
+        async with serve_process(tmp_path, fake.base_url, extra_config=extra) as serve:
+            async with httpx.AsyncClient(base_url=serve.url, headers=AUTH) as http:
+                first = await http.post("/chat/completions", json=BOUNDED_CHAT)
+
+                async def committed() -> bool:
+                    final = "SELECT count(*) FROM usage WHERE state = 'final'"
+                    return await asyncio.to_thread(ledger, serve.ledger, final) == [(1,)]
+
+                await eventually(committed, "the first call committed")
+                await reload(serve, fake.base_url, 1, config("0.0001", "true"))
+                [budget] = (await http.get("/v1/spend")).json()["budgets"]
+                refused = await http.post("/chat/completions", json=BOUNDED_CHAT)
+                await reload(serve, fake.base_url, 2, config("100", "true"))
+                admitted = await http.post("/chat/completions", json=BOUNDED_CHAT)
+            serve.process.send_signal(signal.SIGTERM)
+            assert await serve.process.wait() == 0
+    [(cost,)] = ledger(
+        serve.ledger,
+        "SELECT amount FROM usage_cost WHERE request_id = ? AND currency = 'CNY'",
+        first.headers["x-request-id"],
+    )
+    assert ledger(serve.ledger, "SELECT count(*) FROM usage") == [(2,)]
+    spent = Decimal(str(cost))
+    assert first.status_code == 200 and HEADER not in first.headers
+    assert budget["remaining"] == decimal_text(Decimal("0.0001") - spent)
+    assert budget["remaining"].startswith("-") and budget["refusing"] is True
+    assert refused.status_code == 402
+    assert admitted.status_code == 200
+    assert admitted.headers[HEADER] == f"month={decimal_text(100 - spent)} CNY"
