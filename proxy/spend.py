@@ -145,8 +145,8 @@ def _budget(
 
 
 async def spend_of(state: ProxyState, team: str) -> dict[str, Any]:
-    """Read `team`'s holds, then its spend, and answer (`spend_answer`); `SpendUnavailable`
-    (503) if either cannot be read."""
+    """Read `team`'s holds, then its spend, and answer (`spend_answer`); 503 if either cannot
+    be read (`BudgetUnavailable` for the holds, `SpendUnavailable` for the spend)."""
     if state.team_spend is None:
         raise SpendUnavailable("this proxy runs without a ledger: there is no spend to read")
     now = state.clock()
