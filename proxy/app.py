@@ -9,6 +9,7 @@ Routes (the OpenAI SDK works with ``base_url`` ``http://host:port``, ``.../v1`` 
     POST /anthropic/v1/messages/count_tokens      -> the same at DeepSeek, unmetered
     POST /responses, /v1/responses                -> DeepSeek /responses
     GET  /models, /v1/models                      -> DeepSeek /models
+    GET  /spend, /v1/spend                        the key's team: spend and budgets (JSON)
     GET  /healthz, /readyz                        liveness, readiness (no key, no upstream)
     GET  /metrics                                 Prometheus text format, no key needed
 
@@ -43,7 +44,7 @@ from proxy.errors import (
     Unauthorized,
     error_response,
 )
-from proxy.ledger.store import SpendReader
+from proxy.ledger.store import SpendReader, TeamSpendReader
 from proxy.ledger.writer import LedgerStatus
 from proxy.metrics import MetricSources, ProxyMetrics
 from proxy.pricing import PriceBook, Pricer
@@ -51,6 +52,7 @@ from proxy.records import ALWAYS_HEALTHY, LedgerHealth, RecordSink
 from proxy.relay import Endpoint, proxy_completion
 from proxy.relay.request import read_body, refuse_compressed
 from proxy.reload import Reloader, ReloadRefused
+from proxy.spend import spend_of
 from proxy.state import Live, ProxyState
 from proxy.upstream import AiohttpTransport, Transport, Upstream, refuse_redirect
 
@@ -202,6 +204,12 @@ async def _count_tokens(request: web.Request, state: ProxyState) -> web.StreamRe
         return web.Response(status=answer.status, headers=headers, body=shown)
 
 
+async def _spend(request: web.Request, state: ProxyState) -> web.StreamResponse:
+    """The spend and budgets of the key's team, and only its (`proxy.spend`)."""
+    answer = await spend_of(state, request[CLIENT].team)
+    return web.json_response(answer, headers={"Cache-Control": "no-store"})
+
+
 async def _metrics(request: web.Request, state: ProxyState) -> web.StreamResponse:
     return web.Response(
         body=state.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
@@ -228,6 +236,7 @@ def create_app(
     *,
     registry: CollectorRegistry | None = None,
     spend: SpendReader | None = None,
+    team_spend: TeamSpendReader | None = None,
     clock: Callable[[], datetime] = _utc_now,
     shared_metrics_dir: Path | None = None,
     shared_ledger: Path | None = None,
@@ -241,7 +250,8 @@ def create_app(
     """Build the application; the upstream session opens and closes with it.
 
     `registry` receives every metric (a fresh one by default); `spend` reads daily spend from
-    the ledger for `llm_team_spend` (omitted when there is no ledger). With several workers
+    the ledger for `llm_team_spend` (omitted when there is no ledger), `team_spend` one team's,
+    for the spend API (``GET /v1/spend`` answers 503 without it). With several workers
     (``serve --workers N``), `shared_metrics_dir` is the folder they share metrics through,
     `shared_ledger` the ledger that holds their hard-budget reservations (each marked with
     `owner`, this worker's id); `shared_url` a PostgreSQL ledger shared by replicas, which then
@@ -269,7 +279,14 @@ def create_app(
         except TeamsFull as exc:
             raise ReloadRefused(f"{new.path}: teams: {exc}") from exc
         new_pricer = Pricer(new_book)
-        guard = BudgetGuard(new.budgets, new_pricer, holds, new.billing_timezone, new.policies)
+        guard = BudgetGuard(
+            new.budgets,
+            new_pricer,
+            holds,
+            new.billing_timezone,
+            new.policies,
+            remaining_header=new.budget_remaining_header,
+        )
         metrics.apply(
             dataclasses.replace(sources, teams=new.teams, book=new_book, budgets=new.budgets)
         )
@@ -298,7 +315,14 @@ def create_app(
         holds = LedgerHolds(shared_ledger, owner=owner)
     else:
         holds = LocalHolds(spend)
-    budgets = BudgetGuard(config.budgets, pricer, holds, config.billing_timezone, config.policies)
+    budgets = BudgetGuard(
+        config.budgets,
+        pricer,
+        holds,
+        config.billing_timezone,
+        config.policies,
+        remaining_header=config.budget_remaining_header,
+    )
 
     async def budget_holds(app: web.Application) -> AsyncIterator[None]:
         await budgets.open()
@@ -323,6 +347,7 @@ def create_app(
             admission=admission,
             clock=clock,
             ledger=ledger or ALWAYS_HEALTHY,
+            team_spend=team_spend,
         )
         yield
         await upstream.close()
@@ -353,6 +378,8 @@ def create_app(
     app.router.add_post("/v1/responses", _completion(_RESPONSES))
     app.router.add_get("/models", _route(_models))
     app.router.add_get("/v1/models", _route(_models))
+    app.router.add_get("/spend", _route(_spend))
+    app.router.add_get("/v1/spend", _route(_spend))
     app.router.add_get("/healthz", _route(_healthz, public=True))
     app.router.add_get("/readyz", _route(_readyz, public=True))
     app.router.add_get("/metrics", _route(_metrics, public=True))

@@ -172,6 +172,7 @@ def _serve(args: argparse.Namespace) -> int:
         api_key,
         sink,
         spend=store.spend,
+        team_spend=store.team_spend,
         shared_metrics_dir=shared,
         shared_ledger=config.ledger_path if args.worker and config.ledger_url is None else None,
         shared_url=config.ledger_url,

@@ -13,6 +13,7 @@ from datetime import datetime
 from proxy.admission import Admission
 from proxy.budgets import BudgetGuard
 from proxy.config import ProxyConfig
+from proxy.ledger.store import TeamSpendReader
 from proxy.metrics import ProxyMetrics
 from proxy.pricing import Pricer
 from proxy.records import ALWAYS_HEALTHY, LedgerHealth, RecordSink
@@ -34,6 +35,9 @@ class ProxyState:
     clock: Callable[[], datetime]
     ledger: LedgerHealth = ALWAYS_HEALTHY
     """Whether the ledger can take the call's record (see `proxy.relay.call`)."""
+    team_spend: TeamSpendReader | None = None
+    """A team's daily spend from the ledger, for the spend API (`proxy.spend`); None without
+    a ledger."""
 
 
 class Live:

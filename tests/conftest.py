@@ -95,7 +95,7 @@ async def start_proxy(
     async with AsyncExitStack() as stack:
 
         async def start(**options: Any) -> RunningProxy:
-            own = {"sink", "ledger", "spend"} & set(options)
+            own = {"sink", "ledger", "spend", "team_spend"} & set(options)
             if not own and not started:
                 options = {**ledger_backend.options(), **options}
             running = await stack.enter_async_context(running_proxy(fake.base_url, book, **options))

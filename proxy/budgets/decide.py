@@ -14,6 +14,7 @@ from zoneinfo import ZoneInfo
 
 from proxy.config import Budget, TeamPolicy
 from proxy.errors import ProxyError
+from proxy.formats import decimal_text
 from proxy.periods import period_end
 from proxy.pricing.model import RateCard
 
@@ -68,6 +69,16 @@ class Standing:
     start: date
     spent: Decimal
     held: Decimal
+
+
+def remaining_text(standings: Sequence[Standing]) -> str:
+    """What each hard budget had left when a call was admitted, before the call's own hold
+    (amount - spent - held, negative once a budget is passed), as the
+    ``x-proxy-budget-remaining`` header gives it: ``month=0.4921 CNY, day=0.02 CNY``."""
+    return ", ".join(
+        f"{s.budget.period}={decimal_text(s.budget.amount - s.spent - s.held)} {s.budget.currency}"
+        for s in standings
+    )
 
 
 def worst_cost(prompt: int, output: int, cards: Sequence[RateCard], currency: str) -> Decimal:

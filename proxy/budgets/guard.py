@@ -4,14 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
-from proxy.budgets.decide import CallSize, Refusal, Standing, decide, worst_cost
+from proxy.budgets.decide import (
+    CallSize,
+    Refusal,
+    Standing,
+    decide,
+    remaining_text,
+    worst_cost,
+)
 from proxy.budgets.holds import HoldStore
 from proxy.config import DEFAULT_POLICY, Budget, TeamPolicy
 from proxy.errors import ModelNotPriced
+from proxy.periods import Period
 from proxy.pricing import Pricer
 from proxy.pricing.model import RateCard
 
@@ -26,12 +34,15 @@ class Reservation:
     """Whether the store holds amounts for the call (False once settled)."""
     max_tokens: int | None = None
     """The lowered ``max_tokens`` the call must be sent with (``lower_max_tokens``), or None."""
+    remaining: str | None = None
+    """``x-proxy-budget-remaining`` for the call's answer (`remaining_text`), or None when
+    ``headers.budget_remaining`` is off."""
 
 
 class _Admit:
     """The guard's decision for one call (`proxy.budgets.holds.Admit`)."""
 
-    __slots__ = ("_cards", "_policy", "_refusal", "_size", "worst")
+    __slots__ = ("_cards", "_policy", "_refusal", "_size", "standings", "worst")
 
     def __init__(
         self,
@@ -45,8 +56,11 @@ class _Admit:
         self.worst = {
             b.currency: worst_cost(size.prompt, size.output, cards, b.currency) for b in budgets
         }
+        self.standings: Sequence[Standing] = ()
+        """What the store read in its atomic step (the last read, if it decided twice)."""
 
     def __call__(self, standings: Sequence[Standing]) -> tuple[dict[str, Decimal], int | None]:
+        self.standings = standings
         return decide(standings, self._size, self._cards, self._policy, self._refusal)
 
 
@@ -56,6 +70,11 @@ class BudgetGuard:
     A live reload builds a new guard with the new budgets, policies and prices around the
     store the running one uses: the holds of running calls are the store's, so they stay held
     and settle as they would have; the guard tells the store its hard budgets when built.
+
+    With `remaining_header` (``headers.budget_remaining``) each reservation carries what every
+    hard budget of the team had left when the call was admitted, for the answer's
+    ``x-proxy-budget-remaining`` header: read from the standings the store's atomic step
+    already read, so it costs no read of its own, only the text.
     """
 
     def __init__(
@@ -65,8 +84,11 @@ class BudgetGuard:
         store: HoldStore,
         timezone: ZoneInfo,
         policies: Mapping[str, TeamPolicy] | None = None,
+        *,
+        remaining_header: bool = False,
     ) -> None:
         self._pricer = pricer
+        self._remaining_header = remaining_header
         self._store = store
         self._tz = timezone
         self._policies = dict(policies or {})
@@ -112,6 +134,8 @@ class BudgetGuard:
         day = now.astimezone(self._tz).date()
         reservation.max_tokens = await self._store.hold(team, request_id, day, budgets, admit)
         reservation.held = True
+        if self._remaining_header:
+            reservation.remaining = remaining_text(admit.standings)
         return reservation
 
     async def settle(self, reservation: Reservation, costs: Mapping[str, Decimal] | None) -> None:
@@ -119,6 +143,16 @@ class BudgetGuard:
         if reservation.held:
             reservation.held = False
             await self._store.settle(reservation.request_id, costs)
+
+    async def held(
+        self, team: str, starts: Mapping[Period, date]
+    ) -> dict[Period, dict[str, Decimal]] | None:
+        """What the team's running calls hold per currency, as a check of each period (by its
+        start) counts it; None for a team without a hard budget, whose calls hold nothing
+        (so what they may still add is not known). Raises `BudgetUnavailable`."""
+        if team not in self._hard:
+            return None
+        return await self._store.held(team, starts)
 
     async def open(self) -> None:
         await self._store.open()

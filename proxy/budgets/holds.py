@@ -17,7 +17,7 @@ against the budgets each call brings, so a changed budget applies to the next ca
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal
@@ -59,6 +59,14 @@ class HoldStore(Protocol):
 
     async def settle(self, request_id: str, costs: Mapping[str, Decimal] | None) -> None:
         """Replace a call's holds by its real cost (None: nothing billable, drop them)."""
+        ...
+
+    async def held(
+        self, team: str, starts: Mapping[Period, date]
+    ) -> dict[Period, dict[str, Decimal]]:
+        """What the team's holds amount to per currency, for each period by its start, as a
+        check of that period counts them (the spend API, `proxy.spend`); one read. Raises
+        `BudgetUnavailable` if they cannot be read."""
         ...
 
     def configure(self, budgets: Sequence[Budget]) -> None:
@@ -109,6 +117,23 @@ class _Held:
     team: _Team
     starts: Mapping[Period, date]
     amounts: Mapping[str, Decimal]
+
+
+HELD_UNREADABLE = "the budget holds of running calls cannot be read; try again shortly"
+
+
+def held_by_period(
+    rows: Iterable[tuple[date, str, Decimal]], starts: Mapping[Period, date]
+) -> dict[Period, dict[str, Decimal]]:
+    """Holds summed per period and currency from rows of (day, currency, amount), each period
+    counting the holds of its days from its start on, as the ledger stores' checks do."""
+    held: dict[Period, dict[str, Decimal]] = {period: {} for period in starts}
+    for day, currency, amount in rows:
+        for period, start in starts.items():
+            if day >= start:
+                sums = held[period]
+                sums[currency] = sums.get(currency, ZERO) + amount
+    return held
 
 
 class LocalHolds:
@@ -197,6 +222,15 @@ class LocalHolds:
             cost = costs.get(currency)
             if cost is not None and state.start == held.starts[period]:
                 state.spent += cost
+
+    async def held(
+        self, team: str, starts: Mapping[Period, date]
+    ) -> dict[Period, dict[str, Decimal]]:
+        """The team's pool per currency for every period: a check counts every running call
+        of the team, whichever period it was admitted in."""
+        account = self._teams.get(team)
+        reserved = dict(account.reserved) if account is not None else {}
+        return {period: dict(reserved) for period in starts}
 
     async def open(self) -> None:
         """Nothing to connect to."""

@@ -23,11 +23,11 @@ from decimal import Decimal
 from pathlib import Path
 
 from proxy.budgets.decide import BudgetUnavailable, Standing
-from proxy.budgets.holds import Admit
+from proxy.budgets.holds import HELD_UNREADABLE, Admit, held_by_period
 from proxy.config import Budget
 from proxy.formats import ZERO, decimal_text
 from proxy.ledger.connection import Transaction, connect
-from proxy.periods import period_start
+from proxy.periods import Period, period_start
 
 log = logging.getLogger("proxy.budgets")
 
@@ -39,6 +39,10 @@ _HELD = "SELECT decimal_sum(amount) FROM budget_holds WHERE team = ? AND currenc
 _INSERT = (
     "INSERT INTO budget_holds (request_id, team, currency, day, amount, owner) "
     "VALUES (?, ?, ?, ?, ?, ?)"
+)
+_HELD_BY_DAY = (
+    "SELECT day, currency, decimal_sum(amount) FROM budget_holds WHERE team = ? AND day >= ? "
+    "GROUP BY day, currency"
 )
 _DROP = "DELETE FROM budget_holds WHERE request_id = ?"
 _SETTLE = "UPDATE budget_holds SET amount = ? WHERE request_id = ? AND currency = ?"
@@ -71,6 +75,19 @@ class LedgerHolds:
         except sqlite3.Error:
             log.exception("cannot settle budget hold of %s", request_id)
 
+    async def held(
+        self, team: str, starts: Mapping[Period, date]
+    ) -> dict[Period, dict[str, Decimal]]:
+        loop = asyncio.get_running_loop()
+        try:
+            rows = await loop.run_in_executor(
+                self._executor, self._held, team, min(starts.values())
+            )
+        except sqlite3.Error as exc:
+            log.exception("cannot read budget holds")
+            raise BudgetUnavailable(HELD_UNREADABLE) from exc
+        return held_by_period(rows, starts)
+
     def configure(self, budgets: Sequence[Budget]) -> None:
         """Nothing to follow: every check reads the rows against the budgets it is given."""
 
@@ -101,6 +118,12 @@ class LedgerHolds:
                 ],
             )
         return lowered
+
+    def _held(self, team: str, since: date) -> list[tuple[date, str, Decimal]]:
+        rows = self._conn.execute(_HELD_BY_DAY, (team, since.isoformat())).fetchall()
+        return [
+            (date.fromisoformat(day), currency, Decimal(amount)) for day, currency, amount in rows
+        ]
 
     def _settle(self, request_id: str, costs: Mapping[str, Decimal] | None) -> None:
         with Transaction(self._conn) as conn:

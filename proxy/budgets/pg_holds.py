@@ -50,10 +50,10 @@ from typing import Any
 import asyncpg  # type: ignore[import-untyped]
 
 from proxy.budgets.decide import BudgetUnavailable, Standing
-from proxy.budgets.holds import Admit
+from proxy.budgets.holds import HELD_UNREADABLE, Admit, held_by_period
 from proxy.config import Budget
 from proxy.formats import ZERO
-from proxy.periods import period_start
+from proxy.periods import Period, period_start
 
 log = logging.getLogger("proxy.budgets")
 
@@ -86,6 +86,10 @@ _INSERT = """
 INSERT INTO budget_holds (request_id, team, currency, day, amount, owner)
 SELECT $1, $2, h.currency, $3, h.amount, $4
 FROM unnest($5::text[], $6::numeric[]) AS h(currency, amount)"""
+_HELD_BY_DAY = (
+    "SELECT day, currency, sum(amount) FROM budget_holds WHERE team = $1 AND day >= $2 "
+    "GROUP BY day, currency"
+)
 _DROP = "DELETE FROM budget_holds WHERE request_id = $1"
 _SETTLE = """
 UPDATE budget_holds SET amount = c.amount
@@ -252,6 +256,25 @@ class PostgresHolds:
                     await conn.execute("ROLLBACK")
                 raise
         return lowered
+
+    async def held(
+        self, team: str, starts: Mapping[Period, date]
+    ) -> dict[Period, dict[str, Decimal]]:
+        since = min(starts.values())
+        try:
+            try:
+                rows = await self._held(team, since)
+            except _BROKEN:  # a connection from before a restart: once more, on a new one
+                rows = await self._held(team, since)
+        except _UNREACHABLE as exc:
+            log.error("cannot read the budget holds of team %r in PostgreSQL: %r", team, exc)
+            raise BudgetUnavailable(HELD_UNREADABLE) from exc
+        return held_by_period(rows, starts)
+
+    async def _held(self, team: str, since: date) -> list[tuple[date, str, Decimal]]:
+        async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+            rows = await conn.fetch(_HELD_BY_DAY, team, since)
+        return [(day, currency, amount) for day, currency, amount in rows]
 
     async def settle(self, request_id: str, costs: Mapping[str, Decimal] | None) -> None:
         try:

@@ -58,6 +58,13 @@ class Reader:
             raise self.fail(key, f"expected a positive whole number, got {value!r}")
         return value
 
+    def flag(self, value: Any, key: str) -> bool:
+        """A YAML boolean (``true``, ``false``; YAML 1.1 also reads ``yes``/``no`` so); a
+        number or a string such as ``"true"`` or ``1`` is refused rather than guessed at."""
+        if not isinstance(value, bool):
+            raise self.fail(key, f"expected true or false, got {value!r}")
+        return value
+
     def decimal(self, value: Any, key: str) -> Decimal:
         if isinstance(value, bool) or not isinstance(value, int | str):
             raise self.fail(key, f"expected a number, got {value!r}")

@@ -52,6 +52,7 @@ def load_config(path: Path) -> ProxyConfig:
             "budgets",
             "reload",
             "attribution",
+            "headers",
         },
     )
     listen = reader.section(raw, "listen")
@@ -76,6 +77,8 @@ def load_config(path: Path) -> ProxyConfig:
     )
     reload = reader.section(raw, "reload")
     reader.keys(reload, "reload", {"watch"})
+    headers = reader.section(raw, "headers")
+    reader.keys(headers, "headers", {"budget_remaining"})
     reader.keys(listen, "listen", {"host", "port"})
     reader.keys(upstream, "upstream", {"base_url", "api_key_env"})
     reader.keys(pricing, "pricing", {"book", "price_at"})
@@ -148,6 +151,9 @@ def load_config(path: Path) -> ProxyConfig:
         ),
         attribution=attribution,
         tag_labels=tag_labels,
+        budget_remaining_header=reader.flag(
+            headers.get("budget_remaining", False), "headers.budget_remaining"
+        ),
     )
 
 

@@ -178,6 +178,9 @@ class ProxyConfig:
     reload_watch: float | None = None
     """Seconds between two looks at the config file and price book on disk, reloading them
     when they changed (`proxy.reload`); None: only SIGHUP reloads (the default)."""
+    budget_remaining_header: bool = False
+    """Whether the metered calls of a team with a hard budget answer with
+    ``x-proxy-budget-remaining`` (`proxy.budgets.guard.remaining_header`): off by default."""
 
     @property
     def spill_anchor(self) -> Path:

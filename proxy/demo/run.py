@@ -158,6 +158,7 @@ async def _run(book: PriceBook, ledger: Path, port: int, *, serve: bool, tempora
                 upstream_key,
                 writer,
                 spend=store.spend,
+                team_spend=store.team_spend,
                 clock=clock,
                 ledger=writer,
                 ledger_status=writer.status,

@@ -38,7 +38,7 @@ from proxy.formats import ZERO
 from proxy.ledger import pg_schema
 from proxy.ledger.leases import Leases, Released
 from proxy.ledger.rows import COLUMNS, ON_CONFLICT_USAGE, STORED_FIELDS, stored_values
-from proxy.ledger.store import SpendRow
+from proxy.ledger.store import SpendRow, SpendUnreadable
 from proxy.records import UsageRecord
 
 log = logging.getLogger("proxy.ledger")
@@ -74,6 +74,11 @@ _ADD_SPEND = (
 )
 _DROP_HOLDS = "DELETE FROM budget_holds WHERE request_id = ANY($1::text[])"
 _SPEND = "SELECT team, day, currency, amount FROM spend_daily WHERE day BETWEEN $1 AND $2"
+_TEAM_SPEND = (
+    "SELECT day, currency, amount FROM spend_daily WHERE team = $1 AND day BETWEEN $2 AND $3"
+)
+_UNREADABLE = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+"""What a read of a lost or failing database raises (a refused connection is an OSError)."""
 
 
 def shown_url(url: str) -> str:
@@ -154,7 +159,7 @@ class PostgresLedger:
         pool = await asyncpg.create_pool(
             url,
             min_size=1,
-            max_size=3,  # the writer, a scrape's spend read, the lease beat
+            max_size=4,  # the writer, a scrape's spend read, the lease beat, the spend API
             timeout=CONNECT_TIMEOUT,
             command_timeout=COMMAND_TIMEOUT,
         )
@@ -264,6 +269,21 @@ class PostgresLedger:
         `SPEND_TIMEOUT` seconds when the database does not answer."""
         rows = self._wait(self._fetch(_SPEND, since, until), SPEND_TIMEOUT)
         return [SpendRow(team, day, currency, amount) for team, day, currency, amount in rows]
+
+    async def team_spend(self, team: str, since: date, until: date) -> list[SpendRow]:
+        """`team`'s daily spend rows with ``since <= day <= until`` (a range of the table's
+        primary key), awaited from the serving loop without blocking it: the query runs on
+        this store's own loop; `SpendUnreadable` after `SPEND_TIMEOUT` seconds at most."""
+        work = asyncio.run_coroutine_threadsafe(
+            self._fetch(_TEAM_SPEND, team, since, until), self._loop
+        )
+        try:
+            rows = await asyncio.wrap_future(work)
+        except _UNREADABLE as exc:
+            raise SpendUnreadable(
+                f"cannot read spend from {self.url}: {str(exc) or type(exc).__name__}"
+            ) from exc
+        return [SpendRow(team, day, currency, amount) for day, currency, amount in rows]
 
     async def _fetch(self, query: str, *args: object) -> list[Any]:
         async with self._pool.acquire(timeout=SPEND_TIMEOUT) as conn:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -87,6 +87,14 @@ class SpendRow:
 
 SpendReader = Callable[[date, date], Sequence[SpendRow]]
 """Daily spend rows between two billing days (inclusive): `SQLiteLedger.spend`."""
+TeamSpendReader = Callable[[str, date, date], Awaitable[Sequence[SpendRow]]]
+"""One team's daily spend rows between two billing days (inclusive), awaited on the serving
+loop: `SQLiteLedger.team_spend`, `proxy.ledger.pg_store.PostgresLedger.team_spend`. Raises
+`SpendUnreadable`."""
+
+
+class SpendUnreadable(Exception):
+    """The ledger's daily spend cannot be read (the driver's error is the cause)."""
 
 
 class LedgerStore(Protocol):
@@ -96,6 +104,8 @@ class LedgerStore(Protocol):
     def write(self, pending: Sequence[UsageRecord], final: Sequence[UsageRecord]) -> None: ...
 
     def spend(self, since: date, until: date) -> list[SpendRow]: ...
+
+    async def team_spend(self, team: str, since: date, until: date) -> list[SpendRow]: ...
 
     def close(self) -> None: ...
 
@@ -227,6 +237,21 @@ class SQLiteLedger:
             (since.isoformat(), until.isoformat()),
         ).fetchall()
         return [SpendRow(t, date.fromisoformat(d), c, Decimal(a)) for t, d, c, a in rows]
+
+    async def team_spend(self, team: str, since: date, until: date) -> list[SpendRow]:
+        """`team`'s daily spend rows with ``since <= day <= until``: a range of the table's
+        primary key (team, day, currency), so a few rows read, however long the ledger. Read on
+        the serving loop, as the budgets' and the scrapes' reads are: an indexed read of a
+        local file in WAL mode, which a writer never blocks."""
+        try:
+            rows = self._reader.execute(
+                "SELECT day, currency, amount FROM spend_daily "
+                "WHERE team = ? AND day BETWEEN ? AND ?",
+                (team, since.isoformat(), until.isoformat()),
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise SpendUnreadable(f"cannot read spend from {self.path}: {exc}") from exc
+        return [SpendRow(team, date.fromisoformat(d), c, Decimal(a)) for d, c, a in rows]
 
     def moved(self) -> bool:
         """Whether `path` no longer leads to the file this ledger opened: deleted, renamed or

@@ -123,6 +123,8 @@ async def proxy_completion(
         exchange = Exchange(
             request, state, meter, client_wants_usage, changes.get(output_field), dialect
         )
+        if reservation is not None:  # the spend API's header (issue 16)
+            exchange.budget_remaining = reservation.remaining
         meter.overhead_seconds += time.perf_counter() - tick
         try:
             response = await exchange.run(endpoint.upstream_path, body)

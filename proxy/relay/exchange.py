@@ -82,6 +82,9 @@ class Exchange:
         self.max_tokens_set = max_tokens_set
         self.dialect = dialect
         """``max_tokens`` the proxy wrote or lowered, told to the client in a header."""
+        self.budget_remaining: str | None = None
+        """``x-proxy-budget-remaining`` (`proxy.budgets.decide.remaining_text`), set by the
+        call when its reservation carries it."""
         self.response: web.StreamResponse | None = None
         self._deadline: Deadline | None = None
         self._loop = asyncio.get_running_loop()
@@ -182,10 +185,13 @@ class Exchange:
         return response
 
     def _own_headers(self, headers: dict[str, str]) -> dict[str, str]:
-        """DeepSeek's headers plus the proxy's: the call's id, and ``max_tokens`` if set."""
+        """DeepSeek's headers plus the proxy's: the call's id, ``max_tokens`` if set, and
+        what the team's hard budgets had left if ``headers.budget_remaining`` is on."""
         headers["x-request-id"] = self.meter.request_id
         if self.max_tokens_set is not None:
             headers["x-proxy-max-tokens"] = str(self.max_tokens_set)
+        if self.budget_remaining is not None:
+            headers["x-proxy-budget-remaining"] = self.budget_remaining
         return headers
 
     async def _relay_error(self, answer: UpstreamAnswer) -> web.Response:

@@ -209,6 +209,8 @@ async def test_missing_key_on_every_api_route(fake: FakeDeepSeek, proxy: Running
             ("POST", "/beta/completions"),
             ("GET", "/models"),
             ("GET", "/v1/models"),
+            ("GET", "/spend"),
+            ("GET", "/v1/spend"),
         ]:
             response = await http.request(method, path, json=CHAT)
             assert response.status_code == 401, path

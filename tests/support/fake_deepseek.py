@@ -127,6 +127,9 @@ class FakeDeepSeek:
         self.cut: list[str] = []
         self._queue: deque[Reply] = deque()
         self.offers_count_tokens = False
+        self.gate: asyncio.Event | None = None
+        """While an unset event: requests are recorded (`requests`) but answered only once it
+        is set, so a test can look at the proxy while a call is certainly running."""
         self._runner: web.AppRunner | None = None
         self._server: asyncio.Server | None = None
         self._base_url: str | None = None
@@ -201,9 +204,10 @@ class FakeDeepSeek:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        return await self._send(
-            request, self.answer(request.method, request.path, request.headers, body)
-        )
+        planned = self.answer(request.method, request.path, request.headers, body)
+        if self.gate is not None:
+            await self.gate.wait()
+        return await self._send(request, planned)
 
     def answer(
         self, method: str, path: str, headers: Mapping[str, str], body: bytes

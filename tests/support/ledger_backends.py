@@ -54,6 +54,7 @@ class LedgerBackend:
             "sink": self.writer,
             "ledger": self.writer,
             "spend": self.store.spend,
+            "team_spend": self.store.team_spend,
             "shared_url": self.url,
             "owner": OWNER,
         }

@@ -20,7 +20,7 @@ from proxy.app import create_app
 from proxy.attribution import DEFAULT_ATTRIBUTION, AttributionConfig
 from proxy.auth import ClientKey, hash_key, key_id_of
 from proxy.config import Budget, Limits, ProxyConfig, TeamPolicy, Timeouts
-from proxy.ledger.store import SpendReader
+from proxy.ledger.store import SpendReader, TeamSpendReader
 from proxy.ledger.writer import LedgerWriter
 from proxy.listener import ProxySite, make_runner
 from proxy.pricing import PriceBook
@@ -105,6 +105,7 @@ async def running_proxy(
     api_key: str = FAKE_UPSTREAM_KEY,
     sink: RecordSink | None = None,
     spend: SpendReader | None = None,
+    team_spend: TeamSpendReader | None = None,
     budgets: tuple[Budget, ...] = (),
     limits: Limits | None = None,
     policies: Mapping[str, TeamPolicy] | None = None,
@@ -114,12 +115,15 @@ async def running_proxy(
     owner: str | None = None,
     attribution: AttributionConfig = DEFAULT_ATTRIBUTION,
     tag_labels: Mapping[str, int] | None = None,
+    budget_remaining_header: bool = False,
     **timeouts: float,
 ) -> AsyncIterator[RunningProxy]:
     """The real app on a free loopback port. Records go to `proxy.sink` and to `sink`;
     `ledger` (a writer, usually `sink` too) gives the app its health and figures;
     `transport` replaces aiohttp's to DeepSeek (`tests.support.memory_transport`);
-    `shared_url` puts the budget holds in that PostgreSQL ledger, marked with `owner`."""
+    `shared_url` puts the budget holds in that PostgreSQL ledger, marked with `owner`;
+    `team_spend` reads one team's spend for the spend API; `budget_remaining_header` is
+    ``headers.budget_remaining``."""
     config = make_config(upstream_url, tuple(Path(f) for f in book.files), **timeouts)
     config = replace(
         config,
@@ -128,6 +132,7 @@ async def running_proxy(
         policies=MappingProxyType(dict(policies or {})),
         attribution=attribution,
         tag_labels=MappingProxyType(dict(tag_labels or {})),
+        budget_remaining_header=budget_remaining_header,
     )
     recording = RecordingSink()
     registry = CollectorRegistry()
@@ -140,6 +145,7 @@ async def running_proxy(
         clock=clock,
         registry=registry,
         spend=spend,
+        team_spend=team_spend,
         ledger=ledger,
         ledger_status=ledger.status if ledger else None,
         transport=transport,

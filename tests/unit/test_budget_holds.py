@@ -28,6 +28,7 @@ from proxy.budgets.decide import Refusal, worst_cost
 from proxy.config import DEFAULT_POLICY, Budget
 from proxy.ledger.connection import Transaction, connect
 from proxy.ledger.store import SpendRow, SQLiteLedger, add_spend
+from proxy.periods import Period
 from proxy.pricing.model import TokenRates
 
 BEIJING = ZoneInfo("Asia/Shanghai")
@@ -130,6 +131,21 @@ async def test_settling_keeps_the_real_cost_and_dropping_frees_the_hold(holds: H
     await holds.settle("r2", None)  # nothing billable: the call never went out
     await holds.hold("alpha", "r3", DAY, (DAILY,), admit)
     assert admit.seen[-1] == [Decimal("0.0005")]
+
+
+async def test_held_is_what_checks_count_per_period(holds: HoldStore) -> None:
+    """The spend API's view of the holds: per period and currency, what a check of that
+    period counts. A settled call's cost stays a hold in the ledger until the ledger writer
+    records the call; in the process it moves to the spend at once."""
+    starts: dict[Period, date] = {"day": DAY, "week": date(2026, 11, 2), "month": date(2026, 11, 1)}
+    for request_id in ("r1", "r2"):
+        await holds.hold("alpha", request_id, DAY, (DAILY,), Admit())
+    await holds.hold("alpha", "r3", DAY, (DAILY_USD,), Admit("USD"))
+    await holds.settle("r1", cny("0.0005"))
+    cny_held = WORST + (Decimal("0.0005") if isinstance(holds, LedgerHolds) else 0)
+    running = {"CNY": cny_held, "USD": WORST_USD}
+    assert await holds.held("alpha", starts) == dict.fromkeys(starts, running)
+    assert await holds.held("beta", starts) == {period: {} for period in starts}
 
 
 # A live reload (`proxy.reload`) builds a new guard around the same store: the budgets a

@@ -138,6 +138,18 @@ def test_a_stop_ends_within_the_compose_grace_period() -> None:
         (ONE_TEAM + "ledger: {lease: -1}\n", "ledger.lease", "expected a positive number"),
         (ONE_TEAM + "reload: {watch: 0}\n", "reload.watch", "expected a positive number"),
         (ONE_TEAM + "reload: {wacth: 10}\n", "reload.wacth", "unknown key"),
+        (
+            ONE_TEAM + "headers: {budget_remaining: 'true'}\n",
+            "headers.budget_remaining",
+            "expected true or false, got 'true'",
+        ),
+        (
+            ONE_TEAM + "headers: {budget_remaining: 1}\n",
+            "headers.budget_remaining",
+            "expected true or false, got 1",
+        ),
+        (ONE_TEAM + "headers: {remaining: true}\n", "headers.remaining", "unknown key"),
+        (ONE_TEAM + "headers: [budget_remaining]\n", "headers", "expected a mapping"),
     ],
 )
 def test_config_errors(tmp_path: Path, text: str, key: str, reason: str) -> None:
@@ -195,6 +207,12 @@ def test_ledger_locations(tmp_path: Path) -> None:
     )
     assert (shared.ledger_url, shared.ledger_shown, shared.ledger_lease) == (url, url, 6.0)
     assert shared.spill_anchor == tmp_path / "../data/postgresql-ledger"
+
+
+def test_budget_remaining_header_is_off_unless_set(tmp_path: Path) -> None:
+    assert not load_config(config_with_shipped_book(tmp_path, ONE_TEAM)).budget_remaining_header
+    on = config_with_shipped_book(tmp_path, ONE_TEAM + "headers: {budget_remaining: true}\n")
+    assert load_config(on).budget_remaining_header
 
 
 def test_reload_watch_is_off_unless_set(tmp_path: Path) -> None:
