@@ -27,17 +27,33 @@ relay turns `AttributionError` into its 400.
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
 
 from proxy.records import storable
 
 TAGS_HEADER = "x-proxy-tags"
 """The header a client puts its tags in."""
-NO_TAGS: Mapping[str, str] = MappingProxyType({})
+PARSED_HEADERS = 4096
+"""Distinct tags headers a config keeps parsed (`AttributionConfig.read_tags`)."""
+
+
+class Tags(dict[str, str]):
+    """A call's tags, sorted by key, never changed once parsed (the record holds them as a
+    `Mapping`), with the JSON text the ledger stores computed once for all the calls that
+    share the header, instead of once per row written."""
+
+    __slots__ = ("json",)
+
+    def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
+        super().__init__(items)
+        self.json = json.dumps(self, sort_keys=True) if self else "{}"
+
+
+NO_TAGS: Mapping[str, str] = Tags()
 DEFAULT_TAG_VALUE_MAX_CHARS = 64
 
 
@@ -62,16 +78,29 @@ class AttributionConfig:
     """Allow-listed tag keys; empty: the proxy accepts no tags (a tags header is a 400)."""
     tag_value_max_chars: int = DEFAULT_TAG_VALUE_MAX_CHARS
     _value: re.Pattern[str] = field(init=False, repr=False, compare=False)
+    _parsed: dict[str, Tags] = field(init=False, repr=False, compare=False)
+    """Header text -> its tags: a client sends the same few headers over and over, so a call
+    usually costs one lookup (bounded by `PARSED_HEADERS`; refused headers are not kept)."""
 
     def __post_init__(self) -> None:
         pattern = re.compile(f"[{_VALUE_CHARS}]{{1,{self.tag_value_max_chars}}}")
         object.__setattr__(self, "_value", pattern)
+        object.__setattr__(self, "_parsed", {})
 
     def read_tags(self, header: str | None) -> Mapping[str, str]:
         """The tags of a call from its ``x-proxy-tags`` header (None: no header);
         `AttributionError` with the reason on anything not allowed."""
         if header is None:
             return NO_TAGS
+        found = self._parsed.get(header)
+        if found is None:
+            found = self._parse(header)
+            if len(self._parsed) >= PARSED_HEADERS:
+                self._parsed.clear()
+            self._parsed[header] = found
+        return found
+
+    def _parse(self, header: str) -> Tags:
         tags: dict[str, str] = {}
         for part in header.split(","):
             if not part.strip():
@@ -95,7 +124,7 @@ class AttributionConfig:
                     f"{self.tag_value_max_chars} characters from A-Z a-z 0-9 . _ : / @ + -"
                 )
             tags[key] = value
-        return MappingProxyType(dict(sorted(tags.items()))) if tags else NO_TAGS
+        return Tags(sorted(tags.items()))
 
 
 DEFAULT_ATTRIBUTION = AttributionConfig()

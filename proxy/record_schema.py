@@ -160,7 +160,11 @@ _KINDS: Mapping[object, Kind] = {
     Mapping[str, str]: Kind(
         _tags,
         to_json=dict,
-        to_column=lambda tags: json.dumps(dict(tags), sort_keys=True) if tags else "{}",
+        # Parsed tags carry their JSON text (`proxy.attribution.Tags`); others are dumped.
+        to_column=lambda tags: (
+            getattr(tags, "json", None)
+            or (json.dumps(dict(tags), sort_keys=True) if tags else "{}")
+        ),
         from_column=json.loads,
         absent={},  # spill lines written before tags existed
         pg_type="jsonb",
