@@ -20,7 +20,7 @@ import pytest
 from proxy.ledger.store import SQLiteLedger
 from proxy.pricing import PriceBook
 from tests.conftest import ROOT, SHIPPED_BOOK
-from tests.support.ledger_rows import BEIJING, record, report_json, run, write_config
+from tests.support.ledger_rows import BEIJING, FIGURES, record, report_json, run, write_config
 
 
 def assert_total_is_sum(report: dict[str, object]) -> None:
@@ -130,19 +130,7 @@ def test_report_table(capsys: pytest.CaptureFixture[str], ledger_config: Path) -
     ]
 
 
-CSV_HEADER = [
-    "model",
-    "requests",
-    "billable",
-    "cache_hit",
-    "cache_miss",
-    "output",
-    "reasoning",
-    "unpriced",
-    "estimated",
-    "CNY",
-    "USD",
-]
+CSV_HEADER = ["model", *FIGURES, "CNY", "USD"]
 CSV_ROWS = [
     ["deepseek-flash", "3", "3", "10000", "3000", "1500", "100", "1", "0", "0.0192", "0.00288"],
     ["deepseek-next", "1", "1", "0", "100", "10", "0", "1", "0", "0", "0"],

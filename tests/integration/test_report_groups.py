@@ -33,20 +33,18 @@ from proxy.periods import period_start
 from proxy.pricing import PriceBook
 from proxy.records import UsageRecord
 from tests.conftest import SHIPPED_BOOK
-from tests.support.ledger_rows import BEIJING, record, report_json, run, sample_rows, write_config
+from tests.support.ledger_rows import (
+    BEIJING,
+    FIGURES,
+    record,
+    report_json,
+    run,
+    sample_rows,
+    write_config,
+)
 from tests.support.postgres import Postgres
 
 CURRENCIES = ("CNY", "USD")
-FIGURE_HEADINGS = (
-    "requests",
-    "billable",
-    "cache_hit",
-    "cache_miss",
-    "output",
-    "reasoning",
-    "unpriced",
-    "estimated",
-)
 
 
 def billing_day(r: UsageRecord) -> date:
@@ -326,7 +324,7 @@ def test_every_book_currency_is_a_column_when_nothing_was_priced(
     code, out, _ = run(capsys, "report", "--config", str(config), *december, "--format", "csv")
     assert code == 0
     assert list(csv.reader(io.StringIO(out))) == [
-        ["tier", "outcome", *FIGURE_HEADINGS, "CNY", "USD"],
+        ["tier", "outcome", *FIGURES, "CNY", "USD"],
         ["", "complete", "1", "1", "0", "10", "0", "0", "1", "0", "0", "0"],
         ["", "upstream_error", "1", "0", "0", "0", "0", "0", "0", "0", "0", "0"],
     ]

@@ -31,22 +31,20 @@ from proxy.ledger.store import SQLiteLedger
 from proxy.pricing import PriceBook
 from tests.conftest import ROOT, SHIPPED_BOOK
 from tests.integration.test_report_groups import end_of_november
-from tests.support.ledger_rows import BEIJING, record, report_json, run, sample_rows, write_config
+from tests.support.ledger_rows import (
+    BEIJING,
+    FIGURES,
+    record,
+    report_json,
+    run,
+    sample_rows,
+    write_config,
+)
 from tests.support.page import Page, read_page
 from tests.support.postgres import Postgres
 
 BACKENDS = ("sqlite", "postgresql")
 NOVEMBER = ("--since", "2026-11-01", "--until", "2026-12-01")
-FIGURES = (
-    "requests",
-    "billable",
-    "cache_hit",
-    "cache_miss",
-    "output",
-    "reasoning",
-    "unpriced",
-    "estimated",
-)
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,20 @@ from tests.support.config_files import KEY_HASH
 BEIJING = ZoneInfo("Asia/Shanghai")
 
 
+FIGURES = (
+    "requests",
+    "billable",
+    "cache_hit",
+    "cache_miss",
+    "output",
+    "reasoning",
+    "unpriced",
+    "estimated",
+)
+"""A report's count columns, in order, as a reader of its output names them (the tests
+state them here rather than import the code's own list)."""
+
+
 def at(text: str) -> datetime:
     return datetime.fromisoformat(text)
 
