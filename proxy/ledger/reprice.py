@@ -31,6 +31,7 @@ from proxy.pricing import PriceBook, Pricer, Pricing
 from proxy.pricing.engine import (
     FLAG_ENDPOINT_FALLBACK,
     FLAG_NO_HOLIDAY_CALENDAR,
+    FLAG_PROVISIONAL_HOLIDAY,
     FLAG_REASONING_EXCEEDS_OUTPUT,
     FLAG_UNKNOWN_TOOL,
 )
@@ -86,7 +87,12 @@ class Plan:
     groups: tuple[GroupDiff, ...]
 
 
-_PRICE_FLAGS = (FLAG_ENDPOINT_FALLBACK, FLAG_NO_HOLIDAY_CALENDAR, FLAG_REASONING_EXCEEDS_OUTPUT)
+_PRICE_FLAGS = (
+    FLAG_ENDPOINT_FALLBACK,
+    FLAG_NO_HOLIDAY_CALENDAR,
+    FLAG_PROVISIONAL_HOLIDAY,
+    FLAG_REASONING_EXCEEDS_OUTPUT,
+)
 
 
 def is_price_flag(flag: str) -> bool:

@@ -135,7 +135,9 @@ class SpendCollector(Collector):
 class CalendarCollector(Collector):
     """`llm_holiday_calendar_missing`: 1 while a schedule's rule in force uses a holiday
     calendar that does not cover the current local year (its prices then follow the weekday
-    rule and are flagged), so someone adds the new year's holidays before it matters."""
+    rule and are flagged), so someone adds the new year's holidays before it matters. A
+    calendar's `provisional` rule does not clear it: the days fixed by law are priced as
+    holidays, but the bridging days only the published calendar gives are still missing."""
 
     book: PriceBook
     clock: Callable[[], datetime]

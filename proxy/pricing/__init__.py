@@ -6,6 +6,7 @@
 - `read_schedules`, `read_models` - the loader's readers of each section of a file
 - `validate` - checks spanning entries (schedules, calendars, alias targets and cycles)
 - `engine`   - lookups: the price version, tier rule, tier and tool fee in force at an instant
+- `statutory` - China's holidays fixed by law, priced provisionally before a year's calendar
 - `pricer`   - `price(book, model, usage, at)` -> `Pricing`, exact `Decimal`, no clock, no I/O;
                `Pricer`, the same with a memo of lookups, owned by the app for the request path
 - `render`   - text and JSON presentation for the command line

@@ -12,7 +12,9 @@ Resolution, step by step:
    a name with no exact entry in force goes through the most specific name pattern in force
    (``claude-opus-4-1`` -> ``claude-opus*`` -> ``deepseek-v4-pro``);
 3. a tiered version asks its schedule which tier the instant falls in, on the schedule's local
-   calendar (Asia/Shanghai for DeepSeek: 01:30 UTC on a Monday is 09:30 Monday, peak);
+   calendar (Asia/Shanghai for DeepSeek: 01:30 UTC on a Monday is 09:30 Monday, peak), holidays
+   included: a year with no published calendar still has the days fixed by law
+   (`proxy.pricing.statutory`), priced as holidays and flagged provisional;
 4. tokens x rate per million, plus tool calls x fee per N calls (`proxy.pricing.pricer`).
 
 Anything that cannot be priced (unknown model, retired, before its first price) comes back
@@ -35,12 +37,18 @@ from proxy.pricing.model import (
     ScheduleVersion,
     ToolFeeVersion,
 )
+from proxy.pricing.statutory import provisional_days
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _T = TypeVar("_T")
 
 FLAG_NO_HOLIDAY_CALENDAR = "holiday_calendar_missing"
 """The instant's local year has no holiday calendar: the weekday rule was applied."""
+FLAG_PROVISIONAL_HOLIDAY = "holiday_calendar_provisional"
+"""The instant's local year has no holiday calendar, but its local date is a holiday fixed by
+law (the calendar's `provisional` rule, `proxy.pricing.statutory`): priced as a holiday until
+the year's published calendar is in the book, which may then add bridging days but not remove
+this one."""
 FLAG_REASONING_EXCEEDS_OUTPUT = "reasoning_exceeds_output"
 """Reported reasoning tokens exceed output tokens, which DeepSeek's counts never do."""
 FLAG_ENDPOINT_FALLBACK = "billed_as_endpoint_fallback"
@@ -198,7 +206,11 @@ def schedule_version_at(book: PriceBook, schedule: str, at_micros: int) -> Sched
 
 
 def tier_at(book: PriceBook, rule: ScheduleVersion, at: datetime) -> tuple[str, tuple[str, ...]]:
-    """The tier of `rule` at the instant, judged on the rule's local calendar, and any flags."""
+    """The tier of `rule` at the instant, judged on the rule's local calendar, and any flags.
+
+    In a year its holiday calendar does not cover, a day the calendar's `provisional` rule
+    fixes by law is a holiday, flagged `FLAG_PROVISIONAL_HOLIDAY`; every other day follows the
+    weekday rule, flagged `FLAG_NO_HOLIDAY_CALENDAR`."""
     local = at.astimezone(rule.timezone)
     minute_of_day = local.hour * 60 + local.minute
     weekday = local.weekday()
@@ -207,6 +219,11 @@ def tier_at(book: PriceBook, rule: ScheduleVersion, at: datetime) -> tuple[str, 
         calendar = book.calendars[rule.holiday_calendar]
         day = local.date()
         if day.year not in calendar.years:
+            if calendar.provisional is not None and day in provisional_days(
+                calendar.provisional, day.year
+            ):
+                assert rule.holiday_tier is not None
+                return rule.holiday_tier, (FLAG_PROVISIONAL_HOLIDAY,)
             flags = (FLAG_NO_HOLIDAY_CALENDAR,)
         elif day in calendar.holidays:
             assert rule.holiday_tier is not None

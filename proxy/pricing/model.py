@@ -13,7 +13,8 @@ the book does not list one by one (`PatternEra`).
 Tiered rates depend on a `Schedule` (time-of-week windows in a timezone), which has its own
 versions because DeepSeek changed the *rules* (every day, then weekdays, then holidays excluded)
 independently of the *rates*. Holiday dates live in `HolidayCalendar`s that say which years they
-cover, so a year nobody has published yet is a visible state rather than a silent "peak".
+cover, so a year nobody has published yet is a visible state rather than a silent "peak" (and,
+where the calendar names a rule, its days fixed by law are priced provisionally).
 
 All money is `Decimal`; all instants are timezone-aware `datetime`s.
 """
@@ -178,13 +179,19 @@ class ScheduleVersion:
 
 @dataclass(frozen=True, slots=True)
 class HolidayCalendar:
-    """Public holidays (and make-up working days) for the years the calendar covers."""
+    """Public holidays (and make-up working days) for the years the calendar covers.
+
+    `provisional` names a rule (`proxy.pricing.statutory.PROVISIONAL_RULES`) giving the holidays
+    fixed by law for the years not in `years`: before a year's calendar is published, those days
+    are priced as holidays and flagged provisional; a year in `years` keeps its published dates.
+    """
 
     name: str
     years: frozenset[int]
     holidays: frozenset[date]
     workdays: frozenset[date]
     provenance: Provenance
+    provisional: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from proxy.pricing.fields import PROVENANCE_KEYS, Reader, format_minute_of_week, utc_id
 from proxy.pricing.model import HolidayCalendar, ScheduleVersion, Window
+from proxy.pricing.statutory import PROVISIONAL_RULES
 
 _WEEK = 7 * 1440
 
@@ -22,10 +23,20 @@ def read_calendar(reader: Reader, name: str, raw: Any) -> HolidayCalendar | None
     if not reader.mapping(
         raw,
         entry,
-        {"years", "holidays", "workdays"} | PROVENANCE_KEYS,
+        {"years", "holidays", "workdays", "provisional"} | PROVENANCE_KEYS,
         {"years", "holidays", "source", "confidence"},
     ):
         return None
+    provisional = raw.get("provisional")
+    known_rule = provisional is None or (
+        isinstance(provisional, str) and provisional in PROVISIONAL_RULES
+    )
+    if not known_rule:
+        reader.fail(
+            f"{entry}.provisional",
+            f"unknown rule {provisional!r} (known: {', '.join(sorted(PROVISIONAL_RULES))}); "
+            "it names the holidays fixed by law, priced before a year's calendar is published",
+        )
     years = raw["years"]
     if not isinstance(years, list) or not all(isinstance(y, int) for y in years) or not years:
         reader.fail(f"{entry}.years", "expected a list of years such as [2026]")
@@ -33,7 +44,7 @@ def read_calendar(reader: Reader, name: str, raw: Any) -> HolidayCalendar | None
     holidays = reader.dates(raw["holidays"], f"{entry}.holidays")
     workdays = reader.dates(raw.get("workdays", []), f"{entry}.workdays")
     provenance = reader.provenance(raw, entry)
-    if holidays is None or workdays is None or provenance is None:
+    if holidays is None or workdays is None or provenance is None or not known_rule:
         return None
     for day in holidays + workdays:
         if day.year not in years:
@@ -44,7 +55,12 @@ def read_calendar(reader: Reader, name: str, raw: Any) -> HolidayCalendar | None
         reader.fail(entry, f"dates both holiday and workday: {sorted(map(str, both))}")
         return None
     return HolidayCalendar(
-        name, frozenset(years), frozenset(holidays), frozenset(workdays), provenance
+        name,
+        frozenset(years),
+        frozenset(holidays),
+        frozenset(workdays),
+        provenance,
+        provisional,
     )
 
 

@@ -20,6 +20,24 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+QUOTE_NEW_YEAR_2027 = [
+    "deepseek-flash at 2027-01-01T02:00:00Z",
+    "  billed as deepseek-flash, version deepseek-flash@2026-09-10T04:00:00Z",
+    "  tier      off_peak (peak-hours@2026-09-20T16:00:00Z)",
+    "                          CNY             USD",
+    "  cache_hit                 0               0",
+    "  cache_miss                1            0.15",
+    "  output                    0               0",
+    "  tool_calls                0               0",
+    "  total                     1            0.15",
+    "  confidence CNY third-party, USD third-party; "
+    "source https://api-docs.deepseek.com/quick_start/pricing",
+    "  flags     holiday_calendar_provisional",
+]
+"""1M cache-miss tokens at 10:00 Beijing on Friday 2027-01-01: off-peak (1 CNY, 0.15 USD per
+1M) rather than peak (2 CNY, 0.30 USD)."""
+
+
 def test_check_passes_on_the_shipped_book() -> None:
     result = run("prices", "check")
     assert result.returncode == 0, result.stderr
@@ -80,7 +98,7 @@ def test_quote_json_contract() -> None:
             "tool_calls": "0",
         },
         "total": "0.01425",
-        "confidence": "verified",
+        "confidence": "third-party",  # rates read on DeepSeek's page, start instant third-party
         "source": "https://api-docs.deepseek.com/quick_start/pricing",
         "flags": [],
     }
@@ -107,6 +125,23 @@ def test_quote_one_currency_with_tools_in_text() -> None:
     assert result.returncode == 0, result.stderr
     assert "tier      peak (peak-hours@2026-09-20T16:00:00Z)" in result.stdout
     assert "total 0.303" in " ".join(result.stdout.split())
+
+
+def test_quote_new_years_day_2027_is_off_peak_by_law() -> None:
+    """2027 has no State Council calendar in the book yet; 1 January is a holiday by law, so a
+    Friday-morning call is off-peak, flagged provisional."""
+    result = run(
+        "prices",
+        "quote",
+        "--model",
+        "deepseek-flash",
+        "--at",
+        "2027-01-01T10:00:00+08:00",
+        "--miss",
+        "1000000",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == QUOTE_NEW_YEAR_2027
 
 
 def test_quote_unpriced_exits_3_with_reason() -> None:

@@ -18,6 +18,7 @@ import sqlite3
 from contextlib import closing
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -524,3 +525,63 @@ def test_a_new_endpoint_fallback_prices_the_calls_it_covers(
     # deepseek-flash at peak: 1000 x 2 + 100 x 8 CNY per million.
     costs = query(config, "SELECT currency, amount FROM usage_cost WHERE request_id = 'm1'")
     assert sorted(costs) == [("CNY", "0.0028"), ("USD", "0.00042")]
+
+
+NOTICE_2027 = """\
+      - 2027-01-01..2027-01-03    # a stand-in for the 2027 notice, not yet published
+      - 2027-02-05..2027-02-11
+"""
+"""Holidays a 2027 notice may give: New Year's Day and its weekend, and the Spring Festival
+week from its eve (lunar 12/29, Friday 5 February) to Thursday 11 February."""
+
+
+def with_2027_calendar(shipped: str) -> str:
+    years, last = "    years: [2026]\n", "      - 2026-10-01..2026-10-07    # National Day\n"
+    assert shipped.count(years) == 1 and shipped.count(last) == 1
+    return shipped.replace(years, "    years: [2026, 2027]\n").replace(last, last + NOTICE_2027)
+
+
+def test_the_published_calendar_replaces_the_provisional_days(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, book: PriceBook
+) -> None:
+    """Calls priced before the 2027 notice, re-priced once it is in the book: New Year's Day
+    (provisional) keeps its off-peak price and loses its flag; Tuesday 9 February, a bridging
+    day only the notice gives, goes from peak to off-peak; Monday 15 February stays peak and
+    loses the missing-calendar flag. Each call: 1,000 cache-miss and 100 output tokens of
+    deepseek-flash, CNY 1 / 4 off-peak and 2 / 8 peak, USD 0.15 / 0.60 and 0.30 / 1.20."""
+    shipped = SHIPPED_BOOK.read_text(encoding="utf-8")
+    config = write_config(tmp_path, shipped)
+    calls = (
+        ("n1", "2027-01-01T10:00:00+08:00"),
+        ("n2", "2027-02-09T10:00:00+08:00"),
+        ("n3", "2027-02-15T10:00:00+08:00"),
+    )
+    rows = [record(book, i, "alpha", "deepseek-flash", t, miss=1000, out=100) for i, t in calls]
+    assert [(r.tier, r.flags, r.costs["CNY"]) for r in rows] == [
+        ("off_peak", ("holiday_calendar_provisional",), Decimal("0.0014")),
+        ("peak", ("holiday_calendar_missing",), Decimal("0.0028")),
+        ("peak", ("holiday_calendar_missing",), Decimal("0.0028")),
+    ]
+    ledger = SQLiteLedger(tmp_path / "ledger.sqlite3", ZoneInfo("Asia/Shanghai"))
+    ledger.write([], rows)
+    ledger.close()
+
+    (tmp_path / "book.yaml").write_text(with_2027_calendar(shipped), encoding="utf-8")
+    code, out, err = run(capsys, "reprice", "--config", str(config))
+    assert (code, err) == (0, "")
+    assert "3 row(s) with usage in range; 3 priced differently" in out.splitlines()[0]
+    amounts = ["0.007", "0.0056", "-0.0014", "0.00105", "0.00084", "-0.00021"]
+    assert diff_cells(out)[1:] == [
+        ["alpha", "deepseek-flash", "3", "3", "0", "0", *amounts],
+        ["TOTAL", "3", "3", "0", "0", *amounts],
+    ]
+    assert run(capsys, "reprice", "--config", str(config), "--apply")[0] == 0
+    assert query(
+        config,
+        "SELECT u.request_id, u.tier, u.flags, c.amount FROM usage u JOIN usage_cost c "
+        "ON c.request_id = u.request_id AND c.currency = 'CNY' ORDER BY 1",
+    ) == [
+        ("n1", "off_peak", "[]", "0.0014"),
+        ("n2", "off_peak", "[]", "0.0014"),
+        ("n3", "peak", "[]", "0.0028"),
+    ]

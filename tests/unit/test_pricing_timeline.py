@@ -546,11 +546,13 @@ def test_every_change_applies_from_its_exact_instant(book: PriceBook) -> None:
         ("2026-09-30T09:59:00Z", "peak", ()),  # Wednesday 17:59 Beijing, the eve of the holiday
         # make-up working days are weekend days under the Mon-Fri rule: stay off-peak
         ("2026-10-10T02:00:00Z", "off_peak", ()),
-        # 2027 has no holiday calendar: weekday rule, flagged
-        ("2027-01-01T02:00:00Z", "peak", ("holiday_calendar_missing",)),
+        # 2027 has no holiday calendar: its days fixed by law are holidays, flagged provisional
+        # (New Year's Day, a Friday); other days follow the weekday rule, flagged missing
+        ("2027-01-01T02:00:00Z", "off_peak", ("holiday_calendar_provisional",)),
         ("2027-01-02T02:00:00Z", "off_peak", ("holiday_calendar_missing",)),
+        ("2027-01-04T02:00:00Z", "peak", ("holiday_calendar_missing",)),
         # 2026-12-31 16:00 UTC is already 2027 in Beijing
-        ("2026-12-31T16:30:00Z", "off_peak", ("holiday_calendar_missing",)),
+        ("2026-12-31T16:30:00Z", "off_peak", ("holiday_calendar_provisional",)),
         ("2026-12-31T15:30:00Z", "off_peak", ()),
     ],
 )
