@@ -44,7 +44,7 @@ from proxy.ledger.store import LedgerStore, SQLiteLedger
 from proxy.ledger.writer import LedgerWriter
 from proxy.listener import ListenError, ProxySite, make_runner
 from proxy.pricing import PriceBookError, load_price_book
-from proxy.reconcile.live import LiveBook, postgres_opener, sqlite_opener
+from proxy.reconcile.live import LiveBook, PostgresSource, SQLiteSource
 from proxy.records import FanOut, LogSink, RecordSink
 from proxy.workers import (
     MULTIPROC_ENV,
@@ -169,9 +169,9 @@ def _serve(args: argparse.Namespace) -> int:
     sink: RecordSink = FanOut(writer, log_sink) if log_sink.enabled() else writer
     # DeepSeek's balance, polled by one process of all that share the ledger (`proxy.reconcile`).
     balance = LiveBook(
-        sqlite_opener(config.ledger_path)
+        SQLiteSource(config.ledger_path)
         if config.ledger_url is None
-        else postgres_opener(config.ledger_url),
+        else PostgresSource(config.ledger_url),
         config.reconcile_currencies,
     )
     app = create_app(

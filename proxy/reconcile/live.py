@@ -8,7 +8,8 @@ neither the serving loop nor the writer ever waits on the other's statements: SQ
 synchronous on a loop of the thread's own (`proxy.ledger.pg_queries`).
 
 A connection that fails (`LedgerUnusable`: a database away, a file gone) is dropped and opened
-again for the next use, so the poll after an outage works without a restart. A scrape waits
+again for the next use, so the poll after an outage works without a restart; a SQLite ledger
+file that was deleted or replaced is never recreated here (`SQLiteSource`). A scrape waits
 for the figures at most `READ_TIMEOUT` seconds, and asks again only once the last read is done:
 a ledger that hangs costs each scrape that long once, never a queue of reads.
 """
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from proxy.ledger.connection import connect
 from proxy.ledger.pg_queries import PostgresQueries
@@ -44,28 +45,62 @@ class Unreadable(Exception):
     """The figures could not be read in time (the cause says why)."""
 
 
-def sqlite_opener(path: Path) -> Callable[[], Queries]:
-    """Connections to the SQLite ledger at `path` (which ``serve`` has created)."""
+class Source(Protocol):
+    """Where the ledger is: how to open a connection to it, and whether an open one still
+    leads to it."""
 
-    def open_() -> Queries:
+    def open(self) -> Queries: ...
+
+    def still_there(self) -> bool: ...
+
+
+class SQLiteSource:
+    """The SQLite ledger at `path`, which ``serve`` has created: never created here (a ledger
+    file deleted under a running proxy must stay deleted, `proxy.ledger.moved_file`), and a
+    connection to a file that was deleted or replaced since is given up."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._identity: tuple[int, int] | None = None
+
+    def _stat(self) -> tuple[int, int]:
+        status = self.path.stat()
+        return status.st_dev, status.st_ino
+
+    def open(self) -> Queries:
         try:
-            return SQLiteQueries(connect(path), str(path))
+            if not self.path.is_file():
+                raise FileNotFoundError(f"no ledger file at {self.path}")
+            self._identity = self._stat()
+            return SQLiteQueries(connect(self.path), str(self.path))
         except (sqlite3.Error, OSError) as exc:
-            raise LedgerUnusable(str(path), exc) from exc
+            raise LedgerUnusable(str(self.path), exc) from exc
 
-    return open_
+    def still_there(self) -> bool:
+        try:
+            return self._stat() == self._identity
+        except OSError:
+            return False
 
 
-def postgres_opener(url: str) -> Callable[[], Queries]:
-    """Connections to the PostgreSQL ledger at `url`."""
-    return partial(PostgresQueries, url, command_timeout=COMMAND_TIMEOUT)
+class PostgresSource:
+    """The PostgreSQL ledger at `url`; each statement bounded by `COMMAND_TIMEOUT`."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def open(self) -> Queries:
+        return PostgresQueries(self.url, command_timeout=COMMAND_TIMEOUT)
+
+    def still_there(self) -> bool:
+        return True
 
 
 class LiveBook:
-    """`proxy.reconcile.book` on a connection from `opener`, on a thread of its own."""
+    """`proxy.reconcile.book` on a connection to `source`, on a thread of its own."""
 
-    def __init__(self, opener: Callable[[], Queries], selection: Selection = None) -> None:
-        self._opener = opener
+    def __init__(self, source: Source, selection: Selection = None) -> None:
+        self._source = source
         self.selection = selection
         """The currencies reconciled (None: every one the balance lists)."""
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="reconcile")
@@ -75,8 +110,10 @@ class LiveBook:
 
     def _call(self, work: Callable[[Queries], _T]) -> _T:
         """Runs in the thread: `work` on the connection, opened if need be."""
+        if self._queries is not None and not self._source.still_there():
+            self._drop()
         if self._queries is None:
-            self._queries = self._opener()
+            self._queries = self._source.open()
         try:
             return work(self._queries)
         except LedgerUnusable:

@@ -47,7 +47,7 @@ from proxy.ledger.queries import open_sqlite
 from proxy.ledger.store import SQLiteLedger
 from proxy.ledger.writer import LedgerWriter
 from proxy.pricing import PriceBook
-from proxy.reconcile.live import LiveBook, sqlite_opener
+from proxy.reconcile.live import LiveBook, SQLiteSource
 from proxy.reconcile.poller import Polled
 from tests.conftest import ROOT, SHIPPED_BOOK
 from tests.support.fake_deepseek import FakeDeepSeek
@@ -463,7 +463,7 @@ async def stack(fake: FakeDeepSeek, book: PriceBook, tmp_path: Path) -> AsyncIte
     budget is tiny so that the budget alerts have something to say. Each replica can poll
     DeepSeek's balance (when the test asks it to)."""
     store = SQLiteLedger(tmp_path / "ledger.sqlite3", ZoneInfo("Asia/Shanghai"))
-    balances = [LiveBook(sqlite_opener(store.path)) for _ in range(REPLICAS)]
+    balances = [LiveBook(SQLiteSource(store.path)) for _ in range(REPLICAS)]
     writer = LedgerWriter(store, flush_interval=0.01)
     clock = SwitchingClock(PEAK)
     soft = (Decimal(50), Decimal(80))

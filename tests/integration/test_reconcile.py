@@ -28,8 +28,10 @@ import pytest
 
 from proxy.app import POLLER
 from proxy.config import Timeouts
+from proxy.ledger.store import SQLiteLedger
 from proxy.pricing import PriceBook
 from proxy.reconcile.book import poller as lease_holder
+from proxy.reconcile.live import LiveBook, SQLiteSource, Unreadable
 from proxy.reconcile.poller import BalancePoller, Polled
 from proxy.upstream import AiohttpTransport, Upstream
 from tests.conftest import SHIPPED_BOOK
@@ -38,7 +40,7 @@ from tests.support.fake_account import FakeAccount
 from tests.support.fake_clients import UPSTREAM_AUTH, chat
 from tests.support.fake_deepseek import FakeDeepSeek, running_fake
 from tests.support.fake_deepseek_shapes import FAKE_UPSTREAM_KEY
-from tests.support.ledger_backends import LedgerBackend, check_ledger
+from tests.support.ledger_backends import BEIJING, LedgerBackend, check_ledger
 from tests.support.ledger_rows import run, write_config
 from tests.support.proxy_harness import PEAK, TEAM_KEYS, RunningProxy, running_proxy
 from tests.support.serve_process import (
@@ -389,3 +391,31 @@ async def test_with_two_workers_one_polls(tmp_path: Path) -> None:
         )
         assert stored <= len(polls) <= stored + 1  # a poll cut short by the stop
         assert ledger(serve.ledger, "SELECT count(*) FROM balance_poller") == [(0,)]
+
+
+async def test_a_deleted_ledger_file_is_never_recreated(fake: FakeDeepSeek, tmp_path: Path) -> None:
+    """A SQLite ledger deleted under the running proxy stays deleted (the writer rescues what
+    it had): the poll that follows fails as a ledger failure, and a scrape leaves the figures
+    out, without creating an empty ledger in its place."""
+    path = tmp_path / "ledger.sqlite3"
+    SQLiteLedger(path, BEIJING).close()
+    fake.account = FakeAccount.opened(granted="0", topped_up="10")
+    clock = Clock()
+    upstream = Upstream(fake.base_url, FAKE_UPSTREAM_KEY, AiohttpTransport(Timeouts()))
+    balance = LiveBook(SQLiteSource(path))
+    failures: list[str] = []
+    poller = BalancePoller(balance, lambda: upstream, clock, "me", 60.0, failures.append)
+    try:
+        assert await poller.poll_once() is Polled.STORED
+        assert balance.figures().last_poll == clock.now
+        path.unlink()
+        clock.advance(60)
+        assert await poller.poll_once() is Polled.FAILED
+        with pytest.raises(Unreadable):
+            balance.figures()
+        await poller.leave()
+    finally:
+        await upstream.close()
+        balance.close()
+    assert failures == ["ledger"]
+    assert not path.exists()

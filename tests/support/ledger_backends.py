@@ -28,7 +28,7 @@ from proxy.ledger.pg_store import PostgresLedger
 from proxy.ledger.store import LedgerStore, SQLiteLedger
 from proxy.ledger.writer import LedgerWriter
 from proxy.reconcile.book import Selection
-from proxy.reconcile.live import LiveBook, postgres_opener, sqlite_opener
+from proxy.reconcile.live import LiveBook, PostgresSource, SQLiteSource
 from proxy.records import UsageRecord
 from tests.support.postgres import Postgres
 
@@ -65,9 +65,9 @@ class LedgerBackend:
         """A connection for DeepSeek's balance (`proxy.reconcile`) to this ledger, as
         ``serve`` opens one; the caller closes it."""
         if self.url is not None:
-            return LiveBook(postgres_opener(self.url), selection)
+            return LiveBook(PostgresSource(self.url), selection)
         assert self.path is not None
-        return LiveBook(sqlite_opener(self.path), selection)
+        return LiveBook(SQLiteSource(self.path), selection)
 
     def rows(self) -> tuple[dict[str, Row], int]:
         """Every call in the ledger, and the number of budget holds left."""
