@@ -419,3 +419,45 @@ async def test_a_deleted_ledger_file_is_never_recreated(fake: FakeDeepSeek, tmp_
         balance.close()
     assert failures == ["ledger"]
     assert not path.exists()
+
+
+async def test_the_report_as_a_table_and_csv(reconciling: Reconciling) -> None:
+    """The table: a caption, a line per window (instants in the billing timezone), a TOTAL per
+    currency; CSV: the header and the windows only. Bounds in the wrong order are refused."""
+    await reconciling.poll()
+    reconciling.account.overcharge_next("0.5")
+    await reconciling.calls(1)
+    await reconciling.poll()
+    args = ("report", "reconcile", "--config", str(reconciling.config))
+    code, table, _ = await asyncio.to_thread(run, reconciling.capsys, *args)
+    caption, header, line, total = table.splitlines()
+    assert code == 0
+    assert caption == (
+        "Balance windows that ended from the first poll until the last poll (exclusive); "
+        "billing timezone Asia/Shanghai"
+    )
+    assert header.split() == [
+        "currency",
+        "start",
+        "end",
+        "balance_before",
+        "balance_after",
+        "top_ups",
+        "grants",
+        "spend",
+        "ledger_cost",
+        "drift",
+        "drift_ratio",
+    ]
+    cells = line.split()
+    assert cells[:3] == ["CNY", "2026-11-02T09:31:00+08:00", "2026-11-02T09:33:00+08:00"]
+    assert cells[9] == "0.5"
+    assert total.split()[:3] == ["CNY", "TOTAL", "-"]
+    assert total.split()[9] == "0.5"
+    code, csv_text, _ = await asyncio.to_thread(run, reconciling.capsys, *args, "--format", "csv")
+    assert code == 0
+    assert [row.split(",")[9] for row in csv_text.splitlines()] == ["drift", "0.5"]
+    code, _, err = await asyncio.to_thread(
+        run, reconciling.capsys, *args, "--since", "2026-11-03", "--until", "2026-11-02"
+    )
+    assert (code, err.strip()) == (2, "--since must be before --until")
