@@ -27,11 +27,10 @@ from proxy.metrics.collectors import (
     ReloadCollector,
     SpendCollector,
 )
-from proxy.metrics.contract import BALANCE_POLL_FAILURES, BUDGET_REFUSALS, OTHER
+from proxy.metrics.contract import BALANCE_POLL_FAILURES, BUDGET_REFUSALS, OTHER, POLL_FAILURES
 from proxy.metrics.sharing import WorkerSharing
 from proxy.metrics.sources import MetricSources
 from proxy.metrics.totals import CallTotals
-from proxy.reconcile.poller import FAILURES
 from proxy.records import UsageRecord
 
 
@@ -77,7 +76,7 @@ class ProxyMetrics:
             # Read from the shared ledger: every worker exports the same figures, not a sum.
             registry.register(BalanceCollector(sources.balance))
             self._poll_failures = Counter(*BALANCE_POLL_FAILURES.declaration, registry=own)
-            for reason in FAILURES:
+            for reason in POLL_FAILURES:
                 self._poll_failures.labels(reason)
         self._configured = _Configured()
         registry.register(self._configured)
@@ -128,7 +127,7 @@ class ProxyMetrics:
         self.publish()
 
     def balance_poll_failed(self, reason: str) -> None:
-        """Count a failed poll of DeepSeek's balance (`proxy.reconcile.poller.FAILURES`)."""
+        """Count a failed poll of DeepSeek's balance (`proxy.metrics.contract.POLL_FAILURES`)."""
         if self._poll_failures is not None:
             self._poll_failures.labels(reason).inc()
 

@@ -14,7 +14,8 @@ A poll is ``GET /user/balance`` through the one upstream seam (`proxy.upstream.U
 adds the company key), bounded by `FETCH_TIMEOUT`; the snapshot's instant is the proxy's clock
 when the answer arrived. A failed poll never stops the poller or touches a call: it is
 logged (the reason, never the key nor DeepSeek's body, which may echo the key's end) and
-counted (``llm_deepseek_balance_poll_failures_total`` by `FAILURES` reason), and the next
+counted (``llm_deepseek_balance_poll_failures_total`` by reason,
+`proxy.metrics.contract.POLL_FAILURES`), and the next
 interval tries again. The first poll comes one interval after start-up, so a restart storm
 cannot poll DeepSeek more often than the interval.
 """
@@ -30,6 +31,7 @@ from functools import partial
 
 from proxy.errors import UpstreamFailure
 from proxy.ledger.queries import LedgerUnusable
+from proxy.metrics.contract import POLL_FAILURES
 from proxy.reconcile import book
 from proxy.reconcile.balance import Balance, BalanceUnreadable, parse_balance
 from proxy.reconcile.live import LiveBook
@@ -42,10 +44,6 @@ FETCH_TIMEOUT = 30.0
 """Seconds one ``GET /user/balance`` may take, connection included."""
 LEASE_INTERVALS = 3
 """The lease lasts this many intervals; the holder renews it every interval."""
-FAILURES = ("unreachable", "http_error", "bad_answer", "ledger", "internal")
-"""Why a poll failed: DeepSeek could not be reached or did not answer in time; it answered
-with a status other than 200; its answer is not a balance; the ledger could not take the
-lease or the snapshot; anything else (a bug: logged with its traceback)."""
 
 
 class Polled(Enum):
@@ -61,6 +59,7 @@ class Polled(Enum):
 
 class _Failed(Exception):
     def __init__(self, reason: str, message: str) -> None:
+        assert reason in POLL_FAILURES, reason  # the counter's label stays a fixed set
         super().__init__(message)
         self.reason = reason
 
