@@ -315,11 +315,12 @@ BILL_COST_RUNNING = Family(
 )
 BALANCE_KINDS = ("total", "granted", "topped_up")
 """``llm_deepseek_balance``'s `kind` label."""
-POLL_FAILURES = ("unreachable", "http_error", "bad_answer", "ledger", "internal")
+POLL_FAILURES = ("unreachable", "http_error", "bad_answer", "ledger", "clock", "internal")
 """``llm_deepseek_balance_poll_failures_total``'s `reason` (`proxy.reconcile.poller`): DeepSeek
 could not be reached or did not answer in time; it answered with a status other than 200; its
-answer is not a balance; the ledger could not take the lease or the snapshot; anything else (a
-bug, logged with its traceback)."""
+answer is not a balance; the ledger could not take the lease or the snapshot; the ledger has a
+snapshot at or after this one's instant (a clock gone back, or behind another replica's: not
+stored); anything else (a bug, logged with its traceback)."""
 
 # The live configuration (`proxy.metrics.sources.ReloadStatus`): what runs, and whether it is
 # what is on disk.

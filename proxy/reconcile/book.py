@@ -62,6 +62,11 @@ _LAST_SETTLED = (
     "ORDER BY ended_at DESC LIMIT 1"
 )
 
+
+class OutOfOrder(Exception):
+    """A snapshot not later than the newest one in the ledger (the message says which)."""
+
+
 Selection = Collection[str] | None
 """The currencies reconciled (`proxy.config.ProxyConfig.reconcile_currencies`); None: all."""
 
@@ -115,8 +120,16 @@ def store(
     selection: Selection = None,
 ) -> None:
     """Store one poll's balances and settle every window before the newest, in one
-    transaction."""
+    transaction. `OutOfOrder` if the ledger holds a snapshot taken at or after `taken_at`:
+    windows only ever extend forwards, so what was settled stays what the report computes."""
     with queries.transaction():
+        newest = queries.execute("SELECT max(taken_at) FROM balance_snapshots")
+        if newest and newest[0][0] is not None and instant(newest[0][0]) >= taken_at:
+            raise OutOfOrder(
+                f"the ledger has a snapshot taken at {instant(newest[0][0]).isoformat()}, not "
+                f"before this one ({taken_at.isoformat()}): a clock gone back, or a process "
+                "whose clock is behind the others'"
+            )
         queries.executemany(
             _SNAPSHOT,
             [(taken_at, b.currency, b.total, b.granted, b.topped_up, owner) for b in balances],

@@ -8,7 +8,8 @@ replaced within ``LEASE_INTERVALS + 1`` intervals (20 minutes at the default 5),
 stopping one gives the lease up at once (`BalancePoller.leave`). Lease instants are the
 processes' own clocks, as the snapshots' are: replicas' clocks must agree to well within an
 interval (NTP does); a skewed one can at worst poll beside the holder for a while, which only
-adds snapshots.
+adds snapshots, and one whose clock is behind the newest snapshot stores nothing (a ``clock``
+failure) until its clock has passed it, so windows only ever extend forwards.
 
 A poll is ``GET /user/balance`` through the one upstream seam (`proxy.upstream.Upstream`, which
 adds the company key), bounded by `FETCH_TIMEOUT`; the snapshot's instant is the proxy's clock
@@ -129,6 +130,8 @@ class BalancePoller:
             return await self._ledger.run(work)
         except LedgerUnusable as exc:
             raise _Failed("ledger", str(exc)) from exc
+        except book.OutOfOrder as exc:
+            raise _Failed("clock", str(exc)) from exc
 
     async def _fetch(self) -> tuple[Balance, ...]:
         upstream = self._upstream()

@@ -309,6 +309,7 @@ async def test_a_failed_poll_is_counted_and_calls_go_on(reconciling: Reconciling
             ("http_error", 1.0),
             ("bad_answer", 1.0),
             ("ledger", 0.0),
+            ("clock", 0.0),
             ("internal", 0.0),
         )
     }
@@ -344,6 +345,7 @@ async def test_one_process_polls_and_a_dead_pollers_lease_runs_out(
         assert await other.poll_once() is Polled.STORED  # the holder died: taken over
         assert await holder.poll_once() is Polled.STANDBY
         await other.leave()
+        clock.advance(1)
         assert await holder.poll_once() is Polled.STORED
         polls = [r for r in fake.requests if r.path == "/user/balance"]
         assert len(polls) == 4 and failures == []
@@ -461,3 +463,28 @@ async def test_the_report_as_a_table_and_csv(reconciling: Reconciling) -> None:
         run, reconciling.capsys, *args, "--since", "2026-11-03", "--until", "2026-11-02"
     )
     assert (code, err.strip()) == (2, "--since must be before --until")
+
+
+async def test_a_snapshot_from_a_clock_gone_back_is_not_stored(
+    fake: FakeDeepSeek, ledger_backend: LedgerBackend
+) -> None:
+    """Windows only extend forwards: a poll whose instant is not after the newest snapshot
+    (the clock went back, or a replica's is behind) stores nothing and counts as `clock`."""
+    fake.account = FakeAccount.opened(granted="0", topped_up="10")
+    clock = Clock()
+    upstream = Upstream(fake.base_url, FAKE_UPSTREAM_KEY, AiohttpTransport(Timeouts()))
+    balance = ledger_backend.live_book()
+    failures: list[str] = []
+    poller = BalancePoller(balance, lambda: upstream, clock, "me", 60.0, failures.append)
+    try:
+        assert await poller.poll_once() is Polled.STORED
+        newest = clock.now
+        clock.advance(-1)
+        assert await poller.poll_once() is Polled.FAILED
+        assert failures == ["clock"]
+        assert balance.figures().last_poll == newest
+        clock.advance(2)
+        assert await poller.poll_once() is Polled.STORED
+    finally:
+        await upstream.close()
+        balance.close()
