@@ -23,6 +23,7 @@ own access control). Errors are in OpenAI's shape, under ``/anthropic/`` in Anth
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime
@@ -35,7 +36,7 @@ from proxy.admission import Admission, TeamsFull
 from proxy.auth import ClientKey, authenticate, lookup
 from proxy.budgets import BudgetGuard, HoldStore, LedgerHolds, LocalHolds
 from proxy.budgets.pg_holds import PostgresHolds
-from proxy.config import ProxyConfig, check_references
+from proxy.config import DEFAULT_BALANCE_INTERVAL, ProxyConfig, check_references
 from proxy.dialects.registry import ANTHROPIC, OPENAI_CHAT, RESPONSES, Dialect
 from proxy.errors import (
     HeadersTooLarge,
@@ -48,6 +49,8 @@ from proxy.ledger.store import SpendReader, TeamSpendReader
 from proxy.ledger.writer import LedgerStatus
 from proxy.metrics import MetricSources, ProxyMetrics
 from proxy.pricing import PriceBook, Pricer
+from proxy.reconcile.live import LiveBook
+from proxy.reconcile.poller import BalancePoller
 from proxy.records import ALWAYS_HEALTHY, LedgerHealth, RecordSink
 from proxy.relay import Endpoint, proxy_completion
 from proxy.relay.request import read_body, refuse_compressed
@@ -55,11 +58,14 @@ from proxy.reload import Reloader, ReloadRefused
 from proxy.spend import spend_of
 from proxy.state import Live, ProxyState
 from proxy.upstream import AiohttpTransport, Transport, Upstream, refuse_redirect
+from proxy.workers import new_owner
 
 STATE = web.AppKey("live", Live)
 RELOADER = web.AppKey("reloader", Reloader)
 ADMISSION = web.AppKey("admission", Admission)
 """Also reachable before start-up completes, so `serve` can start draining on SIGTERM."""
+POLLER = web.AppKey("balance_poller", BalancePoller)
+"""This process's part in polling DeepSeek's balance, when the app has a `LiveBook`."""
 CLIENT = web.RequestKey("client", ClientKey)
 
 _CHAT = Endpoint("chat", "/chat/completions")
@@ -246,6 +252,7 @@ def create_app(
     ledger: LedgerHealth | None = None,
     ledger_status: Callable[[], LedgerStatus] | None = None,
     transport: Transport | None = None,
+    balance: LiveBook | None = None,
 ) -> web.Application:
     """Build the application; the upstream session opens and closes with it.
 
@@ -261,7 +268,10 @@ def create_app(
     says whether the ledger can take records (None: always, as for a sink that cannot fail),
     and `ledger_status` gives its figures for the ``llm_ledger_*`` metrics (the ledger's
     writer provides both). `transport` carries requests to DeepSeek (aiohttp's by default; tests
-    pass an in-memory one).
+    pass an in-memory one). `balance` is the ledger connection for DeepSeek's balance
+    (`proxy.reconcile`): with it the app exports the balance and drift figures and has a
+    poller (`POLLER`), which polls every ``reconcile.balance_interval`` seconds when that is
+    set; tests call `BalancePoller.poll_once` themselves.
     """
     check_references(config, currencies=book.currencies, tools=book.tool_fees)
     app = web.Application(client_max_size=config.limits.max_request_bytes)
@@ -304,6 +314,7 @@ def create_app(
         ledger=ledger_status,
         reload=reloader.status,
         tag_labels=config.tag_labels,
+        balance=balance.figures if balance is not None else None,
     )
     metrics = ProxyMetrics(registry, sources, shared_metrics_dir)
     pricer = Pricer(book)
@@ -353,6 +364,28 @@ def create_app(
         await upstream.close()
 
     app.cleanup_ctx.append(upstream_session)
+
+    if balance is not None:
+        poller = app[POLLER] = BalancePoller(
+            balance,
+            lambda: live.state.upstream,
+            clock,
+            owner if owner is not None else new_owner("balance"),
+            config.balance_interval or DEFAULT_BALANCE_INTERVAL,
+            metrics.balance_poll_failed,
+        )
+        polls = config.balance_interval is not None
+
+        async def polling(app: web.Application) -> AsyncIterator[None]:
+            task = asyncio.create_task(poller.run(), name="balance-poller") if polls else None
+            yield
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await poller.leave()
+
+        app.cleanup_ctx.append(polling)  # after the upstream session: closed before it
 
     if config.reload_watch is not None:
         watch_interval = config.reload_watch

@@ -52,6 +52,8 @@ RESTART_ONLY = (
     "ledger_shutdown_timeout",
     "ledger_lease",
     "tag_labels",
+    "balance_interval",
+    "reconcile_currencies",
 )
 """`ProxyConfig` fields a reload keeps as they run (the listening socket, the upstream
 session, the ledger and its writer, the metric families are built once)."""
@@ -106,6 +108,8 @@ def restart_only_changes(running: ProxyConfig, new: ProxyConfig) -> list[str]:
         "ledger_shutdown_timeout": "ledger.shutdown_timeout",
         "ledger_lease": "ledger.lease",
         "tag_labels": "attribution.metric_labels",
+        "balance_interval": "reconcile.balance_interval",
+        "reconcile_currencies": "reconcile.currencies",
     }
     changed = [names[f] for f in RESTART_ONLY if getattr(running, f) != getattr(new, f)]
     changed += [

@@ -44,6 +44,7 @@ from proxy.ledger.store import LedgerStore, SQLiteLedger
 from proxy.ledger.writer import LedgerWriter
 from proxy.listener import ListenError, ProxySite, make_runner
 from proxy.pricing import PriceBookError, load_price_book
+from proxy.reconcile.live import LiveBook, PostgresSource, SQLiteSource
 from proxy.records import FanOut, LogSink, RecordSink
 from proxy.workers import (
     MULTIPROC_ENV,
@@ -166,6 +167,13 @@ def _serve(args: argparse.Namespace) -> int:
     # The log level is fixed at start-up: without DEBUG the log sink would only be skipped,
     # call after call.
     sink: RecordSink = FanOut(writer, log_sink) if log_sink.enabled() else writer
+    # DeepSeek's balance, polled by one process of all that share the ledger (`proxy.reconcile`).
+    balance = LiveBook(
+        SQLiteSource(config.ledger_path)
+        if config.ledger_url is None
+        else PostgresSource(config.ledger_url),
+        config.reconcile_currencies,
+    )
     app = create_app(
         config,
         book,
@@ -180,6 +188,7 @@ def _serve(args: argparse.Namespace) -> int:
         admission=admission,
         ledger=writer,
         ledger_status=writer.status,
+        balance=balance,
     )
     try:
         with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
@@ -188,6 +197,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"cannot start: {config.path}: listen: {exc}", file=sys.stderr)
         return 2
     finally:
+        balance.close()
         # After every running call ended and was submitted; bounded, so a ledger that cannot
         # commit cannot keep the process from exiting before the orchestrator kills it.
         unwritten = writer.close(config.ledger_shutdown_timeout)

@@ -9,6 +9,7 @@ environment (`proxy.serve`).
 
 from proxy.config.loader import check_references, load_config
 from proxy.config.model import (
+    DEFAULT_BALANCE_INTERVAL,
     DEFAULT_CONFIG,
     DEFAULT_FLUSH_INTERVAL,
     DEFAULT_LEASE,
@@ -27,6 +28,7 @@ from proxy.config.model import (
 )
 
 __all__ = [
+    "DEFAULT_BALANCE_INTERVAL",
     "DEFAULT_CONFIG",
     "DEFAULT_FLUSH_INTERVAL",
     "DEFAULT_LEASE",

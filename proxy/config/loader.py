@@ -13,6 +13,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from proxy.config.attribution import read_attribution
 from proxy.config.fields import Reader
 from proxy.config.model import (
+    DEFAULT_BALANCE_INTERVAL,
     DEFAULT_FLUSH_INTERVAL,
     DEFAULT_LEASE,
     DEFAULT_LEDGER,
@@ -53,6 +54,7 @@ def load_config(path: Path) -> ProxyConfig:
             "reload",
             "attribution",
             "headers",
+            "reconcile",
         },
     )
     listen = reader.section(raw, "listen")
@@ -77,6 +79,8 @@ def load_config(path: Path) -> ProxyConfig:
     )
     reload = reader.section(raw, "reload")
     reader.keys(reload, "reload", {"watch"})
+    reconcile = reader.section(raw, "reconcile")
+    reader.keys(reconcile, "reconcile", {"balance_interval", "currencies"})
     headers = reader.section(raw, "headers")
     reader.keys(headers, "headers", {"budget_remaining"})
     reader.keys(listen, "listen", {"host", "port"})
@@ -151,6 +155,8 @@ def load_config(path: Path) -> ProxyConfig:
         ),
         attribution=attribution,
         tag_labels=tag_labels,
+        balance_interval=_balance_interval(reader, reconcile),
+        reconcile_currencies=_currencies(reader, reconcile),
         budget_remaining_header=reader.flag(
             headers.get("budget_remaining", False), "headers.budget_remaining"
         ),
@@ -233,6 +239,37 @@ def _ledger_location(reader: Reader, ledger: Mapping[str, Any]) -> tuple[Path, s
     if not parts.hostname and "host=" not in parts.query:
         raise reader.fail("ledger.url", "names no host")
     return path, url
+
+
+def _balance_interval(reader: Reader, reconcile: Mapping[str, Any]) -> float | None:
+    """``reconcile.balance_interval``: seconds, 0 for off (`DEFAULT_BALANCE_INTERVAL`)."""
+    value = reconcile.get("balance_interval", DEFAULT_BALANCE_INTERVAL)
+    if value in (0, "0") and not isinstance(value, bool):
+        return None
+    seconds = reader.seconds(value, "reconcile.balance_interval")
+    if seconds < 1:
+        raise reader.fail(
+            "reconcile.balance_interval",
+            f"expected 0 (off) or at least 1 second, got {seconds:g}: each poll is a request "
+            "to DeepSeek",
+        )
+    return seconds
+
+
+def _currencies(reader: Reader, reconcile: Mapping[str, Any]) -> frozenset[str] | None:
+    """``reconcile.currencies``: a list of currency codes; absent: every one."""
+    if "currencies" not in reconcile:
+        return None
+    value = reconcile["currencies"]
+    if not isinstance(value, list) or not value:
+        raise reader.fail("reconcile.currencies", f"expected a list of currencies, got {value!r}")
+    codes = []
+    for item in value:
+        code = reader.text(item, "reconcile.currencies")
+        if len(code) != 3 or not (code.isascii() and code.isalpha()):
+            raise reader.fail("reconcile.currencies", f"{code!r} is not a currency code")
+        codes.append(code.upper())
+    return frozenset(codes)
 
 
 def _book_paths(reader: Reader, value: Any) -> tuple[Path, ...]:

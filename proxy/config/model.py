@@ -30,6 +30,12 @@ DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 """Seconds a stopping proxy waits for the ledger to commit. With `timeouts.drain` (30 s) it
 stays below the 60 s an orchestrator gives (docker-compose's ``stop_grace_period``), so the
 records it gives up on are saved rather than killed with the process."""
+DEFAULT_BALANCE_INTERVAL = 300.0
+"""Seconds between two polls of DeepSeek's balance (`proxy.reconcile`): on by default, since
+proving the bill is the ledger's purpose and one small GET every 5 minutes (288 a day, by one
+process however many workers and replicas run) costs nothing against the calls it checks.
+DeepSeek documents no rate limit for ``/user/balance``; 5 minutes keeps each window's drift
+readable (few calls straddle a snapshot) without polling what changes call by call."""
 
 PriceAt = Literal["request_start", "response_end"]
 CacheCreation = Literal["miss", "hit"]
@@ -178,6 +184,14 @@ class ProxyConfig:
     reload_watch: float | None = None
     """Seconds between two looks at the config file and price book on disk, reloading them
     when they changed (`proxy.reload`); None: only SIGHUP reloads (the default)."""
+    balance_interval: float | None = None
+    """Seconds between two polls of DeepSeek's balance (``reconcile.balance_interval``);
+    None: this process does not poll (the file's default is `DEFAULT_BALANCE_INTERVAL`; 0
+    there turns polling off). A restart applies a change."""
+    reconcile_currencies: frozenset[str] | None = None
+    """The balance's currencies reconciled with the ledger (``reconcile.currencies``); None:
+    every one the balance lists. An account billed in one currency whose balance also lists
+    another would otherwise show that other's drift as minus the ledger's cost in it."""
     budget_remaining_header: bool = False
     """Whether the metered calls of a team with a hard budget answer with
     ``x-proxy-budget-remaining`` (`proxy.budgets.guard.remaining_header`): off by default."""

@@ -74,12 +74,16 @@ class PostgresQueries:
 
     dialect: Dialect = "postgresql"
 
-    def __init__(self, url: str) -> None:
-        """Connect to `url`; `LedgerUnusable` names it (without password) and says why not."""
+    def __init__(self, url: str, *, command_timeout: float | None = None) -> None:
+        """Connect to `url`; `LedgerUnusable` names it (without password) and says why not.
+        `command_timeout` bounds each statement (None: unbounded, as a command may run long;
+        the serving proxy's reconciliation sets one, `proxy.reconcile.live`)."""
         self.where = shown_url(url)
         self._loop = asyncio.new_event_loop()
         try:
-            self._conn = self._run(asyncpg.connect(url, timeout=CONNECT_TIMEOUT))
+            self._conn = self._run(
+                asyncpg.connect(url, timeout=CONNECT_TIMEOUT, command_timeout=command_timeout)
+            )
         except BaseException:
             self._loop.close()
             raise

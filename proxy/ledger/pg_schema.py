@@ -5,7 +5,8 @@ the other means the same thing, plus ``replicas``: the leases by which replicas 
 database release a dead one's calls and holds (`proxy.ledger.leases`), which a ledger of one
 machine does not need, and the function that checks and holds a hard budget in one statement
 (`HOLD_FUNCTION`). Versions count on from SQLite's: version 3 is the SQLite ledger's version 3
-in PostgreSQL, version 4 adds ``replicas``, version 5 the function. The ``usage`` table's
+in PostgreSQL, version 4 adds ``replicas``, version 5 the function, version 7 the balance
+reconciliation's tables (`proxy.reconcile`). The ``usage`` table's
 columns come from the record's own fields (`proxy.records.FIELDS`), each in its native type
 (`Kind.pg_type`: ``timestamptz``, ``bigint``, ``boolean``, ``jsonb``), money is ``numeric``
 (exact, as the SQLite ledger's decimal text is), and ``billing_day`` a ``date``.
@@ -23,10 +24,11 @@ from typing import Any, Protocol
 from proxy.ledger.rows import LEDGER_COLUMNS
 from proxy.records import FIELDS
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 """Version 3 was the first PostgreSQL schema (the SQLite ledger's version 3); 4 adds the
 replicas' leases; 5 the one-statement budget hold (`HOLD_FUNCTION`); 6 the attribution
-columns (tags, end user; the SQLite ledger's version 4)."""
+columns (tags, end user; the SQLite ledger's version 4); 7 the balance snapshots, settled
+windows and the poller's lease (the SQLite ledger's version 5)."""
 
 MIGRATION_LOCK = 0x7072_6F78_7931
 """The advisory-lock key every replica takes while it creates or migrates the schema."""
@@ -104,6 +106,35 @@ _REPLICAS = (
     lease_until timestamptz NOT NULL
 )""",
 )
+_RECONCILE = (
+    """CREATE TABLE balance_snapshots (
+    taken_at timestamptz NOT NULL,
+    currency text NOT NULL,
+    total_balance numeric NOT NULL,
+    granted_balance numeric NOT NULL,
+    topped_up_balance numeric NOT NULL,
+    owner text,
+    PRIMARY KEY (currency, taken_at)
+)""",
+    "CREATE INDEX balance_snapshots_taken ON balance_snapshots (taken_at)",
+    """CREATE TABLE balance_windows (
+    currency text NOT NULL,
+    ended_at timestamptz NOT NULL,
+    started_at timestamptz NOT NULL,
+    spend numeric NOT NULL,
+    ledger_cost numeric NOT NULL,
+    spend_sum numeric NOT NULL,
+    cost_sum numeric NOT NULL,
+    PRIMARY KEY (currency, ended_at)
+)""",
+    """CREATE TABLE balance_poller (
+    role text PRIMARY KEY,
+    owner text NOT NULL,
+    lease_until timestamptz NOT NULL
+)""",
+    "CREATE INDEX usage_ended ON usage (ended_at)",
+)
+"""Balance reconciliation (`proxy.reconcile`): the SQLite ledger's version 5 tables."""
 HOLD_FUNCTION = """CREATE FUNCTION proxy_hold(
     lock_space integer, lock_key integer, hold_team text, hold_request text, hold_owner text,
     hold_day date, currencies text[], firsts date[], limits numeric[], worst numeric[],
@@ -146,7 +177,7 @@ standings, and the holds when every budget has room for the call's worst case (t
 either way, for the decision to be made in Python when the call does not fit as it is. The
 lock is held until the statement's transaction ends."""
 
-SCHEMA: tuple[str, ...] = (*_LEDGER, *_REPLICAS, HOLD_FUNCTION)
+SCHEMA: tuple[str, ...] = (*_LEDGER, *_REPLICAS, HOLD_FUNCTION, *_RECONCILE)
 """The current schema, one statement each."""
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -157,6 +188,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE usage ADD COLUMN end_user text",
         *_ATTRIBUTION_INDEXES,
     ),
+    6: _RECONCILE,
 }
 """Version -> the statements that bring a database of that version to the next one."""
 

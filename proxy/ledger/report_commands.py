@@ -8,7 +8,8 @@ stops them (exit 1), as it stops the proxy.
 
 ``statement`` is a command of its own rather than a mode of ``report``, so ``report``'s
 arguments keep their meaning: ``--month`` and ``--team`` name a whole statement, which is
-several reports of one team and month (`proxy.ledger.statement`).
+several reports of one team and month (`proxy.ledger.statement`). ``report reconcile``
+(`proxy.reconcile.report`) compares DeepSeek's balance with the ledger's cost.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from proxy.ledger.report_render import render
 from proxy.ledger.statement import TOP_KEYS, build_statement
 from proxy.ledger.statement_html import render_html
 from proxy.ledger.statement_text import render_text
+from proxy.reconcile import report as reconcile_report
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -60,6 +62,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="end CSV with a TOTAL row (the table always has one; JSON has 'total')",
     )
     report.set_defaults(handler=guarded(_report))
+    reconcile_report.register(report)
 
     statement = commands.add_parser(
         "statement",

@@ -15,6 +15,10 @@ Tables:
 - ``budget_holds``: what running calls may still cost, for hard budgets shared by several
   workers (`proxy.budgets.LedgerHolds`); a call's hold is dropped in the transaction that
   stores its final record and adds its cost to ``spend_daily``. ``owner`` as in ``usage``.
+- ``balance_snapshots``: DeepSeek's balance per currency as the poller read it (total, granted,
+  topped up, exact decimal text), and ``balance_windows``: the windows between two snapshots
+  that the poller has settled, with their running sums; ``balance_poller``: the lease of the
+  one process that polls (`proxy.reconcile`).
 - ``meta``: schema version and the billing timezone ``spend_daily`` was built with.
 
 Schema versions: a new ledger gets the current schema; an older one is migrated in place when
@@ -31,7 +35,7 @@ from pathlib import Path
 
 from proxy.ledger.connection import Transaction
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _ATTRIBUTION_INDEXES = (
     "CREATE INDEX usage_key_day ON usage (key_id, billing_day)",
@@ -44,6 +48,39 @@ Tags are a JSON object: SQLite reads them with ``json_extract`` over the rows of
 _IN_FLIGHT_INDEX = "CREATE INDEX usage_in_flight ON usage (owner) WHERE state = 'in_flight'"
 """The calls running (or left running by a dead process): a few rows however large the ledger,
 so releasing a dead worker's calls never scans the whole table."""
+
+_ENDED_INDEX = "CREATE INDEX usage_ended ON usage (ended_at)"
+"""Reconciliation sums the cost of the calls that ended between two balance snapshots."""
+
+_RECONCILE = (
+    """CREATE TABLE balance_snapshots (   -- DeepSeek's GET /user/balance, one row per currency
+    taken_at TEXT NOT NULL,                    -- ISO 8601 UTC, microseconds: sorts as time
+    currency TEXT NOT NULL,
+    total_balance TEXT NOT NULL,               -- exact decimal text
+    granted_balance TEXT NOT NULL,
+    topped_up_balance TEXT NOT NULL,
+    owner TEXT,                                -- the process that polled
+    PRIMARY KEY (currency, taken_at)
+)""",
+    "CREATE INDEX balance_snapshots_taken ON balance_snapshots (taken_at)",
+    """CREATE TABLE balance_windows (     -- windows between two snapshots, settled by the poller
+    currency TEXT NOT NULL,
+    ended_at TEXT NOT NULL,                    -- the later snapshot's instant
+    started_at TEXT NOT NULL,                  -- the earlier one's
+    spend TEXT NOT NULL,                       -- the balance's fall, top-ups and grants apart
+    ledger_cost TEXT NOT NULL,                 -- the ledger's cost of the calls that ended in it
+    spend_sum TEXT NOT NULL,                   -- running sums since the first snapshot
+    cost_sum TEXT NOT NULL,
+    PRIMARY KEY (currency, ended_at)
+)""",
+    """CREATE TABLE balance_poller (      -- the lease of the one process that polls the balance
+    role TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    lease_until TEXT NOT NULL
+)""",
+    _ENDED_INDEX,
+)
+"""Balance reconciliation (`proxy.reconcile`), added by version 5."""
 
 _SCHEMA = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -121,6 +158,7 @@ _SCHEMA = (
     amount TEXT NOT NULL,
     PRIMARY KEY (team, day, currency)
 )""",
+    *_RECONCILE,
 )
 """The current schema, one statement each (they run inside the transaction that checks the
 ledger is new, which ``executescript`` would commit). Columns added by a migration come last,
@@ -142,6 +180,8 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE usage ADD COLUMN end_user TEXT",
         *_ATTRIBUTION_INDEXES,
     ),
+    # 4 -> 5: DeepSeek's balance polled and reconciled with the ledger's cost.
+    4: _RECONCILE,
 }
 """Version -> the statements that bring a ledger of that version to the next one."""
 

@@ -1,6 +1,6 @@
 """Figures read when Prometheus scrapes rather than updated on the request path: calls in
 progress, the ledger writer's state, spend from the ledger, budgets, holiday calendars running
-out, and the live configuration's reloads.
+out, the live configuration's reloads, and DeepSeek's balance and the bill's drift.
 
 Each is a small custom `Collector` over a source it is given (a callable, a reader, the price
 book), as prometheus_client recommends for values that already live elsewhere: reading them at
@@ -24,6 +24,13 @@ from proxy.formats import ZERO, decimal_text
 from proxy.ledger.store import SpendReader
 from proxy.ledger.writer import LedgerStatus
 from proxy.metrics.contract import (
+    BALANCE,
+    BALANCE_KINDS,
+    BALANCE_LAST_POLL,
+    BILL_COST_RUNNING,
+    BILL_DRIFT,
+    BILL_DRIFT_RATIO,
+    BILL_DRIFT_RUNNING,
     BUDGET_THRESHOLD,
     CONFIG_INFO,
     CONFIG_LOADED,
@@ -46,6 +53,7 @@ from proxy.metrics.sources import ReloadStatus
 from proxy.periods import PERIODS, period_start
 from proxy.pricing import PriceBook
 from proxy.pricing.engine import schedule_version_at, to_micros
+from proxy.reconcile.book import Figures
 
 log = logging.getLogger("proxy.metrics")
 
@@ -205,3 +213,46 @@ class ReloadCollector(Collector):
         stale = CONFIG_STALE.gauge()
         stale.add_metric([], float(status.stale))
         yield from (reloads, loaded, info, stale)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class BalanceCollector(Collector):
+    """DeepSeek's balance and the bill's drift (`proxy.reconcile`), read from the ledger at
+    scrape time: whichever worker or replica answers, the figures are the shared ledger's.
+
+    A ledger that cannot be read leaves the families out of that scrape, as `SpendCollector`
+    does; a ledger that has no snapshot yet exports the families without series."""
+
+    figures: Callable[[], Figures]
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            figures = self.figures()
+        except Exception:
+            log.exception("cannot read DeepSeek's balance from the ledger")
+            return
+        balance = BALANCE.gauge()
+        for snapshot in figures.balances:
+            amounts = snapshot.balance
+            for kind, amount in zip(
+                BALANCE_KINDS, (amounts.total, amounts.granted, amounts.topped_up), strict=True
+            ):
+                balance.add_metric([amounts.currency, kind], float(amount))
+        last_poll = BALANCE_LAST_POLL.gauge()
+        if figures.last_poll is not None:
+            last_poll.add_metric([], figures.last_poll.timestamp())
+        drift = BILL_DRIFT.gauge()
+        ratio = BILL_DRIFT_RATIO.gauge()
+        running = BILL_DRIFT_RUNNING.gauge()
+        cost = BILL_COST_RUNNING.gauge()
+        for reconciled in figures.reconciled:
+            window = reconciled.last
+            if window is None:
+                continue
+            labels = [window.currency]
+            drift.add_metric(labels, float(window.drift))
+            if window.ratio is not None:
+                ratio.add_metric(labels, float(window.ratio))
+            running.add_metric(labels, float(reconciled.running.drift))
+            cost.add_metric(labels, float(reconciled.running.ledger_cost))
+        yield from (balance, last_poll, drift, ratio, running, cost)

@@ -269,6 +269,59 @@ HOLIDAY_CALENDAR_MISSING = Family(
     "schedule",
 )
 
+# DeepSeek's balance and the drift of the bill from the ledger (`proxy.reconcile`), read from
+# the ledger at scrape time, so every worker and replica exports the same figures.
+BALANCE = Family(
+    "llm_deepseek_balance",
+    "gauge",
+    "DeepSeek's balance at the last poll, by currency and kind (total, granted, topped_up)",
+    "currency, kind",
+)
+BALANCE_LAST_POLL = Family(
+    "llm_deepseek_balance_last_poll_timestamp_seconds",
+    "gauge",
+    "Unix time of the last successful poll of DeepSeek's balance (by any process)",
+)
+BALANCE_POLL_FAILURES = Family(
+    "llm_deepseek_balance_poll_failures_total",
+    "counter",
+    "Polls of DeepSeek's balance that failed, by reason",
+    "reason",
+)
+BILL_DRIFT = Family(
+    "llm_deepseek_bill_drift",
+    "gauge",
+    "The last window between two balance polls: what the balance fell by (top-ups and grants "
+    "apart) minus the ledger's cost of the calls that ended in it",
+    "currency",
+)
+BILL_DRIFT_RATIO = Family(
+    "llm_deepseek_bill_drift_ratio",
+    "gauge",
+    "The last window's drift divided by its ledger cost (absent when that cost is 0)",
+    "currency",
+)
+BILL_DRIFT_RUNNING = Family(
+    "llm_deepseek_bill_drift_running",
+    "gauge",
+    "Drift summed over every window since the currency's first balance poll",
+    "currency",
+)
+BILL_COST_RUNNING = Family(
+    "llm_deepseek_bill_ledger_cost_running",
+    "gauge",
+    "The ledger's cost summed over the same windows as llm_deepseek_bill_drift_running",
+    "currency",
+)
+BALANCE_KINDS = ("total", "granted", "topped_up")
+"""``llm_deepseek_balance``'s `kind` label."""
+POLL_FAILURES = ("unreachable", "http_error", "bad_answer", "ledger", "clock", "internal")
+"""``llm_deepseek_balance_poll_failures_total``'s `reason` (`proxy.reconcile.poller`): DeepSeek
+could not be reached or did not answer in time; it answered with a status other than 200; its
+answer is not a balance; the ledger could not take the lease or the snapshot; the ledger has a
+snapshot at or after this one's instant (a clock gone back, or behind another replica's: not
+stored); anything else (a bug, logged with its traceback)."""
+
 # The live configuration (`proxy.metrics.sources.ReloadStatus`): what runs, and whether it is
 # what is on disk.
 CONFIG_RELOADS = Family(
@@ -315,6 +368,13 @@ FAMILIES = (
     LEDGER_WRITE_ERRORS,
     LEDGER_LAST_COMMIT,
     HOLIDAY_CALENDAR_MISSING,
+    BALANCE,
+    BALANCE_LAST_POLL,
+    BALANCE_POLL_FAILURES,
+    BILL_DRIFT,
+    BILL_DRIFT_RATIO,
+    BILL_DRIFT_RUNNING,
+    BILL_COST_RUNNING,
     CONFIG_RELOADS,
     CONFIG_LOADED,
     CONFIG_INFO,

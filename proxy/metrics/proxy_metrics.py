@@ -3,7 +3,8 @@
 It wires the parts together (the contract's families, `CallTotals` for the per-call figures,
 the scrape-time collectors, and with several workers `WorkerSharing`), and gives the request
 path its two entry points: `ProxyMetrics.observe` once per finished call and
-`ProxyMetrics.budget_refusals` per hard-budget refusal. `ProxyMetrics.apply` follows a reloaded
+`ProxyMetrics.budget_refusals` per hard-budget refusal (and the balance poller its own,
+`ProxyMetrics.balance_poll_failed`). `ProxyMetrics.apply` follows a reloaded
 configuration without resetting a counter.
 """
 
@@ -18,6 +19,7 @@ from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
 from proxy.metrics.collectors import (
+    BalanceCollector,
     BudgetCollector,
     CalendarCollector,
     InflightCollector,
@@ -25,7 +27,7 @@ from proxy.metrics.collectors import (
     ReloadCollector,
     SpendCollector,
 )
-from proxy.metrics.contract import BUDGET_REFUSALS, OTHER
+from proxy.metrics.contract import BALANCE_POLL_FAILURES, BUDGET_REFUSALS, OTHER, POLL_FAILURES
 from proxy.metrics.sharing import WorkerSharing
 from proxy.metrics.sources import MetricSources
 from proxy.metrics.totals import CallTotals
@@ -69,6 +71,13 @@ class ProxyMetrics:
                 registry.register(ReloadCollector(sources.reload))
             registry.register(self.calls)
         self.budget_refusals = Counter(*BUDGET_REFUSALS.declaration, registry=own)
+        self._poll_failures: Counter | None = None
+        if sources.balance is not None:
+            # Read from the shared ledger: every worker exports the same figures, not a sum.
+            registry.register(BalanceCollector(sources.balance))
+            self._poll_failures = Counter(*BALANCE_POLL_FAILURES.declaration, registry=own)
+            for reason in POLL_FAILURES:
+                self._poll_failures.labels(reason)
         self._configured = _Configured()
         registry.register(self._configured)
         self.apply(sources)
@@ -116,6 +125,11 @@ class ProxyMetrics:
             )
         self._configured.collectors = tuple(configured)
         self.publish()
+
+    def balance_poll_failed(self, reason: str) -> None:
+        """Count a failed poll of DeepSeek's balance (`proxy.metrics.contract.POLL_FAILURES`)."""
+        if self._poll_failures is not None:
+            self._poll_failures.labels(reason).inc()
 
     def publish(self) -> None:
         """Share this worker's figures with the others (with ``serve --workers N``; a no-op

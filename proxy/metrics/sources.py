@@ -11,6 +11,7 @@ from proxy.config import Budget
 from proxy.ledger.store import SpendReader
 from proxy.ledger.writer import LedgerStatus
 from proxy.pricing import PriceBook
+from proxy.reconcile.book import Figures
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +56,10 @@ class MetricSources:
     reload: Callable[[], ReloadStatus] | None = None
     """The live configuration's figures (`proxy.reload.Reloader.status`); without it there are
     no ``llm_config_*`` metrics."""
+    balance: Callable[[], Figures] | None = None
+    """DeepSeek's balance and the bill's drift as the ledger has them
+    (`proxy.reconcile.live.LiveBook.figures`); without it there are no ``llm_deepseek_*``
+    metrics."""
     tag_labels: Mapping[str, int] = field(default_factory=dict)
     """Tag key -> its cap, for the tags exported as labels (`proxy.metrics.tags`); read once,
     when the metrics are built (a restart applies a change)."""

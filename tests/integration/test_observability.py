@@ -41,11 +41,14 @@ import httpx
 import pytest
 import yaml
 
+from proxy.app import POLLER
 from proxy.config import Budget
 from proxy.ledger.queries import open_sqlite
 from proxy.ledger.store import SQLiteLedger
 from proxy.ledger.writer import LedgerWriter
 from proxy.pricing import PriceBook
+from proxy.reconcile.live import LiveBook, SQLiteSource
+from proxy.reconcile.poller import Polled
 from tests.conftest import ROOT, SHIPPED_BOOK
 from tests.support.fake_deepseek import FakeDeepSeek
 from tests.support.fake_deepseek_shapes import Reply
@@ -359,7 +362,8 @@ def test_range_totals_on_the_prometheus_engine(tmp_path: Path) -> None:
 def test_the_error_ratio_panel_shows_what_its_alert_compares() -> None:
     """One recording rule is both the panel and the alert's ratio, and it leaves out the
     clients' own malformed requests (400, 422) as the alert always did."""
-    [(recorded, expr)] = recording_rules().items()
+    recorded = "proxy:upstream_error_ratio:rate5m"
+    expr = recording_rules()[recorded]
     assert 'llm_upstream_errors_total{reason!~"http_400|http_422"}' in expr
     [alert] = [rule for rule in rules() if rule["alert"] == "UpstreamErrorRatioHigh"]
     assert alert["expr"].startswith(f"{recorded} > 0.1\n")
@@ -456,8 +460,10 @@ def free_port() -> int:
 @pytest.fixture
 async def stack(fake: FakeDeepSeek, book: PriceBook, tmp_path: Path) -> AsyncIterator[Stack]:
     """Two replicas of the proxy sharing a real ledger, with budgets for both teams; alpha's day
-    budget is tiny so that the budget alerts have something to say."""
+    budget is tiny so that the budget alerts have something to say. Each replica can poll
+    DeepSeek's balance (when the test asks it to)."""
     store = SQLiteLedger(tmp_path / "ledger.sqlite3", ZoneInfo("Asia/Shanghai"))
+    balances = [LiveBook(SQLiteSource(store.path)) for _ in range(REPLICAS)]
     writer = LedgerWriter(store, flush_interval=0.01)
     clock = SwitchingClock(PEAK)
     soft = (Decimal(50), Decimal(80))
@@ -482,11 +488,13 @@ async def stack(fake: FakeDeepSeek, book: PriceBook, tmp_path: Path) -> AsyncIte
     }
     try:
         async with (
-            running_proxy(fake.base_url, book, **options) as replica_a,
-            running_proxy(fake.base_url, book, **options) as replica_b,
+            running_proxy(fake.base_url, book, balance=balances[0], **options) as replica_a,
+            running_proxy(fake.base_url, book, balance=balances[1], **options) as replica_b,
         ):
             yield Stack((replica_a, replica_b), writer, store, clock)
     finally:
+        for balance in balances:
+            balance.close()
         writer.close()
 
 
@@ -669,8 +677,14 @@ async def test_dashboard_and_alerts_on_a_real_prometheus(
     }
     assert float(used["alpha", "day", "CNY"]) == pytest.approx(100 * spent / 0.001)
 
+    # Two polls of DeepSeek's balance (one replica polls, holding the lease) make a window, so
+    # the bill's drift has figures, which both replicas export from the ledger.
+    for _ in range(2):
+        assert await replica_a.app[POLLER].poll_once() is Polled.STORED
+    assert await replica_b.app[POLLER].poll_once() is Polled.STANDBY
+
     # Every panel query returns data, with all values selected and with a selection; the error
-    # ratio once its recording rule has been evaluated on two scrapes.
+    # ratio and the drift once their recording rules have been evaluated on two scrapes.
     for recorded in recording_rules():
         await eventually(partial(prometheus.query, recorded), f"{recorded} recorded")
     queries = [

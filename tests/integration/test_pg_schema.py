@@ -87,3 +87,52 @@ async def test_money_is_exact_and_a_newer_schema_is_refused(database: str) -> No
         "the PostgreSQL ledger ledger on test has schema version 99, newer than this proxy "
         f"knows ({pg_schema.SCHEMA_VERSION}): run the proxy version that wrote it, or a newer one"
     )
+
+
+async def shape(url: str) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
+    """Every table's columns (name, type, nullable, default) and every index's definition."""
+    conn = await asyncpg.connect(url)
+    try:
+        columns = await conn.fetch(
+            "SELECT table_name, column_name, data_type, is_nullable, column_default "
+            "FROM information_schema.columns WHERE table_schema = 'public' "
+            "ORDER BY table_name, ordinal_position"
+        )
+        indexes = await conn.fetch(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'public' "
+            "ORDER BY indexname"
+        )
+    finally:
+        await conn.close()
+    return [tuple(row) for row in columns], [tuple(row) for row in indexes]
+
+
+async def test_a_version_6_database_gains_the_balance_tables_in_place(
+    postgres: Postgres,
+) -> None:
+    """Version 7 (DeepSeek's balance, its windows, the poller's lease): a version 6 ledger
+    is migrated in place, its rows kept, to the shape a new ledger has."""
+    old = postgres.new_database()
+    conn = await asyncpg.connect(old)
+    try:
+        async with conn.transaction():
+            for statement in pg_schema.SCHEMA:
+                if statement not in pg_schema.MIGRATIONS[6]:
+                    await conn.execute(statement)
+            await conn.execute("INSERT INTO meta VALUES ('schema_version', '6')")
+            await conn.execute(
+                "INSERT INTO spend_daily VALUES ('alpha', '2026-11-02', 'CNY', 0.0011456)"
+            )
+        assert await conn.fetchval("SELECT to_regclass('balance_snapshots') IS NULL")
+        assert await pg_schema.migrate(conn, "test") == 6
+        assert await conn.fetchval("SELECT value FROM meta WHERE key = 'schema_version'") == "7"
+        assert await conn.fetchval("SELECT amount FROM spend_daily") == Decimal("0.0011456")
+    finally:
+        await conn.close()
+    new = postgres.new_database()
+    conn = await asyncpg.connect(new)
+    try:
+        await pg_schema.migrate(conn, "test")
+    finally:
+        await conn.close()
+    assert await shape(old) == await shape(new)

@@ -17,9 +17,12 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 
+from proxy.app import POLLER
 from proxy.ledger.store import SQLiteLedger
 from proxy.ledger.writer import LedgerWriter
 from proxy.pricing import PriceBook
+from proxy.reconcile.live import LiveBook, SQLiteSource
+from proxy.reconcile.poller import Polled
 from proxy.records import FanOut, LogSink
 from tests.conftest import ROOT
 from tests.support.fake_deepseek import FakeDeepSeek
@@ -58,10 +61,16 @@ async def test_canary_key_appears_nowhere(
         Reply(raw_body=b"\n\n{oops"),
     )
     seen: list[str] = []
+    balance = LiveBook(SQLiteSource(ledger))
     try:
         async with (
             running_proxy(
-                fake.base_url, book, sink=FanOut(writer, LogSink()), spend=store.spend, first_byte=2
+                fake.base_url,
+                book,
+                sink=FanOut(writer, LogSink()),
+                spend=store.spend,
+                first_byte=2,
+                balance=balance,
             ) as proxy,
             httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http,
         ):
@@ -77,12 +86,27 @@ async def test_canary_key_appears_nowhere(
             )
             seen.append(unauthorized.text)
             await proxy.sink.wait_for(8)
+            # DeepSeek's balance: read, refused (401 echoes the key's end), and malformed
+            # around the key itself.
+            poller = proxy.app[POLLER]
+            assert await poller.poll_once() is Polled.STORED
+            fake.balance_status = 401
+            assert await poller.poll_once() is Polled.FAILED
+            fake.balance_status = 200
+            fake.balance_body = json.dumps(
+                {"balance_infos": [{"currency": CANARY, "total_balance": CANARY}]}
+            ).encode()
+            assert await poller.poll_once() is Polled.FAILED
+            seen.append((await http.get("/metrics")).text)
     finally:
+        balance.close()
         writer.close()
     for text in seen:
         assert leaks(text) == [], text[:300]
     logged = "\n".join(f"{r.name} {r.getMessage()}" for r in caplog.records)
     assert "proxy.usage" in logged  # the DEBUG record lines were there to be checked
+    assert "balance poll failed (http_error): DeepSeek answered HTTP 401" in logged
+    assert "balance poll failed (bad_answer): currency '[redacted]'" in logged
     assert leaks(logged) == []
     for file in tmp_path.iterdir():  # the ledger, its WAL and shared-memory files
         assert CANARY.encode() not in file.read_bytes(), file

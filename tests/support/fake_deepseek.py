@@ -24,6 +24,11 @@ Each request goes through the same steps, in DeepSeek's order:
 Requests rejected in steps 2-4 never consume a queued `Reply`, so a test can enqueue replies
 without counting the requests the proxy should have stopped on its own.
 
+``GET /user/balance`` answers the fixed `BALANCE` unless a test opens an account
+(`FakeDeepSeek.account`, `tests.support.fake_account`): then each chat or FIM completion is
+charged to it from the usage the fake reports, and the balance answers its current figures.
+`balance_status` and `balance_body` make the balance endpoint fail.
+
 Usage numbers are deterministic (see `default_usage`, `default_anthropic_usage`,
 `default_responses_usage`), so a test can compute what the proxy should meter from the request it
 sent and the `Reply` it queued.
@@ -46,6 +51,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from tests.support.fake_account import FakeAccount
 from tests.support.fake_deepseek_shapes import (
     BALANCE,
     FAKE_UPSTREAM_KEY,
@@ -127,6 +133,12 @@ class FakeDeepSeek:
         self.cut: list[str] = []
         self._queue: deque[Reply] = deque()
         self.offers_count_tokens = False
+        self.account: FakeAccount | None = None
+        """When set, completions are charged to it and ``/user/balance`` shows it."""
+        self.balance_status = 200
+        """Another status makes ``/user/balance`` answer DeepSeek's error body with it."""
+        self.balance_body: bytes | None = None
+        """When set, ``/user/balance`` answers these bytes (a malformed balance)."""
         self.gate: asyncio.Event | None = None
         """While an unset event: requests are recorded (`requests`) but answered only once it
         is set, so a test can look at the proxy while a call is certainly running."""
@@ -252,7 +264,12 @@ class FakeDeepSeek:
         return json_plan(record, MODELS)
 
     def _balance(self, record: RecordedRequest) -> PlannedAnswer:
-        return json_plan(record, BALANCE)
+        if self.balance_status != 200:
+            status = self.balance_status
+            return error_plan(record, status, error_body(status), {})
+        if self.balance_body is not None:
+            return document_plan(record, Reply(), {}, self.balance_body)
+        return json_plan(record, BALANCE if self.account is None else self.account.body())
 
     def _count_tokens(self, record: RecordedRequest) -> PlannedAnswer:
         """Anthropic's answer, ``{"input_tokens": N}``: the prompt a Messages call with the
@@ -326,6 +343,8 @@ class FakeDeepSeek:
         created = int(time.time())
         model = str(data["model"])
         usage = reported_usage(data, reply)
+        if self.account is not None and usage is not None:
+            self.account.charge(model, usage)
         headers = trace_headers(reply.headers)
         if stream:
             chunks = stream_chunks(

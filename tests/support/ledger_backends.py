@@ -27,6 +27,8 @@ import asyncpg  # type: ignore[import-untyped]
 from proxy.ledger.pg_store import PostgresLedger
 from proxy.ledger.store import LedgerStore, SQLiteLedger
 from proxy.ledger.writer import LedgerWriter
+from proxy.reconcile.book import Selection
+from proxy.reconcile.live import LiveBook, PostgresSource, SQLiteSource
 from proxy.records import UsageRecord
 from tests.support.postgres import Postgres
 
@@ -58,6 +60,14 @@ class LedgerBackend:
             "shared_url": self.url,
             "owner": OWNER,
         }
+
+    def live_book(self, selection: Selection = None) -> LiveBook:
+        """A connection for DeepSeek's balance (`proxy.reconcile`) to this ledger, as
+        ``serve`` opens one; the caller closes it."""
+        if self.url is not None:
+            return LiveBook(PostgresSource(self.url), selection)
+        assert self.path is not None
+        return LiveBook(SQLiteSource(self.path), selection)
 
     def rows(self) -> tuple[dict[str, Row], int]:
         """Every call in the ledger, and the number of budget holds left."""

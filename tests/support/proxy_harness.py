@@ -24,6 +24,7 @@ from proxy.ledger.store import SpendReader, TeamSpendReader
 from proxy.ledger.writer import LedgerWriter
 from proxy.listener import ProxySite, make_runner
 from proxy.pricing import PriceBook
+from proxy.reconcile.live import LiveBook
 from proxy.records import Dispatched, FanOut, RecordSink, UsageRecord
 from proxy.upstream import Transport
 from proxy.usage import DEFAULT_TOOL_FIELDS
@@ -116,6 +117,7 @@ async def running_proxy(
     attribution: AttributionConfig = DEFAULT_ATTRIBUTION,
     tag_labels: Mapping[str, int] | None = None,
     budget_remaining_header: bool = False,
+    balance: LiveBook | None = None,
     **timeouts: float,
 ) -> AsyncIterator[RunningProxy]:
     """The real app on a free loopback port. Records go to `proxy.sink` and to `sink`;
@@ -123,7 +125,8 @@ async def running_proxy(
     `transport` replaces aiohttp's to DeepSeek (`tests.support.memory_transport`);
     `shared_url` puts the budget holds in that PostgreSQL ledger, marked with `owner`;
     `team_spend` reads one team's spend for the spend API; `budget_remaining_header` is
-    ``headers.budget_remaining``."""
+    ``headers.budget_remaining``; `balance` gives the app DeepSeek's balance in the ledger and
+    its poller (`proxy.app.POLLER`), which polls only when the test asks."""
     config = make_config(upstream_url, tuple(Path(f) for f in book.files), **timeouts)
     config = replace(
         config,
@@ -151,6 +154,7 @@ async def running_proxy(
         transport=transport,
         shared_url=shared_url,
         owner=owner,
+        balance=balance,
     )
     runner = make_runner(app, config)
     await runner.setup()

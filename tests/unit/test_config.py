@@ -150,6 +150,32 @@ def test_a_stop_ends_within_the_compose_grace_period() -> None:
         ),
         (ONE_TEAM + "headers: {remaining: true}\n", "headers.remaining", "unknown key"),
         (ONE_TEAM + "headers: [budget_remaining]\n", "headers", "expected a mapping"),
+        (ONE_TEAM + "reconcile: {interval: 60}\n", "reconcile.interval", "unknown key"),
+        (
+            ONE_TEAM + "reconcile: {balance_interval: 0.5}\n",
+            "reconcile.balance_interval",
+            "expected 0 (off) or at least 1 second, got 0.5",
+        ),
+        (
+            ONE_TEAM + "reconcile: {balance_interval: -5}\n",
+            "reconcile.balance_interval",
+            "expected a positive number of seconds, got -5",
+        ),
+        (
+            ONE_TEAM + "reconcile: {balance_interval: false}\n",
+            "reconcile.balance_interval",
+            "expected a positive number of seconds, got False",
+        ),
+        (
+            ONE_TEAM + "reconcile: {currencies: CNY}\n",
+            "reconcile.currencies",
+            "expected a list of currencies, got 'CNY'",
+        ),
+        (
+            ONE_TEAM + "reconcile: {currencies: [RMB1]}\n",
+            "reconcile.currencies",
+            "'RMB1' is not a currency code",
+        ),
     ],
 )
 def test_config_errors(tmp_path: Path, text: str, key: str, reason: str) -> None:
@@ -219,3 +245,17 @@ def test_reload_watch_is_off_unless_set(tmp_path: Path) -> None:
     assert load_config(config_with_shipped_book(tmp_path, ONE_TEAM)).reload_watch is None
     watched = config_with_shipped_book(tmp_path, ONE_TEAM + "reload: {watch: 10}\n")
     assert load_config(watched).reload_watch == 10.0
+
+
+def test_the_balance_is_polled_every_5_minutes_unless_set(tmp_path: Path) -> None:
+    default = load_config(config_with_shipped_book(tmp_path, ONE_TEAM))
+    assert (default.balance_interval, default.reconcile_currencies) == (300.0, None)
+    off = config_with_shipped_book(tmp_path, ONE_TEAM + "reconcile: {balance_interval: 0}\n")
+    assert load_config(off).balance_interval is None
+    chosen = config_with_shipped_book(
+        tmp_path, ONE_TEAM + "reconcile: {balance_interval: 60, currencies: [cny]}\n"
+    )
+    assert (load_config(chosen).balance_interval, load_config(chosen).reconcile_currencies) == (
+        60.0,
+        frozenset({"CNY"}),
+    )

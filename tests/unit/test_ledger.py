@@ -349,11 +349,17 @@ TABLES = ("usage", "usage_cost", "cost_history", "budget_holds", "spend_daily")
 def schema(path: Path) -> dict[str, list[tuple[object, ...]]]:
     """Every table's columns and every index's definition, as SQLite describes them."""
     with contextlib.closing(sqlite3.connect(path)) as conn:
+        tables = [
+            name
+            for (name,) in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"
+            )
+        ]
         shape: dict[str, list[tuple[object, ...]]] = {
             table: conn.execute(
                 'SELECT name, type, "notnull", dflt_value, pk FROM pragma_table_info(?)', (table,)
             ).fetchall()
-            for table in (*TABLES, "meta")
+            for table in tables
         }
         shape["indexes"] = conn.execute(
             "SELECT name, tbl_name, sql FROM sqlite_master WHERE type = 'index' "

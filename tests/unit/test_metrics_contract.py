@@ -21,6 +21,9 @@ from proxy.metrics import MetricSources, ProxyMetrics, ReloadStatus
 from proxy.metrics.contract import FAMILIES
 from proxy.outcome import Failure
 from proxy.pricing import PriceBook, Pricer
+from proxy.reconcile.balance import Balance
+from proxy.reconcile.book import Figures, Reconciled
+from proxy.reconcile.drift import Running, Snapshot, window
 from proxy.records import UsageRecord
 from tests.support.calls import call_meter
 from tests.support.proxy_harness import PEAK
@@ -64,9 +67,19 @@ def exposed(registry: CollectorRegistry) -> dict[str, Seen]:
     return families
 
 
+def balance_figures() -> Figures:
+    """Two balance snapshots a minute apart, and the window between them."""
+    before = Snapshot(PEAK, Balance("CNY", Decimal(110), Decimal(10), Decimal(100)))
+    after = Snapshot(
+        PEAK + timedelta(minutes=1), Balance("CNY", Decimal(109), Decimal(9), Decimal(100))
+    )
+    last = window(before, after, Decimal("0.9"))
+    return Figures((after,), (Reconciled(last, Running().plus(last)),), after.taken_at)
+
+
 def sources(book: PriceBook) -> MetricSources:
     """A source for every family: budgets with a soft threshold, a spend reader, a ledger, a
-    reloader."""
+    reloader, DeepSeek's balance."""
     return MetricSources(
         teams=("alpha", "beta"),
         book=book,
@@ -87,6 +100,7 @@ def sources(book: PriceBook) -> MetricSources:
             stale=False,
         ),
         tag_labels={"project": 1},
+        balance=balance_figures,
     )
 
 
