@@ -22,6 +22,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -188,6 +189,43 @@ async def test_honest_traffic_drifts_by_exactly_nothing(reconciling: Reconciling
     assert series(text, "llm_deepseek_balance_last_poll_timestamp_seconds") == {
         (): last_poll.timestamp()
     }
+
+
+async def test_honest_traffic_in_every_format_drifts_by_exactly_nothing(
+    reconciling: Reconciling,
+) -> None:
+    """Anthropic Messages (a claude name, streamed and not; DeepSeek bills it as
+    deepseek-flash) and the Responses API, charged by the fake from each format's own usage:
+    the ledger explains the balance to the last decimal."""
+    await reconciling.poll()
+    messages: list[Any] = [{"role": "user", "content": "Say hello " * 40}]
+    async with anthropic.AsyncAnthropic(
+        base_url=reconciling.proxy.url + "/anthropic", api_key=TEAM_KEYS["alpha"], max_retries=0
+    ) as claude:
+        await claude.messages.create(model="claude-sonnet-4-5", max_tokens=64, messages=messages)
+        async with claude.messages.stream(
+            model="deepseek-v4-pro", max_tokens=64, messages=messages
+        ) as stream:
+            await stream.get_final_message()
+    async with openai.AsyncOpenAI(
+        base_url=reconciling.proxy.url, api_key=TEAM_KEYS["alpha"], max_retries=0
+    ) as sdk:
+        await sdk.responses.create(model="deepseek-flash", input="Say hello " * 40)
+        events = await sdk.responses.create(
+            model="deepseek-v4-pro", input="Say hello " * 40, stream=True
+        )
+        async for _ in events:
+            pass
+    await reconciling.poll()
+    charged = sum(reconciling.account.charges, Decimal(0))
+    assert len(reconciling.account.charges) == 4 and charged > 0
+    window = last_window(await reconciling.report())
+    assert (window["spend"], window["ledger_cost"], window["drift"]) == (
+        str(charged),
+        str(charged),
+        "0",
+    )
+    assert series(await reconciling.metrics(), "llm_deepseek_bill_drift") == {CNY: 0.0}
 
 
 async def test_an_overcharged_call_drifts_by_exactly_the_overcharge(

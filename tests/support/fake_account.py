@@ -4,8 +4,11 @@ Independent of the proxy's price book and engine on purpose: the charge is compu
 DeepSeek's published rates (``/work/shared/deepseek-prices.md``, "Current page (Oct-Nov 2026)",
 marked [V]) and the usage the fake reports, so a test that finds zero drift has checked the
 proxy's pricing against a second, separate computation. Only what the reconciliation tests use
-is here: chat and FIM calls (the Anthropic and Responses endpoints do not charge), at the rates
-of one tier the test names (its calls all happen in it), in one charged currency.
+is here: chat and FIM calls, Anthropic Messages and Responses calls (their usage read by the
+converters below, written from the formats' own definitions, not the proxy's readers; a
+``claude-*`` name charged as the model DeepSeek serves it with, any other unknown name on the
+Anthropic endpoint as deepseek-flash), at the rates of one tier the test names (its calls all
+happen in it), in one charged currency.
 
 DeepSeek's rules, as the account applies them: a charge comes out of the granted balance
 first, then the topped-up one (which may go below zero here: the fake never answers 402);
@@ -44,6 +47,36 @@ class Rates:
 
 def _rates(hit: str, miss: str, output: str) -> Rates:
     return Rates(Decimal(hit), Decimal(miss), Decimal(output))
+
+
+def anthropic_as_chat(usage: Mapping[str, Any]) -> dict[str, int]:
+    """An Anthropic usage object in DeepSeek's chat terms: ``input_tokens`` excludes the cache
+    reads (hits) and the cache writes (billed as misses, DeepSeek caching on its own)."""
+    return {
+        "prompt_cache_hit_tokens": int(usage.get("cache_read_input_tokens") or 0),
+        "prompt_cache_miss_tokens": int(usage["input_tokens"])
+        + int(usage.get("cache_creation_input_tokens") or 0),
+        "completion_tokens": int(usage["output_tokens"]),
+    }
+
+
+def responses_as_chat(usage: Mapping[str, Any]) -> dict[str, int]:
+    """A Responses usage object in DeepSeek's chat terms: cached tokens are part of
+    ``input_tokens``, reasoning tokens part of ``output_tokens``."""
+    cached = int((usage.get("input_tokens_details") or {}).get("cached_tokens") or 0)
+    return {
+        "prompt_cache_hit_tokens": cached,
+        "prompt_cache_miss_tokens": int(usage["input_tokens"]) - cached,
+        "completion_tokens": int(usage["output_tokens"]),
+    }
+
+
+def anthropic_served(model: str, known: Mapping[str, Rates]) -> str:
+    """The model DeepSeek's Anthropic endpoint serves (and bills) a name as: its own names as
+    they are, ``claude-opus*`` as deepseek-v4-pro, anything else as deepseek-flash."""
+    if model in known:
+        return model
+    return "deepseek-v4-pro" if model.startswith("claude-opus") else "deepseek-flash"
 
 
 PEAK_CNY = {

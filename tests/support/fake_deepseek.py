@@ -25,8 +25,9 @@ Requests rejected in steps 2-4 never consume a queued `Reply`, so a test can enq
 without counting the requests the proxy should have stopped on its own.
 
 ``GET /user/balance`` answers the fixed `BALANCE` unless a test opens an account
-(`FakeDeepSeek.account`, `tests.support.fake_account`): then each chat or FIM completion is
-charged to it from the usage the fake reports, and the balance answers its current figures.
+(`FakeDeepSeek.account`, `tests.support.fake_account`): then each completion (chat, FIM,
+Anthropic Messages, Responses) is charged to it from the usage the fake reports, and the
+balance answers its current figures.
 `balance_status` and `balance_body` make the balance endpoint fail.
 
 Usage numbers are deterministic (see `default_usage`, `default_anthropic_usage`,
@@ -51,7 +52,12 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from tests.support.fake_account import FakeAccount
+from tests.support.fake_account import (
+    FakeAccount,
+    anthropic_as_chat,
+    anthropic_served,
+    responses_as_chat,
+)
 from tests.support.fake_deepseek_shapes import (
     BALANCE,
     FAKE_UPSTREAM_KEY,
@@ -290,6 +296,9 @@ class FakeDeepSeek:
                 body = anthropic_error_body(reply.status, key=key.strip())
             return error_plan(record, reply.status, body, reply.headers)
         model, usage = str(data["model"]), anthropic_usage(data, reply)
+        if self.account is not None and usage is not None:
+            served = anthropic_served(model, self.account.rates)
+            self.account.charge(served, anthropic_as_chat(usage))
         headers = trace_headers(reply.headers)
         if data.get("stream") is True:
             events = anthropic_events(message_id=record.id, model=model, reply=reply, usage=usage)
@@ -314,6 +323,8 @@ class FakeDeepSeek:
             "reply": reply,
             "usage": responses_usage(data, reply),
         }
+        if self.account is not None and shape["usage"] is not None:
+            self.account.charge(str(data["model"]), responses_as_chat(shape["usage"]))
         headers = trace_headers(reply.headers)
         if data.get("stream") is True:
             return stream_plan(record, reply, headers, responses_events(**shape), done=None)
