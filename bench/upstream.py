@@ -158,13 +158,21 @@ def plan(request: dict[str, Any]) -> Answer:
     events.append(chunk({"content": ""}, "stop", _usage(prompt, count)))
     done = b"data: [DONE]\n\n"
     events.append(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
+    return _stream(request, events)
+
+
+_STREAM_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\n"
+    b"Cache-Control: no-cache\r\nx-ds-trace-id: bench-trace\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n"
+)
+
+
+def _stream(request: dict[str, Any], events: list[bytes]) -> Answer:
+    """A chunked SSE answer of `events`, paced as the request's ``bench_*`` fields say."""
     delay = _int(request.get("bench_chunk_delay_ms"), 0, int(MAX_DELAY_S * 1000)) / 1000
-    head = (
-        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\n"
-        b"Cache-Control: no-cache\r\nx-ds-trace-id: bench-trace\r\n"
-        b"Transfer-Encoding: chunked\r\n\r\n"
-    )
-    return Answer(head, tuple(events), delay, _int(request.get("bench_burst"), 1, MAX_CHUNKS) or 1)
+    burst = _int(request.get("bench_burst"), 1, MAX_CHUNKS) or 1
+    return Answer(_STREAM_HEAD, tuple(events), delay, burst)
 
 
 ANTHROPIC_FRAME_EVENTS = 6
@@ -224,13 +232,7 @@ def plan_anthropic(request: dict[str, Any]) -> Answer:
         )
     )
     events.append(event("message_stop", {}) + b"0\r\n\r\n")
-    delay = _int(request.get("bench_chunk_delay_ms"), 0, int(MAX_DELAY_S * 1000)) / 1000
-    head = (
-        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\n"
-        b"Cache-Control: no-cache\r\nx-ds-trace-id: bench-trace\r\n"
-        b"Transfer-Encoding: chunked\r\n\r\n"
-    )
-    return Answer(head, tuple(events), delay, _int(request.get("bench_burst"), 1, MAX_CHUNKS) or 1)
+    return _stream(request, events)
 
 
 def _simple(status: str, body: bytes, close: bool = False) -> bytes:

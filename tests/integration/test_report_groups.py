@@ -221,18 +221,7 @@ def requests_by(capsys: pytest.CaptureFixture[str], config: Path, *argv: str) ->
     return [(*(r[k] for k in r if k not in LINE_FIGURES), r["requests"]) for r in rows]
 
 
-LINE_FIGURES = {
-    "requests",
-    "billable",
-    "cache_hit",
-    "cache_miss",
-    "output",
-    "reasoning",
-    "unpriced",
-    "estimated",
-    "cost",
-    "cache_savings",
-}
+LINE_FIGURES = {*FIGURES, "cost", "cache_savings"}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
