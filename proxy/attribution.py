@@ -39,6 +39,10 @@ TAGS_HEADER = "x-proxy-tags"
 """The header a client puts its tags in."""
 PARSED_HEADERS = 4096
 """Distinct tags headers a config keeps parsed (`AttributionConfig.read_tags`)."""
+CACHED_HEADER_CHARS = 512
+"""Longest header kept parsed: a valid header may be padded with spaces and empty pairs up
+to the header size limit, and 4,096 of those must not hold 64 MB; a longer one is parsed
+every time."""
 
 
 class Tags(dict[str, str]):
@@ -95,9 +99,10 @@ class AttributionConfig:
         found = self._parsed.get(header)
         if found is None:
             found = self._parse(header)
-            if len(self._parsed) >= PARSED_HEADERS:
-                self._parsed.clear()
-            self._parsed[header] = found
+            if len(header) <= CACHED_HEADER_CHARS:  # padding cannot make the cache large
+                if len(self._parsed) >= PARSED_HEADERS:
+                    self._parsed.clear()
+                self._parsed[header] = found
         return found
 
     def _parse(self, header: str) -> Tags:

@@ -11,7 +11,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from prometheus_client import CollectorRegistry
 
-from proxy.attribution import AttributionConfig, AttributionError, end_user
+from proxy.attribution import PARSED_HEADERS, AttributionConfig, AttributionError, end_user
 from proxy.config import ConfigError, load_config
 from proxy.metrics import MetricSources, ProxyMetrics
 from proxy.pricing import PriceBook
@@ -118,3 +118,16 @@ def test_a_spill_line_written_before_tags_existed_still_reads() -> None:
     again = UsageRecord.from_json(json.loads(json.dumps(line)))
     assert again.tags == {} and again.end_user is None
     assert again == record
+
+
+def test_the_parsed_headers_stay_bounded() -> None:
+    """Distinct valid headers, padded to 2 KB each: none is kept (parsed every time); short
+    ones are kept up to the cap, then the cache starts afresh."""
+    config = AttributionConfig(frozenset({"project"}))
+    for i in range(100):
+        padded = f"project=p{i}" + " ," * 1000
+        assert config.read_tags(padded) == {"project": f"p{i}"}
+    assert config._parsed == {}
+    for i in range(PARSED_HEADERS + 10):
+        config.read_tags(f"project=p{i}")
+    assert 0 < len(config._parsed) <= PARSED_HEADERS
