@@ -18,6 +18,7 @@ from datetime import date, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
+from proxy.attribution import TAG_KEY
 from proxy.formats import ZERO, decimal_text
 from proxy.ledger.queries import Queries
 from proxy.ledger.report import (
@@ -145,7 +146,9 @@ def tag_names(queries: Queries, span: TimeRange, team: str) -> tuple[str, ...]:
         )
     else:
         sql = f"SELECT DISTINCT jsonb_object_keys(tags) FROM usage WHERE team = ? AND {where}"  # noqa: S608
-    return tuple(sorted(str(row[0]) for row in queries.execute(sql, [team, *params])))
+    names = {str(row[0]) for row in queries.execute(sql, [team, *params])}
+    # Only keys a config could allow: a spill file edited by hand may hold any string.
+    return tuple(sorted(name for name in names if TAG_KEY.fullmatch(name)))
 
 
 @dataclass(frozen=True, slots=True)

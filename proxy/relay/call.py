@@ -72,7 +72,8 @@ async def proxy_completion(
     tick = time.perf_counter()
     payload = parse_payload(body)
     try:
-        tags = state.config.attribution.read_tags(request.headers.get(TAGS_HEADER))
+        lines = request.headers.getall(TAGS_HEADER, None)  # several lines are one list
+        tags = state.config.attribution.read_tags(None if lines is None else ",".join(lines))
         user = end_user(payload)
     except AttributionError as exc:
         raise BadRequest(str(exc)) from None

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import aiohttp
 import anthropic
 import openai
 import pytest
+from multidict import CIMultiDict
 
 from proxy.attribution import AttributionConfig
 from tests.support.fake_deepseek import FakeDeepSeek
@@ -95,6 +97,33 @@ async def test_tags_the_config_does_not_allow_are_refused_before_deepseek(
     assert refused.value.status_code == 400
     assert reason in refused.value.message
     assert fake.requests == [] and proxy.sink.records == [] and proxy.sink.in_flight == []
+
+
+async def test_tags_on_several_header_lines_count_together(
+    fake: FakeDeepSeek, start_proxy: StartProxy
+) -> None:
+    """HTTP lets a header come in several lines: they are one list, so a key given on two
+    lines is given twice (400), and tags on separate lines are all recorded."""
+    proxy = await start_proxy(attribution=ALLOWED)
+    body = b'{"model": "deepseek-flash", "messages": [{"role": "user", "content": "hi"}]}'
+    async with aiohttp.ClientSession() as http:
+        for lines, status in (
+            (("project=ranker", "env=prod"), 200),
+            (("project=ranker", "project=other"), 400),
+        ):
+            headers = CIMultiDict(
+                [
+                    ("Authorization", f"Bearer {TEAM_KEYS['alpha']}"),
+                    ("Content-Type", "application/json"),
+                    *(("x-proxy-tags", line) for line in lines),
+                ]
+            )
+            async with http.post(
+                proxy.url + "/v1/chat/completions", data=body, headers=headers
+            ) as answer:
+                assert answer.status == status, await answer.text()
+    [record] = await proxy.sink.wait_for(1)
+    assert dict(record.tags) == {"env": "prod", "project": "ranker"}
 
 
 async def test_tags_are_refused_where_the_config_allows_none(
