@@ -24,6 +24,7 @@ cannot poll DeepSeek more often than the interval.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -113,7 +114,15 @@ class BalancePoller:
         )
         if not claimed:
             return Polled.STANDBY
-        balances = await self._fetch()
+        try:
+            balances = await self._fetch()
+        except _Failed:
+            # A holder that cannot read the balance (no route to DeepSeek, an old key) gives
+            # the lease up, so a process that can takes it at its next poll rather than
+            # waiting behind a lease renewed forever.
+            with contextlib.suppress(_Failed):
+                await self._in_ledger(partial(book.release, owner=self.owner))
+            raise
         await self._in_ledger(
             partial(
                 book.store,

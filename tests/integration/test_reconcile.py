@@ -395,6 +395,38 @@ async def test_one_process_polls_and_a_dead_pollers_lease_runs_out(
             book.close()
 
 
+async def test_a_holder_that_cannot_read_the_balance_gives_the_lease_up(
+    fake: FakeDeepSeek, ledger_backend: LedgerBackend
+) -> None:
+    """A replica left with an old key gets 401 from DeepSeek: it gives the lease up at once,
+    so the replica that can read the balance polls at its next turn instead of standing by
+    behind a lease renewed forever."""
+    fake.account = FakeAccount.opened(granted="0", topped_up="10")
+    clock = Clock()
+    stale = Upstream(fake.base_url, "sk-fake-rotated-away-0000", AiohttpTransport(Timeouts()))
+    good = Upstream(fake.base_url, FAKE_UPSTREAM_KEY, AiohttpTransport(Timeouts()))
+    books = [ledger_backend.live_book(), ledger_backend.live_book()]
+    failures: list[str] = []
+    broken = BalancePoller(books[0], lambda: stale, clock, "replica-1", 60.0, failures.append)
+    healthy = BalancePoller(books[1], lambda: good, clock, "replica-2", 60.0, failures.append)
+    try:
+        assert await broken.poll_once() is Polled.FAILED  # it held the lease, and let it go
+        for _ in range(3):
+            assert await healthy.poll_once() is Polled.STORED
+            clock.advance(60)
+            assert await broken.poll_once() is Polled.STANDBY
+        assert failures == ["http_error"]
+        assert await books[0].run(lease_holder) == (
+            "replica-2",
+            clock.now - timedelta(seconds=60) + timedelta(seconds=180),
+        )
+    finally:
+        await stale.close()
+        await good.close()
+        for book in books:
+            book.close()
+
+
 async def test_with_two_workers_one_polls(tmp_path: Path) -> None:
     """``serve --workers 2`` polling every second: every snapshot comes from one worker (the
     lease's holder), each poll DeepSeek saw is in the ledger, and either worker's ``/metrics``
