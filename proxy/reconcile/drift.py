@@ -12,11 +12,15 @@ Per currency, between a snapshot `before` and a later one `after`, with ``G`` th
 A rise is never spend: a top-up or a grant in the window is recognized and kept out of it. The
 granted-first rule is what makes that work: while the granted balance lasts, every charge
 comes out of it, so a rise of the topped-up balance is the whole top-up. What balances alone
-cannot tell apart: a window in which the granted balance ran out *and* a top-up came in shows
-the top-up net of what was charged to the topped-up balance after it, so that window's spend
-(and drift) is short by that charge; likewise a grant and a charge to the granted balance in
-the same window. Poll often enough (the default is every 5 minutes) and both are rare; the
-report shows every window's top-ups and grants so such a window can be read by hand.
+cannot tell apart: in a window where a top-up came in once the granted balance was used up (0
+at the window's end: every top-up of a paid account without grants) the topped-up balance
+shows the top-up net of the charges taken from it after it came in; likewise a grant and the
+charges taken from the granted balance after it. In such a window the charges the rise hides
+are taken as the ledger says: spend is the ledger cost when that is more than the balance
+shows, and the top-up (or grant) that much larger, so the balance still adds up; the window's
+drift is then 0. A top-up is therefore never a false drift, at the price of not judging the
+calls of that one window: an overcharge in it reads as a slightly smaller top-up. A charge
+the balance shows beyond the ledger's (a fall of the granted balance above it) still shows.
 
 The ledger cost of a window is the cost of the calls that *ended* in it, ``(start, end]``, by
 the proxy's clock (`proxy.reconcile.book.ledger_costs`). DeepSeek charges when its side of a
@@ -91,14 +95,19 @@ def window(before: Snapshot, after: Snapshot, ledger_cost: Decimal) -> Window:
     assert before.taken_at < after.taken_at, "snapshots in time order"
     granted = after.balance.granted - before.balance.granted
     topped = after.balance.topped_up - before.balance.topped_up
-    return Window(
-        before=before,
-        after=after,
-        spend=max(ZERO, -granted) + max(ZERO, -topped),
-        top_ups=max(ZERO, topped),
-        grants=max(ZERO, granted),
-        ledger_cost=ledger_cost,
-    )
+    spend = max(ZERO, -granted) + max(ZERO, -topped)
+    top_ups, grants = max(ZERO, topped), max(ZERO, granted)
+    topped_up_after_running_out = topped > ZERO and after.balance.granted <= ZERO
+    if (topped_up_after_running_out or granted > ZERO) and ledger_cost > spend:
+        # The rise hides the charges taken from the same balance after it: count them as
+        # the ledger says and the rise as that much larger (see the module docstring).
+        hidden = ledger_cost - spend
+        spend = ledger_cost
+        if topped_up_after_running_out:
+            top_ups += hidden
+        else:
+            grants += hidden
+    return Window(before, after, spend, top_ups, grants, ledger_cost)
 
 
 @dataclass(frozen=True, slots=True)

@@ -301,6 +301,37 @@ async def test_top_ups_and_grants_are_not_spend_and_granted_is_spent_first(
     assert series(text, "llm_deepseek_bill_drift_running") == {CNY: 0.0}
 
 
+async def test_a_top_up_of_a_paid_account_is_never_a_false_drift(
+    reconciling: Reconciling,
+) -> None:
+    """No granted balance (a paid account): calls and a top-up in one window leave the
+    topped-up balance risen by the top-up less the calls. The window's charges are taken as
+    the ledger says and the top-up is the 50 it was, so the drift is exactly 0. The price: an
+    overcharge in such a window cannot be told from a smaller top-up (19.75 for 20), so that
+    window is not judged; the windows around it are."""
+    account = reconciling.account
+    account.wallets["CNY"].granted = Decimal(0)
+    await reconciling.poll()
+    await reconciling.calls(2)
+    account.top_up("50")
+    await reconciling.poll()
+    account.overcharge_next("0.25")
+    await reconciling.calls(1)
+    account.top_up("20")
+    await reconciling.poll()
+    first, second = (await reconciling.report())["windows"]
+    charges = account.charges
+    assert (first["top_ups"], first["spend"], first["ledger_cost"], first["drift"]) == (
+        "50",
+        str(charges[0] + charges[1]),
+        str(charges[0] + charges[1]),
+        "0",
+    )
+    assert (second["top_ups"], second["drift"]) == ("19.75", "0")
+    text = await reconciling.metrics()
+    assert series(text, "llm_deepseek_bill_drift_running") == {CNY: 0.0}
+
+
 async def test_the_running_drift_is_the_reports_total(reconciling: Reconciling) -> None:
     """Five windows: the first settled by later polls, the newest live; the metrics' running
     sums equal the report's totals, and ``--since`` takes the windows that ended from it."""
