@@ -199,15 +199,24 @@ async def _count_tokens(request: web.Request, state: ProxyState) -> web.StreamRe
     there is no usage to record and nothing DeepSeek bills. DeepSeek's Anthropic guide does
     not list it (2026-12); whatever DeepSeek answers (a count, or its own 404) is relayed, so
     an agent that asks learns the truth, and gets counts the day DeepSeek offers them. The
-    body is bounded as a completion's is; the client's key never goes upstream."""
+    body is bounded as a completion's is; the client's key never goes upstream. It is a call
+    to DeepSeek like any other for admission: refused while draining, and counted against the
+    in-flight limits (all teams and the team's), so it cannot be used to flood DeepSeek."""
     refuse_compressed(request)
     body = await read_body(
         request, state.config.limits.max_request_bytes, state.config.timeouts.client_body
     )
-    async with await state.upstream.send("POST", _COUNT_TOKENS, request.headers, body) as answer:
-        refuse_redirect(answer)
-        headers, shown = await state.upstream.shown(answer)
-        return web.Response(status=answer.status, headers=headers, body=shown)
+    team = request[CLIENT].team
+    state.admission.enter(team)  # 503 while draining or at a limit
+    try:
+        async with await state.upstream.send(
+            "POST", _COUNT_TOKENS, request.headers, body
+        ) as answer:
+            refuse_redirect(answer)
+            headers, shown = await state.upstream.shown(answer)
+            return web.Response(status=answer.status, headers=headers, body=shown)
+    finally:
+        state.admission.leave(team)
 
 
 async def _spend(request: web.Request, state: ProxyState) -> web.StreamResponse:

@@ -13,7 +13,7 @@ import anthropic
 import openai
 import pytest
 
-from proxy.config import Budget
+from proxy.config import Budget, Limits
 from tests.support.fake_deepseek import COUNT_TOKENS_PATH, FakeDeepSeek
 from tests.support.fake_deepseek_shapes import FAKE_UPSTREAM_KEY, Reply
 from tests.support.fake_dialect_shapes import default_anthropic_usage
@@ -181,6 +181,22 @@ async def test_count_tokens_answers_when_deepseek_offers_it(
     assert counted.input_tokens == usage["input_tokens"] + usage["cache_read_input_tokens"] > 0
     upstream_saw_the_company_key(fake)
     assert proxy.sink.records == []
+
+
+async def test_count_tokens_counts_against_the_in_flight_limits(
+    fake: FakeDeepSeek, start_proxy: StartProxy
+) -> None:
+    """Token counting reaches DeepSeek with the company key, so it is admitted like a call:
+    at the team's in-flight limit it is refused (503, Anthropic's shape) and DeepSeek is not
+    asked."""
+    fake.offers_count_tokens = True
+    proxy = await start_proxy(limits=Limits(max_request_bytes=1 << 20, max_inflight_per_team=0))
+    async with anthropic_client(proxy) as client:
+        with pytest.raises(anthropic.APIStatusError) as refused:
+            await client.messages.count_tokens(model="deepseek-flash", messages=MESSAGES)
+    assert refused.value.status_code == 503
+    assert refused.value.body["type"] == "error"  # type: ignore[index]
+    assert fake.requests == []
 
 
 async def test_the_proxys_own_errors_under_anthropic_are_anthropic_shaped(
