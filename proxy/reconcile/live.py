@@ -34,7 +34,13 @@ from proxy.reconcile.book import Figures, Selection
 
 _T = TypeVar("_T")
 READ_TIMEOUT = 2.0
-"""Seconds a scrape waits for the figures (as ``llm_team_spend`` waits for the spend)."""
+"""Seconds a scrape waits for the figures when it has none yet (as ``llm_team_spend`` waits
+for the spend)."""
+FRESH_WAIT = 0.1
+"""Seconds a scrape waits for fresh figures once it has some: the read shares its thread with
+the poller's store, which may wait on a lock (a ``reprice --apply``, a busy SQLite file), and a
+scrape runs on the serving loop, so past this it shows the last figures rather than stall
+every call in flight."""
 CLOSE_TIMEOUT = 5.0
 """Seconds `LiveBook.close` waits for the thread's last work."""
 COMMAND_TIMEOUT = 30.0
@@ -106,6 +112,8 @@ class LiveBook:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="reconcile")
         self._queries: Queries | None = None
         self._reading: Future[Figures] | None = None
+        self._last: Figures | None = None
+        self._writing = False
         self._lock = threading.Lock()
 
     def _call(self, work: Callable[[Queries], _T]) -> _T:
@@ -128,19 +136,35 @@ class LiveBook:
 
     async def run(self, work: Callable[[Queries], _T]) -> _T:
         """`work` on the connection, awaited from the serving loop without blocking it."""
-        return await asyncio.wrap_future(self._executor.submit(self._call, work))
+        return await asyncio.wrap_future(self._executor.submit(self._call_writing, work))
+
+    def _call_writing(self, work: Callable[[Queries], _T]) -> _T:
+        """`_call` for the poller's work (claims, stores), which may wait on a lock: while it
+        runs, a scrape does not wait for fresh figures (`FRESH_WAIT`)."""
+        self._writing = True
+        try:
+            return self._call(work)
+        finally:
+            self._writing = False
 
     def figures(self) -> Figures:
-        """The figures now (a scrape); `Unreadable` if the ledger did not answer in time."""
+        """The figures now (a scrape); while the poller's work holds the thread, the last ones
+        read if fresh ones take longer than `FRESH_WAIT`; `Unreadable` if the ledger did not
+        answer in time and none were read."""
         with self._lock:
             if self._reading is None or self._reading.done():
                 self._reading = self._executor.submit(
                     self._call, partial(book.figures, selection=self.selection)
                 )
             reading = self._reading
+        last = self._last
         try:
-            return reading.result(READ_TIMEOUT)
+            wait = FRESH_WAIT if last is not None and self._writing else READ_TIMEOUT
+            self._last = reading.result(wait)
+            return self._last
         except TimeoutError as exc:
+            if last is not None:
+                return last
             raise Unreadable(f"the ledger did not answer within {READ_TIMEOUT:g} s") from exc
         except LedgerUnusable as exc:
             raise Unreadable(str(exc)) from exc

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -456,6 +457,32 @@ async def test_a_holder_that_cannot_read_the_balance_gives_the_lease_up(
         await good.close()
         for book in books:
             book.close()
+
+
+async def test_a_scrape_never_waits_behind_a_poll_stuck_on_a_lock(
+    ledger_backend: LedgerBackend,
+) -> None:
+    """The figures' read shares a thread with the poller's work, which may wait on a lock (a
+    ``reprice --apply``): meanwhile a scrape shows the last figures read rather than hold the
+    serving loop for the read's whole timeout; once the poll is through, fresh ones again."""
+    live = ledger_backend.live_book()
+    started, release = threading.Event(), threading.Event()
+
+    def stuck(queries: object) -> None:
+        started.set()
+        release.wait(30)
+
+    try:
+        first = live.figures()
+        poll = asyncio.ensure_future(live.run(stuck))
+        assert await asyncio.to_thread(started.wait, 10)
+        assert await asyncio.to_thread(live.figures) is first
+        release.set()
+        await poll
+        assert await asyncio.to_thread(live.figures) == first
+    finally:
+        release.set()
+        live.close()
 
 
 async def test_with_two_workers_one_polls(tmp_path: Path) -> None:
