@@ -17,7 +17,8 @@ Every other path is a 404 (another method on a known path, a 405) without touchi
 All routes but ``/healthz``, ``/readyz`` and ``/metrics`` need a client key (Prometheus scrapes
 without one: bind the proxy to a private interface or put the scrape path behind the network's
 own access control). Errors are in OpenAI's shape, under ``/anthropic/`` in Anthropic's
-(`_route`, `_completion`, `_unrouted`).
+(`_route`, `_completion`, `_unrouted`). The handlers of the routes other than completions are
+in `proxy.routes`.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+from prometheus_client import CollectorRegistry
 
+from proxy import routes
 from proxy.admission import Admission, TeamsFull
 from proxy.auth import ClientKey, authenticate, lookup
 from proxy.budgets import BudgetGuard, HoldStore, LedgerHolds, LocalHolds
@@ -53,11 +55,10 @@ from proxy.reconcile.live import LiveBook
 from proxy.reconcile.poller import BalancePoller
 from proxy.records import ALWAYS_HEALTHY, LedgerHealth, RecordSink
 from proxy.relay import Endpoint, proxy_completion
-from proxy.relay.request import read_body, refuse_compressed
 from proxy.reload import Reloader, ReloadRefused
-from proxy.spend import spend_of
+from proxy.routes import CLIENT
 from proxy.state import Live, ProxyState
-from proxy.upstream import AiohttpTransport, Transport, Upstream, refuse_redirect
+from proxy.upstream import AiohttpTransport, Transport, Upstream
 from proxy.workers import new_owner
 
 STATE = web.AppKey("live", Live)
@@ -66,7 +67,6 @@ ADMISSION = web.AppKey("admission", Admission)
 """Also reachable before start-up completes, so `serve` can start draining on SIGTERM."""
 POLLER = web.AppKey("balance_poller", BalancePoller)
 """This process's part in polling DeepSeek's balance, when the app has a `LiveBook`."""
-CLIENT = web.RequestKey("client", ClientKey)
 
 _CHAT = Endpoint("chat", "/chat/completions")
 _BETA_CHAT = Endpoint("chat", "/beta/chat/completions")
@@ -182,65 +182,6 @@ def _unrouted(routes: Mapping[str, frozenset[str]]) -> Handler:
         return error_response(NotFound(f"no route {request.method} {request.path}"), shape)
 
     return handle
-
-
-async def _models(request: web.Request, state: ProxyState) -> web.StreamResponse:
-    async with await state.upstream.send("GET", "/models", request.headers) as answer:
-        refuse_redirect(answer)
-        headers, body = await state.upstream.shown(answer)
-        return web.Response(status=answer.status, headers=headers, body=body)
-
-
-_COUNT_TOKENS = "/anthropic/v1/messages/count_tokens"
-
-
-async def _count_tokens(request: web.Request, state: ProxyState) -> web.StreamResponse:
-    """Anthropic's token counting, passed through and not metered: it generates nothing, so
-    there is no usage to record and nothing DeepSeek bills. DeepSeek's Anthropic guide does
-    not list it (2026-12); whatever DeepSeek answers (a count, or its own 404) is relayed, so
-    an agent that asks learns the truth, and gets counts the day DeepSeek offers them. The
-    body is bounded as a completion's is; the client's key never goes upstream. It is a call
-    to DeepSeek like any other for admission: refused while draining, and counted against the
-    in-flight limits (all teams and the team's), so it cannot be used to flood DeepSeek."""
-    refuse_compressed(request)
-    body = await read_body(
-        request, state.config.limits.max_request_bytes, state.config.timeouts.client_body
-    )
-    team = request[CLIENT].team
-    state.admission.enter(team)  # 503 while draining or at a limit
-    try:
-        async with await state.upstream.send(
-            "POST", _COUNT_TOKENS, request.headers, body
-        ) as answer:
-            refuse_redirect(answer)
-            headers, shown = await state.upstream.shown(answer)
-            return web.Response(status=answer.status, headers=headers, body=shown)
-    finally:
-        state.admission.leave(team)
-
-
-async def _spend(request: web.Request, state: ProxyState) -> web.StreamResponse:
-    """The spend and budgets of the key's team, and only its (`proxy.spend`)."""
-    answer = await spend_of(state, request[CLIENT].team)
-    return web.json_response(answer, headers={"Cache-Control": "no-store"})
-
-
-async def _metrics(request: web.Request, state: ProxyState) -> web.StreamResponse:
-    return web.Response(
-        body=state.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
-    )
-
-
-async def _healthz(request: web.Request, state: ProxyState) -> web.StreamResponse:
-    """Liveness: the process answers."""
-    return web.json_response({"status": "ok"})
-
-
-async def _readyz(request: web.Request, state: ProxyState) -> web.StreamResponse:
-    """Readiness: false while draining for a shutdown, so load balancers stop sending calls."""
-    if request.app[ADMISSION].draining:
-        return web.json_response({"status": "draining"}, status=503)
-    return web.json_response({"status": "ready"})
 
 
 def create_app(
@@ -413,22 +354,22 @@ def create_app(
     app.router.add_post("/beta/completions", _completion(_FIM))
     app.router.add_post("/anthropic/v1/messages", _completion(_MESSAGES))
     app.router.add_post("/anthropic/messages", _completion(_MESSAGES))
-    count_tokens = _route(_count_tokens, dialect=ANTHROPIC)
-    app.router.add_post(_COUNT_TOKENS, count_tokens)
+    count_tokens = _route(routes.count_tokens, dialect=ANTHROPIC)
+    app.router.add_post(routes.COUNT_TOKENS, count_tokens)
     app.router.add_post("/anthropic/messages/count_tokens", count_tokens)
     app.router.add_post("/responses", _completion(_RESPONSES))
     app.router.add_post("/v1/responses", _completion(_RESPONSES))
-    app.router.add_get("/models", _route(_models))
-    app.router.add_get("/v1/models", _route(_models))
-    app.router.add_get("/spend", _route(_spend))
-    app.router.add_get("/v1/spend", _route(_spend))
-    app.router.add_get("/healthz", _route(_healthz, public=True))
-    app.router.add_get("/readyz", _route(_readyz, public=True))
-    app.router.add_get("/metrics", _route(_metrics, public=True))
-    routes: dict[str, set[str]] = {}
+    app.router.add_get("/models", _route(routes.models))
+    app.router.add_get("/v1/models", _route(routes.models))
+    app.router.add_get("/spend", _route(routes.spend))
+    app.router.add_get("/v1/spend", _route(routes.spend))
+    app.router.add_get("/healthz", _route(routes.healthz, public=True))
+    app.router.add_get("/readyz", _route(routes.readyz, public=True))
+    app.router.add_get("/metrics", _route(routes.metrics, public=True))
+    methods: dict[str, set[str]] = {}
     for route in app.router.routes():
-        routes.setdefault(route.resource.canonical, set()).add(route.method)  # type: ignore[union-attr]
+        methods.setdefault(route.resource.canonical, set()).add(route.method)  # type: ignore[union-attr]
     app.router.add_route(
-        "*", "/{path:.*}", _unrouted({path: frozenset(methods) for path, methods in routes.items()})
+        "*", "/{path:.*}", _unrouted({path: frozenset(verbs) for path, verbs in methods.items()})
     )
     return app
