@@ -46,6 +46,13 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from proxy.demo.simulated_formats import (
+    anthropic_events,
+    anthropic_message,
+    response_events,
+    response_object,
+)
+
 MODELS: Final = ("deepseek-flash", "deepseek-v4-pro")
 CHARS_PER_TOKEN: Final = 4
 CACHE_UNIT_TOKENS: Final = 64
@@ -231,46 +238,10 @@ class SimulatedDeepSeek:
         words = " ".join(_text(messages[-1].get("content")).split()[:8]) if messages else ""
         answer = f"Simulated answer (no model ran) to: {words}"
         chat = self.usage(payload["model"], prompt, answer, "")
-        usage = {
-            "input_tokens": chat["prompt_cache_miss_tokens"],
-            "cache_creation_input_tokens": 0,
-            "cache_read_input_tokens": chat["prompt_cache_hit_tokens"],
-            "output_tokens": chat["completion_tokens"],
-        }
-        message: dict[str, Any] = {
-            "id": f"msg_{uuid.uuid4().hex[:24]}",
-            "type": "message",
-            "role": "assistant",
-            "model": payload["model"],
-            "content": [{"type": "text", "text": answer}],
-            "stop_reason": "end_turn",
-            "stop_sequence": None,
-            "usage": usage,
-        }
+        message = anthropic_message(payload["model"], answer, chat)
         if payload.get("stream") is not True:
             return _json(message)
-        start = {**message, "content": [], "stop_reason": None, "usage": {**usage}}
-        start["usage"]["output_tokens"] = 1  # Anthropic's message_start: the output so far
-        events: list[tuple[str, dict[str, Any]]] = [
-            ("message_start", {"message": start}),
-            ("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
-            ("ping", {}),
-        ]
-        events += [
-            ("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": piece}})
-            for piece in _pieces(answer)
-        ]
-        events += [
-            ("content_block_stop", {"index": 0}),
-            (
-                "message_delta",
-                {
-                    "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                    "usage": {"output_tokens": usage["output_tokens"]},
-                },
-            ),
-            ("message_stop", {}),
-        ]
+        events = anthropic_events(message, _pieces(answer))
         return await _named_events(request, events)
 
     async def _responses(self, request: web.Request) -> web.StreamResponse:
@@ -292,70 +263,10 @@ class SimulatedDeepSeek:
             f"The user asks: {words}. The simulation only counts these tokens." if thinks else ""
         )
         chat = self.usage(payload["model"], prompt, answer, reasoning)
-        usage = {
-            "input_tokens": chat["prompt_tokens"],
-            "input_tokens_details": {"cached_tokens": chat["prompt_cache_hit_tokens"]},
-            "output_tokens": chat["completion_tokens"],
-            "output_tokens_details": {
-                "reasoning_tokens": chat["completion_tokens_details"]["reasoning_tokens"]
-            },
-            "total_tokens": chat["total_tokens"],
-        }
-        text = {"type": "output_text", "text": answer, "annotations": []}
-        item = {
-            "type": "message",
-            "id": f"msg_{uuid.uuid4().hex[:24]}",
-            "status": "completed",
-            "role": "assistant",
-            "content": [text],
-        }
-        thought = {"type": "reasoning", "id": f"rs_{uuid.uuid4().hex[:24]}", "summary": []}
-        response: dict[str, Any] = {
-            "id": f"resp_{uuid.uuid4().hex[:24]}",
-            "object": "response",
-            "created_at": int(time.time()),
-            "status": "completed",
-            "model": payload["model"],
-            "output": [thought, item] if thinks else [item],
-            "usage": usage,
-        }
+        response = response_object(payload["model"], answer, chat, thinks)
         if payload.get("stream") is not True:
             return _json(response)
-        started = {**response, "status": "in_progress", "output": [], "usage": None}
-        index = len(response["output"]) - 1
-        events: list[tuple[str, dict[str, Any]]] = [
-            ("response.created", {"response": started}),
-            ("response.in_progress", {"response": started}),
-            (
-                "response.output_item.added",
-                {"output_index": index, "item": {**item, "status": "in_progress", "content": []}},
-            ),
-            (
-                "response.content_part.added",
-                {"output_index": index, "content_index": 0, "part": {**text, "text": ""}},
-            ),
-        ]
-        events += [
-            (
-                "response.output_text.delta",
-                {"output_index": index, "content_index": 0, "item_id": item["id"], "delta": piece},
-            )
-            for piece in _pieces(answer)
-        ]
-        events += [
-            (
-                "response.output_text.done",
-                {"output_index": index, "content_index": 0, "item_id": item["id"], "text": answer},
-            ),
-            (
-                "response.content_part.done",
-                {"output_index": index, "content_index": 0, "part": text},
-            ),
-            ("response.output_item.done", {"output_index": index, "item": item}),
-            ("response.completed", {"response": response}),
-        ]
-        for number, (_, data) in enumerate(events):
-            data["sequence_number"] = number
+        events = response_events(response, _pieces(answer))
         return await _named_events(request, events)
 
     async def _models(self, request: web.Request) -> web.StreamResponse:
