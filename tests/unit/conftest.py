@@ -1,5 +1,6 @@
 """Fixtures of the unit tests: the metrics of one process, or of a worker of ``serve --workers
-N`` sharing them through a folder (`tests.support.metric_workers`)."""
+N`` sharing them through a folder (`tests.support.metric_workers`); price-book files written
+in the test's folder (`tests.support.book_files`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.book_files import Write, book_writer
 from tests.support.metric_workers import MULTIPROC_ENV, SimulatedWorkers
 
 
@@ -32,3 +34,9 @@ def shared_dir(request: pytest.FixtureRequest) -> Iterator[Path | None]:
     workers: SimulatedWorkers = request.getfixturevalue("workers")
     with workers.acting(1):
         yield workers.folder
+
+
+@pytest.fixture
+def write(tmp_path: Path) -> Write:
+    """Write a price-book file (dedented) in the test's folder."""
+    return book_writer(tmp_path)

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 
-from proxy.pricing import PriceBookError, load_price_book, price
+from proxy.pricing import load_price_book, price
 from proxy.usage import TokenUsage
+from tests.support.book_files import Write, problems_of
 
 
 def prov(indent: int) -> str:
@@ -38,24 +37,6 @@ models:
       rates: {{CNY: 1 / 2 / 3, USD: 0.1 / 0.2 / 0.3}}
       {prov(6)}
 """
-
-Write = Callable[[str, str], Path]
-
-
-@pytest.fixture
-def write(tmp_path: Path) -> Write:
-    def _write(name: str, text: str) -> Path:
-        path = tmp_path / name
-        path.write_text(textwrap.dedent(text), encoding="utf-8")
-        return path
-
-    return _write
-
-
-def problems_of(*paths: Path) -> list[str]:
-    with pytest.raises(PriceBookError) as info:
-        load_price_book(paths)
-    return [f"{Path(p.file).name}: {p.entry}: {p.reason}" for p in info.value.problems]
 
 
 def model_entry(body: str) -> str:

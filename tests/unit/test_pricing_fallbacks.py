@@ -9,22 +9,20 @@ for the ``messages`` endpoint only; on the others an unknown name stays unpriced
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 
 from proxy.app import ENDPOINTS
-from proxy.pricing import PriceBook, PriceBookError, Pricer, load_price_book, price
+from proxy.pricing import PriceBook, Pricer, load_price_book, price
 from proxy.pricing.engine import FLAG_ENDPOINT_FALLBACK, Resolution, resolve_on, to_micros
 from proxy.pricing.model import ENDPOINT_NAMES
 from proxy.usage import TokenUsage
+from tests.support.book_files import Write, problems_of
 
 SRC = "source: https://example.com/prices\n      confidence: verified"
 USAGE = TokenUsage(cache_hit=12_345, cache_miss=6_789, output=4_321, reasoning=100)
-Write = Callable[[str, str], Path]
 
 SMALL = f"""
 currencies: [CNY]
@@ -64,24 +62,8 @@ def at(text: str) -> datetime:
 
 
 @pytest.fixture
-def write(tmp_path: Path) -> Write:
-    def _write(name: str, text: str) -> Path:
-        path = tmp_path / name
-        path.write_text(textwrap.dedent(text), encoding="utf-8")
-        return path
-
-    return _write
-
-
-@pytest.fixture
 def small(write: Write) -> PriceBook:
     return load_price_book([write("book.yaml", SMALL)])
-
-
-def problems_of(*paths: Path) -> list[str]:
-    with pytest.raises(PriceBookError) as info:
-        load_price_book(paths)
-    return [f"{Path(p.file).name}: {p.entry}: {p.reason}" for p in info.value.problems]
 
 
 # --- the shipped book -------------------------------------------------------------------------

@@ -7,16 +7,15 @@ other `claude*` name as deepseek-flash; the shipped book says so with two patter
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 
-from proxy.pricing import PriceBook, PriceBookError, Pricer, load_price_book, price
+from proxy.pricing import PriceBook, Pricer, load_price_book, price
 from proxy.pricing.engine import Resolution, resolve, to_micros
 from proxy.usage import TokenUsage
+from tests.support.book_files import Write, problems_of
 
 
 def prov(indent: int) -> str:
@@ -57,7 +56,6 @@ model_patterns:
 """
 
 USAGE = TokenUsage(cache_hit=12_345, cache_miss=6_789, output=4_321, reasoning=100)
-Write = Callable[[str, str], Path]
 
 
 def at(text: str) -> datetime:
@@ -65,24 +63,8 @@ def at(text: str) -> datetime:
 
 
 @pytest.fixture
-def write(tmp_path: Path) -> Write:
-    def _write(name: str, text: str) -> Path:
-        path = tmp_path / name
-        path.write_text(textwrap.dedent(text), encoding="utf-8")
-        return path
-
-    return _write
-
-
-@pytest.fixture
 def small_book(write: Write) -> PriceBook:
     return load_price_book([write("book.yaml", BOOK)])
-
-
-def problems_of(*paths: Path) -> list[str]:
-    with pytest.raises(PriceBookError) as info:
-        load_price_book(paths)
-    return [f"{Path(p.file).name}: {p.entry}: {p.reason}" for p in info.value.problems]
 
 
 def billed(book: PriceBook, model: str, when: str) -> str | None:
